@@ -1,0 +1,195 @@
+//! The daemon: validate the config, load and fill the data plane, attach,
+//! then serve signals until told to stop.
+//!
+//! SIGHUP re-reads the config file and applies it all or nothing; SIGINT and
+//! SIGTERM detach from every interface and exit.
+
+use std::path::PathBuf;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{Config, ConfigError},
+    dataplane::{ApplyReport, Dataplane, DataplaneError, error_chain},
+};
+
+/// How the agent was started.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Path of the TOML config.
+    pub config: PathBuf,
+    /// Interfaces from the command line; replace `[agent] interfaces`.
+    pub interfaces: Vec<String>,
+}
+
+/// Why the agent stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The config is invalid; nothing was attached.
+    #[error("invalid config, nothing was attached")]
+    Config(#[from] ConfigError),
+    /// Loading, filling or attaching the data plane failed; whatever was
+    /// attached has been detached.
+    #[error("data plane setup failed, nothing is left attached")]
+    Dataplane(#[from] DataplaneError),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(opts: Options) -> Result<(), AgentError> {
+    // Handlers first, so a signal during setup is not lost.
+    let mut hup = signal(SignalKind::hangup()).map_err(AgentError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
+    let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
+
+    let mut config = Config::load(&opts.config, &opts.interfaces)?;
+    let mut dp = Dataplane::load(config.agent.conntrack_capacity)?;
+    let report = dp.apply(&config.services)?;
+    log_services(&config, &report);
+    for iface in &config.agent.interfaces {
+        // On error, dropping `dp` detaches the interfaces already attached.
+        dp.attach(iface)?;
+        info!(interface = %iface, "attached TC ingress and egress");
+    }
+    warn_reserved(&config);
+    info!(
+        config = %opts.config.display(),
+        services = config.services.len(),
+        interfaces = ?config.agent.interfaces,
+        "canary-agent ready"
+    );
+
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                match reload(&opts, &config, &mut dp) {
+                    Ok(new) => config = new,
+                    Err(e) => error!(error = %error_chain(&e), "config reload rejected; the previous config is still active"),
+                }
+            }
+            _ = int.recv() => { info!("SIGINT received, shutting down"); break; }
+            _ = term.recv() => { info!("SIGTERM received, shutting down"); break; }
+        }
+    }
+    log_counters(&dp);
+    let interfaces: Vec<String> = dp.attached().map(str::to_string).collect();
+    dp.detach_all();
+    info!(interfaces = ?interfaces, "detached; canary-agent stopped");
+    Ok(())
+}
+
+/// Why a reload was rejected.
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("applying the new config failed and was rolled back")]
+    Dataplane(#[from] DataplaneError),
+}
+
+/// Applies the config file anew: services first (all or nothing), then
+/// interface changes (new ones attached before removed ones are detached).
+fn reload(opts: &Options, old: &Config, dp: &mut Dataplane) -> Result<Config, ReloadError> {
+    info!(config = %opts.config.display(), "SIGHUP received, reloading config");
+    let new = Config::load(&opts.config, &opts.interfaces)?;
+    let added: Vec<&String> = new
+        .agent
+        .interfaces
+        .iter()
+        .filter(|i| !old.agent.interfaces.contains(i))
+        .collect();
+    let mut attached = Vec::new();
+    for iface in &added {
+        if let Err(e) = dp.attach(iface) {
+            for done in attached {
+                dp.detach(done);
+            }
+            return Err(e.into());
+        }
+        attached.push(iface.as_str());
+    }
+    let report = match dp.apply(&new.services) {
+        Ok(report) => report,
+        Err(e) => {
+            for done in attached {
+                dp.detach(done);
+            }
+            return Err(e.into());
+        }
+    };
+    for iface in &attached {
+        info!(interface = %iface, "attached TC ingress and egress");
+    }
+    for iface in old
+        .agent
+        .interfaces
+        .iter()
+        .filter(|i| !new.agent.interfaces.contains(i))
+    {
+        dp.detach(iface);
+        info!(interface = %iface, "detached");
+    }
+    log_services(&new, &report);
+    if old.agent.control_socket != new.agent.control_socket
+        || old.agent.metrics_addr != new.agent.metrics_addr
+        || old.agent.conntrack_capacity != new.agent.conntrack_capacity
+    {
+        warn!(
+            "control_socket, metrics_addr and conntrack_capacity take effect at the next restart"
+        );
+    }
+    info!(
+        added = ?report.added,
+        changed = ?report.changed,
+        removed = ?report.removed,
+        "config reloaded"
+    );
+    Ok(new)
+}
+
+fn log_services(config: &Config, report: &ApplyReport) {
+    for svc in &config.services {
+        if report.added.contains(&svc.name) || report.changed.contains(&svc.name) {
+            info!(
+                service = %svc.name,
+                vip = %svc.vip,
+                weight = %svc.weight,
+                cohort = %svc.cohort,
+                stable = svc.stable.len(),
+                canary = svc.canary.len(),
+                always_canary = svc.always_canary.len(),
+                never_canary = svc.never_canary.len(),
+                "service programmed"
+            );
+        }
+    }
+    for name in &report.removed {
+        info!(service = %name, "service removed");
+    }
+}
+
+fn warn_reserved(config: &Config) {
+    // Accepted so configs written for later releases validate today.
+    info!(
+        control_socket = %config.agent.control_socket.display(),
+        metrics_addr = %config.agent.metrics_addr,
+        "control socket and metrics exporter are not built yet; these settings are reserved"
+    );
+}
+
+fn log_counters(dp: &Dataplane) {
+    match dp.counters() {
+        Ok(counters) => {
+            let summary: Vec<String> = counters
+                .iter()
+                .filter(|(_, v)| *v > 0)
+                .map(|(c, v)| format!("{}={v}", c.name()))
+                .collect();
+            info!(counters = %summary.join(" "), "data-plane counters");
+        }
+        Err(e) => warn!(error = %error_chain(&e), "cannot read data-plane counters"),
+    }
+}

@@ -1,0 +1,1008 @@
+//! The agent's TOML config: parsing, and validation of everything before
+//! anything touches the kernel.
+//!
+//! Parsing (`Raw*`, serde, unknown keys rejected) and validation (into
+//! [`Config`]) are separate so that every semantic error can name the
+//! service, the key, the value and the fix.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use canary_common::{
+    cohort::PPM,
+    flow::CT_DEFAULT_CAPACITY,
+    service::{MAX_BACKENDS, MAX_RULES, MAX_SERVICES},
+};
+use serde::Deserialize;
+
+/// Default path of the control socket (used by `canaryctl`, not built yet).
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/canary/control.sock";
+/// Default Prometheus listen address (the exporter is not built yet).
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
+/// Conntrack capacity bounds (entries; two per flow).
+pub const MIN_CONNTRACK_CAPACITY: u32 = 1024;
+/// See [`MIN_CONNTRACK_CAPACITY`].
+pub const MAX_CONNTRACK_CAPACITY: u32 = 1 << 26;
+
+/// A config error. `Display` says what is wrong and how to fix it; the
+/// underlying cause, if any, is the `source`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid TOML, an unknown key, or a value of the wrong type.
+    #[error("{path} is not a valid canary config")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value that parses but is not acceptable.
+    #[error("{section}: {key} = {value}: {problem}")]
+    Invalid {
+        /// `[agent]` or `service "NAME"`.
+        section: String,
+        key: &'static str,
+        /// The offending value, quoted as in the file.
+        value: String,
+        /// What is wrong, and the fix.
+        problem: String,
+    },
+}
+
+/// A canary share in parts per million, written `"5%"`, `"0.25%"` or
+/// `"2500ppm"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Weight(u32);
+
+impl Weight {
+    /// The weight in parts per million (0..=1_000_000).
+    pub const fn ppm(self) -> u32 {
+        self.0
+    }
+
+    /// A weight from parts per million, if in range.
+    pub const fn from_ppm(ppm: u32) -> Option<Weight> {
+        if ppm <= PPM { Some(Weight(ppm)) } else { None }
+    }
+}
+
+impl fmt::Display for Weight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Exact: 1 ppm = 0.0001 %.
+        let whole = self.0 / 10_000;
+        let frac = self.0 % 10_000;
+        if frac == 0 {
+            write!(f, "{whole}%")
+        } else {
+            let frac = format!("{frac:04}");
+            write!(f, "{whole}.{}%", frac.trim_end_matches('0'))
+        }
+    }
+}
+
+/// Why a weight string was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{0}; write a percentage or parts per million between 0 and 100%, \
+     e.g. \"5%\", \"0.25%\" or \"2500ppm\""
+)]
+pub struct WeightError(&'static str);
+
+impl FromStr for Weight {
+    type Err = WeightError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let ppm = if let Some(n) = s.strip_suffix("ppm") {
+            let n = n.trim();
+            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(WeightError("ppm takes a whole number"));
+            }
+            n.parse::<u64>()
+                .map_err(|_| WeightError("the number is too large"))?
+        } else if let Some(p) = s.strip_suffix('%') {
+            parse_percent_as_ppm(p.trim())?
+        } else {
+            return Err(WeightError("missing unit (% or ppm)"));
+        };
+        if ppm > u64::from(PPM) {
+            return Err(WeightError("more than 100%"));
+        }
+        Ok(Weight(ppm as u32))
+    }
+}
+
+/// "12.3456" → 123456 ppm; at most four decimals (1 ppm resolution).
+fn parse_percent_as_ppm(p: &str) -> Result<u64, WeightError> {
+    let (whole, frac) = p.split_once('.').unwrap_or((p, ""));
+    let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() && frac.is_empty() || !digits(whole) || !digits(frac) {
+        return Err(WeightError("not a number"));
+    }
+    if p.ends_with('.') {
+        return Err(WeightError("not a number"));
+    }
+    if frac.len() > 4 {
+        return Err(WeightError("finer than 0.0001% (1 ppm)"));
+    }
+    if whole.len() > 3 {
+        return Err(WeightError("more than 100%"));
+    }
+    let whole: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| WeightError("not a number"))?
+    };
+    let frac_ppm: u64 = format!("{frac:0<4}")
+        .parse()
+        .map_err(|_| WeightError("not a number"))?;
+    Ok(whole * 10_000 + frac_ppm)
+}
+
+/// How a service assigns clients to cohorts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CohortMode {
+    /// Keyed on the client address: a client stays in its cohort, and
+    /// raising the weight only adds clients to canary.
+    #[default]
+    Sticky,
+    /// Keyed on the 5-tuple: each connection draws anew.
+    PerConnection,
+}
+
+impl fmt::Display for CohortMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CohortMode::Sticky => "sticky",
+            CohortMode::PerConnection => "per-connection",
+        })
+    }
+}
+
+/// An IPv4 prefix such as `192.168.10.0/24`, host bits zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv4Prefix {
+    /// Network address.
+    pub addr: Ipv4Addr,
+    /// Prefix length, 0..=32.
+    pub len: u8,
+}
+
+impl fmt::Display for Ipv4Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl FromStr for Ipv4Prefix {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: Ipv4Addr = addr.parse().map_err(|_| {
+            if addr.contains(':') {
+                "IPv6 prefixes are not supported yet (IPv4 only)".to_string()
+            } else {
+                "not an IPv4 prefix; write it like \"192.168.10.0/24\"".to_string()
+            }
+        })?;
+        let len: u8 = match len {
+            None => 32,
+            Some(l) => match l.parse() {
+                Ok(l) if l <= 32 => l,
+                _ => return Err("the prefix length must be 0 to 32".to_string()),
+            },
+        };
+        let mask = if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(len))
+        };
+        let network = Ipv4Addr::from(u32::from(addr) & mask);
+        if network != addr {
+            return Err(format!(
+                "host bits are set; did you mean \"{network}/{len}\"?"
+            ));
+        }
+        Ok(Ipv4Prefix { addr, len })
+    }
+}
+
+/// Validated agent settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Client-facing interfaces where the programs are attached.
+    pub interfaces: Vec<String>,
+    /// Control socket path (reserved for `canaryctl`, not built yet).
+    pub control_socket: PathBuf,
+    /// Prometheus listen address (reserved, the exporter is not built yet).
+    pub metrics_addr: SocketAddr,
+    /// Conntrack capacity in entries (two per flow).
+    pub conntrack_capacity: u32,
+}
+
+/// One validated service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// Unique name (a metric label later).
+    pub name: String,
+    /// Where clients connect.
+    pub vip: SocketAddrV4,
+    /// Stable backends, in order.
+    pub stable: Vec<SocketAddrV4>,
+    /// Canary backends, in order.
+    pub canary: Vec<SocketAddrV4>,
+    /// Share of new connections (or clients, in sticky mode) sent to canary.
+    pub weight: Weight,
+    /// How cohorts are assigned.
+    pub cohort: CohortMode,
+    /// Sources always sent to canary.
+    pub always_canary: Vec<Ipv4Prefix>,
+    /// Sources never sent to canary.
+    pub never_canary: Vec<Ipv4Prefix>,
+    /// Hash salt: decides which clients fall in the canary share.
+    pub salt: u32,
+}
+
+/// A validated config: every value in range, every reference resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// `[agent]`.
+    pub agent: AgentConfig,
+    /// `[[service]]` entries, in file order.
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    agent: RawAgent,
+    #[serde(default, rename = "service")]
+    services: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    interfaces: Vec<String>,
+    control_socket: Option<PathBuf>,
+    metrics_addr: Option<String>,
+    conntrack_capacity: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    vip: String,
+    stable: Vec<String>,
+    #[serde(default)]
+    canary: Vec<String>,
+    #[serde(default)]
+    weight: Option<RawWeight>,
+    #[serde(default)]
+    cohort: Option<String>,
+    #[serde(default)]
+    always_canary: Vec<String>,
+    #[serde(default)]
+    never_canary: Vec<String>,
+    salt: Option<u32>,
+}
+
+/// A weight as written: a string, or a bare number we refuse with a hint.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawWeight {
+    Text(String),
+    Number(f64),
+}
+
+impl Config {
+    /// Reads and validates `path`. `interfaces` (from the command line), if
+    /// not empty, replaces `[agent] interfaces`.
+    pub fn load(path: &Path, interfaces: &[String]) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path, interfaces)
+    }
+
+    /// Parses and validates config text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path, interfaces: &[String]) -> Result<Config, ConfigError> {
+        let mut raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        if !interfaces.is_empty() {
+            raw.agent.interfaces = interfaces.to_vec();
+        }
+        let agent = validate_agent(raw.agent)?;
+        let services = validate_services(raw.services)?;
+        Ok(Config { agent, services })
+    }
+}
+
+fn invalid(
+    section: &str,
+    key: &'static str,
+    value: impl fmt::Display,
+    problem: impl Into<String>,
+) -> ConfigError {
+    ConfigError::Invalid {
+        section: section.to_string(),
+        key,
+        value: value.to_string(),
+        problem: problem.into(),
+    }
+}
+
+fn quoted(s: &str) -> String {
+    format!("{s:?}")
+}
+
+fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
+    const S: &str = "[agent]";
+    if raw.interfaces.is_empty() {
+        return Err(invalid(
+            S,
+            "interfaces",
+            "[]",
+            "name at least one client-facing interface, e.g. [\"eth0\"]",
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for iface in &raw.interfaces {
+        if !seen.insert(iface) {
+            return Err(invalid(
+                S,
+                "interfaces",
+                quoted(iface),
+                "listed twice; list each interface once",
+            ));
+        }
+        if !interface_exists(iface) {
+            return Err(invalid(
+                S,
+                "interfaces",
+                quoted(iface),
+                "no such network interface in this network namespace; `ip link` lists the names",
+            ));
+        }
+    }
+    let metrics_addr = raw.metrics_addr.as_deref().unwrap_or(DEFAULT_METRICS_ADDR);
+    let metrics_addr: SocketAddr = metrics_addr.parse().map_err(|_| {
+        invalid(
+            S,
+            "metrics_addr",
+            quoted(metrics_addr),
+            "not an address:port; write it like \"127.0.0.1:9477\"",
+        )
+    })?;
+    let conntrack_capacity = raw.conntrack_capacity.unwrap_or(CT_DEFAULT_CAPACITY);
+    if !(MIN_CONNTRACK_CAPACITY..=MAX_CONNTRACK_CAPACITY).contains(&conntrack_capacity) {
+        return Err(invalid(
+            S,
+            "conntrack_capacity",
+            conntrack_capacity,
+            format!(
+                "must be between {MIN_CONNTRACK_CAPACITY} and {MAX_CONNTRACK_CAPACITY} entries \
+                 (two per tracked connection)"
+            ),
+        ));
+    }
+    Ok(AgentConfig {
+        interfaces: raw.interfaces,
+        control_socket: raw
+            .control_socket
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
+        metrics_addr,
+        conntrack_capacity,
+    })
+}
+
+/// Whether `name` is a network interface in this network namespace.
+fn interface_exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
+fn validate_services(raw: Vec<RawService>) -> Result<Vec<ServiceConfig>, ConfigError> {
+    if raw.len() > MAX_SERVICES as usize {
+        return Err(invalid(
+            "[[service]]",
+            "service",
+            format!("{} entries", raw.len()),
+            format!("at most {MAX_SERVICES} services per agent"),
+        ));
+    }
+    let mut names = BTreeSet::new();
+    let mut vips: BTreeMap<SocketAddrV4, String> = BTreeMap::new();
+    let mut total_rules = 0usize;
+    let mut services = Vec::with_capacity(raw.len());
+    for (i, raw) in raw.into_iter().enumerate() {
+        let svc = validate_service(i, raw)?;
+        let section = format!("service {:?}", svc.name);
+        if !names.insert(svc.name.clone()) {
+            return Err(invalid(
+                &section,
+                "name",
+                quoted(&svc.name),
+                "used by an earlier service; names must be unique",
+            ));
+        }
+        if let Some(other) = vips.insert(svc.vip, svc.name.clone()) {
+            return Err(invalid(
+                &section,
+                "vip",
+                quoted(&svc.vip.to_string()),
+                format!("already used by service {other:?}; each VIP:port belongs to one service"),
+            ));
+        }
+        total_rules += svc.always_canary.len() + svc.never_canary.len();
+        services.push(svc);
+    }
+    // A reload writes the new rule sets beside the old ones before switching.
+    if total_rules > MAX_RULES as usize / 2 {
+        return Err(invalid(
+            "[[service]]",
+            "always_canary/never_canary",
+            format!("{total_rules} prefixes in all"),
+            format!("at most {} prefixes across all services", MAX_RULES / 2),
+        ));
+    }
+    Ok(services)
+}
+
+fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, ConfigError> {
+    let name = raw.name.trim().to_string();
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(invalid(
+            &format!("service #{}", index + 1),
+            "name",
+            quoted(&raw.name),
+            "use letters, digits, '-', '_' or '.' (it becomes a metric label)",
+        ));
+    }
+    let section = format!("service {name:?}");
+    let s = section.as_str();
+
+    let vip = parse_endpoint(s, "vip", &raw.vip)?;
+    let stable = parse_backends(s, "stable", &raw.stable)?;
+    let canary = parse_backends(s, "canary", &raw.canary)?;
+    if stable.is_empty() {
+        return Err(invalid(
+            s,
+            "stable",
+            "[]",
+            "a service needs at least one stable backend",
+        ));
+    }
+    if let Some(both) = stable.iter().find(|b| canary.contains(b)) {
+        return Err(invalid(
+            s,
+            "canary",
+            quoted(&both.to_string()),
+            "also listed in stable; a backend belongs to one cohort",
+        ));
+    }
+
+    let weight = match raw.weight {
+        None => Weight(0),
+        Some(RawWeight::Text(t)) => t
+            .parse::<Weight>()
+            .map_err(|e| invalid(s, "weight", quoted(&t), e.to_string()))?,
+        Some(RawWeight::Number(n)) => {
+            return Err(invalid(
+                s,
+                "weight",
+                n,
+                "a bare number is ambiguous; quote it with a unit, e.g. \"5%\" or \"2500ppm\"",
+            ));
+        }
+    };
+    if weight.ppm() > 0 && canary.is_empty() {
+        return Err(invalid(
+            s,
+            "weight",
+            quoted(&weight.to_string()),
+            "no canary backends to send traffic to; add `canary = [...]` or set weight = \"0%\"",
+        ));
+    }
+
+    let cohort = match raw.cohort.as_deref() {
+        None | Some("sticky") => CohortMode::Sticky,
+        Some("per-connection") => CohortMode::PerConnection,
+        Some(other) => {
+            return Err(invalid(
+                s,
+                "cohort",
+                quoted(other),
+                "must be \"sticky\" or \"per-connection\"",
+            ));
+        }
+    };
+
+    let always_canary = parse_prefixes(s, "always_canary", &raw.always_canary)?;
+    let never_canary = parse_prefixes(s, "never_canary", &raw.never_canary)?;
+    if !always_canary.is_empty() && canary.is_empty() {
+        return Err(invalid(
+            s,
+            "always_canary",
+            quoted(&always_canary[0].to_string()),
+            "no canary backends to send these clients to; add `canary = [...]`",
+        ));
+    }
+    if let Some(p) = always_canary.iter().find(|p| never_canary.contains(p)) {
+        return Err(invalid(
+            s,
+            "never_canary",
+            quoted(&p.to_string()),
+            "also in always_canary; a prefix can only be in one list",
+        ));
+    }
+
+    Ok(ServiceConfig {
+        salt: raw.salt.unwrap_or_else(|| default_salt(&name)),
+        name,
+        vip,
+        stable,
+        canary,
+        weight,
+        cohort,
+        always_canary,
+        never_canary,
+    })
+}
+
+/// The salt of a service without an explicit `salt`: a hash of its name, so
+/// every node of a fleet (and every restart) puts a client in the same
+/// cohort.
+pub fn default_salt(name: &str) -> u32 {
+    // FNV-1a, 32 bit.
+    name.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+fn parse_endpoint(
+    section: &str,
+    key: &'static str,
+    text: &str,
+) -> Result<SocketAddrV4, ConfigError> {
+    let addr: SocketAddr = text.parse().map_err(|_| {
+        invalid(
+            section,
+            key,
+            quoted(text),
+            "not an address:port; write it like \"10.96.0.10:80\"",
+        )
+    })?;
+    let SocketAddr::V4(addr) = addr else {
+        return Err(invalid(
+            section,
+            key,
+            quoted(text),
+            "IPv6 is not supported yet (IPv4 only)",
+        ));
+    };
+    if addr.port() == 0 {
+        return Err(invalid(
+            section,
+            key,
+            quoted(text),
+            "port 0 is not a valid service port",
+        ));
+    }
+    if addr.ip().is_unspecified() || addr.ip().is_broadcast() || addr.ip().is_multicast() {
+        return Err(invalid(
+            section,
+            key,
+            quoted(text),
+            "must be a unicast address",
+        ));
+    }
+    Ok(addr)
+}
+
+fn parse_backends(
+    section: &str,
+    key: &'static str,
+    list: &[String],
+) -> Result<Vec<SocketAddrV4>, ConfigError> {
+    if list.len() > MAX_BACKENDS {
+        return Err(invalid(
+            section,
+            key,
+            format!("{} backends", list.len()),
+            format!("at most {MAX_BACKENDS} backends per cohort"),
+        ));
+    }
+    let mut out: Vec<SocketAddrV4> = Vec::with_capacity(list.len());
+    for text in list {
+        let addr = parse_endpoint(section, key, text)?;
+        if out.contains(&addr) {
+            return Err(invalid(
+                section,
+                key,
+                quoted(text),
+                "listed twice; list each backend once",
+            ));
+        }
+        out.push(addr);
+    }
+    Ok(out)
+}
+
+fn parse_prefixes(
+    section: &str,
+    key: &'static str,
+    list: &[String],
+) -> Result<Vec<Ipv4Prefix>, ConfigError> {
+    let mut out: Vec<Ipv4Prefix> = Vec::with_capacity(list.len());
+    for text in list {
+        let p: Ipv4Prefix = text
+            .parse()
+            .map_err(|e: String| invalid(section, key, quoted(text), e))?;
+        if out.contains(&p) {
+            return Err(invalid(section, key, quoted(text), "listed twice"));
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[agent]
+interfaces = ["lo"]
+control_socket = "/run/canary/control.sock"
+metrics_addr = "127.0.0.1:9477"
+
+[[service]]
+name = "web"
+vip = "10.96.0.10:80"
+stable = ["10.0.1.10:8080", "10.0.1.11:8080"]
+canary = ["10.0.2.10:8080"]
+weight = "5%"
+cohort = "sticky"
+always_canary = ["192.168.10.0/24"]
+never_canary = []
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("agent.toml"), &[])
+    }
+
+    /// The full message, with sources, as the agent prints it.
+    fn error_text(text: &str) -> String {
+        let err = parse(text).expect_err("config should be rejected");
+        let mut msg = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(s) = source {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            source = s.source();
+        }
+        msg
+    }
+
+    fn with_service(lines: &str) -> String {
+        format!("[agent]\ninterfaces = [\"lo\"]\n\n[[service]]\n{lines}\n")
+    }
+
+    #[test]
+    fn the_design_example_parses() {
+        let c = parse(GOOD).expect("example config is valid");
+        assert_eq!(c.agent.interfaces, ["lo"]);
+        assert_eq!(c.agent.conntrack_capacity, CT_DEFAULT_CAPACITY);
+        let s = &c.services[0];
+        assert_eq!(s.name, "web");
+        assert_eq!(s.vip, "10.96.0.10:80".parse().unwrap());
+        assert_eq!(s.stable.len(), 2);
+        assert_eq!(s.weight.ppm(), 50_000);
+        assert_eq!(s.cohort, CohortMode::Sticky);
+        assert_eq!(s.always_canary[0].to_string(), "192.168.10.0/24");
+        assert_eq!(s.salt, default_salt("web"));
+    }
+
+    #[test]
+    fn weights_parse_in_percent_and_ppm() {
+        for (text, ppm) in [
+            ("5%", 50_000),
+            ("0.25%", 2_500),
+            ("2500ppm", 2_500),
+            ("100%", 1_000_000),
+            ("0%", 0),
+            ("0.0001%", 1),
+            (" 12.5 % ", 125_000),
+            ("1000000ppm", 1_000_000),
+        ] {
+            assert_eq!(
+                text.parse::<Weight>().map(Weight::ppm),
+                Ok(ppm),
+                "weight {text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn weights_out_of_range_or_malformed_are_rejected() {
+        for (text, why) in [
+            ("101%", "more than 100%"),
+            ("1000001ppm", "more than 100%"),
+            ("-1%", "not a number"),
+            ("5", "missing unit"),
+            ("0.00001%", "finer than 0.0001%"),
+            ("abc%", "not a number"),
+            ("1.5ppm", "whole number"),
+            ("%", "not a number"),
+            ("5.%", "not a number"),
+        ] {
+            let err = text.parse::<Weight>().expect_err(text).to_string();
+            assert!(
+                err.contains(why),
+                "weight {text:?}: expected {why:?} in {err:?}"
+            );
+            assert!(
+                err.contains("\"2500ppm\""),
+                "weight {text:?}: error lacks the fix: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn weights_display_exactly() {
+        for ppm in [0, 1, 2_500, 50_000, 123_456, 1_000_000] {
+            let w = Weight::from_ppm(ppm).unwrap();
+            assert_eq!(
+                w.to_string().parse::<Weight>(),
+                Ok(w),
+                "round trip of {ppm} ppm via {w}"
+            );
+        }
+        assert_eq!(Weight(2_500).to_string(), "0.25%");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let text = GOOD.replace(
+            "cohort = \"sticky\"",
+            "cohort = \"sticky\"\nwieght = \"5%\"",
+        );
+        let msg = error_text(&text);
+        assert!(
+            msg.contains("agent.toml is not a valid canary config"),
+            "{msg}"
+        );
+        assert!(msg.contains("unknown field `wieght`"), "{msg}");
+        assert!(
+            msg.contains("line 15"),
+            "error should point at the line: {msg}"
+        );
+    }
+
+    #[test]
+    fn each_semantic_error_names_the_key_value_and_fix() {
+        let base = "name = \"web\"\nvip = \"10.96.0.10:80\"\nstable = [\"10.0.1.10:8080\"]\ncanary = [\"10.0.2.10:8080\"]";
+        let cases: &[(&str, &str)] = &[
+            (
+                "weight = \"150%\"",
+                "service \"web\": weight = \"150%\": more than 100%; write a percentage or parts per million",
+            ),
+            (
+                "weight = 5",
+                "service \"web\": weight = 5: a bare number is ambiguous",
+            ),
+            (
+                "cohort = \"random\"",
+                "service \"web\": cohort = \"random\": must be \"sticky\" or \"per-connection\"",
+            ),
+            (
+                "always_canary = [\"192.168.10.1/24\"]",
+                "service \"web\": always_canary = \"192.168.10.1/24\": host bits are set; did you mean \"192.168.10.0/24\"?",
+            ),
+            (
+                "always_canary = [\"10.1.0.0/16\"]\nnever_canary = [\"10.1.0.0/16\"]",
+                "service \"web\": never_canary = \"10.1.0.0/16\": also in always_canary",
+            ),
+            (
+                "never_canary = [\"fd00::/8\"]",
+                "never_canary = \"fd00::/8\": IPv6 prefixes are not supported yet",
+            ),
+        ];
+        for (extra, expected) in cases {
+            let msg = error_text(&with_service(&format!("{base}\n{extra}")));
+            assert!(
+                msg.contains(expected),
+                "for {extra:?}:\n expected {expected:?}\n got      {msg:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_addresses_are_rejected() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "vip = \"10.96.0.10\"\nstable = [\"10.0.1.10:8080\"]",
+                "vip = \"10.96.0.10\": not an address:port; write it like \"10.96.0.10:80\"",
+            ),
+            (
+                "vip = \"[::1]:80\"\nstable = [\"10.0.1.10:8080\"]",
+                "vip = \"[::1]:80\": IPv6 is not supported yet",
+            ),
+            (
+                "vip = \"10.96.0.10:0\"\nstable = [\"10.0.1.10:8080\"]",
+                "port 0 is not a valid service port",
+            ),
+            (
+                "vip = \"10.96.0.10:80\"\nstable = [\"10.0.1.300:8080\"]",
+                "stable = \"10.0.1.300:8080\": not an address:port",
+            ),
+            (
+                "vip = \"10.96.0.10:80\"\nstable = [\"10.0.1.1:1\", \"10.0.1.1:1\"]",
+                "stable = \"10.0.1.1:1\": listed twice",
+            ),
+            (
+                "vip = \"10.96.0.10:80\"\nstable = []",
+                "stable = []: a service needs at least one stable backend",
+            ),
+            (
+                "vip = \"10.96.0.10:80\"\nstable = [\"10.0.1.1:1\"]\ncanary = [\"10.0.1.1:1\"]",
+                "canary = \"10.0.1.1:1\": also listed in stable",
+            ),
+        ];
+        for (lines, expected) in cases {
+            let msg = error_text(&with_service(&format!("name = \"web\"\n{lines}")));
+            assert!(
+                msg.contains(expected),
+                "for {lines:?}:\n expected {expected:?}\n got      {msg:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_nonzero_weight_needs_canary_backends() {
+        let msg = error_text(&with_service(
+            "name = \"web\"\nvip = \"10.96.0.10:80\"\nstable = [\"10.0.1.10:8080\"]\nweight = \"5%\"",
+        ));
+        assert_eq!(
+            msg,
+            "service \"web\": weight = \"5%\": no canary backends to send traffic to; \
+             add `canary = [...]` or set weight = \"0%\""
+        );
+        let msg = error_text(&with_service(
+            "name = \"web\"\nvip = \"10.96.0.10:80\"\nstable = [\"10.0.1.10:8080\"]\nalways_canary = [\"10.0.0.0/8\"]",
+        ));
+        assert!(
+            msg.contains("always_canary = \"10.0.0.0/8\": no canary backends"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn duplicate_vips_and_names_are_rejected() {
+        let svc = |name: &str, vip: &str| {
+            format!(
+                "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nstable = [\"10.0.1.10:8080\"]\n"
+            )
+        };
+        let head = "[agent]\ninterfaces = [\"lo\"]\n";
+        let msg = error_text(&format!(
+            "{head}{}{}",
+            svc("a", "10.96.0.10:80"),
+            svc("b", "10.96.0.10:80")
+        ));
+        assert_eq!(
+            msg,
+            "service \"b\": vip = \"10.96.0.10:80\": already used by service \"a\"; each VIP:port belongs to one service"
+        );
+        let msg = error_text(&format!(
+            "{head}{}{}",
+            svc("a", "10.96.0.10:80"),
+            svc("a", "10.96.0.11:80")
+        ));
+        assert!(
+            msg.contains("service \"a\": name = \"a\": used by an earlier service"),
+            "{msg}"
+        );
+        // Same address, other port: a different service.
+        parse(&format!(
+            "{head}{}{}",
+            svc("a", "10.96.0.10:80"),
+            svc("b", "10.96.0.10:443")
+        ))
+        .expect("distinct ports");
+    }
+
+    #[test]
+    fn missing_interfaces_are_named() {
+        let msg = error_text(&GOOD.replace("[\"lo\"]", "[\"lo\", \"canary-nope0\"]"));
+        assert_eq!(
+            msg,
+            "[agent]: interfaces = \"canary-nope0\": no such network interface in this network \
+             namespace; `ip link` lists the names"
+        );
+        let msg = error_text(&GOOD.replace("[\"lo\"]", "[]"));
+        assert!(
+            msg.contains("[agent]: interfaces = []: name at least one"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn command_line_interfaces_replace_the_file() {
+        let c = Config::parse(GOOD, Path::new("x"), &["lo".to_string()]).unwrap();
+        assert_eq!(c.agent.interfaces, ["lo"]);
+        let err = Config::parse(GOOD, Path::new("x"), &["canary-nope1".to_string()]).unwrap_err();
+        assert!(err.to_string().contains("canary-nope1"), "{err}");
+    }
+
+    #[test]
+    fn too_many_backends_are_rejected() {
+        let many: Vec<String> = (1..=MAX_BACKENDS + 1)
+            .map(|i| format!("\"10.0.1.{i}:80\""))
+            .collect();
+        let msg = error_text(&with_service(&format!(
+            "name = \"web\"\nvip = \"10.96.0.10:80\"\nstable = [{}]",
+            many.join(", ")
+        )));
+        assert!(
+            msg.contains("stable = 33 backends: at most 32 backends per cohort"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn conntrack_capacity_is_bounded() {
+        let msg = error_text(&GOOD.replace("[agent]", "[agent]\nconntrack_capacity = 10"));
+        assert!(
+            msg.contains("[agent]: conntrack_capacity = 10: must be between 1024"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let c = parse("[agent]\ninterfaces = [\"lo\"]\n[[service]]\nname = \"a\"\nvip = \"10.96.0.1:80\"\nstable = [\"10.0.0.1:80\"]\n").unwrap();
+        assert_eq!(
+            c.agent.control_socket,
+            PathBuf::from(DEFAULT_CONTROL_SOCKET)
+        );
+        assert_eq!(c.agent.metrics_addr.to_string(), DEFAULT_METRICS_ADDR);
+        let s = &c.services[0];
+        assert_eq!(s.weight.ppm(), 0);
+        assert_eq!(s.cohort, CohortMode::Sticky);
+        assert!(s.canary.is_empty() && s.always_canary.is_empty());
+    }
+
+    #[test]
+    fn a_config_without_services_is_valid() {
+        let c = parse("[agent]\ninterfaces = [\"lo\"]\n").unwrap();
+        assert!(c.services.is_empty());
+    }
+}

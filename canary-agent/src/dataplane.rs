@@ -1,0 +1,583 @@
+//! Loads the eBPF programs, attaches them to interfaces, and is the only
+//! writer of the `SERVICES` and `RULES` maps.
+//!
+//! A config is applied all or nothing: new rule sets are written beside the
+//! old ones, each service value (weight, salt, rule set, both backend lists)
+//! is replaced in one map update, and if any step fails every step before it
+//! is undone, so the data plane keeps the previous config whole.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
+        tc::SchedClassifierLinkId,
+    },
+};
+use canary_common::{
+    IPPROTO_TCP,
+    counters::Counter,
+    flow::{CtEntry, FlowKey},
+    names,
+    service::{
+        Backend, MAX_BACKENDS, MODE_PER_CONNECTION, MODE_STICKY, RULE_ALWAYS_CANARY,
+        RULE_NEVER_CANARY, RULE_SET_BITS, RuleKey, ServiceKey, ServiceValue,
+    },
+};
+use tracing::warn;
+
+use crate::config::{CohortMode, ServiceConfig};
+
+/// The compiled eBPF object, embedded at build time by `build.rs`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/canary"));
+
+/// A data-plane failure. Each variant names what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The object could not be loaded (maps created, relocations).
+    #[error("cannot load the eBPF object")]
+    Load(#[source] aya::EbpfError),
+    /// A program or map the object must contain is missing.
+    #[error("the eBPF object has no {kind} named {name}")]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    /// The kernel refused a program (verifier) or an operation on it.
+    #[error("program {name}: {action}")]
+    Program {
+        name: &'static str,
+        action: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    /// Attaching to an interface failed.
+    #[error("cannot attach {name} to {direction} of interface {interface}")]
+    Attach {
+        name: &'static str,
+        direction: &'static str,
+        interface: String,
+        #[source]
+        source: ProgramError,
+    },
+    /// A map operation failed.
+    #[error("map {map}: {action}")]
+    Map {
+        map: &'static str,
+        action: String,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// The two TC programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Client → VIP (TC ingress of a client-facing interface).
+    Ingress,
+    /// Backend → client (TC egress of the same interface).
+    Egress,
+}
+
+impl Direction {
+    const BOTH: [Direction; 2] = [Direction::Ingress, Direction::Egress];
+
+    fn program(self) -> &'static str {
+        match self {
+            Direction::Ingress => names::PROG_TC_INGRESS,
+            Direction::Egress => names::PROG_TC_EGRESS,
+        }
+    }
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Direction::Ingress => TcAttachType::Ingress,
+            Direction::Egress => TcAttachType::Egress,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+}
+
+/// What is in `SERVICES`/`RULES` for one service name.
+#[derive(Clone)]
+struct Installed {
+    key: ServiceKey,
+    value: ServiceValue,
+    rules: Vec<(Key<RuleKey>, u32)>,
+}
+
+/// One undoable step of an apply.
+enum Undo {
+    RemoveRule(Key<RuleKey>),
+    RestoreService(ServiceKey, Option<ServiceValue>),
+}
+
+/// Summary of one apply, for the log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Services that did not exist before.
+    pub added: Vec<String>,
+    /// Services whose value or rules changed.
+    pub changed: Vec<String>,
+    /// Services that were removed.
+    pub removed: Vec<String>,
+}
+
+/// The loaded programs and their maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    rules: LpmTrie<MapData, RuleKey, u32>,
+    conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    counters: PerCpuArray<MapData, u64>,
+    links: BTreeMap<String, Vec<(Direction, SchedClassifierLinkId)>>,
+    installed: BTreeMap<String, Installed>,
+    svc_ids: BTreeMap<String, u32>,
+    next_svc_id: u32,
+    next_rule_set: u32,
+}
+
+impl Dataplane {
+    /// Loads the object and both programs (the verifier runs here) without
+    /// attaching anything. `conntrack_capacity` sizes the conntrack map.
+    pub fn load(conntrack_capacity: u32) -> Result<Dataplane, DataplaneError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::CONNTRACK, conntrack_capacity)
+            .load(EBPF_OBJECT)
+            .map_err(DataplaneError::Load)?;
+        for dir in Direction::BOTH {
+            let name = dir.program();
+            classifier(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DataplaneError::Program {
+                    name,
+                    action: "rejected by the kernel at load",
+                    source,
+                })?;
+        }
+        Ok(Dataplane {
+            services: take_map(&mut ebpf, names::SERVICES)?,
+            rules: take_map(&mut ebpf, names::RULES)?,
+            conntrack: take_map(&mut ebpf, names::CONNTRACK)?,
+            counters: take_map(&mut ebpf, names::COUNTERS)?,
+            ebpf,
+            links: BTreeMap::new(),
+            installed: BTreeMap::new(),
+            svc_ids: BTreeMap::new(),
+            next_svc_id: 1,
+            next_rule_set: 1,
+        })
+    }
+
+    /// Attaches both programs to `interface` (TCX on kernels >= 6.6: the
+    /// kernel detaches them when this process exits, even if killed). Either
+    /// both directions are attached or neither.
+    pub fn attach(&mut self, interface: &str) -> Result<(), DataplaneError> {
+        if self.links.contains_key(interface) {
+            return Ok(());
+        }
+        let mut done = Vec::new();
+        for dir in Direction::BOTH {
+            let name = dir.program();
+            let result = classifier(&mut self.ebpf, name)?.attach(interface, dir.attach_type());
+            match result {
+                Ok(id) => done.push((dir, id)),
+                Err(source) => {
+                    self.detach_links(interface, done);
+                    return Err(DataplaneError::Attach {
+                        name,
+                        direction: dir.as_str(),
+                        interface: interface.to_string(),
+                        source,
+                    });
+                }
+            }
+        }
+        self.links.insert(interface.to_string(), done);
+        Ok(())
+    }
+
+    /// Detaches both programs from `interface`, if attached.
+    pub fn detach(&mut self, interface: &str) {
+        if let Some(links) = self.links.remove(interface) {
+            self.detach_links(interface, links);
+        }
+    }
+
+    /// Detaches from every interface.
+    pub fn detach_all(&mut self) {
+        let interfaces: Vec<String> = self.links.keys().cloned().collect();
+        for interface in interfaces {
+            self.detach(&interface);
+        }
+    }
+
+    /// Interfaces the programs are attached to.
+    pub fn attached(&self) -> impl Iterator<Item = &str> {
+        self.links.keys().map(String::as_str)
+    }
+
+    fn detach_links(&mut self, interface: &str, links: Vec<(Direction, SchedClassifierLinkId)>) {
+        for (dir, id) in links {
+            let result = classifier(&mut self.ebpf, dir.program()).and_then(|p| {
+                p.detach(id).map_err(|source| DataplaneError::Program {
+                    name: dir.program(),
+                    action: "detach",
+                    source,
+                })
+            });
+            if let Err(e) = result {
+                // Dropping the program at exit closes the link anyway.
+                warn!(interface, direction = dir.as_str(), error = %error_chain(&e), "detach failed");
+            }
+        }
+    }
+
+    /// Makes the maps hold exactly `services`, all or nothing.
+    ///
+    /// Established flows are untouched (conntrack is not written here); only
+    /// new flows see the new weights, rules and backends.
+    pub fn apply(&mut self, services: &[ServiceConfig]) -> Result<ApplyReport, DataplaneError> {
+        let mut report = ApplyReport::default();
+        let mut wanted: BTreeMap<String, Installed> = BTreeMap::new();
+        let mut next_svc_id = self.next_svc_id;
+        let mut next_rule_set = self.next_rule_set;
+        let mut new_ids = Vec::new();
+        for svc in services {
+            let svc_id = match self.svc_ids.get(&svc.name) {
+                Some(&id) => id,
+                None => {
+                    let id = next_svc_id;
+                    next_svc_id += 1;
+                    new_ids.push((svc.name.clone(), id));
+                    id
+                }
+            };
+            let old = self.installed.get(&svc.name);
+            let rule_list = rule_list(svc);
+            // Reuse the installed rule set when its rules are unchanged.
+            let rule_set = match old {
+                _ if rule_list.is_empty() => 0,
+                Some(old) if same_rules(&old.rules, &rule_list) => old.value.rule_set,
+                _ => {
+                    let id = next_rule_set;
+                    next_rule_set = next_rule_set.checked_add(1).unwrap_or(1).max(1);
+                    id
+                }
+            };
+            let rules = rule_list
+                .into_iter()
+                .map(|(prefix_len, addr, action)| (rule_key(rule_set, prefix_len, addr), action))
+                .collect();
+            let installed = Installed {
+                key: service_key(svc.vip),
+                value: service_value(svc, svc_id, rule_set),
+                rules,
+            };
+            match old {
+                None => report.added.push(svc.name.clone()),
+                Some(old) if old.key != installed.key || old.value != installed.value => {
+                    report.changed.push(svc.name.clone())
+                }
+                Some(_) => {}
+            }
+            wanted.insert(svc.name.clone(), installed);
+        }
+        report.removed = self
+            .installed
+            .keys()
+            .filter(|name| !wanted.contains_key(*name))
+            .cloned()
+            .collect();
+
+        let mut journal = Vec::new();
+        if let Err(e) = self.write(&wanted, &mut journal) {
+            self.undo(journal);
+            return Err(e);
+        }
+
+        // Committed: forget rule sets nothing points at any more.
+        let live: BTreeSet<u32> = wanted.values().map(|s| s.value.rule_set).collect();
+        for old in self.installed.values() {
+            if old.value.rule_set != 0 && !live.contains(&old.value.rule_set) {
+                for (key, _) in &old.rules {
+                    if let Err(e) = self.rules.remove(key) {
+                        warn!(rule_set = old.value.rule_set, error = %e, "stale rule not removed");
+                    }
+                }
+            }
+        }
+        self.installed = wanted;
+        self.svc_ids.extend(new_ids);
+        self.next_svc_id = next_svc_id;
+        self.next_rule_set = next_rule_set;
+        Ok(report)
+    }
+
+    /// Writes `wanted` over the installed state, journaling each step.
+    fn write(
+        &mut self,
+        wanted: &BTreeMap<String, Installed>,
+        journal: &mut Vec<Undo>,
+    ) -> Result<(), DataplaneError> {
+        // 1. New rule sets, beside the old ones (nothing points at them yet).
+        for (name, svc) in wanted {
+            let reused = self
+                .installed
+                .get(name)
+                .is_some_and(|old| old.value.rule_set == svc.value.rule_set);
+            if reused {
+                continue;
+            }
+            for (key, action) in &svc.rules {
+                self.rules.insert(key, action, 0).map_err(|source| {
+                    map_error(
+                        names::RULES,
+                        format!("insert rule for service {name}"),
+                        source,
+                    )
+                })?;
+                journal.push(Undo::RemoveRule(*key));
+            }
+        }
+        // 2. Services: one whole-value update each (weight, rules, backends).
+        for (name, svc) in wanted {
+            let previous = self.installed.get(name);
+            if previous.is_some_and(|p| p.key == svc.key && p.value == svc.value) {
+                continue;
+            }
+            let before = self.services.get(&svc.key, 0).ok();
+            self.services
+                .insert(svc.key, svc.value, 0)
+                .map_err(|source| {
+                    map_error(names::SERVICES, format!("write service {name}"), source)
+                })?;
+            journal.push(Undo::RestoreService(svc.key, before));
+        }
+        // 3. Services that are gone, or whose VIP moved.
+        let wanted_keys: std::collections::HashSet<ServiceKey> =
+            wanted.values().map(|s| s.key).collect();
+        let stale: Vec<(String, Installed)> = self
+            .installed
+            .iter()
+            .filter(|(_, s)| !wanted_keys.contains(&s.key))
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        for (name, old) in stale {
+            self.services.remove(&old.key).map_err(|source| {
+                map_error(names::SERVICES, format!("remove service {name}"), source)
+            })?;
+            journal.push(Undo::RestoreService(old.key, Some(old.value)));
+        }
+        Ok(())
+    }
+
+    fn undo(&mut self, journal: Vec<Undo>) {
+        for step in journal.into_iter().rev() {
+            let result = match step {
+                Undo::RemoveRule(key) => self.rules.remove(&key),
+                Undo::RestoreService(key, Some(value)) => self.services.insert(key, value, 0),
+                Undo::RestoreService(key, None) => self.services.remove(&key),
+            };
+            if let Err(e) = result {
+                warn!(error = %e, "undo step failed; the data plane may differ from the previous config");
+            }
+        }
+    }
+
+    /// The data-plane counters summed over CPUs, in [`Counter::ALL`] order.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, DataplaneError> {
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                let values = self.counters.get(&(c as u32), 0).map_err(|source| {
+                    map_error(names::COUNTERS, format!("read {}", c.name()), source)
+                })?;
+                Ok((c, values.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// The conntrack entry for `key`, if any.
+    pub fn conntrack_entry(&self, key: &FlowKey) -> Option<CtEntry> {
+        self.conntrack.get(key, 0).ok()
+    }
+
+    /// Number of conntrack entries (walks the map; for tests and tools).
+    pub fn conntrack_len(&self) -> usize {
+        self.conntrack.keys().filter(Result::is_ok).count()
+    }
+
+    /// Runs one program on `packet` through `BPF_PROG_TEST_RUN`; returns the
+    /// verdict and the packet as the program left it.
+    pub fn test_run(
+        &mut self,
+        dir: Direction,
+        packet: &[u8],
+    ) -> Result<(i32, Vec<u8>), DataplaneError> {
+        let name = dir.program();
+        let prog = classifier(&mut self.ebpf, name)?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.data_out = Some(&mut out);
+        let result = prog
+            .test_run(opts)
+            .map_err(|source| DataplaneError::Program {
+                name,
+                action: "BPF_PROG_TEST_RUN",
+                source,
+            })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value as i32, out))
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DataplaneError> {
+    let program = ebpf.program_mut(name).ok_or(DataplaneError::Missing {
+        kind: "program",
+        name,
+    })?;
+    program
+        .try_into()
+        .map_err(|source| DataplaneError::Program {
+            name,
+            action: "is not a TC classifier",
+            source,
+        })
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DataplaneError::Missing { kind: "map", name })?;
+    T::try_from(map).map_err(|source| map_error(name, "open".to_string(), source))
+}
+
+fn map_error(map: &'static str, action: String, source: MapError) -> DataplaneError {
+    DataplaneError::Map {
+        map,
+        action,
+        source,
+    }
+}
+
+/// `err` and its sources, joined by ": ".
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+/// The `SERVICES` key of a VIP.
+pub fn service_key(vip: SocketAddrV4) -> ServiceKey {
+    ServiceKey {
+        vip: be_addr(*vip.ip()),
+        port: vip.port().to_be(),
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    }
+}
+
+/// The `SERVICES` value of a service.
+pub fn service_value(svc: &ServiceConfig, svc_id: u32, rule_set: u32) -> ServiceValue {
+    let mut value = ServiceValue {
+        svc_id,
+        weight_ppm: svc.weight.ppm(),
+        salt: svc.salt,
+        rule_set,
+        mode: match svc.cohort {
+            CohortMode::Sticky => MODE_STICKY,
+            CohortMode::PerConnection => MODE_PER_CONNECTION,
+        },
+        flags: 0,
+        // Config validation caps both lists at MAX_BACKENDS (<= u8::MAX).
+        n_stable: svc.stable.len().min(MAX_BACKENDS) as u8,
+        n_canary: svc.canary.len().min(MAX_BACKENDS) as u8,
+        stable: [Backend::default(); MAX_BACKENDS],
+        canary: [Backend::default(); MAX_BACKENDS],
+    };
+    for (slot, addr) in value.stable.iter_mut().zip(&svc.stable) {
+        *slot = backend(*addr);
+    }
+    for (slot, addr) in value.canary.iter_mut().zip(&svc.canary) {
+        *slot = backend(*addr);
+    }
+    value
+}
+
+fn backend(addr: SocketAddrV4) -> Backend {
+    Backend {
+        addr: be_addr(*addr.ip()),
+        port: addr.port().to_be(),
+        _pad: 0,
+    }
+}
+
+/// An address as the data plane reads it from a packet (network order).
+pub fn be_addr(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+/// (prefix length, network-order address, action) of a service's rules.
+fn rule_list(svc: &ServiceConfig) -> Vec<(u8, u32, u32)> {
+    let always = svc
+        .always_canary
+        .iter()
+        .map(|p| (p.len, be_addr(p.addr), RULE_ALWAYS_CANARY));
+    let never = svc
+        .never_canary
+        .iter()
+        .map(|p| (p.len, be_addr(p.addr), RULE_NEVER_CANARY));
+    always.chain(never).collect()
+}
+
+fn same_rules(installed: &[(Key<RuleKey>, u32)], wanted: &[(u8, u32, u32)]) -> bool {
+    installed.len() == wanted.len()
+        && installed
+            .iter()
+            .zip(wanted)
+            .all(|((key, action), (len, addr, want))| {
+                key.prefix_len() == RULE_SET_BITS + u32::from(*len)
+                    && key.data().addr == *addr
+                    && action == want
+            })
+}
+
+fn rule_key(rule_set: u32, prefix_len: u8, addr: u32) -> Key<RuleKey> {
+    Key::new(
+        RULE_SET_BITS + u32::from(prefix_len),
+        RuleKey {
+            rule_set_be: rule_set.to_be(),
+            addr,
+        },
+    )
+}

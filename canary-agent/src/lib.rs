@@ -1,0 +1,7 @@
+//! canary's node agent as a library. The `canary-agent` binary is a thin
+//! shell around [`agent::run`]; the privileged tests drive [`dataplane`]
+//! directly with the same code the agent uses.
+
+pub mod agent;
+pub mod config;
+pub mod dataplane;

@@ -1,0 +1,34 @@
+//! Types and pure logic shared by canary's eBPF programs (`canary-ebpf`) and
+//! its user-space agent (`canary-agent`).
+//!
+//! Everything that crosses the kernel/user boundary is defined here once:
+//! map keys and values (`#[repr(C)]`, explicit padding, sizes asserted), map
+//! and program names, and the functions both sides must agree on bit for bit
+//! (the cohort bucket). Addresses and ports inside map types are stored in
+//! network byte order, exactly as they appear in packets, so the data plane
+//! never converts them.
+#![no_std]
+
+pub mod cohort;
+pub mod counters;
+pub mod flow;
+pub mod service;
+
+/// Names of the eBPF maps and programs, as they appear in the object file.
+pub mod names {
+    /// Service table, see [`crate::service::ServiceKey`].
+    pub const SERVICES: &str = "SERVICES";
+    /// Source-prefix rules, see [`crate::service::RuleKey`].
+    pub const RULES: &str = "RULES";
+    /// Connection tracking, see [`crate::flow::FlowKey`].
+    pub const CONNTRACK: &str = "CONNTRACK";
+    /// Data-plane counters, see [`crate::counters::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+    /// TC program for packets arriving from clients.
+    pub const PROG_TC_INGRESS: &str = "canary_tc_ingress";
+    /// TC program for replies leaving towards clients.
+    pub const PROG_TC_EGRESS: &str = "canary_tc_egress";
+}
+
+/// IANA protocol number of TCP.
+pub const IPPROTO_TCP: u8 = 6;

@@ -1,0 +1,102 @@
+//! The service table and the source-prefix rules, written by the agent and
+//! read by the data plane on every new flow.
+
+/// Most backends one cohort of a service can hold. Backends live inline in
+/// the service value so that one map update replaces weight, rules and both
+/// backend lists at once.
+pub const MAX_BACKENDS: usize = 32;
+
+/// Capacity of the service table.
+pub const MAX_SERVICES: u32 = 16_384;
+
+/// Capacity of the rule trie (all services, both generations during a
+/// reload).
+pub const MAX_RULES: u32 = 65_536;
+
+/// Cohort numbers, as stored in conntrack and used as stats indices.
+pub const COHORT_STABLE: u8 = 0;
+/// See [`COHORT_STABLE`].
+pub const COHORT_CANARY: u8 = 1;
+
+/// Cohort keyed on the client address: a client stays in its cohort.
+pub const MODE_STICKY: u8 = 0;
+/// Cohort keyed on the 5-tuple: every connection draws anew.
+pub const MODE_PER_CONNECTION: u8 = 1;
+
+/// Rule action: the source prefix always goes to canary.
+pub const RULE_ALWAYS_CANARY: u32 = 1;
+/// Rule action: the source prefix never goes to canary.
+pub const RULE_NEVER_CANARY: u32 = 2;
+
+/// `SERVICES` key: the VIP as packets address it (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey {
+    pub vip: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+
+/// One backend (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Backend {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+
+/// `SERVICES` value: everything the data plane needs to steer a new flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Stable identifier the agent assigns per service name.
+    pub svc_id: u32,
+    /// Canary share of new flows, 0..=1_000_000.
+    pub weight_ppm: u32,
+    /// Per-service hash salt.
+    pub salt: u32,
+    /// Which rule set in `RULES` applies; 0 = none.
+    pub rule_set: u32,
+    /// `MODE_*`.
+    pub mode: u8,
+    /// Reserved for the breaker; 0.
+    pub flags: u8,
+    /// Used entries of `stable`.
+    pub n_stable: u8,
+    /// Used entries of `canary`.
+    pub n_canary: u8,
+    pub stable: [Backend; MAX_BACKENDS],
+    pub canary: [Backend; MAX_BACKENDS],
+}
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 20 + 2 * 8 * MAX_BACKENDS);
+
+/// Data part of a `RULES` LPM key. The rule set id takes the first 32 bits
+/// and is always matched in full (prefix length = 32 + source prefix), so
+/// one trie holds the rules of every service and a new rule set can be
+/// written beside the old one and switched to atomically.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RuleKey {
+    /// Big-endian, so the trie's byte-wise match sees its bits first.
+    pub rule_set_be: u32,
+    /// Source address, network byte order.
+    pub addr: u32,
+}
+const _: () = assert!(core::mem::size_of::<RuleKey>() == 8);
+
+/// Bits of a `RULES` key before the source prefix starts.
+pub const RULE_SET_BITS: u32 = 32;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), explicit padding, integers only.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    // SAFETY: repr(C), no implicit padding (size asserted), integers only.
+    unsafe impl aya::Pod for super::ServiceValue {}
+    // SAFETY: repr(C), two u32, no padding.
+    unsafe impl aya::Pod for super::RuleKey {}
+}

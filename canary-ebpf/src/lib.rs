@@ -1,0 +1,3 @@
+//! Library target so that `canary-agent` can declare a build dependency on
+//! this crate and be rebuilt when it changes; the programs are in `main.rs`.
+#![no_std]

@@ -1,0 +1,58 @@
+//! canary's eBPF programs. Entry points only; the logic lives in modules.
+//!
+//! - `canary_tc_ingress` (TC ingress of a client-facing interface): packets
+//!   from clients to a VIP; picks cohort and backend on SYN, DNAT.
+//! - `canary_tc_egress` (TC egress of the same interface): replies from
+//!   backends; reverse NAT back to VIP:port.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod egress;
+#[cfg(target_arch = "bpf")]
+mod ingress;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod nat;
+#[cfg(target_arch = "bpf")]
+mod packet;
+#[cfg(target_arch = "bpf")]
+mod stats;
+#[cfg(target_arch = "bpf")]
+mod steer;
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{macros::classifier, programs::TcContext};
+
+    use crate::{egress, ingress, stats};
+
+    /// Client → VIP packets: steer new flows, DNAT every packet of a flow.
+    #[classifier]
+    pub fn canary_tc_ingress(ctx: TcContext) -> i32 {
+        stats::verdict(ingress::handle(&ctx))
+    }
+
+    /// Backend → client replies: restore VIP:port as the source.
+    #[classifier]
+    pub fn canary_tc_egress(ctx: TcContext) -> i32 {
+        stats::verdict(egress::handle(&ctx))
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        // The verifier rejects any reachable panic path; this is never run.
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+}
+
+/// Host builds (`cargo check --workspace`) get an empty binary.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

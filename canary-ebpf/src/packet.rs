@@ -1,0 +1,143 @@
+//! Header parsing with bounds-checked direct packet access.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::TcContext;
+use canary_common::{IPPROTO_TCP, counters::Counter, flow::FlowKey};
+
+/// Ethernet header length; TC sees packets from the MAC header on.
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IPV4_MIN_HLEN: usize = 20;
+const TCP_MIN_HLEN: usize = 20;
+
+/// Offsets inside the IPv4 header.
+pub const IP_CSUM: usize = 10;
+pub const IP_SADDR: usize = 12;
+pub const IP_DADDR: usize = 16;
+/// Offsets inside the TCP header.
+pub const TCP_SPORT: usize = 0;
+pub const TCP_DPORT: usize = 2;
+pub const TCP_CSUM: usize = 16;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// What the programs need of an IPv4/TCP packet.
+pub struct Tcp4 {
+    /// Offset of the IP header.
+    pub l3: usize,
+    /// Offset of the TCP header.
+    pub l4: usize,
+    /// The 5-tuple in packet direction (network byte order).
+    pub key: FlowKey,
+    /// TCP flag byte.
+    pub flags: u8,
+    /// Whether this is the first fragment of a fragmented datagram.
+    pub first_fragment: bool,
+}
+
+impl Tcp4 {
+    #[inline(always)]
+    pub fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+
+    /// A connection-opening SYN (not a SYN-ACK).
+    #[inline(always)]
+    pub fn is_syn(&self) -> bool {
+        self.has(TCP_SYN) && !self.has(TCP_ACK)
+    }
+}
+
+/// Reads a `T` at `offset` from the start of the packet, if it lies inside
+/// the linear data.
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    let ptr = (start + offset) as *const T;
+    // SAFETY: the range [ptr, ptr + size_of::<T>()) was checked against
+    // data_end above (the verifier checks it again); packet fields need not
+    // be aligned, hence read_unaligned.
+    Some(unsafe { core::ptr::read_unaligned(ptr) })
+}
+
+/// Makes sure the first `len` bytes are in the linear part of the skb.
+#[inline(always)]
+fn ensure_linear(ctx: &TcContext, len: usize) -> bool {
+    if ctx.data() + len <= ctx.data_end() {
+        return true;
+    }
+    if (ctx.len() as usize) < len {
+        return false;
+    }
+    ctx.pull_data(len as u32).is_ok() && ctx.data() + len <= ctx.data_end()
+}
+
+/// Parses an IPv4/TCP packet.
+///
+/// `Ok(None)`: not IPv4/TCP, or a non-first fragment (no ports to match):
+/// not ours. `Err`: malformed in a way that is counted.
+#[inline(always)]
+pub fn parse_tcp4(ctx: &TcContext) -> Result<Option<Tcp4>, Counter> {
+    if !ensure_linear(ctx, ETH_HLEN) {
+        return Err(Counter::TruncatedEth);
+    }
+    let ethertype: u16 = read(ctx, 12).ok_or(Counter::TruncatedEth)?;
+    if u16::from_be(ethertype) != ETH_P_IP {
+        return Ok(None);
+    }
+    let l3 = ETH_HLEN;
+    if !ensure_linear(ctx, l3 + IPV4_MIN_HLEN) {
+        return Err(Counter::BadIpHeader);
+    }
+    let ver_ihl: u8 = read(ctx, l3).ok_or(Counter::BadIpHeader)?;
+    let ihl = ((ver_ihl & 0x0f) as usize) * 4;
+    if ver_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN {
+        return Err(Counter::BadIpHeader);
+    }
+    let proto: u8 = read(ctx, l3 + 9).ok_or(Counter::BadIpHeader)?;
+    if proto != IPPROTO_TCP {
+        return Ok(None);
+    }
+    let frag: u16 = read(ctx, l3 + 6).ok_or(Counter::BadIpHeader)?;
+    let frag = u16::from_be(frag);
+    if frag & 0x1fff != 0 {
+        // Later fragments carry no TCP header.
+        return Ok(None);
+    }
+    let first_fragment = frag & 0x2000 != 0;
+    let l4 = l3 + ihl;
+    if !ensure_linear(ctx, l4 + TCP_MIN_HLEN) {
+        return Err(Counter::BadTcpHeader);
+    }
+    let src_addr: u32 = read(ctx, l3 + IP_SADDR).ok_or(Counter::BadIpHeader)?;
+    let dst_addr: u32 = read(ctx, l3 + IP_DADDR).ok_or(Counter::BadIpHeader)?;
+    let src_port: u16 = read(ctx, l4 + TCP_SPORT).ok_or(Counter::BadTcpHeader)?;
+    let dst_port: u16 = read(ctx, l4 + TCP_DPORT).ok_or(Counter::BadTcpHeader)?;
+    let doff: u8 = read(ctx, l4 + 12).ok_or(Counter::BadTcpHeader)?;
+    if ((doff >> 4) as usize) * 4 < TCP_MIN_HLEN {
+        return Err(Counter::BadTcpHeader);
+    }
+    let flags: u8 = read(ctx, l4 + 13).ok_or(Counter::BadTcpHeader)?;
+    Ok(Some(Tcp4 {
+        l3,
+        l4,
+        key: FlowKey {
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        },
+        flags,
+        first_fragment,
+    }))
+}

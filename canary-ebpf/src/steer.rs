@@ -1,0 +1,82 @@
+//! Where the cohort and the backend of a new flow are chosen.
+
+use aya_ebpf::maps::lpm_trie::Key;
+use canary_common::{
+    cohort::{backend_index, bucket, flow_hash, is_canary, sticky_hash},
+    counters::Counter,
+    flow::FlowKey,
+    service::{
+        Backend, COHORT_CANARY, COHORT_STABLE, MAX_BACKENDS, MODE_PER_CONNECTION,
+        RULE_ALWAYS_CANARY, RULE_NEVER_CANARY, RULE_SET_BITS, RuleKey, ServiceValue,
+    },
+};
+
+use crate::maps::RULES;
+
+/// The outcome of steering one flow.
+pub struct Choice {
+    pub cohort: u8,
+    pub backend: Backend,
+    pub backend_idx: u32,
+}
+
+/// Chooses cohort and backend for `key` (client → VIP) of service `svc`.
+///
+/// Source rules decide first; otherwise the flow's bucket against the
+/// weight. The backend is hashed from the same key, so a sticky client also
+/// sticks to its backend while the list is unchanged.
+#[inline(always)]
+pub fn choose(svc: &ServiceValue, key: &FlowKey) -> Result<Choice, Counter> {
+    let hash = if svc.mode == MODE_PER_CONNECTION {
+        flow_hash(
+            key.src_addr,
+            key.dst_addr,
+            key.src_port,
+            key.dst_port,
+            key.proto,
+            svc.salt,
+        )
+    } else {
+        sticky_hash(key.src_addr, svc.salt)
+    };
+    let cohort = match rule_for(svc.rule_set, key.src_addr) {
+        Some(RULE_ALWAYS_CANARY) => COHORT_CANARY,
+        Some(RULE_NEVER_CANARY) => COHORT_STABLE,
+        _ if is_canary(bucket(hash), svc.weight_ppm) => COHORT_CANARY,
+        _ => COHORT_STABLE,
+    };
+    let (list, count) = if cohort == COHORT_CANARY {
+        (&svc.canary, svc.n_canary)
+    } else {
+        (&svc.stable, svc.n_stable)
+    };
+    if count == 0 {
+        return Err(Counter::NoBackend);
+    }
+    let idx = backend_index(hash, count as u32);
+    // Bound for the verifier; backend_index is always < count <= MAX.
+    let backend = *list
+        .get(idx as usize % MAX_BACKENDS)
+        .ok_or(Counter::NoBackend)?;
+    Ok(Choice {
+        cohort,
+        backend,
+        backend_idx: idx,
+    })
+}
+
+/// The action of the longest source prefix in `rule_set` matching `addr`.
+#[inline(always)]
+fn rule_for(rule_set: u32, addr: u32) -> Option<u32> {
+    if rule_set == 0 {
+        return None;
+    }
+    let key = Key::new(
+        RULE_SET_BITS + 32,
+        RuleKey {
+            rule_set_be: rule_set.to_be(),
+            addr,
+        },
+    );
+    RULES.get(&key).copied()
+}
