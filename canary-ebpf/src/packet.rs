@@ -114,6 +114,9 @@ pub fn parse_tcp4(ctx: &TcContext) -> Result<Option<Tcp4>, Counter> {
     }
     let first_fragment = frag & 0x2000 != 0;
     let l4 = l3 + ihl;
+    if !ensure_linear(ctx, l4) {
+        return Err(Counter::BadIpHeader);
+    }
     if !ensure_linear(ctx, l4 + TCP_MIN_HLEN) {
         return Err(Counter::BadTcpHeader);
     }
