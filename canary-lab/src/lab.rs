@@ -1,0 +1,553 @@
+//! The lab topology: router, client and backend namespaces joined by veths,
+//! with one server per backend.
+//!
+//! ```text
+//!  client ns                    router ns                  backend ns b{i}
+//!  eth0 10.200.0.2/24  <--->  cli0 10.200.0.1/24
+//!  + 10.201.x.y/32 ...          b{i} 10.200.{i+1}.1/24 <---> eth0 10.200.{i+1}.2/24
+//!                                                            server on :8080
+//! ```
+//!
+//! The client sends the VIP range (10.96.0.0/16) and the backend subnets to
+//! the router, which sends 10.201.0.0/16 back via 10.200.0.2. The router forwards between its interfaces but has no default
+//! route, so a VIP packet that nothing steered dies there.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context, ensure};
+
+use crate::Netns;
+use crate::netns::run;
+use crate::server::{Behavior, Server};
+
+/// Every namespace a lab creates is named `cnry-{pid}-{seq}-{role}`.
+const NETNS_PREFIX: &str = "cnry-";
+
+/// Per-process lab counter: several labs in one process (parallel tests)
+/// get distinct names.
+static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+/// What to build.
+#[derive(Clone, Debug, Default)]
+pub struct LabSpec {
+    /// One namespace and server per entry; backend `i` is `b{i}`.
+    pub backends: Vec<BackendSpec>,
+    /// How many extra client source addresses (10.201.0.1 upwards) to add.
+    pub n_client_addrs: u32,
+}
+
+/// One backend.
+#[derive(Clone, Debug)]
+pub struct BackendSpec {
+    /// What the server answers with; must not contain a newline.
+    pub name: String,
+    /// How the server treats connections.
+    pub behavior: Behavior,
+}
+
+/// A built lab. Dropping it stops the servers and deletes every namespace
+/// (and with them every veth) it created.
+#[derive(Debug)]
+pub struct Lab {
+    /// Declared first: dropped before the namespaces they live in.
+    servers: Vec<Server>,
+    backends: Vec<Netns>,
+    backend_names: Vec<String>,
+    client_addrs: Vec<Ipv4Addr>,
+    client: Netns,
+    router: Netns,
+}
+
+impl Lab {
+    /// The router's client-facing interface (where the data plane attaches).
+    pub const ROUTER_CLIENT_IFACE: &str = "cli0";
+    /// The router's address on [`Lab::ROUTER_CLIENT_IFACE`].
+    pub const ROUTER_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+    /// The client's address on its only interface, `eth0`.
+    pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+    /// First of the extra client addresses ([`Lab::client_addrs`]).
+    pub const FIRST_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
+    /// Start of the VIP range the client routes to the router.
+    pub const VIP_NET: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 0);
+    /// Prefix length of the VIP range.
+    pub const VIP_PREFIX_LEN: u8 = 16;
+    /// Port every backend server listens on.
+    pub const BACKEND_PORT: u16 = 8080;
+    /// Most backends a lab can have (one /24 each under 10.200.0.0/16).
+    pub const MAX_BACKENDS: usize = 50;
+    /// Most extra client addresses a lab can have.
+    pub const MAX_CLIENT_ADDRS: u32 = 4000;
+
+    /// Builds the topology and starts a server on 0.0.0.0:8080 in every
+    /// backend namespace (none for [`Behavior::Closed`]).
+    ///
+    /// First removes namespaces left by dead processes ([`cleanup_stale`]).
+    /// Needs root. On error, everything created so far is removed again.
+    pub fn build(spec: LabSpec) -> anyhow::Result<Lab> {
+        ensure!(
+            spec.backends.len() <= Self::MAX_BACKENDS,
+            "{} backends requested, at most {} are supported",
+            spec.backends.len(),
+            Self::MAX_BACKENDS
+        );
+        ensure!(
+            spec.n_client_addrs <= Self::MAX_CLIENT_ADDRS,
+            "{} client addresses requested, at most {} are supported",
+            spec.n_client_addrs,
+            Self::MAX_CLIENT_ADDRS
+        );
+        for backend in &spec.backends {
+            ensure!(
+                !backend.name.is_empty() && !backend.name.contains('\n'),
+                "backend name {:?} must be non-empty and one line (it is the reply line)",
+                backend.name
+            );
+        }
+        cleanup_stale().context("removing stale lab namespaces")?;
+
+        let prefix = format!(
+            "{NETNS_PREFIX}{}-{}",
+            std::process::id(),
+            NEXT_LAB.fetch_add(1, Ordering::Relaxed)
+        );
+        // Each Netns deletes itself on drop, so an early `?` below cleans up.
+        let router = Netns::create(&format!("{prefix}-router"))?;
+        let client = Netns::create(&format!("{prefix}-client"))?;
+        let backends = (0..spec.backends.len())
+            .map(|i| Netns::create(&format!("{prefix}-b{i}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let client_addrs: Vec<Ipv4Addr> = (0..spec.n_client_addrs)
+            .map(|k| Ipv4Addr::from(u32::from(Self::FIRST_CLIENT_ADDR) + k))
+            .collect();
+
+        configure_router(&router, &client, &backends)?;
+        configure_client(&client, &client_addrs)?;
+        for (i, ns) in backends.iter().enumerate() {
+            configure_backend(ns, i)?;
+        }
+
+        let mut lab = Lab {
+            servers: Vec::new(),
+            backends,
+            backend_names: spec.backends.iter().map(|b| b.name.clone()).collect(),
+            client_addrs,
+            client,
+            router,
+        };
+        for (i, backend) in spec.backends.iter().enumerate() {
+            if backend.behavior == Behavior::Closed {
+                continue;
+            }
+            let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, Self::BACKEND_PORT);
+            lab.servers.push(Server::start(
+                &lab.backends[i],
+                addr,
+                &backend.name,
+                backend.behavior,
+            )?);
+        }
+        Ok(lab)
+    }
+
+    /// The router namespace (forwards; the data plane attaches here).
+    pub fn router(&self) -> &Netns {
+        &self.router
+    }
+
+    /// The client namespace: run [`crate::request_once`] and [`crate::Conn`]
+    /// on threads inside it.
+    pub fn client(&self) -> &Netns {
+        &self.client
+    }
+
+    /// Backend `i`'s namespace. Panics if there is no backend `i`.
+    pub fn backend_ns(&self, i: usize) -> &Netns {
+        &self.backends[i]
+    }
+
+    /// Backend `i`'s server address, 10.200.{i+1}.2:8080. Panics if there
+    /// is no backend `i`.
+    pub fn backend_addr(&self, i: usize) -> SocketAddrV4 {
+        assert!(
+            i < self.backends.len(),
+            "backend {i} requested, the lab has {}",
+            self.backends.len()
+        );
+        // i < MAX_BACKENDS (50), so i + 1 fits an octet.
+        SocketAddrV4::new(backend_ip(i, 2), Self::BACKEND_PORT)
+    }
+
+    /// The extra client source addresses, 10.201.0.1 upwards.
+    pub fn client_addrs(&self) -> &[Ipv4Addr] {
+        &self.client_addrs
+    }
+
+    /// The backend names, in backend order.
+    pub fn backend_names(&self) -> Vec<String> {
+        self.backend_names.clone()
+    }
+
+    /// The names of every namespace of this lab (router, client, backends).
+    pub fn netns_names(&self) -> Vec<String> {
+        [&self.router, &self.client]
+            .into_iter()
+            .chain(&self.backends)
+            .map(|ns| ns.name().to_owned())
+            .collect()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Signal every server before waiting for any, so stopping takes one
+        // poll interval rather than one per backend.
+        for server in &self.servers {
+            server.signal_stop();
+        }
+        self.servers.clear();
+        // Netns drops delete the namespaces (and log, never panic, on error).
+        self.backends.clear();
+        // `client` and `router` are deleted as the fields drop.
+    }
+}
+
+/// Address `host` in backend `i`'s subnet 10.200.{i+1}.0/24.
+fn backend_ip(i: usize, host: u8) -> Ipv4Addr {
+    let octet = u8::try_from(i + 1).expect("at most MAX_BACKENDS backends");
+    Ipv4Addr::new(10, 200, octet, host)
+}
+
+/// Creates every veth from inside the router namespace (peers go straight
+/// into their namespaces, nothing touches the root namespace), addresses the
+/// router side, and turns on forwarding.
+///
+/// The client addresses are routed *via* the client's 10.200.0.2, not
+/// on-link: on-link needs one ARP entry per client address, and the kernel's
+/// ARP table is shared by all namespaces with a default limit
+/// (`gc_thresh3`) of 1024 entries, so a few thousand client addresses
+/// overflow it and connections time out.
+fn configure_router(router: &Netns, client: &Netns, backends: &[Netns]) -> anyhow::Result<()> {
+    let iface = Lab::ROUTER_CLIENT_IFACE;
+    let mut batch = format!(
+        "link set lo up\n\
+         link add {iface} type veth peer name eth0 netns {client}\n\
+         addr add {ip}/24 dev {iface}\n\
+         link set {iface} up\n\
+         route add 10.201.0.0/16 via {client_ip} dev {iface}\n",
+        client = client.name(),
+        ip = Lab::ROUTER_CLIENT_IP,
+        client_ip = Lab::CLIENT_IP,
+    );
+    for (i, ns) in backends.iter().enumerate() {
+        batch += &format!(
+            "link add b{i} type veth peer name eth0 netns {ns}\n\
+             addr add {ip}/24 dev b{i}\n\
+             link set b{i} up\n",
+            ns = ns.name(),
+            ip = backend_ip(i, 1),
+        );
+    }
+    router.ip_batch(&batch)?;
+    // rp_filter off: replies to client addresses and NATed VIP traffic
+    // legitimately arrive on interfaces a strict check would reject.
+    sysctl(
+        router,
+        &[
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+        ],
+    )
+}
+
+/// Addresses the client side, adds the extra source addresses in one `ip`
+/// process, and routes VIPs and backend subnets to the router.
+fn configure_client(client: &Netns, addrs: &[Ipv4Addr]) -> anyhow::Result<()> {
+    let mut batch = format!(
+        "link set lo up\n\
+         addr add {ip}/24 dev eth0\n\
+         link set eth0 up\n\
+         route add {vip}/{len} via {gw}\n\
+         route add 10.200.0.0/16 via {gw}\n",
+        ip = Lab::CLIENT_IP,
+        vip = Lab::VIP_NET,
+        len = Lab::VIP_PREFIX_LEN,
+        gw = Lab::ROUTER_CLIENT_IP,
+    );
+    for addr in addrs {
+        batch += &format!("addr add {addr}/32 dev eth0\n");
+    }
+    client.ip_batch(&batch)?;
+    // Many short connections: a wide port range and TIME_WAIT reuse keep
+    // the client from running out of ports.
+    sysctl(
+        client,
+        &[
+            "net.ipv4.ip_local_port_range=10000 65000",
+            "net.ipv4.tcp_tw_reuse=1",
+        ],
+    )
+}
+
+/// Addresses backend `i` and routes everything back through the router.
+fn configure_backend(ns: &Netns, i: usize) -> anyhow::Result<()> {
+    ns.ip_batch(&format!(
+        "link set lo up\n\
+         addr add {ip}/24 dev eth0\n\
+         link set eth0 up\n\
+         route add default via {gw}\n",
+        ip = backend_ip(i, 2),
+        gw = backend_ip(i, 1),
+    ))
+}
+
+/// Sets `key=value` sysctls inside `ns`.
+fn sysctl(ns: &Netns, settings: &[&str]) -> anyhow::Result<()> {
+    let mut args = vec!["sysctl", "-qw"];
+    args.extend_from_slice(settings);
+    ns.exec(&args).map(drop)
+}
+
+/// Deletes every `cnry-{pid}-...` namespace whose process is gone
+/// (`/proc/{pid}` missing): leftovers of a run that was killed before its
+/// labs dropped. Returns the names it deleted.
+///
+/// A namespace whose pid was since reused by another process is kept; it
+/// goes once that process is gone too. Deletion failures (another process
+/// cleaning up at the same time) are logged and skipped.
+pub fn cleanup_stale() -> anyhow::Result<Vec<String>> {
+    let listing = run(Command::new("ip").args(["netns", "list"]), None)?;
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let mut removed = Vec::new();
+    // Lines look like `NAME` or `NAME (id: N)`.
+    for name in listing
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+    {
+        let Some(pid) = owner_pid(name) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        match run(Command::new("ip").args(["netns", "del", name]), None) {
+            Ok(_) => removed.push(name.to_owned()),
+            Err(error) => eprintln!("canary-lab: removing stale namespace: {error:#}"),
+        }
+    }
+    Ok(removed)
+}
+
+/// The pid in a lab namespace name `cnry-{pid}-{seq}-{role}`.
+fn owner_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(NETNS_PREFIX)?;
+    let (pid, _) = rest.split_once('-')?;
+    pid.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Conn, request_once};
+    use std::io::ErrorKind;
+    use std::sync::{Mutex, MutexGuard};
+    use std::time::{Duration, Instant};
+
+    /// How long a client in the tests waits for connect and reply.
+    const TEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// Every `Lab::build` runs `cleanup_stale`, so a build on a parallel test
+    /// thread could delete the fake stale namespace before the cleanup test
+    /// looks; that test and the builds take turns through this lock.
+    static CLEANUP: Mutex<()> = Mutex::new(());
+
+    fn cleanup_lock() -> MutexGuard<'static, ()> {
+        // A panicking test poisons the lock; the () behind it is still fine.
+        CLEANUP
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn build(spec: LabSpec) -> Lab {
+        let _turn = cleanup_lock();
+        Lab::build(spec.clone())
+            .unwrap_or_else(|error| panic!("building a lab from {spec:?}: {error:#}"))
+    }
+
+    /// The tests create namespaces; without root they must fail, loudly.
+    fn require_root() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "canary-lab tests create network namespaces and need root (euid 0), running as euid {euid}"
+        );
+    }
+
+    fn netns_list() -> String {
+        let output = run(Command::new("ip").args(["netns", "list"]), None).expect("ip netns list");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn listed(listing: &str, name: &str) -> bool {
+        listing
+            .lines()
+            .any(|line| line.split_whitespace().next() == Some(name))
+    }
+
+    fn backend(name: &str, behavior: Behavior) -> BackendSpec {
+        BackendSpec {
+            name: name.to_owned(),
+            behavior,
+        }
+    }
+
+    #[test]
+    fn owner_pid_parses_lab_names_only() {
+        assert_eq!(owner_pid("cnry-123-4-router"), Some(123));
+        assert_eq!(owner_pid("cnry-x-4-router"), None);
+        assert_eq!(owner_pid("other-123-4-router"), None);
+        assert_eq!(owner_pid("cnry-123"), None);
+    }
+
+    #[test]
+    fn client_reaches_each_backend_directly_through_router() {
+        require_root();
+        let lab = build(LabSpec {
+            backends: vec![
+                backend("stable", Behavior::Reply),
+                backend("canary", Behavior::Reply),
+            ],
+            n_client_addrs: 3,
+        });
+        assert_eq!(
+            lab.client_addrs(),
+            [
+                Ipv4Addr::new(10, 201, 0, 1),
+                Ipv4Addr::new(10, 201, 0, 2),
+                Ipv4Addr::new(10, 201, 0, 3)
+            ]
+        );
+        for (i, expected) in lab.backend_names().into_iter().enumerate() {
+            let src = lab.client_addrs()[i];
+            let dst = lab.backend_addr(i);
+            let reply = lab
+                .client()
+                .spawn(move || request_once(src, dst, TEST_TIMEOUT))
+                .join()
+                .expect("client thread panicked")
+                .expect("entering the client namespace");
+            assert_eq!(
+                reply.as_ref().ok(),
+                Some(&expected),
+                "request from {src} to {dst}: expected reply {expected:?}, got {reply:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn behaviors_reply_delay_reset_and_refuse() {
+        require_root();
+        let delay = Duration::from_millis(300);
+        let lab = build(LabSpec {
+            backends: vec![
+                backend("reply", Behavior::Reply),
+                backend("slow", Behavior::FirstByteDelay(delay)),
+                backend("reset", Behavior::Reset),
+                backend("closed", Behavior::Closed),
+            ],
+            n_client_addrs: 1,
+        });
+        let src = lab.client_addrs()[0];
+        let dsts: Vec<_> = (0..4).map(|i| lab.backend_addr(i)).collect();
+        let (pings, slow, reset, closed) = lab
+            .client()
+            .spawn(move || {
+                let pings = Conn::open(src, dsts[0], TEST_TIMEOUT).and_then(|mut conn| {
+                    (0..3)
+                        .map(|_| conn.ping())
+                        .collect::<std::io::Result<Vec<_>>>()
+                });
+                let start = Instant::now();
+                let slow = request_once(src, dsts[1], TEST_TIMEOUT).map(|r| (r, start.elapsed()));
+                let reset = request_once(src, dsts[2], TEST_TIMEOUT);
+                let closed = request_once(src, dsts[3], TEST_TIMEOUT);
+                (pings, slow, reset, closed)
+            })
+            .join()
+            .expect("client thread panicked")
+            .expect("entering the client namespace");
+        assert_eq!(
+            pings.as_deref().ok(),
+            Some(&["reply".to_owned(), "reply".to_owned(), "reply".to_owned()][..]),
+            "three pings on one connection: got {pings:?}"
+        );
+        let (name, elapsed) = slow.expect("request to the slow backend");
+        assert_eq!(name, "slow");
+        assert!(
+            elapsed >= delay,
+            "slow backend answered after {elapsed:?}, expected >= {delay:?}"
+        );
+        let reset_kind = reset.as_ref().map_err(|e| e.kind());
+        assert_eq!(
+            reset_kind,
+            Err(ErrorKind::ConnectionReset),
+            "reset backend: expected ConnectionReset, got {reset:?}"
+        );
+        let closed_kind = closed.as_ref().map_err(|e| e.kind());
+        assert_eq!(
+            closed_kind,
+            Err(ErrorKind::ConnectionRefused),
+            "closed backend: expected ConnectionRefused, got {closed:?}"
+        );
+    }
+
+    #[test]
+    fn dropping_lab_deletes_its_namespaces() {
+        require_root();
+        let lab = build(LabSpec {
+            backends: vec![
+                backend("a", Behavior::Reply),
+                backend("b", Behavior::Closed),
+            ],
+            n_client_addrs: 0,
+        });
+        let names = lab.netns_names();
+        let before = netns_list();
+        for name in &names {
+            assert!(
+                listed(&before, name),
+                "{name} missing while the lab lives:\n{before}"
+            );
+        }
+        drop(lab);
+        let after = netns_list();
+        let left: Vec<_> = names.iter().filter(|name| listed(&after, name)).collect();
+        assert!(
+            left.is_empty(),
+            "namespaces left after drop: {left:?}\n{after}"
+        );
+    }
+
+    #[test]
+    fn cleanup_stale_removes_namespaces_of_dead_processes() {
+        require_root();
+        // No process has pid 999999999 (above the kernel's pid_max limit).
+        let stale = "cnry-999999999-0-router";
+        let _turn = cleanup_lock();
+        if !listed(&netns_list(), stale) {
+            run(Command::new("ip").args(["netns", "add", stale]), None)
+                .expect("creating a stale namespace");
+        }
+        let removed = cleanup_stale().expect("cleanup_stale");
+        assert!(
+            removed.iter().any(|name| name == stale),
+            "cleanup_stale should report {stale}, reported {removed:?}"
+        );
+        let after = netns_list();
+        assert!(!listed(&after, stale), "{stale} still listed:\n{after}");
+    }
+}

@@ -1,0 +1,32 @@
+//! A network-namespace lab for canary: a router namespace between one
+//! client namespace and N backend namespaces, real TCP servers in the
+//! backends and client helpers to drive them. Used by `cargo xtask demo`
+//! and by the privileged integration tests. Everything here needs root.
+//!
+//! ```no_run
+//! use canary_lab::{BackendSpec, Behavior, Lab, LabSpec, request_once};
+//! use std::time::Duration;
+//!
+//! let lab = Lab::build(LabSpec {
+//!     backends: vec![BackendSpec { name: "stable".into(), behavior: Behavior::Reply }],
+//!     n_client_addrs: 10,
+//! })?;
+//! let (src, dst) = (lab.client_addrs()[0], lab.backend_addr(0));
+//! // Client sockets must be created inside the client namespace.
+//! let reply = lab.client().spawn(move || request_once(src, dst, Duration::from_secs(2))).join();
+//! # anyhow::Ok(())
+//! ```
+//!
+//! No traffic leaves the lab: every interface lives in a namespace the lab
+//! created, and client sockets are only ever created inside the client
+//! namespace.
+
+mod client;
+mod lab;
+mod netns;
+mod server;
+
+pub use client::{Conn, request_once};
+pub use lab::{BackendSpec, Lab, LabSpec, cleanup_stale};
+pub use netns::Netns;
+pub use server::Behavior;
