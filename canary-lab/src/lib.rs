@@ -21,11 +21,13 @@
 //! created, and client sockets are only ever created inside the client
 //! namespace.
 
+mod agent;
 mod client;
 mod lab;
 mod netns;
 mod server;
 
+pub use agent::{AgentProcess, READY, RELOAD_REJECTED, RELOADED, agent_binary};
 pub use client::{Conn, request_once};
 pub use lab::{BackendSpec, Lab, LabSpec, cleanup_stale};
 pub use netns::Netns;

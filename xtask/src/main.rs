@@ -1,1 +1,106 @@
-fn main() {}
+//! `cargo xtask`: the project's commands. Each installs what it needs first.
+
+mod demo;
+mod prereqs;
+mod test;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+/// canary's build, test and demo commands. They need root (eBPF and network
+/// namespaces) and install their own prerequisites.
+#[derive(Parser)]
+#[command(about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the prerequisites (idempotent): rust-src for nightly,
+    /// bpf-linker 0.10.4, and the Debian packages the tests use.
+    Prereqs,
+    /// Build everything and run every test: unit tests, packet fixtures
+    /// through BPF_PROG_TEST_RUN, and network-namespace integration with the
+    /// real agent. Arguments after `--` go to the test binaries (e.g. a
+    /// test-name filter).
+    Test {
+        /// Passed to the test binaries.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run the demo lab: a client, two stable backends and one canary backend
+    /// in network namespaces, the real agent steering a share of new
+    /// connections to canary, and the observed split printed live. Ctrl-C
+    /// stops it and removes the lab.
+    Demo(demo::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Prereqs => require_root().and_then(|()| prereqs::ensure()),
+        Cmd::Test { args } => test::run(&args),
+        Cmd::Demo(args) => demo::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root.
+fn workspace() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// Where cargo puts build output.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"))
+}
+
+/// eBPF and network namespaces need root; say so before doing anything.
+fn require_root() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "this command loads eBPF programs and creates network namespaces: run it as root (sudo -E cargo xtask ...)"
+        );
+    }
+    Ok(())
+}
+
+/// Runs `cmd`, failing with the command line if it fails.
+fn exec(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// `cargo` with the workspace as working directory.
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace());
+    cmd
+}
+
+/// Builds the agent (and with it the eBPF object); returns the binary.
+fn build_agent() -> anyhow::Result<PathBuf> {
+    exec(cargo().args(["build", "--package", "canary-agent", "--bins"]))?;
+    Ok(target_dir().join("debug/canary-agent"))
+}

@@ -1,0 +1,66 @@
+//! Prerequisites, installed idempotently: each is checked first and only
+//! installed when missing, so a second run costs seconds.
+
+use std::process::Command;
+
+use anyhow::Context;
+
+use crate::exec;
+
+/// The bpf-linker version that matches the nightly's LLVM (see DESIGN.md).
+const BPF_LINKER: &str = "0.10.4";
+
+/// Commands the tests and the demo run, and the Debian package of each.
+const DEBIAN: &[(&str, &str)] = &[("ip", "iproute2"), ("tc", "iproute2")];
+
+/// Installs whatever is missing.
+pub fn ensure() -> anyhow::Result<()> {
+    // rustup skips the download when the component is present.
+    exec(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+        .context("rust-src for the nightly toolchain (builds core for the BPF target)")?;
+
+    let installed = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if installed.as_deref() != Some(&format!("bpf-linker {BPF_LINKER}")) {
+        eprintln!("xtask: installing bpf-linker {BPF_LINKER} (found: {installed:?})");
+        exec(Command::new("cargo").args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER}"),
+            "--locked",
+            "--force",
+        ]))
+        .context("installing bpf-linker")?;
+    }
+
+    let mut missing: Vec<&str> = DEBIAN
+        .iter()
+        .filter(|(cmd, _)| !on_path(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    missing.dedup();
+    if !missing.is_empty() {
+        eprintln!("xtask: installing Debian packages {missing:?}");
+        exec(Command::new("apt-get").arg("update").arg("-q")).context("apt-get update")?;
+        exec(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .context("apt-get install")?;
+    }
+    Ok(())
+}
+
+/// Whether `cmd` is an executable on PATH (or in /sbin, /usr/sbin, which a
+/// non-login root shell may lack).
+fn on_path(cmd: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .any(|dir| dir.join(cmd).is_file())
+}
