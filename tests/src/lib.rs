@@ -14,3 +14,46 @@ pub fn require_root() {
         "privileged test needs root (BPF and network namespaces); run `sudo cargo xtask test`"
     );
 }
+
+/// Names of the BPF programs attached with TCX to `iface` (ingress and
+/// egress) inside `ns`, plus any legacy `tc` filters and clsact qdisc, as
+/// one list: empty means nothing of ours (or anyone's) is attached.
+pub fn attached_to(ns: &canary_lab::Netns, iface: &'static str) -> Vec<String> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let mut found: Vec<String> = ns
+        .spawn(move || {
+            [TcAttachType::Ingress, TcAttachType::Egress]
+                .into_iter()
+                .flat_map(|t| {
+                    let (_, progs) = SchedClassifier::query_tcx(iface, t)
+                        .unwrap_or_else(|e| panic!("query TCX {t:?} on {iface}: {e}"));
+                    progs.into_iter().map(move |p| {
+                        format!("tcx {t:?}: {}", p.name_as_str().unwrap_or("<unnamed>"))
+                    })
+                })
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .expect("TCX query thread")
+        .expect("enter the namespace");
+    for kind in ["ingress", "egress"] {
+        let out = ns
+            .exec(&["tc", "filter", "show", "dev", iface, kind])
+            .expect("tc filter show");
+        found.extend(
+            out.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| format!("tc filter {kind}: {l}")),
+        );
+    }
+    let qdiscs = ns
+        .exec(&["tc", "qdisc", "show", "dev", iface])
+        .expect("tc qdisc show");
+    found.extend(
+        qdiscs
+            .lines()
+            .filter(|l| l.contains("clsact"))
+            .map(|l| format!("qdisc: {l}")),
+    );
+    found
+}

@@ -1,0 +1,570 @@
+//! Network-namespace integration: the real `canary-agent` binary in a router
+//! namespace between a client namespace and backend namespaces running real
+//! TCP servers. Every connection is a real handshake through the kernel.
+//!
+//! Statistical bounds are two-sided 99.9 % binomial intervals
+//! (z = 3.2905), normal approximation.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use canary_agent::{config::default_salt, dataplane::be_addr};
+use canary_common::cohort::{bucket, is_canary, sticky_hash};
+use canary_lab::{AgentProcess, BackendSpec, Behavior, Conn, Lab, LabSpec, request_once};
+use canary_tests::{attached_to, require_root};
+
+const VIP: &str = "10.96.0.10:80";
+const IFACE: &str = Lab::ROUTER_CLIENT_IFACE;
+const CANARY_NAME: &str = "canary-1";
+const Z999: f64 = 3.2905;
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn vip() -> SocketAddrV4 {
+    VIP.parse().unwrap()
+}
+
+/// stable-1, stable-2, canary-1, and `n_clients` client addresses.
+fn lab(n_clients: u32) -> Lab {
+    require_root();
+    Lab::build(LabSpec {
+        backends: ["stable-1", "stable-2", CANARY_NAME]
+            .iter()
+            .map(|n| BackendSpec {
+                name: n.to_string(),
+                behavior: Behavior::Reply,
+            })
+            .collect(),
+        n_client_addrs: n_clients,
+    })
+    .expect("lab builds")
+}
+
+/// Agent config for the lab's one service, with extra service keys.
+fn config(lab: &Lab, extra: &str) -> String {
+    format!(
+        "[agent]\ninterfaces = [\"{IFACE}\"]\n\n[[service]]\nname = \"web\"\nvip = \"{VIP}\"\n\
+         stable = [\"{}\", \"{}\"]\ncanary = [\"{}\"]\n{extra}\n",
+        lab.backend_addr(0),
+        lab.backend_addr(1),
+        lab.backend_addr(2),
+    )
+}
+
+fn start(lab: &Lab, extra: &str) -> AgentProcess {
+    AgentProcess::start(lab.router(), &config(lab, extra), false).expect("agent starts")
+}
+
+/// What a batch of one-request connections saw.
+#[derive(Default, Debug)]
+struct Outcome {
+    by_backend: BTreeMap<String, u64>,
+    by_source: HashMap<Ipv4Addr, BTreeSet<String>>,
+    errors: Vec<String>,
+}
+
+impl Outcome {
+    fn total(&self) -> u64 {
+        self.by_backend.values().sum()
+    }
+
+    fn canary(&self) -> u64 {
+        self.by_backend.get(CANARY_NAME).copied().unwrap_or(0)
+    }
+
+    fn canary_sources(&self) -> BTreeSet<Ipv4Addr> {
+        self.by_source
+            .iter()
+            .filter(|(_, names)| names.contains(CANARY_NAME))
+            .map(|(a, _)| *a)
+            .collect()
+    }
+}
+
+/// `n` one-request connections to the VIP, cycling through `sources`, from
+/// four threads in the client namespace. Bounded: at most 180 s.
+fn drive(lab: &Lab, sources: &[Ipv4Addr], n: usize) -> Outcome {
+    const THREADS: usize = 4;
+    let sources = Arc::new(sources.to_vec());
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let sources = Arc::clone(&sources);
+            lab.client().spawn(move || {
+                let mut out = Outcome::default();
+                for i in (t..n).step_by(THREADS) {
+                    if Instant::now() > deadline {
+                        out.errors.push("deadline of 180 s reached".into());
+                        break;
+                    }
+                    let src = sources[i % sources.len()];
+                    match request_once(src, vip(), TIMEOUT) {
+                        Ok(name) => {
+                            *out.by_backend.entry(name.clone()).or_default() += 1;
+                            out.by_source.entry(src).or_default().insert(name);
+                        }
+                        Err(e) => out.errors.push(format!("{src}: {e}")),
+                    }
+                }
+                out
+            })
+        })
+        .collect();
+    let mut all = Outcome::default();
+    for h in handles {
+        let part = h
+            .join()
+            .expect("client thread")
+            .expect("enter client namespace");
+        for (k, v) in part.by_backend {
+            *all.by_backend.entry(k).or_default() += v;
+        }
+        for (k, v) in part.by_source {
+            all.by_source.entry(k).or_default().extend(v);
+        }
+        all.errors.extend(part.errors);
+    }
+    all
+}
+
+fn assert_no_errors(out: &Outcome, what: &str) {
+    assert!(
+        out.errors.is_empty(),
+        "{what}: {} of {} connections failed, first: {:?}",
+        out.errors.len(),
+        out.total() + out.errors.len() as u64,
+        out.errors.iter().take(3).collect::<Vec<_>>()
+    );
+}
+
+fn stop_and_assert_detached(lab: &Lab, agent: AgentProcess) {
+    let (status, log) = agent.stop().expect("agent stops on SIGTERM");
+    assert!(
+        status.success(),
+        "agent exit status {status}; log:\n{}",
+        log.join("\n")
+    );
+    let left = attached_to(lab.router(), IFACE);
+    assert!(
+        left.is_empty(),
+        "after shutdown, still attached to {IFACE}: {left:?}"
+    );
+}
+
+#[test]
+fn five_percent_of_20000_connections_lands_in_the_binomial_interval() {
+    let lab = lab(16);
+    let agent = start(&lab, "weight = \"5%\"\ncohort = \"per-connection\"");
+    assert!(
+        !attached_to(lab.router(), IFACE).is_empty(),
+        "agent ready but nothing attached"
+    );
+
+    let n = 20_000;
+    let started = Instant::now();
+    let out = drive(&lab, lab.client_addrs(), n);
+    let secs = started.elapsed().as_secs_f64();
+    assert_no_errors(&out, "5% run");
+    assert_eq!(out.total(), n as u64);
+    let p = 0.05;
+    let mean = n as f64 * p;
+    let half = Z999 * (n as f64 * p * (1.0 - p)).sqrt();
+    let canary = out.canary() as f64;
+    eprintln!(
+        "5% of {n}: canary {canary} ({:.3}%), 99.9% interval [{:.0}, {:.0}], {:.0} conn/s, backends {:?}",
+        canary / n as f64 * 100.0,
+        mean - half,
+        mean + half,
+        n as f64 / secs,
+        out.by_backend
+    );
+    assert!(
+        (canary - mean).abs() <= half,
+        "canary connections {canary} outside the 99.9% interval {mean} ± {half:.1}: {:?}",
+        out.by_backend
+    );
+    // Both stable backends are used, evenly (same interval, p = 1/2).
+    let stable = n as f64 - canary;
+    let s1 = out.by_backend.get("stable-1").copied().unwrap_or(0) as f64;
+    let half_s = Z999 * (stable * 0.25).sqrt();
+    assert!(
+        (s1 - stable / 2.0).abs() <= half_s,
+        "stable split uneven: {:?}",
+        out.by_backend
+    );
+    stop_and_assert_detached(&lab, agent);
+}
+
+#[test]
+fn zero_weight_sends_nothing_to_canary_and_full_weight_everything() {
+    let lab = lab(16);
+    let mut agent = start(&lab, "weight = \"0%\"\ncohort = \"per-connection\"");
+    let out = drive(&lab, lab.client_addrs(), 2000);
+    assert_no_errors(&out, "0%");
+    assert_eq!(
+        out.canary(),
+        0,
+        "at 0% some connections reached canary: {:?}",
+        out.by_backend
+    );
+
+    agent
+        .reload(&config(
+            &lab,
+            "weight = \"100%\"\ncohort = \"per-connection\"",
+        ))
+        .expect("reload to 100%");
+    let out = drive(&lab, lab.client_addrs(), 2000);
+    assert_no_errors(&out, "100%");
+    assert_eq!(
+        out.canary(),
+        2000,
+        "at 100% some connections stayed stable: {:?}",
+        out.by_backend
+    );
+    stop_and_assert_detached(&lab, agent);
+}
+
+#[test]
+fn sticky_clients_keep_their_cohort_and_rising_weight_only_adds_canary_clients() {
+    let lab = lab(1000);
+    let clients = lab.client_addrs().to_vec();
+    let salt = default_salt("web");
+    let mut agent = start(&lab, "weight = \"5%\"");
+    let mut previous: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    for (weight, ppm) in [("5%", 50_000u32), ("25%", 250_000), ("50%", 500_000)] {
+        if weight != "5%" {
+            agent
+                .reload(&config(&lab, &format!("weight = \"{weight}\"")))
+                .expect("weight step");
+        }
+        // Three connections per client address.
+        let out = drive(&lab, &clients, clients.len() * 3);
+        assert_no_errors(&out, weight);
+        for (src, names) in &out.by_source {
+            assert_eq!(
+                names.len(),
+                1,
+                "at {weight}, client {src} was split across {names:?}"
+            );
+        }
+        let canary = out.canary_sources();
+        // The kernel's choice is exactly the host-side bucket function's.
+        let predicted: BTreeSet<Ipv4Addr> = clients
+            .iter()
+            .copied()
+            .filter(|a| is_canary(bucket(sticky_hash(be_addr(*a), salt)), ppm))
+            .collect();
+        assert_eq!(
+            canary, predicted,
+            "at {weight}: canary clients differ from the bucket function"
+        );
+        let moved_back: Vec<_> = previous.difference(&canary).collect();
+        assert!(
+            moved_back.is_empty(),
+            "raising the weight to {weight} moved canary clients back: {moved_back:?}"
+        );
+        let (n, p) = (clients.len() as f64, f64::from(ppm) / 1e6);
+        let half = Z999 * (n * p * (1.0 - p)).sqrt();
+        eprintln!(
+            "sticky {weight}: {} of {} clients canary (expected {:.0} ± {half:.0})",
+            canary.len(),
+            clients.len(),
+            n * p
+        );
+        assert!(
+            (canary.len() as f64 - n * p).abs() <= half,
+            "at {weight}: {} canary clients, outside {:.0} ± {half:.1}",
+            canary.len(),
+            n * p
+        );
+        previous = canary;
+    }
+    stop_and_assert_detached(&lab, agent);
+}
+
+#[test]
+fn always_and_never_canary_prefixes_override_the_weight() {
+    // Client addresses are 10.201.0.1 upwards; .1–.15 are in 10.201.0.0/28.
+    let lab = lab(48);
+    let clients = lab.client_addrs().to_vec();
+    let in_prefix =
+        |a: &Ipv4Addr, base: u8| a.octets()[2] == 0 && (base..base + 16).contains(&a.octets()[3]);
+    let mut agent = start(&lab, "weight = \"0%\"\nalways_canary = [\"10.201.0.0/28\"]");
+    let out = drive(&lab, &clients, clients.len() * 4);
+    assert_no_errors(&out, "always_canary at 0%");
+    for (src, names) in &out.by_source {
+        let expected = if in_prefix(src, 0) {
+            CANARY_NAME
+        } else {
+            "stable"
+        };
+        assert!(
+            names.iter().all(|n| n.starts_with(expected)),
+            "always_canary at 0%: client {src} reached {names:?}, expected {expected}"
+        );
+    }
+
+    agent
+        .reload(&config(
+            &lab,
+            "weight = \"100%\"\nnever_canary = [\"10.201.0.16/28\"]",
+        ))
+        .expect("reload");
+    let out = drive(&lab, &clients, clients.len() * 4);
+    assert_no_errors(&out, "never_canary at 100%");
+    for (src, names) in &out.by_source {
+        let expected = if in_prefix(src, 16) {
+            "stable"
+        } else {
+            CANARY_NAME
+        };
+        assert!(
+            names.iter().all(|n| n.starts_with(expected)),
+            "never_canary at 100%: client {src} reached {names:?}, expected {expected}"
+        );
+    }
+    stop_and_assert_detached(&lab, agent);
+}
+
+/// One long-lived connection's history.
+struct LongLived {
+    first: String,
+    pings: u64,
+    moved: Vec<String>,
+    errors: Vec<String>,
+}
+
+#[test]
+fn long_lived_connections_survive_weight_changes_on_their_first_backend() {
+    const CONNS: usize = 50;
+    const THREADS: usize = 5;
+    let lab = lab(CONNS as u32);
+    let mut agent = start(&lab, "weight = \"5%\"\ncohort = \"per-connection\"");
+    let stop = Arc::new(AtomicBool::new(false));
+    let results: Arc<Mutex<Vec<LongLived>>> = Arc::default();
+    let clients = lab.client_addrs().to_vec();
+
+    // Each thread opens its connections at 5 %, then pings each every 10 ms.
+    let threads: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (stop, results) = (Arc::clone(&stop), Arc::clone(&results));
+            let mine: Vec<Ipv4Addr> = clients.iter().copied().skip(t).step_by(THREADS).collect();
+            lab.client().spawn(move || {
+                let mut conns: Vec<(Conn, LongLived)> = mine
+                    .iter()
+                    .map(|src| {
+                        let mut c =
+                            Conn::open(*src, vip(), TIMEOUT).expect("open long-lived connection");
+                        let first = c.ping().expect("first ping");
+                        (
+                            c,
+                            LongLived {
+                                first,
+                                pings: 1,
+                                moved: vec![],
+                                errors: vec![],
+                            },
+                        )
+                    })
+                    .collect();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    for (c, h) in conns.iter_mut() {
+                        match c.ping() {
+                            Ok(name) if name == h.first => h.pings += 1,
+                            Ok(name) => h.moved.push(name),
+                            Err(e) => h.errors.push(e.to_string()),
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                results
+                    .lock()
+                    .unwrap()
+                    .extend(conns.into_iter().map(|(_, h)| h));
+            })
+        })
+        .collect();
+
+    // Give every thread time to open its connections before moving weights.
+    std::thread::sleep(Duration::from_secs(1));
+    let probe_sources: Vec<Ipv4Addr> = clients.clone();
+    for (weight, expect_canary) in [("50%", None), ("100%", Some(true)), ("0%", Some(false))] {
+        agent
+            .reload(&config(
+                &lab,
+                &format!("weight = \"{weight}\"\ncohort = \"per-connection\""),
+            ))
+            .expect("weight change");
+        // New connections follow the new weight (proof the change applied).
+        let out = drive(&lab, &probe_sources, 100);
+        assert_no_errors(&out, weight);
+        match expect_canary {
+            Some(true) => assert_eq!(
+                out.canary(),
+                100,
+                "new connections at {weight}: {:?}",
+                out.by_backend
+            ),
+            Some(false) => assert_eq!(
+                out.canary(),
+                0,
+                "new connections at {weight}: {:?}",
+                out.by_backend
+            ),
+            None => {}
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join()
+            .expect("pinger thread")
+            .expect("enter client namespace");
+    }
+
+    let results = results.lock().unwrap();
+    assert_eq!(results.len(), CONNS, "every long-lived connection reports");
+    let broken: Vec<_> = results
+        .iter()
+        .filter(|h| !h.errors.is_empty())
+        .map(|h| &h.errors[0])
+        .collect();
+    let moved: Vec<_> = results
+        .iter()
+        .filter(|h| !h.moved.is_empty())
+        .map(|h| (&h.first, &h.moved[0]))
+        .collect();
+    let pings: u64 = results.iter().map(|h| h.pings).sum();
+    let canary = results.iter().filter(|h| h.first == CANARY_NAME).count();
+    eprintln!(
+        "long-lived: {CONNS} connections ({canary} canary at 5%), {pings} pings across 5% → 50% → 100% → 0%, \
+         {} broken, {} moved",
+        broken.len(),
+        moved.len()
+    );
+    assert!(
+        broken.is_empty(),
+        "{} long-lived connections broke: {broken:?}",
+        broken.len()
+    );
+    assert!(
+        moved.is_empty(),
+        "{} long-lived connections changed backend: {moved:?}",
+        moved.len()
+    );
+    let min_pings = results.iter().map(|h| h.pings).min().unwrap_or(0);
+    assert!(
+        min_pings >= 100,
+        "a connection was pinged only {min_pings} times: the test did not exercise it"
+    );
+    stop_and_assert_detached(&lab, agent);
+}
+
+#[test]
+fn an_invalid_config_is_rejected_and_nothing_is_attached() {
+    let lab = lab(1);
+    for (extra, message) in [
+        (
+            "weight = \"150%\"",
+            "service \"web\": weight = \"150%\": more than 100%",
+        ),
+        ("weight = \"5%\"\nbogus = 1", "unknown field `bogus`"),
+    ] {
+        let (status, log) =
+            AgentProcess::run_to_exit(lab.router(), &config(&lab, extra)).expect("agent runs");
+        assert!(
+            !status.success(),
+            "agent accepted an invalid config ({extra})"
+        );
+        let log = log.join("\n");
+        assert!(
+            log.contains(message),
+            "error for {extra:?} should contain {message:?}; log:\n{log}"
+        );
+        assert!(
+            log.contains("nothing was attached"),
+            "log should say nothing was attached:\n{log}"
+        );
+        let left = attached_to(lab.router(), IFACE);
+        assert!(
+            left.is_empty(),
+            "after a rejected config, attached: {left:?}"
+        );
+    }
+    // A missing interface: named in the error, nothing attached anywhere.
+    let text = config(&lab, "").replace(
+        &format!("[\"{IFACE}\"]"),
+        &format!("[\"{IFACE}\", \"nope0\"]"),
+    );
+    let (status, log) = AgentProcess::run_to_exit(lab.router(), &text).expect("agent runs");
+    assert!(!status.success());
+    let log = log.join("\n");
+    assert!(
+        log.contains("interfaces = \"nope0\": no such network interface"),
+        "log:\n{log}"
+    );
+    assert!(attached_to(lab.router(), IFACE).is_empty());
+}
+
+#[test]
+fn a_rejected_reload_keeps_the_running_config() {
+    let lab = lab(8);
+    let mut agent = start(&lab, "weight = \"100%\"\ncohort = \"per-connection\"");
+    for bad in [
+        config(
+            &lab,
+            "weight = \"0%\"\ncohort = \"per-connection\"\nnever_canary = [\"10.201.0.1/8\"]",
+        ),
+        config(&lab, "weight = \"5%\"").replace("[[service]]", "[[services]]"),
+        "not toml at all [".to_string(),
+    ] {
+        let err = agent
+            .reload(&bad)
+            .expect_err("a bad reload must be rejected");
+        assert!(err.to_string().contains("reload rejected"), "{err:#}");
+        let out = drive(&lab, lab.client_addrs(), 200);
+        assert_no_errors(&out, "after a rejected reload");
+        assert_eq!(
+            out.canary(),
+            200,
+            "the old 100% config must stay in force: {:?}",
+            out.by_backend
+        );
+    }
+    assert_eq!(
+        attached_to(lab.router(), IFACE).len(),
+        2,
+        "still attached (ingress + egress)"
+    );
+    stop_and_assert_detached(&lab, agent);
+}
+
+#[test]
+fn a_killed_agent_leaves_nothing_attached() {
+    // TCX links belong to the agent's file descriptors: the kernel removes
+    // them when the process dies, even without a chance to clean up.
+    let lab = lab(4);
+    let agent = start(&lab, "weight = \"5%\"");
+    assert_eq!(attached_to(lab.router(), IFACE).len(), 2);
+    agent.kill().expect("SIGKILL");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = attached_to(lab.router(), IFACE);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "5 s after SIGKILL, still attached: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
