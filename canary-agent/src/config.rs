@@ -801,7 +801,7 @@ never_canary = []
         );
         assert!(msg.contains("unknown field `wieght`"), "{msg}");
         assert!(
-            msg.contains("line 15"),
+            msg.contains("line 14"),
             "error should point at the line: {msg}"
         );
     }

@@ -41,7 +41,7 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub enum DataplaneError {
     /// The object could not be loaded (maps created, relocations).
     #[error("cannot load the eBPF object")]
-    Load(#[source] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     /// A program or map the object must contain is missing.
     #[error("the eBPF object has no {kind} named {name}")]
     Missing {
@@ -54,7 +54,7 @@ pub enum DataplaneError {
         name: &'static str,
         action: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     /// Attaching to an interface failed.
     #[error("cannot attach {name} to {direction} of interface {interface}")]
@@ -63,7 +63,7 @@ pub enum DataplaneError {
         direction: &'static str,
         interface: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     /// A map operation failed.
     #[error("map {map}: {action}")]
@@ -71,7 +71,7 @@ pub enum DataplaneError {
         map: &'static str,
         action: String,
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
 }
 
@@ -120,7 +120,7 @@ struct Installed {
 /// One undoable step of an apply.
 enum Undo {
     RemoveRule(Key<RuleKey>),
-    RestoreService(ServiceKey, Option<ServiceValue>),
+    RestoreService(ServiceKey, Option<Box<ServiceValue>>),
 }
 
 /// Summary of one apply, for the log.
@@ -155,7 +155,7 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::CONNTRACK, conntrack_capacity)
             .load(EBPF_OBJECT)
-            .map_err(DataplaneError::Load)?;
+            .map_err(|e| DataplaneError::Load(Box::new(e)))?;
         for dir in Direction::BOTH {
             let name = dir.program();
             classifier(&mut ebpf, name)?
@@ -163,7 +163,7 @@ impl Dataplane {
                 .map_err(|source| DataplaneError::Program {
                     name,
                     action: "rejected by the kernel at load",
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         Ok(Dataplane {
@@ -199,7 +199,7 @@ impl Dataplane {
                         name,
                         direction: dir.as_str(),
                         interface: interface.to_string(),
-                        source,
+                        source: Box::new(source),
                     });
                 }
             }
@@ -234,7 +234,7 @@ impl Dataplane {
                 p.detach(id).map_err(|source| DataplaneError::Program {
                     name: dir.program(),
                     action: "detach",
-                    source,
+                    source: Box::new(source),
                 })
             });
             if let Err(e) = result {
@@ -357,7 +357,7 @@ impl Dataplane {
             if previous.is_some_and(|p| p.key == svc.key && p.value == svc.value) {
                 continue;
             }
-            let before = self.services.get(&svc.key, 0).ok();
+            let before = self.services.get(&svc.key, 0).ok().map(Box::new);
             self.services
                 .insert(svc.key, svc.value, 0)
                 .map_err(|source| {
@@ -378,7 +378,7 @@ impl Dataplane {
             self.services.remove(&old.key).map_err(|source| {
                 map_error(names::SERVICES, format!("remove service {name}"), source)
             })?;
-            journal.push(Undo::RestoreService(old.key, Some(old.value)));
+            journal.push(Undo::RestoreService(old.key, Some(Box::new(old.value))));
         }
         Ok(())
     }
@@ -387,7 +387,7 @@ impl Dataplane {
         for step in journal.into_iter().rev() {
             let result = match step {
                 Undo::RemoveRule(key) => self.rules.remove(&key),
-                Undo::RestoreService(key, Some(value)) => self.services.insert(key, value, 0),
+                Undo::RestoreService(key, Some(value)) => self.services.insert(key, *value, 0),
                 Undo::RestoreService(key, None) => self.services.remove(&key),
             };
             if let Err(e) = result {
@@ -437,7 +437,7 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Program {
                 name,
                 action: "BPF_PROG_TEST_RUN",
-                source,
+                source: Box::new(source),
             })?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value as i32, out))
@@ -463,7 +463,7 @@ fn classifier<'a>(
         .map_err(|source| DataplaneError::Program {
             name,
             action: "is not a TC classifier",
-            source,
+            source: Box::new(source),
         })
 }
 
@@ -481,7 +481,7 @@ fn map_error(map: &'static str, action: String, source: MapError) -> DataplaneEr
     DataplaneError::Map {
         map,
         action,
-        source,
+        source: Box::new(source),
     }
 }
 

@@ -31,22 +31,21 @@ pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
         proto: IPPROTO_TCP,
         _pad: 0,
     };
-    let Some(svc) = SERVICES.get_ptr(&svc_key) else {
-        return Ok(TC_ACT_UNSPEC);
-    };
-    if pkt.first_fragment {
-        // The rest of the datagram has no ports and could not follow.
-        return Err(Counter::Fragment);
-    }
+    let svc = SERVICES.get_ptr(&svc_key);
 
-    // An existing flow keeps its backend, whatever the service says now; a
-    // SYN after the client's FIN reuses the 5-tuple for a new connection.
+    // An existing flow keeps its backend, whatever the service says now (or
+    // if it is gone: removing a service drains it). A SYN after the client's
+    // FIN reuses the 5-tuple for a new connection.
     let tracked = conntrack::lookup(&pkt.key)
         .map(|e| (e, conntrack::read(e)))
         .filter(|(_, ct)| ct.flags & CT_REVERSE == 0)
         .filter(|(_, ct)| !(pkt.is_syn() && ct.flags & CT_CLIENT_FIN != 0));
-    let (backend_addr, backend_port) = match tracked {
-        Some((entry, ct)) => {
+    if pkt.first_fragment && (tracked.is_some() || svc.is_some()) {
+        // The rest of the datagram has no ports and could not follow.
+        return Err(Counter::Fragment);
+    }
+    let (backend_addr, backend_port) = match (tracked, svc) {
+        (Some((entry, ct)), _) => {
             if pkt.is_syn() {
                 count(Counter::SynRetransmit);
             }
@@ -55,7 +54,7 @@ pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
             }
             (ct.nat_addr, ct.nat_port)
         }
-        None => {
+        (None, Some(svc)) => {
             // SAFETY: `svc` is a live element of SERVICES for this run (the
             // map is not preallocated, so a concurrent update frees the old
             // value only after this program returns).
@@ -71,6 +70,7 @@ pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
             }
             (choice.backend.addr, choice.backend.port)
         }
+        (None, None) => return Ok(TC_ACT_UNSPEC),
     };
 
     nat::rewrite(ctx, &pkt, End::Dst, backend_addr, backend_port)?;

@@ -476,6 +476,44 @@ fn rule_changes_apply_atomically_and_old_rules_are_removed() {
 }
 
 #[test]
+fn removing_a_service_drains_it_established_flows_finish_new_ones_are_not_steered() {
+    let mut dp = dataplane("weight = \"0%\"");
+    let client = addr("10.201.0.20:40010");
+    let (_, syn) = run(
+        &mut dp,
+        Direction::Ingress,
+        &Tcp::new(client, addr(VIP), SYN),
+    );
+    dp.apply(&[]).expect("service removed");
+
+    let (verdict, data) = run(
+        &mut dp,
+        Direction::Ingress,
+        &Tcp::new(client, addr(VIP), ACK | PSH).with_payload(b"more"),
+    );
+    assert_eq!(
+        (verdict, data.dst),
+        (TC_ACT_OK, syn.dst),
+        "an established flow must finish on its backend"
+    );
+    assert_checksums(&data, "DNAT after service removal");
+    let (verdict, reply) = run(&mut dp, Direction::Egress, &Tcp::new(syn.dst, client, ACK));
+    assert_eq!(
+        (verdict, reply.src),
+        (TC_ACT_OK, addr(VIP)),
+        "its replies still come from the VIP"
+    );
+
+    let fresh = Tcp::new(addr("10.201.0.21:40011"), addr(VIP), SYN);
+    let (verdict, out) = dp.test_run(Direction::Ingress, &fresh.frame()).unwrap();
+    assert_eq!(
+        verdict, TC_ACT_UNSPEC,
+        "a new connection to a removed service is not steered"
+    );
+    assert_eq!(out, fresh.frame(), "and not modified");
+}
+
+#[test]
 fn truncated_and_garbage_packets_are_counted_not_crashed_on() {
     let mut dp = dataplane("weight = \"5%\"");
     let syn = Tcp::new(addr("10.201.0.1:40000"), addr(VIP), SYN).frame();

@@ -9,7 +9,15 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let agent = build_agent()?;
     exec(
         cargo()
-            .args(["test", "--workspace", "--exclude", "canary-ebpf", "--"])
+            // Every layer reports even when an earlier one fails.
+            .args([
+                "test",
+                "--no-fail-fast",
+                "--workspace",
+                "--exclude",
+                "canary-ebpf",
+                "--",
+            ])
             // The namespace tests measure timing-sensitive behaviour (long-lived
             // connections pinging every 10 ms); on two cores they run one at a
             // time.
