@@ -25,14 +25,6 @@ pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(pkt) = packet::parse_tcp4(ctx)? else {
         return Ok(TC_ACT_UNSPEC);
     };
-    let svc_key = ServiceKey {
-        vip: pkt.key.dst_addr,
-        port: pkt.key.dst_port,
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    };
-    let svc = SERVICES.get_ptr(&svc_key);
-
     // An existing flow keeps its backend, whatever the service says now (or
     // if it is gone: removing a service drains it). A SYN after the client's
     // FIN reuses the 5-tuple for a new connection.
@@ -40,12 +32,11 @@ pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
         .map(|e| (e, conntrack::read(e)))
         .filter(|(_, ct)| ct.flags & CT_REVERSE == 0)
         .filter(|(_, ct)| !(pkt.is_syn() && ct.flags & CT_CLIENT_FIN != 0));
-    if pkt.first_fragment && (tracked.is_some() || svc.is_some()) {
-        // The rest of the datagram has no ports and could not follow.
-        return Err(Counter::Fragment);
-    }
-    let (backend_addr, backend_port) = match (tracked, svc) {
-        (Some((entry, ct)), _) => {
+    let (backend_addr, backend_port) = match tracked {
+        Some((entry, ct)) => {
+            if pkt.first_fragment {
+                return Err(Counter::Fragment);
+            }
             if pkt.is_syn() {
                 count(Counter::SynRetransmit);
             }
@@ -54,7 +45,21 @@ pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
             }
             (ct.nat_addr, ct.nat_port)
         }
-        (None, Some(svc)) => {
+        None => {
+            // Only new flows (and conntrack misses) consult the service.
+            let svc_key = ServiceKey {
+                vip: pkt.key.dst_addr,
+                port: pkt.key.dst_port,
+                proto: IPPROTO_TCP,
+                _pad: 0,
+            };
+            let Some(svc) = SERVICES.get_ptr(&svc_key) else {
+                return Ok(TC_ACT_UNSPEC);
+            };
+            if pkt.first_fragment {
+                // The rest of the datagram has no ports and could not follow.
+                return Err(Counter::Fragment);
+            }
             // SAFETY: `svc` is a live element of SERVICES for this run (the
             // map is not preallocated, so a concurrent update frees the old
             // value only after this program returns).
@@ -70,7 +75,6 @@ pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
             }
             (choice.backend.addr, choice.backend.port)
         }
-        (None, None) => return Ok(TC_ACT_UNSPEC),
     };
 
     nat::rewrite(ctx, &pkt, End::Dst, backend_addr, backend_port)?;

@@ -40,6 +40,8 @@ type Log = Arc<(Mutex<Vec<String>>, Condvar)>;
 pub struct AgentProcess {
     child: Child,
     log: Log,
+    /// Copies the agent's stderr into `log`; ends when the agent exits.
+    reader: Option<std::thread::JoinHandle<()>>,
     dir: PathBuf,
     config: PathBuf,
 }
@@ -65,20 +67,31 @@ impl AgentProcess {
     /// must reject). Returns its exit status and log.
     pub fn run_to_exit(ns: &Netns, config: &str) -> anyhow::Result<(ExitStatus, Vec<String>)> {
         let mut agent = AgentProcess::spawn(ns, config, false)?;
-        let deadline = Instant::now() + Duration::from_secs(20);
+        match agent.wait_exit(Duration::from_secs(20))? {
+            Some(status) => Ok((status, agent.log())),
+            None => bail!(
+                "the agent kept running on a config it should reject; log:\n{}",
+                agent.log().join("\n")
+            ),
+        }
+    }
+
+    /// Waits up to `timeout` for the agent to exit; once it has, its whole
+    /// log has been collected.
+    fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = agent.child.try_wait()? {
-                // Let the reader thread drain the pipe.
-                std::thread::sleep(Duration::from_millis(50));
-                return Ok((status, agent.log()));
+            if let Some(status) = self.child.try_wait()? {
+                // The pipe closed with the process: the reader ends.
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
+                return Ok(Some(status));
             }
             if Instant::now() > deadline {
-                bail!(
-                    "the agent kept running on a config it should reject; log:\n{}",
-                    agent.log().join("\n")
-                );
+                return Ok(None);
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -116,7 +129,7 @@ impl AgentProcess {
             .ok_or_else(|| anyhow!("no stderr pipe"))?;
         let log: Log = Arc::default();
         let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 if echo {
@@ -130,6 +143,7 @@ impl AgentProcess {
         Ok(AgentProcess {
             child,
             log,
+            reader: Some(reader),
             dir,
             config: config_path,
         })
@@ -214,16 +228,9 @@ impl AgentProcess {
     /// SIGTERM, then waits (10 s at most) for a clean exit.
     pub fn stop(mut self) -> anyhow::Result<(ExitStatus, Vec<String>)> {
         self.signal(libc::SIGTERM)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                std::thread::sleep(Duration::from_millis(50));
-                return Ok((status, self.log()));
-            }
-            if Instant::now() > deadline {
-                bail!("the agent did not exit within 10 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        match self.wait_exit(Duration::from_secs(10))? {
+            Some(status) => Ok((status, self.log())),
+            None => bail!("the agent did not exit within 10 s of SIGTERM"),
         }
     }
 

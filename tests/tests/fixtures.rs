@@ -55,6 +55,11 @@ fn run(dp: &mut Dataplane, dir: Direction, seg: &Tcp) -> (i32, Parsed) {
     (verdict, parsed)
 }
 
+/// Sends a SYN from `client` to the VIP through ingress.
+fn open(dp: &mut Dataplane, client: SocketAddrV4) -> (i32, Parsed) {
+    run(dp, Direction::Ingress, &Tcp::new(client, addr(VIP), SYN))
+}
+
 fn assert_checksums(p: &Parsed, what: &str) {
     assert!(
         p.ip_csum_ok,
@@ -139,11 +144,7 @@ fn syn_to_vip_is_dnated_with_valid_checksums_and_tracked() {
 fn next_packet_after_a_weight_change_stays_on_its_backend() {
     let mut dp = dataplane("weight = \"0%\"\ncohort = \"per-connection\"");
     let client = addr("10.201.0.8:40001");
-    let (_, first) = run(
-        &mut dp,
-        Direction::Ingress,
-        &Tcp::new(client, addr(VIP), SYN),
-    );
+    let (_, first) = open(&mut dp, client);
     assert!(
         STABLE.map(addr).contains(&first.dst),
         "SYN at 0% → stable, got {}",
@@ -174,11 +175,7 @@ fn next_packet_after_a_weight_change_stays_on_its_backend() {
     );
 
     // A new connection at 100 % goes to canary.
-    let (_, fresh) = run(
-        &mut dp,
-        Direction::Ingress,
-        &Tcp::new(addr("10.201.0.8:40002"), addr(VIP), SYN),
-    );
+    let (_, fresh) = open(&mut dp, addr("10.201.0.8:40002"));
     assert_eq!(
         fresh.dst,
         addr(CANARY),
@@ -190,11 +187,7 @@ fn next_packet_after_a_weight_change_stays_on_its_backend() {
 fn backend_reply_is_rewritten_to_come_from_the_vip() {
     let mut dp = dataplane("weight = \"100%\"");
     let client = addr("10.201.0.9:40003");
-    let (_, syn) = run(
-        &mut dp,
-        Direction::Ingress,
-        &Tcp::new(client, addr(VIP), SYN),
-    );
+    let (_, syn) = open(&mut dp, client);
     assert_eq!(syn.dst, addr(CANARY));
 
     for (flags, payload) in [
@@ -261,11 +254,7 @@ fn rst_from_either_side_ends_the_flow() {
     let mut dp = dataplane("weight = \"0%\"");
     // Client RST.
     let client = addr("10.201.0.10:40004");
-    let (_, syn) = run(
-        &mut dp,
-        Direction::Ingress,
-        &Tcp::new(client, addr(VIP), SYN),
-    );
+    let (_, syn) = open(&mut dp, client);
     let (verdict, rst) = run(
         &mut dp,
         Direction::Ingress,
@@ -288,11 +277,7 @@ fn rst_from_either_side_ends_the_flow() {
 
     // Backend RST.
     let client = addr("10.201.0.11:40005");
-    let (_, syn) = run(
-        &mut dp,
-        Direction::Ingress,
-        &Tcp::new(client, addr(VIP), SYN),
-    );
+    let (_, syn) = open(&mut dp, client);
     let (verdict, rst) = run(
         &mut dp,
         Direction::Egress,
@@ -320,11 +305,7 @@ fn rst_from_either_side_ends_the_flow() {
 fn a_syn_after_the_clients_fin_is_a_new_connection() {
     let mut dp = dataplane("weight = \"0%\"\ncohort = \"per-connection\"");
     let client = addr("10.201.0.12:40006");
-    let (_, first) = run(
-        &mut dp,
-        Direction::Ingress,
-        &Tcp::new(client, addr(VIP), SYN),
-    );
+    let (_, first) = open(&mut dp, client);
     run(
         &mut dp,
         Direction::Ingress,
@@ -343,11 +324,7 @@ fn a_syn_after_the_clients_fin_is_a_new_connection() {
         "closing flow must finish on its backend"
     );
     // Port reuse: a fresh SYN on the same 5-tuple draws anew (100 % → canary).
-    let (_, reuse) = run(
-        &mut dp,
-        Direction::Ingress,
-        &Tcp::new(client, addr(VIP), SYN),
-    );
+    let (_, reuse) = open(&mut dp, client);
     assert_eq!(reuse.dst, addr(CANARY), "SYN after FIN is a new connection");
 }
 
@@ -390,21 +367,13 @@ fn conntrack_miss_reresolves_to_the_same_cohort_and_backend() {
 #[test]
 fn source_rules_decide_before_the_weight() {
     let mut dp = dataplane("weight = \"0%\"\nalways_canary = [\"10.201.5.0/24\"]");
-    let (_, staff) = run(
-        &mut dp,
-        Direction::Ingress,
-        &Tcp::new(addr("10.201.5.77:40000"), addr(VIP), SYN),
-    );
+    let (_, staff) = open(&mut dp, addr("10.201.5.77:40000"));
     assert_eq!(
         staff.dst,
         addr(CANARY),
         "always_canary client at 0% must reach canary"
     );
-    let (_, other) = run(
-        &mut dp,
-        Direction::Ingress,
-        &Tcp::new(addr("10.201.6.77:40000"), addr(VIP), SYN),
-    );
+    let (_, other) = open(&mut dp, addr("10.201.6.77:40000"));
     assert!(
         STABLE.map(addr).contains(&other.dst),
         "other clients at 0% stay stable"
@@ -414,11 +383,7 @@ fn source_rules_decide_before_the_weight() {
         dataplane("weight = \"100%\"\nnever_canary = [\"10.201.7.0/24\", \"10.201.7.128/25\"]");
     for host in [1, 200] {
         let client = addr(&format!("10.201.7.{host}:40000"));
-        let (_, vip) = run(
-            &mut dp,
-            Direction::Ingress,
-            &Tcp::new(client, addr(VIP), SYN),
-        );
+        let (_, vip) = open(&mut dp, client);
         assert!(
             STABLE.map(addr).contains(&vip.dst),
             "never_canary client {client} at 100% reached {}",
@@ -427,11 +392,7 @@ fn source_rules_decide_before_the_weight() {
         let fwd = dp.conntrack_entry(&key(client, addr(VIP))).unwrap();
         assert_eq!(fwd.cohort, COHORT_STABLE);
     }
-    let (_, other) = run(
-        &mut dp,
-        Direction::Ingress,
-        &Tcp::new(addr("10.201.8.1:40000"), addr(VIP), SYN),
-    );
+    let (_, other) = open(&mut dp, addr("10.201.8.1:40000"));
     assert_eq!(other.dst, addr(CANARY));
     let fwd = dp
         .conntrack_entry(&key(addr("10.201.8.1:40000"), addr(VIP)))
@@ -446,29 +407,17 @@ fn rule_changes_apply_atomically_and_old_rules_are_removed() {
         "weight = \"0%\"\nalways_canary = [\"10.201.6.0/24\"]",
     ))
     .unwrap();
-    let (_, old) = run(
-        &mut dp,
-        Direction::Ingress,
-        &Tcp::new(addr("10.201.5.1:40000"), addr(VIP), SYN),
-    );
+    let (_, old) = open(&mut dp, addr("10.201.5.1:40000"));
     assert!(
         STABLE.map(addr).contains(&old.dst),
         "the replaced rule still applies: {}",
         old.dst
     );
-    let (_, new) = run(
-        &mut dp,
-        Direction::Ingress,
-        &Tcp::new(addr("10.201.6.1:40000"), addr(VIP), SYN),
-    );
+    let (_, new) = open(&mut dp, addr("10.201.6.1:40000"));
     assert_eq!(new.dst, addr(CANARY), "the new rule does not apply");
     // Removing the service stops steering; the VIP becomes foreign.
     dp.apply(&[]).unwrap();
-    let (verdict, _) = run(
-        &mut dp,
-        Direction::Ingress,
-        &Tcp::new(addr("10.201.9.1:40000"), addr(VIP), SYN),
-    );
+    let (verdict, _) = open(&mut dp, addr("10.201.9.1:40000"));
     assert_eq!(
         verdict, TC_ACT_UNSPEC,
         "a removed service must not be steered"
@@ -479,11 +428,7 @@ fn rule_changes_apply_atomically_and_old_rules_are_removed() {
 fn removing_a_service_drains_it_established_flows_finish_new_ones_are_not_steered() {
     let mut dp = dataplane("weight = \"0%\"");
     let client = addr("10.201.0.20:40010");
-    let (_, syn) = run(
-        &mut dp,
-        Direction::Ingress,
-        &Tcp::new(client, addr(VIP), SYN),
-    );
+    let (_, syn) = open(&mut dp, client);
     dp.apply(&[]).expect("service removed");
 
     let (verdict, data) = run(
