@@ -4,14 +4,19 @@
 //! SIGHUP re-reads the config file and applies it all or nothing; SIGINT and
 //! SIGTERM detach from every interface and exit.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+};
 use tracing::{error, info, warn};
 
 use crate::{
     config::{Config, ConfigError},
     dataplane::{ApplyReport, Dataplane, DataplaneError, error_chain},
+    http,
+    telemetry::Exporter,
 };
 
 /// How the agent was started.
@@ -36,6 +41,15 @@ pub enum AgentError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    /// The metrics address could not be bound; nothing was attached.
+    #[error(
+        "cannot listen on metrics_addr {addr} (in use? set [agent] metrics_addr), nothing was attached"
+    )]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -46,6 +60,14 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
 
     let mut config = Config::load(&opts.config, &opts.interfaces)?;
+    // Bound before anything is attached: a taken port fails cleanly.
+    let metrics_addr = config.agent.metrics_addr;
+    let listener = TcpListener::bind(metrics_addr)
+        .await
+        .map_err(|source| AgentError::Metrics {
+            addr: metrics_addr,
+            source,
+        })?;
     let mut dp = Dataplane::load(config.agent.conntrack_capacity)?;
     let report = dp.apply(&config.services)?;
     log_services(&config, &report);
@@ -54,7 +76,15 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         dp.attach(iface)?;
         info!(interface = %iface, "attached TC ingress and egress");
     }
+    let exporter = Arc::new(Exporter::new(
+        dp.stats_source(),
+        config.agent.metrics_buckets_per_octave,
+    ));
+    let server = tokio::spawn(http::serve(listener, exporter));
+    info!(addr = %metrics_addr, "serving Prometheus metrics at /metrics");
     warn_reserved(&config);
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!(
         config = %opts.config.display(),
         services = config.services.len(),
@@ -70,10 +100,18 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
                     Err(e) => error!(error = %error_chain(&e), "config reload rejected; the previous config is still active"),
                 }
             }
+            _ = sweep.tick() => {
+                match dp.sweep_pending(config.agent.handshake_timeout) {
+                    Ok(0) => {}
+                    Ok(n) => info!(timed_out = n, "handshakes timed out"),
+                    Err(e) => warn!(error = %error_chain(&e), "handshake sweep failed"),
+                }
+            }
             _ = int.recv() => { info!("SIGINT received, shutting down"); break; }
             _ = term.recv() => { info!("SIGTERM received, shutting down"); break; }
         }
     }
+    server.abort();
     log_counters(&dp);
     let interfaces: Vec<String> = dp.attached().map(str::to_string).collect();
     dp.detach_all();
@@ -133,12 +171,19 @@ fn reload(opts: &Options, old: &Config, dp: &mut Dataplane) -> Result<Config, Re
         info!(interface = %iface, "detached");
     }
     log_services(&new, &report);
-    if old.agent.control_socket != new.agent.control_socket
-        || old.agent.metrics_addr != new.agent.metrics_addr
-        || old.agent.conntrack_capacity != new.agent.conntrack_capacity
-    {
+    // Interfaces and handshake_timeout apply now; the rest is bound at start.
+    let restart_only = |c: &Config| {
+        (
+            c.agent.control_socket.clone(),
+            c.agent.metrics_addr,
+            c.agent.metrics_buckets_per_octave,
+            c.agent.conntrack_capacity,
+        )
+    };
+    if restart_only(old) != restart_only(&new) {
         warn!(
-            "control_socket, metrics_addr and conntrack_capacity take effect at the next restart"
+            "control_socket, metrics_addr, metrics_buckets_per_octave and conntrack_capacity \
+             changes take effect at the next restart"
         );
     }
     info!(
@@ -175,8 +220,7 @@ fn warn_reserved(config: &Config) {
     // Accepted so configs written for later releases validate today.
     info!(
         control_socket = %config.agent.control_socket.display(),
-        metrics_addr = %config.agent.metrics_addr,
-        "control socket and metrics exporter are not built yet; these settings are reserved"
+        "the control socket (canaryctl) is not built yet; this setting is reserved"
     );
 }
 

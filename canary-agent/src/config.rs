@@ -11,6 +11,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     str::FromStr,
+    time::Duration,
 };
 
 use canary_common::{
@@ -22,8 +23,13 @@ use serde::Deserialize;
 
 /// Default path of the control socket (used by `canaryctl`, not built yet).
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/canary/control.sock";
-/// Default Prometheus listen address (the exporter is not built yet).
+/// Default Prometheus listen address.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
+/// Default time a SYN may wait for its SYN-ACK before the connection counts
+/// as failed (`reason="timeout"`). The client's first SYN retry comes at 1 s.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default exported histogram resolution (buckets per doubling).
+pub const DEFAULT_BUCKETS_PER_OCTAVE: u32 = 4;
 /// Conntrack capacity bounds (entries; two per flow).
 pub const MIN_CONNTRACK_CAPACITY: u32 = 1024;
 /// See [`MIN_CONNTRACK_CAPACITY`].
@@ -229,10 +235,14 @@ pub struct AgentConfig {
     pub interfaces: Vec<String>,
     /// Control socket path (reserved for `canaryctl`, not built yet).
     pub control_socket: PathBuf,
-    /// Prometheus listen address (reserved, the exporter is not built yet).
+    /// Prometheus listen address (`GET /metrics`).
     pub metrics_addr: SocketAddr,
+    /// Exported histogram buckets per doubling: 1, 2, 4, 8 or 16.
+    pub metrics_buckets_per_octave: u32,
     /// Conntrack capacity in entries (two per flow).
     pub conntrack_capacity: u32,
+    /// A handshake not completed within this counts as failed.
+    pub handshake_timeout: Duration,
 }
 
 /// One validated service.
@@ -281,7 +291,9 @@ struct RawAgent {
     interfaces: Vec<String>,
     control_socket: Option<PathBuf>,
     metrics_addr: Option<String>,
+    metrics_buckets_per_octave: Option<u32>,
     conntrack_capacity: Option<u32>,
+    handshake_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -405,14 +417,63 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
             ),
         ));
     }
+    let metrics_buckets_per_octave = raw
+        .metrics_buckets_per_octave
+        .unwrap_or(DEFAULT_BUCKETS_PER_OCTAVE);
+    if ![1, 2, 4, 8, 16].contains(&metrics_buckets_per_octave) {
+        return Err(invalid(
+            S,
+            "metrics_buckets_per_octave",
+            metrics_buckets_per_octave,
+            "must be 1, 2, 4, 8 or 16 (exported histogram buckets per doubling)",
+        ));
+    }
+    let handshake_timeout = match raw.handshake_timeout.as_deref() {
+        None => DEFAULT_HANDSHAKE_TIMEOUT,
+        Some(text) => match parse_duration(text) {
+            Some(d) if (Duration::from_millis(100)..=Duration::from_secs(120)).contains(&d) => d,
+            Some(_) => {
+                return Err(invalid(
+                    S,
+                    "handshake_timeout",
+                    quoted(text),
+                    "must be between 100ms and 120s",
+                ));
+            }
+            None => {
+                return Err(invalid(
+                    S,
+                    "handshake_timeout",
+                    quoted(text),
+                    "not a duration; write it like \"3s\" or \"500ms\"",
+                ));
+            }
+        },
+    };
     Ok(AgentConfig {
         interfaces: raw.interfaces,
         control_socket: raw
             .control_socket
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
         metrics_addr,
+        metrics_buckets_per_octave,
         conntrack_capacity,
+        handshake_timeout,
     })
+}
+
+/// "500ms", "3s", "1.5s" → a duration.
+fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        return None;
+    };
+    let value: f64 = number.trim().parse().ok()?;
+    (value.is_finite() && value >= 0.0).then(|| Duration::from_secs_f64(value * scale))
 }
 
 /// Whether `name` is a network interface in this network namespace.
@@ -978,6 +1039,32 @@ never_canary = []
     }
 
     #[test]
+    fn handshake_timeout_and_bucket_resolution_are_validated() {
+        let c = parse(&GOOD.replace(
+            "[agent]",
+            "[agent]\nhandshake_timeout = \"500ms\"\nmetrics_buckets_per_octave = 16",
+        ))
+        .unwrap();
+        assert_eq!(c.agent.handshake_timeout, Duration::from_millis(500));
+        assert_eq!(c.agent.metrics_buckets_per_octave, 16);
+        let msg =
+            error_text(&GOOD.replace("[agent]", "[agent]\nhandshake_timeout = \"3 minutes\""));
+        assert!(
+            msg.contains(
+                "[agent]: handshake_timeout = \"3 minutes\": not a duration; write it like \"3s\""
+            ),
+            "{msg}"
+        );
+        let msg = error_text(&GOOD.replace("[agent]", "[agent]\nhandshake_timeout = \"10ms\""));
+        assert!(msg.contains("must be between 100ms and 120s"), "{msg}");
+        let msg = error_text(&GOOD.replace("[agent]", "[agent]\nmetrics_buckets_per_octave = 3"));
+        assert!(
+            msg.contains("[agent]: metrics_buckets_per_octave = 3: must be 1, 2, 4, 8 or 16"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn conntrack_capacity_is_bounded() {
         let msg = error_text(&GOOD.replace("[agent]", "[agent]\nconntrack_capacity = 10"));
         assert!(
@@ -994,6 +1081,11 @@ never_canary = []
             PathBuf::from(DEFAULT_CONTROL_SOCKET)
         );
         assert_eq!(c.agent.metrics_addr.to_string(), DEFAULT_METRICS_ADDR);
+        assert_eq!(c.agent.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+        assert_eq!(
+            c.agent.metrics_buckets_per_octave,
+            DEFAULT_BUCKETS_PER_OCTAVE
+        );
         let s = &c.services[0];
         assert_eq!(s.weight.ppm(), 0);
         assert_eq!(s.cohort, CohortMode::Sticky);

@@ -7,13 +7,15 @@
 //! is undone, so the data plane keeps the previous config whole.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, VecDeque},
     net::{Ipv4Addr, SocketAddrV4},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuValues, lpm_trie::Key},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
         tc::SchedClassifierLinkId,
@@ -22,16 +24,21 @@ use aya::{
 use canary_common::{
     IPPROTO_TCP,
     counters::Counter,
-    flow::{CtEntry, FlowKey},
+    flow::{CtEntry, FlowKey, PendingSyn},
     names,
     service::{
-        Backend, MAX_BACKENDS, MODE_PER_CONNECTION, MODE_STICKY, RULE_ALWAYS_CANARY,
-        RULE_NEVER_CANARY, RULE_SET_BITS, RuleKey, ServiceKey, ServiceValue,
+        Backend, COHORT_CANARY, COHORT_STABLE, MAX_BACKENDS, MAX_STATS_SLOTS, MODE_PER_CONNECTION,
+        MODE_STICKY, RULE_ALWAYS_CANARY, RULE_NEVER_CANARY, RULE_SET_BITS, RuleKey, ServiceKey,
+        ServiceValue,
     },
+    stats::{BackendCounters, CohortHistograms, histogram_key},
 };
 use tracing::warn;
 
-use crate::config::{CohortMode, ServiceConfig};
+use crate::{
+    config::{CohortMode, ServiceConfig},
+    telemetry::{BackendView, ServiceView, Snapshot, StatsSource},
+};
 
 /// The compiled eBPF object, embedded at build time by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/canary"));
@@ -65,6 +72,12 @@ pub enum DataplaneError {
         #[source]
         source: Box<ProgramError>,
     },
+    /// The number of possible CPUs could not be read.
+    #[error("cannot read the number of possible CPUs")]
+    Cpus(#[source] std::io::Error),
+    /// More backends across all services than `STATS` has slots.
+    #[error("{wanted} backend stats slots needed, {available} available; at most {max} backends across all services", max = MAX_STATS_SLOTS - 1)]
+    SlotsExhausted { wanted: usize, available: usize },
     /// A map operation failed.
     #[error("map {map}: {action}")]
     Map {
@@ -120,6 +133,7 @@ struct Installed {
 /// One undoable step of an apply.
 enum Undo {
     RemoveRule(Key<RuleKey>),
+    RemoveHistograms(u32),
     RestoreService(ServiceKey, Option<Box<ServiceValue>>),
 }
 
@@ -140,7 +154,18 @@ pub struct Dataplane {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     rules: LpmTrie<MapData, RuleKey, u32>,
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
-    counters: PerCpuArray<MapData, u64>,
+    pending: HashMap<MapData, FlowKey, PendingSyn>,
+    /// Stats maps and labels, shared with the exporter.
+    stats: Arc<Mutex<StatsSource>>,
+    /// Stats slot of each (service, cohort, backend), stable while the
+    /// backend stays configured.
+    slots: BTreeMap<(String, u8, SocketAddrV4), u16>,
+    /// Released slots, reused oldest first (late reuse keeps draining flows'
+    /// counts with their old backend as long as possible).
+    free_slots: VecDeque<u16>,
+    next_slot: u16,
+    /// Possible CPUs: the length of every per-CPU value.
+    ncpus: usize,
     links: BTreeMap<String, Vec<(Direction, SchedClassifierLinkId)>>,
     installed: BTreeMap<String, Installed>,
     svc_ids: BTreeMap<String, u32>,
@@ -166,11 +191,23 @@ impl Dataplane {
                     source: Box::new(source),
                 })?;
         }
+        let stats = StatsSource {
+            stats: take_map(&mut ebpf, names::STATS)?,
+            histograms: take_map(&mut ebpf, names::HISTOGRAMS)?,
+            counters: take_map(&mut ebpf, names::COUNTERS)?,
+            view: Vec::new(),
+            timeouts: StdHashMap::new(),
+        };
         Ok(Dataplane {
             services: take_map(&mut ebpf, names::SERVICES)?,
             rules: take_map(&mut ebpf, names::RULES)?,
             conntrack: take_map(&mut ebpf, names::CONNTRACK)?,
-            counters: take_map(&mut ebpf, names::COUNTERS)?,
+            pending: take_map(&mut ebpf, names::PENDING)?,
+            stats: Arc::new(Mutex::new(stats)),
+            slots: BTreeMap::new(),
+            free_slots: VecDeque::new(),
+            next_slot: 1,
+            ncpus: aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?,
             ebpf,
             links: BTreeMap::new(),
             installed: BTreeMap::new(),
@@ -250,6 +287,7 @@ impl Dataplane {
     /// new flows see the new weights, rules and backends.
     pub fn apply(&mut self, services: &[ServiceConfig]) -> Result<ApplyReport, DataplaneError> {
         let mut report = ApplyReport::default();
+        let slots = self.assign_slots(services)?;
         let mut wanted: BTreeMap<String, Installed> = BTreeMap::new();
         let mut next_svc_id = self.next_svc_id;
         let mut next_rule_set = self.next_rule_set;
@@ -282,7 +320,12 @@ impl Dataplane {
                 .collect();
             let installed = Installed {
                 key: service_key(svc.vip),
-                value: service_value(svc, svc_id, rule_set),
+                value: service_value(svc, svc_id, rule_set, |cohort, addr| {
+                    slots
+                        .get(&(svc.name.clone(), cohort, addr))
+                        .copied()
+                        .unwrap_or(0)
+                }),
                 rules,
             };
             match old {
@@ -302,10 +345,11 @@ impl Dataplane {
             .collect();
 
         let mut journal = Vec::new();
-        if let Err(e) = self.write(&wanted, &mut journal) {
+        if let Err(e) = self.write(&wanted, &slots, &mut journal) {
             self.undo(journal);
             return Err(e);
         }
+        self.commit_stats(services, &wanted, slots);
 
         // Committed: forget rule sets nothing points at any more.
         let live: BTreeSet<u32> = wanted.values().map(|s| s.value.rule_set).collect();
@@ -329,8 +373,52 @@ impl Dataplane {
     fn write(
         &mut self,
         wanted: &BTreeMap<String, Installed>,
+        slots: &BTreeMap<(String, u8, SocketAddrV4), u16>,
         journal: &mut Vec<Undo>,
     ) -> Result<(), DataplaneError> {
+        // 0. Zeroed counters in newly assigned slots (a reused slot must not
+        //    carry its previous backend's counts) and histograms for new
+        //    services, before any service value points at them.
+        {
+            let mut stats = lock(&self.stats);
+            let held: BTreeSet<u16> = self.slots.values().copied().collect();
+            for &slot in slots.values().filter(|s| !held.contains(s)) {
+                let zeros = PerCpuValues::try_from(vec![BackendCounters::default(); self.ncpus])
+                    .map_err(|e| {
+                        map_error(
+                            names::STATS,
+                            "zero a slot".to_string(),
+                            MapError::IoError(e),
+                        )
+                    })?;
+                stats
+                    .stats
+                    .set(u32::from(slot), zeros, 0)
+                    .map_err(|source| {
+                        map_error(names::STATS, format!("zero slot {slot}"), source)
+                    })?;
+                stats.timeouts.remove(&slot);
+            }
+            for (name, svc) in wanted {
+                for cohort in [COHORT_STABLE, COHORT_CANARY] {
+                    let key = histogram_key(svc.value.svc_id, cohort);
+                    if stats.histograms.get(&key, 0).is_ok() {
+                        continue;
+                    }
+                    stats
+                        .histograms
+                        .insert(key, CohortHistograms::default(), 0)
+                        .map_err(|source| {
+                            map_error(
+                                names::HISTOGRAMS,
+                                format!("create histograms of service {name}"),
+                                source,
+                            )
+                        })?;
+                    journal.push(Undo::RemoveHistograms(key));
+                }
+            }
+        }
         // 1. New rule sets, beside the old ones (nothing points at them yet).
         for (name, svc) in wanted {
             let reused = self
@@ -387,6 +475,7 @@ impl Dataplane {
         for step in journal.into_iter().rev() {
             let result = match step {
                 Undo::RemoveRule(key) => self.rules.remove(&key),
+                Undo::RemoveHistograms(key) => lock(&self.stats).histograms.remove(&key),
                 Undo::RestoreService(key, Some(value)) => self.services.insert(key, *value, 0),
                 Undo::RestoreService(key, None) => self.services.remove(&key),
             };
@@ -398,15 +487,169 @@ impl Dataplane {
 
     /// The data-plane counters summed over CPUs, in [`Counter::ALL`] order.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>, DataplaneError> {
+        let stats = lock(&self.stats);
         Counter::ALL
             .iter()
             .map(|&c| {
-                let values = self.counters.get(&(c as u32), 0).map_err(|source| {
+                let values = stats.counters.get(&(c as u32), 0).map_err(|source| {
                     map_error(names::COUNTERS, format!("read {}", c.name()), source)
                 })?;
                 Ok((c, values.iter().sum()))
             })
             .collect()
+    }
+
+    /// Slots for every backend of `services`: a backend keeps its slot;
+    /// new ones come from the free list, then from unused indices. Nothing is
+    /// recorded until the apply commits.
+    fn assign_slots(
+        &self,
+        services: &[ServiceConfig],
+    ) -> Result<BTreeMap<(String, u8, SocketAddrV4), u16>, DataplaneError> {
+        let mut assigned = BTreeMap::new();
+        let mut free = self.free_slots.clone();
+        let mut next = self.next_slot;
+        let total: usize = services
+            .iter()
+            .map(|s| s.stable.len() + s.canary.len())
+            .sum();
+        for svc in services {
+            for (cohort, list) in [(COHORT_STABLE, &svc.stable), (COHORT_CANARY, &svc.canary)] {
+                for addr in list {
+                    let key = (svc.name.clone(), cohort, *addr);
+                    let slot = match self.slots.get(&key) {
+                        Some(&slot) => slot,
+                        None => match free.pop_front() {
+                            Some(slot) => slot,
+                            None if u32::from(next) < MAX_STATS_SLOTS => {
+                                next += 1;
+                                next - 1
+                            }
+                            None => {
+                                return Err(DataplaneError::SlotsExhausted {
+                                    wanted: total,
+                                    available: MAX_STATS_SLOTS as usize - 1,
+                                });
+                            }
+                        },
+                    };
+                    assigned.insert(key, slot);
+                }
+            }
+        }
+        Ok(assigned)
+    }
+
+    /// After a successful write: record slot ownership, release the slots
+    /// and histograms of what is gone, and publish the labels.
+    fn commit_stats(
+        &mut self,
+        services: &[ServiceConfig],
+        wanted: &BTreeMap<String, Installed>,
+        slots: BTreeMap<(String, u8, SocketAddrV4), u16>,
+    ) {
+        let in_use: BTreeSet<u16> = slots.values().copied().collect();
+        self.free_slots.retain(|s| !in_use.contains(s));
+        for (key, slot) in &self.slots {
+            if !slots.contains_key(key) && !in_use.contains(slot) {
+                self.free_slots.push_back(*slot);
+            }
+        }
+        if let Some(max) = in_use.iter().max() {
+            self.next_slot = self.next_slot.max(max + 1);
+        }
+        self.slots = slots;
+
+        let view = services
+            .iter()
+            .map(|svc| {
+                let backends = [(COHORT_STABLE, &svc.stable), (COHORT_CANARY, &svc.canary)]
+                    .into_iter()
+                    .flat_map(|(cohort, list)| list.iter().map(move |addr| (cohort, *addr)))
+                    .map(|(cohort, addr)| BackendView {
+                        cohort,
+                        addr,
+                        slot: self
+                            .slots
+                            .get(&(svc.name.clone(), cohort, addr))
+                            .copied()
+                            .unwrap_or(0),
+                    })
+                    .collect();
+                ServiceView {
+                    name: svc.name.clone(),
+                    svc_id: wanted.get(&svc.name).map(|i| i.value.svc_id).unwrap_or(0),
+                    weight_ratio: f64::from(svc.weight.ppm()) / 1e6,
+                    backends,
+                }
+            })
+            .collect();
+        let mut stats = lock(&self.stats);
+        stats.view = view;
+        // Histograms of removed services go; flows still draining count as
+        // `unattributed` from here on.
+        for (name, old) in &self.installed {
+            if !wanted.contains_key(name) {
+                for cohort in [COHORT_STABLE, COHORT_CANARY] {
+                    let _ = stats
+                        .histograms
+                        .remove(&histogram_key(old.value.svc_id, cohort));
+                }
+            }
+        }
+    }
+
+    /// The stats maps and labels, for the exporter.
+    pub fn stats_source(&self) -> Arc<Mutex<StatsSource>> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Every counter and histogram now.
+    pub fn snapshot(&self) -> Result<Snapshot, DataplaneError> {
+        lock(&self.stats)
+            .snapshot()
+            .map_err(|source| map_error(names::STATS, "read".to_string(), source))
+    }
+
+    /// Counts handshakes older than `timeout` as timed out and removes their
+    /// flows, so the connection no longer counts as active (a late packet of
+    /// it is re-resolved like any conntrack miss). Returns how many.
+    pub fn sweep_pending(&mut self, timeout: Duration) -> Result<u64, DataplaneError> {
+        let now = monotonic_ns();
+        let limit = timeout.as_nanos() as u64;
+        let keys: Vec<FlowKey> = self.pending.keys().filter_map(Result::ok).collect();
+        let mut expired = 0;
+        for key in keys {
+            let Ok(p) = self.pending.get(&key, 0) else {
+                continue;
+            };
+            if now.saturating_sub(p.syn_ns) < limit {
+                continue;
+            }
+            // Removed first: if the kernel removed it meanwhile (SYN-ACK
+            // just arrived), the handshake completed and is not a timeout.
+            if self.pending.remove(&key).is_err() {
+                continue;
+            }
+            if let Ok(fwd) = self.conntrack.get(&key, 0) {
+                let reverse = FlowKey {
+                    src_addr: fwd.nat_addr,
+                    dst_addr: key.src_addr,
+                    src_port: fwd.nat_port,
+                    dst_port: key.src_port,
+                    proto: key.proto,
+                    _pad: [0; 3],
+                };
+                let _ = self.conntrack.remove(&key);
+                let _ = self.conntrack.remove(&reverse);
+            }
+            *lock(&self.stats)
+                .timeouts
+                .entry(p.stats_slot as u16)
+                .or_default() += 1;
+            expired += 1;
+        }
+        Ok(expired)
     }
 
     /// The conntrack entry for `key`, if any.
@@ -508,7 +751,12 @@ pub fn service_key(vip: SocketAddrV4) -> ServiceKey {
 }
 
 /// The `SERVICES` value of a service.
-pub fn service_value(svc: &ServiceConfig, svc_id: u32, rule_set: u32) -> ServiceValue {
+pub fn service_value(
+    svc: &ServiceConfig,
+    svc_id: u32,
+    rule_set: u32,
+    slot_of: impl Fn(u8, SocketAddrV4) -> u16,
+) -> ServiceValue {
     let mut value = ServiceValue {
         svc_id,
         weight_ppm: svc.weight.ppm(),
@@ -525,21 +773,38 @@ pub fn service_value(svc: &ServiceConfig, svc_id: u32, rule_set: u32) -> Service
         stable: [Backend::default(); MAX_BACKENDS],
         canary: [Backend::default(); MAX_BACKENDS],
     };
-    for (slot, addr) in value.stable.iter_mut().zip(&svc.stable) {
-        *slot = backend(*addr);
+    for (entry, addr) in value.stable.iter_mut().zip(&svc.stable) {
+        *entry = backend(*addr, slot_of(COHORT_STABLE, *addr));
     }
-    for (slot, addr) in value.canary.iter_mut().zip(&svc.canary) {
-        *slot = backend(*addr);
+    for (entry, addr) in value.canary.iter_mut().zip(&svc.canary) {
+        *entry = backend(*addr, slot_of(COHORT_CANARY, *addr));
     }
     value
 }
 
-fn backend(addr: SocketAddrV4) -> Backend {
+fn backend(addr: SocketAddrV4, stats_slot: u16) -> Backend {
     Backend {
         addr: be_addr(*addr.ip()),
         port: addr.port().to_be(),
-        _pad: 0,
+        stats_slot,
     }
+}
+
+fn lock(stats: &Mutex<StatsSource>) -> MutexGuard<'_, StatsSource> {
+    // A panic while holding the lock cannot leave the maps inconsistent
+    // (they live in the kernel), so a poisoned lock is still usable.
+    stats.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// An address as the data plane reads it from a packet (network order).

@@ -5,3 +5,5 @@
 pub mod agent;
 pub mod config;
 pub mod dataplane;
+pub mod http;
+pub mod telemetry;

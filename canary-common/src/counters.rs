@@ -28,11 +28,14 @@ pub enum Counter {
     RewriteFailed,
     /// A conntrack insert failed; the flow still re-resolves per packet.
     CtInsertFailed,
+    /// A measurement had no stats slot or histogram to go to (its service
+    /// or backend was removed while the flow was open).
+    Unattributed,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 12] = [
         Counter::NewFlow,
         Counter::CtMiss,
         Counter::SynRetransmit,
@@ -44,6 +47,7 @@ impl Counter {
         Counter::NoBackend,
         Counter::RewriteFailed,
         Counter::CtInsertFailed,
+        Counter::Unattributed,
     ];
 
     /// Number of slots in the `COUNTERS` map.
@@ -63,6 +67,7 @@ impl Counter {
             Counter::NoBackend => "no_backend",
             Counter::RewriteFailed => "rewrite_failed",
             Counter::CtInsertFailed => "ct_insert_failed",
+            Counter::Unattributed => "unattributed",
         }
     }
 
@@ -70,7 +75,11 @@ impl Counter {
     pub const fn is_error(self) -> bool {
         !matches!(
             self,
-            Counter::NewFlow | Counter::CtMiss | Counter::SynRetransmit | Counter::RstClosed
+            Counter::NewFlow
+                | Counter::CtMiss
+                | Counter::SynRetransmit
+                | Counter::RstClosed
+                | Counter::Unattributed
         )
     }
 }

@@ -13,6 +13,7 @@ pub mod cohort;
 pub mod counters;
 pub mod flow;
 pub mod service;
+pub mod stats;
 
 /// Names of the eBPF maps and programs, as they appear in the object file.
 pub mod names {
@@ -24,6 +25,12 @@ pub mod names {
     pub const CONNTRACK: &str = "CONNTRACK";
     /// Data-plane counters, see [`crate::counters::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
+    /// Per-backend-slot counters, see [`crate::stats::BackendCounters`].
+    pub const STATS: &str = "STATS";
+    /// Per service × cohort histograms, see [`crate::stats::CohortHistograms`].
+    pub const HISTOGRAMS: &str = "HISTOGRAMS";
+    /// SYNs awaiting their SYN-ACK, see [`crate::flow::PendingSyn`].
+    pub const PENDING: &str = "PENDING";
     /// TC program for packets arriving from clients.
     pub const PROG_TC_INGRESS: &str = "canary_tc_ingress";
     /// TC program for replies leaving towards clients.

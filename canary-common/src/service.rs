@@ -45,8 +45,13 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 pub struct Backend {
     pub addr: u32,
     pub port: u16,
-    pub _pad: u16,
+    /// Index into `STATS` where this backend's counters live.
+    pub stats_slot: u16,
 }
+
+/// Capacity of `STATS`: one slot per service × cohort × backend; slot 0 is
+/// never assigned.
+pub const MAX_STATS_SLOTS: u32 = 16_384;
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 
 /// `SERVICES` value: everything the data plane needs to steer a new flow.

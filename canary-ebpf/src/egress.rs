@@ -1,4 +1,6 @@
-//! Backend → client replies: source back to VIP:port.
+//! Backend → client replies: source back to VIP:port, and the backend's
+//! side of the measurements (handshake and first-byte times, refusals,
+//! resets, close).
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_UNSPEC},
@@ -6,14 +8,18 @@ use aya_ebpf::{
 };
 use canary_common::{
     counters::Counter,
-    flow::{CT_BACKEND_FIN, CT_REVERSE, FlowKey},
+    flow::{
+        CT_REOPENED, CT_REVERSE, FlowKey, ST_BACKEND_FIN, ST_CLIENT_FIN, ST_HANDSHAKE, ST_REQUEST,
+        ST_RESPONSE,
+    },
 };
 
 use crate::{
     conntrack,
+    maps::PENDING,
     nat::{self, End},
-    packet::{self, TCP_FIN, TCP_RST},
-    stats::count,
+    packet::{self, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats::{self, Latency, count},
 };
 
 #[inline(always)]
@@ -21,28 +27,95 @@ pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(pkt) = packet::parse_tcp4(ctx)? else {
         return Ok(TC_ACT_UNSPEC);
     };
-    let Some(entry) = conntrack::lookup(&pkt.key) else {
+    let Some(rev_entry) = conntrack::lookup(&pkt.key) else {
         return Ok(TC_ACT_UNSPEC);
     };
-    let ct = conntrack::read(entry);
-    if ct.flags & CT_REVERSE == 0 {
+    let rev = rev_entry.read();
+    if rev.flags & CT_REVERSE == 0 {
         return Ok(TC_ACT_UNSPEC);
     }
-    if pkt.has(TCP_FIN) {
-        conntrack::mark(entry, CT_BACKEND_FIN);
+    let now = conntrack::now();
+    if let Some(c) = stats::backend(rev.stats_slot) {
+        c.packets_from_backend += 1;
+        c.bytes_from_backend += u64::from(pkt.payload_len);
     }
-    nat::rewrite(ctx, &pkt, End::Src, ct.nat_addr, ct.nat_port)?;
-    if pkt.has(TCP_RST) {
-        let forward = FlowKey {
+
+    // The forward entry holds the flow's state; read it only on the events
+    // that need it (the reverse entry mirrors the bits checked per packet).
+    let syn_ack = pkt.has(TCP_SYN) && pkt.has(TCP_ACK) && rev.state & ST_HANDSHAKE == 0;
+    let response = pkt.payload_len > 0 && rev.state & ST_RESPONSE == 0;
+    if syn_ack || response || pkt.has(TCP_FIN) || pkt.has(TCP_RST) {
+        let fwd_key = FlowKey {
             src_addr: pkt.key.dst_addr,
-            dst_addr: ct.nat_addr,
+            dst_addr: rev.nat_addr,
             src_port: pkt.key.dst_port,
-            dst_port: ct.nat_port,
+            dst_port: rev.nat_port,
             proto: pkt.key.proto,
             _pad: [0; 3],
         };
-        conntrack::remove(&forward, pkt.key.src_addr, pkt.key.src_port);
-        count(Counter::RstClosed);
+        let fwd = conntrack::lookup(&fwd_key);
+        let timed = rev.flags & CT_REOPENED == 0;
+        if syn_ack && rev_entry.set_state(ST_HANDSHAKE) & ST_HANDSHAKE == 0 {
+            let _ = PENDING.remove(&fwd_key);
+            if let Some(fwd) = fwd {
+                fwd.set_state(ST_HANDSHAKE);
+                if timed {
+                    let ct = fwd.read();
+                    stats::observe(
+                        ct.svc_id,
+                        ct.cohort,
+                        Latency::Handshake,
+                        now - ct.created_ns,
+                    );
+                }
+            }
+        }
+        if response && let Some(fwd) = fwd {
+            // First-byte time runs from the client's first payload; bytes a
+            // server sends first (a greeting) do not end it.
+            let ct = fwd.read();
+            if ct.state & ST_REQUEST != 0 && ct.request_ns != 0 {
+                if rev_entry.set_state(ST_RESPONSE) & ST_RESPONSE == 0 && timed {
+                    fwd.set_state(ST_RESPONSE);
+                    stats::observe(
+                        ct.svc_id,
+                        ct.cohort,
+                        Latency::FirstByte,
+                        now - ct.request_ns,
+                    );
+                }
+            } else if !timed {
+                // Re-resolved flows are not timed: stop looking.
+                rev_entry.set_state(ST_RESPONSE);
+            }
+        }
+        if pkt.has(TCP_FIN)
+            && let Some(fwd) = fwd
+            && fwd.set_state(ST_BACKEND_FIN) & ST_CLIENT_FIN != 0
+        {
+            conntrack::close(fwd, true, now);
+        }
+        if pkt.has(TCP_RST) {
+            // A RST before the handshake completed refuses the connection.
+            let refused = fwd.is_some_and(|f| f.read().state & ST_HANDSHAKE == 0);
+            if let Some(c) = stats::backend(rev.stats_slot) {
+                if refused {
+                    c.refused += 1;
+                } else {
+                    c.resets_from_backend += 1;
+                }
+            }
+            if let Some(fwd) = fwd {
+                conntrack::close(fwd, !refused, now);
+            }
+        }
+        if pkt.has(TCP_RST) {
+            nat::rewrite(ctx, &pkt, End::Src, rev.nat_addr, rev.nat_port)?;
+            conntrack::remove(&fwd_key, pkt.key.src_addr, pkt.key.src_port);
+            count(Counter::RstClosed);
+            return Ok(TC_ACT_OK);
+        }
     }
+    nat::rewrite(ctx, &pkt, End::Src, rev.nat_addr, rev.nat_port)?;
     Ok(TC_ACT_OK)
 }

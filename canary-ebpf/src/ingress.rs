@@ -1,4 +1,5 @@
-//! Client → VIP: steer new flows, DNAT every packet of a flow.
+//! Client → VIP: steer new flows, DNAT every packet of a flow, and measure
+//! the client's side of it.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_UNSPEC},
@@ -7,16 +8,16 @@ use aya_ebpf::{
 use canary_common::{
     IPPROTO_TCP,
     counters::Counter,
-    flow::{CT_CLIENT_FIN, CT_REVERSE},
+    flow::{CT_REVERSE, ST_BACKEND_FIN, ST_CLIENT_FIN, ST_REQUEST, ST_SYN_RETRIED},
     service::ServiceKey,
 };
 
 use crate::{
-    conntrack,
+    conntrack::{self, Entry},
     maps::SERVICES,
     nat::{self, End},
     packet::{self, TCP_FIN, TCP_RST},
-    stats::count,
+    stats::{self, count},
     steer,
 };
 
@@ -25,25 +26,38 @@ pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(pkt) = packet::parse_tcp4(ctx)? else {
         return Ok(TC_ACT_UNSPEC);
     };
+    let now = conntrack::now();
+
     // An existing flow keeps its backend, whatever the service says now (or
     // if it is gone: removing a service drains it). A SYN after the client's
     // FIN reuses the 5-tuple for a new connection.
     let tracked = conntrack::lookup(&pkt.key)
-        .map(|e| (e, conntrack::read(e)))
+        .map(|e| (e, e.read()))
         .filter(|(_, ct)| ct.flags & CT_REVERSE == 0)
-        .filter(|(_, ct)| !(pkt.is_syn() && ct.flags & CT_CLIENT_FIN != 0));
-    let (backend_addr, backend_port) = match tracked {
+        .filter(|(_, ct)| !(pkt.is_syn() && ct.state & ST_CLIENT_FIN != 0));
+    let (entry, backend_addr, backend_port, slot): (Option<Entry>, u32, u16, u32) = match tracked {
         Some((entry, ct)) => {
             if pkt.first_fragment {
                 return Err(Counter::Fragment);
             }
             if pkt.is_syn() {
                 count(Counter::SynRetransmit);
+                if entry.set_state(ST_SYN_RETRIED) & ST_SYN_RETRIED == 0
+                    && let Some(c) = stats::backend(ct.stats_slot)
+                {
+                    c.syn_retried += 1;
+                }
             }
-            if pkt.has(TCP_FIN) {
-                conntrack::mark(entry, CT_CLIENT_FIN);
+            if pkt.payload_len > 0
+                && ct.state & ST_REQUEST == 0
+                && entry.set_state(ST_REQUEST) & ST_REQUEST == 0
+            {
+                entry.set_request_ns(now);
             }
-            (ct.nat_addr, ct.nat_port)
+            if pkt.has(TCP_FIN) && entry.set_state(ST_CLIENT_FIN) & ST_BACKEND_FIN != 0 {
+                conntrack::close(entry, true, now);
+            }
+            (Some(entry), ct.nat_addr, ct.nat_port, ct.stats_slot)
         }
         None => {
             // Only new flows (and conntrack misses) consult the service.
@@ -65,20 +79,39 @@ pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
             // value only after this program returns).
             let svc = unsafe { &*svc };
             let choice = steer::choose(svc, &pkt.key)?;
-            if pkt.is_syn() {
-                count(Counter::NewFlow);
+            let slot = u32::from(choice.backend.stats_slot);
+            let syn = pkt.is_syn();
+            if let Some(c) = stats::backend(slot) {
+                if syn {
+                    c.connections += 1;
+                } else if !pkt.has(TCP_RST) {
+                    c.reopened += 1;
+                }
+            }
+            count(if syn {
+                Counter::NewFlow
             } else {
-                count(Counter::CtMiss);
-            }
+                Counter::CtMiss
+            });
             if !pkt.has(TCP_RST) {
-                conntrack::create(&pkt.key, svc.svc_id, &choice);
+                conntrack::create(&pkt.key, svc.svc_id, &choice, syn, now);
             }
-            (choice.backend.addr, choice.backend.port)
+            (None, choice.backend.addr, choice.backend.port, slot)
         }
     };
+    if let Some(c) = stats::backend(slot) {
+        c.packets_from_client += 1;
+        c.bytes_from_client += u64::from(pkt.payload_len);
+        if pkt.has(TCP_RST) {
+            c.resets_from_client += 1;
+        }
+    }
 
     nat::rewrite(ctx, &pkt, End::Dst, backend_addr, backend_port)?;
     if pkt.has(TCP_RST) {
+        if let Some(entry) = entry {
+            conntrack::close(entry, true, now);
+        }
         conntrack::remove(&pkt.key, backend_addr, backend_port);
         count(Counter::RstClosed);
     }

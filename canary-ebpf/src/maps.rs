@@ -7,29 +7,49 @@ use aya_ebpf::{
 };
 use canary_common::{
     counters::Counter,
-    flow::{CtEntry, FlowKey},
-    service::{RuleKey, ServiceKey, ServiceValue},
+    flow::{CT_DEFAULT_CAPACITY, CtEntry, FlowKey, PENDING_CAPACITY, PendingSyn},
+    service::{MAX_RULES, MAX_SERVICES, MAX_STATS_SLOTS, RuleKey, ServiceKey, ServiceValue},
+    stats::{BackendCounters, CohortHistograms},
 };
 
 /// VIP → service. Written by the agent (one whole-value update per change),
-/// read on every packet to a VIP. Not preallocated, so a replaced value is
-/// freed only after readers are done (RCU): a reader sees old or new, whole.
+/// read for every new flow. Not preallocated, so a replaced value is freed
+/// only after readers are done (RCU): a reader sees old or new, whole.
 #[map(name = "SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(canary_common::service::MAX_SERVICES, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
 
 /// {rule set, source prefix} → `RULE_*` action. Written by the agent, read on
 /// new flows of services that have rules.
 #[map(name = "RULES")]
-pub static RULES: LpmTrie<RuleKey, u32> =
-    LpmTrie::with_max_entries(canary_common::service::MAX_RULES, 0);
+pub static RULES: LpmTrie<RuleKey, u32> = LpmTrie::with_max_entries(MAX_RULES, 0);
 
-/// 5-tuple → flow state, both directions. Written by the programs only.
+/// 5-tuple → flow state, both directions. Written by the programs; the agent
+/// removes flows whose handshake timed out.
 #[map(name = "CONNTRACK")]
 pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
-    LruHashMap::with_max_entries(canary_common::flow::CT_DEFAULT_CAPACITY, 0);
+    LruHashMap::with_max_entries(CT_DEFAULT_CAPACITY, 0);
 
 /// Per-CPU counters indexed by [`Counter`]. Written by the programs, summed
 /// by the agent.
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+/// Per-CPU counters per backend slot (service × cohort × backend), bumped on
+/// every packet. Slots are assigned by the agent; summed at scrape time.
+#[map(name = "STATS")]
+pub static STATS: PerCpuArray<BackendCounters> = PerCpuArray::with_max_entries(MAX_STATS_SLOTS, 0);
+
+/// `histogram_key(svc, cohort)` → latency histograms. Entries are created
+/// by the agent per configured service; the programs add to them with
+/// atomic increments once per connection event (not per packet). Shared
+/// rather than per-CPU: 8.5 KB × services × cohorts × CPUs would not fit.
+#[map(name = "HISTOGRAMS")]
+pub static HISTOGRAMS: HashMap<u32, CohortHistograms> =
+    HashMap::with_max_entries(2 * MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// Forward 5-tuple → SYN not yet answered. Inserted on a new flow's SYN,
+/// removed at the SYN-ACK or a refusal; the agent sweeps what times out.
+#[map(name = "PENDING")]
+pub static PENDING: LruHashMap<FlowKey, PendingSyn> =
+    LruHashMap::with_max_entries(PENDING_CAPACITY, 0);

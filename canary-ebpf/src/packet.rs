@@ -37,6 +37,8 @@ pub struct Tcp4 {
     pub flags: u8,
     /// Whether this is the first fragment of a fragmented datagram.
     pub first_fragment: bool,
+    /// TCP payload bytes (IP total length minus both headers).
+    pub payload_len: u32,
 }
 
 impl Tcp4 {
@@ -129,6 +131,15 @@ pub fn parse_tcp4(ctx: &TcContext) -> Result<Option<Tcp4>, Counter> {
         return Err(Counter::BadTcpHeader);
     }
     let flags: u8 = read(ctx, l4 + 13).ok_or(Counter::BadTcpHeader)?;
+    let total_len: u16 = read(ctx, l3 + 2).ok_or(Counter::BadIpHeader)?;
+    let headers = ihl + ((doff >> 4) as usize) * 4;
+    // A total length shorter than the headers is malformed; GSO packets
+    // may carry 0 here and are counted from the skb length instead.
+    let total_len = match u16::from_be(total_len) as usize {
+        0 => ctx.len() as usize - l3,
+        n => n,
+    };
+    let payload_len = total_len.saturating_sub(headers) as u32;
     Ok(Some(Tcp4 {
         l3,
         l4,
@@ -142,5 +153,6 @@ pub fn parse_tcp4(ctx: &TcContext) -> Result<Option<Tcp4>, Counter> {
         },
         flags,
         first_fragment,
+        payload_len,
     }))
 }

@@ -1,9 +1,12 @@
-//! Counters and the verdict of each error.
+//! Counters, histograms, and the verdict of each error.
 
 use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
-use canary_common::counters::Counter;
+use canary_common::{
+    counters::Counter,
+    stats::{BackendCounters, HIST_BUCKETS, Histogram, hist_bucket, histogram_key},
+};
 
-use crate::maps::COUNTERS;
+use crate::maps::{COUNTERS, HISTOGRAMS, STATS};
 
 /// Adds one to `counter` on this CPU.
 #[inline(always)]
@@ -12,6 +15,64 @@ pub fn count(counter: Counter) {
         // SAFETY: a per-CPU slot is only touched by this CPU, and programs
         // run with preemption disabled.
         unsafe { *slot += 1 };
+    }
+}
+
+/// This CPU's counters of a backend slot, if the slot exists.
+#[inline(always)]
+pub fn backend(slot: u32) -> Option<&'static mut BackendCounters> {
+    match STATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU value, only this CPU touches it while the program
+        // runs (preemption disabled); the array element lives for the map.
+        Some(p) => Some(unsafe { &mut *p }),
+        None => {
+            count(Counter::Unattributed);
+            None
+        }
+    }
+}
+
+/// Which histogram of a cohort.
+#[derive(Clone, Copy)]
+pub enum Latency {
+    /// Nanoseconds.
+    Handshake,
+    /// Nanoseconds.
+    FirstByte,
+    /// Microseconds.
+    Duration,
+}
+
+/// Records `value` in the `which` histogram of `svc_id` × `cohort`.
+#[inline(always)]
+pub fn observe(svc_id: u32, cohort: u8, which: Latency, value: u64) {
+    let Some(h) = HISTOGRAMS.get_ptr_mut(histogram_key(svc_id, cohort)) else {
+        count(Counter::Unattributed);
+        return;
+    };
+    // SAFETY: `h` is a live HISTOGRAMS element for this run (not
+    // preallocated: freed only after readers finish); only field addresses
+    // are formed here, and every write below is atomic.
+    let hist: *mut Histogram = unsafe {
+        match which {
+            Latency::Handshake => core::ptr::addr_of_mut!((*h).handshake_ns),
+            Latency::FirstByte => core::ptr::addr_of_mut!((*h).first_byte_ns),
+            Latency::Duration => core::ptr::addr_of_mut!((*h).duration_us),
+        }
+    };
+    let i = hist_bucket(value);
+    if i >= HIST_BUCKETS {
+        return;
+    }
+    // SAFETY: `i < HIST_BUCKETS` keeps the bucket pointer inside the value;
+    // u64 fields of a map value are 8-aligned; other CPUs update the same
+    // words only through atomics.
+    unsafe {
+        let bucket = core::ptr::addr_of_mut!((*hist).buckets)
+            .cast::<u64>()
+            .add(i);
+        crate::atomic::add(bucket, 1);
+        crate::atomic::add(core::ptr::addr_of_mut!((*hist).sum), value);
     }
 }
 

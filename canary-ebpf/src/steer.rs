@@ -17,7 +17,6 @@ use crate::maps::RULES;
 pub struct Choice {
     pub cohort: u8,
     pub backend: Backend,
-    pub backend_idx: u32,
 }
 
 /// Chooses cohort and backend for `key` (client → VIP) of service `svc`.
@@ -58,11 +57,7 @@ pub fn choose(svc: &ServiceValue, key: &FlowKey) -> Result<Choice, Counter> {
     let backend = *list
         .get(idx as usize % MAX_BACKENDS)
         .ok_or(Counter::NoBackend)?;
-    Ok(Choice {
-        cohort,
-        backend,
-        backend_idx: idx,
-    })
+    Ok(Choice { cohort, backend })
 }
 
 /// The action of the longest source prefix in `rule_set` matching `addr`.

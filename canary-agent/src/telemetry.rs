@@ -1,0 +1,607 @@
+//! Reads the data plane's measurements and exports them to Prometheus.
+//!
+//! Kernel counters are read at scrape time (a prometheus-client
+//! [`Collector`]), never copied on a timer: a scrape sees the maps as they
+//! are, and nothing runs between scrapes. Per-CPU counters are summed here.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    net::SocketAddrV4,
+    sync::{Arc, Mutex},
+};
+
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
+use canary_common::{
+    counters::Counter,
+    service::{COHORT_CANARY, COHORT_STABLE},
+    stats::{
+        BackendCounters, CohortHistograms, HIST_BUCKETS, HIST_SUB_BITS, Histogram,
+        hist_bucket_range, histogram_key,
+    },
+};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::{Registry, Unit},
+};
+
+/// A backend as the exporter labels it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendView {
+    /// `COHORT_STABLE` or `COHORT_CANARY`.
+    pub cohort: u8,
+    /// The backend's address, the `backend` label.
+    pub addr: SocketAddrV4,
+    /// Its `STATS` slot.
+    pub slot: u16,
+}
+
+/// A service as the exporter labels it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceView {
+    /// The `service` label.
+    pub name: String,
+    /// Key of its histograms (with the cohort).
+    pub svc_id: u32,
+    /// Configured canary share, 0..=1.
+    pub weight_ratio: f64,
+    /// Every configured backend of both cohorts.
+    pub backends: Vec<BackendView>,
+}
+
+/// The maps and labels a scrape reads, shared between the data plane (which
+/// keeps them current) and the exporter.
+pub struct StatsSource {
+    pub(crate) stats: PerCpuArray<MapData, BackendCounters>,
+    pub(crate) histograms: HashMap<MapData, u32, CohortHistograms>,
+    pub(crate) counters: PerCpuArray<MapData, u64>,
+    pub(crate) view: Vec<ServiceView>,
+    /// Handshake timeouts per `STATS` slot, counted by the agent's sweep.
+    pub(crate) timeouts: StdHashMap<u16, u64>,
+}
+
+/// Counters of one backend at one instant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSnapshot {
+    /// `COHORT_STABLE` or `COHORT_CANARY`.
+    pub cohort: u8,
+    /// The backend.
+    pub addr: SocketAddrV4,
+    /// Kernel counters summed over CPUs.
+    pub counters: BackendCounters,
+    /// Handshakes that never completed within the timeout.
+    pub timeouts: u64,
+}
+
+impl BackendSnapshot {
+    /// Connections open now. Flows whose handshake timed out were removed,
+    /// so they count as closed.
+    pub fn active(&self) -> u64 {
+        self.counters.active().saturating_sub(self.timeouts)
+    }
+}
+
+/// One service at one instant.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceSnapshot {
+    /// Service name.
+    pub name: String,
+    /// Configured canary share, 0..=1.
+    pub weight_ratio: f64,
+    /// Per backend, both cohorts.
+    pub backends: Vec<BackendSnapshot>,
+    /// Histograms of [stable, canary]; `None` while the cohort has had no
+    /// connection (nothing to export).
+    pub histograms: [Option<Box<CohortHistograms>>; 2],
+}
+
+impl ServiceSnapshot {
+    /// The counters of one cohort, summed over its backends.
+    pub fn cohort_counters(&self, cohort: u8) -> BackendCounters {
+        let mut sum = BackendCounters::default();
+        for b in self.backends.iter().filter(|b| b.cohort == cohort) {
+            sum.add(&b.counters);
+        }
+        sum
+    }
+
+    /// Handshake timeouts of one cohort.
+    pub fn cohort_timeouts(&self, cohort: u8) -> u64 {
+        self.backends
+            .iter()
+            .filter(|b| b.cohort == cohort)
+            .map(|b| b.timeouts)
+            .sum()
+    }
+}
+
+/// Everything a scrape exports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    /// Per configured service.
+    pub services: Vec<ServiceSnapshot>,
+    /// Data-plane counters, in `Counter::ALL` order.
+    pub dataplane: Vec<(Counter, u64)>,
+}
+
+impl Snapshot {
+    /// The service named `name`.
+    pub fn service(&self, name: &str) -> Option<&ServiceSnapshot> {
+        self.services.iter().find(|s| s.name == name)
+    }
+}
+
+impl StatsSource {
+    /// Reads every counter and the histograms of cohorts that have seen a
+    /// connection.
+    pub fn snapshot(&self) -> Result<Snapshot, MapError> {
+        let mut services = Vec::with_capacity(self.view.len());
+        for svc in &self.view {
+            let mut backends = Vec::with_capacity(svc.backends.len());
+            for b in &svc.backends {
+                let mut counters = BackendCounters::default();
+                for cpu in self.stats.get(&u32::from(b.slot), 0)?.iter() {
+                    counters.add(cpu);
+                }
+                backends.push(BackendSnapshot {
+                    cohort: b.cohort,
+                    addr: b.addr,
+                    counters,
+                    timeouts: self.timeouts.get(&b.slot).copied().unwrap_or(0),
+                });
+            }
+            let mut histograms = [None, None];
+            for cohort in [COHORT_STABLE, COHORT_CANARY] {
+                let seen = backends.iter().any(|b| {
+                    b.cohort == cohort && b.counters.connections + b.counters.reopened > 0
+                });
+                if seen {
+                    // A missing entry (not yet created) reads as no data.
+                    histograms[usize::from(cohort)] = self
+                        .histograms
+                        .get(&histogram_key(svc.svc_id, cohort), 0)
+                        .ok()
+                        .map(Box::new);
+                }
+            }
+            services.push(ServiceSnapshot {
+                name: svc.name.clone(),
+                weight_ratio: svc.weight_ratio,
+                backends,
+                histograms,
+            });
+        }
+        let mut dataplane = Vec::with_capacity(Counter::ALL.len());
+        for c in Counter::ALL {
+            let total = self.counters.get(&(c as u32), 0)?.iter().sum();
+            dataplane.push((c, total));
+        }
+        Ok(Snapshot {
+            services,
+            dataplane,
+        })
+    }
+}
+
+/// The exporter: a registry whose one collector reads the maps at scrape
+/// time.
+pub struct Exporter {
+    registry: Registry,
+}
+
+impl Exporter {
+    /// An exporter over `source`, with `buckets_per_octave` (1, 2, 4, 8 or
+    /// 16) exported histogram buckets per doubling.
+    pub fn new(source: Arc<Mutex<StatsSource>>, buckets_per_octave: u32) -> Exporter {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(StatsCollector {
+            source,
+            export_every: (1 << HIST_SUB_BITS)
+                / buckets_per_octave.clamp(1, 1 << HIST_SUB_BITS) as usize,
+        }));
+        Exporter { registry }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::with_capacity(64 * 1024);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Content type of [`Exporter::encode`].
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Debug)]
+struct StatsCollector {
+    source: Arc<Mutex<StatsSource>>,
+    /// Export every n-th kernel bucket boundary.
+    export_every: usize,
+}
+
+// `Debug` for the shared source, required by `Collector`.
+impl std::fmt::Debug for StatsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatsSource")
+            .field("services", &self.view.len())
+            .finish()
+    }
+}
+
+fn cohort_name(cohort: u8) -> &'static str {
+    if cohort == COHORT_CANARY {
+        "canary"
+    } else {
+        "stable"
+    }
+}
+
+/// Writes one metric family: a descriptor, then one sample per label set.
+fn family<L, M>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    samples: impl IntoIterator<Item = (L, M)>,
+) -> Result<(), std::fmt::Error>
+where
+    L: prometheus_client::encoding::EncodeLabelSet,
+    M: EncodeMetric,
+{
+    let mut samples = samples.into_iter().peekable();
+    let Some((_, first)) = samples.peek() else {
+        return Ok(());
+    };
+    let metric_type = first.metric_type();
+    let mut family = encoder.encode_descriptor(name, help, unit, metric_type)?;
+    for (labels, metric) in samples {
+        metric.encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for StatsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snapshot = {
+            let source = self.source.lock().unwrap_or_else(|p| p.into_inner());
+            // A failed map read fails the scrape rather than exporting zeros.
+            source.snapshot().map_err(|_| std::fmt::Error)?
+        };
+        let e = &mut encoder;
+        let backends = || {
+            snapshot.services.iter().flat_map(|s| {
+                s.backends.iter().map(move |b| {
+                    (
+                        s.name.as_str(),
+                        cohort_name(b.cohort),
+                        b.addr.to_string(),
+                        b,
+                    )
+                })
+            })
+        };
+
+        family(
+            e,
+            "canary_connections",
+            "New connections (SYNs) steered to the backend.",
+            None,
+            backends().map(|(s, c, a, b)| {
+                (
+                    [("service", s), ("cohort", c), ("backend", &*a)].map(own),
+                    ConstCounter::new(b.counters.connections),
+                )
+            }),
+        )?;
+        family(
+            e,
+            "canary_active_connections",
+            "Connections open now: opened minus closed (FIN both ways, RST, or handshake timeout).",
+            None,
+            backends().map(|(s, c, a, b)| {
+                (
+                    [("service", s), ("cohort", c), ("backend", &*a)].map(own),
+                    ConstGauge::new(b.active() as i64),
+                )
+            }),
+        )?;
+        family(
+            e,
+            "canary_resets",
+            "RSTs on established connections, by who sent them.",
+            None,
+            backends().flat_map(|(s, c, a, b)| {
+                [
+                    ("from_backend", b.counters.resets_from_backend),
+                    ("from_client", b.counters.resets_from_client),
+                ]
+                .map(|(dir, v)| {
+                    (
+                        [
+                            ("service", s),
+                            ("cohort", c),
+                            ("backend", &*a),
+                            ("direction", dir),
+                        ]
+                        .map(own),
+                        ConstCounter::new(v),
+                    )
+                })
+            }),
+        )?;
+        family(
+            e,
+            "canary_failed_connections",
+            "Connections that failed: refused (RST answering the SYN), syn_retry (SYN retransmitted), timeout (no SYN-ACK within handshake_timeout).",
+            None,
+            backends().flat_map(|(s, c, a, b)| {
+                [
+                    ("refused", b.counters.refused),
+                    ("syn_retry", b.counters.syn_retried),
+                    ("timeout", b.timeouts),
+                ]
+                .map(|(why, v)| {
+                    (
+                        [
+                            ("service", s),
+                            ("cohort", c),
+                            ("backend", &*a),
+                            ("reason", why),
+                        ]
+                        .map(own),
+                        ConstCounter::new(v),
+                    )
+                })
+            }),
+        )?;
+        family(
+            e,
+            "canary_bytes",
+            "TCP payload bytes, by who sent them (retransmissions included).",
+            Some(&Unit::Bytes),
+            backends().flat_map(|(s, c, a, b)| {
+                [
+                    ("from_client", b.counters.bytes_from_client),
+                    ("from_backend", b.counters.bytes_from_backend),
+                ]
+                .map(|(dir, v)| {
+                    (
+                        [
+                            ("service", s),
+                            ("cohort", c),
+                            ("backend", &*a),
+                            ("direction", dir),
+                        ]
+                        .map(own),
+                        ConstCounter::new(v),
+                    )
+                })
+            }),
+        )?;
+        family(
+            e,
+            "canary_packets",
+            "TCP packets, by who sent them.",
+            None,
+            backends().flat_map(|(s, c, a, b)| {
+                [
+                    ("from_client", b.counters.packets_from_client),
+                    ("from_backend", b.counters.packets_from_backend),
+                ]
+                .map(|(dir, v)| {
+                    (
+                        [
+                            ("service", s),
+                            ("cohort", c),
+                            ("backend", &*a),
+                            ("direction", dir),
+                        ]
+                        .map(own),
+                        ConstCounter::new(v),
+                    )
+                })
+            }),
+        )?;
+
+        let hists = |pick: fn(&CohortHistograms) -> &Histogram, scale: f64| {
+            snapshot.services.iter().flat_map(move |s| {
+                [COHORT_STABLE, COHORT_CANARY]
+                    .into_iter()
+                    .filter_map(move |c| {
+                        let h = s.histograms[usize::from(c)].as_ref()?;
+                        Some((
+                            [("service", s.name.as_str()), ("cohort", cohort_name(c))].map(own),
+                            ExportHistogram::new(pick(h), scale, self.export_every),
+                        ))
+                    })
+            })
+        };
+        family(
+            e,
+            "canary_handshake",
+            "SYN forwarded to the backend → its SYN-ACK back, at the node.",
+            Some(&Unit::Seconds),
+            hists(|h| &h.handshake_ns, 1e-9),
+        )?;
+        family(
+            e,
+            "canary_first_byte",
+            "First client payload → first backend payload after it, at the node.",
+            Some(&Unit::Seconds),
+            hists(|h| &h.first_byte_ns, 1e-9),
+        )?;
+        family(
+            e,
+            "canary_connection_duration",
+            "Connection open (SYN) → close (FIN both ways or RST).",
+            Some(&Unit::Seconds),
+            hists(|h| &h.duration_us, 1e-6),
+        )?;
+
+        family(
+            e,
+            "canary_weight_ratio",
+            "Configured canary share of new connections (0 to 1).",
+            None,
+            snapshot.services.iter().map(|s| {
+                (
+                    [("service", s.name.as_str())].map(own),
+                    ConstGauge::new(s.weight_ratio),
+                )
+            }),
+        )?;
+        family(
+            e,
+            "canary_dataplane_events",
+            "Data-plane events (new flows, conntrack misses, SYN retransmits, RST closes, unattributed measurements).",
+            None,
+            snapshot
+                .dataplane
+                .iter()
+                .filter(|(c, _)| !c.is_error())
+                .map(|(c, v)| ([("event", c.name())].map(own), ConstCounter::new(*v))),
+        )?;
+        family(
+            e,
+            "canary_dataplane_errors",
+            "Data-plane error paths taken, by reason; each has a deliberate verdict.",
+            None,
+            snapshot
+                .dataplane
+                .iter()
+                .filter(|(c, _)| c.is_error())
+                .map(|(c, v)| ([("reason", c.name())].map(own), ConstCounter::new(*v))),
+        )?;
+        family(
+            e,
+            "canary_build_info",
+            "Build of the running agent.",
+            None,
+            [(
+                [("version", env!("CARGO_PKG_VERSION"))].map(own),
+                ConstGauge::new(1i64),
+            )],
+        )?;
+        Ok(())
+    }
+}
+
+/// A label pair with owned strings (label values outlive the iterators).
+fn own((k, v): (&'static str, &str)) -> (&'static str, String) {
+    (k, v.to_string())
+}
+
+/// A kernel histogram as exported: every `export_every`-th bucket boundary
+/// (exact sums of the fine buckets below it), scaled to seconds.
+#[derive(Debug)]
+struct ExportHistogram {
+    sum: f64,
+    count: u64,
+    buckets: Vec<(f64, u64)>,
+}
+
+impl ExportHistogram {
+    fn new(h: &Histogram, scale: f64, export_every: usize) -> ExportHistogram {
+        let mut buckets = Vec::with_capacity(HIST_BUCKETS / export_every + 2);
+        let mut acc = 0u64;
+        for (i, &n) in h.buckets.iter().enumerate() {
+            acc += n;
+            let last = i == HIST_BUCKETS - 1;
+            // Boundaries: the end of the underflow bucket, then every
+            // export_every-th fine bucket, then +Inf.
+            let boundary = i == 0 || (!last && i % export_every == 0);
+            if last {
+                buckets.push((f64::INFINITY, acc));
+            } else if boundary {
+                buckets.push((hist_bucket_range(i).1 as f64 * scale, acc));
+                acc = 0;
+            }
+        }
+        ExportHistogram {
+            sum: h.sum as f64 * scale,
+            count: h.buckets.iter().sum(),
+            buckets,
+        }
+    }
+}
+
+impl prometheus_client::metrics::TypedMetric for ExportHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for ExportHistogram {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            self.sum,
+            self.count,
+            &self.buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use canary_common::stats::hist_bucket;
+
+    use super::*;
+
+    #[test]
+    fn exported_buckets_sum_the_fine_ones_exactly() {
+        let mut h = Histogram::default();
+        for v in [
+            1_000u64,
+            5_000,
+            50_000,
+            50_001,
+            49_000_000,
+            50_100_000,
+            9_000_000_000,
+            1 << 40,
+        ] {
+            h.buckets[hist_bucket(v)] += 1;
+            h.sum += v;
+        }
+        for every in [1usize, 4, 16] {
+            let e = ExportHistogram::new(&h, 1e-9, every);
+            assert_eq!(e.count, 8);
+            assert_eq!(
+                e.buckets.iter().map(|b| b.1).sum::<u64>(),
+                8,
+                "every {every}: counts lost"
+            );
+            assert_eq!(e.buckets.last().unwrap().0, f64::INFINITY);
+            assert!(
+                e.buckets.windows(2).all(|w| w[0].0 < w[1].0),
+                "bounds increase"
+            );
+            // Each value sits in the first exported bucket whose bound is above it.
+            for v in [5_000u64, 50_000, 49_000_000] {
+                let (bound, _) = e
+                    .buckets
+                    .iter()
+                    .find(|(b, _)| *b > v as f64 * 1e-9)
+                    .unwrap();
+                let below: u64 = e
+                    .buckets
+                    .iter()
+                    .filter(|(b, _)| b <= bound)
+                    .map(|b| b.1)
+                    .sum();
+                assert!(below >= 1, "{v} ns not under {bound}");
+            }
+        }
+        // 16 fine buckets per octave exported 4 per octave: 22 octaves.
+        let e = ExportHistogram::new(&h, 1e-9, 4);
+        assert_eq!(e.buckets.len(), 1 + 22 * 4 + 1);
+    }
+}
