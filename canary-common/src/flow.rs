@@ -47,19 +47,19 @@ pub const CT_REOPENED: u8 = 1 << 1;
 ///
 /// The client sent a FIN: a later SYN on the same 5-tuple is a new
 /// connection, not a retransmission.
-pub const ST_CLIENT_FIN: u32 = 1 << 0;
+pub const ST_CLIENT_FIN: u64 = 1 << 0;
 /// The backend sent a FIN.
-pub const ST_BACKEND_FIN: u32 = 1 << 1;
+pub const ST_BACKEND_FIN: u64 = 1 << 1;
 /// The close was counted (exactly once per flow).
-pub const ST_CLOSED: u32 = 1 << 2;
+pub const ST_CLOSED: u64 = 1 << 2;
 /// The backend's SYN-ACK was seen and the handshake time recorded.
-pub const ST_HANDSHAKE: u32 = 1 << 3;
+pub const ST_HANDSHAKE: u64 = 1 << 3;
 /// The client sent payload; `request_ns` is set.
-pub const ST_REQUEST: u32 = 1 << 4;
+pub const ST_REQUEST: u64 = 1 << 4;
 /// The first backend payload after a request was seen and timed.
-pub const ST_RESPONSE: u32 = 1 << 5;
+pub const ST_RESPONSE: u64 = 1 << 5;
 /// The SYN was retransmitted (counted once per connection).
-pub const ST_SYN_RETRIED: u32 = 1 << 6;
+pub const ST_SYN_RETRIED: u64 = 1 << 6;
 
 /// Conntrack value.
 ///
@@ -84,9 +84,8 @@ pub struct CtEntry {
     pub created_ns: u64,
     /// `bpf_ktime_get_ns` of the first client payload (forward entry).
     pub request_ns: u64,
-    /// `ST_*` bits.
-    pub state: u32,
-    pub _pad: u32,
+    /// `ST_*` bits (a 64-bit word: see the eBPF crate's atomic.rs).
+    pub state: u64,
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
 

@@ -28,8 +28,8 @@ impl Entry {
 
     /// Atomically sets `bits` in the state; returns the state before.
     #[inline(always)]
-    pub fn set_state(self, bits: u32) -> u32 {
-        // SAFETY: as in `read`; `state` is a 4-aligned u32 of the value and
+    pub fn set_state(self, bits: u64) -> u64 {
+        // SAFETY: as in `read`; `state` is an 8-aligned u64 of the value and
         // every writer on every CPU uses atomics on it.
         unsafe { crate::atomic::or(core::ptr::addr_of_mut!((*self.0).state), bits) }
     }
@@ -86,7 +86,6 @@ pub fn create(fwd: &FlowKey, svc_id: u32, choice: &Choice, syn: bool, now: u64) 
         created_ns: now,
         request_ns: 0,
         state: 0,
-        _pad: 0,
     };
     let reverse = CtEntry {
         nat_addr: fwd.dst_addr,

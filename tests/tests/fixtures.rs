@@ -458,6 +458,165 @@ fn removing_a_service_drains_it_established_flows_finish_new_ones_are_not_steere
     assert_eq!(out, fresh.frame(), "and not modified");
 }
 
+/// The counters of service "web", cohort `cohort`, summed over backends.
+fn cohort(dp: &Dataplane, cohort: u8) -> canary_common::stats::BackendCounters {
+    dp.snapshot()
+        .expect("snapshot")
+        .service("web")
+        .expect("service web")
+        .cohort_counters(cohort)
+}
+
+#[test]
+fn a_whole_connection_is_measured_once_in_its_cohort() {
+    let mut dp = dataplane("weight = \"100%\"");
+    let client = addr("10.201.0.30:40020");
+    let (_, syn) = open(&mut dp, client);
+    assert_eq!(syn.dst, addr(CANARY));
+    let c = cohort(&dp, COHORT_CANARY);
+    assert_eq!(
+        (c.connections, c.active(), c.packets_from_client),
+        (1, 1, 1),
+        "after SYN: {c:?}"
+    );
+
+    let sent = b"GET / HTTP/1.0\r\n\r\n";
+    let reply = b"HTTP/1.0 200 OK\r\n\r\nhello";
+    for (dir, seg) in [
+        (Direction::Egress, Tcp::new(addr(CANARY), client, SYN | ACK)),
+        (Direction::Ingress, Tcp::new(client, addr(VIP), ACK)),
+        (
+            Direction::Ingress,
+            Tcp::new(client, addr(VIP), ACK | PSH).with_payload(sent),
+        ),
+        (
+            Direction::Egress,
+            Tcp::new(addr(CANARY), client, ACK | PSH).with_payload(reply),
+        ),
+        (
+            Direction::Egress,
+            Tcp::new(addr(CANARY), client, ACK | PSH).with_payload(reply),
+        ),
+        (Direction::Ingress, Tcp::new(client, addr(VIP), FIN | ACK)),
+        (Direction::Egress, Tcp::new(addr(CANARY), client, FIN | ACK)),
+        (Direction::Ingress, Tcp::new(client, addr(VIP), ACK)),
+    ] {
+        let (verdict, _) = run(&mut dp, dir, &seg);
+        assert_eq!(verdict, TC_ACT_OK, "{dir:?} flags {:#x}", seg.flags);
+    }
+    let snap = dp.snapshot().unwrap();
+    let web = snap.service("web").unwrap();
+    let c = web.cohort_counters(COHORT_CANARY);
+    assert_eq!(c.connections, 1, "{c:?}");
+    assert_eq!(c.closed, 1, "FIN both ways closes exactly once: {c:?}");
+    assert_eq!(c.active(), 0, "{c:?}");
+    assert_eq!(
+        c.bytes_from_client,
+        sent.len() as u64,
+        "payload bytes from the client: {c:?}"
+    );
+    assert_eq!(
+        c.bytes_from_backend,
+        2 * reply.len() as u64,
+        "payload bytes from the backend: {c:?}"
+    );
+    assert_eq!(
+        (c.packets_from_client, c.packets_from_backend),
+        (5, 4),
+        "{c:?}"
+    );
+    assert_eq!(
+        (
+            c.refused,
+            c.resets_from_backend,
+            c.resets_from_client,
+            c.syn_retried
+        ),
+        (0, 0, 0, 0)
+    );
+    assert_eq!(
+        web.cohort_counters(COHORT_STABLE),
+        Default::default(),
+        "nothing in stable"
+    );
+
+    let h = web.histograms[usize::from(COHORT_CANARY)]
+        .as_ref()
+        .expect("canary histograms");
+    let n = |b: &[u64]| b.iter().sum::<u64>();
+    assert_eq!(n(&h.handshake_ns.buckets), 1, "one handshake timed");
+    assert_eq!(
+        n(&h.first_byte_ns.buckets),
+        1,
+        "one first byte timed (not two)"
+    );
+    assert_eq!(n(&h.duration_us.buckets), 1, "one duration");
+    assert!(
+        web.histograms[usize::from(COHORT_STABLE)].is_none(),
+        "stable saw no connection"
+    );
+}
+
+#[test]
+fn refusals_resets_and_syn_retries_are_told_apart() {
+    let mut dp = dataplane("weight = \"100%\"");
+    // Refused: RST answering the SYN.
+    let a = addr("10.201.0.31:40021");
+    open(&mut dp, a);
+    run(
+        &mut dp,
+        Direction::Egress,
+        &Tcp::new(addr(CANARY), a, RST | ACK),
+    );
+    // Reset by the backend after the handshake.
+    let b = addr("10.201.0.32:40022");
+    open(&mut dp, b);
+    run(
+        &mut dp,
+        Direction::Egress,
+        &Tcp::new(addr(CANARY), b, SYN | ACK),
+    );
+    run(
+        &mut dp,
+        Direction::Egress,
+        &Tcp::new(addr(CANARY), b, RST | ACK),
+    );
+    // Reset by the client, after a retransmitted SYN (twice: counted once).
+    let c = addr("10.201.0.33:40023");
+    open(&mut dp, c);
+    open(&mut dp, c);
+    open(&mut dp, c);
+    run(
+        &mut dp,
+        Direction::Egress,
+        &Tcp::new(addr(CANARY), c, SYN | ACK),
+    );
+    run(&mut dp, Direction::Ingress, &Tcp::new(c, addr(VIP), RST));
+
+    let k = cohort(&dp, COHORT_CANARY);
+    assert_eq!(k.connections, 3, "{k:?}");
+    assert_eq!(k.refused, 1, "{k:?}");
+    assert_eq!(k.resets_from_backend, 1, "{k:?}");
+    assert_eq!(k.resets_from_client, 1, "{k:?}");
+    assert_eq!(k.syn_retried, 1, "one connection needed a SYN retry: {k:?}");
+    assert_eq!(k.closed, 3, "{k:?}");
+    assert_eq!(k.active(), 0, "{k:?}");
+    let snap = dp.snapshot().unwrap();
+    let h = snap.service("web").unwrap().histograms[usize::from(COHORT_CANARY)]
+        .clone()
+        .unwrap();
+    assert_eq!(
+        h.handshake_ns.buckets.iter().sum::<u64>(),
+        2,
+        "two handshakes completed"
+    );
+    assert_eq!(
+        h.duration_us.buckets.iter().sum::<u64>(),
+        2,
+        "a refused connection has no duration"
+    );
+}
+
 #[test]
 fn truncated_and_garbage_packets_are_counted_not_crashed_on() {
     let mut dp = dataplane("weight = \"5%\"");
