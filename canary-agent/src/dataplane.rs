@@ -24,7 +24,7 @@ use aya::{
 use canary_common::{
     IPPROTO_TCP,
     counters::Counter,
-    flow::{CtEntry, FlowKey, PendingSyn},
+    flow::{CtEntry, FlowKey, PendingSyn, ST_CLOSED},
     names,
     service::{
         Backend, COHORT_CANARY, COHORT_STABLE, MAX_BACKENDS, MAX_STATS_SLOTS, MODE_PER_CONNECTION,
@@ -611,9 +611,10 @@ impl Dataplane {
             .map_err(|source| map_error(names::STATS, "read".to_string(), source))
     }
 
-    /// Counts handshakes older than `timeout` as timed out and removes their
-    /// flows, so the connection no longer counts as active (a late packet of
-    /// it is re-resolved like any conntrack miss). Returns how many.
+    /// Counts handshakes older than `timeout` as failed (`timeout`) and marks
+    /// their flows closed, so they stop counting as active. The conntrack
+    /// entries stay: a later SYN retransmission of the same connection is
+    /// still a retry, not a new connection. Returns how many timed out.
     pub fn sweep_pending(&mut self, timeout: Duration) -> Result<u64, DataplaneError> {
         let now = monotonic_ns();
         let limit = timeout.as_nanos() as u64;
@@ -626,22 +627,17 @@ impl Dataplane {
             if now.saturating_sub(p.syn_ns) < limit {
                 continue;
             }
-            // Removed first: if the kernel removed it meanwhile (SYN-ACK
-            // just arrived), the handshake completed and is not a timeout.
+            // If the kernel removed it meanwhile (the SYN-ACK just came),
+            // the handshake completed: not a timeout.
             if self.pending.remove(&key).is_err() {
                 continue;
             }
-            if let Ok(fwd) = self.conntrack.get(&key, 0) {
-                let reverse = FlowKey {
-                    src_addr: fwd.nat_addr,
-                    dst_addr: key.src_addr,
-                    src_port: fwd.nat_port,
-                    dst_port: key.src_port,
-                    proto: key.proto,
-                    _pad: [0; 3],
-                };
-                let _ = self.conntrack.remove(&key);
-                let _ = self.conntrack.remove(&reverse);
+            if let Ok(mut fwd) = self.conntrack.get(&key, 0) {
+                // Not atomic with the kernel's ORs: a bit it sets in between
+                // is lost. The flow is stalled, so at worst a SYN retry of
+                // it is counted twice.
+                fwd.state |= ST_CLOSED;
+                let _ = self.conntrack.insert(key, fwd, BPF_EXIST);
             }
             *lock(&self.stats)
                 .timeouts
@@ -795,6 +791,9 @@ fn lock(stats: &Mutex<StatsSource>) -> MutexGuard<'_, StatsSource> {
     // (they live in the kernel), so a poisoned lock is still usable.
     stats.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// Map update flag: only replace an existing element.
+const BPF_EXIST: u64 = 2;
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {

@@ -10,7 +10,7 @@ use tokio::{
 };
 use tracing::debug;
 
-use crate::telemetry::{CONTENT_TYPE, Exporter};
+use crate::telemetry::{Exporter, Format};
 
 /// Largest request head accepted.
 const MAX_REQUEST: usize = 8 * 1024;
@@ -76,14 +76,17 @@ fn route(head: &[u8], exporter: &Exporter) -> Vec<u8> {
     );
     let path = path.split(|&b| b == b'?').next().unwrap_or_default();
     match (method, path) {
-        (b"GET", b"/metrics") => match exporter.encode() {
-            Ok(body) => reply(200, CONTENT_TYPE, body.into_bytes()),
-            Err(_) => reply(
-                500,
-                "text/plain",
-                b"reading the data-plane maps failed; see the agent log\n".to_vec(),
-            ),
-        },
+        (b"GET", b"/metrics") => {
+            let format = Format::from_accept(&header(head, "accept").unwrap_or_default());
+            match exporter.encode(format) {
+                Ok(body) => reply(200, format.content_type(), body.into_bytes()),
+                Err(_) => reply(
+                    500,
+                    "text/plain",
+                    b"reading the data-plane maps failed; see the agent log\n".to_vec(),
+                ),
+            }
+        }
         (b"GET", b"/") => reply(
             200,
             "text/plain",
@@ -96,6 +99,19 @@ fn route(head: &[u8], exporter: &Exporter) -> Vec<u8> {
         ),
         _ => reply(405, "text/plain", b"only GET is supported\n".to_vec()),
     }
+}
+
+/// The value of header `name` (case-insensitive) in a request head.
+fn header(head: &[u8], name: &str) -> Option<String> {
+    String::from_utf8_lossy(head)
+        .lines()
+        .skip(1)
+        .find_map(|line| {
+            let (k, v) = line.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
 }
 
 fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Vec<u8> {

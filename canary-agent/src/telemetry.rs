@@ -75,8 +75,8 @@ pub struct BackendSnapshot {
 }
 
 impl BackendSnapshot {
-    /// Connections open now. Flows whose handshake timed out were removed,
-    /// so they count as closed.
+    /// Connections open now. A flow whose handshake timed out is marked
+    /// closed without the kernel counting a close, so it is subtracted here.
     pub fn active(&self) -> u64 {
         self.counters.active().saturating_sub(self.timeouts)
     }
@@ -203,16 +203,80 @@ impl Exporter {
         Exporter { registry }
     }
 
-    /// The OpenMetrics text exposition.
-    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+    /// The exposition in `format`.
+    pub fn encode(&self, format: Format) -> Result<String, std::fmt::Error> {
         let mut out = String::with_capacity(64 * 1024);
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
-        Ok(out)
+        Ok(match format {
+            Format::OpenMetrics => out,
+            Format::Text => openmetrics_to_text(&out),
+        })
     }
 }
 
-/// Content type of [`Exporter::encode`].
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Exposition formats, chosen by the scraper's `Accept` header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 (what Prometheus asks for).
+    OpenMetrics,
+    /// Prometheus text 0.0.4 (for `curl | promtool check metrics` and older
+    /// scrapers).
+    Text,
+}
+
+impl Format {
+    /// The format an `Accept` header asks for.
+    pub fn from_accept(accept: &str) -> Format {
+        if accept.contains("application/openmetrics-text") {
+            Format::OpenMetrics
+        } else {
+            Format::Text
+        }
+    }
+
+    /// The `Content-Type` of the format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Text => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// OpenMetrics → Prometheus text 0.0.4: counter families are named with
+/// their `_total` suffix, and `# UNIT` / `# EOF` lines go. Samples, label
+/// escaping and histogram series are the same in both.
+fn openmetrics_to_text(om: &str) -> String {
+    let mut out = String::with_capacity(om.len());
+    let mut help: Option<&str> = None;
+    for line in om.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            // Held until the TYPE line says whether the name needs _total.
+            help = Some(rest);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let name = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            };
+            if let Some(h) = help.take() {
+                let text = h.split_once(' ').map(|(_, t)| t).unwrap_or("");
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
 
 #[derive(Debug)]
 struct StatsCollector {
@@ -360,7 +424,7 @@ impl Collector for StatsCollector {
             e,
             "canary_bytes",
             "TCP payload bytes, by who sent them (retransmissions included).",
-            Some(&Unit::Bytes),
+            None,
             backends().flat_map(|(s, c, a, b)| {
                 [
                     ("from_client", b.counters.bytes_from_client),
@@ -554,6 +618,26 @@ mod tests {
     use canary_common::stats::hist_bucket;
 
     use super::*;
+
+    #[test]
+    fn text_format_names_counter_families_with_total_and_drops_openmetrics_lines() {
+        let om = "# HELP canary_connections New connections.\n# TYPE canary_connections counter\n\
+                  canary_connections_total{service=\"web\"} 3\n\
+                  # HELP canary_handshake_seconds SYN.\n# TYPE canary_handshake_seconds histogram\n\
+                  # UNIT canary_handshake_seconds seconds\ncanary_handshake_seconds_count 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(om),
+            "# HELP canary_connections_total New connections.\n# TYPE canary_connections_total counter\n\
+             canary_connections_total{service=\"web\"} 3\n\
+             # HELP canary_handshake_seconds SYN.\n# TYPE canary_handshake_seconds histogram\n\
+             canary_handshake_seconds_count 1\n"
+        );
+        assert_eq!(
+            Format::from_accept("application/openmetrics-text;version=1.0.0,text/plain;q=0.5"),
+            Format::OpenMetrics
+        );
+        assert_eq!(Format::from_accept("*/*"), Format::Text);
+    }
 
     #[test]
     fn exported_buckets_sum_the_fine_ones_exactly() {

@@ -2,7 +2,10 @@
 //! checksums computed independently of the data plane, and the privilege
 //! precondition.
 
+pub mod load;
+pub mod metrics;
 pub mod packet;
+pub mod prometheus;
 
 /// Fails the test unless it runs as root: privileged tests never skip, in
 /// CI or anywhere else (`cargo xtask test` is the way to run them).

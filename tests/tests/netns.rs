@@ -6,7 +6,7 @@
 //! (z = 3.2905), normal approximation.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
     sync::{
         Arc, Mutex,
@@ -17,14 +17,17 @@ use std::{
 
 use canary_agent::{config::default_salt, dataplane::be_addr};
 use canary_common::cohort::{bucket, is_canary, sticky_hash};
-use canary_lab::{AgentProcess, BackendSpec, Behavior, Conn, Lab, LabSpec, request_once};
-use canary_tests::{attached_to, require_root};
+use canary_lab::{AgentProcess, BackendSpec, Behavior, Conn, Lab, LabSpec};
+use canary_tests::{
+    attached_to,
+    load::{self, Outcome, TIMEOUT},
+    require_root,
+};
 
 const VIP: &str = "10.96.0.10:80";
 const IFACE: &str = Lab::ROUTER_CLIENT_IFACE;
 const CANARY_NAME: &str = "canary-1";
 const Z999: f64 = 3.2905;
-const TIMEOUT: Duration = Duration::from_secs(3);
 
 fn vip() -> SocketAddrV4 {
     VIP.parse().unwrap()
@@ -61,86 +64,12 @@ fn start(lab: &Lab, extra: &str) -> AgentProcess {
     AgentProcess::start(lab.router(), &config(lab, extra), false).expect("agent starts")
 }
 
-/// What a batch of one-request connections saw.
-#[derive(Default, Debug)]
-struct Outcome {
-    by_backend: BTreeMap<String, u64>,
-    by_source: HashMap<Ipv4Addr, BTreeSet<String>>,
-    errors: Vec<String>,
-}
-
-impl Outcome {
-    fn total(&self) -> u64 {
-        self.by_backend.values().sum()
-    }
-
-    fn canary(&self) -> u64 {
-        self.by_backend.get(CANARY_NAME).copied().unwrap_or(0)
-    }
-
-    fn canary_sources(&self) -> BTreeSet<Ipv4Addr> {
-        self.by_source
-            .iter()
-            .filter(|(_, names)| names.contains(CANARY_NAME))
-            .map(|(a, _)| *a)
-            .collect()
-    }
-}
-
-/// `n` one-request connections to the VIP, cycling through `sources`, from
-/// four threads in the client namespace. Bounded: at most 180 s.
 fn drive(lab: &Lab, sources: &[Ipv4Addr], n: usize) -> Outcome {
-    const THREADS: usize = 4;
-    let sources = Arc::new(sources.to_vec());
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let handles: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let sources = Arc::clone(&sources);
-            lab.client().spawn(move || {
-                let mut out = Outcome::default();
-                for i in (t..n).step_by(THREADS) {
-                    if Instant::now() > deadline {
-                        out.errors.push("deadline of 180 s reached".into());
-                        break;
-                    }
-                    let src = sources[i % sources.len()];
-                    match request_once(src, vip(), TIMEOUT) {
-                        Ok(name) => {
-                            *out.by_backend.entry(name.clone()).or_default() += 1;
-                            out.by_source.entry(src).or_default().insert(name);
-                        }
-                        Err(e) => out.errors.push(format!("{src}: {e}")),
-                    }
-                }
-                out
-            })
-        })
-        .collect();
-    let mut all = Outcome::default();
-    for h in handles {
-        let part = h
-            .join()
-            .expect("client thread")
-            .expect("enter client namespace");
-        for (k, v) in part.by_backend {
-            *all.by_backend.entry(k).or_default() += v;
-        }
-        for (k, v) in part.by_source {
-            all.by_source.entry(k).or_default().extend(v);
-        }
-        all.errors.extend(part.errors);
-    }
-    all
+    load::drive(lab, vip(), sources, n)
 }
 
 fn assert_no_errors(out: &Outcome, what: &str) {
-    assert!(
-        out.errors.is_empty(),
-        "{what}: {} of {} connections failed, first: {:?}",
-        out.errors.len(),
-        out.total() + out.errors.len() as u64,
-        out.errors.iter().take(3).collect::<Vec<_>>()
-    );
+    out.assert_no_errors(what);
 }
 
 fn stop_and_assert_detached(lab: &Lab, agent: AgentProcess) {

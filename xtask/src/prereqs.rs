@@ -11,7 +11,14 @@ use crate::exec;
 const BPF_LINKER: &str = "0.10.4";
 
 /// Commands the tests and the demo run, and the Debian package of each.
-const DEBIAN: &[(&str, &str)] = &[("ip", "iproute2"), ("tc", "iproute2")];
+/// prometheus/promtool: the telemetry tests lint the exposition and scrape
+/// the agent with a real server (inside a test namespace, loopback only).
+const DEBIAN: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("tc", "iproute2"),
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
+];
 
 /// Installs whatever is missing.
 pub fn ensure() -> anyhow::Result<()> {

@@ -1,0 +1,105 @@
+//! A real Prometheus server (Debian's package), run inside a lab namespace
+//! on loopback, scraping the agent.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use canary_lab::Netns;
+
+use crate::metrics::{http_get, try_http_get};
+
+/// Where the server listens inside the namespace.
+pub const ADDR: &str = "127.0.0.1:9090";
+
+/// A running Prometheus; killed and its data removed on drop.
+pub struct Prometheus<'a> {
+    ns: &'a Netns,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl<'a> Prometheus<'a> {
+    /// Starts Prometheus in `ns`, scraping `target` (host:port) every second.
+    pub fn start(ns: &'a Netns, target: &str) -> Prometheus<'a> {
+        let dir = std::env::temp_dir().join(format!(
+            "canary-prometheus-{}-{}",
+            std::process::id(),
+            ns.name()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("prometheus data dir");
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: canary\n    \
+                 static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .expect("prometheus config");
+        let child = ns
+            .command("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={ADDR}"))
+            .arg("--log.level=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus (installed by `cargo xtask test`)");
+        let prom = Prometheus { ns, child, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = try_http_get(prom.ns, ADDR.parse().unwrap(), "/-/ready", "*/*")
+                .is_ok_and(|(head, _)| head.starts_with("HTTP/1.1 200"));
+            if ready {
+                return prom;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus not ready within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Evaluates an instant PromQL query; the value of its single result.
+    pub fn query(&self, promql: &str) -> Option<f64> {
+        let (status, body) = http_get(
+            self.ns,
+            ADDR.parse().unwrap(),
+            &format!("/api/v1/query?query={}", url_encode(promql)),
+        );
+        assert!(status.contains("200"), "query {promql}: {status} {body}");
+        // {"status":"success","data":{"resultType":"vector","result":[{"metric":{...},"value":[ts,"v"]}]}}
+        let value = body.split("\"value\":[").nth(1)?;
+        let v = value.split(',').nth(1)?.trim_start_matches('"');
+        v.split('"').next()?.parse().ok()
+    }
+}
+
+impl Drop for Prometheus<'_> {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
