@@ -80,6 +80,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     );
     println!("agent config:\n{}", indent(&config));
     let agent = AgentProcess::start(lab.router(), &config, true).context("starting the agent")?;
+    println!(
+        "\nper-cohort metrics, from another terminal:\n    ip netns exec {} curl -s 127.0.0.1:9477/metrics | grep 'service=\"web\"'",
+        lab.router().name()
+    );
     let weight = weight_fraction(&args.weight)?;
 
     let result = drive(&lab, args, weight);
