@@ -4,9 +4,12 @@
 //! SIGHUP re-reads the config file and applies it all or nothing; SIGINT and
 //! SIGTERM detach from every interface and exit.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
+use aya::maps::{MapData, RingBuf};
+use canary_common::breaker::BreakerEvent;
 use tokio::{
+    io::unix::AsyncFd,
     net::TcpListener,
     signal::unix::{SignalKind, signal},
 };
@@ -16,6 +19,7 @@ use crate::{
     config::{Config, ConfigError},
     dataplane::{ApplyReport, Dataplane, DataplaneError, error_chain},
     http,
+    rollout::{RollbackReason, ServiceState, StateError, StateStore},
     telemetry::Exporter,
 };
 
@@ -41,6 +45,13 @@ pub enum AgentError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    /// A persisted rollout state could not be read; nothing was attached
+    /// (starting anyway could re-raise a rolled-back canary).
+    #[error("cannot read the rollout state, nothing was attached")]
+    State(#[from] StateError),
+    /// The breaker's event ring buffer could not be watched.
+    #[error("cannot watch the breaker's event ring buffer")]
+    Events(#[source] std::io::Error),
     /// The metrics address could not be bound; nothing was attached.
     #[error(
         "cannot listen on metrics_addr {addr} (in use? set [agent] metrics_addr), nothing was attached"
@@ -68,8 +79,21 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
             addr: metrics_addr,
             source,
         })?;
+    let store = StateStore::new(&config.agent.state_dir);
+    let mut states = load_states(&store, &config)?;
     let mut dp = Dataplane::load(config.agent.conntrack_capacity)?;
+    for (name, state) in &states {
+        dp.set_canary_off(name, !state.canary_allowed())?;
+    }
     let report = dp.apply(&config.services)?;
+    publish_states(&dp, &states);
+    let ring = dp
+        .take_events()
+        .ok_or(AgentError::Events(std::io::Error::other("taken twice")))?;
+    // SAFETY: the ring buffer owns its map fd for its whole life, and
+    // as_raw_fd always returns that fd; the AsyncFd owns the ring buffer.
+    let mut events =
+        unsafe { AsyncFd::register(ring) }.map_err(|e| AgentError::Events(e.into_parts().1))?;
     log_services(&config, &report);
     for iface in &config.agent.interfaces {
         // On error, dropping `dp` detaches the interfaces already attached.
@@ -94,8 +118,20 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
 
     loop {
         tokio::select! {
+            guard = events.readable_mut() => {
+                match guard {
+                    Ok(mut guard) => {
+                        breaker_events(guard.get_inner_mut(), &mut dp, &store, &mut states);
+                        guard.clear_ready();
+                    }
+                    Err(e) => warn!(error = %e, "breaker event ring buffer unreadable"),
+                }
+            }
             _ = hup.recv() => {
-                match reload(&opts, &config, &mut dp) {
+                // Trips already in the ring are recorded before the reload
+                // reads the state files, so a reload cannot undo one.
+                breaker_events(events.get_mut(), &mut dp, &store, &mut states);
+                match reload(&opts, &config, &mut dp, &store, &mut states) {
                     Ok(new) => config = new,
                     Err(e) => error!(error = %error_chain(&e), "config reload rejected; the previous config is still active"),
                 }
@@ -124,15 +160,26 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
 enum ReloadError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    State(#[from] StateError),
     #[error("applying the new config failed and was rolled back")]
     Dataplane(#[from] DataplaneError),
 }
 
 /// Applies the config file anew: services first (all or nothing), then
 /// interface changes (new ones attached before removed ones are detached).
-fn reload(opts: &Options, old: &Config, dp: &mut Dataplane) -> Result<Config, ReloadError> {
+fn reload(
+    opts: &Options,
+    old: &Config,
+    dp: &mut Dataplane,
+    store: &StateStore,
+    states: &mut BTreeMap<String, ServiceState>,
+) -> Result<Config, ReloadError> {
     info!(config = %opts.config.display(), "SIGHUP received, reloading config");
     let new = Config::load(&opts.config, &opts.interfaces)?;
+    // State files are read anew: removing one is how an operator clears a
+    // rollback (until canaryctl can).
+    let new_states = load_states(store, &new)?;
     let added: Vec<&String> = new
         .agent
         .interfaces
@@ -148,6 +195,21 @@ fn reload(opts: &Options, old: &Config, dp: &mut Dataplane) -> Result<Config, Re
             return Err(e.into());
         }
         attached.push(iface.as_str());
+    }
+    for (name, state) in &new_states {
+        let was = states
+            .get(name)
+            .map(ServiceState::canary_allowed)
+            .unwrap_or(true);
+        if was != state.canary_allowed() {
+            if let Err(e) = dp.set_canary_off(name, !state.canary_allowed()) {
+                for done in attached {
+                    dp.detach(done);
+                }
+                return Err(e.into());
+            }
+            info!(event = "rollout-state", service = %name, state = state.name(), "rollout state changed by its state file");
+        }
     }
     let report = match dp.apply(&new.services) {
         Ok(report) => report,
@@ -171,6 +233,8 @@ fn reload(opts: &Options, old: &Config, dp: &mut Dataplane) -> Result<Config, Re
         info!(interface = %iface, "detached");
     }
     log_services(&new, &report);
+    *states = new_states;
+    publish_states(dp, states);
     // Interfaces and handshake_timeout apply now; the rest is bound at start.
     let restart_only = |c: &Config| {
         (
@@ -193,6 +257,87 @@ fn reload(opts: &Options, old: &Config, dp: &mut Dataplane) -> Result<Config, Re
         "config reloaded"
     );
     Ok(new)
+}
+
+/// The persisted state of every configured service.
+fn load_states(
+    store: &StateStore,
+    config: &Config,
+) -> Result<BTreeMap<String, ServiceState>, StateError> {
+    let mut states = BTreeMap::new();
+    for svc in &config.services {
+        let state = store.load(&svc.name)?;
+        if let ServiceState::RolledBack { reason, detail, .. } = &state {
+            warn!(service = %svc.name, reason = reason.as_str(), detail = %detail,
+                "service is rolled back: no new connection goes to canary");
+        }
+        states.insert(svc.name.clone(), state);
+    }
+    Ok(states)
+}
+
+/// Exports every service's rollout state.
+fn publish_states(dp: &Dataplane, states: &BTreeMap<String, ServiceState>) {
+    let source = dp.stats_source();
+    let mut source = source.lock().unwrap_or_else(|p| p.into_inner());
+    for (name, state) in states {
+        source.set_rollout(name, state.name(), None);
+    }
+}
+
+/// Records every breaker trip waiting in the ring buffer: the data plane has
+/// already cut the canary off; this persists the rollback and says so.
+fn breaker_events(
+    ring: &mut RingBuf<MapData>,
+    dp: &mut Dataplane,
+    store: &StateStore,
+    states: &mut BTreeMap<String, ServiceState>,
+) {
+    while let Some(item) = ring.next() {
+        if item.len() < std::mem::size_of::<BreakerEvent>() {
+            warn!(bytes = item.len(), "short breaker event ignored");
+            continue;
+        }
+        // SAFETY: the kernel wrote a whole BreakerEvent (size checked); it
+        // is read unaligned because ring records are only 8-aligned by
+        // contract, not by type.
+        let ev = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<BreakerEvent>()) };
+        drop(item);
+        let Some(name) = dp.service_name(ev.svc_id).map(str::to_string) else {
+            warn!(svc_id = ev.svc_id, "breaker event for an unknown service");
+            continue;
+        };
+        if states.get(&name).is_some_and(|s| !s.canary_allowed()) {
+            continue;
+        }
+        let detail = format!(
+            "{} canary failures of {} attempts in one breaker window",
+            ev.failures, ev.attempts
+        );
+        let state = ServiceState::rolled_back(RollbackReason::Breaker, detail.clone());
+        if let Err(e) = store.save(&name, &state) {
+            // The cut-off stands in the kernel; only its persistence failed.
+            error!(service = %name, error = %error_chain(&e), "rollback not persisted: a restart would re-raise the canary");
+        }
+        if let Err(e) = dp.set_canary_off(&name, true) {
+            error!(service = %name, error = %error_chain(&e), "cannot mark the service rolled back in the data plane");
+        }
+        {
+            let source = dp.stats_source();
+            let mut source = source.lock().unwrap_or_else(|p| p.into_inner());
+            source.set_rollout(&name, state.name(), Some(RollbackReason::Breaker.as_str()));
+        }
+        warn!(
+            event = "rollback",
+            service = %name,
+            reason = "breaker",
+            failures = ev.failures,
+            attempts = ev.attempts,
+            tripped_at_ns = ev.at_ns,
+            "canary rolled back by the data-plane breaker: no new connection goes to canary"
+        );
+        states.insert(name, state);
+    }
 }
 
 fn log_services(config: &Config, report: &ApplyReport) {

@@ -28,6 +28,15 @@ pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
 /// Default time a SYN may wait for its SYN-ACK before the connection counts
 /// as failed (`reason="timeout"`). The client's first SYN retry comes at 1 s.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default directory of the agent's persisted state (rollbacks).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/canary";
+/// Default breaker: this many canary failures in one window…
+pub const DEFAULT_BREAKER_MIN_FAILURES: u16 = 3;
+/// …that are at least this share of the window's canary attempts…
+pub const DEFAULT_BREAKER_FAILURE_RATIO: &str = "50%";
+/// …trip it. Windows restart every this long.
+pub const DEFAULT_BREAKER_WINDOW: Duration = Duration::from_secs(1);
+
 /// Default exported histogram resolution (buckets per doubling).
 pub const DEFAULT_BUCKETS_PER_OCTAVE: u32 = 4;
 /// Conntrack capacity bounds (entries; two per flow).
@@ -243,6 +252,36 @@ pub struct AgentConfig {
     pub conntrack_capacity: u32,
     /// A handshake not completed within this counts as failed.
     pub handshake_timeout: Duration,
+    /// Where rollbacks are persisted, so a restart never re-raises a
+    /// rolled-back canary.
+    pub state_dir: PathBuf,
+}
+
+/// The line-rate breaker of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Off: the data plane never cuts the canary off by itself.
+    pub enabled: bool,
+    /// Canary failures in one window that trip it…
+    pub min_failures: u16,
+    /// …if they are also at least this share of the window's canary
+    /// connection attempts.
+    pub failure_ratio: Weight,
+    /// Window length.
+    pub window: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            enabled: true,
+            min_failures: DEFAULT_BREAKER_MIN_FAILURES,
+            failure_ratio: DEFAULT_BREAKER_FAILURE_RATIO
+                .parse()
+                .unwrap_or(Weight(500_000)),
+            window: DEFAULT_BREAKER_WINDOW,
+        }
+    }
 }
 
 /// One validated service.
@@ -266,6 +305,8 @@ pub struct ServiceConfig {
     pub never_canary: Vec<Ipv4Prefix>,
     /// Hash salt: decides which clients fall in the canary share.
     pub salt: u32,
+    /// The data plane's own cut-off.
+    pub breaker: BreakerConfig,
 }
 
 /// A validated config: every value in range, every reference resolved.
@@ -294,6 +335,7 @@ struct RawAgent {
     metrics_buckets_per_octave: Option<u32>,
     conntrack_capacity: Option<u32>,
     handshake_timeout: Option<String>,
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -313,6 +355,17 @@ struct RawService {
     #[serde(default)]
     never_canary: Vec<String>,
     salt: Option<u32>,
+    #[serde(default)]
+    breaker: Option<RawBreaker>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    enabled: Option<bool>,
+    min_failures: Option<u16>,
+    failure_ratio: Option<String>,
+    window: Option<String>,
 }
 
 /// A weight as written: a string, or a bare number we refuse with a hint.
@@ -459,6 +512,9 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
         metrics_buckets_per_octave,
         conntrack_capacity,
         handshake_timeout,
+        state_dir: raw
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
     })
 }
 
@@ -624,7 +680,9 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Conf
         ));
     }
 
+    let breaker = validate_breaker(s, raw.breaker)?;
     Ok(ServiceConfig {
+        breaker,
         salt: raw.salt.unwrap_or_else(|| default_salt(&name)),
         name,
         vip,
@@ -635,6 +693,49 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Conf
         always_canary,
         never_canary,
     })
+}
+
+fn validate_breaker(section: &str, raw: Option<RawBreaker>) -> Result<BreakerConfig, ConfigError> {
+    let mut b = BreakerConfig::default();
+    let Some(raw) = raw else { return Ok(b) };
+    if let Some(enabled) = raw.enabled {
+        b.enabled = enabled;
+    }
+    if let Some(n) = raw.min_failures {
+        if n == 0 {
+            return Err(invalid(
+                section,
+                "breaker.min_failures",
+                n,
+                "must be at least 1; to turn the breaker off set breaker.enabled = false",
+            ));
+        }
+        b.min_failures = n;
+    }
+    if let Some(text) = raw.failure_ratio {
+        b.failure_ratio = text.parse().map_err(|e: WeightError| {
+            invalid(
+                section,
+                "breaker.failure_ratio",
+                quoted(&text),
+                e.to_string(),
+            )
+        })?;
+    }
+    if let Some(text) = raw.window {
+        b.window = match parse_duration(&text) {
+            Some(d) if (Duration::from_millis(10)..=Duration::from_secs(60)).contains(&d) => d,
+            _ => {
+                return Err(invalid(
+                    section,
+                    "breaker.window",
+                    quoted(&text),
+                    "must be a duration between 10ms and 60s, e.g. \"1s\" or \"200ms\"",
+                ));
+            }
+        };
+    }
+    Ok(b)
 }
 
 /// The salt of a service without an explicit `salt`: a hash of its name, so
@@ -1062,6 +1163,44 @@ never_canary = []
             msg.contains("[agent]: metrics_buckets_per_octave = 3: must be 1, 2, 4, 8 or 16"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn the_breaker_is_on_by_default_and_configurable() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.services[0].breaker, BreakerConfig::default());
+        assert!(c.services[0].breaker.enabled);
+        let c = parse(&GOOD.replace(
+            "never_canary = []",
+            "never_canary = []\n[service.breaker]\nmin_failures = 10\nfailure_ratio = \"20%\"\nwindow = \"250ms\"",
+        ))
+        .unwrap();
+        let b = c.services[0].breaker;
+        assert_eq!(
+            (b.min_failures, b.failure_ratio.ppm(), b.window),
+            (10, 200_000, Duration::from_millis(250))
+        );
+        let msg = error_text(&GOOD.replace(
+            "never_canary = []",
+            "never_canary = []\n[service.breaker]\nmin_failures = 0",
+        ));
+        assert!(
+            msg.contains("service \"web\": breaker.min_failures = 0: must be at least 1"),
+            "{msg}"
+        );
+        let msg = error_text(&GOOD.replace(
+            "never_canary = []",
+            "never_canary = []\n[service.breaker]\nwindow = \"1h\"",
+        ));
+        assert!(
+            msg.contains("breaker.window = \"1h\": must be a duration between 10ms and 60s"),
+            "{msg}"
+        );
+        let msg = error_text(&GOOD.replace(
+            "never_canary = []",
+            "never_canary = []\n[service.breaker]\nlimit = 3",
+        ));
+        assert!(msg.contains("unknown field `limit`"), "{msg}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuValues, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuValues, RingBuf, lpm_trie::Key},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
         tc::SchedClassifierLinkId,
@@ -23,13 +23,14 @@ use aya::{
 };
 use canary_common::{
     IPPROTO_TCP,
+    breaker::BreakerState,
     counters::Counter,
     flow::{CtEntry, FlowKey, PendingSyn, ST_CLOSED},
     names,
     service::{
-        Backend, COHORT_CANARY, COHORT_STABLE, MAX_BACKENDS, MAX_STATS_SLOTS, MODE_PER_CONNECTION,
-        MODE_STICKY, RULE_ALWAYS_CANARY, RULE_NEVER_CANARY, RULE_SET_BITS, RuleKey, ServiceKey,
-        ServiceValue,
+        Backend, COHORT_CANARY, COHORT_STABLE, FLAG_CANARY_OFF, MAX_BACKENDS, MAX_STATS_SLOTS,
+        MODE_PER_CONNECTION, MODE_STICKY, RULE_ALWAYS_CANARY, RULE_NEVER_CANARY, RULE_SET_BITS,
+        RuleKey, ServiceKey, ServiceValue,
     },
     stats::{BackendCounters, CohortHistograms, histogram_key},
 };
@@ -134,6 +135,7 @@ struct Installed {
 enum Undo {
     RemoveRule(Key<RuleKey>),
     RemoveHistograms(u32),
+    RemoveBreaker(u32),
     RestoreService(ServiceKey, Option<Box<ServiceValue>>),
 }
 
@@ -155,6 +157,11 @@ pub struct Dataplane {
     rules: LpmTrie<MapData, RuleKey, u32>,
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
     pending: HashMap<MapData, FlowKey, PendingSyn>,
+    breaker: HashMap<MapData, u32, BreakerState>,
+    /// Breaker trips; taken by the agent's event loop.
+    events: Option<RingBuf<MapData>>,
+    /// Services whose canary gets no new connection (rolled back).
+    canary_off: BTreeSet<String>,
     /// Stats maps and labels, shared with the exporter.
     stats: Arc<Mutex<StatsSource>>,
     /// Stats slot of each (service, cohort, backend), stable while the
@@ -197,12 +204,16 @@ impl Dataplane {
             counters: take_map(&mut ebpf, names::COUNTERS)?,
             view: Vec::new(),
             timeouts: StdHashMap::new(),
+            rollout: StdHashMap::new(),
         };
         Ok(Dataplane {
             services: take_map(&mut ebpf, names::SERVICES)?,
             rules: take_map(&mut ebpf, names::RULES)?,
             conntrack: take_map(&mut ebpf, names::CONNTRACK)?,
             pending: take_map(&mut ebpf, names::PENDING)?,
+            breaker: take_map(&mut ebpf, names::BREAKER)?,
+            events: Some(take_map(&mut ebpf, names::EVENTS)?),
+            canary_off: BTreeSet::new(),
             stats: Arc::new(Mutex::new(stats)),
             slots: BTreeMap::new(),
             free_slots: VecDeque::new(),
@@ -320,12 +331,18 @@ impl Dataplane {
                 .collect();
             let installed = Installed {
                 key: service_key(svc.vip),
-                value: service_value(svc, svc_id, rule_set, |cohort, addr| {
-                    slots
-                        .get(&(svc.name.clone(), cohort, addr))
-                        .copied()
-                        .unwrap_or(0)
-                }),
+                value: service_value(
+                    svc,
+                    svc_id,
+                    rule_set,
+                    self.canary_off.contains(&svc.name),
+                    |cohort, addr| {
+                        slots
+                            .get(&(svc.name.clone(), cohort, addr))
+                            .copied()
+                            .unwrap_or(0)
+                    },
+                ),
                 rules,
             };
             match old {
@@ -400,6 +417,19 @@ impl Dataplane {
                 stats.timeouts.remove(&slot);
             }
             for (name, svc) in wanted {
+                let id = svc.value.svc_id;
+                if self.breaker.get(&id, 0).is_err() {
+                    self.breaker
+                        .insert(id, BreakerState::default(), 0)
+                        .map_err(|source| {
+                            map_error(
+                                names::BREAKER,
+                                format!("create the breaker of service {name}"),
+                                source,
+                            )
+                        })?;
+                    journal.push(Undo::RemoveBreaker(id));
+                }
                 for cohort in [COHORT_STABLE, COHORT_CANARY] {
                     let key = histogram_key(svc.value.svc_id, cohort);
                     if stats.histograms.get(&key, 0).is_ok() {
@@ -476,6 +506,7 @@ impl Dataplane {
             let result = match step {
                 Undo::RemoveRule(key) => self.rules.remove(&key),
                 Undo::RemoveHistograms(key) => lock(&self.stats).histograms.remove(&key),
+                Undo::RemoveBreaker(id) => self.breaker.remove(&id),
                 Undo::RestoreService(key, Some(value)) => self.services.insert(key, *value, 0),
                 Undo::RestoreService(key, None) => self.services.remove(&key),
             };
@@ -597,6 +628,65 @@ impl Dataplane {
                 }
             }
         }
+    }
+
+    /// Sends no new connection of `service` to canary (`off`), or lets the
+    /// configured weight apply again. Clearing also resets the service's
+    /// breaker, which otherwise stays tripped.
+    pub fn set_canary_off(&mut self, service: &str, off: bool) -> Result<(), DataplaneError> {
+        if off {
+            self.canary_off.insert(service.to_string());
+        } else {
+            self.canary_off.remove(service);
+        }
+        let Some(installed) = self.installed.get_mut(service) else {
+            return Ok(());
+        };
+        if !off {
+            self.breaker
+                .insert(installed.value.svc_id, BreakerState::default(), 0)
+                .map_err(|source| {
+                    map_error(
+                        names::BREAKER,
+                        format!("reset the breaker of service {service}"),
+                        source,
+                    )
+                })?;
+        }
+        let mut value = installed.value;
+        value.flags = if off {
+            value.flags | FLAG_CANARY_OFF
+        } else {
+            value.flags & !FLAG_CANARY_OFF
+        };
+        // Written even if unchanged here: the breaker sets the flag in the
+        // kernel's copy without telling this one.
+        self.services
+            .insert(installed.key, value, 0)
+            .map_err(|source| {
+                map_error(names::SERVICES, format!("write service {service}"), source)
+            })?;
+        installed.value = value;
+        Ok(())
+    }
+
+    /// The breaker-trip ring buffer, once (the agent's event loop owns it).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// The name of the service with id `svc_id`.
+    pub fn service_name(&self, svc_id: u32) -> Option<&str> {
+        self.installed
+            .iter()
+            .find(|(_, s)| s.value.svc_id == svc_id)
+            .map(|(n, _)| n.as_str())
+    }
+
+    /// The breaker window of `service`, if it has one.
+    pub fn breaker_state(&self, service: &str) -> Option<BreakerState> {
+        let id = self.installed.get(service)?.value.svc_id;
+        self.breaker.get(&id, 0).ok()
     }
 
     /// The stats maps and labels, for the exporter.
@@ -751,8 +841,10 @@ pub fn service_value(
     svc: &ServiceConfig,
     svc_id: u32,
     rule_set: u32,
+    canary_off: bool,
     slot_of: impl Fn(u8, SocketAddrV4) -> u16,
 ) -> ServiceValue {
+    let b = &svc.breaker;
     let mut value = ServiceValue {
         svc_id,
         weight_ppm: svc.weight.ppm(),
@@ -762,7 +854,11 @@ pub fn service_value(
             CohortMode::Sticky => MODE_STICKY,
             CohortMode::PerConnection => MODE_PER_CONNECTION,
         },
-        flags: 0,
+        flags: if canary_off { FLAG_CANARY_OFF } else { 0 },
+        breaker_window_ms: b.window.as_millis().min(u128::from(u32::MAX)) as u32,
+        breaker_min_failures: if b.enabled { b.min_failures } else { 0 },
+        // ppm → permille, rounded up so "0.01%" is not 0.
+        breaker_ratio_permille: b.failure_ratio.ppm().div_ceil(1000) as u16,
         // Config validation caps both lists at MAX_BACKENDS (<= u8::MAX).
         n_stable: svc.stable.len().min(MAX_BACKENDS) as u8,
         n_canary: svc.canary.len().min(MAX_BACKENDS) as u8,

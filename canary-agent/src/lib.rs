@@ -6,4 +6,5 @@ pub mod agent;
 pub mod config;
 pub mod dataplane;
 pub mod http;
+pub mod rollout;
 pub mod telemetry;

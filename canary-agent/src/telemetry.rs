@@ -59,6 +59,33 @@ pub struct StatsSource {
     pub(crate) view: Vec<ServiceView>,
     /// Handshake timeouts per `STATS` slot, counted by the agent's sweep.
     pub(crate) timeouts: StdHashMap<u16, u64>,
+    /// Rollout state and rollbacks per service name, kept by the agent.
+    pub(crate) rollout: StdHashMap<String, RolloutView>,
+}
+
+/// What the exporter says of a service's rollout.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RolloutView {
+    /// One of [`crate::rollout::STATES`].
+    pub state: &'static str,
+    /// Rollbacks since the agent started, by reason.
+    pub rollbacks: std::collections::BTreeMap<&'static str, u64>,
+}
+
+impl StatsSource {
+    /// Records the rollout state of `service`, and a rollback if `reason`.
+    pub fn set_rollout(
+        &mut self,
+        service: &str,
+        state: &'static str,
+        rollback: Option<&'static str>,
+    ) {
+        let view = self.rollout.entry(service.to_string()).or_default();
+        view.state = state;
+        if let Some(reason) = rollback {
+            *view.rollbacks.entry(reason).or_default() += 1;
+        }
+    }
 }
 
 /// Counters of one backend at one instant.
@@ -94,6 +121,8 @@ pub struct ServiceSnapshot {
     /// Histograms of [stable, canary]; `None` while the cohort has had no
     /// connection (nothing to export).
     pub histograms: [Option<Box<CohortHistograms>>; 2],
+    /// Rollout state and rollbacks.
+    pub rollout: RolloutView,
 }
 
 impl ServiceSnapshot {
@@ -170,6 +199,10 @@ impl StatsSource {
                 weight_ratio: svc.weight_ratio,
                 backends,
                 histograms,
+                rollout: self.rollout.get(&svc.name).cloned().unwrap_or(RolloutView {
+                    state: "idle",
+                    rollbacks: Default::default(),
+                }),
             });
         }
         let mut dataplane = Vec::with_capacity(Counter::ALL.len());
@@ -514,6 +547,34 @@ impl Collector for StatsCollector {
                     [("service", s.name.as_str())].map(own),
                     ConstGauge::new(s.weight_ratio),
                 )
+            }),
+        )?;
+        family(
+            e,
+            "canary_rollout_state",
+            "1 for the service's current rollout state, 0 for the others.",
+            None,
+            snapshot.services.iter().flat_map(|s| {
+                crate::rollout::STATES.map(|st| {
+                    (
+                        [("service", s.name.as_str()), ("state", st)].map(own),
+                        ConstGauge::new(i64::from(s.rollout.state == st)),
+                    )
+                })
+            }),
+        )?;
+        family(
+            e,
+            "canary_rollbacks",
+            "Rollbacks since the agent started, by what decided (breaker: the data plane's line-rate breaker).",
+            None,
+            snapshot.services.iter().flat_map(|s| {
+                ["breaker"].map(|reason| {
+                    (
+                        [("service", s.name.as_str()), ("reason", reason)].map(own),
+                        ConstCounter::new(s.rollout.rollbacks.get(reason).copied().unwrap_or(0)),
+                    )
+                })
             }),
         )?;
         family(

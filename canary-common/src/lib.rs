@@ -9,6 +9,7 @@
 //! never converts them.
 #![no_std]
 
+pub mod breaker;
 pub mod cohort;
 pub mod counters;
 pub mod flow;
@@ -31,6 +32,10 @@ pub mod names {
     pub const HISTOGRAMS: &str = "HISTOGRAMS";
     /// SYNs awaiting their SYN-ACK, see [`crate::flow::PendingSyn`].
     pub const PENDING: &str = "PENDING";
+    /// Breaker windows per service, see [`crate::breaker::BreakerState`].
+    pub const BREAKER: &str = "BREAKER";
+    /// Ring buffer of [`crate::breaker::BreakerEvent`]s.
+    pub const EVENTS: &str = "EVENTS";
     /// TC program for packets arriving from clients.
     pub const PROG_TC_INGRESS: &str = "canary_tc_ingress";
     /// TC program for replies leaving towards clients.

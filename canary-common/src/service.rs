@@ -28,6 +28,11 @@ pub const RULE_ALWAYS_CANARY: u32 = 1;
 /// Rule action: the source prefix never goes to canary.
 pub const RULE_NEVER_CANARY: u32 = 2;
 
+/// Service flag: send no new connection to canary, whatever the weight or
+/// rules say. Set by the agent for a rolled-back service and by the
+/// breaker in the data plane when it trips.
+pub const FLAG_CANARY_OFF: u8 = 1 << 0;
+
 /// `SERVICES` key: the VIP as packets address it (network byte order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -68,16 +73,23 @@ pub struct ServiceValue {
     pub rule_set: u32,
     /// `MODE_*`.
     pub mode: u8,
-    /// Reserved for the breaker; 0.
+    /// `FLAG_*` bits.
     pub flags: u8,
     /// Used entries of `stable`.
     pub n_stable: u8,
     /// Used entries of `canary`.
     pub n_canary: u8,
+    /// Breaker window length; failures and attempts restart each window.
+    pub breaker_window_ms: u32,
+    /// Canary failures in one window that trip the breaker; 0 = no breaker.
+    pub breaker_min_failures: u16,
+    /// ... if they are also at least this share of the window's canary
+    /// connection attempts, in thousandths.
+    pub breaker_ratio_permille: u16,
     pub stable: [Backend; MAX_BACKENDS],
     pub canary: [Backend; MAX_BACKENDS],
 }
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 20 + 2 * 8 * MAX_BACKENDS);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 28 + 2 * 8 * MAX_BACKENDS);
 
 /// Data part of a `RULES` LPM key. The rule set id takes the first 32 bits
 /// and is always matched in full (prefix length = 32 + source prefix), so

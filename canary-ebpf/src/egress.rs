@@ -12,10 +12,11 @@ use canary_common::{
         CT_REOPENED, CT_REVERSE, FlowKey, ST_BACKEND_FIN, ST_CLIENT_FIN, ST_HANDSHAKE, ST_REQUEST,
         ST_RESPONSE,
     },
+    service::COHORT_CANARY,
 };
 
 use crate::{
-    conntrack,
+    breaker, conntrack,
     maps::PENDING,
     nat::{self, End},
     packet::{self, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -107,6 +108,9 @@ pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
             }
             if let Some(fwd) = fwd {
                 conntrack::close(fwd, !refused, now);
+            }
+            if rev.cohort == COHORT_CANARY {
+                breaker::failure(rev.nat_addr, rev.nat_port, rev.svc_id, now);
             }
         }
         if pkt.has(TCP_RST) {

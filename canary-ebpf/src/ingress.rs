@@ -9,10 +9,11 @@ use canary_common::{
     IPPROTO_TCP,
     counters::Counter,
     flow::{CT_REVERSE, ST_BACKEND_FIN, ST_CLIENT_FIN, ST_REQUEST, ST_SYN_RETRIED},
-    service::ServiceKey,
+    service::{COHORT_CANARY, ServiceKey},
 };
 
 use crate::{
+    breaker,
     conntrack::{self, Entry},
     maps::SERVICES,
     nat::{self, End},
@@ -42,10 +43,13 @@ pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
             }
             if pkt.is_syn() {
                 count(Counter::SynRetransmit);
-                if entry.set_state(ST_SYN_RETRIED) & ST_SYN_RETRIED == 0
-                    && let Some(c) = stats::backend(ct.stats_slot)
-                {
-                    c.syn_retried += 1;
+                if entry.set_state(ST_SYN_RETRIED) & ST_SYN_RETRIED == 0 {
+                    if let Some(c) = stats::backend(ct.stats_slot) {
+                        c.syn_retried += 1;
+                    }
+                    if ct.cohort == COHORT_CANARY {
+                        breaker::failure(pkt.key.dst_addr, pkt.key.dst_port, ct.svc_id, now);
+                    }
                 }
             }
             if pkt.payload_len > 0
@@ -78,7 +82,7 @@ pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
             // map is not preallocated, so a concurrent update frees the old
             // value only after this program returns).
             let svc = unsafe { &*svc };
-            let choice = steer::choose(svc, &pkt.key)?;
+            let choice = steer::choose(svc, &pkt.key, now)?;
             let slot = u32::from(choice.backend.stats_slot);
             let syn = pkt.is_syn();
             if let Some(c) = stats::backend(slot) {

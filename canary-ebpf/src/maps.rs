@@ -3,9 +3,10 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use canary_common::{
+    breaker::{BreakerState, EVENTS_BYTES},
     counters::Counter,
     flow::{CT_DEFAULT_CAPACITY, CtEntry, FlowKey, PENDING_CAPACITY, PendingSyn},
     service::{MAX_RULES, MAX_SERVICES, MAX_STATS_SLOTS, RuleKey, ServiceKey, ServiceValue},
@@ -53,3 +54,12 @@ pub static HISTOGRAMS: HashMap<u32, CohortHistograms> =
 #[map(name = "PENDING")]
 pub static PENDING: LruHashMap<FlowKey, PendingSyn> =
     LruHashMap::with_max_entries(PENDING_CAPACITY, 0);
+
+/// Service id → breaker window. Created by the agent per service; updated
+/// by the programs on canary attempts and failures.
+#[map(name = "BREAKER")]
+pub static BREAKER: HashMap<u32, BreakerState> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Breaker trips, read by the agent.
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);

@@ -22,10 +22,10 @@ pub struct Choice {
 /// Chooses cohort and backend for `key` (client → VIP) of service `svc`.
 ///
 /// Source rules decide first; otherwise the flow's bucket against the
-/// weight. The backend is hashed from the same key, so a sticky client also
+/// weight; a tripped breaker or a rollback overrides both. The backend is hashed from the same key, so a sticky client also
 /// sticks to its backend while the list is unchanged.
 #[inline(always)]
-pub fn choose(svc: &ServiceValue, key: &FlowKey) -> Result<Choice, Counter> {
+pub fn choose(svc: &ServiceValue, key: &FlowKey, now: u64) -> Result<Choice, Counter> {
     let hash = if svc.mode == MODE_PER_CONNECTION {
         flow_hash(
             key.src_addr,
@@ -43,6 +43,12 @@ pub fn choose(svc: &ServiceValue, key: &FlowKey) -> Result<Choice, Counter> {
         Some(RULE_NEVER_CANARY) => COHORT_STABLE,
         _ if is_canary(bucket(hash), svc.weight_ppm) => COHORT_CANARY,
         _ => COHORT_STABLE,
+    };
+    // Rolled back, or the breaker tripped: canary gets nothing new.
+    let cohort = if cohort == COHORT_CANARY && !crate::breaker::allow_canary(svc, now) {
+        COHORT_STABLE
+    } else {
+        cohort
     };
     let (list, count) = if cohort == COHORT_CANARY {
         (&svc.canary, svc.n_canary)

@@ -193,10 +193,16 @@ impl AgentProcess {
         }
     }
 
+    /// The directory of this agent's files (config, private state).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Replaces the config file and sends SIGHUP. `Ok` once the agent says
     /// it applied the config; `Err` with its message if it rejected it.
     pub fn reload(&mut self, config: &str) -> anyhow::Result<()> {
         let (ok, rejected) = (self.count(RELOADED), self.count(RELOAD_REJECTED));
+        let config = with_private_state_dir(config, &self.dir);
         std::fs::write(&self.config, config)
             .with_context(|| format!("write {}", self.config.display()))?;
         self.signal(libc::SIGHUP)?;
@@ -249,4 +255,15 @@ impl Drop for AgentProcess {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Gives an agent a state directory of its own (under `dir`) unless the
+/// config names one: rollbacks persist there, and one lab's must not leak
+/// into the next (or into the host's `/var/lib/canary`).
+fn with_private_state_dir(config: &str, dir: &Path) -> String {
+    if config.contains("state_dir") {
+        return config.to_string();
+    }
+    let line = format!("state_dir = \"{}\"", dir.join("state").display());
+    config.replacen("[agent]", &format!("[agent]\n{line}"), 1)
 }

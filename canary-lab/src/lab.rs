@@ -53,7 +53,8 @@ pub struct BackendSpec {
 #[derive(Debug)]
 pub struct Lab {
     /// Declared first: dropped before the namespaces they live in.
-    servers: Vec<Server>,
+    /// One per backend, `None` for `Behavior::Closed` or a stopped server.
+    servers: Vec<Option<Server>>,
     backends: Vec<Netns>,
     backend_names: Vec<String>,
     client_addrs: Vec<Ipv4Addr>,
@@ -139,15 +140,16 @@ impl Lab {
         };
         for (i, backend) in spec.backends.iter().enumerate() {
             if backend.behavior == Behavior::Closed {
+                lab.servers.push(None);
                 continue;
             }
             let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, Self::BACKEND_PORT);
-            lab.servers.push(Server::start(
+            lab.servers.push(Some(Server::start(
                 &lab.backends[i],
                 addr,
                 &backend.name,
                 backend.behavior,
-            )?);
+            )?));
         }
         Ok(lab)
     }
@@ -185,6 +187,15 @@ impl Lab {
         &self.client_addrs
     }
 
+    /// Stops backend `i`'s server: its listener closes, so new connections
+    /// are refused (RST answering the SYN) from here on, as when a canary
+    /// process dies. Connections already open finish on their own.
+    pub fn stop_backend(&mut self, i: usize) {
+        if let Some(server) = self.servers.get_mut(i).and_then(Option::take) {
+            drop(server);
+        }
+    }
+
     /// The backend names, in backend order.
     pub fn backend_names(&self) -> Vec<String> {
         self.backend_names.clone()
@@ -204,7 +215,7 @@ impl Drop for Lab {
     fn drop(&mut self) {
         // Signal every server before waiting for any, so stopping takes one
         // poll interval rather than one per backend.
-        for server in &self.servers {
+        for server in self.servers.iter().flatten() {
             server.signal_stop();
         }
         self.servers.clear();

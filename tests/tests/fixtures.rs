@@ -618,6 +618,124 @@ fn refusals_resets_and_syn_retries_are_told_apart() {
 }
 
 #[test]
+fn the_breaker_trips_on_canary_refusals_and_stops_steering_there_at_once() {
+    let mut dp = dataplane("weight = \"100%\"\ncohort = \"per-connection\"");
+    let mut events = dp.take_events().expect("event ring buffer");
+    // Default breaker: 3 failures that are >= 50% of the window's attempts.
+    for port in 0..3u16 {
+        let client = SocketAddrV4::new("10.201.0.40".parse().unwrap(), 41_000 + port);
+        let (_, syn) = open(&mut dp, client);
+        assert_eq!(
+            syn.dst,
+            addr(CANARY),
+            "attempt {port} before the trip goes to canary"
+        );
+        let (verdict, _) = run(
+            &mut dp,
+            Direction::Egress,
+            &Tcp::new(addr(CANARY), client, RST | ACK),
+        );
+        assert_eq!(verdict, TC_ACT_OK, "the refusal still reaches the client");
+    }
+    let b = dp.breaker_state("web").expect("breaker window");
+    assert_eq!((b.failures, b.attempts, b.tripped), (3, 3, 1), "{b:?}");
+    // The very next new connection goes to stable, at 100 % canary weight.
+    let (_, next) = open(&mut dp, addr("10.201.0.41:42000"));
+    assert!(
+        STABLE.map(addr).contains(&next.dst),
+        "after the trip a new connection reached {}",
+        next.dst
+    );
+    // One event, with the numbers that tripped it.
+    let item = events.next().expect("a breaker event");
+    let ev = unsafe {
+        std::ptr::read_unaligned(item.as_ptr().cast::<canary_common::breaker::BreakerEvent>())
+    };
+    assert_eq!((ev.failures, ev.attempts), (3, 3), "{ev:?}");
+    drop(item);
+    assert!(events.next().is_none(), "exactly one event per trip");
+    // Re-enabling (an operator clearing the rollback) resets the breaker.
+    dp.set_canary_off("web", false).unwrap();
+    let (_, again) = open(&mut dp, addr("10.201.0.42:42001"));
+    assert_eq!(again.dst, addr(CANARY), "cleared: canary again");
+}
+
+#[test]
+fn stable_failures_and_a_disabled_breaker_do_not_trip() {
+    let mut dp = dataplane("weight = \"0%\"\ncohort = \"per-connection\"");
+    for port in 0..10u16 {
+        let client = SocketAddrV4::new("10.201.0.43".parse().unwrap(), 41_000 + port);
+        let (_, syn) = open(&mut dp, client);
+        run(
+            &mut dp,
+            Direction::Egress,
+            &Tcp::new(syn.dst, client, RST | ACK),
+        );
+    }
+    assert_eq!(
+        dp.breaker_state("web").unwrap().tripped,
+        0,
+        "stable refusals must not trip the canary's breaker"
+    );
+
+    let mut dp = dataplane(
+        "weight = \"100%\"\ncohort = \"per-connection\"\n[service.breaker]\nenabled = false",
+    );
+    for port in 0..10u16 {
+        let client = SocketAddrV4::new("10.201.0.44".parse().unwrap(), 41_000 + port);
+        open(&mut dp, client);
+        run(
+            &mut dp,
+            Direction::Egress,
+            &Tcp::new(addr(CANARY), client, RST | ACK),
+        );
+    }
+    assert_eq!(
+        dp.breaker_state("web").unwrap().tripped,
+        0,
+        "a disabled breaker trips"
+    );
+    let (_, next) = open(&mut dp, addr("10.201.0.45:42000"));
+    assert_eq!(next.dst, addr(CANARY));
+}
+
+#[test]
+fn a_rolled_back_service_sends_nothing_new_to_canary_not_even_always_canary() {
+    let mut dp = dataplane("weight = \"100%\"\nalways_canary = [\"10.201.0.0/16\"]");
+    let (_, before) = open(&mut dp, addr("10.201.0.50:40000"));
+    assert_eq!(before.dst, addr(CANARY));
+    dp.set_canary_off("web", true).unwrap();
+    let (_, after) = open(&mut dp, addr("10.201.0.51:40000"));
+    assert!(
+        STABLE.map(addr).contains(&after.dst),
+        "rolled back, yet reached {}",
+        after.dst
+    );
+    // The canary connection opened before stays where it is.
+    let (_, data) = run(
+        &mut dp,
+        Direction::Ingress,
+        &Tcp::new(addr("10.201.0.50:40000"), addr(VIP), ACK),
+    );
+    assert_eq!(
+        data.dst,
+        addr(CANARY),
+        "an established canary connection must not move"
+    );
+    // A reload keeps the rollback.
+    dp.apply(&services(
+        "weight = \"100%\"\nalways_canary = [\"10.201.0.0/16\"]",
+    ))
+    .unwrap();
+    let (_, reloaded) = open(&mut dp, addr("10.201.0.52:40000"));
+    assert!(
+        STABLE.map(addr).contains(&reloaded.dst),
+        "a reload re-raised the canary: {}",
+        reloaded.dst
+    );
+}
+
+#[test]
 fn truncated_and_garbage_packets_are_counted_not_crashed_on() {
     let mut dp = dataplane("weight = \"5%\"");
     let syn = Tcp::new(addr("10.201.0.1:40000"), addr(VIP), SYN).frame();

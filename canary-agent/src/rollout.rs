@@ -1,0 +1,216 @@
+//! Rollout state per service, persisted under `state_dir` so that an agent
+//! restart never silently re-raises a rolled-back canary.
+//!
+//! Built so far: `idle` (the configured weight applies) and `rolled-back`
+//! (no new connection goes to canary), entered when the data plane's breaker
+//! trips. The plan-driven states (progressing, awaiting-approval, promoted,
+//! paused) and the judge come with the control socket.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Rollout states, as exported in `canary_rollout_state{state}`.
+pub const STATES: [&str; 6] = [
+    "idle",
+    "progressing",
+    "awaiting-approval",
+    "paused",
+    "promoted",
+    "rolled-back",
+];
+
+/// Why a canary was rolled back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RollbackReason {
+    /// The data plane's line-rate breaker tripped.
+    Breaker,
+}
+
+impl RollbackReason {
+    /// Label value of `canary_rollbacks_total{reason}`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RollbackReason::Breaker => "breaker",
+        }
+    }
+}
+
+/// The persisted state of one service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ServiceState {
+    /// The configured weight applies.
+    Idle,
+    /// No new connection goes to canary until an operator clears it.
+    RolledBack {
+        /// What decided.
+        reason: RollbackReason,
+        /// Wall-clock time of the decision, seconds since the Unix epoch.
+        at_unix: u64,
+        /// The numbers behind the decision, for people.
+        detail: String,
+    },
+}
+
+impl ServiceState {
+    /// Name of the state (one of [`STATES`]).
+    pub fn name(&self) -> &'static str {
+        match self {
+            ServiceState::Idle => "idle",
+            ServiceState::RolledBack { .. } => "rolled-back",
+        }
+    }
+
+    /// Whether new connections may go to canary.
+    pub fn canary_allowed(&self) -> bool {
+        matches!(self, ServiceState::Idle)
+    }
+
+    /// A rollback decided now.
+    pub fn rolled_back(reason: RollbackReason, detail: String) -> ServiceState {
+        let at_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        ServiceState::RolledBack {
+            reason,
+            at_unix,
+            detail,
+        }
+    }
+}
+
+/// A state file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Reading, writing or renaming failed.
+    #[error("state file {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The file is not a state this agent understands. Refusing it keeps a
+    /// rolled-back canary from coming back by accident.
+    #[error("state file {path} is not valid; fix or remove it (removing clears the rollback)")]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The directory of state files, one `<service>.json` each.
+#[derive(Clone, Debug)]
+pub struct StateStore {
+    dir: PathBuf,
+}
+
+impl StateStore {
+    /// A store in `dir` (created on first write).
+    pub fn new(dir: &Path) -> StateStore {
+        StateStore {
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn path(&self, service: &str) -> PathBuf {
+        // Service names are [A-Za-z0-9._-]+ (validated), so safe as file names.
+        self.dir.join(format!("{service}.json"))
+    }
+
+    /// The state of `service`: `Idle` if it has no file.
+    pub fn load(&self, service: &str) -> Result<ServiceState, StateError> {
+        let path = self.path(service);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|source| StateError::Corrupt { path, source }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(ServiceState::Idle),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    /// Persists `state` atomically (write a temporary file, fsync, rename);
+    /// `Idle` removes the file.
+    pub fn save(&self, service: &str, state: &ServiceState) -> Result<(), StateError> {
+        let path = self.path(service);
+        let io_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StateError::Io { path, source }
+        };
+        if *state == ServiceState::Idle {
+            return match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&path)(e)),
+                _ => Ok(()),
+            };
+        }
+        std::fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
+        let tmp = self.dir.join(format!(".{service}.json.tmp"));
+        let json =
+            serde_json::to_vec_pretty(state).map_err(|e| io_err(&tmp)(io::Error::other(e)))?;
+        {
+            use std::io::Write as _;
+            let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+            f.write_all(&json).map_err(io_err(&tmp))?;
+            f.sync_all().map_err(io_err(&tmp))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io_err(&path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (StateStore, PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "canary-state-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        (StateStore::new(&dir), dir)
+    }
+
+    #[test]
+    fn a_rollback_survives_a_round_trip_and_idle_removes_the_file() {
+        let (store, dir) = store();
+        assert_eq!(
+            store.load("web").unwrap(),
+            ServiceState::Idle,
+            "no file is idle"
+        );
+        let state =
+            ServiceState::rolled_back(RollbackReason::Breaker, "3 failures of 4 attempts".into());
+        store.save("web", &state).unwrap();
+        assert_eq!(store.load("web").unwrap(), state);
+        let text = std::fs::read_to_string(dir.join("web.json")).unwrap();
+        assert!(
+            text.contains("\"state\": \"rolled-back\"") && text.contains("\"reason\": \"breaker\""),
+            "{text}"
+        );
+        store.save("web", &ServiceState::Idle).unwrap();
+        assert!(!dir.join("web.json").exists());
+        assert_eq!(store.load("web").unwrap(), ServiceState::Idle);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_an_error_not_idle() {
+        let (store, dir) = store();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("web.json"), "{\"state\":\"rolled-back\"").unwrap();
+        let err = store.load("web").unwrap_err();
+        assert!(
+            err.to_string().contains("is not valid; fix or remove it"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
