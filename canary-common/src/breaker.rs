@@ -21,8 +21,12 @@ pub struct BreakerState {
     pub tripped: u64,
     /// `bpf_ktime_get_ns` of the trip.
     pub tripped_ns: u64,
+    /// Canary failures since the canary last answered a request (a
+    /// response byte): a canary that fails everything trips on this within
+    /// `min_failures` connections, whatever the window held before.
+    pub consecutive: u64,
 }
-const _: () = assert!(core::mem::size_of::<BreakerState>() == 40);
+const _: () = assert!(core::mem::size_of::<BreakerState>() == 48);
 
 /// `EVENTS` record: the breaker of `svc_id` tripped.
 #[repr(C)]
@@ -43,13 +47,22 @@ const _: () = assert!(core::mem::size_of::<BreakerEvent>() == 32);
 /// size): room for thousands of trips between two agent reads.
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 
-/// Whether `failures` out of `attempts` cross a limit of `min_failures` and
-/// `ratio_permille` thousandths. `min_failures == 0` disables the breaker.
+/// Whether the breaker trips: `min_failures` failures in a row with no
+/// canary response between them, or `min_failures` failures in the window
+/// that are also at least `ratio_permille` thousandths of its attempts.
+/// `min_failures == 0` disables the breaker.
 #[inline(always)]
-pub const fn trips(failures: u64, attempts: u64, min_failures: u16, ratio_permille: u16) -> bool {
+pub const fn trips(
+    consecutive: u64,
+    failures: u64,
+    attempts: u64,
+    min_failures: u16,
+    ratio_permille: u16,
+) -> bool {
+    let min = min_failures as u64;
     min_failures != 0
-        && failures >= min_failures as u64
-        && failures * 1000 >= ratio_permille as u64 * attempts
+        && (consecutive >= min
+            || (failures >= min && failures * 1000 >= ratio_permille as u64 * attempts))
 }
 
 #[cfg(feature = "user")]

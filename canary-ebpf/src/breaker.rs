@@ -58,13 +58,10 @@ pub fn failure(vip: u32, port: u16, svc_id: u32, now: u64) {
         }
         roll_window(b, now, (*svc).breaker_window_ms);
         crate::atomic::add(core::ptr::addr_of_mut!((*b).failures), 1);
-        let (failures, attempts) = ((*b).failures, (*b).attempts);
-        if !trips(
-            failures,
-            attempts,
-            (*svc).breaker_min_failures,
-            (*svc).breaker_ratio_permille,
-        ) {
+        crate::atomic::add(core::ptr::addr_of_mut!((*b).consecutive), 1);
+        let (consecutive, failures, attempts) = ((*b).consecutive, (*b).failures, (*b).attempts);
+        let (min, ratio) = ((*svc).breaker_min_failures, (*svc).breaker_ratio_permille);
+        if !trips(consecutive, failures, attempts, min, ratio) {
             return;
         }
         // Exactly one CPU wins the trip and reports it.
@@ -84,6 +81,20 @@ pub fn failure(vip: u32, port: u16, svc_id: u32, now: u64) {
     };
     // A full ring only delays the agent's record: the cut-off has happened.
     let _ = EVENTS.output::<BreakerEvent>(&event, 0);
+}
+
+/// The canary of `svc_id` answered a request: a run of failures is over.
+#[inline(always)]
+pub fn success(svc_id: u32) {
+    if let Some(b) = BREAKER.get_ptr_mut(&svc_id) {
+        // SAFETY: a live BREAKER element; a plain store racing an atomic add
+        // at worst loses one failure from the run.
+        unsafe {
+            if (*b).consecutive != 0 {
+                (*b).consecutive = 0;
+            }
+        }
+    }
 }
 
 /// Starts a new window if the current one is over.

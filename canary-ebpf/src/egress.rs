@@ -76,14 +76,19 @@ pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
             // server sends first (a greeting) do not end it.
             let ct = fwd.read();
             if ct.state & ST_REQUEST != 0 && ct.request_ns != 0 {
-                if rev_entry.set_state(ST_RESPONSE) & ST_RESPONSE == 0 && timed {
-                    fwd.set_state(ST_RESPONSE);
-                    stats::observe(
-                        ct.svc_id,
-                        ct.cohort,
-                        Latency::FirstByte,
-                        now - ct.request_ns,
-                    );
+                if rev_entry.set_state(ST_RESPONSE) & ST_RESPONSE == 0 {
+                    if rev.cohort == COHORT_CANARY {
+                        breaker::success(rev.svc_id);
+                    }
+                    if timed {
+                        fwd.set_state(ST_RESPONSE);
+                        stats::observe(
+                            ct.svc_id,
+                            ct.cohort,
+                            Latency::FirstByte,
+                            now - ct.request_ns,
+                        );
+                    }
                 }
             } else if !timed {
                 // Re-resolved flows are not timed: stop looking.

@@ -135,3 +135,72 @@ pub fn drive_paced(
     }
     all
 }
+
+/// One timed connection attempt.
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    /// When `connect` was called.
+    pub start: Instant,
+    /// When the reply or the error arrived.
+    pub end: Instant,
+    /// The answering backend, or the error kind.
+    pub result: Result<String, ErrorKind>,
+}
+
+/// Starts `n` paced one-request connections (`rate` per second in all, four
+/// threads) in the background and returns the threads; each yields its
+/// attempts with timestamps. Bounded: at most 180 s.
+pub fn spawn_timed(
+    lab: &Lab,
+    vip: SocketAddrV4,
+    sources: &[Ipv4Addr],
+    n: usize,
+    rate: f64,
+) -> Vec<std::thread::JoinHandle<std::io::Result<Vec<Attempt>>>> {
+    const THREADS: usize = 4;
+    let sources = Arc::new(sources.to_vec());
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(180);
+    (0..THREADS)
+        .map(|t| {
+            let sources = Arc::clone(&sources);
+            lab.client().spawn(move || {
+                let mut out = Vec::new();
+                for i in (t..n).step_by(THREADS) {
+                    let due = start + Duration::from_secs_f64(i as f64 / rate);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    if Instant::now() > deadline {
+                        break;
+                    }
+                    let begin = Instant::now();
+                    let result = request_once(sources[i % sources.len()], vip, TIMEOUT)
+                        .map_err(|e| e.kind());
+                    out.push(Attempt {
+                        start: begin,
+                        end: Instant::now(),
+                        result,
+                    });
+                }
+                out
+            })
+        })
+        .collect()
+}
+
+/// Joins [`spawn_timed`]'s threads; all attempts in start order.
+pub fn join_timed(
+    handles: Vec<std::thread::JoinHandle<std::io::Result<Vec<Attempt>>>>,
+) -> Vec<Attempt> {
+    let mut all: Vec<Attempt> = handles
+        .into_iter()
+        .flat_map(|h| {
+            h.join()
+                .expect("client thread")
+                .expect("enter client namespace")
+        })
+        .collect();
+    all.sort_by_key(|a| a.start);
+    all
+}
