@@ -78,15 +78,20 @@ mod tests {
     use super::trips;
 
     #[test]
-    fn the_breaker_needs_both_enough_failures_and_a_high_enough_share() {
-        assert!(!trips(2, 2, 3, 500), "below min_failures");
-        assert!(trips(3, 3, 3, 500), "3 of 3 at a 50% limit");
-        assert!(trips(3, 6, 3, 500), "exactly 50%");
-        assert!(!trips(3, 7, 3, 500), "3 of 7 is under 50%");
+    fn the_breaker_trips_on_a_run_of_failures_or_a_high_enough_share() {
+        // (consecutive, failures, attempts, min_failures, ratio_permille)
+        assert!(!trips(1, 2, 2, 3, 500), "below min_failures");
+        assert!(trips(3, 3, 3, 3, 500), "3 of 3 at a 50% limit");
+        assert!(trips(1, 3, 6, 3, 500), "exactly 50% of the window");
+        assert!(!trips(1, 3, 7, 3, 500), "3 of 7 is under 50%, no run");
         assert!(
-            trips(3, 0, 3, 500),
+            trips(3, 3, 200, 3, 500),
+            "3 in a row trips however many attempts the window had"
+        );
+        assert!(
+            trips(0, 3, 0, 3, 500),
             "failures without attempts (SYN retries of older flows)"
         );
-        assert!(!trips(1000, 1000, 0, 0), "min_failures 0 disables");
+        assert!(!trips(1000, 1000, 1000, 0, 0), "min_failures 0 disables");
     }
 }

@@ -97,13 +97,21 @@ impl AgentProcess {
 
     fn spawn(ns: &Netns, config: &str, echo: bool) -> anyhow::Result<AgentProcess> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
+        // Unique across processes too (PIDs are reused), and fresh: a
+        // leftover rollback from an earlier run must not apply here.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
         let dir = std::env::temp_dir().join(format!(
-            "canary-agent-{}-{}",
+            "canary-agent-{}-{}-{nanos}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         let config_path = dir.join("agent.toml");
+        let config = with_private_state_dir(config, &dir);
         std::fs::write(&config_path, config)
             .with_context(|| format!("write {}", config_path.display()))?;
         let binary = agent_binary();
@@ -266,4 +274,21 @@ fn with_private_state_dir(config: &str, dir: &Path) -> String {
     }
     let line = format!("state_dir = \"{}\"", dir.join("state").display());
     config.replacen("[agent]", &format!("[agent]\n{line}"), 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agents_get_a_private_state_dir_unless_the_config_names_one() {
+        let dir = Path::new("/tmp/x");
+        let out = with_private_state_dir("[agent]\ninterfaces = [\"cli0\"]\n", dir);
+        assert_eq!(
+            out,
+            "[agent]\nstate_dir = \"/tmp/x/state\"\ninterfaces = [\"cli0\"]\n"
+        );
+        let own = "[agent]\nstate_dir = \"/s\"\n";
+        assert_eq!(with_private_state_dir(own, dir), own);
+    }
 }

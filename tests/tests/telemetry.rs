@@ -139,6 +139,8 @@ fn a_canary_slow_to_first_byte_shows_in_its_cohort_only() {
 
 #[test]
 fn backend_resets_and_refusals_count_for_the_canary_only() {
+    // The breaker would cut these canaries off after 3 failures; this test
+    // is about counting, so it is off (tests/breaker.rs covers it).
     let lab = lab(
         &[
             ("stable-1", Behavior::Reply),
@@ -153,13 +155,13 @@ fn backend_resets_and_refusals_count_for_the_canary_only() {
         resets_vip,
         lab.backend_addr(0),
         lab.backend_addr(1),
-        "weight = \"30%\"",
+        "weight = \"30%\"\n[service.breaker]\nenabled = false",
     ) + &service(
         "refusals",
         refused_vip,
         lab.backend_addr(0),
         lab.backend_addr(2),
-        "weight = \"30%\"",
+        "weight = \"30%\"\n[service.breaker]\nenabled = false",
     );
     let agent = agent(&lab, "", &services);
 
@@ -482,6 +484,21 @@ fn the_exposition_passes_promtool_and_prometheus_answers_the_canary_rate() {
         .query("sum(rate(canary_connections_total{service=\"web\",cohort=\"canary\"}[5s]))")
         .expect("a value for the canary connection rate");
     eprintln!("Prometheus: canary connection rate {measured:.2}/s (driven at {rate}/s)");
+    if (measured - rate).abs() > rate * 0.15 {
+        let m = scrape(lab.router());
+        for l in m.text.lines().filter(|l| {
+            l.contains("rollback")
+                || l.contains("failed_conn")
+                || l.contains("resets_total")
+                || l.contains("rollout_state")
+                || l.contains("connections_total")
+        }) {
+            eprintln!("  {l}");
+        }
+        for l in agent.log() {
+            eprintln!("  agent | {l}");
+        }
+    }
     assert!(
         (measured - rate).abs() <= rate * 0.15,
         "canary connection rate {measured}/s, expected {rate} ± 15%"
