@@ -7,7 +7,6 @@
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
-use canary_common::breaker::BreakerEvent;
 use tokio::{
     io::unix::AsyncFd,
     net::TcpListener,
@@ -17,7 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{Config, ConfigError},
-    dataplane::{ApplyReport, Dataplane, DataplaneError, error_chain},
+    dataplane::{ApplyReport, Dataplane, DataplaneError, decode_breaker_event, error_chain},
     http,
     rollout::{RollbackReason, ServiceState, StateError, StateStore},
     telemetry::Exporter,
@@ -294,14 +293,10 @@ fn breaker_events(
     states: &mut BTreeMap<String, ServiceState>,
 ) {
     while let Some(item) = ring.next() {
-        if item.len() < std::mem::size_of::<BreakerEvent>() {
+        let Some(ev) = decode_breaker_event(&item) else {
             warn!(bytes = item.len(), "short breaker event ignored");
             continue;
-        }
-        // SAFETY: the kernel wrote a whole BreakerEvent (size checked); it
-        // is read unaligned because ring records are only 8-aligned by
-        // contract, not by type.
-        let ev = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<BreakerEvent>()) };
+        };
         drop(item);
         let Some(name) = dp.service_name(ev.svc_id).map(str::to_string) else {
             warn!(svc_id = ev.svc_id, "breaker event for an unknown service");

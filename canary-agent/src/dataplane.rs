@@ -826,6 +826,18 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     msg
 }
 
+/// A breaker-trip record from the `EVENTS` ring buffer; `None` if it is too
+/// short to be one.
+pub fn decode_breaker_event(record: &[u8]) -> Option<canary_common::breaker::BreakerEvent> {
+    if record.len() < std::mem::size_of::<canary_common::breaker::BreakerEvent>() {
+        return None;
+    }
+    // SAFETY: the record holds at least a whole BreakerEvent (checked), a
+    // plain-integer repr(C) type for which any bytes are valid; ring records
+    // are only 8-aligned by contract, hence the unaligned read.
+    Some(unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) })
+}
+
 /// The `SERVICES` key of a VIP.
 pub fn service_key(vip: SocketAddrV4) -> ServiceKey {
     ServiceKey {

@@ -648,9 +648,7 @@ fn the_breaker_trips_on_canary_refusals_and_stops_steering_there_at_once() {
     );
     // One event, with the numbers that tripped it.
     let item = events.next().expect("a breaker event");
-    let ev = unsafe {
-        std::ptr::read_unaligned(item.as_ptr().cast::<canary_common::breaker::BreakerEvent>())
-    };
+    let ev = canary_agent::dataplane::decode_breaker_event(&item).expect("a whole event");
     assert_eq!((ev.failures, ev.attempts), (3, 3), "{ev:?}");
     drop(item);
     assert!(events.next().is_none(), "exactly one event per trip");
