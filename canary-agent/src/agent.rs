@@ -1,24 +1,33 @@
 //! The daemon: validate the config, load and fill the data plane, attach,
-//! then serve signals until told to stop.
+//! then serve signals, the control socket and the breaker's events until
+//! told to stop.
 //!
-//! SIGHUP re-reads the config file and applies it all or nothing; SIGINT and
-//! SIGTERM detach from every interface and exit.
+//! SIGHUP (or `canaryctl reload`) re-reads the config file and applies it
+//! all or nothing; SIGINT and SIGTERM detach from every interface and exit.
+//! Everything that changes the data plane runs on this one task, in order.
 
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
+use canary_common::{
+    service::{COHORT_CANARY, COHORT_STABLE},
+    stats::quantile,
+};
 use tokio::{
     io::unix::AsyncFd,
     net::TcpListener,
     signal::unix::{SignalKind, signal},
+    sync::mpsc,
 };
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, ConfigError},
+    config::{Config, ConfigError, ServiceConfig},
+    control::{self, Access, Command, ControlError, Response, code},
     dataplane::{ApplyReport, Dataplane, DataplaneError, decode_breaker_event, error_chain},
     http,
     rollout::{RollbackReason, ServiceState, StateError, StateStore},
+    status::{CohortStatus, ServiceStatus, StatusReport},
     telemetry::Exporter,
 };
 
@@ -60,6 +69,32 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// The control socket could not be set up; nothing was attached.
+    #[error("control socket setup failed, nothing was attached")]
+    Control(#[from] ControlError),
+}
+
+/// Why a reload (or a control command) was rejected; nothing changed.
+#[derive(Debug, thiserror::Error)]
+enum ChangeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("applying it failed and was rolled back")]
+    Dataplane(#[from] DataplaneError),
+}
+
+/// The running agent: config, data plane and rollout state, changed only
+/// from the main loop.
+struct Agent {
+    opts: Options,
+    config: Config,
+    dp: Dataplane,
+    store: StateStore,
+    states: BTreeMap<String, ServiceState>,
+    /// What last changed each service's state, for `status`.
+    verdicts: BTreeMap<String, String>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -69,8 +104,9 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
 
-    let mut config = Config::load(&opts.config, &opts.interfaces)?;
-    // Bound before anything is attached: a taken port fails cleanly.
+    let config = Config::load(&opts.config, &opts.interfaces)?;
+    // Sockets are bound before anything is attached: a taken port or a
+    // live agent on the control socket fails cleanly.
     let metrics_addr = config.agent.metrics_addr;
     let listener = TcpListener::bind(metrics_addr)
         .await
@@ -78,40 +114,63 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
             addr: metrics_addr,
             source,
         })?;
+    let access = Access {
+        // SAFETY: geteuid has no preconditions.
+        owner_uid: unsafe { libc::geteuid() },
+        group: match &config.agent.control_group {
+            Some(name) => Some((name.clone(), control::group_id(name)?)),
+            None => None,
+        },
+    };
+    let control_path = config.agent.control_socket.clone();
+    let control_listener = control::bind(&control_path, &access)?;
+
     let store = StateStore::new(&config.agent.state_dir);
-    let mut states = load_states(&store, &config)?;
+    let states = load_states(&store, &config)?;
     let mut dp = Dataplane::load(config.agent.conntrack_capacity)?;
     for (name, state) in &states {
         dp.set_canary_off(name, !state.canary_allowed())?;
     }
-    let report = dp.apply(&config.services)?;
-    publish_states(&dp, &states);
-    let ring = dp
+    let report = dp.apply(&effective(&config, &states))?;
+    let mut agent = Agent {
+        opts,
+        config,
+        dp,
+        store,
+        states,
+        verdicts: BTreeMap::new(),
+    };
+    agent.publish_states();
+    agent.log_services(&report);
+    for iface in agent.config.agent.interfaces.clone() {
+        // On error, dropping `dp` detaches the interfaces already attached.
+        agent.dp.attach(&iface)?;
+        info!(interface = %iface, "attached TC ingress and egress");
+    }
+    let ring = agent
+        .dp
         .take_events()
         .ok_or(AgentError::Events(std::io::Error::other("taken twice")))?;
     // SAFETY: the ring buffer owns its map fd for its whole life, and
     // as_raw_fd always returns that fd; the AsyncFd owns the ring buffer.
     let mut events =
         unsafe { AsyncFd::register(ring) }.map_err(|e| AgentError::Events(e.into_parts().1))?;
-    log_services(&config, &report);
-    for iface in &config.agent.interfaces {
-        // On error, dropping `dp` detaches the interfaces already attached.
-        dp.attach(iface)?;
-        info!(interface = %iface, "attached TC ingress and egress");
-    }
+
     let exporter = Arc::new(Exporter::new(
-        dp.stats_source(),
-        config.agent.metrics_buckets_per_octave,
+        agent.dp.stats_source(),
+        agent.config.agent.metrics_buckets_per_octave,
     ));
     let server = tokio::spawn(http::serve(listener, exporter));
     info!(addr = %metrics_addr, "serving Prometheus metrics at /metrics");
-    warn_reserved(&config);
+    let (calls_tx, mut calls) = mpsc::channel(64);
+    let control_server = tokio::spawn(control::serve(control_listener, access, calls_tx));
+    info!(socket = %control_path.display(), "serving the control socket (canaryctl)");
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!(
-        config = %opts.config.display(),
-        services = config.services.len(),
-        interfaces = ?config.agent.interfaces,
+        config = %agent.opts.config.display(),
+        services = agent.config.services.len(),
+        interfaces = ?agent.config.agent.interfaces,
         "canary-agent ready"
     );
 
@@ -120,23 +179,27 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
             guard = events.readable_mut() => {
                 match guard {
                     Ok(mut guard) => {
-                        breaker_events(guard.get_inner_mut(), &mut dp, &store, &mut states);
+                        agent.breaker_events(guard.get_inner_mut());
                         guard.clear_ready();
                     }
                     Err(e) => warn!(error = %e, "breaker event ring buffer unreadable"),
                 }
             }
+            Some((cmd, reply)) = calls.recv() => {
+                // Trips already in the ring are recorded first, so no command
+                // acts on a state the data plane has already left.
+                agent.breaker_events(events.get_mut());
+                let _ = reply.send(agent.execute(cmd));
+            }
             _ = hup.recv() => {
-                // Trips already in the ring are recorded before the reload
-                // reads the state files, so a reload cannot undo one.
-                breaker_events(events.get_mut(), &mut dp, &store, &mut states);
-                match reload(&opts, &config, &mut dp, &store, &mut states) {
-                    Ok(new) => config = new,
-                    Err(e) => error!(error = %error_chain(&e), "config reload rejected; the previous config is still active"),
+                agent.breaker_events(events.get_mut());
+                info!(config = %agent.opts.config.display(), "SIGHUP received, reloading config");
+                if let Err(e) = agent.reload() {
+                    error!(error = %error_chain(&e), "config reload rejected; the previous config is still active");
                 }
             }
             _ = sweep.tick() => {
-                match dp.sweep_pending(config.agent.handshake_timeout) {
+                match agent.dp.sweep_pending(agent.config.agent.handshake_timeout) {
                     Ok(0) => {}
                     Ok(n) => info!(timed_out = n, "handshakes timed out"),
                     Err(e) => warn!(error = %error_chain(&e), "handshake sweep failed"),
@@ -147,115 +210,29 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         }
     }
     server.abort();
-    log_counters(&dp);
-    let interfaces: Vec<String> = dp.attached().map(str::to_string).collect();
-    dp.detach_all();
+    control_server.abort();
+    let _ = std::fs::remove_file(&control_path);
+    agent.log_counters();
+    let interfaces: Vec<String> = agent.dp.attached().map(str::to_string).collect();
+    agent.dp.detach_all();
     info!(interfaces = ?interfaces, "detached; canary-agent stopped");
     Ok(())
 }
 
-/// Why a reload was rejected.
-#[derive(Debug, thiserror::Error)]
-enum ReloadError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error(transparent)]
-    State(#[from] StateError),
-    #[error("applying the new config failed and was rolled back")]
-    Dataplane(#[from] DataplaneError),
-}
-
-/// Applies the config file anew: services first (all or nothing), then
-/// interface changes (new ones attached before removed ones are detached).
-fn reload(
-    opts: &Options,
-    old: &Config,
-    dp: &mut Dataplane,
-    store: &StateStore,
-    states: &mut BTreeMap<String, ServiceState>,
-) -> Result<Config, ReloadError> {
-    info!(config = %opts.config.display(), "SIGHUP received, reloading config");
-    let new = Config::load(&opts.config, &opts.interfaces)?;
-    // State files are read anew: removing one is how an operator clears a
-    // rollback (until canaryctl can).
-    let new_states = load_states(store, &new)?;
-    let added: Vec<&String> = new
-        .agent
-        .interfaces
+/// The services as the data plane should see them: configured values, with
+/// the weight the rollout state puts in force.
+fn effective(config: &Config, states: &BTreeMap<String, ServiceState>) -> Vec<ServiceConfig> {
+    config
+        .services
         .iter()
-        .filter(|i| !old.agent.interfaces.contains(i))
-        .collect();
-    let mut attached = Vec::new();
-    for iface in &added {
-        if let Err(e) = dp.attach(iface) {
-            for done in attached {
-                dp.detach(done);
+        .map(|svc| {
+            let mut svc = svc.clone();
+            if let Some(state) = states.get(&svc.name) {
+                svc.weight = state.effective_weight(svc.weight);
             }
-            return Err(e.into());
-        }
-        attached.push(iface.as_str());
-    }
-    for (name, state) in &new_states {
-        let was = states
-            .get(name)
-            .map(ServiceState::canary_allowed)
-            .unwrap_or(true);
-        if was != state.canary_allowed() {
-            if let Err(e) = dp.set_canary_off(name, !state.canary_allowed()) {
-                for done in attached {
-                    dp.detach(done);
-                }
-                return Err(e.into());
-            }
-            info!(event = "rollout-state", service = %name, state = state.name(), "rollout state changed by its state file");
-        }
-    }
-    let report = match dp.apply(&new.services) {
-        Ok(report) => report,
-        Err(e) => {
-            for done in attached {
-                dp.detach(done);
-            }
-            return Err(e.into());
-        }
-    };
-    for iface in &attached {
-        info!(interface = %iface, "attached TC ingress and egress");
-    }
-    for iface in old
-        .agent
-        .interfaces
-        .iter()
-        .filter(|i| !new.agent.interfaces.contains(i))
-    {
-        dp.detach(iface);
-        info!(interface = %iface, "detached");
-    }
-    log_services(&new, &report);
-    *states = new_states;
-    publish_states(dp, states);
-    // Interfaces and handshake_timeout apply now; the rest is bound at start.
-    let restart_only = |c: &Config| {
-        (
-            c.agent.control_socket.clone(),
-            c.agent.metrics_addr,
-            c.agent.metrics_buckets_per_octave,
-            c.agent.conntrack_capacity,
-        )
-    };
-    if restart_only(old) != restart_only(&new) {
-        warn!(
-            "control_socket, metrics_addr, metrics_buckets_per_octave and conntrack_capacity \
-             changes take effect at the next restart"
-        );
-    }
-    info!(
-        added = ?report.added,
-        changed = ?report.changed,
-        removed = ?report.removed,
-        "config reloaded"
-    );
-    Ok(new)
+            svc
+        })
+        .collect()
 }
 
 /// The persisted state of every configured service.
@@ -275,105 +252,385 @@ fn load_states(
     Ok(states)
 }
 
-/// Exports every service's rollout state.
-fn publish_states(dp: &Dataplane, states: &BTreeMap<String, ServiceState>) {
-    let source = dp.stats_source();
-    let mut source = source.lock().unwrap_or_else(|p| p.into_inner());
-    for (name, state) in states {
-        source.set_rollout(name, state.name(), None);
-    }
-}
-
-/// Records every breaker trip waiting in the ring buffer: the data plane has
-/// already cut the canary off; this persists the rollback and says so.
-fn breaker_events(
-    ring: &mut RingBuf<MapData>,
-    dp: &mut Dataplane,
-    store: &StateStore,
-    states: &mut BTreeMap<String, ServiceState>,
-) {
-    while let Some(item) = ring.next() {
-        let Some(ev) = decode_breaker_event(&item) else {
-            warn!(bytes = item.len(), "short breaker event ignored");
-            continue;
+impl Agent {
+    /// Applies the config file anew: services first (all or nothing), then
+    /// interface changes (new ones attached before removed ones are
+    /// detached). State files are read anew too: removing one resets that
+    /// service to its configured weight.
+    fn reload(&mut self) -> Result<(), ChangeError> {
+        let new = Config::load(&self.opts.config, &self.opts.interfaces)?;
+        let new_states = load_states(&self.store, &new)?;
+        let old = &self.config;
+        let added: Vec<String> = new
+            .agent
+            .interfaces
+            .iter()
+            .filter(|i| !old.agent.interfaces.contains(i))
+            .cloned()
+            .collect();
+        let mut attached = Vec::new();
+        let result = (|| -> Result<ApplyReport, DataplaneError> {
+            for iface in &added {
+                self.dp.attach(iface)?;
+                attached.push(iface.clone());
+            }
+            for (name, state) in &new_states {
+                let was = self
+                    .states
+                    .get(name)
+                    .map(ServiceState::canary_allowed)
+                    .unwrap_or(true);
+                if was != state.canary_allowed() {
+                    self.dp.set_canary_off(name, !state.canary_allowed())?;
+                    info!(event = "rollout-state", service = %name, state = state.name(), "rollout state changed by its state file");
+                }
+            }
+            self.dp.apply(&effective(&new, &new_states))
+        })();
+        let report = match result {
+            Ok(report) => report,
+            Err(e) => {
+                for iface in attached {
+                    self.dp.detach(&iface);
+                }
+                return Err(e.into());
+            }
         };
-        drop(item);
-        let Some(name) = dp.service_name(ev.svc_id).map(str::to_string) else {
-            warn!(svc_id = ev.svc_id, "breaker event for an unknown service");
-            continue;
-        };
-        if states.get(&name).is_some_and(|s| !s.canary_allowed()) {
-            continue;
+        for iface in &attached {
+            info!(interface = %iface, "attached TC ingress and egress");
         }
-        let detail = format!(
-            "{} canary failures of {} attempts in one breaker window",
-            ev.failures, ev.attempts
-        );
-        let state = ServiceState::rolled_back(RollbackReason::Breaker, detail.clone());
-        if let Err(e) = store.save(&name, &state) {
-            // The cut-off stands in the kernel; only its persistence failed.
-            error!(service = %name, error = %error_chain(&e), "rollback not persisted: a restart would re-raise the canary");
-        }
-        if let Err(e) = dp.set_canary_off(&name, true) {
-            error!(service = %name, error = %error_chain(&e), "cannot mark the service rolled back in the data plane");
-        }
+        for iface in self
+            .config
+            .agent
+            .interfaces
+            .iter()
+            .filter(|i| !new.agent.interfaces.contains(i))
         {
-            let source = dp.stats_source();
-            let mut source = source.lock().unwrap_or_else(|p| p.into_inner());
-            source.set_rollout(&name, state.name(), Some(RollbackReason::Breaker.as_str()));
+            self.dp.detach(iface);
+            info!(interface = %iface, "detached");
         }
-        warn!(
-            event = "rollback",
-            service = %name,
-            reason = "breaker",
-            failures = ev.failures,
-            attempts = ev.attempts,
-            tripped_at_ns = ev.at_ns,
-            "canary rolled back by the data-plane breaker: no new connection goes to canary"
-        );
-        states.insert(name, state);
-    }
-}
-
-fn log_services(config: &Config, report: &ApplyReport) {
-    for svc in &config.services {
-        if report.added.contains(&svc.name) || report.changed.contains(&svc.name) {
-            info!(
-                service = %svc.name,
-                vip = %svc.vip,
-                weight = %svc.weight,
-                cohort = %svc.cohort,
-                stable = svc.stable.len(),
-                canary = svc.canary.len(),
-                always_canary = svc.always_canary.len(),
-                never_canary = svc.never_canary.len(),
-                "service programmed"
+        // Interfaces and handshake_timeout apply now; the rest is bound at
+        // start.
+        let restart_only = |c: &Config| {
+            (
+                c.agent.control_socket.clone(),
+                c.agent.control_group.clone(),
+                c.agent.metrics_addr,
+                c.agent.metrics_buckets_per_octave,
+                c.agent.conntrack_capacity,
+                c.agent.state_dir.clone(),
+            )
+        };
+        if restart_only(&self.config) != restart_only(&new) {
+            warn!(
+                "control_socket, control_group, metrics_addr, metrics_buckets_per_octave, conntrack_capacity \
+                 and state_dir changes take effect at the next restart"
             );
         }
+        self.config = new;
+        self.states = new_states;
+        self.publish_states();
+        self.log_services(&report);
+        info!(added = ?report.added, changed = ?report.changed, removed = ?report.removed, "config reloaded");
+        Ok(())
     }
-    for name in &report.removed {
-        info!(service = %name, "service removed");
-    }
-}
 
-fn warn_reserved(config: &Config) {
-    // Accepted so configs written for later releases validate today.
-    info!(
-        control_socket = %config.agent.control_socket.display(),
-        "the control socket (canaryctl) is not built yet; this setting is reserved"
-    );
-}
-
-fn log_counters(dp: &Dataplane) {
-    match dp.counters() {
-        Ok(counters) => {
-            let summary: Vec<String> = counters
-                .iter()
-                .filter(|(_, v)| *v > 0)
-                .map(|(c, v)| format!("{}={v}", c.name()))
-                .collect();
-            info!(counters = %summary.join(" "), "data-plane counters");
+    /// Runs one control command.
+    fn execute(&mut self, cmd: Command) -> Response {
+        match cmd {
+            Command::Status { service } => self.status(service.as_deref()),
+            Command::Reload => match self.reload() {
+                Ok(()) => Response::ok(serde_json::json!({ "reloaded": true })),
+                Err(e) => Response::error(
+                    code::CONFLICT,
+                    format!(
+                        "reload rejected, the running config stays: {}",
+                        error_chain(&e)
+                    ),
+                ),
+            },
+            Command::SetWeight { service, weight } => self.transition(&service, |svc, state| {
+                if matches!(state, ServiceState::RolledBack { .. }) {
+                    return Err("it is rolled back; `canaryctl resume` it first".to_string());
+                }
+                if weight.ppm() > 0 && svc.canary.is_empty() {
+                    return Err("it has no canary backends".to_string());
+                }
+                Ok(ServiceState::Idle {
+                    weight_ppm: Some(weight.ppm()),
+                })
+            }),
+            Command::Promote { service } => self.transition(&service, |svc, _| {
+                if svc.canary.is_empty() {
+                    return Err("it has no canary backends to promote".to_string());
+                }
+                Ok(ServiceState::promoted())
+            }),
+            Command::Rollback { service } => self.transition(&service, |_, state| {
+                if matches!(state, ServiceState::RolledBack { .. }) {
+                    return Err("it is already rolled back".to_string());
+                }
+                Ok(ServiceState::rolled_back(
+                    RollbackReason::Operator,
+                    "canaryctl rollback".to_string(),
+                ))
+            }),
+            Command::Resume { service } => self.transition(&service, |_, _| Ok(ServiceState::IDLE)),
+            Command::Pause { .. } | Command::Approve { .. } => Response::error(
+                code::NOT_BUILT,
+                "pause and approve act on plan-driven rollouts, which are not built yet; \
+                 set-weight, promote, rollback and resume work now",
+            ),
         }
-        Err(e) => warn!(error = %error_chain(&e), "cannot read data-plane counters"),
+    }
+
+    /// Moves `service` to the state `decide` returns (or answers why not):
+    /// persisted first, then applied; if applying fails, the old state is
+    /// restored on disk and in the data plane.
+    fn transition(
+        &mut self,
+        service: &str,
+        decide: impl FnOnce(&ServiceConfig, &ServiceState) -> Result<ServiceState, String>,
+    ) -> Response {
+        let Some(svc) = self.config.services.iter().find(|s| s.name == service) else {
+            let names: Vec<&str> = self
+                .config
+                .services
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect();
+            return Response::error(
+                code::UNKNOWN_SERVICE,
+                format!("no service {service:?}; configured: {names:?}"),
+            );
+        };
+        let old = self
+            .states
+            .get(service)
+            .cloned()
+            .unwrap_or(ServiceState::IDLE);
+        let new = match decide(svc, &old) {
+            Ok(new) => new,
+            Err(why) => {
+                return Response::error(code::CONFLICT, format!("service {service:?}: {why}"));
+            }
+        };
+        if let Err(e) = self.store.save(service, &new) {
+            return Response::error(code::INTERNAL, format!("not changed: {}", error_chain(&e)));
+        }
+        self.states.insert(service.to_string(), new.clone());
+        let applied = self
+            .dp
+            .set_canary_off(service, !new.canary_allowed())
+            .and_then(|()| self.dp.apply(&effective(&self.config, &self.states)));
+        if let Err(e) = applied {
+            self.states.insert(service.to_string(), old.clone());
+            let _ = self.store.save(service, &old);
+            let _ = self.dp.set_canary_off(service, !old.canary_allowed());
+            let _ = self.dp.apply(&effective(&self.config, &self.states));
+            return Response::error(code::INTERNAL, format!("not changed: {}", error_chain(&e)));
+        }
+        let rollback = match &new {
+            ServiceState::RolledBack { reason, .. } => Some(reason.as_str()),
+            _ => None,
+        };
+        self.publish_state(service, &new, rollback);
+        let weight = new.effective_weight(svc.weight);
+        let verdict = format!(
+            "{} by canaryctl: {} → {} (canary weight {weight})",
+            new_verb(&new),
+            old.name(),
+            new.name()
+        );
+        warn!(event = "rollout-state", service = %service, from = old.name(), to = new.name(), weight = %weight, "{verdict}");
+        self.verdicts.insert(service.to_string(), verdict);
+        self.status(Some(service))
+    }
+
+    /// The `status` answer.
+    fn status(&self, only: Option<&str>) -> Response {
+        if let Some(name) = only
+            && !self.config.services.iter().any(|s| s.name == name)
+        {
+            return Response::error(code::UNKNOWN_SERVICE, format!("no service {name:?}"));
+        }
+        let snapshot = match self.dp.snapshot() {
+            Ok(s) => s,
+            Err(e) => return Response::error(code::INTERNAL, error_chain(&e)),
+        };
+        let mut services = Vec::new();
+        for svc in self
+            .config
+            .services
+            .iter()
+            .filter(|s| only.is_none_or(|n| n == s.name))
+        {
+            let state = self
+                .states
+                .get(&svc.name)
+                .cloned()
+                .unwrap_or(ServiceState::IDLE);
+            let Some(snap) = snapshot.service(&svc.name) else {
+                continue;
+            };
+            let cohorts = [COHORT_STABLE, COHORT_CANARY].map(|cohort| {
+                let c = snap.cohort_counters(cohort);
+                let failed = c.refused + c.syn_retried + snap.cohort_timeouts(cohort);
+                let hist = snap.histograms[usize::from(cohort)].as_ref();
+                let ms = |q| {
+                    hist.and_then(|h| quantile(&h.first_byte_ns.buckets, q))
+                        .map(|ns| ns / 1e6)
+                };
+                CohortStatus {
+                    cohort: if cohort == COHORT_CANARY {
+                        "canary"
+                    } else {
+                        "stable"
+                    }
+                    .to_string(),
+                    connections: c.connections,
+                    active: c.active(),
+                    failed,
+                    resets_from_backend: c.resets_from_backend,
+                    failure_ratio: if c.connections == 0 {
+                        0.0
+                    } else {
+                        failed as f64 / c.connections as f64
+                    },
+                    first_byte_p50_ms: ms(0.5),
+                    first_byte_p99_ms: ms(0.99),
+                }
+            });
+            let total = cohorts[0].connections + cohorts[1].connections;
+            services.push(ServiceStatus {
+                name: svc.name.clone(),
+                state: state.name().to_string(),
+                configured_weight: svc.weight.to_string(),
+                effective_weight: state.effective_weight(svc.weight).to_string(),
+                observed_canary_share: (total > 0)
+                    .then(|| cohorts[1].connections as f64 / total as f64),
+                cohorts: cohorts.to_vec(),
+                last_verdict: self
+                    .verdicts
+                    .get(&svc.name)
+                    .cloned()
+                    .or_else(|| match &state {
+                        ServiceState::RolledBack { reason, detail, .. } => {
+                            Some(format!("rolled back ({}): {detail}", reason.as_str()))
+                        }
+                        _ => None,
+                    }),
+            });
+        }
+        match serde_json::to_value(StatusReport { services }) {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::error(code::INTERNAL, e.to_string()),
+        }
+    }
+
+    /// Records every breaker trip waiting in the ring buffer: the data plane
+    /// has already cut the canary off; this persists the rollback and says
+    /// so.
+    fn breaker_events(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(item) = ring.next() {
+            let Some(ev) = decode_breaker_event(&item) else {
+                warn!(bytes = item.len(), "short breaker event ignored");
+                continue;
+            };
+            drop(item);
+            let Some(name) = self.dp.service_name(ev.svc_id).map(str::to_string) else {
+                warn!(svc_id = ev.svc_id, "breaker event for an unknown service");
+                continue;
+            };
+            if self.states.get(&name).is_some_and(|s| !s.canary_allowed()) {
+                continue;
+            }
+            let detail = format!(
+                "{} canary failures of {} attempts in one breaker window",
+                ev.failures, ev.attempts
+            );
+            let state = ServiceState::rolled_back(RollbackReason::Breaker, detail.clone());
+            if let Err(e) = self.store.save(&name, &state) {
+                // The cut-off stands in the kernel; only its persistence failed.
+                error!(service = %name, error = %error_chain(&e), "rollback not persisted: a restart would re-raise the canary");
+            }
+            if let Err(e) = self.dp.set_canary_off(&name, true) {
+                error!(service = %name, error = %error_chain(&e), "cannot mark the service rolled back in the data plane");
+            }
+            self.publish_state(&name, &state, Some(RollbackReason::Breaker.as_str()));
+            warn!(
+                event = "rollback",
+                service = %name,
+                reason = "breaker",
+                failures = ev.failures,
+                attempts = ev.attempts,
+                tripped_at_ns = ev.at_ns,
+                "canary rolled back by the data-plane breaker: no new connection goes to canary"
+            );
+            self.verdicts.insert(
+                name.clone(),
+                format!("rolled back by the breaker: {detail}"),
+            );
+            self.states.insert(name, state);
+        }
+    }
+
+    /// Exports every service's rollout state.
+    fn publish_states(&self) {
+        for (name, state) in &self.states {
+            self.publish_state(name, state, None);
+        }
+    }
+
+    fn publish_state(&self, name: &str, state: &ServiceState, rollback: Option<&'static str>) {
+        let source = self.dp.stats_source();
+        let mut source = source.lock().unwrap_or_else(|p| p.into_inner());
+        source.set_rollout(name, state.name(), rollback);
+    }
+
+    fn log_services(&self, report: &ApplyReport) {
+        for svc in effective(&self.config, &self.states) {
+            if report.added.contains(&svc.name) || report.changed.contains(&svc.name) {
+                info!(
+                    service = %svc.name,
+                    vip = %svc.vip,
+                    weight = %svc.weight,
+                    cohort = %svc.cohort,
+                    stable = svc.stable.len(),
+                    canary = svc.canary.len(),
+                    always_canary = svc.always_canary.len(),
+                    never_canary = svc.never_canary.len(),
+                    "service programmed"
+                );
+            }
+        }
+        for name in &report.removed {
+            info!(service = %name, "service removed");
+        }
+    }
+
+    fn log_counters(&self) {
+        match self.dp.counters() {
+            Ok(counters) => {
+                let summary: Vec<String> = counters
+                    .iter()
+                    .filter(|(_, v)| *v > 0)
+                    .map(|(c, v)| format!("{}={v}", c.name()))
+                    .collect();
+                info!(counters = %summary.join(" "), "data-plane counters");
+            }
+            Err(e) => warn!(error = %error_chain(&e), "cannot read data-plane counters"),
+        }
+    }
+}
+
+fn new_verb(state: &ServiceState) -> &'static str {
+    match state {
+        ServiceState::Idle {
+            weight_ppm: Some(_),
+        } => "weight set",
+        ServiceState::Idle { weight_ppm: None } => "resumed",
+        ServiceState::Promoted { .. } => "promoted",
+        ServiceState::RolledBack { .. } => "rolled back",
     }
 }

@@ -21,7 +21,7 @@ use canary_common::{
 };
 use serde::Deserialize;
 
-/// Default path of the control socket (used by `canaryctl`, not built yet).
+/// Default path of the control socket (`canaryctl`).
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/canary/control.sock";
 /// Default Prometheus listen address.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
@@ -242,8 +242,11 @@ impl FromStr for Ipv4Prefix {
 pub struct AgentConfig {
     /// Client-facing interfaces where the programs are attached.
     pub interfaces: Vec<String>,
-    /// Control socket path (reserved for `canaryctl`, not built yet).
+    /// Control socket path (`canaryctl --socket`).
     pub control_socket: PathBuf,
+    /// Group whose members may use the control socket (root and the
+    /// agent's own user always may).
+    pub control_group: Option<String>,
     /// Prometheus listen address (`GET /metrics`).
     pub metrics_addr: SocketAddr,
     /// Exported histogram buckets per doubling: 1, 2, 4, 8 or 16.
@@ -331,6 +334,7 @@ struct RawConfig {
 struct RawAgent {
     interfaces: Vec<String>,
     control_socket: Option<PathBuf>,
+    control_group: Option<String>,
     metrics_addr: Option<String>,
     metrics_buckets_per_octave: Option<u32>,
     conntrack_capacity: Option<u32>,
@@ -470,6 +474,17 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
             ),
         ));
     }
+    let control_group = raw.control_group;
+    if let Some(name) = &control_group
+        && crate::control::group_id(name).is_err()
+    {
+        return Err(invalid(
+            S,
+            "control_group",
+            quoted(name),
+            "no such group on this host; create it (groupadd) or leave control_group out",
+        ));
+    }
     let metrics_buckets_per_octave = raw
         .metrics_buckets_per_octave
         .unwrap_or(DEFAULT_BUCKETS_PER_OCTAVE);
@@ -508,6 +523,7 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
         control_socket: raw
             .control_socket
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
+        control_group,
         metrics_addr,
         metrics_buckets_per_octave,
         conntrack_capacity,
@@ -1201,6 +1217,22 @@ never_canary = []
             "never_canary = []\n[service.breaker]\nlimit = 3",
         ));
         assert!(msg.contains("unknown field `limit`"), "{msg}");
+    }
+
+    #[test]
+    fn the_control_group_must_exist() {
+        let c = parse(&GOOD.replace("[agent]", "[agent]\ncontrol_group = \"root\"")).unwrap();
+        assert_eq!(c.agent.control_group.as_deref(), Some("root"));
+        let msg = error_text(&GOOD.replace(
+            "[agent]",
+            "[agent]\ncontrol_group = \"no-such-group-canary\"",
+        ));
+        assert!(
+            msg.contains(
+                "[agent]: control_group = \"no-such-group-canary\": no such group on this host"
+            ),
+            "{msg}"
+        );
     }
 
     #[test]

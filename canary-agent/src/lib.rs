@@ -4,7 +4,9 @@
 
 pub mod agent;
 pub mod config;
+pub mod control;
 pub mod dataplane;
 pub mod http;
 pub mod rollout;
+pub mod status;
 pub mod telemetry;

@@ -1,10 +1,14 @@
 //! Rollout state per service, persisted under `state_dir` so that an agent
 //! restart never silently re-raises a rolled-back canary.
 //!
-//! Built so far: `idle` (the configured weight applies) and `rolled-back`
-//! (no new connection goes to canary), entered when the data plane's breaker
-//! trips. The plan-driven states (progressing, awaiting-approval, promoted,
-//! paused) and the judge come with the control socket.
+//! Built so far, without a rollout plan:
+//! - `idle`: the configured weight applies, or an operator's `set-weight`;
+//! - `promoted`: every new connection goes to canary (`promote`);
+//! - `rolled-back`: no new connection goes to canary, decided by the data
+//!   plane's breaker or an operator's `rollback`.
+//!
+//! `resume` returns to `idle` at the configured weight. The plan-driven
+//! states (progressing, awaiting-approval, paused) and the judge come next.
 
 use std::{
     io,
@@ -13,6 +17,8 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+
+use crate::config::Weight;
 
 /// Rollout states, as exported in `canary_rollout_state{state}`.
 pub const STATES: [&str; 6] = [
@@ -30,13 +36,19 @@ pub const STATES: [&str; 6] = [
 pub enum RollbackReason {
     /// The data plane's line-rate breaker tripped.
     Breaker,
+    /// An operator said so (`canaryctl rollback`).
+    Operator,
 }
 
 impl RollbackReason {
+    /// Every reason, for exporting zero counts.
+    pub const ALL: [RollbackReason; 2] = [RollbackReason::Breaker, RollbackReason::Operator];
+
     /// Label value of `canary_rollbacks_total{reason}`.
     pub fn as_str(self) -> &'static str {
         match self {
             RollbackReason::Breaker => "breaker",
+            RollbackReason::Operator => "operator",
         }
     }
 }
@@ -45,8 +57,17 @@ impl RollbackReason {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum ServiceState {
-    /// The configured weight applies.
-    Idle,
+    /// The configured weight applies, unless an operator set one.
+    Idle {
+        /// `canaryctl set-weight`, in ppm; `None` = the configured weight.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        weight_ppm: Option<u32>,
+    },
+    /// Every new connection goes to canary.
+    Promoted {
+        /// Wall-clock time of the promotion, seconds since the Unix epoch.
+        at_unix: u64,
+    },
     /// No new connection goes to canary until an operator clears it.
     RolledBack {
         /// What decided.
@@ -59,31 +80,60 @@ pub enum ServiceState {
 }
 
 impl ServiceState {
+    /// The configured weight and no override: nothing to persist.
+    pub const IDLE: ServiceState = ServiceState::Idle { weight_ppm: None };
+
     /// Name of the state (one of [`STATES`]).
     pub fn name(&self) -> &'static str {
         match self {
-            ServiceState::Idle => "idle",
+            ServiceState::Idle { .. } => "idle",
+            ServiceState::Promoted { .. } => "promoted",
             ServiceState::RolledBack { .. } => "rolled-back",
         }
     }
 
     /// Whether new connections may go to canary.
     pub fn canary_allowed(&self) -> bool {
-        matches!(self, ServiceState::Idle)
+        !matches!(self, ServiceState::RolledBack { .. })
+    }
+
+    /// The weight in force, given the configured one.
+    pub fn effective_weight(&self, configured: Weight) -> Weight {
+        match self {
+            ServiceState::Idle {
+                weight_ppm: Some(ppm),
+            } => Weight::from_ppm(*ppm).unwrap_or(configured),
+            ServiceState::Idle { weight_ppm: None } => configured,
+            ServiceState::Promoted { .. } => {
+                Weight::from_ppm(canary_common::cohort::PPM).unwrap_or(configured)
+            }
+            // The canary-off flag keeps canary empty; the weight is moot.
+            ServiceState::RolledBack { .. } => configured,
+        }
     }
 
     /// A rollback decided now.
     pub fn rolled_back(reason: RollbackReason, detail: String) -> ServiceState {
-        let at_unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
         ServiceState::RolledBack {
             reason,
-            at_unix,
+            at_unix: now_unix(),
             detail,
         }
     }
+
+    /// A promotion decided now.
+    pub fn promoted() -> ServiceState {
+        ServiceState::Promoted {
+            at_unix: now_unix(),
+        }
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// A state file could not be read or written.
@@ -131,20 +181,20 @@ impl StateStore {
         match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map_err(|source| StateError::Corrupt { path, source }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(ServiceState::Idle),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(ServiceState::IDLE),
             Err(source) => Err(StateError::Io { path, source }),
         }
     }
 
     /// Persists `state` atomically (write a temporary file, fsync, rename);
-    /// `Idle` removes the file.
+    /// plain `idle` removes the file.
     pub fn save(&self, service: &str, state: &ServiceState) -> Result<(), StateError> {
         let path = self.path(service);
         let io_err = |path: &Path| {
             let path = path.to_owned();
             move |source| StateError::Io { path, source }
         };
-        if *state == ServiceState::Idle {
+        if *state == ServiceState::IDLE {
             return match std::fs::remove_file(&path) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&path)(e)),
                 _ => Ok(()),
@@ -183,7 +233,7 @@ mod tests {
         let (store, dir) = store();
         assert_eq!(
             store.load("web").unwrap(),
-            ServiceState::Idle,
+            ServiceState::IDLE,
             "no file is idle"
         );
         let state =
@@ -195,9 +245,33 @@ mod tests {
             text.contains("\"state\": \"rolled-back\"") && text.contains("\"reason\": \"breaker\""),
             "{text}"
         );
-        store.save("web", &ServiceState::Idle).unwrap();
+        store.save("web", &ServiceState::IDLE).unwrap();
         assert!(!dir.join("web.json").exists());
-        assert_eq!(store.load("web").unwrap(), ServiceState::Idle);
+        assert_eq!(store.load("web").unwrap(), ServiceState::IDLE);
+        // An operator's weight and a promotion persist too.
+        let manual = ServiceState::Idle {
+            weight_ppm: Some(2_500),
+        };
+        store.save("web", &manual).unwrap();
+        assert_eq!(store.load("web").unwrap(), manual);
+        assert_eq!(
+            manual
+                .effective_weight(Weight::from_ppm(50_000).unwrap())
+                .ppm(),
+            2_500
+        );
+        let promoted = ServiceState::promoted();
+        store.save("web", &promoted).unwrap();
+        assert_eq!(store.load("web").unwrap(), promoted);
+        assert_eq!(
+            promoted
+                .effective_weight(Weight::from_ppm(50_000).unwrap())
+                .ppm(),
+            1_000_000
+        );
+        // A file holding plain idle (as an earlier release wrote) still reads.
+        std::fs::write(dir.join("old.json"), "{\"state\":\"idle\"}").unwrap();
+        assert_eq!(store.load("old").unwrap(), ServiceState::IDLE);
         let _ = std::fs::remove_dir_all(dir);
     }
 

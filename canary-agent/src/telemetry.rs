@@ -566,15 +566,19 @@ impl Collector for StatsCollector {
         family(
             e,
             "canary_rollbacks",
-            "Rollbacks since the agent started, by what decided (breaker: the data plane's line-rate breaker).",
+            "Rollbacks since the agent started, by what decided: breaker (the data plane's line-rate breaker) or operator.",
             None,
             snapshot.services.iter().flat_map(|s| {
-                ["breaker"].map(|reason| {
-                    (
-                        [("service", s.name.as_str()), ("reason", reason)].map(own),
-                        ConstCounter::new(s.rollout.rollbacks.get(reason).copied().unwrap_or(0)),
-                    )
-                })
+                crate::rollout::RollbackReason::ALL
+                    .map(|r| r.as_str())
+                    .map(|reason| {
+                        (
+                            [("service", s.name.as_str()), ("reason", reason)].map(own),
+                            ConstCounter::new(
+                                s.rollout.rollbacks.get(reason).copied().unwrap_or(0),
+                            ),
+                        )
+                    })
             }),
         )?;
         family(

@@ -34,6 +34,11 @@ pub fn agent_binary() -> PathBuf {
         })
 }
 
+/// Path of `canaryctl`: beside the agent binary.
+pub fn canaryctl_binary() -> PathBuf {
+    agent_binary().with_file_name("canaryctl")
+}
+
 type Log = Arc<(Mutex<Vec<String>>, Condvar)>;
 
 /// A running agent.
@@ -201,6 +206,11 @@ impl AgentProcess {
         }
     }
 
+    /// The control socket, where the config did not name one.
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
     /// The directory of this agent's files (config, private state).
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -269,11 +279,18 @@ impl Drop for AgentProcess {
 /// config names one: rollbacks persist there, and one lab's must not leak
 /// into the next (or into the host's `/var/lib/canary`).
 fn with_private_state_dir(config: &str, dir: &Path) -> String {
-    if config.contains("state_dir") {
-        return config.to_string();
+    let mut config = config.to_string();
+    // A control socket of its own too, for the same reason.
+    for (key, path) in [
+        ("state_dir", dir.join("state")),
+        ("control_socket", dir.join("control.sock")),
+    ] {
+        if !config.contains(key) {
+            let line = format!("{key} = \"{}\"", path.display());
+            config = config.replacen("[agent]", &format!("[agent]\n{line}"), 1);
+        }
     }
-    let line = format!("state_dir = \"{}\"", dir.join("state").display());
-    config.replacen("[agent]", &format!("[agent]\n{line}"), 1)
+    config
 }
 
 #[cfg(test)]
@@ -281,14 +298,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn agents_get_a_private_state_dir_unless_the_config_names_one() {
+    fn agents_get_a_private_state_dir_and_socket_unless_the_config_names_them() {
         let dir = Path::new("/tmp/x");
         let out = with_private_state_dir("[agent]\ninterfaces = [\"cli0\"]\n", dir);
         assert_eq!(
             out,
-            "[agent]\nstate_dir = \"/tmp/x/state\"\ninterfaces = [\"cli0\"]\n"
+            "[agent]\ncontrol_socket = \"/tmp/x/control.sock\"\nstate_dir = \"/tmp/x/state\"\ninterfaces = [\"cli0\"]\n"
         );
-        let own = "[agent]\nstate_dir = \"/s\"\n";
+        let own = "[agent]\nstate_dir = \"/s\"\ncontrol_socket = \"/c\"\n";
         assert_eq!(with_private_state_dir(own, dir), own);
     }
 }

@@ -1,0 +1,275 @@
+//! `canaryctl`: talk to a running canary-agent over its control socket.
+
+use std::{
+    io::{BufRead, BufReader, IsTerminal, Read, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use canary_agent::{
+    control::{MAX_RESPONSE, PROTOCOL_VERSION, RawRequest, Response},
+    status::StatusReport,
+};
+use clap::{Parser, Subcommand};
+
+/// Drive canary rollouts on this node: show each service's cohorts and
+/// verdicts, set the canary weight, promote or roll back.
+///
+/// Talks to canary-agent over its control socket (root, the agent's user,
+/// or a member of its control_group). Exit status: 0 on success, 1 when the
+/// agent refused or could not be reached (the message says why), 2 on a
+/// usage error.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// The agent's control socket.
+    #[arg(
+        long,
+        env = "CANARY_SOCKET",
+        default_value = "/run/canary/control.sock",
+        global = true
+    )]
+    socket: PathBuf,
+
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Show every service (or one): state, weights, observed canary share,
+    /// per-cohort connections, failures and first-byte p50/p99, and the
+    /// last verdict.
+    Status {
+        /// Only this service.
+        service: Option<String>,
+        /// Print the agent's JSON answer (for scripts).
+        #[arg(long)]
+        json: bool,
+        /// Refresh in place until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        /// Refresh interval with --watch, in seconds.
+        #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+        interval: f64,
+    },
+    /// Set the canary weight by hand: "5%", "0.25%" or "2500ppm". Persists
+    /// across agent restarts until `resume`.
+    SetWeight {
+        /// The service.
+        service: String,
+        /// The new weight.
+        weight: String,
+    },
+    /// Hold a plan-driven rollout at its step (plans are not built yet).
+    Pause {
+        /// The service.
+        service: String,
+    },
+    /// Back to the configured weight: clears a rollback (and resets the
+    /// breaker), a promotion or a manual weight.
+    Resume {
+        /// The service.
+        service: String,
+    },
+    /// Pass a manual gate of a plan-driven rollout (plans are not built
+    /// yet).
+    Approve {
+        /// The service.
+        service: String,
+    },
+    /// Send every new connection to canary. Persists until `resume`.
+    Promote {
+        /// The service.
+        service: String,
+    },
+    /// Send no new connection to canary (existing ones drain). Persists
+    /// until `resume`.
+    Rollback {
+        /// The service.
+        service: String,
+    },
+    /// Make the agent re-read its config file (as SIGHUP); a bad file is
+    /// rejected and the running config stays.
+    Reload,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (cmd, service, weight) = match &cli.command {
+        Cmd::Status { service, .. } => ("status", service.clone(), None),
+        Cmd::SetWeight { service, weight } => {
+            ("set-weight", Some(service.clone()), Some(weight.clone()))
+        }
+        Cmd::Pause { service } => ("pause", Some(service.clone()), None),
+        Cmd::Resume { service } => ("resume", Some(service.clone()), None),
+        Cmd::Approve { service } => ("approve", Some(service.clone()), None),
+        Cmd::Promote { service } => ("promote", Some(service.clone()), None),
+        Cmd::Rollback { service } => ("rollback", Some(service.clone()), None),
+        Cmd::Reload => ("reload", None, None),
+    };
+    let request = RawRequest {
+        v: PROTOCOL_VERSION,
+        cmd: cmd.to_string(),
+        service,
+        weight,
+    };
+    let result = match &cli.command {
+        Cmd::Status {
+            json,
+            watch: true,
+            interval,
+            ..
+        } => watch(&cli.socket, &request, *json, *interval),
+        Cmd::Status { json, .. } => {
+            call(&cli.socket, &request).and_then(|v| print_status(&v, *json))
+        }
+        _ => call(&cli.socket, &request).and_then(|v| {
+            match serde_json::from_value::<StatusReport>(v.clone()) {
+                Ok(report) => print!("{}", table(&report)),
+                Err(_) => println!("ok"),
+            }
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("canaryctl: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Sends one request; the result, or a message saying what went wrong.
+fn call(socket: &Path, request: &RawRequest) -> Result<serde_json::Value, String> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => format!(
+            "no agent at {}: is canary-agent running? (set --socket or CANARY_SOCKET)",
+            socket.display()
+        ),
+        std::io::ErrorKind::PermissionDenied => format!(
+            "permission denied on {}: run as root or as a member of the agent's control_group",
+            socket.display()
+        ),
+        _ => format!("cannot connect to {}: {e}", socket.display()),
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    let mut line = serde_json::to_vec(request).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    stream
+        .write_all(&line)
+        .map_err(|e| format!("sending to the agent: {e}"))?;
+    let mut reply = Vec::new();
+    BufReader::new(stream)
+        .take(MAX_RESPONSE as u64)
+        .read_until(b'\n', &mut reply)
+        .map_err(|e| format!("reading the agent's answer: {e}"))?;
+    if reply.is_empty() {
+        return Err("the agent closed the connection without answering".to_string());
+    }
+    let response: Response = serde_json::from_slice(&reply)
+        .map_err(|e| format!("the agent's answer is not a response: {e}"))?;
+    match (response.ok, response.result, response.error) {
+        (true, Some(result), _) => Ok(result),
+        (true, None, _) => Ok(serde_json::Value::Null),
+        (false, _, Some(err)) => Err(format!("{} ({})", err.message, err.code)),
+        (false, _, None) => Err("the agent refused without saying why".to_string()),
+    }
+}
+
+fn print_status(value: &serde_json::Value, json: bool) -> Result<(), String> {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    let report: StatusReport = serde_json::from_value(value.clone())
+        .map_err(|e| format!("unexpected status answer: {e}"))?;
+    print!("{}", table(&report));
+    Ok(())
+}
+
+fn watch(socket: &Path, request: &RawRequest, json: bool, interval: f64) -> Result<(), String> {
+    let interval = Duration::from_secs_f64(interval.clamp(0.1, 3600.0));
+    let tty = std::io::stdout().is_terminal();
+    loop {
+        let value = call(socket, request)?;
+        if tty {
+            // Clear and home: the table refreshes in place.
+            print!("\x1b[2J\x1b[H");
+        }
+        print_status(&value, json)?;
+        std::io::stdout().flush().map_err(|e| e.to_string())?;
+        std::thread::sleep(interval);
+    }
+}
+
+fn ms(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v < 10.0 => format!("{v:.2}ms"),
+        Some(v) => format!("{v:.1}ms"),
+        None => "-".to_string(),
+    }
+}
+
+/// The human view of a status report.
+fn table(report: &StatusReport) -> String {
+    let mut out = format!(
+        "{:<16} {:<12} {:<16} {:<9} {:<7} {:>9} {:>7} {:>7} {:>8} {:>9} {:>9}\n",
+        "SERVICE",
+        "STATE",
+        "WEIGHT",
+        "OBSERVED",
+        "COHORT",
+        "CONNS",
+        "ACTIVE",
+        "FAILED",
+        "FAIL%",
+        "P50 FB",
+        "P99 FB"
+    );
+    for s in &report.services {
+        let weight = if s.configured_weight == s.effective_weight {
+            s.effective_weight.clone()
+        } else {
+            format!("{} (cfg {})", s.effective_weight, s.configured_weight)
+        };
+        let observed = s
+            .observed_canary_share
+            .map(|v| format!("{:.2}%", v * 100.0))
+            .unwrap_or_else(|| "-".into());
+        for (i, c) in s.cohorts.iter().enumerate() {
+            let (name, state, weight, observed) = if i == 0 {
+                (
+                    s.name.as_str(),
+                    s.state.as_str(),
+                    weight.as_str(),
+                    observed.as_str(),
+                )
+            } else {
+                ("", "", "", "")
+            };
+            out.push_str(&format!(
+                "{name:<16} {state:<12} {weight:<16} {observed:<9} {:<7} {:>9} {:>7} {:>7} {:>7.2}% {:>9} {:>9}\n",
+                c.cohort,
+                c.connections,
+                c.active,
+                c.failed,
+                c.failure_ratio * 100.0,
+                ms(c.first_byte_p50_ms),
+                ms(c.first_byte_p99_ms),
+            ));
+        }
+        if let Some(v) = &s.last_verdict {
+            out.push_str(&format!("{:<16} last verdict: {v}\n", ""));
+        }
+    }
+    out
+}

@@ -1,0 +1,50 @@
+//! The `status` report: what the agent answers and `canaryctl` prints.
+
+use serde::{Deserialize, Serialize};
+
+/// Every service (or the one asked for).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// In config order.
+    pub services: Vec<ServiceStatus>,
+}
+
+/// One service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// Service name.
+    pub name: String,
+    /// Rollout state: idle, promoted, rolled-back (more with plans).
+    pub state: String,
+    /// Weight in the config file.
+    pub configured_weight: String,
+    /// Weight in force (an operator's, or 100 % when promoted).
+    pub effective_weight: String,
+    /// Canary share of new connections since the agent started.
+    pub observed_canary_share: Option<f64>,
+    /// Stable, then canary.
+    pub cohorts: Vec<CohortStatus>,
+    /// The last decision about this service, with its numbers.
+    pub last_verdict: Option<String>,
+}
+
+/// One cohort of a service, since the agent started.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CohortStatus {
+    /// `stable` or `canary`.
+    pub cohort: String,
+    /// New connections.
+    pub connections: u64,
+    /// Open now.
+    pub active: u64,
+    /// Failed connections: refused, SYN retried, handshake timed out.
+    pub failed: u64,
+    /// Established connections reset by the backend.
+    pub resets_from_backend: u64,
+    /// `failed / connections`.
+    pub failure_ratio: f64,
+    /// First-byte time quantiles from the kernel's fine histogram.
+    pub first_byte_p50_ms: Option<f64>,
+    /// See `first_byte_p50_ms`.
+    pub first_byte_p99_ms: Option<f64>,
+}

@@ -1,0 +1,254 @@
+//! The control socket and `canaryctl`, end to end with the real agent.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::{fs::PermissionsExt, net::UnixStream, process::CommandExt},
+    path::Path,
+    process::{Command, Output},
+};
+
+use canary_lab::{AgentProcess, BackendSpec, Behavior, Lab, LabSpec, canaryctl_binary};
+use canary_tests::{load::drive, require_root};
+use serde_json::Value;
+
+const VIP: &str = "10.96.0.10:80";
+
+fn lab() -> Lab {
+    require_root();
+    Lab::build(LabSpec {
+        backends: ["stable-1", "canary-1"]
+            .iter()
+            .map(|n| BackendSpec {
+                name: n.to_string(),
+                behavior: Behavior::Reply,
+            })
+            .collect(),
+        n_client_addrs: 16,
+    })
+    .expect("lab builds")
+}
+
+fn config(lab: &Lab, agent_extra: &str) -> String {
+    format!(
+        "[agent]\ninterfaces = [\"{}\"]\n{agent_extra}\n\n[[service]]\nname = \"web\"\nvip = \"{VIP}\"\n\
+         stable = [\"{}\"]\ncanary = [\"{}\"]\nweight = \"5%\"\ncohort = \"per-connection\"\n",
+        Lab::ROUTER_CLIENT_IFACE,
+        lab.backend_addr(0),
+        lab.backend_addr(1),
+    )
+}
+
+/// Runs `canaryctl --socket SOCKET args…`.
+fn ctl(socket: &Path, args: &[&str]) -> Output {
+    Command::new(canaryctl_binary())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run canaryctl (built by `cargo xtask test`)")
+}
+
+fn ok(socket: &Path, args: &[&str]) -> String {
+    let out = ctl(socket, args);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "canaryctl {args:?} failed: {stderr}");
+    stdout.into_owned()
+}
+
+fn fails(socket: &Path, args: &[&str], expected: &str) {
+    let out = ctl(socket, args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "canaryctl {args:?} should fail with 1: {stderr}"
+    );
+    assert!(
+        stderr.contains(expected),
+        "canaryctl {args:?}: expected {expected:?} in {stderr:?}"
+    );
+}
+
+fn status(socket: &Path) -> Value {
+    serde_json::from_str(&ok(socket, &["status", "web", "--json"])).expect("status --json is JSON")
+}
+
+fn canary_share(lab: &Lab, n: usize) -> f64 {
+    let out = drive(lab, VIP.parse().unwrap(), lab.client_addrs(), n);
+    out.assert_no_errors("traffic");
+    out.canary() as f64 / n as f64
+}
+
+#[test]
+fn canaryctl_moves_the_canary_and_a_rollback_survives_a_restart() {
+    let lab = lab();
+    let state_dir =
+        std::env::temp_dir().join(format!("canary-control-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state_dir);
+    let extra = format!("state_dir = \"{}\"", state_dir.display());
+    let agent =
+        AgentProcess::start(lab.router(), &config(&lab, &extra), false).expect("agent starts");
+    let sock = agent.control_socket();
+    let mode = std::fs::metadata(&sock)
+        .expect("socket exists")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660, "control socket mode");
+
+    let s = status(&sock);
+    let svc = &s["services"][0];
+    assert_eq!(
+        (svc["name"].as_str(), svc["state"].as_str()),
+        (Some("web"), Some("idle")),
+        "{s}"
+    );
+    assert_eq!(svc["effective_weight"], "5%");
+    let table = ok(&sock, &["status"]);
+    assert!(
+        table.contains("SERVICE") && table.contains("web") && table.contains("canary"),
+        "{table}"
+    );
+
+    ok(&sock, &["set-weight", "web", "100%"]);
+    assert_eq!(canary_share(&lab, 200), 1.0, "set-weight 100%");
+    let s = status(&sock);
+    assert_eq!(s["services"][0]["effective_weight"], "100%");
+    assert_eq!(s["services"][0]["configured_weight"], "5%");
+
+    ok(&sock, &["rollback", "web"]);
+    assert_eq!(canary_share(&lab, 200), 0.0, "after rollback");
+    let s = status(&sock);
+    assert_eq!(s["services"][0]["state"], "rolled-back");
+    assert!(
+        s["services"][0]["last_verdict"]
+            .as_str()
+            .unwrap_or("")
+            .contains("rolled back"),
+        "{s}"
+    );
+    fails(
+        &sock,
+        &["set-weight", "web", "50%"],
+        "it is rolled back; `canaryctl resume` it first",
+    );
+    fails(&sock, &["rollback", "web"], "already rolled back");
+
+    // A restart keeps the rollback.
+    agent.stop().expect("agent stops");
+    let agent =
+        AgentProcess::start(lab.router(), &config(&lab, &extra), false).expect("agent restarts");
+    let sock = agent.control_socket();
+    assert_eq!(
+        status(&sock)["services"][0]["state"],
+        "rolled-back",
+        "restart re-raised the canary"
+    );
+    assert_eq!(canary_share(&lab, 200), 0.0, "after restart");
+
+    ok(&sock, &["resume", "web"]);
+    assert_eq!(status(&sock)["services"][0]["state"], "idle");
+    ok(&sock, &["promote", "web"]);
+    assert_eq!(status(&sock)["services"][0]["state"], "promoted");
+    assert_eq!(canary_share(&lab, 200), 1.0, "promoted");
+    let s = status(&sock);
+    let canary = &s["services"][0]["cohorts"][1];
+    assert!(canary["connections"].as_u64().unwrap() >= 200, "{s}");
+    assert!(
+        canary["first_byte_p50_ms"].as_f64().is_some(),
+        "p50 reported: {s}"
+    );
+
+    // Errors name what is wrong and exit 1.
+    fails(&sock, &["promote", "nope"], "no service \"nope\"");
+    fails(&sock, &["set-weight", "web", "150%"], "more than 100%");
+    fails(&sock, &["pause", "web"], "not built yet");
+    ok(&sock, &["reload"]);
+    agent.stop().expect("agent stops");
+    fails(&sock, &["status"], "no agent at");
+    let _ = std::fs::remove_dir_all(&state_dir);
+}
+
+/// One raw line to the socket; the agent's parsed answer.
+fn raw(sock: &Path, line: &[u8]) -> Value {
+    let mut s = UnixStream::connect(sock).expect("connect");
+    s.write_all(line).unwrap();
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("answer {reply:?} is not JSON: {e}"))
+}
+
+#[test]
+fn the_socket_refuses_other_users_and_survives_bad_messages() {
+    let lab = lab();
+    let agent = AgentProcess::start(lab.router(), &config(&lab, ""), false).expect("agent starts");
+    let sock = agent.control_socket();
+    // The directory must be passable for the unprivileged user to reach
+    // the socket's own permission check.
+    std::fs::set_permissions(agent.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let nobody = |args: &[&str]| {
+        Command::new(canaryctl_binary())
+            .arg("--socket")
+            .arg(&sock)
+            .args(args)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    let out = nobody(&["status"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("permission denied"),
+        "{out:?}"
+    );
+    // Even with the file opened to everyone, the peer-credential check holds.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = nobody(&["rollback", "web"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("uid 65534 may not use this socket") && stderr.contains("(unauthorized)"),
+        "{stderr}"
+    );
+
+    let code = |v: &Value| v["error"]["code"].as_str().unwrap_or_default().to_string();
+    assert_eq!(code(&raw(&sock, b"this is not json\n")), "malformed");
+    assert_eq!(
+        code(&raw(&sock, b"{\"v\":1,\"cmd\":\"explode\"}\n")),
+        "unknown-command"
+    );
+    assert_eq!(
+        code(&raw(&sock, b"{\"v\":9,\"cmd\":\"status\"}\n")),
+        "unsupported-version"
+    );
+    assert_eq!(
+        code(&raw(&sock, b"{\"v\":1,\"cmd\":\"status\",\"x\":1}\n")),
+        "malformed"
+    );
+    assert_eq!(code(&raw(&sock, b"\xff\xfe\x00garbage\n")), "malformed");
+    let mut huge = vec![b'a'; 100 * 1024];
+    huge.push(b'\n');
+    assert_eq!(code(&raw(&sock, &huge)), "too-large");
+    // A client that connects and says nothing, or hangs up mid-line.
+    drop(UnixStream::connect(&sock).unwrap());
+    UnixStream::connect(&sock)
+        .unwrap()
+        .write_all(b"{\"v\":1,")
+        .unwrap();
+
+    // The agent and the data plane carry on.
+    assert_eq!(raw(&sock, b"{\"v\":1,\"cmd\":\"status\"}\n")["ok"], true);
+    let out = drive(&lab, VIP.parse().unwrap(), lab.client_addrs(), 200);
+    out.assert_no_errors("after bad messages");
+    assert_eq!(
+        status(&sock)["services"][0]["state"],
+        "idle",
+        "nobody's rollback must not have happened"
+    );
+    agent.stop().expect("agent stops");
+}
