@@ -22,13 +22,14 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, ConfigError, ServiceConfig},
+    config::{Config, ConfigError, Gate, ServiceConfig},
     control::{self, Access, Command, ControlError, Response, code},
     dataplane::{ApplyReport, Dataplane, DataplaneError, decode_breaker_event, error_chain},
     http,
+    judge::{CohortWindow, Verdict, judge},
     rollout::{RollbackReason, ServiceState, StateError, StateStore},
     status::{CohortStatus, ServiceStatus, StatusReport},
-    telemetry::Exporter,
+    telemetry::{Exporter, ServiceSnapshot},
 };
 
 /// How the agent was started.
@@ -95,6 +96,20 @@ struct Agent {
     states: BTreeMap<String, ServiceState>,
     /// What last changed each service's state, for `status`.
     verdicts: BTreeMap<String, String>,
+    /// The judge's window of each plan-driven service.
+    windows: BTreeMap<String, StepWindow>,
+}
+
+/// What the judge compares for one service: counts since the step began.
+struct StepWindow {
+    /// When the step (or the agent's watch of it) began.
+    started: std::time::Instant,
+    /// The service's counters and histograms then.
+    base: ServiceSnapshot,
+    /// Failing judgements in a row.
+    fails: u32,
+    /// When the next judgement is due.
+    due: std::time::Instant,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -139,6 +154,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         store,
         states,
         verdicts: BTreeMap::new(),
+        windows: BTreeMap::new(),
     };
     agent.publish_states();
     agent.log_services(&report);
@@ -167,6 +183,9 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     info!(socket = %control_path.display(), "serving the control socket (canaryctl)");
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Each plan's judgement runs at its own interval; this checks who is due.
+    let mut judge_tick = tokio::time::interval(Duration::from_millis(100));
+    judge_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     info!(
         config = %agent.opts.config.display(),
         services = agent.config.services.len(),
@@ -198,6 +217,10 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
                     error!(error = %error_chain(&e), "config reload rejected; the previous config is still active");
                 }
             }
+            _ = judge_tick.tick() => {
+                agent.breaker_events(events.get_mut());
+                agent.judge_due();
+            }
             _ = sweep.tick() => {
                 match agent.dp.sweep_pending(agent.config.agent.handshake_timeout) {
                     Ok(0) => {}
@@ -226,11 +249,11 @@ fn effective(config: &Config, states: &BTreeMap<String, ServiceState>) -> Vec<Se
         .services
         .iter()
         .map(|svc| {
-            let mut svc = svc.clone();
+            let mut out = svc.clone();
             if let Some(state) = states.get(&svc.name) {
-                svc.weight = state.effective_weight(svc.weight);
+                out.weight = state.effective_weight(svc);
             }
-            svc
+            out
         })
         .collect()
 }
@@ -242,7 +265,13 @@ fn load_states(
 ) -> Result<BTreeMap<String, ServiceState>, StateError> {
     let mut states = BTreeMap::new();
     for svc in &config.services {
-        let state = store.load(&svc.name)?;
+        let mut state = store.load(&svc.name)?;
+        if svc.rollout.is_some() && state == ServiceState::IDLE {
+            // A plan with no state yet starts at its first step.
+            state = ServiceState::progressing(0);
+            store.save(&svc.name, &state)?;
+            info!(event = "rollout-state", service = %svc.name, from = "idle", to = "progressing", step = 1, "rollout plan started");
+        }
         if let ServiceState::RolledBack { reason, detail, .. } = &state {
             warn!(service = %svc.name, reason = reason.as_str(), detail = %detail,
                 "service is rolled back: no new connection goes to canary");
@@ -349,24 +378,26 @@ impl Agent {
                     ),
                 ),
             },
-            Command::SetWeight { service, weight } => self.transition(&service, |svc, state| {
-                if matches!(state, ServiceState::RolledBack { .. }) {
-                    return Err("it is rolled back; `canaryctl resume` it first".to_string());
-                }
-                if weight.ppm() > 0 && svc.canary.is_empty() {
-                    return Err("it has no canary backends".to_string());
-                }
-                Ok(ServiceState::Idle {
-                    weight_ppm: Some(weight.ppm()),
+            Command::SetWeight { service, weight } => {
+                self.transition(&service, "canaryctl", |svc, state| {
+                    if matches!(state, ServiceState::RolledBack { .. }) {
+                        return Err("it is rolled back; `canaryctl resume` it first".to_string());
+                    }
+                    if weight.ppm() > 0 && svc.canary.is_empty() {
+                        return Err("it has no canary backends".to_string());
+                    }
+                    Ok(ServiceState::Idle {
+                        weight_ppm: Some(weight.ppm()),
+                    })
                 })
-            }),
-            Command::Promote { service } => self.transition(&service, |svc, _| {
+            }
+            Command::Promote { service } => self.transition(&service, "canaryctl", |svc, _| {
                 if svc.canary.is_empty() {
                     return Err("it has no canary backends to promote".to_string());
                 }
                 Ok(ServiceState::promoted())
             }),
-            Command::Rollback { service } => self.transition(&service, |_, state| {
+            Command::Rollback { service } => self.transition(&service, "canaryctl", |_, state| {
                 if matches!(state, ServiceState::RolledBack { .. }) {
                     return Err("it is already rolled back".to_string());
                 }
@@ -375,12 +406,40 @@ impl Agent {
                     "canaryctl rollback".to_string(),
                 ))
             }),
-            Command::Resume { service } => self.transition(&service, |_, _| Ok(ServiceState::IDLE)),
-            Command::Pause { .. } | Command::Approve { .. } => Response::error(
-                code::NOT_BUILT,
-                "pause and approve act on plan-driven rollouts, which are not built yet; \
-                 set-weight, promote, rollback and resume work now",
-            ),
+            Command::Resume { service } => self.transition(&service, "canaryctl", |svc, state| {
+                Ok(match (state, &svc.rollout) {
+                    (ServiceState::Paused { step, .. }, Some(_)) => {
+                        ServiceState::progressing(*step)
+                    }
+                    (
+                        ServiceState::Progressing { .. } | ServiceState::AwaitingApproval { .. },
+                        Some(_),
+                    ) => {
+                        return Err(format!("its rollout is already {}", state.name()));
+                    }
+                    // A plan starts over; without one, the configured weight.
+                    (_, Some(_)) => ServiceState::progressing(0),
+                    (_, None) => ServiceState::IDLE,
+                })
+            }),
+            Command::Pause { service } => {
+                self.transition(&service, "canaryctl", |svc, state| match state {
+                    ServiceState::Progressing { step, .. } => Ok(ServiceState::Paused {
+                        step: *step,
+                        weight_ppm: state.effective_weight(svc).ppm(),
+                    }),
+                    _ => Err(format!(
+                        "pause holds a progressing rollout; it is {}",
+                        state.name()
+                    )),
+                })
+            }
+            Command::Approve { service } => {
+                self.transition(&service, "canaryctl", |_, state| match state {
+                    ServiceState::AwaitingApproval { step } => Ok(ServiceState::progressing(*step)),
+                    _ => Err(format!("nothing awaits approval; it is {}", state.name())),
+                })
+            }
         }
     }
 
@@ -390,6 +449,7 @@ impl Agent {
     fn transition(
         &mut self,
         service: &str,
+        actor: &str,
         decide: impl FnOnce(&ServiceConfig, &ServiceState) -> Result<ServiceState, String>,
     ) -> Response {
         let Some(svc) = self.config.services.iter().find(|s| s.name == service) else {
@@ -435,13 +495,15 @@ impl Agent {
             _ => None,
         };
         self.publish_state(service, &new, rollback);
-        let weight = new.effective_weight(svc.weight);
+        let weight = new.effective_weight(svc);
         let verdict = format!(
-            "{} by canaryctl: {} → {} (canary weight {weight})",
+            "{} by {actor}: {} → {} (canary weight {weight})",
             new_verb(&new),
             old.name(),
             new.name()
         );
+        // A new step (or none) starts a new judgement window.
+        self.windows.remove(service);
         warn!(event = "rollout-state", service = %service, from = old.name(), to = new.name(), weight = %weight, "{verdict}");
         self.verdicts.insert(service.to_string(), verdict);
         self.status(Some(service))
@@ -506,7 +568,8 @@ impl Agent {
                 name: svc.name.clone(),
                 state: state.name().to_string(),
                 configured_weight: svc.weight.to_string(),
-                effective_weight: state.effective_weight(svc.weight).to_string(),
+                effective_weight: state.effective_weight(svc).to_string(),
+                step: plan_step(svc, &state),
                 observed_canary_share: (total > 0)
                     .then(|| cohorts[1].connections as f64 / total as f64),
                 cohorts: cohorts.to_vec(),
@@ -525,6 +588,109 @@ impl Agent {
         match serde_json::to_value(StatusReport { services }) {
             Ok(v) => Response::ok(v),
             Err(e) => Response::error(code::INTERNAL, e.to_string()),
+        }
+    }
+
+    /// Judges every plan-driven service whose interval is up, and moves its
+    /// rollout on, back, or not at all.
+    fn judge_due(&mut self) {
+        let now = std::time::Instant::now();
+        let due: Vec<ServiceConfig> = self
+            .config
+            .services
+            .iter()
+            .filter(|s| s.rollout.is_some())
+            .filter(|s| {
+                matches!(
+                    self.states.get(&s.name),
+                    Some(
+                        ServiceState::Progressing { .. }
+                            | ServiceState::AwaitingApproval { .. }
+                            | ServiceState::Paused { .. }
+                    )
+                )
+            })
+            .filter(|s| self.windows.get(&s.name).is_none_or(|w| w.due <= now))
+            .cloned()
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let snapshot = match self.dp.snapshot() {
+            Ok(s) => s,
+            Err(e) => return warn!(error = %error_chain(&e), "judge: cannot read the data plane"),
+        };
+        for svc in due {
+            let Some(plan) = svc.rollout.as_ref() else {
+                continue;
+            };
+            let Some(current) = snapshot.service(&svc.name) else {
+                continue;
+            };
+            let window = self
+                .windows
+                .entry(svc.name.clone())
+                .or_insert_with(|| StepWindow {
+                    started: now,
+                    base: current.clone(),
+                    fails: 0,
+                    due: now,
+                });
+            window.due = now + plan.interval;
+            let stable = cohort_window(&window.base, current, COHORT_STABLE);
+            let canary = cohort_window(&window.base, current, COHORT_CANARY);
+            let verdict = judge(&plan.judge, &stable, &canary);
+            let held = window.started.elapsed();
+            window.fails = if matches!(verdict, Verdict::Fail { .. }) {
+                window.fails + 1
+            } else {
+                0
+            };
+            let fails = window.fails;
+            let line = verdict.describe();
+            self.verdicts
+                .insert(svc.name.clone(), format!("judge: {line}"));
+            if fails >= plan.fail_after {
+                let detail = format!("{line} ({fails} judgements in a row)");
+                self.transition(&svc.name, "the judge", |_, _| {
+                    Ok(ServiceState::rolled_back(
+                        RollbackReason::Judge,
+                        detail.clone(),
+                    ))
+                });
+                warn!(event = "rollback", service = %svc.name, reason = "judge", verdict = %line,
+                    "canary rolled back by the judge: no new connection goes to canary");
+                self.verdicts.insert(
+                    svc.name.clone(),
+                    format!("rolled back by the judge: {line}"),
+                );
+                continue;
+            }
+            let Some(ServiceState::Progressing { step, .. }) = self.states.get(&svc.name).cloned()
+            else {
+                continue;
+            };
+            let step_cfg = &plan.steps[(step as usize).min(plan.steps.len() - 1)];
+            let passed = matches!(verdict, Verdict::Pass { .. })
+                && held >= step_cfg.hold
+                && canary.connections >= step_cfg.min_connections;
+            if !passed {
+                continue;
+            }
+            let next = step + 1;
+            let new = if next as usize >= plan.steps.len() {
+                ServiceState::promoted()
+            } else if plan.steps[next as usize].gate == Gate::Manual {
+                ServiceState::AwaitingApproval { step: next }
+            } else {
+                ServiceState::progressing(next)
+            };
+            info!(event = "judgement", service = %svc.name, step = step + 1, verdict = %line, "step passed");
+            self.transition(&svc.name, "the judge", move |_, _| Ok(new));
+            self.verdicts.insert(
+                svc.name.clone(),
+                format!("step {} passed: {line}", step + 1),
+            );
         }
     }
 
@@ -630,7 +796,44 @@ fn new_verb(state: &ServiceState) -> &'static str {
             weight_ppm: Some(_),
         } => "weight set",
         ServiceState::Idle { weight_ppm: None } => "resumed",
+        ServiceState::Progressing { .. } => "step entered",
+        ServiceState::AwaitingApproval { .. } => "gate reached",
+        ServiceState::Paused { .. } => "paused",
         ServiceState::Promoted { .. } => "promoted",
         ServiceState::RolledBack { .. } => "rolled back",
+    }
+}
+
+/// "2/4 (5%)" for a plan-driven service.
+fn plan_step(svc: &ServiceConfig, state: &ServiceState) -> Option<String> {
+    let steps = &svc.rollout.as_ref()?.steps;
+    let step = match state {
+        ServiceState::Progressing { step, .. }
+        | ServiceState::AwaitingApproval { step }
+        | ServiceState::Paused { step, .. } => *step as usize,
+        _ => return None,
+    };
+    let i = step.min(steps.len() - 1);
+    Some(format!("{}/{} ({})", i + 1, steps.len(), steps[i].weight))
+}
+
+/// What one cohort did between `base` and `now`.
+fn cohort_window(base: &ServiceSnapshot, now: &ServiceSnapshot, cohort: u8) -> CohortWindow {
+    let (b, n) = (base.cohort_counters(cohort), now.cohort_counters(cohort));
+    let failures = |s: &ServiceSnapshot, c: &canary_common::stats::BackendCounters| {
+        c.refused + c.syn_retried + c.resets_from_backend + s.cohort_timeouts(cohort)
+    };
+    let mut first_byte = Box::new([0u64; canary_common::stats::HIST_BUCKETS]);
+    if let Some(h) = &now.histograms[usize::from(cohort)] {
+        let old = base.histograms[usize::from(cohort)].as_ref();
+        for (i, slot) in first_byte.iter_mut().enumerate() {
+            *slot = h.first_byte_ns.buckets[i]
+                .saturating_sub(old.map(|o| o.first_byte_ns.buckets[i]).unwrap_or(0));
+        }
+    }
+    CohortWindow {
+        connections: n.connections.saturating_sub(b.connections),
+        failures: failures(now, &n).saturating_sub(failures(base, &b)),
+        first_byte,
     }
 }

@@ -260,6 +260,43 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
 }
 
+/// Whether a rollout step waits for an operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gate {
+    /// Enter the step when the previous one passed.
+    Auto,
+    /// Wait in `awaiting-approval` for `canaryctl approve`.
+    Manual,
+}
+
+/// One step of a rollout plan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepConfig {
+    /// Canary weight during the step.
+    pub weight: Weight,
+    /// At least this long at the step…
+    pub hold: Duration,
+    /// …with at least this many canary connections judged, before the next.
+    pub min_connections: u64,
+    /// Whether entering the step waits for an operator.
+    pub gate: Gate,
+}
+
+/// A plan-driven rollout: the judge compares canary with stable every
+/// `interval`; a step passes after its hold with enough connections; the
+/// last passed step promotes (100 %); a failing judgement rolls back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RolloutConfig {
+    /// Steps, in order.
+    pub steps: Vec<StepConfig>,
+    /// Judgement interval.
+    pub interval: Duration,
+    /// Failing judgements in a row that roll back.
+    pub fail_after: u32,
+    /// The judge's thresholds.
+    pub judge: crate::judge::JudgeConfig,
+}
+
 /// The line-rate breaker of a service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BreakerConfig {
@@ -288,7 +325,7 @@ impl Default for BreakerConfig {
 }
 
 /// One validated service.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ServiceConfig {
     /// Unique name (a metric label later).
     pub name: String,
@@ -310,10 +347,12 @@ pub struct ServiceConfig {
     pub salt: u32,
     /// The data plane's own cut-off.
     pub breaker: BreakerConfig,
+    /// The plan that drives the weight, if any.
+    pub rollout: Option<RolloutConfig>,
 }
 
 /// A validated config: every value in range, every reference resolved.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     /// `[agent]`.
     pub agent: AgentConfig,
@@ -361,6 +400,37 @@ struct RawService {
     salt: Option<u32>,
     #[serde(default)]
     breaker: Option<RawBreaker>,
+    #[serde(default)]
+    rollout: Option<RawRollout>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollout {
+    steps: Vec<RawStep>,
+    interval: Option<String>,
+    fail_after: Option<u32>,
+    judge: Option<RawJudge>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    weight: String,
+    hold: Option<String>,
+    min_connections: Option<u64>,
+    gate: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJudge {
+    min_samples: Option<u64>,
+    alpha: Option<f64>,
+    min_failure_increase: Option<String>,
+    min_latency_ratio: Option<f64>,
+    max_p99_ratio: Option<f64>,
+    hard_max_failure_ratio: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -541,6 +611,12 @@ fn parse_duration(text: &str) -> Option<Duration> {
         (n, 1e-3)
     } else if let Some(n) = text.strip_suffix('s') {
         (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = text.strip_suffix('h') {
+        (n, 3600.0)
+    } else if let Some(n) = text.strip_suffix('d') {
+        (n, 86_400.0)
     } else {
         return None;
     };
@@ -641,6 +717,7 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Conf
         ));
     }
 
+    let has_weight = raw.weight.is_some();
     let weight = match raw.weight {
         None => Weight(0),
         Some(RawWeight::Text(t)) => t
@@ -697,7 +774,30 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Conf
     }
 
     let breaker = validate_breaker(s, raw.breaker)?;
+    let rollout = match raw.rollout {
+        None => None,
+        Some(r) => {
+            if has_weight {
+                return Err(invalid(
+                    s,
+                    "weight",
+                    quoted(&weight.to_string()),
+                    "a [service.rollout] plan sets the weight; remove weight or the plan",
+                ));
+            }
+            if canary.is_empty() {
+                return Err(invalid(
+                    s,
+                    "rollout.steps",
+                    "[...]",
+                    "a rollout plan needs canary backends",
+                ));
+            }
+            Some(validate_rollout(s, r)?)
+        }
+    };
     Ok(ServiceConfig {
+        rollout,
         breaker,
         salt: raw.salt.unwrap_or_else(|| default_salt(&name)),
         name,
@@ -708,6 +808,152 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Conf
         cohort,
         always_canary,
         never_canary,
+    })
+}
+
+fn validate_rollout(section: &str, raw: RawRollout) -> Result<RolloutConfig, ConfigError> {
+    if raw.steps.is_empty() {
+        return Err(invalid(
+            section,
+            "rollout.steps",
+            "[]",
+            "a plan needs at least one step, e.g. { weight = \"5%\", hold = \"10m\" }",
+        ));
+    }
+    let mut steps = Vec::with_capacity(raw.steps.len());
+    let mut last = 0u32;
+    for (i, step) in raw.steps.into_iter().enumerate() {
+        let key = "rollout.steps";
+        let weight: Weight = step.weight.parse().map_err(|e: WeightError| {
+            invalid(
+                section,
+                key,
+                quoted(&step.weight),
+                format!("step {}: {e}", i + 1),
+            )
+        })?;
+        if weight.ppm() <= last {
+            return Err(invalid(
+                section,
+                key,
+                quoted(&step.weight),
+                format!("step {}: weights must rise from step to step", i + 1),
+            ));
+        }
+        last = weight.ppm();
+        let hold = match step.hold.as_deref() {
+            None => Duration::ZERO,
+            Some(text) => parse_duration(text).ok_or_else(|| {
+                invalid(
+                    section,
+                    key,
+                    quoted(text),
+                    format!(
+                        "step {}: hold is not a duration; write it like \"30s\", \"10m\" or \"2h\"",
+                        i + 1
+                    ),
+                )
+            })?,
+        };
+        let gate = match step.gate.as_deref() {
+            None | Some("auto") => Gate::Auto,
+            Some("manual") => Gate::Manual,
+            Some(other) => {
+                return Err(invalid(
+                    section,
+                    key,
+                    quoted(other),
+                    format!("step {}: gate must be \"auto\" or \"manual\"", i + 1),
+                ));
+            }
+        };
+        steps.push(StepConfig {
+            weight,
+            hold,
+            min_connections: step.min_connections.unwrap_or(0),
+            gate,
+        });
+    }
+    let interval = match raw.interval.as_deref() {
+        None => Duration::from_secs(1),
+        Some(text) => match parse_duration(text) {
+            Some(d) if (Duration::from_millis(100)..=Duration::from_secs(600)).contains(&d) => d,
+            _ => {
+                return Err(invalid(
+                    section,
+                    "rollout.interval",
+                    quoted(text),
+                    "must be a duration between 100ms and 10m",
+                ));
+            }
+        },
+    };
+    let mut judge = crate::judge::JudgeConfig::default();
+    if let Some(j) = raw.judge {
+        let ratio =
+            |key: &'static str, text: Option<String>, into: &mut f64| -> Result<(), ConfigError> {
+                if let Some(text) = text {
+                    let w: Weight = text.parse().map_err(|e: WeightError| {
+                        invalid(section, key, quoted(&text), e.to_string())
+                    })?;
+                    *into = f64::from(w.ppm()) / 1e6;
+                }
+                Ok(())
+            };
+        ratio(
+            "rollout.judge.min_failure_increase",
+            j.min_failure_increase,
+            &mut judge.min_failure_increase,
+        )?;
+        ratio(
+            "rollout.judge.hard_max_failure_ratio",
+            j.hard_max_failure_ratio,
+            &mut judge.hard_max_failure_ratio,
+        )?;
+        if let Some(n) = j.min_samples {
+            judge.min_samples = n.max(1);
+        }
+        if let Some(a) = j.alpha {
+            if !(a > 0.0 && a < 0.5) {
+                return Err(invalid(
+                    section,
+                    "rollout.judge.alpha",
+                    a,
+                    "must be between 0 and 0.5, e.g. 0.0001",
+                ));
+            }
+            judge.alpha = a;
+        }
+        for (key, value, into) in [
+            (
+                "rollout.judge.min_latency_ratio",
+                j.min_latency_ratio,
+                &mut judge.min_latency_ratio,
+            ),
+            (
+                "rollout.judge.max_p99_ratio",
+                j.max_p99_ratio,
+                &mut judge.max_p99_ratio,
+            ),
+        ] {
+            if let Some(v) = value {
+                if !(v >= 1.0 && v.is_finite()) {
+                    return Err(invalid(
+                        section,
+                        key,
+                        v,
+                        "must be a ratio of at least 1.0, e.g. 1.2",
+                    ));
+                }
+                *into = v;
+            }
+        }
+    }
+    Ok(RolloutConfig {
+        steps,
+        interval,
+        fail_after: raw.fail_after.unwrap_or(2).max(1),
+        judge,
     })
 }
 
@@ -1231,6 +1477,61 @@ never_canary = []
             msg.contains(
                 "[agent]: control_group = \"no-such-group-canary\": no such group on this host"
             ),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn rollout_plans_parse_and_bad_ones_are_named() {
+        let plan = GOOD.replace("weight = \"5%\"\n", "").replace(
+            "never_canary = []",
+            "never_canary = []\n[service.rollout]\nsteps = [\n  { weight = \"1%\", hold = \"10m\", min_connections = 100 },\n  \
+             { weight = \"5%\", hold = \"1h\", gate = \"manual\" },\n]\n[service.rollout.judge]\nalpha = 0.001",
+        );
+        let c = parse(&plan).unwrap();
+        let r = c.services[0].rollout.as_ref().expect("plan");
+        assert_eq!(r.steps.len(), 2);
+        assert_eq!(
+            (
+                r.steps[0].weight.ppm(),
+                r.steps[0].hold,
+                r.steps[0].min_connections
+            ),
+            (10_000, Duration::from_secs(600), 100)
+        );
+        assert_eq!(
+            (r.steps[1].gate, r.steps[1].hold),
+            (Gate::Manual, Duration::from_secs(3600))
+        );
+        assert_eq!(
+            (r.interval, r.fail_after, r.judge.alpha),
+            (Duration::from_secs(1), 2, 0.001)
+        );
+
+        let msg = error_text(&plan.replace(
+            "weight = \"5%\", hold = \"1h\"",
+            "weight = \"1%\", hold = \"1h\"",
+        ));
+        assert!(
+            msg.contains("step 2: weights must rise from step to step"),
+            "{msg}"
+        );
+        let msg = error_text(&plan.replace("gate = \"manual\"", "gate = \"maybe\""));
+        assert!(
+            msg.contains("step 2: gate must be \"auto\" or \"manual\""),
+            "{msg}"
+        );
+        let msg = error_text(&plan.replace(
+            "cohort = \"sticky\"",
+            "cohort = \"sticky\"\nweight = \"5%\"",
+        ));
+        assert!(
+            msg.contains("a [service.rollout] plan sets the weight; remove weight or the plan"),
+            "{msg}"
+        );
+        let msg = error_text(&plan.replace("alpha = 0.001", "alpha = 2.0"));
+        assert!(
+            msg.contains("rollout.judge.alpha = 2: must be between 0 and 0.5"),
             "{msg}"
         );
     }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod http;
+pub mod judge;
 pub mod rollout;
 pub mod status;
 pub mod telemetry;

@@ -1,14 +1,17 @@
 //! Rollout state per service, persisted under `state_dir` so that an agent
 //! restart never silently re-raises a rolled-back canary.
 //!
-//! Built so far, without a rollout plan:
 //! - `idle`: the configured weight applies, or an operator's `set-weight`;
-//! - `promoted`: every new connection goes to canary (`promote`);
-//! - `rolled-back`: no new connection goes to canary, decided by the data
-//!   plane's breaker or an operator's `rollback`.
-//!
-//! `resume` returns to `idle` at the configured weight. The plan-driven
-//! states (progressing, awaiting-approval, paused) and the judge come next.
+//! - `progressing(step)`: a rollout plan holds the canary at a step's weight
+//!   while the judge compares it with stable, and moves on when the step
+//!   passes;
+//! - `awaiting-approval(step)`: the next step has a manual gate: the weight
+//!   stays at the previous step's until `canaryctl approve`;
+//! - `paused(step)`: an operator holds the plan (`pause`; `resume` goes on);
+//! - `promoted`: every new connection goes to canary (the plan's end, or
+//!   `promote`);
+//! - `rolled-back`: no new connection goes to canary, decided by the
+//!   breaker, the judge or an operator.
 
 use std::{
     io,
@@ -18,7 +21,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Weight;
+use crate::config::{ServiceConfig, Weight};
 
 /// Rollout states, as exported in `canary_rollout_state{state}`.
 pub const STATES: [&str; 6] = [
@@ -38,17 +41,24 @@ pub enum RollbackReason {
     Breaker,
     /// An operator said so (`canaryctl rollback`).
     Operator,
+    /// The judge found the canary worse than stable.
+    Judge,
 }
 
 impl RollbackReason {
     /// Every reason, for exporting zero counts.
-    pub const ALL: [RollbackReason; 2] = [RollbackReason::Breaker, RollbackReason::Operator];
+    pub const ALL: [RollbackReason; 3] = [
+        RollbackReason::Breaker,
+        RollbackReason::Operator,
+        RollbackReason::Judge,
+    ];
 
     /// Label value of `canary_rollbacks_total{reason}`.
     pub fn as_str(self) -> &'static str {
         match self {
             RollbackReason::Breaker => "breaker",
             RollbackReason::Operator => "operator",
+            RollbackReason::Judge => "judge",
         }
     }
 }
@@ -62,6 +72,25 @@ pub enum ServiceState {
         /// `canaryctl set-weight`, in ppm; `None` = the configured weight.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         weight_ppm: Option<u32>,
+    },
+    /// A plan holds the canary at `step` while the judge watches.
+    Progressing {
+        /// Index into the plan's steps.
+        step: u32,
+        /// Wall-clock time the step started, seconds since the Unix epoch.
+        since_unix: u64,
+    },
+    /// Waiting for `canaryctl approve` to enter `step`.
+    AwaitingApproval {
+        /// The gated step.
+        step: u32,
+    },
+    /// Held by an operator at `step`, at `weight_ppm`.
+    Paused {
+        /// The step to go on with.
+        step: u32,
+        /// The weight held meanwhile.
+        weight_ppm: u32,
     },
     /// Every new connection goes to canary.
     Promoted {
@@ -87,6 +116,9 @@ impl ServiceState {
     pub fn name(&self) -> &'static str {
         match self {
             ServiceState::Idle { .. } => "idle",
+            ServiceState::Progressing { .. } => "progressing",
+            ServiceState::AwaitingApproval { .. } => "awaiting-approval",
+            ServiceState::Paused { .. } => "paused",
             ServiceState::Promoted { .. } => "promoted",
             ServiceState::RolledBack { .. } => "rolled-back",
         }
@@ -97,18 +129,43 @@ impl ServiceState {
         !matches!(self, ServiceState::RolledBack { .. })
     }
 
-    /// The weight in force, given the configured one.
-    pub fn effective_weight(&self, configured: Weight) -> Weight {
+    /// The weight in force for `svc` (its configured weight, or its plan's).
+    pub fn effective_weight(&self, svc: &ServiceConfig) -> Weight {
+        let full = Weight::from_ppm(canary_common::cohort::PPM).unwrap_or(svc.weight);
+        let step_weight = |step: u32| {
+            let steps = svc
+                .rollout
+                .as_ref()
+                .map(|r| r.steps.as_slice())
+                .unwrap_or_default();
+            match steps.len() {
+                0 => svc.weight,
+                n => steps[(step as usize).min(n - 1)].weight,
+            }
+        };
         match self {
             ServiceState::Idle {
                 weight_ppm: Some(ppm),
-            } => Weight::from_ppm(*ppm).unwrap_or(configured),
-            ServiceState::Idle { weight_ppm: None } => configured,
-            ServiceState::Promoted { .. } => {
-                Weight::from_ppm(canary_common::cohort::PPM).unwrap_or(configured)
+            } => Weight::from_ppm(*ppm).unwrap_or(svc.weight),
+            ServiceState::Idle { weight_ppm: None } => svc.weight,
+            ServiceState::Progressing { step, .. } => step_weight(*step),
+            // Held at the step before the gate (none before the first).
+            ServiceState::AwaitingApproval { step } if *step == 0 => Weight::default(),
+            ServiceState::AwaitingApproval { step } => step_weight(step - 1),
+            ServiceState::Paused { weight_ppm, .. } => {
+                Weight::from_ppm(*weight_ppm).unwrap_or(svc.weight)
             }
+            ServiceState::Promoted { .. } => full,
             // The canary-off flag keeps canary empty; the weight is moot.
-            ServiceState::RolledBack { .. } => configured,
+            ServiceState::RolledBack { .. } => svc.weight,
+        }
+    }
+
+    /// The start of a plan, or of step `step` of it.
+    pub fn progressing(step: u32) -> ServiceState {
+        ServiceState::Progressing {
+            step,
+            since_unix: now_unix(),
         }
     }
 
@@ -254,25 +311,52 @@ mod tests {
         };
         store.save("web", &manual).unwrap();
         assert_eq!(store.load("web").unwrap(), manual);
-        assert_eq!(
-            manual
-                .effective_weight(Weight::from_ppm(50_000).unwrap())
-                .ppm(),
-            2_500
-        );
+        let svc = test_service();
+        assert_eq!(manual.effective_weight(&svc).ppm(), 2_500);
         let promoted = ServiceState::promoted();
         store.save("web", &promoted).unwrap();
         assert_eq!(store.load("web").unwrap(), promoted);
-        assert_eq!(
-            promoted
-                .effective_weight(Weight::from_ppm(50_000).unwrap())
-                .ppm(),
-            1_000_000
-        );
+        assert_eq!(promoted.effective_weight(&svc).ppm(), 1_000_000);
         // A file holding plain idle (as an earlier release wrote) still reads.
         std::fs::write(dir.join("old.json"), "{\"state\":\"idle\"}").unwrap();
         assert_eq!(store.load("old").unwrap(), ServiceState::IDLE);
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn test_service() -> ServiceConfig {
+        let text = "[agent]\ninterfaces = [\"lo\"]\n[[service]]\nname = \"web\"\nvip = \"10.96.0.1:80\"\n\
+                    stable = [\"10.0.0.1:80\"]\ncanary = [\"10.0.0.2:80\"]\n[service.rollout]\n\
+                    steps = [{ weight = \"1%\" }, { weight = \"5%\", gate = \"manual\" }]\n";
+        crate::config::Config::parse(text, Path::new("t.toml"), &[])
+            .unwrap()
+            .services
+            .remove(0)
+    }
+
+    #[test]
+    fn plan_states_put_the_right_weight_in_force() {
+        let svc = test_service();
+        let w = |s: ServiceState| s.effective_weight(&svc).ppm();
+        assert_eq!(w(ServiceState::progressing(0)), 10_000);
+        assert_eq!(w(ServiceState::progressing(1)), 50_000);
+        assert_eq!(
+            w(ServiceState::progressing(9)),
+            50_000,
+            "past the end: the last step"
+        );
+        assert_eq!(
+            w(ServiceState::AwaitingApproval { step: 1 }),
+            10_000,
+            "held at the step before the gate"
+        );
+        assert_eq!(w(ServiceState::AwaitingApproval { step: 0 }), 0);
+        assert_eq!(
+            w(ServiceState::Paused {
+                step: 1,
+                weight_ppm: 7
+            }),
+            7
+        );
     }
 
     #[test]

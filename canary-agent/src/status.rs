@@ -18,8 +18,11 @@ pub struct ServiceStatus {
     pub state: String,
     /// Weight in the config file.
     pub configured_weight: String,
-    /// Weight in force (an operator's, or 100 % when promoted).
+    /// Weight in force (a plan step's, an operator's, 100 % when promoted).
     pub effective_weight: String,
+    /// For a plan-driven service: "step/steps (weight)".
+    #[serde(default)]
+    pub step: Option<String>,
     /// Canary share of new connections since the agent started.
     pub observed_canary_share: Option<f64>,
     /// Stable, then canary.

@@ -63,19 +63,21 @@ enum Cmd {
         /// The new weight.
         weight: String,
     },
-    /// Hold a plan-driven rollout at its step (plans are not built yet).
+    /// Hold a progressing rollout at its step (the judge still guards it;
+    /// `resume` goes on).
     Pause {
         /// The service.
         service: String,
     },
-    /// Back to the configured weight: clears a rollback (and resets the
-    /// breaker), a promotion or a manual weight.
+    /// Go on: a paused plan continues at its step; after a rollback,
+    /// promotion or manual weight, a plan starts over and a service without
+    /// one returns to its configured weight. Clears a rollback and resets
+    /// the breaker.
     Resume {
         /// The service.
         service: String,
     },
-    /// Pass a manual gate of a plan-driven rollout (plans are not built
-    /// yet).
+    /// Pass a manual gate: enter the step awaiting approval.
     Approve {
         /// The service.
         service: String,
@@ -222,7 +224,7 @@ fn ms(v: Option<f64>) -> String {
 /// The human view of a status report.
 fn table(report: &StatusReport) -> String {
     let mut out = format!(
-        "{:<16} {:<12} {:<16} {:<9} {:<7} {:>9} {:>7} {:>7} {:>8} {:>9} {:>9}\n",
+        "{:<16} {:<24} {:<16} {:<9} {:<7} {:>9} {:>7} {:>7} {:>8} {:>9} {:>9}\n",
         "SERVICE",
         "STATE",
         "WEIGHT",
@@ -257,7 +259,7 @@ fn table(report: &StatusReport) -> String {
                 ("", "", "", "")
             };
             out.push_str(&format!(
-                "{name:<16} {state:<12} {weight:<16} {observed:<9} {:<7} {:>9} {:>7} {:>7} {:>7.2}% {:>9} {:>9}\n",
+                "{name:<16} {state:<24} {weight:<16} {observed:<9} {:<7} {:>9} {:>7} {:>7} {:>7.2}% {:>9} {:>9}\n",
                 c.cohort,
                 c.connections,
                 c.active,

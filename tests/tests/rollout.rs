@@ -1,0 +1,299 @@
+//! Plan-driven rollouts end to end: the judge compares canary with stable
+//! on real traffic and moves the rollout on, holds it, or rolls it back.
+
+use std::{
+    net::SocketAddrV4,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use canary_lab::{AgentProcess, BackendSpec, Behavior, Lab, LabSpec, canaryctl_binary};
+use canary_tests::{
+    load::{drive, join_timed, spawn_timed},
+    require_root,
+};
+use serde_json::Value;
+
+const IFACE: &str = Lab::ROUTER_CLIENT_IFACE;
+
+fn lab(stable: Behavior, canary: Behavior) -> Lab {
+    require_root();
+    Lab::build(LabSpec {
+        backends: vec![
+            BackendSpec {
+                name: "stable-1".into(),
+                behavior: stable,
+            },
+            BackendSpec {
+                name: "canary-1".into(),
+                behavior: canary,
+            },
+        ],
+        n_client_addrs: 32,
+    })
+    .expect("lab builds")
+}
+
+fn vip(i: usize) -> SocketAddrV4 {
+    format!("10.96.0.{}:80", 10 + i).parse().unwrap()
+}
+
+/// `n` services with the same backends and plan; `agent_extra` goes in
+/// `[agent]`.
+fn config(lab: &Lab, agent_extra: &str, n: usize, plan: &str) -> String {
+    let mut c = format!("[agent]\ninterfaces = [\"{IFACE}\"]\n{agent_extra}\n");
+    for i in 0..n {
+        let name = if n == 1 {
+            "web".to_string()
+        } else {
+            format!("web{i}")
+        };
+        c.push_str(&format!(
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{}\"\nstable = [\"{}\"]\ncanary = [\"{}\"]\n\
+             cohort = \"per-connection\"\n{plan}\n",
+            vip(i),
+            lab.backend_addr(0),
+            lab.backend_addr(1),
+        ));
+    }
+    c
+}
+
+fn status(sock: &Path, service: &str) -> Value {
+    let out = Command::new(canaryctl_binary())
+        .arg("--socket")
+        .arg(sock)
+        .args(["status", service, "--json"])
+        .output()
+        .expect("canaryctl");
+    assert!(
+        out.status.success(),
+        "canaryctl status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    v["services"][0].clone()
+}
+
+fn ctl(sock: &Path, args: &[&str]) {
+    let out = Command::new(canaryctl_binary())
+        .arg("--socket")
+        .arg(sock)
+        .args(args)
+        .output()
+        .expect("canaryctl");
+    assert!(
+        out.status.success(),
+        "canaryctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// "progressing 2/4 (5%)"-style description.
+fn where_(s: &Value) -> String {
+    format!(
+        "{} {}",
+        s["state"].as_str().unwrap_or("?"),
+        s["step"].as_str().unwrap_or("")
+    )
+}
+
+#[test]
+fn a_healthy_canary_goes_1_5_25_50_100_and_is_promoted() {
+    let lab = lab(Behavior::Reply, Behavior::Reply);
+    let plan = "[service.rollout]\ninterval = \"500ms\"\nsteps = [\n  \
+                { weight = \"1%\", hold = \"1s\", min_connections = 10 },\n  \
+                { weight = \"5%\", hold = \"1s\", min_connections = 10 },\n  \
+                { weight = \"25%\", hold = \"1s\", min_connections = 10 },\n  \
+                { weight = \"50%\", hold = \"1s\", min_connections = 10 },\n]\n\
+                [service.rollout.judge]\nmin_samples = 10\n";
+    let agent =
+        AgentProcess::start(lab.router(), &config(&lab, "", 1, plan), false).expect("agent starts");
+    let sock = agent.control_socket();
+    let start = Instant::now();
+    let mut seen: Vec<String> = Vec::new();
+    loop {
+        let s = status(&sock, "web");
+        let at = where_(&s);
+        if seen.last() != Some(&at) {
+            seen.push(at.clone());
+        }
+        if s["state"] == "promoted"
+            || s["state"] == "rolled-back"
+            || start.elapsed() > Duration::from_secs(60)
+        {
+            break;
+        }
+        drive(&lab, vip(0), lab.client_addrs(), 300).assert_no_errors("rollout traffic");
+    }
+    eprintln!(
+        "healthy rollout in {:.1} s: {}",
+        start.elapsed().as_secs_f64(),
+        seen.join(" → ")
+    );
+    let expected = [
+        "progressing 1/4 (1%)",
+        "progressing 2/4 (5%)",
+        "progressing 3/4 (25%)",
+        "progressing 4/4 (50%)",
+        "promoted ",
+    ];
+    assert_eq!(seen, expected, "the plan's states in order");
+    let out = drive(&lab, vip(0), lab.client_addrs(), 200);
+    assert_eq!(
+        out.canary(),
+        200,
+        "promoted: every new connection goes to canary"
+    );
+    agent.stop().expect("agent stops");
+}
+
+#[test]
+fn the_judge_rolls_back_a_canary_twice_as_slow_within_5_seconds() {
+    let lab = lab(
+        Behavior::FirstByteDelay(Duration::from_millis(2)),
+        Behavior::FirstByteDelay(Duration::from_millis(4)),
+    );
+    let plan = "[service.rollout]\nsteps = [{ weight = \"20%\", hold = \"1h\" }]\n";
+    let agent =
+        AgentProcess::start(lab.router(), &config(&lab, "", 1, plan), false).expect("agent starts");
+    let sock = agent.control_socket();
+    assert_eq!(status(&sock, "web")["state"], "progressing");
+
+    let rate = 600.0;
+    let t0 = Instant::now();
+    let load = spawn_timed(&lab, vip(0), lab.client_addrs(), 6000, rate);
+    let mut detected = None;
+    while t0.elapsed() < Duration::from_secs(10) {
+        if status(&sock, "web")["state"] == "rolled-back" {
+            detected = Some(t0.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let attempts = join_timed(load);
+    let achieved =
+        attempts.len() as f64 / (attempts.last().unwrap().start - attempts[0].start).as_secs_f64();
+    let s = status(&sock, "web");
+    let verdict = s["last_verdict"].as_str().unwrap_or_default().to_string();
+    eprintln!(
+        "judge: {:?} from the start of traffic ({achieved:.0} conn/s) to rollback; {verdict}",
+        detected.map(|d| format!("{:.2} s", d.as_secs_f64()))
+    );
+    let detected = detected.expect("the judge did not roll back a 2x slower canary within 10 s");
+    assert!(achieved >= 500.0, "load was only {achieved:.0} conn/s");
+    assert!(
+        detected <= Duration::from_secs(5),
+        "detection took {detected:?}"
+    );
+    assert!(
+        verdict.contains("latency") || verdict.contains("p99"),
+        "verdict: {verdict}"
+    );
+    let out = drive(&lab, vip(0), lab.client_addrs(), 200);
+    assert_eq!(out.canary(), 0, "rolled back: nothing new to canary");
+    agent.stop().expect("agent stops");
+}
+
+#[test]
+fn identical_canaries_are_not_rolled_back_in_60_seconds() {
+    const SERVICES: usize = 6;
+    let lab = lab(Behavior::Reply, Behavior::Reply);
+    let plan = "[service.rollout]\nsteps = [{ weight = \"20%\", hold = \"1h\" }]\n";
+    let agent = AgentProcess::start(lab.router(), &config(&lab, "", SERVICES, plan), false)
+        .expect("agent starts");
+    let sock = agent.control_socket();
+    let seconds = 60.0;
+    let per_service = 80.0;
+    let loads: Vec<_> = (0..SERVICES)
+        .map(|i| {
+            spawn_timed(
+                &lab,
+                vip(i),
+                lab.client_addrs(),
+                (per_service * seconds) as usize,
+                per_service,
+            )
+        })
+        .collect();
+    let attempts: usize = loads.into_iter().map(|l| join_timed(l).len()).sum();
+    let states: Vec<String> = (0..SERVICES)
+        .map(|i| {
+            status(&sock, &format!("web{i}"))["state"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let rolled_back = states.iter().filter(|s| *s == "rolled-back").count();
+    eprintln!(
+        "false rollbacks: {rolled_back} of {SERVICES} identical canaries over {seconds} s \
+         ({} judgements at 1 s, {attempts} connections)",
+        SERVICES * seconds as usize
+    );
+    assert_eq!(rolled_back, 0, "identical canaries rolled back: {states:?}");
+    agent.stop().expect("agent stops");
+}
+
+#[test]
+fn a_manual_gate_waits_for_approval_and_a_restart_resumes_the_step() {
+    let lab = lab(Behavior::Reply, Behavior::Reply);
+    let state_dir =
+        std::env::temp_dir().join(format!("canary-rollout-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state_dir);
+    let extra = format!("state_dir = \"{}\"", state_dir.display());
+    let plan = "[service.rollout]\ninterval = \"500ms\"\nsteps = [\n  \
+                { weight = \"5%\", hold = \"1s\", min_connections = 5 },\n  \
+                { weight = \"50%\", hold = \"1h\", gate = \"manual\" },\n]\n\
+                [service.rollout.judge]\nmin_samples = 5\n";
+    let text = config(&lab, &extra, 1, plan);
+    let agent = AgentProcess::start(lab.router(), &text, false).expect("agent starts");
+    let sock = agent.control_socket();
+    let start = Instant::now();
+    while status(&sock, "web")["state"] != "awaiting-approval" {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never reached the gate: {}",
+            where_(&status(&sock, "web"))
+        );
+        drive(&lab, vip(0), lab.client_addrs(), 300).assert_no_errors("traffic");
+    }
+    // At the gate the weight stays at the previous step's 5 %.
+    let s = status(&sock, "web");
+    assert_eq!(
+        (s["effective_weight"].as_str(), s["step"].as_str()),
+        (Some("5%"), Some("2/2 (50%)")),
+        "{s}"
+    );
+    let out = drive(&lab, vip(0), lab.client_addrs(), 1000);
+    assert!(
+        out.canary() < 150,
+        "waiting at the gate, yet {} of 1000 went to canary",
+        out.canary()
+    );
+
+    ctl(&sock, &["approve", "web"]);
+    assert_eq!(where_(&status(&sock, "web")), "progressing 2/2 (50%)");
+    ctl(&sock, &["pause", "web"]);
+    assert_eq!(status(&sock, "web")["state"], "paused");
+    ctl(&sock, &["resume", "web"]);
+
+    // A restart resumes the same step.
+    agent.stop().expect("agent stops");
+    let agent = AgentProcess::start(lab.router(), &text, false).expect("agent restarts");
+    let sock = agent.control_socket();
+    assert_eq!(
+        where_(&status(&sock, "web")),
+        "progressing 2/2 (50%)",
+        "restart moved the rollout"
+    );
+    let out = drive(&lab, vip(0), lab.client_addrs(), 1000);
+    let share = out.canary() as f64 / 1000.0;
+    assert!(
+        (0.4..=0.6).contains(&share),
+        "at step 2 (50%) after restart, canary share {share}"
+    );
+    agent.stop().expect("agent stops");
+    let _ = std::fs::remove_dir_all(&state_dir);
+}
