@@ -25,6 +25,7 @@ use crate::{
     config::{Config, ConfigError, Gate, ServiceConfig},
     control::{self, Access, Command, ControlError, Response, code},
     dataplane::{ApplyReport, Dataplane, DataplaneError, decode_breaker_event, error_chain},
+    events::{Event, Events},
     http,
     judge::{CohortWindow, Verdict, judge},
     rollout::{RollbackReason, ServiceState, StateError, StateStore},
@@ -98,6 +99,10 @@ struct Agent {
     verdicts: BTreeMap<String, String>,
     /// The judge's window of each plan-driven service.
     windows: BTreeMap<String, StepWindow>,
+    /// Where state changes are announced.
+    events: Events,
+    /// This node's name, in events.
+    node: String,
 }
 
 /// What the judge compares for one service: counts since the step began.
@@ -147,6 +152,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         dp.set_canary_off(name, !state.canary_allowed())?;
     }
     let report = dp.apply(&effective(&config, &states))?;
+    let webhook = config.agent.webhook.clone();
     let mut agent = Agent {
         opts,
         config,
@@ -155,6 +161,8 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         states,
         verdicts: BTreeMap::new(),
         windows: BTreeMap::new(),
+        events: Events::start(webhook),
+        node: hostname(),
     };
     agent.publish_states();
     agent.log_services(&report);
@@ -504,6 +512,7 @@ impl Agent {
         );
         // A new step (or none) starts a new judgement window.
         self.windows.remove(service);
+        self.announce(service, &old, &new, &weight.to_string(), actor, &verdict);
         warn!(event = "rollout-state", service = %service, from = old.name(), to = new.name(), weight = %weight, "{verdict}");
         self.verdicts.insert(service.to_string(), verdict);
         self.status(Some(service))
@@ -737,8 +746,41 @@ impl Agent {
                 name.clone(),
                 format!("rolled back by the breaker: {detail}"),
             );
+            let old = self
+                .states
+                .get(&name)
+                .cloned()
+                .unwrap_or(ServiceState::IDLE);
+            self.announce(&name, &old, &state, "0%", "the breaker", &detail);
             self.states.insert(name, state);
         }
+    }
+
+    /// Tells people: one event per state change (the log line is written
+    /// by the caller).
+    fn announce(
+        &self,
+        service: &str,
+        from: &ServiceState,
+        to: &ServiceState,
+        weight: &str,
+        by: &str,
+        detail: &str,
+    ) {
+        self.events.send(Event {
+            event: "rollout-state",
+            node: self.node.clone(),
+            service: service.to_string(),
+            from: from.name().to_string(),
+            to: to.name().to_string(),
+            weight: weight.to_string(),
+            by: by.to_string(),
+            detail: detail.to_string(),
+            at_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        });
     }
 
     /// Exports every service's rollout state.
@@ -788,6 +830,19 @@ impl Agent {
             Err(e) => warn!(error = %error_chain(&e), "cannot read data-plane counters"),
         }
     }
+}
+
+/// This node's hostname.
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is writable for its length; gethostname NUL-terminates
+    // within it or truncates.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".to_string();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 fn new_verb(state: &ServiceState) -> &'static str {

@@ -258,6 +258,8 @@ pub struct AgentConfig {
     /// Where rollbacks are persisted, so a restart never re-raises a
     /// rolled-back canary.
     pub state_dir: PathBuf,
+    /// Where rollout state changes are POSTed as JSON, if anywhere.
+    pub webhook: Option<crate::events::Webhook>,
 }
 
 /// Whether a rollout step waits for an operator.
@@ -379,6 +381,7 @@ struct RawAgent {
     conntrack_capacity: Option<u32>,
     handshake_timeout: Option<String>,
     state_dir: Option<PathBuf>,
+    webhook_url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -544,6 +547,13 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
             ),
         ));
     }
+    let webhook = match &raw.webhook_url {
+        None => None,
+        Some(url) => Some(
+            crate::events::Webhook::parse(url)
+                .map_err(|e| invalid(S, "webhook_url", quoted(url), e))?,
+        ),
+    };
     let control_group = raw.control_group;
     if let Some(name) = &control_group
         && crate::control::group_id(name).is_err()
@@ -601,6 +611,7 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
         state_dir: raw
             .state_dir
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+        webhook,
     })
 }
 
@@ -1463,6 +1474,26 @@ never_canary = []
             "never_canary = []\n[service.breaker]\nlimit = 3",
         ));
         assert!(msg.contains("unknown field `limit`"), "{msg}");
+    }
+
+    #[test]
+    fn webhook_urls_are_validated() {
+        let c = parse(&GOOD.replace(
+            "[agent]",
+            "[agent]\nwebhook_url = \"http://127.0.0.1:9999/h\"",
+        ))
+        .unwrap();
+        assert_eq!(c.agent.webhook.unwrap().authority, "127.0.0.1:9999");
+        let msg = error_text(&GOOD.replace(
+            "[agent]",
+            "[agent]\nwebhook_url = \"https://chat.example/h\"",
+        ));
+        assert!(
+            msg.contains(
+                "[agent]: webhook_url = \"https://chat.example/h\": https is not supported yet"
+            ),
+            "{msg}"
+        );
     }
 
     #[test]

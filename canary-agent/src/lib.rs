@@ -6,6 +6,7 @@ pub mod agent;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod events;
 pub mod http;
 pub mod judge;
 pub mod rollout;

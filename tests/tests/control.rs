@@ -165,7 +165,12 @@ fn canaryctl_moves_the_canary_and_a_rollback_survives_a_restart() {
     // Errors name what is wrong and exit 1.
     fails(&sock, &["promote", "nope"], "no service \"nope\"");
     fails(&sock, &["set-weight", "web", "150%"], "more than 100%");
-    fails(&sock, &["pause", "web"], "not built yet");
+    fails(
+        &sock,
+        &["pause", "web"],
+        "pause holds a progressing rollout; it is promoted",
+    );
+    fails(&sock, &["approve", "web"], "nothing awaits approval");
     ok(&sock, &["reload"]);
     agent.stop().expect("agent stops");
     fails(&sock, &["status"], "no agent at");
@@ -250,5 +255,124 @@ fn the_socket_refuses_other_users_and_survives_bad_messages() {
         "idle",
         "nobody's rollback must not have happened"
     );
+    agent.stop().expect("agent stops");
+}
+
+#[test]
+fn state_changes_reach_the_webhook_with_retries() {
+    use std::{
+        io::Read,
+        net::TcpListener,
+        time::{Duration, Instant},
+    };
+    let lab = lab();
+    // A receiver on the router's loopback (where the agent runs): the first
+    // POST gets a 500, the second a 200.
+    let listener = lab
+        .router()
+        .spawn(|| {
+            let l = TcpListener::bind("127.0.0.1:19999").expect("bind the webhook receiver");
+            l.set_nonblocking(true).unwrap();
+            l
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+    let receiver = std::thread::spawn(move || {
+        let mut bodies = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while bodies.len() < 2 && Instant::now() < deadline {
+            let Ok((mut s, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Read the head, then Content-Length bytes of body.
+            let body = loop {
+                let n = s.read(&mut buf).unwrap_or(0);
+                if n == 0 {
+                    break String::new();
+                }
+                req.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&req).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        break body.to_string();
+                    }
+                }
+            };
+            let status = if bodies.is_empty() {
+                "500 Internal Server Error"
+            } else {
+                "200 OK"
+            };
+            let _ = s.write_all(
+                format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            );
+            bodies.push(body);
+        }
+        bodies
+    });
+    let agent = AgentProcess::start(
+        lab.router(),
+        &config(&lab, "webhook_url = \"http://127.0.0.1:19999/hook\""),
+        false,
+    )
+    .expect("agent starts");
+    ok(&agent.control_socket(), &["rollback", "web"]);
+    let bodies = receiver.join().unwrap();
+    assert_eq!(
+        bodies.len(),
+        2,
+        "one failed delivery and its retry: {bodies:?}"
+    );
+    assert_eq!(bodies[0], bodies[1], "the retry carries the same event");
+    let event: Value = serde_json::from_str(&bodies[1]).expect("the event is JSON");
+    assert_eq!(
+        (
+            event["event"].as_str(),
+            event["service"].as_str(),
+            event["from"].as_str(),
+            event["to"].as_str(),
+            event["by"].as_str()
+        ),
+        (
+            Some("rollout-state"),
+            Some("web"),
+            Some("idle"),
+            Some("rolled-back"),
+            Some("canaryctl")
+        ),
+        "{event}"
+    );
+    assert!(
+        event["node"].as_str().is_some_and(|n| !n.is_empty())
+            && event["at_unix"].as_u64().is_some(),
+        "{event}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !agent
+        .log()
+        .iter()
+        .any(|l| l.contains("webhook delivered") && l.contains("attempt=2"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no 'webhook delivered attempt=2' log line"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     agent.stop().expect("agent stops");
 }
