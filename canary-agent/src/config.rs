@@ -432,7 +432,9 @@ struct RawJudge {
     alpha: Option<f64>,
     min_failure_increase: Option<String>,
     min_latency_ratio: Option<f64>,
+    min_latency_increase: Option<String>,
     max_p99_ratio: Option<f64>,
+    min_p99_increase: Option<String>,
     hard_max_failure_ratio: Option<String>,
 }
 
@@ -921,6 +923,30 @@ fn validate_rollout(section: &str, raw: RawRollout) -> Result<RolloutConfig, Con
             j.hard_max_failure_ratio,
             &mut judge.hard_max_failure_ratio,
         )?;
+        for (key, text, into) in [
+            (
+                "rollout.judge.min_latency_increase",
+                j.min_latency_increase,
+                &mut judge.min_latency_increase_ns,
+            ),
+            (
+                "rollout.judge.min_p99_increase",
+                j.min_p99_increase,
+                &mut judge.min_p99_increase_ns,
+            ),
+        ] {
+            if let Some(text) = text {
+                let d = parse_duration(&text).ok_or_else(|| {
+                    invalid(
+                        section,
+                        key,
+                        quoted(&text),
+                        "not a duration; write it like \"1ms\" or \"0.5ms\"",
+                    )
+                })?;
+                *into = d.as_nanos() as f64;
+            }
+        }
         if let Some(n) = j.min_samples {
             judge.min_samples = n.max(1);
         }

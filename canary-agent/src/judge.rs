@@ -24,11 +24,19 @@ pub struct JudgeConfig {
     /// before a significant difference fails the canary.
     pub min_failure_increase: f64,
     /// Canary median first-byte time must be at least this multiple of
-    /// stable's before a significant difference fails the canary.
+    /// stable's…
     pub min_latency_ratio: f64,
+    /// …and at least this much more, in nanoseconds, before a significant
+    /// difference fails the canary: sub-millisecond shifts are scheduling
+    /// noise at L4, not regressions.
+    pub min_latency_increase_ns: f64,
     /// Canary p99 first-byte over stable p99 above this fails (with at
-    /// least 100 samples in each cohort).
+    /// least 100 samples in each cohort)…
     pub max_p99_ratio: f64,
+    /// …if it is also at least this much more, in nanoseconds. Tail samples
+    /// are not independent (one stall delays every connection in flight),
+    /// so the guard takes an absolute floor rather than a p-value.
+    pub min_p99_increase_ns: f64,
     /// A canary failure ratio above this fails at once.
     pub hard_max_failure_ratio: f64,
 }
@@ -40,7 +48,9 @@ impl Default for JudgeConfig {
             alpha: 0.0001,
             min_failure_increase: 0.01,
             min_latency_ratio: 1.2,
+            min_latency_increase_ns: 1e6,
             max_p99_ratio: 2.0,
+            min_p99_increase_ns: 10e6,
             hard_max_failure_ratio: 0.5,
         }
     }
@@ -163,22 +173,34 @@ pub fn judge(cfg: &JudgeConfig, stable: &CohortWindow, canary: &CohortWindow) ->
         c99 / 1e6,
         s99 / 1e6
     );
-    if p_slow < cfg.alpha && median_ratio >= cfg.min_latency_ratio {
+    let slower = p_slow < cfg.alpha
+        && median_ratio >= cfg.min_latency_ratio
+        && c50 - s50 >= cfg.min_latency_increase_ns;
+    if slower {
         return Verdict::Fail {
             reason: "latency".into(),
             detail: format!(
-                "{latency}; slower beyond x{} at alpha {}",
-                cfg.min_latency_ratio, cfg.alpha
+                "{latency}; slower beyond x{} and +{:.3} ms at alpha {}",
+                cfg.min_latency_ratio,
+                cfg.min_latency_increase_ns / 1e6,
+                cfg.alpha
             ),
         };
     }
-    if cn >= 100 && sn >= 100 && s99 > 0.0 && c99 / s99 > cfg.max_p99_ratio {
+    let tail = cn >= 100
+        && sn >= 100
+        && s99 > 0.0
+        && c99 / s99 > cfg.max_p99_ratio
+        && c99 - s99 >= cfg.min_p99_increase_ns;
+    if tail {
         return Verdict::Fail {
             reason: "p99".into(),
             detail: format!(
-                "{latency}; p99 ratio {:.2} > {}",
+                "{latency}; p99 ratio {:.2} > {} and +{:.3} ms >= {:.3} ms",
                 c99 / s99,
-                cfg.max_p99_ratio
+                cfg.max_p99_ratio,
+                (c99 - s99) / 1e6,
+                cfg.min_p99_increase_ns / 1e6
             ),
         };
     }
@@ -337,6 +359,42 @@ mod tests {
         let canary = window(20_000, 0, around(2_100_000, 20_000, 6));
         let v = judge(&JudgeConfig::default(), &stable, &canary);
         assert!(matches!(v, Verdict::Pass { .. }), "{}", v.describe());
+    }
+
+    /// The lab failure that taught this: under CPU contention an identical
+    /// canary showed p99 2.6 ms against 1.1 ms (x2.2) at p50 0.17 ms. Below
+    /// the absolute floors that is noise; a 50 ms tail is not.
+    #[test]
+    fn sub_millisecond_tail_noise_passes_and_a_real_tail_regression_fails() {
+        let stable = window(
+            2000,
+            0,
+            around(170_000, 1980, 12)
+                .into_iter()
+                .chain(around(1_100_000, 20, 13)),
+        );
+        let noisy = window(
+            500,
+            0,
+            around(170_000, 490, 14)
+                .into_iter()
+                .chain(around(2_600_000, 10, 15)),
+        );
+        let v = judge(&JudgeConfig::default(), &stable, &noisy);
+        assert!(matches!(v, Verdict::Pass { .. }), "{}", v.describe());
+        let tail = window(
+            500,
+            0,
+            around(170_000, 480, 16)
+                .into_iter()
+                .chain(around(50_000_000, 20, 17)),
+        );
+        let v = judge(&JudgeConfig::default(), &stable, &tail);
+        assert!(
+            matches!(&v, Verdict::Fail { reason, .. } if reason == "p99"),
+            "{}",
+            v.describe()
+        );
     }
 
     #[test]

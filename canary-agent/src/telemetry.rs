@@ -409,23 +409,11 @@ impl Collector for StatsCollector {
             "canary_resets",
             "RSTs on established connections, by who sent them.",
             None,
-            backends().flat_map(|(s, c, a, b)| {
+            split(&snapshot, "direction", |b| {
                 [
                     ("from_backend", b.counters.resets_from_backend),
                     ("from_client", b.counters.resets_from_client),
                 ]
-                .map(|(dir, v)| {
-                    (
-                        [
-                            ("service", s),
-                            ("cohort", c),
-                            ("backend", &*a),
-                            ("direction", dir),
-                        ]
-                        .map(own),
-                        ConstCounter::new(v),
-                    )
-                })
             }),
         )?;
         family(
@@ -433,24 +421,12 @@ impl Collector for StatsCollector {
             "canary_failed_connections",
             "Connections that failed: refused (RST answering the SYN), syn_retry (SYN retransmitted), timeout (no SYN-ACK within handshake_timeout).",
             None,
-            backends().flat_map(|(s, c, a, b)| {
+            split(&snapshot, "reason", |b| {
                 [
                     ("refused", b.counters.refused),
                     ("syn_retry", b.counters.syn_retried),
                     ("timeout", b.timeouts),
                 ]
-                .map(|(why, v)| {
-                    (
-                        [
-                            ("service", s),
-                            ("cohort", c),
-                            ("backend", &*a),
-                            ("reason", why),
-                        ]
-                        .map(own),
-                        ConstCounter::new(v),
-                    )
-                })
             }),
         )?;
         family(
@@ -458,23 +434,11 @@ impl Collector for StatsCollector {
             "canary_bytes",
             "TCP payload bytes, by who sent them (retransmissions included).",
             None,
-            backends().flat_map(|(s, c, a, b)| {
+            split(&snapshot, "direction", |b| {
                 [
                     ("from_client", b.counters.bytes_from_client),
                     ("from_backend", b.counters.bytes_from_backend),
                 ]
-                .map(|(dir, v)| {
-                    (
-                        [
-                            ("service", s),
-                            ("cohort", c),
-                            ("backend", &*a),
-                            ("direction", dir),
-                        ]
-                        .map(own),
-                        ConstCounter::new(v),
-                    )
-                })
             }),
         )?;
         family(
@@ -482,23 +446,11 @@ impl Collector for StatsCollector {
             "canary_packets",
             "TCP packets, by who sent them.",
             None,
-            backends().flat_map(|(s, c, a, b)| {
+            split(&snapshot, "direction", |b| {
                 [
                     ("from_client", b.counters.packets_from_client),
                     ("from_backend", b.counters.packets_from_backend),
                 ]
-                .map(|(dir, v)| {
-                    (
-                        [
-                            ("service", s),
-                            ("cohort", c),
-                            ("backend", &*a),
-                            ("direction", dir),
-                        ]
-                        .map(own),
-                        ConstCounter::new(v),
-                    )
-                })
             }),
         )?;
 
@@ -615,6 +567,32 @@ impl Collector for StatsCollector {
         )?;
         Ok(())
     }
+}
+
+/// One counter per backend and value of `key` (a direction, a reason),
+/// labelled service, cohort, backend and `key`.
+fn split<'a, const N: usize>(
+    snapshot: &'a Snapshot,
+    key: &'static str,
+    values: fn(&BackendSnapshot) -> [(&'static str, u64); N],
+) -> impl Iterator<Item = ([(&'static str, String); 4], ConstCounter<u64>)> + 'a {
+    snapshot.services.iter().flat_map(move |s| {
+        s.backends.iter().flat_map(move |b| {
+            let addr = b.addr.to_string();
+            values(b).map(move |(v, n)| {
+                (
+                    [
+                        ("service", s.name.as_str()),
+                        ("cohort", cohort_name(b.cohort)),
+                        ("backend", &*addr),
+                        (key, v),
+                    ]
+                    .map(own),
+                    ConstCounter::new(n),
+                )
+            })
+        })
+    })
 }
 
 /// A label pair with owned strings (label values outlive the iterators).

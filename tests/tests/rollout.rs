@@ -218,14 +218,16 @@ fn identical_canaries_are_not_rolled_back_in_60_seconds() {
         })
         .collect();
     let attempts: usize = loads.into_iter().map(|l| join_timed(l).len()).sum();
-    let states: Vec<String> = (0..SERVICES)
-        .map(|i| {
-            status(&sock, &format!("web{i}"))["state"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
+    let statuses: Vec<Value> = (0..SERVICES)
+        .map(|i| status(&sock, &format!("web{i}")))
         .collect();
+    let states: Vec<String> = statuses
+        .iter()
+        .map(|s| s["state"].as_str().unwrap_or("?").to_string())
+        .collect();
+    for s in statuses.iter().filter(|s| s["state"] == "rolled-back") {
+        eprintln!("  {}: {}", s["name"], s["last_verdict"]);
+    }
     let rolled_back = states.iter().filter(|s| *s == "rolled-back").count();
     eprintln!(
         "false rollbacks: {rolled_back} of {SERVICES} identical canaries over {seconds} s \
