@@ -128,12 +128,9 @@ fn main() -> ExitCode {
         Cmd::Status { json, .. } => {
             call(&cli.socket, &request).and_then(|v| print_status(&v, *json))
         }
-        _ => call(&cli.socket, &request).and_then(|v| {
-            match serde_json::from_value::<StatusReport>(v.clone()) {
-                Ok(report) => print!("{}", table(&report)),
-                Err(_) => println!("ok"),
-            }
-            Ok(())
+        _ => call(&cli.socket, &request).map(|v| match serde_json::from_value::<StatusReport>(v) {
+            Ok(report) => print!("{}", table(&report)),
+            Err(_) => println!("ok"),
         }),
     };
     match result {
