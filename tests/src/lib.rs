@@ -7,6 +7,23 @@ pub mod metrics;
 pub mod packet;
 pub mod prometheus;
 
+/// A lab with `backends` (name, behaviour) and `clients` client addresses;
+/// fails the test unless it runs as root.
+pub fn lab(backends: &[(&str, canary_lab::Behavior)], clients: u32) -> canary_lab::Lab {
+    require_root();
+    canary_lab::Lab::build(canary_lab::LabSpec {
+        backends: backends
+            .iter()
+            .map(|(name, behavior)| canary_lab::BackendSpec {
+                name: name.to_string(),
+                behavior: *behavior,
+            })
+            .collect(),
+        n_client_addrs: clients,
+    })
+    .expect("lab builds")
+}
+
 /// Fails the test unless it runs as root: privileged tests never skip, in
 /// CI or anywhere else (`cargo xtask test` is the way to run them).
 pub fn require_root() {

@@ -6,11 +6,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use canary_lab::{AgentProcess, BackendSpec, Behavior, Lab, LabSpec};
+use canary_lab::{AgentProcess, Behavior, Lab};
 use canary_tests::{
     load::{CANARY_PREFIX, drive, join_timed, spawn_timed},
     metrics::scrape,
-    require_root,
 };
 
 const VIP: &str = "10.96.0.10:80";
@@ -28,18 +27,10 @@ fn config(lab: &Lab, state_dir: &std::path::Path) -> String {
 
 #[test]
 fn a_canary_that_starts_refusing_is_cut_off_by_the_data_plane_within_milliseconds() {
-    require_root();
-    let mut lab = Lab::build(LabSpec {
-        backends: ["stable-1", "canary-1"]
-            .iter()
-            .map(|n| BackendSpec {
-                name: n.to_string(),
-                behavior: Behavior::Reply,
-            })
-            .collect(),
-        n_client_addrs: 32,
-    })
-    .expect("lab builds");
+    let mut lab = canary_tests::lab(
+        &[("stable-1", Behavior::Reply), ("canary-1", Behavior::Reply)],
+        32,
+    );
     let state_dir =
         std::env::temp_dir().join(format!("canary-breaker-state-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&state_dir);

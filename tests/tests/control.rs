@@ -7,26 +7,11 @@ use std::{
     process::{Command, Output},
 };
 
-use canary_lab::{AgentProcess, BackendSpec, Behavior, Lab, LabSpec, canaryctl_binary};
-use canary_tests::{load::drive, require_root};
+use canary_lab::{AgentProcess, Behavior, Lab, canaryctl_binary};
+use canary_tests::load::drive;
 use serde_json::Value;
 
 const VIP: &str = "10.96.0.10:80";
-
-fn lab() -> Lab {
-    require_root();
-    Lab::build(LabSpec {
-        backends: ["stable-1", "canary-1"]
-            .iter()
-            .map(|n| BackendSpec {
-                name: n.to_string(),
-                behavior: Behavior::Reply,
-            })
-            .collect(),
-        n_client_addrs: 16,
-    })
-    .expect("lab builds")
-}
 
 fn config(lab: &Lab, agent_extra: &str) -> String {
     format!(
@@ -84,7 +69,10 @@ fn canary_share(lab: &Lab, n: usize) -> f64 {
 
 #[test]
 fn canaryctl_moves_the_canary_and_a_rollback_survives_a_restart() {
-    let lab = lab();
+    let lab = canary_tests::lab(
+        &[("stable-1", Behavior::Reply), ("canary-1", Behavior::Reply)],
+        16,
+    );
     let state_dir =
         std::env::temp_dir().join(format!("canary-control-state-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&state_dir);
@@ -188,7 +176,10 @@ fn raw(sock: &Path, line: &[u8]) -> Value {
 
 #[test]
 fn the_socket_refuses_other_users_and_survives_bad_messages() {
-    let lab = lab();
+    let lab = canary_tests::lab(
+        &[("stable-1", Behavior::Reply), ("canary-1", Behavior::Reply)],
+        16,
+    );
     let agent = AgentProcess::start(lab.router(), &config(&lab, ""), false).expect("agent starts");
     let sock = agent.control_socket();
     // The directory must be passable for the unprivileged user to reach
@@ -265,7 +256,10 @@ fn state_changes_reach_the_webhook_with_retries() {
         net::TcpListener,
         time::{Duration, Instant},
     };
-    let lab = lab();
+    let lab = canary_tests::lab(
+        &[("stable-1", Behavior::Reply), ("canary-1", Behavior::Reply)],
+        16,
+    );
     // A receiver on the router's loopback (where the agent runs): the first
     // POST gets a 500, the second a 200.
     let listener = lab

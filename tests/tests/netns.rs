@@ -17,11 +17,10 @@ use std::{
 
 use canary_agent::{config::default_salt, dataplane::be_addr};
 use canary_common::cohort::{bucket, is_canary, sticky_hash};
-use canary_lab::{AgentProcess, BackendSpec, Behavior, Conn, Lab, LabSpec};
+use canary_lab::{AgentProcess, Behavior, Conn, Lab};
 use canary_tests::{
     attached_to,
     load::{self, Outcome, TIMEOUT},
-    require_root,
 };
 
 const VIP: &str = "10.96.0.10:80";
@@ -35,18 +34,15 @@ fn vip() -> SocketAddrV4 {
 
 /// stable-1, stable-2, canary-1, and `n_clients` client addresses.
 fn lab(n_clients: u32) -> Lab {
-    require_root();
-    Lab::build(LabSpec {
-        backends: ["stable-1", "stable-2", CANARY_NAME]
-            .iter()
-            .map(|n| BackendSpec {
-                name: n.to_string(),
-                behavior: Behavior::Reply,
-            })
-            .collect(),
-        n_client_addrs: n_clients,
-    })
-    .expect("lab builds")
+    let reply = Behavior::Reply;
+    canary_tests::lab(
+        &[
+            ("stable-1", reply),
+            ("stable-2", reply),
+            (CANARY_NAME, reply),
+        ],
+        n_clients,
+    )
 }
 
 /// Agent config for the lab's one service, with extra service keys.

@@ -8,31 +8,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use canary_lab::{AgentProcess, BackendSpec, Behavior, Lab, LabSpec, canaryctl_binary};
-use canary_tests::{
-    load::{drive, join_timed, spawn_timed},
-    require_root,
-};
+use canary_lab::{AgentProcess, Behavior, Lab, canaryctl_binary};
+use canary_tests::load::{drive, join_timed, spawn_timed};
 use serde_json::Value;
 
 const IFACE: &str = Lab::ROUTER_CLIENT_IFACE;
 
 fn lab(stable: Behavior, canary: Behavior) -> Lab {
-    require_root();
-    Lab::build(LabSpec {
-        backends: vec![
-            BackendSpec {
-                name: "stable-1".into(),
-                behavior: stable,
-            },
-            BackendSpec {
-                name: "canary-1".into(),
-                behavior: canary,
-            },
-        ],
-        n_client_addrs: 32,
-    })
-    .expect("lab builds")
+    canary_tests::lab(&[("stable-1", stable), ("canary-1", canary)], 32)
 }
 
 fn vip(i: usize) -> SocketAddrV4 {

@@ -9,30 +9,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use canary_lab::{AgentProcess, BackendSpec, Behavior, Conn, Lab, LabSpec};
+use canary_lab::{AgentProcess, Behavior, Conn, Lab};
 use canary_tests::{
+    lab,
     load::{TIMEOUT, drive, drive_paced},
     metrics::{Exposition, http_get, http_get_accept, scrape},
     prometheus::Prometheus,
-    require_root,
 };
 
 const IFACE: &str = Lab::ROUTER_CLIENT_IFACE;
-
-fn lab(backends: &[(&str, Behavior)], clients: u32) -> Lab {
-    require_root();
-    Lab::build(LabSpec {
-        backends: backends
-            .iter()
-            .map(|(name, behavior)| BackendSpec {
-                name: name.to_string(),
-                behavior: *behavior,
-            })
-            .collect(),
-        n_client_addrs: clients,
-    })
-    .expect("lab builds")
-}
 
 /// One `[[service]]` block.
 fn service(
