@@ -667,8 +667,6 @@ impl Agent {
                         detail.clone(),
                     ))
                 });
-                warn!(event = "rollback", service = %svc.name, reason = "judge", verdict = %line,
-                    "canary rolled back by the judge: no new connection goes to canary");
                 self.verdicts.insert(
                     svc.name.clone(),
                     format!("rolled back by the judge: {line}"),
@@ -734,8 +732,9 @@ impl Agent {
             }
             self.publish_state(&name, &state, Some(RollbackReason::Breaker.as_str()));
             warn!(
-                event = "rollback",
+                event = "rollout-state",
                 service = %name,
+                to = "rolled-back",
                 reason = "breaker",
                 failures = ev.failures,
                 attempts = ev.attempts,

@@ -156,8 +156,8 @@ impl ServiceState {
                 Weight::from_ppm(*weight_ppm).unwrap_or(svc.weight)
             }
             ServiceState::Promoted { .. } => full,
-            // The canary-off flag keeps canary empty; the weight is moot.
-            ServiceState::RolledBack { .. } => svc.weight,
+            // Nothing new goes to canary (the canary-off flag enforces it).
+            ServiceState::RolledBack { .. } => Weight::default(),
         }
     }
 

@@ -128,11 +128,10 @@ fn a_canary_that_starts_refusing_is_cut_off_by_the_data_plane_within_millisecond
         1.0
     );
     assert!(
-        agent
-            .log()
-            .iter()
-            .any(|l| l.contains("event=\"rollback\"") || l.contains("event=rollback")),
-        "no rollback event line"
+        agent.log().iter().any(|l| l.contains("rollout-state")
+            && l.contains("rolled-back")
+            && l.contains("breaker")),
+        "no rollout-state line for the breaker's rollback"
     );
     let state = std::fs::read_to_string(state_dir.join("web.json")).expect("rollback persisted");
     assert!(

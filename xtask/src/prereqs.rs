@@ -7,7 +7,7 @@ use anyhow::Context;
 
 use crate::exec;
 
-/// The bpf-linker version that matches the nightly's LLVM (see DESIGN.md).
+/// The bpf-linker version that matches the nightly's LLVM (see shared/DESIGN.md).
 const BPF_LINKER: &str = "0.10.4";
 
 /// Commands the tests and the demo run, and the Debian package of each.
