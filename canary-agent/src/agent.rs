@@ -525,7 +525,10 @@ impl Agent {
         {
             return Response::error(code::UNKNOWN_SERVICE, format!("no service {name:?}"));
         }
-        let snapshot = match self.dp.snapshot() {
+        let snapshot = match self
+            .dp
+            .snapshot_where(|name| only.is_none_or(|o| o == name))
+        {
             Ok(s) => s,
             Err(e) => return Response::error(code::INTERNAL, error_chain(&e)),
         };
@@ -625,7 +628,10 @@ impl Agent {
         if due.is_empty() {
             return;
         }
-        let snapshot = match self.dp.snapshot() {
+        let snapshot = match self
+            .dp
+            .snapshot_where(|name| due.iter().any(|s| s.name == name))
+        {
             Ok(s) => s,
             Err(e) => return warn!(error = %error_chain(&e), "judge: cannot read the data plane"),
         };

@@ -518,16 +518,9 @@ impl Dataplane {
 
     /// The data-plane counters summed over CPUs, in [`Counter::ALL`] order.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>, DataplaneError> {
-        let stats = lock(&self.stats);
-        Counter::ALL
-            .iter()
-            .map(|&c| {
-                let values = stats.counters.get(&(c as u32), 0).map_err(|source| {
-                    map_error(names::COUNTERS, format!("read {}", c.name()), source)
-                })?;
-                Ok((c, values.iter().sum()))
-            })
-            .collect()
+        lock(&self.stats)
+            .dataplane_counters()
+            .map_err(|source| map_error(names::COUNTERS, "read".to_string(), source))
     }
 
     /// Slots for every backend of `services`: a backend keeps its slot;
@@ -696,8 +689,13 @@ impl Dataplane {
 
     /// Every counter and histogram now.
     pub fn snapshot(&self) -> Result<Snapshot, DataplaneError> {
+        self.snapshot_where(|_| true)
+    }
+
+    /// Counters and histograms of the services `keep` accepts.
+    pub fn snapshot_where(&self, keep: impl Fn(&str) -> bool) -> Result<Snapshot, DataplaneError> {
         lock(&self.stats)
-            .snapshot()
+            .snapshot_where(keep)
             .map_err(|source| map_error(names::STATS, "read".to_string(), source))
     }
 

@@ -73,6 +73,14 @@ pub struct RolloutView {
 }
 
 impl StatsSource {
+    /// The data-plane counters summed over CPUs, in `Counter::ALL` order.
+    pub fn dataplane_counters(&self) -> Result<Vec<(Counter, u64)>, MapError> {
+        Counter::ALL
+            .iter()
+            .map(|&c| Ok((c, self.counters.get(&(c as u32), 0)?.iter().sum())))
+            .collect()
+    }
+
     /// Records the rollout state of `service`, and a rollback if `reason`.
     pub fn set_rollout(
         &mut self,
@@ -165,8 +173,14 @@ impl StatsSource {
     /// Reads every counter and the histograms of cohorts that have seen a
     /// connection.
     pub fn snapshot(&self) -> Result<Snapshot, MapError> {
-        let mut services = Vec::with_capacity(self.view.len());
-        for svc in &self.view {
+        self.snapshot_where(|_| true)
+    }
+
+    /// As [`StatsSource::snapshot`], for the services `keep` accepts only:
+    /// the judge and `status SERVICE` need a few, not all.
+    pub fn snapshot_where(&self, keep: impl Fn(&str) -> bool) -> Result<Snapshot, MapError> {
+        let mut services = Vec::new();
+        for svc in self.view.iter().filter(|s| keep(&s.name)) {
             let mut backends = Vec::with_capacity(svc.backends.len());
             for b in &svc.backends {
                 let mut counters = BackendCounters::default();
@@ -205,11 +219,7 @@ impl StatsSource {
                 }),
             });
         }
-        let mut dataplane = Vec::with_capacity(Counter::ALL.len());
-        for c in Counter::ALL {
-            let total = self.counters.get(&(c as u32), 0)?.iter().sum();
-            dataplane.push((c, total));
-        }
+        let dataplane = self.dataplane_counters()?;
         Ok(Snapshot {
             services,
             dataplane,

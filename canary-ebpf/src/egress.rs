@@ -36,7 +36,8 @@ pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
         return Ok(TC_ACT_UNSPEC);
     }
     let now = conntrack::now();
-    if let Some(c) = stats::backend(rev.stats_slot) {
+    let mut counters = stats::backend(rev.stats_slot);
+    if let Some(c) = counters.as_deref_mut() {
         c.packets_from_backend += 1;
         c.bytes_from_backend += u64::from(pkt.payload_len);
     }
@@ -104,7 +105,7 @@ pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
         if pkt.has(TCP_RST) {
             // A RST before the handshake completed refuses the connection.
             let refused = fwd.is_some_and(|f| f.read().state & ST_HANDSHAKE == 0);
-            if let Some(c) = stats::backend(rev.stats_slot) {
+            if let Some(c) = counters {
                 if refused {
                     c.refused += 1;
                 } else {
