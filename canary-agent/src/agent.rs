@@ -22,7 +22,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, ConfigError, Gate, ServiceConfig},
+    config::{Config, ConfigError, Gate, IngressMode, InterfaceConfig, ServiceConfig},
     control::{self, Access, Command, ControlError, Response, code},
     dataplane::{ApplyReport, Dataplane, DataplaneError, decode_breaker_event, error_chain},
     events::{Event, Events},
@@ -168,8 +168,8 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     agent.log_services(&report);
     for iface in agent.config.agent.interfaces.clone() {
         // On error, dropping `dp` detaches the interfaces already attached.
-        agent.dp.attach(&iface)?;
-        info!(interface = %iface, "attached TC ingress and egress");
+        agent.dp.attach(&iface.name, iface.mode)?;
+        info!(interface = %iface.name, mode = iface.mode.as_str(), "attached");
     }
     let ring = agent
         .dp
@@ -244,7 +244,11 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     control_server.abort();
     let _ = std::fs::remove_file(&control_path);
     agent.log_counters();
-    let interfaces: Vec<String> = agent.dp.attached().map(str::to_string).collect();
+    let interfaces: Vec<String> = agent
+        .dp
+        .attached()
+        .map(|(name, _)| name.to_string())
+        .collect();
     agent.dp.detach_all();
     info!(interfaces = ?interfaces, "detached; canary-agent stopped");
     Ok(())
@@ -298,18 +302,20 @@ impl Agent {
         let new = Config::load(&self.opts.config, &self.opts.interfaces)?;
         let new_states = load_states(&self.store, &new)?;
         let old = &self.config;
-        let added: Vec<String> = new
+        // New interfaces, and interfaces whose mode changed.
+        let added: Vec<InterfaceConfig> = new
             .agent
             .interfaces
             .iter()
             .filter(|i| !old.agent.interfaces.contains(i))
             .cloned()
             .collect();
-        let mut attached = Vec::new();
+        // What each attach replaced, to undo it if the reload fails.
+        let mut attached: Vec<(InterfaceConfig, Option<IngressMode>)> = Vec::new();
         let result = (|| -> Result<ApplyReport, DataplaneError> {
             for iface in &added {
-                self.dp.attach(iface)?;
-                attached.push(iface.clone());
+                let before = self.dp.attach(&iface.name, iface.mode)?;
+                attached.push((iface.clone(), before));
             }
             for (name, state) in &new_states {
                 let was = self
@@ -327,24 +333,36 @@ impl Agent {
         let report = match result {
             Ok(report) => report,
             Err(e) => {
-                for iface in attached {
-                    self.dp.detach(&iface);
+                for (iface, before) in attached.into_iter().rev() {
+                    match before {
+                        None => self.dp.detach(&iface.name),
+                        Some(mode) => {
+                            if let Err(undo) = self.dp.attach(&iface.name, mode) {
+                                warn!(interface = %iface.name, error = %error_chain(&undo), "cannot restore the previous mode");
+                            }
+                        }
+                    }
                 }
                 return Err(e.into());
             }
         };
-        for iface in &attached {
-            info!(interface = %iface, "attached TC ingress and egress");
+        for (iface, before) in &attached {
+            match before {
+                None => info!(interface = %iface.name, mode = iface.mode.as_str(), "attached"),
+                Some(old) => {
+                    info!(interface = %iface.name, from = old.as_str(), to = iface.mode.as_str(), "ingress mode changed")
+                }
+            }
         }
         for iface in self
             .config
             .agent
             .interfaces
             .iter()
-            .filter(|i| !new.agent.interfaces.contains(i))
+            .filter(|i| !new.agent.interfaces.iter().any(|n| n.name == i.name))
         {
-            self.dp.detach(iface);
-            info!(interface = %iface, "detached");
+            self.dp.detach(&iface.name);
+            info!(interface = %iface.name, "detached");
         }
         // Interfaces and handshake_timeout apply now; the rest is bound at
         // start.

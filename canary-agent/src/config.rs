@@ -240,8 +240,8 @@ impl FromStr for Ipv4Prefix {
 /// Validated agent settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentConfig {
-    /// Client-facing interfaces where the programs are attached.
-    pub interfaces: Vec<String>,
+    /// Client-facing interfaces where the programs are attached, and how.
+    pub interfaces: Vec<InterfaceConfig>,
     /// Control socket path (`canaryctl --socket`).
     pub control_socket: PathBuf,
     /// Group whose members may use the control socket (root and the
@@ -260,6 +260,36 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Where rollout state changes are POSTed as JSON, if anywhere.
     pub webhook: Option<crate::events::Webhook>,
+}
+
+/// Where client packets enter the data plane on an interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IngressMode {
+    /// TC ingress (works on every interface and every checksum state).
+    #[default]
+    Tc,
+    /// XDP, before the kernel allocates an skb. Replies still go through TC
+    /// egress.
+    Xdp,
+}
+
+impl IngressMode {
+    /// The name used in config and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IngressMode::Tc => "tc",
+            IngressMode::Xdp => "xdp",
+        }
+    }
+}
+
+/// One client-facing interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceConfig {
+    /// Interface name, as `ip link` shows it.
+    pub name: String,
+    /// Where client packets are steered on it.
+    pub mode: IngressMode,
 }
 
 /// Whether a rollout step waits for an operator.
@@ -373,7 +403,7 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAgent {
-    interfaces: Vec<String>,
+    interfaces: Vec<RawInterface>,
     control_socket: Option<PathBuf>,
     control_group: Option<String>,
     metrics_addr: Option<String>,
@@ -382,6 +412,64 @@ struct RawAgent {
     handshake_timeout: Option<String>,
     state_dir: Option<PathBuf>,
     webhook_url: Option<String>,
+}
+
+/// An `interfaces` entry: `"eth0"` (TC) or `{ name = "eth0", mode = "xdp" }`.
+struct RawInterface {
+    name: String,
+    mode: Option<String>,
+}
+
+impl RawInterface {
+    /// `NAME` or `NAME:MODE`, the command-line form (`:` cannot occur in an
+    /// interface name).
+    fn from_flag(flag: &str) -> RawInterface {
+        match flag.split_once(':') {
+            Some((name, mode)) => RawInterface {
+                name: name.to_string(),
+                mode: Some(mode.to_string()),
+            },
+            None => RawInterface {
+                name: flag.to_string(),
+                mode: None,
+            },
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RawInterface {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            name: String,
+            mode: Option<String>,
+        }
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawInterface;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"an interface name like "eth0", or a table like { name = "eth0", mode = "xdp" }"#)
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<RawInterface, E> {
+                Ok(RawInterface {
+                    name: name.to_string(),
+                    mode: None,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawInterface, A::Error> {
+                let t = Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawInterface {
+                    name: t.name,
+                    mode: t.mode,
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Deserialize)]
@@ -473,7 +561,10 @@ impl Config {
             source,
         })?;
         if !interfaces.is_empty() {
-            raw.agent.interfaces = interfaces.to_vec();
+            raw.agent.interfaces = interfaces
+                .iter()
+                .map(|i| RawInterface::from_flag(i))
+                .collect();
         }
         let agent = validate_agent(raw.agent)?;
         let services = validate_services(raw.services)?;
@@ -510,23 +601,40 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
         ));
     }
     let mut seen = BTreeSet::new();
-    for iface in &raw.interfaces {
-        if !seen.insert(iface) {
+    let mut interfaces = Vec::with_capacity(raw.interfaces.len());
+    for iface in raw.interfaces {
+        let mode = match iface.mode.as_deref() {
+            None | Some("tc") => IngressMode::Tc,
+            Some("xdp") => IngressMode::Xdp,
+            Some(other) => {
+                return Err(invalid(
+                    S,
+                    "interfaces",
+                    format!("{}:{}", iface.name, quoted(other)),
+                    "mode must be \"tc\" (the default) or \"xdp\"",
+                ));
+            }
+        };
+        if !seen.insert(iface.name.clone()) {
             return Err(invalid(
                 S,
                 "interfaces",
-                quoted(iface),
+                quoted(&iface.name),
                 "listed twice; list each interface once",
             ));
         }
-        if !interface_exists(iface) {
+        if !interface_exists(&iface.name) {
             return Err(invalid(
                 S,
                 "interfaces",
-                quoted(iface),
+                quoted(&iface.name),
                 "no such network interface in this network namespace; `ip link` lists the names",
             ));
         }
+        interfaces.push(InterfaceConfig {
+            name: iface.name,
+            mode,
+        });
     }
     let metrics_addr = raw.metrics_addr.as_deref().unwrap_or(DEFAULT_METRICS_ADDR);
     let metrics_addr: SocketAddr = metrics_addr.parse().map_err(|_| {
@@ -601,7 +709,7 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
         },
     };
     Ok(AgentConfig {
-        interfaces: raw.interfaces,
+        interfaces,
         control_socket: raw
             .control_socket
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
@@ -1179,7 +1287,7 @@ never_canary = []
     #[test]
     fn the_design_example_parses() {
         let c = parse(GOOD).expect("example config is valid");
-        assert_eq!(c.agent.interfaces, ["lo"]);
+        assert_eq!(c.agent.interfaces, [tc("lo")]);
         assert_eq!(c.agent.conntrack_capacity, CT_DEFAULT_CAPACITY);
         let s = &c.services[0];
         assert_eq!(s.name, "web");
@@ -1415,12 +1523,46 @@ never_canary = []
         );
     }
 
+    fn tc(name: &str) -> InterfaceConfig {
+        InterfaceConfig {
+            name: name.to_string(),
+            mode: IngressMode::Tc,
+        }
+    }
+
     #[test]
     fn command_line_interfaces_replace_the_file() {
         let c = Config::parse(GOOD, Path::new("x"), &["lo".to_string()]).unwrap();
-        assert_eq!(c.agent.interfaces, ["lo"]);
+        assert_eq!(c.agent.interfaces, [tc("lo")]);
+        let c = Config::parse(GOOD, Path::new("x"), &["lo:xdp".to_string()]).unwrap();
+        assert_eq!(c.agent.interfaces[0].mode, IngressMode::Xdp);
         let err = Config::parse(GOOD, Path::new("x"), &["canary-nope1".to_string()]).unwrap_err();
         assert!(err.to_string().contains("canary-nope1"), "{err}");
+    }
+
+    #[test]
+    fn interfaces_take_a_mode_as_a_table() {
+        let c = parse(&GOOD.replace("[\"lo\"]", "[{ name = \"lo\", mode = \"xdp\" }]"))
+            .expect("table form is valid");
+        assert_eq!(
+            c.agent.interfaces,
+            [InterfaceConfig {
+                name: "lo".to_string(),
+                mode: IngressMode::Xdp
+            }]
+        );
+        let c = parse(&GOOD.replace("[\"lo\"]", "[{ name = \"lo\" }]")).unwrap();
+        assert_eq!(c.agent.interfaces, [tc("lo")]);
+
+        let msg = error_text(&GOOD.replace("[\"lo\"]", "[{ name = \"lo\", mode = \"dpdk\" }]"));
+        assert!(
+            msg.contains(r#"interfaces = lo:"dpdk": mode must be "tc" (the default) or "xdp""#),
+            "{msg}"
+        );
+        let msg = error_text(&GOOD.replace("[\"lo\"]", "[{ name = \"lo\", mod = \"xdp\" }]"));
+        assert!(msg.contains("unknown field `mod`"), "{msg}");
+        let msg = error_text(&GOOD.replace("[\"lo\"]", "[7]"));
+        assert!(msg.contains("an interface name like"), "{msg}");
     }
 
     #[test]

@@ -17,8 +17,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, MapError, PerCpuValues, RingBuf, lpm_trie::Key},
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
-        tc::SchedClassifierLinkId,
+        ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
+        tc::SchedClassifierLinkId, xdp::XdpLinkId,
     },
 };
 use canary_common::{
@@ -37,7 +37,7 @@ use canary_common::{
 use tracing::warn;
 
 use crate::{
-    config::{CohortMode, ServiceConfig},
+    config::{CohortMode, IngressMode, ServiceConfig},
     telemetry::{BackendView, ServiceView, Snapshot, StatsSource},
 };
 
@@ -65,10 +65,10 @@ pub enum DataplaneError {
         source: Box<ProgramError>,
     },
     /// Attaching to an interface failed.
-    #[error("cannot attach {name} to {direction} of interface {interface}")]
+    #[error("cannot attach {name} to {hook} of interface {interface}")]
     Attach {
         name: &'static str,
-        direction: &'static str,
+        hook: &'static str,
         interface: String,
         #[source]
         source: Box<ProgramError>,
@@ -89,38 +89,58 @@ pub enum DataplaneError {
     },
 }
 
-/// The two TC programs.
+/// The programs in the object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    /// Client → VIP (TC ingress of a client-facing interface).
-    Ingress,
-    /// Backend → client (TC egress of the same interface).
-    Egress,
+pub enum Program {
+    /// Client → VIP at TC ingress of a client-facing interface.
+    TcIngress,
+    /// Client → VIP at XDP of a client-facing interface (`mode = "xdp"`).
+    XdpIngress,
+    /// Backend → client at TC egress of the same interface.
+    TcEgress,
 }
 
-impl Direction {
-    const BOTH: [Direction; 2] = [Direction::Ingress, Direction::Egress];
+impl Program {
+    const ALL: [Program; 3] = [Program::TcIngress, Program::XdpIngress, Program::TcEgress];
 
-    fn program(self) -> &'static str {
+    /// The program's name in the object.
+    pub fn name(self) -> &'static str {
         match self {
-            Direction::Ingress => names::PROG_TC_INGRESS,
-            Direction::Egress => names::PROG_TC_EGRESS,
+            Program::TcIngress => names::PROG_TC_INGRESS,
+            Program::XdpIngress => names::PROG_XDP_INGRESS,
+            Program::TcEgress => names::PROG_TC_EGRESS,
         }
     }
 
-    fn attach_type(self) -> TcAttachType {
-        match self {
-            Direction::Ingress => TcAttachType::Ingress,
-            Direction::Egress => TcAttachType::Egress,
+    /// The program that takes client packets in `mode`.
+    pub fn ingress(mode: IngressMode) -> Program {
+        match mode {
+            IngressMode::Tc => Program::TcIngress,
+            IngressMode::Xdp => Program::XdpIngress,
         }
     }
 
-    fn as_str(self) -> &'static str {
+    fn hook(self) -> &'static str {
         match self {
-            Direction::Ingress => "ingress",
-            Direction::Egress => "egress",
+            Program::TcIngress => "TC ingress",
+            Program::XdpIngress => "XDP",
+            Program::TcEgress => "TC egress",
         }
     }
+}
+
+/// An attachment, detached by id (or by the kernel when the agent exits:
+/// TCX and XDP links both die with their file descriptor).
+enum Link {
+    Tc(SchedClassifierLinkId),
+    Xdp(XdpLinkId),
+}
+
+/// What is attached to one interface.
+struct Attached {
+    mode: IngressMode,
+    ingress: Link,
+    egress: Link,
 }
 
 /// What is in `SERVICES`/`RULES` for one service name.
@@ -173,7 +193,7 @@ pub struct Dataplane {
     next_slot: u16,
     /// Possible CPUs: the length of every per-CPU value.
     ncpus: usize,
-    links: BTreeMap<String, Vec<(Direction, SchedClassifierLinkId)>>,
+    links: BTreeMap<String, Attached>,
     installed: BTreeMap<String, Installed>,
     svc_ids: BTreeMap<String, u32>,
     next_svc_id: u32,
@@ -181,22 +201,23 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    /// Loads the object and both programs (the verifier runs here) without
+    /// Loads the object and every program (the verifier runs here) without
     /// attaching anything. `conntrack_capacity` sizes the conntrack map.
     pub fn load(conntrack_capacity: u32) -> Result<Dataplane, DataplaneError> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::CONNTRACK, conntrack_capacity)
             .load(EBPF_OBJECT)
             .map_err(|e| DataplaneError::Load(Box::new(e)))?;
-        for dir in Direction::BOTH {
-            let name = dir.program();
-            classifier(&mut ebpf, name)?
-                .load()
-                .map_err(|source| DataplaneError::Program {
-                    name,
-                    action: "rejected by the kernel at load",
-                    source: Box::new(source),
-                })?;
+        for program in Program::ALL {
+            let result = match program {
+                Program::XdpIngress => xdp(&mut ebpf)?.load(),
+                _ => classifier(&mut ebpf, program.name())?.load(),
+            };
+            result.map_err(|source| DataplaneError::Program {
+                name: program.name(),
+                action: "rejected by the kernel at load",
+                source: Box::new(source),
+            })?;
         }
         let stats = StatsSource {
             stats: take_map(&mut ebpf, names::STATS)?,
@@ -228,38 +249,99 @@ impl Dataplane {
         })
     }
 
-    /// Attaches both programs to `interface` (TCX on kernels >= 6.6: the
-    /// kernel detaches them when this process exits, even if killed). Either
-    /// both directions are attached or neither.
-    pub fn attach(&mut self, interface: &str) -> Result<(), DataplaneError> {
-        if self.links.contains_key(interface) {
-            return Ok(());
-        }
-        let mut done = Vec::new();
-        for dir in Direction::BOTH {
-            let name = dir.program();
-            let result = classifier(&mut self.ebpf, name)?.attach(interface, dir.attach_type());
-            match result {
-                Ok(id) => done.push((dir, id)),
-                Err(source) => {
-                    self.detach_links(interface, done);
-                    return Err(DataplaneError::Attach {
-                        name,
-                        direction: dir.as_str(),
-                        interface: interface.to_string(),
-                        source: Box::new(source),
-                    });
-                }
+    /// Attaches to `interface`: client packets in `mode`, replies at TC
+    /// egress (TCX and XDP links: the kernel detaches them when this process
+    /// exits, even if killed). Either everything is attached or nothing.
+    ///
+    /// On an interface already attached in another mode, the new ingress
+    /// program is attached before the old one is detached. While both run,
+    /// the first to see a packet steers it and the second sees a packet to a
+    /// backend, not a VIP, and lets it pass: no packet is lost or steered
+    /// twice. Returns the mode the interface had before, if any.
+    pub fn attach(
+        &mut self,
+        interface: &str,
+        mode: IngressMode,
+    ) -> Result<Option<IngressMode>, DataplaneError> {
+        if let Some(old) = self.links.get(interface).map(|a| a.mode) {
+            if old != mode {
+                let ingress = self.attach_one(Program::ingress(mode), interface)?;
+                let attached = self.links.get_mut(interface).expect("checked above");
+                let old_link = std::mem::replace(&mut attached.ingress, ingress);
+                attached.mode = mode;
+                self.detach_one(Program::ingress(old), interface, old_link);
             }
+            return Ok(Some(old));
         }
-        self.links.insert(interface.to_string(), done);
-        Ok(())
+        let ingress = self.attach_one(Program::ingress(mode), interface)?;
+        let egress = match self.attach_one(Program::TcEgress, interface) {
+            Ok(link) => link,
+            Err(e) => {
+                self.detach_one(Program::ingress(mode), interface, ingress);
+                return Err(e);
+            }
+        };
+        self.links.insert(
+            interface.to_string(),
+            Attached {
+                mode,
+                ingress,
+                egress,
+            },
+        );
+        Ok(None)
     }
 
-    /// Detaches both programs from `interface`, if attached.
+    fn attach_one(&mut self, program: Program, interface: &str) -> Result<Link, DataplaneError> {
+        let result = match program {
+            // Driver mode: generic (skb) XDP would be slower than TC, so a
+            // driver without native XDP is an error, not a silent fallback.
+            Program::XdpIngress => xdp(&mut self.ebpf)?
+                .attach(interface, XdpMode::Driver)
+                .map(Link::Xdp),
+            Program::TcIngress => classifier(&mut self.ebpf, program.name())?
+                .attach(interface, TcAttachType::Ingress)
+                .map(Link::Tc),
+            Program::TcEgress => classifier(&mut self.ebpf, program.name())?
+                .attach(interface, TcAttachType::Egress)
+                .map(Link::Tc),
+        };
+        result.map_err(|source| DataplaneError::Attach {
+            name: program.name(),
+            hook: program.hook(),
+            interface: interface.to_string(),
+            source: Box::new(source),
+        })
+    }
+
+    fn detach_one(&mut self, program: Program, interface: &str, link: Link) {
+        let result = match link {
+            Link::Xdp(id) => xdp(&mut self.ebpf).and_then(|p| {
+                p.detach(id).map_err(|source| DataplaneError::Program {
+                    name: program.name(),
+                    action: "detach",
+                    source: Box::new(source),
+                })
+            }),
+            Link::Tc(id) => classifier(&mut self.ebpf, program.name()).and_then(|p| {
+                p.detach(id).map_err(|source| DataplaneError::Program {
+                    name: program.name(),
+                    action: "detach",
+                    source: Box::new(source),
+                })
+            }),
+        };
+        if let Err(e) = result {
+            // Dropping the program at exit closes the link anyway.
+            warn!(interface, hook = program.hook(), error = %error_chain(&e), "detach failed");
+        }
+    }
+
+    /// Detaches everything from `interface`, if attached.
     pub fn detach(&mut self, interface: &str) {
-        if let Some(links) = self.links.remove(interface) {
-            self.detach_links(interface, links);
+        if let Some(attached) = self.links.remove(interface) {
+            self.detach_one(Program::ingress(attached.mode), interface, attached.ingress);
+            self.detach_one(Program::TcEgress, interface, attached.egress);
         }
     }
 
@@ -271,25 +353,9 @@ impl Dataplane {
         }
     }
 
-    /// Interfaces the programs are attached to.
-    pub fn attached(&self) -> impl Iterator<Item = &str> {
-        self.links.keys().map(String::as_str)
-    }
-
-    fn detach_links(&mut self, interface: &str, links: Vec<(Direction, SchedClassifierLinkId)>) {
-        for (dir, id) in links {
-            let result = classifier(&mut self.ebpf, dir.program()).and_then(|p| {
-                p.detach(id).map_err(|source| DataplaneError::Program {
-                    name: dir.program(),
-                    action: "detach",
-                    source: Box::new(source),
-                })
-            });
-            if let Err(e) = result {
-                // Dropping the program at exit closes the link anyway.
-                warn!(interface, direction = dir.as_str(), error = %error_chain(&e), "detach failed");
-            }
-        }
+    /// Interfaces the programs are attached to, and their modes.
+    pub fn attached(&self) -> impl Iterator<Item = (&str, IngressMode)> {
+        self.links.iter().map(|(name, a)| (name.as_str(), a.mode))
     }
 
     /// Makes the maps hold exactly `services`, all or nothing.
@@ -746,28 +812,42 @@ impl Dataplane {
         self.conntrack.keys().filter(Result::is_ok).count()
     }
 
-    /// Runs one program on `packet` through `BPF_PROG_TEST_RUN`; returns the
-    /// verdict and the packet as the program left it.
+    /// Runs `program` once on `packet` through `BPF_PROG_TEST_RUN`; returns
+    /// the verdict and the packet as the program left it.
     pub fn test_run(
         &mut self,
-        dir: Direction,
+        program: Program,
         packet: &[u8],
     ) -> Result<(i32, Vec<u8>), DataplaneError> {
-        let name = dir.program();
-        let prog = classifier(&mut self.ebpf, name)?;
         let mut out = vec![0u8; packet.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(packet);
-        opts.data_out = Some(&mut out);
-        let result = prog
-            .test_run(opts)
-            .map_err(|source| DataplaneError::Program {
-                name,
-                action: "BPF_PROG_TEST_RUN",
-                source: Box::new(source),
-            })?;
+        let result = self.test_run_repeat(program, packet, 1, Some(&mut out))?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value as i32, out))
+    }
+
+    /// Runs `program` `repeat` times on one copy of `packet` (a rewrite by
+    /// one run is what the next run sees); the result's duration is the
+    /// kernel's mean per run.
+    pub fn test_run_repeat(
+        &mut self,
+        program: Program,
+        packet: &[u8],
+        repeat: u32,
+        out: Option<&mut [u8]>,
+    ) -> Result<aya::programs::TestRunResult, DataplaneError> {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.data_out = out;
+        opts.repeat = repeat;
+        let result = match program {
+            Program::XdpIngress => xdp(&mut self.ebpf)?.test_run(opts),
+            _ => classifier(&mut self.ebpf, program.name())?.test_run(opts),
+        };
+        result.map_err(|source| DataplaneError::Program {
+            name: program.name(),
+            action: "BPF_PROG_TEST_RUN",
+            source: Box::new(source),
+        })
     }
 }
 
@@ -790,6 +870,21 @@ fn classifier<'a>(
         .map_err(|source| DataplaneError::Program {
             name,
             action: "is not a TC classifier",
+            source: Box::new(source),
+        })
+}
+
+fn xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {
+    let name = names::PROG_XDP_INGRESS;
+    let program = ebpf.program_mut(name).ok_or(DataplaneError::Missing {
+        kind: "program",
+        name,
+    })?;
+    program
+        .try_into()
+        .map_err(|source| DataplaneError::Program {
+            name,
+            action: "is not an XDP program",
             source: Box::new(source),
         })
 }

@@ -29,9 +29,10 @@ struct Cli {
     )]
     config: PathBuf,
 
-    /// Client-facing interface to attach to (repeatable); replaces
-    /// `[agent] interfaces` from the config file.
-    #[arg(long = "interface", short, value_name = "IFACE")]
+    /// Client-facing interface to attach to (repeatable), as NAME or
+    /// NAME:MODE with MODE `tc` (default) or `xdp` (e.g. `eth0:xdp`);
+    /// replaces `[agent] interfaces` from the config file.
+    #[arg(long = "interface", short, value_name = "IFACE[:MODE]")]
     interfaces: Vec<String>,
 
     /// Only validate the config (including that the interfaces exist) and

@@ -12,6 +12,7 @@
 pub mod breaker;
 pub mod cohort;
 pub mod counters;
+pub mod csum;
 pub mod flow;
 pub mod service;
 pub mod stats;
@@ -40,6 +41,9 @@ pub mod names {
     pub const PROG_TC_INGRESS: &str = "canary_tc_ingress";
     /// TC program for replies leaving towards clients.
     pub const PROG_TC_EGRESS: &str = "canary_tc_egress";
+    /// XDP program for packets arriving from clients on interfaces in `xdp`
+    /// mode (instead of the TC ingress program).
+    pub const PROG_XDP_INGRESS: &str = "canary_xdp_ingress";
 }
 
 /// IANA protocol number of TCP.

@@ -2,10 +2,7 @@
 //! side of the measurements (handshake and first-byte times, refusals,
 //! resets, close).
 
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_UNSPEC},
-    programs::TcContext,
-};
+use aya_ebpf::programs::TcContext;
 use canary_common::{
     counters::Counter,
     flow::{
@@ -18,22 +15,22 @@ use canary_common::{
 use crate::{
     breaker, conntrack,
     maps::PENDING,
-    nat::{self, End},
+    nat::{End, Rewrite},
     packet::{self, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    stats::{self, Latency, count},
+    stats::{self, Action, Latency, count},
 };
 
 #[inline(always)]
-pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
+pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
     let Some(pkt) = packet::parse_tcp4(ctx)? else {
-        return Ok(TC_ACT_UNSPEC);
+        return Ok(Action::Ignore);
     };
     let Some(rev_entry) = conntrack::lookup(&pkt.key) else {
-        return Ok(TC_ACT_UNSPEC);
+        return Ok(Action::Ignore);
     };
     let rev = rev_entry.read();
     if rev.flags & CT_REVERSE == 0 {
-        return Ok(TC_ACT_UNSPEC);
+        return Ok(Action::Ignore);
     }
     let now = conntrack::now();
     let mut counters = stats::backend(rev.stats_slot);
@@ -120,12 +117,12 @@ pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
             }
         }
         if pkt.has(TCP_RST) {
-            nat::rewrite(ctx, &pkt, End::Src, rev.nat_addr, rev.nat_port)?;
+            ctx.rewrite(&pkt, End::Src, rev.nat_addr, rev.nat_port)?;
             conntrack::remove(&fwd_key, pkt.key.src_addr, pkt.key.src_port);
             count(Counter::RstClosed);
-            return Ok(TC_ACT_OK);
+            return Ok(Action::Forward);
         }
     }
-    nat::rewrite(ctx, &pkt, End::Src, rev.nat_addr, rev.nat_port)?;
-    Ok(TC_ACT_OK)
+    ctx.rewrite(&pkt, End::Src, rev.nat_addr, rev.nat_port)?;
+    Ok(Action::Forward)
 }

@@ -1,10 +1,6 @@
 //! Client → VIP: steer new flows, DNAT every packet of a flow, and measure
 //! the client's side of it.
 
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_UNSPEC},
-    programs::TcContext,
-};
 use canary_common::{
     IPPROTO_TCP,
     counters::Counter,
@@ -16,16 +12,17 @@ use crate::{
     breaker,
     conntrack::{self, Entry},
     maps::SERVICES,
-    nat::{self, End},
+    nat::{End, Rewrite},
     packet::{self, TCP_FIN, TCP_RST},
-    stats::{self, count},
+    stats::{self, Action, count},
     steer,
 };
 
+/// Runs at TC ingress or XDP: the same logic on either kind of frame.
 #[inline(always)]
-pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
+pub fn handle<F: Rewrite>(ctx: &F) -> Result<Action, Counter> {
     let Some(pkt) = packet::parse_tcp4(ctx)? else {
-        return Ok(TC_ACT_UNSPEC);
+        return Ok(Action::Ignore);
     };
     let now = conntrack::now();
 
@@ -72,7 +69,7 @@ pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
                 _pad: 0,
             };
             let Some(svc) = SERVICES.get_ptr(&svc_key) else {
-                return Ok(TC_ACT_UNSPEC);
+                return Ok(Action::Ignore);
             };
             if pkt.first_fragment {
                 // The rest of the datagram has no ports and could not follow.
@@ -111,7 +108,7 @@ pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
         }
     }
 
-    nat::rewrite(ctx, &pkt, End::Dst, backend_addr, backend_port)?;
+    ctx.rewrite(&pkt, End::Dst, backend_addr, backend_port)?;
     if pkt.has(TCP_RST) {
         if let Some(entry) = entry {
             conntrack::close(entry, true, now);
@@ -119,5 +116,5 @@ pub fn handle(ctx: &TcContext) -> Result<i32, Counter> {
         conntrack::remove(&pkt.key, backend_addr, backend_port);
         count(Counter::RstClosed);
     }
-    Ok(TC_ACT_OK)
+    Ok(Action::Forward)
 }

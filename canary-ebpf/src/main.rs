@@ -2,6 +2,8 @@
 //!
 //! - `canary_tc_ingress` (TC ingress of a client-facing interface): packets
 //!   from clients to a VIP; picks cohort and backend on SYN, DNAT.
+//! - `canary_xdp_ingress` (XDP of a client-facing interface, instead of TC
+//!   ingress): the same handler, earlier, without an skb.
 //! - `canary_tc_egress` (TC egress of the same interface): replies from
 //!   backends; reverse NAT back to VIP:port.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -33,20 +35,30 @@ mod steer;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
-    use aya_ebpf::{macros::classifier, programs::TcContext};
+    use aya_ebpf::{
+        macros::{classifier, xdp},
+        programs::{TcContext, XdpContext},
+    };
 
     use crate::{egress, ingress, stats};
 
     /// Client → VIP packets: steer new flows, DNAT every packet of a flow.
     #[classifier]
     pub fn canary_tc_ingress(ctx: TcContext) -> i32 {
-        stats::verdict(ingress::handle(&ctx))
+        stats::tc_verdict(ingress::handle(&ctx))
+    }
+
+    /// Client → VIP packets at XDP: what `canary_tc_ingress` does, before
+    /// the kernel allocates an skb.
+    #[xdp]
+    pub fn canary_xdp_ingress(ctx: XdpContext) -> u32 {
+        stats::xdp_verdict(ingress::handle(&ctx))
     }
 
     /// Backend → client replies: restore VIP:port as the source.
     #[classifier]
     pub fn canary_tc_egress(ctx: TcContext) -> i32 {
-        stats::verdict(egress::handle(&ctx))
+        stats::tc_verdict(egress::handle(&ctx))
     }
 
     #[panic_handler]

@@ -2,10 +2,10 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use canary_common::{IPPROTO_TCP, counters::Counter, flow::FlowKey};
 
-/// Ethernet header length; TC sees packets from the MAC header on.
+/// Ethernet header length; TC and XDP see packets from the MAC header on.
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const IPV4_MIN_HLEN: usize = 20;
@@ -54,10 +54,82 @@ impl Tcp4 {
     }
 }
 
+/// A packet the programs parse in place: an skb at TC, or an XDP buffer.
+pub trait Frame {
+    /// Address of the first byte (the MAC header).
+    fn data(&self) -> usize;
+    /// One past the last directly readable byte.
+    fn data_end(&self) -> usize;
+    /// Length of the whole packet, readable or not.
+    fn len(&self) -> usize;
+    /// Makes the first `len` bytes directly readable; false if the packet
+    /// is shorter.
+    fn ensure_linear(&self, len: usize) -> bool;
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        TcContext::len(self) as usize
+    }
+
+    /// An skb may keep headers in paged fragments; pull them in.
+    #[inline(always)]
+    fn ensure_linear(&self, len: usize) -> bool {
+        if self.data() + len <= self.data_end() {
+            return true;
+        }
+        if Frame::len(self) < len {
+            return false;
+        }
+        self.pull_data(len as u32).is_ok() && self.data() + len <= self.data_end()
+    }
+}
+
+/// Programs are loaded without multi-buffer support, so an XDP buffer is
+/// one linear run of bytes.
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+
+    /// Loaded afresh at each use. With a plain load LLVM sees that a read's
+    /// bounds check repeats an earlier `ensure_linear` and drops it, but the
+    /// verifier tracks the two variable-offset pointers separately and then
+    /// rejects the read.
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        // SAFETY: `ctx` is the program's context pointer, valid for the run;
+        // a volatile load of one of its fields is an ordinary ctx access.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*self.ctx).data_end)) as usize }
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+
+    #[inline(always)]
+    fn ensure_linear(&self, len: usize) -> bool {
+        self.data() + len <= self.data_end()
+    }
+}
+
 /// Reads a `T` at `offset` from the start of the packet, if it lies inside
 /// the linear data.
 #[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+fn read<T: Copy, F: Frame>(ctx: &F, offset: usize) -> Option<T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + size_of::<T>() > end {
@@ -70,25 +142,13 @@ fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
     Some(unsafe { core::ptr::read_unaligned(ptr) })
 }
 
-/// Makes sure the first `len` bytes are in the linear part of the skb.
-#[inline(always)]
-fn ensure_linear(ctx: &TcContext, len: usize) -> bool {
-    if ctx.data() + len <= ctx.data_end() {
-        return true;
-    }
-    if (ctx.len() as usize) < len {
-        return false;
-    }
-    ctx.pull_data(len as u32).is_ok() && ctx.data() + len <= ctx.data_end()
-}
-
 /// Parses an IPv4/TCP packet.
 ///
 /// `Ok(None)`: not IPv4/TCP, or a non-first fragment (no ports to match):
 /// not ours. `Err`: malformed in a way that is counted.
 #[inline(always)]
-pub fn parse_tcp4(ctx: &TcContext) -> Result<Option<Tcp4>, Counter> {
-    if !ensure_linear(ctx, ETH_HLEN) {
+pub fn parse_tcp4<F: Frame>(ctx: &F) -> Result<Option<Tcp4>, Counter> {
+    if !ctx.ensure_linear(ETH_HLEN) {
         return Err(Counter::TruncatedEth);
     }
     let ethertype: u16 = read(ctx, 12).ok_or(Counter::TruncatedEth)?;
@@ -96,7 +156,7 @@ pub fn parse_tcp4(ctx: &TcContext) -> Result<Option<Tcp4>, Counter> {
         return Ok(None);
     }
     let l3 = ETH_HLEN;
-    if !ensure_linear(ctx, l3 + IPV4_MIN_HLEN) {
+    if !ctx.ensure_linear(l3 + IPV4_MIN_HLEN) {
         return Err(Counter::BadIpHeader);
     }
     let ver_ihl: u8 = read(ctx, l3).ok_or(Counter::BadIpHeader)?;
@@ -116,10 +176,10 @@ pub fn parse_tcp4(ctx: &TcContext) -> Result<Option<Tcp4>, Counter> {
     }
     let first_fragment = frag & 0x2000 != 0;
     let l4 = l3 + ihl;
-    if !ensure_linear(ctx, l4) {
+    if !ctx.ensure_linear(l4) {
         return Err(Counter::BadIpHeader);
     }
-    if !ensure_linear(ctx, l4 + TCP_MIN_HLEN) {
+    if !ctx.ensure_linear(l4 + TCP_MIN_HLEN) {
         return Err(Counter::BadTcpHeader);
     }
     let src_addr: u32 = read(ctx, l3 + IP_SADDR).ok_or(Counter::BadIpHeader)?;
@@ -136,7 +196,7 @@ pub fn parse_tcp4(ctx: &TcContext) -> Result<Option<Tcp4>, Counter> {
     // A total length shorter than the headers is malformed; GSO packets
     // may carry 0 here and are counted from the skb length instead.
     let total_len = match u16::from_be(total_len) as usize {
-        0 => ctx.len() as usize - l3,
+        0 => ctx.len() - l3,
         n => n,
     };
     let payload_len = total_len.saturating_sub(headers) as u32;

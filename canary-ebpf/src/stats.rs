@@ -1,6 +1,6 @@
 //! Counters, histograms, and the verdict of each error.
 
-use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
+use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action};
 use canary_common::{
     counters::Counter,
     stats::{BackendCounters, HIST_BUCKETS, Histogram, hist_bucket, histogram_key},
@@ -76,29 +76,53 @@ pub fn observe(svc_id: u32, cohort: u8, which: Latency, value: u64) {
     }
 }
 
-/// Turns a handler's result into the program's return code, counting the
-/// error if there is one.
+/// What a handler decided for a packet, whatever the hook.
+#[derive(Clone, Copy)]
+pub enum Action {
+    /// Not ours: the next program or the stack decides.
+    Ignore,
+    /// Ours, rewritten: deliver it.
+    Forward,
+}
+
+/// What an error does to the packet.
+#[derive(Clone, Copy)]
+enum Fate {
+    /// Not provably ours: the stack decides (and drops it if it is garbage).
+    Stack,
+    /// Ours but not steerable correctly: dropped rather than delivered to
+    /// the wrong place or leaked un-NATed.
+    Drop,
+}
+
+/// Counts the error, if there is one, and says what becomes of the packet.
 #[inline(always)]
-pub fn verdict(result: Result<i32, Counter>) -> i32 {
-    match result {
-        Ok(verdict) => verdict,
-        Err(counter) => {
-            count(counter);
-            error_verdict(counter)
+fn settle(result: Result<Action, Counter>) -> Result<Action, Fate> {
+    result.map_err(|counter| {
+        count(counter);
+        match counter {
+            Counter::TruncatedEth | Counter::BadIpHeader | Counter::BadTcpHeader => Fate::Stack,
+            _ => Fate::Drop,
         }
+    })
+}
+
+/// A handler's result as a TC return code.
+#[inline(always)]
+pub fn tc_verdict(result: Result<Action, Counter>) -> i32 {
+    match settle(result) {
+        Ok(Action::Forward) => TC_ACT_OK,
+        Ok(Action::Ignore) | Err(Fate::Stack) => TC_ACT_UNSPEC,
+        Err(Fate::Drop) => TC_ACT_SHOT as i32,
     }
 }
 
-/// The deliberate verdict of each error.
-///
-/// A packet too broken to be matched to a service is not provably ours:
-/// the stack decides (and drops it if it is garbage). A packet for one of
-/// our services that cannot be steered correctly is dropped here rather
-/// than delivered to the wrong place or leaked un-NATed.
+/// A handler's result as an XDP return code. XDP has no "next program"
+/// verdict: whatever is not dropped goes on up to TC and the stack.
 #[inline(always)]
-fn error_verdict(counter: Counter) -> i32 {
-    match counter {
-        Counter::TruncatedEth | Counter::BadIpHeader | Counter::BadTcpHeader => TC_ACT_UNSPEC,
-        _ => TC_ACT_SHOT as i32,
+pub fn xdp_verdict(result: Result<Action, Counter>) -> u32 {
+    match settle(result) {
+        Ok(_) | Err(Fate::Stack) => xdp_action::XDP_PASS,
+        Err(Fate::Drop) => xdp_action::XDP_DROP,
     }
 }

@@ -19,6 +19,10 @@ pub const TC_ACT_UNSPEC: i32 = -1;
 pub const TC_ACT_OK: i32 = 0;
 /// See [`TC_ACT_UNSPEC`].
 pub const TC_ACT_SHOT: i32 = 2;
+/// XDP verdicts (`enum xdp_action`).
+pub const XDP_DROP: i32 = 1;
+/// See [`XDP_DROP`].
+pub const XDP_PASS: i32 = 2;
 
 const ETH_HLEN: usize = 14;
 

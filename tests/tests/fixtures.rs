@@ -1,12 +1,20 @@
-//! Packet fixtures: the real TC programs run through BPF_PROG_TEST_RUN on
+//! Packet fixtures: the real programs run through BPF_PROG_TEST_RUN on
 //! hand-built frames, in order, with the agent's own map-writing code.
 //! Checksums are recomputed from scratch on every rewritten frame.
+//!
+//! Every fixture runs twice: with client packets through the TC ingress
+//! program (`tc::…`) and through the XDP one (`xdp::…`); replies always go
+//! through TC egress.
 
-use std::{net::SocketAddrV4, path::Path};
+use std::{
+    net::SocketAddrV4,
+    ops::{Deref, DerefMut},
+    path::Path,
+};
 
 use canary_agent::{
-    config::{Config, ServiceConfig},
-    dataplane::{Dataplane, Direction, be_addr},
+    config::{Config, IngressMode, ServiceConfig},
+    dataplane::{Dataplane, Program, be_addr},
 };
 use canary_common::{
     cohort::{backend_index, bucket, is_canary, sticky_hash},
@@ -15,7 +23,10 @@ use canary_common::{
     service::{COHORT_CANARY, COHORT_STABLE},
 };
 use canary_tests::{
-    packet::{ACK, FIN, PSH, Parsed, RST, SYN, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, Tcp, parse},
+    packet::{
+        ACK, FIN, PSH, Parsed, RST, SYN, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, Tcp, XDP_DROP,
+        XDP_PASS, parse,
+    },
     require_root,
 };
 
@@ -40,24 +51,86 @@ fn services(extra: &str) -> Vec<ServiceConfig> {
         .services
 }
 
-fn dataplane(extra: &str) -> Dataplane {
+/// A loaded data plane and the hook client packets take.
+struct Fixture {
+    dp: Dataplane,
+    mode: IngressMode,
+}
+
+impl Deref for Fixture {
+    type Target = Dataplane;
+    fn deref(&self) -> &Dataplane {
+        &self.dp
+    }
+}
+
+impl DerefMut for Fixture {
+    fn deref_mut(&mut self) -> &mut Dataplane {
+        &mut self.dp
+    }
+}
+
+fn dataplane(mode: IngressMode, extra: &str) -> Fixture {
     require_root();
     let mut dp = Dataplane::load(4096).expect("programs load and pass the verifier");
     dp.apply(&services(extra)).expect("fixture services apply");
-    dp
+    Fixture { dp, mode }
+}
+
+/// Which way a packet goes.
+#[derive(Clone, Copy, Debug)]
+enum Dir {
+    /// Client → VIP: TC ingress or XDP, by the fixture's mode.
+    Ingress,
+    /// Backend → client: TC egress.
+    Egress,
+}
+
+/// What a program did with a packet, whatever the hook's return codes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum V {
+    /// Rewritten and delivered (TC_ACT_OK; XDP_PASS with a rewrite).
+    Forward,
+    /// Not ours (TC_ACT_UNSPEC; XDP_PASS untouched).
+    Ignore,
+    /// Dropped (V::Drop, XDP_DROP).
+    Drop,
+}
+
+/// Runs the program for `dir` on `frame`: its verdict and output frame.
+fn test_run(fx: &mut Fixture, dir: Dir, frame: &[u8]) -> Result<(V, Vec<u8>), String> {
+    let program = match dir {
+        Dir::Ingress => Program::ingress(fx.mode),
+        Dir::Egress => Program::TcEgress,
+    };
+    let (code, out) = fx
+        .dp
+        .test_run(program, frame)
+        .map_err(|e| format!("{program:?}: {e:?}"))?;
+    let verdict = match (program, code) {
+        (Program::XdpIngress, XDP_PASS) if out != frame => V::Forward,
+        (Program::XdpIngress, XDP_PASS) => V::Ignore,
+        (Program::XdpIngress, XDP_DROP) => V::Drop,
+        (Program::XdpIngress, _) => return Err(format!("XDP verdict {code} is not PASS or DROP")),
+        (_, TC_ACT_OK) => V::Forward,
+        (_, TC_ACT_UNSPEC) => V::Ignore,
+        (_, TC_ACT_SHOT) => V::Drop,
+        (_, _) => return Err(format!("TC verdict {code} is not OK, UNSPEC or SHOT")),
+    };
+    Ok((verdict, out))
 }
 
 /// Runs `dir` on `seg` and returns the verdict and the parsed output frame.
-fn run(dp: &mut Dataplane, dir: Direction, seg: &Tcp) -> (i32, Parsed) {
-    let (verdict, out) = dp.test_run(dir, &seg.frame()).expect("BPF_PROG_TEST_RUN");
+fn run(dp: &mut Fixture, dir: Dir, seg: &Tcp) -> (V, Parsed) {
+    let (verdict, out) = test_run(dp, dir, &seg.frame()).expect("BPF_PROG_TEST_RUN");
     let parsed =
         parse(&out).unwrap_or_else(|| panic!("program output is not a TCP frame: {out:02x?}"));
     (verdict, parsed)
 }
 
 /// Sends a SYN from `client` to the VIP through ingress.
-fn open(dp: &mut Dataplane, client: SocketAddrV4) -> (i32, Parsed) {
-    run(dp, Direction::Ingress, &Tcp::new(client, addr(VIP), SYN))
+fn open(dp: &mut Fixture, client: SocketAddrV4) -> (V, Parsed) {
+    run(dp, Dir::Ingress, &Tcp::new(client, addr(VIP), SYN))
 }
 
 fn assert_checksums(p: &Parsed, what: &str) {
@@ -91,14 +164,13 @@ fn counter(dp: &Dataplane, c: Counter) -> u64 {
         .expect("every counter is reported")
 }
 
-#[test]
-fn syn_to_vip_is_dnated_with_valid_checksums_and_tracked() {
-    let mut dp = dataplane("weight = \"0%\"");
+fn syn_to_vip_is_dnated_with_valid_checksums_and_tracked(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"0%\"");
     let client = addr("10.201.0.7:40000");
     let syn = Tcp::new(client, addr(VIP), SYN).with_payload(b"x");
-    let (verdict, out) = run(&mut dp, Direction::Ingress, &syn);
+    let (verdict, out) = run(&mut dp, Dir::Ingress, &syn);
 
-    assert_eq!(verdict, TC_ACT_OK, "a steered SYN is passed on rewritten");
+    assert_eq!(verdict, V::Forward, "a steered SYN is passed on rewritten");
     assert!(
         STABLE.map(addr).contains(&out.dst),
         "at 0% the SYN goes to a stable backend, got {}",
@@ -140,9 +212,8 @@ fn syn_to_vip_is_dnated_with_valid_checksums_and_tracked() {
     assert_eq!(counter(&dp, Counter::NewFlow), 1);
 }
 
-#[test]
-fn next_packet_after_a_weight_change_stays_on_its_backend() {
-    let mut dp = dataplane("weight = \"0%\"\ncohort = \"per-connection\"");
+fn next_packet_after_a_weight_change_stays_on_its_backend(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"0%\"\ncohort = \"per-connection\"");
     let client = addr("10.201.0.8:40001");
     let (_, first) = open(&mut dp, client);
     assert!(
@@ -159,8 +230,8 @@ fn next_packet_after_a_weight_change_stays_on_its_backend() {
         Tcp::new(client, addr(VIP), ACK | PSH).with_payload(b"GET / HTTP/1.0\r\n\r\n"),
         Tcp::new(client, addr(VIP), SYN), // a retransmitted SYN must not re-choose either
     ] {
-        let (verdict, out) = run(&mut dp, Direction::Ingress, &seg);
-        assert_eq!(verdict, TC_ACT_OK);
+        let (verdict, out) = run(&mut dp, Dir::Ingress, &seg);
+        assert_eq!(verdict, V::Forward);
         assert_eq!(
             out.dst, first.dst,
             "flags {:#x}: an established flow moved after the weight change",
@@ -183,9 +254,8 @@ fn next_packet_after_a_weight_change_stays_on_its_backend() {
     );
 }
 
-#[test]
-fn backend_reply_is_rewritten_to_come_from_the_vip() {
-    let mut dp = dataplane("weight = \"100%\"");
+fn backend_reply_is_rewritten_to_come_from_the_vip(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"100%\"");
     let client = addr("10.201.0.9:40003");
     let (_, syn) = open(&mut dp, client);
     assert_eq!(syn.dst, addr(CANARY));
@@ -195,8 +265,8 @@ fn backend_reply_is_rewritten_to_come_from_the_vip() {
         (ACK | PSH, &b"hello from canary"[..]),
     ] {
         let reply = Tcp::new(addr(CANARY), client, flags).with_payload(payload);
-        let (verdict, out) = run(&mut dp, Direction::Egress, &reply);
-        assert_eq!(verdict, TC_ACT_OK);
+        let (verdict, out) = run(&mut dp, Dir::Egress, &reply);
+        assert_eq!(verdict, V::Forward);
         assert_eq!(out.src, addr(VIP), "reply source must be VIP:port");
         assert_eq!(out.dst, client, "reply destination unchanged");
         assert_eq!(out.payload, payload);
@@ -204,9 +274,8 @@ fn backend_reply_is_rewritten_to_come_from_the_vip() {
     }
 }
 
-#[test]
-fn foreign_packets_are_untouched_and_unspec() {
-    let mut dp = dataplane("weight = \"50%\"");
+fn foreign_packets_are_untouched_and_unspec(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"50%\"");
     let foreign = [
         // Other address, other port of the VIP, and a backend talking to a
         // client it never got a flow from.
@@ -233,12 +302,9 @@ fn foreign_packets_are_untouched_and_unspec() {
         },
     ];
     for (i, frame) in foreign.iter().enumerate() {
-        for dir in [Direction::Ingress, Direction::Egress] {
-            let (verdict, out) = dp.test_run(dir, frame).expect("BPF_PROG_TEST_RUN");
-            assert_eq!(
-                verdict, TC_ACT_UNSPEC,
-                "foreign packet #{i} ({dir:?}): verdict"
-            );
+        for dir in [Dir::Ingress, Dir::Egress] {
+            let (verdict, out) = test_run(&mut dp, dir, frame).expect("BPF_PROG_TEST_RUN");
+            assert_eq!(verdict, V::Ignore, "foreign packet #{i} ({dir:?}): verdict");
             assert_eq!(&out, frame, "foreign packet #{i} ({dir:?}) was modified");
         }
     }
@@ -249,20 +315,19 @@ fn foreign_packets_are_untouched_and_unspec() {
     );
 }
 
-#[test]
-fn rst_from_either_side_ends_the_flow() {
-    let mut dp = dataplane("weight = \"0%\"");
+fn rst_from_either_side_ends_the_flow(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"0%\"");
     // Client RST.
     let client = addr("10.201.0.10:40004");
     let (_, syn) = open(&mut dp, client);
     let (verdict, rst) = run(
         &mut dp,
-        Direction::Ingress,
+        Dir::Ingress,
         &Tcp::new(client, addr(VIP), RST | ACK),
     );
     assert_eq!(
         (verdict, rst.dst),
-        (TC_ACT_OK, syn.dst),
+        (V::Forward, syn.dst),
         "the client's RST still reaches the backend"
     );
     assert_checksums(&rst, "DNAT of RST");
@@ -278,14 +343,10 @@ fn rst_from_either_side_ends_the_flow() {
     // Backend RST.
     let client = addr("10.201.0.11:40005");
     let (_, syn) = open(&mut dp, client);
-    let (verdict, rst) = run(
-        &mut dp,
-        Direction::Egress,
-        &Tcp::new(syn.dst, client, RST | ACK),
-    );
+    let (verdict, rst) = run(&mut dp, Dir::Egress, &Tcp::new(syn.dst, client, RST | ACK));
     assert_eq!(
         (verdict, rst.src),
-        (TC_ACT_OK, addr(VIP)),
+        (V::Forward, addr(VIP)),
         "the backend's RST reaches the client from the VIP"
     );
     assert_checksums(&rst, "reverse NAT of RST");
@@ -301,24 +362,19 @@ fn rst_from_either_side_ends_the_flow() {
     assert_eq!(dp.conntrack_len(), 0);
 }
 
-#[test]
-fn a_syn_after_the_clients_fin_is_a_new_connection() {
-    let mut dp = dataplane("weight = \"0%\"\ncohort = \"per-connection\"");
+fn a_syn_after_the_clients_fin_is_a_new_connection(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"0%\"\ncohort = \"per-connection\"");
     let client = addr("10.201.0.12:40006");
     let (_, first) = open(&mut dp, client);
     run(
         &mut dp,
-        Direction::Ingress,
+        Dir::Ingress,
         &Tcp::new(client, addr(VIP), FIN | ACK),
     );
     dp.apply(&services("weight = \"100%\"\ncohort = \"per-connection\""))
         .unwrap();
     // Late ACK of the closing flow: still the old backend.
-    let (_, late) = run(
-        &mut dp,
-        Direction::Ingress,
-        &Tcp::new(client, addr(VIP), ACK),
-    );
+    let (_, late) = run(&mut dp, Dir::Ingress, &Tcp::new(client, addr(VIP), ACK));
     assert_eq!(
         late.dst, first.dst,
         "closing flow must finish on its backend"
@@ -328,9 +384,8 @@ fn a_syn_after_the_clients_fin_is_a_new_connection() {
     assert_eq!(reuse.dst, addr(CANARY), "SYN after FIN is a new connection");
 }
 
-#[test]
-fn conntrack_miss_reresolves_to_the_same_cohort_and_backend() {
-    let mut dp = dataplane("weight = \"30%\"");
+fn conntrack_miss_reresolves_to_the_same_cohort_and_backend(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"30%\"");
     let salt = canary_agent::config::default_salt("web");
     let mut canary_seen = 0;
     for i in 1..=200u32 {
@@ -344,12 +399,8 @@ fn conntrack_miss_reresolves_to_the_same_cohort_and_backend() {
             addr(STABLE[backend_index(h, 2) as usize])
         };
         // A mid-flow ACK with no entry (as after an agent restart).
-        let (verdict, out) = run(
-            &mut dp,
-            Direction::Ingress,
-            &Tcp::new(client, addr(VIP), ACK),
-        );
-        assert_eq!(verdict, TC_ACT_OK);
+        let (verdict, out) = run(&mut dp, Dir::Ingress, &Tcp::new(client, addr(VIP), ACK));
+        assert_eq!(verdict, V::Forward);
         assert_eq!(
             out.dst, expected,
             "client {client}: kernel and host disagree on the steering"
@@ -364,9 +415,8 @@ fn conntrack_miss_reresolves_to_the_same_cohort_and_backend() {
     assert_eq!(counter(&dp, Counter::NewFlow), 0);
 }
 
-#[test]
-fn source_rules_decide_before_the_weight() {
-    let mut dp = dataplane("weight = \"0%\"\nalways_canary = [\"10.201.5.0/24\"]");
+fn source_rules_decide_before_the_weight(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"0%\"\nalways_canary = [\"10.201.5.0/24\"]");
     let (_, staff) = open(&mut dp, addr("10.201.5.77:40000"));
     assert_eq!(
         staff.dst,
@@ -379,8 +429,10 @@ fn source_rules_decide_before_the_weight() {
         "other clients at 0% stay stable"
     );
 
-    let mut dp =
-        dataplane("weight = \"100%\"\nnever_canary = [\"10.201.7.0/24\", \"10.201.7.128/25\"]");
+    let mut dp = dataplane(
+        m,
+        "weight = \"100%\"\nnever_canary = [\"10.201.7.0/24\", \"10.201.7.128/25\"]",
+    );
     for host in [1, 200] {
         let client = addr(&format!("10.201.7.{host}:40000"));
         let (_, vip) = open(&mut dp, client);
@@ -400,9 +452,8 @@ fn source_rules_decide_before_the_weight() {
     assert_eq!(fwd.cohort, COHORT_CANARY);
 }
 
-#[test]
-fn rule_changes_apply_atomically_and_old_rules_are_removed() {
-    let mut dp = dataplane("weight = \"0%\"\nalways_canary = [\"10.201.5.0/24\"]");
+fn rule_changes_apply_atomically_and_old_rules_are_removed(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"0%\"\nalways_canary = [\"10.201.5.0/24\"]");
     dp.apply(&services(
         "weight = \"0%\"\nalways_canary = [\"10.201.6.0/24\"]",
     ))
@@ -418,41 +469,38 @@ fn rule_changes_apply_atomically_and_old_rules_are_removed() {
     // Removing the service stops steering; the VIP becomes foreign.
     dp.apply(&[]).unwrap();
     let (verdict, _) = open(&mut dp, addr("10.201.9.1:40000"));
-    assert_eq!(
-        verdict, TC_ACT_UNSPEC,
-        "a removed service must not be steered"
-    );
+    assert_eq!(verdict, V::Ignore, "a removed service must not be steered");
 }
 
-#[test]
-fn removing_a_service_drains_it_established_flows_finish_new_ones_are_not_steered() {
-    let mut dp = dataplane("weight = \"0%\"");
+fn removing_a_service_drains_it_established_flows_finish_new_ones_are_not_steered(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"0%\"");
     let client = addr("10.201.0.20:40010");
     let (_, syn) = open(&mut dp, client);
     dp.apply(&[]).expect("service removed");
 
     let (verdict, data) = run(
         &mut dp,
-        Direction::Ingress,
+        Dir::Ingress,
         &Tcp::new(client, addr(VIP), ACK | PSH).with_payload(b"more"),
     );
     assert_eq!(
         (verdict, data.dst),
-        (TC_ACT_OK, syn.dst),
+        (V::Forward, syn.dst),
         "an established flow must finish on its backend"
     );
     assert_checksums(&data, "DNAT after service removal");
-    let (verdict, reply) = run(&mut dp, Direction::Egress, &Tcp::new(syn.dst, client, ACK));
+    let (verdict, reply) = run(&mut dp, Dir::Egress, &Tcp::new(syn.dst, client, ACK));
     assert_eq!(
         (verdict, reply.src),
-        (TC_ACT_OK, addr(VIP)),
+        (V::Forward, addr(VIP)),
         "its replies still come from the VIP"
     );
 
     let fresh = Tcp::new(addr("10.201.0.21:40011"), addr(VIP), SYN);
-    let (verdict, out) = dp.test_run(Direction::Ingress, &fresh.frame()).unwrap();
+    let (verdict, out) = test_run(&mut dp, Dir::Ingress, &fresh.frame()).unwrap();
     assert_eq!(
-        verdict, TC_ACT_UNSPEC,
+        verdict,
+        V::Ignore,
         "a new connection to a removed service is not steered"
     );
     assert_eq!(out, fresh.frame(), "and not modified");
@@ -467,9 +515,8 @@ fn cohort(dp: &Dataplane, cohort: u8) -> canary_common::stats::BackendCounters {
         .cohort_counters(cohort)
 }
 
-#[test]
-fn a_whole_connection_is_measured_once_in_its_cohort() {
-    let mut dp = dataplane("weight = \"100%\"");
+fn a_whole_connection_is_measured_once_in_its_cohort(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"100%\"");
     let client = addr("10.201.0.30:40020");
     let (_, syn) = open(&mut dp, client);
     assert_eq!(syn.dst, addr(CANARY));
@@ -483,26 +530,26 @@ fn a_whole_connection_is_measured_once_in_its_cohort() {
     let sent = b"GET / HTTP/1.0\r\n\r\n";
     let reply = b"HTTP/1.0 200 OK\r\n\r\nhello";
     for (dir, seg) in [
-        (Direction::Egress, Tcp::new(addr(CANARY), client, SYN | ACK)),
-        (Direction::Ingress, Tcp::new(client, addr(VIP), ACK)),
+        (Dir::Egress, Tcp::new(addr(CANARY), client, SYN | ACK)),
+        (Dir::Ingress, Tcp::new(client, addr(VIP), ACK)),
         (
-            Direction::Ingress,
+            Dir::Ingress,
             Tcp::new(client, addr(VIP), ACK | PSH).with_payload(sent),
         ),
         (
-            Direction::Egress,
+            Dir::Egress,
             Tcp::new(addr(CANARY), client, ACK | PSH).with_payload(reply),
         ),
         (
-            Direction::Egress,
+            Dir::Egress,
             Tcp::new(addr(CANARY), client, ACK | PSH).with_payload(reply),
         ),
-        (Direction::Ingress, Tcp::new(client, addr(VIP), FIN | ACK)),
-        (Direction::Egress, Tcp::new(addr(CANARY), client, FIN | ACK)),
-        (Direction::Ingress, Tcp::new(client, addr(VIP), ACK)),
+        (Dir::Ingress, Tcp::new(client, addr(VIP), FIN | ACK)),
+        (Dir::Egress, Tcp::new(addr(CANARY), client, FIN | ACK)),
+        (Dir::Ingress, Tcp::new(client, addr(VIP), ACK)),
     ] {
         let (verdict, _) = run(&mut dp, dir, &seg);
-        assert_eq!(verdict, TC_ACT_OK, "{dir:?} flags {:#x}", seg.flags);
+        assert_eq!(verdict, V::Forward, "{dir:?} flags {:#x}", seg.flags);
     }
     let snap = dp.snapshot().unwrap();
     let web = snap.service("web").unwrap();
@@ -557,41 +604,24 @@ fn a_whole_connection_is_measured_once_in_its_cohort() {
     );
 }
 
-#[test]
-fn refusals_resets_and_syn_retries_are_told_apart() {
-    let mut dp = dataplane("weight = \"100%\"");
+fn refusals_resets_and_syn_retries_are_told_apart(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"100%\"");
     // Refused: RST answering the SYN.
     let a = addr("10.201.0.31:40021");
     open(&mut dp, a);
-    run(
-        &mut dp,
-        Direction::Egress,
-        &Tcp::new(addr(CANARY), a, RST | ACK),
-    );
+    run(&mut dp, Dir::Egress, &Tcp::new(addr(CANARY), a, RST | ACK));
     // Reset by the backend after the handshake.
     let b = addr("10.201.0.32:40022");
     open(&mut dp, b);
-    run(
-        &mut dp,
-        Direction::Egress,
-        &Tcp::new(addr(CANARY), b, SYN | ACK),
-    );
-    run(
-        &mut dp,
-        Direction::Egress,
-        &Tcp::new(addr(CANARY), b, RST | ACK),
-    );
+    run(&mut dp, Dir::Egress, &Tcp::new(addr(CANARY), b, SYN | ACK));
+    run(&mut dp, Dir::Egress, &Tcp::new(addr(CANARY), b, RST | ACK));
     // Reset by the client, after a retransmitted SYN (twice: counted once).
     let c = addr("10.201.0.33:40023");
     open(&mut dp, c);
     open(&mut dp, c);
     open(&mut dp, c);
-    run(
-        &mut dp,
-        Direction::Egress,
-        &Tcp::new(addr(CANARY), c, SYN | ACK),
-    );
-    run(&mut dp, Direction::Ingress, &Tcp::new(c, addr(VIP), RST));
+    run(&mut dp, Dir::Egress, &Tcp::new(addr(CANARY), c, SYN | ACK));
+    run(&mut dp, Dir::Ingress, &Tcp::new(c, addr(VIP), RST));
 
     let k = cohort(&dp, COHORT_CANARY);
     assert_eq!(k.connections, 3, "{k:?}");
@@ -617,9 +647,8 @@ fn refusals_resets_and_syn_retries_are_told_apart() {
     );
 }
 
-#[test]
-fn the_breaker_trips_on_canary_refusals_and_stops_steering_there_at_once() {
-    let mut dp = dataplane("weight = \"100%\"\ncohort = \"per-connection\"");
+fn the_breaker_trips_on_canary_refusals_and_stops_steering_there_at_once(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"100%\"\ncohort = \"per-connection\"");
     let mut events = dp.take_events().expect("event ring buffer");
     // Default breaker: 3 failures that are >= 50% of the window's attempts.
     for port in 0..3u16 {
@@ -632,10 +661,10 @@ fn the_breaker_trips_on_canary_refusals_and_stops_steering_there_at_once() {
         );
         let (verdict, _) = run(
             &mut dp,
-            Direction::Egress,
+            Dir::Egress,
             &Tcp::new(addr(CANARY), client, RST | ACK),
         );
-        assert_eq!(verdict, TC_ACT_OK, "the refusal still reaches the client");
+        assert_eq!(verdict, V::Forward, "the refusal still reaches the client");
     }
     let b = dp.breaker_state("web").expect("breaker window");
     assert_eq!((b.failures, b.attempts, b.tripped), (3, 3, 1), "{b:?}");
@@ -658,17 +687,12 @@ fn the_breaker_trips_on_canary_refusals_and_stops_steering_there_at_once() {
     assert_eq!(again.dst, addr(CANARY), "cleared: canary again");
 }
 
-#[test]
-fn stable_failures_and_a_disabled_breaker_do_not_trip() {
-    let mut dp = dataplane("weight = \"0%\"\ncohort = \"per-connection\"");
+fn stable_failures_and_a_disabled_breaker_do_not_trip(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"0%\"\ncohort = \"per-connection\"");
     for port in 0..10u16 {
         let client = SocketAddrV4::new("10.201.0.43".parse().unwrap(), 41_000 + port);
         let (_, syn) = open(&mut dp, client);
-        run(
-            &mut dp,
-            Direction::Egress,
-            &Tcp::new(syn.dst, client, RST | ACK),
-        );
+        run(&mut dp, Dir::Egress, &Tcp::new(syn.dst, client, RST | ACK));
     }
     assert_eq!(
         dp.breaker_state("web").unwrap().tripped,
@@ -677,6 +701,7 @@ fn stable_failures_and_a_disabled_breaker_do_not_trip() {
     );
 
     let mut dp = dataplane(
+        m,
         "weight = \"100%\"\ncohort = \"per-connection\"\n[service.breaker]\nenabled = false",
     );
     for port in 0..10u16 {
@@ -684,7 +709,7 @@ fn stable_failures_and_a_disabled_breaker_do_not_trip() {
         open(&mut dp, client);
         run(
             &mut dp,
-            Direction::Egress,
+            Dir::Egress,
             &Tcp::new(addr(CANARY), client, RST | ACK),
         );
     }
@@ -697,9 +722,8 @@ fn stable_failures_and_a_disabled_breaker_do_not_trip() {
     assert_eq!(next.dst, addr(CANARY));
 }
 
-#[test]
-fn a_rolled_back_service_sends_nothing_new_to_canary_not_even_always_canary() {
-    let mut dp = dataplane("weight = \"100%\"\nalways_canary = [\"10.201.0.0/16\"]");
+fn a_rolled_back_service_sends_nothing_new_to_canary_not_even_always_canary(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"100%\"\nalways_canary = [\"10.201.0.0/16\"]");
     let (_, before) = open(&mut dp, addr("10.201.0.50:40000"));
     assert_eq!(before.dst, addr(CANARY));
     dp.set_canary_off("web", true).unwrap();
@@ -712,7 +736,7 @@ fn a_rolled_back_service_sends_nothing_new_to_canary_not_even_always_canary() {
     // The canary connection opened before stays where it is.
     let (_, data) = run(
         &mut dp,
-        Direction::Ingress,
+        Dir::Ingress,
         &Tcp::new(addr("10.201.0.50:40000"), addr(VIP), ACK),
     );
     assert_eq!(
@@ -733,9 +757,8 @@ fn a_rolled_back_service_sends_nothing_new_to_canary_not_even_always_canary() {
     );
 }
 
-#[test]
-fn truncated_and_garbage_packets_are_counted_not_crashed_on() {
-    let mut dp = dataplane("weight = \"5%\"");
+fn truncated_and_garbage_packets_are_counted_not_crashed_on(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"5%\"");
     let syn = Tcp::new(addr("10.201.0.1:40000"), addr(VIP), SYN).frame();
     let mut bad_ihl = syn.clone();
     bad_ihl[14] = 0x44; // IHL 4 < 5
@@ -747,42 +770,41 @@ fn truncated_and_garbage_packets_are_counted_not_crashed_on() {
     long_ihl[14] = 0x4f; // IHL 15: a 60-byte header in a 40-byte packet
     // BPF_PROG_TEST_RUN itself refuses IPv4 frames shorter than 14 + 20
     // bytes (EINVAL), so a header cut short is made with a long IHL.
-    let cases: [(&str, Vec<u8>, i32, Option<Counter>); 5] = [
+    let cases: [(&str, Vec<u8>, V, Option<Counter>); 5] = [
         (
             "IP header longer than the packet",
             long_ihl,
-            TC_ACT_UNSPEC,
+            V::Ignore,
             Some(Counter::BadIpHeader),
         ),
         (
             "IHL below 5",
             bad_ihl,
-            TC_ACT_UNSPEC,
+            V::Ignore,
             Some(Counter::BadIpHeader),
         ),
         (
             "TCP header cut short",
             syn[..14 + 20 + 10].to_vec(),
-            TC_ACT_UNSPEC,
+            V::Ignore,
             Some(Counter::BadTcpHeader),
         ),
         (
             "TCP data offset below 5",
             bad_doff,
-            TC_ACT_UNSPEC,
+            V::Ignore,
             Some(Counter::BadTcpHeader),
         ),
         (
             "first fragment to a VIP",
             fragment,
-            TC_ACT_SHOT,
+            V::Drop,
             Some(Counter::Fragment),
         ),
     ];
     for (what, frame, expected, counted) in cases {
         let before = counted.map(|c| counter(&dp, c));
-        let (verdict, _) = dp
-            .test_run(Direction::Ingress, &frame)
+        let (verdict, _) = test_run(&mut dp, Dir::Ingress, &frame)
             .unwrap_or_else(|e| panic!("{what} len {}: {e:?}", frame.len()));
         assert_eq!(verdict, expected, "{what}: verdict");
         if let (Some(c), Some(before)) = (counted, before) {
@@ -815,16 +837,16 @@ fn truncated_and_garbage_packets_are_counted_not_crashed_on() {
             frame[14] = 0x45; // make many of them parse as far as TCP
             frame[14 + 9] = 6;
         }
-        for dir in [Direction::Ingress, Direction::Egress] {
-            let (verdict, _) = dp.test_run(dir, &frame).unwrap_or_else(|e| {
+        for dir in [Dir::Ingress, Dir::Egress] {
+            let (verdict, _) = test_run(&mut dp, dir, &frame).unwrap_or_else(|e| {
                 panic!(
                     "garbage #{i} len {len} {:02x?}: {e:?}",
                     &frame[..frame.len().min(40)]
                 )
             });
             assert!(
-                [TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT].contains(&verdict),
-                "garbage #{i}: unexpected verdict {verdict}"
+                [V::Ignore, V::Forward, V::Drop].contains(&verdict),
+                "garbage #{i}: unexpected verdict {verdict:?}"
             );
         }
     }
@@ -834,3 +856,34 @@ fn truncated_and_garbage_packets_are_counted_not_crashed_on() {
     );
     assert_eq!(dp.conntrack_len(), 0, "garbage created conntrack entries");
 }
+
+/// Each fixture, once per ingress hook.
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod tc {
+            $(#[test] fn $name() { super::$name(canary_agent::config::IngressMode::Tc) })*
+        }
+        mod xdp {
+            $(#[test] fn $name() { super::$name(canary_agent::config::IngressMode::Xdp) })*
+        }
+    };
+}
+
+in_both_modes!(
+    syn_to_vip_is_dnated_with_valid_checksums_and_tracked,
+    next_packet_after_a_weight_change_stays_on_its_backend,
+    backend_reply_is_rewritten_to_come_from_the_vip,
+    foreign_packets_are_untouched_and_unspec,
+    rst_from_either_side_ends_the_flow,
+    a_syn_after_the_clients_fin_is_a_new_connection,
+    conntrack_miss_reresolves_to_the_same_cohort_and_backend,
+    source_rules_decide_before_the_weight,
+    rule_changes_apply_atomically_and_old_rules_are_removed,
+    removing_a_service_drains_it_established_flows_finish_new_ones_are_not_steered,
+    a_whole_connection_is_measured_once_in_its_cohort,
+    refusals_resets_and_syn_retries_are_told_apart,
+    the_breaker_trips_on_canary_refusals_and_stops_steering_there_at_once,
+    stable_failures_and_a_disabled_breaker_do_not_trip,
+    a_rolled_back_service_sends_nothing_new_to_canary_not_even_always_canary,
+    truncated_and_garbage_packets_are_counted_not_crashed_on,
+);
