@@ -147,7 +147,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
 
     let store = StateStore::new(&config.agent.state_dir);
     let states = load_states(&store, &config)?;
-    let mut dp = Dataplane::load(config.agent.conntrack_capacity)?;
+    let mut dp = Dataplane::load(config.agent.capacity())?;
     for (name, state) in &states {
         dp.set_canary_off(name, !state.canary_allowed())?;
     }
@@ -372,13 +372,14 @@ impl Agent {
                 c.agent.control_group.clone(),
                 c.agent.metrics_addr,
                 c.agent.metrics_buckets_per_octave,
-                c.agent.conntrack_capacity,
+                c.agent.capacity(),
                 c.agent.state_dir.clone(),
             )
         };
         if restart_only(&self.config) != restart_only(&new) {
             warn!(
-                "control_socket, control_group, metrics_addr, metrics_buckets_per_octave, conntrack_capacity \
+                "control_socket, control_group, metrics_addr, metrics_buckets_per_octave, conntrack_capacity, \
+                 max_services, max_backends \
                  and state_dir changes take effect at the next restart"
             );
         }

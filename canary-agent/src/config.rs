@@ -17,7 +17,7 @@ use std::{
 use canary_common::{
     cohort::PPM,
     flow::CT_DEFAULT_CAPACITY,
-    service::{MAX_BACKENDS, MAX_RULES, MAX_SERVICES},
+    service::{DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAX_BACKENDS, MAX_RULES},
 };
 use serde::Deserialize;
 
@@ -43,6 +43,10 @@ pub const DEFAULT_BUCKETS_PER_OCTAVE: u32 = 4;
 pub const MIN_CONNTRACK_CAPACITY: u32 = 1024;
 /// See [`MIN_CONNTRACK_CAPACITY`].
 pub const MAX_CONNTRACK_CAPACITY: u32 = 1 << 26;
+/// Upper bound of `[agent] max_services`.
+pub const MAX_MAX_SERVICES: u32 = 1 << 20;
+/// Upper bound of `[agent] max_backends`.
+pub const MAX_MAX_BACKENDS: u32 = 1 << 22;
 
 /// A config error. `Display` says what is wrong and how to fix it; the
 /// underlying cause, if any, is the `source`.
@@ -253,6 +257,11 @@ pub struct AgentConfig {
     pub metrics_buckets_per_octave: u32,
     /// Conntrack capacity in entries (two per flow).
     pub conntrack_capacity: u32,
+    /// Most services the maps hold.
+    pub max_services: u32,
+    /// Most backends across all services (each service × cohort × backend
+    /// has its own counters).
+    pub max_backends: u32,
     /// A handshake not completed within this counts as failed.
     pub handshake_timeout: Duration,
     /// Where rollbacks are persisted, so a restart never re-raises a
@@ -409,6 +418,8 @@ struct RawAgent {
     metrics_addr: Option<String>,
     metrics_buckets_per_octave: Option<u32>,
     conntrack_capacity: Option<u32>,
+    max_services: Option<u32>,
+    max_backends: Option<u32>,
     handshake_timeout: Option<String>,
     state_dir: Option<PathBuf>,
     webhook_url: Option<String>,
@@ -568,6 +579,32 @@ impl Config {
         }
         let agent = validate_agent(raw.agent)?;
         let services = validate_services(raw.services)?;
+        if services.len() > agent.max_services as usize {
+            return Err(invalid(
+                "[agent]",
+                "max_services",
+                agent.max_services,
+                format!(
+                    "{} services are configured; raise max_services (restart needed)",
+                    services.len()
+                ),
+            ));
+        }
+        let backends: usize = services
+            .iter()
+            .map(|s| s.stable.len() + s.canary.len())
+            .sum();
+        if backends > agent.max_backends as usize {
+            return Err(invalid(
+                "[agent]",
+                "max_backends",
+                agent.max_backends,
+                format!(
+                    "the services list {backends} backends (counted per service and cohort); \
+                     raise max_backends (restart needed)"
+                ),
+            ));
+        }
         Ok(Config { agent, services })
     }
 }
@@ -657,6 +694,24 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
             ),
         ));
     }
+    let max_services = raw.max_services.unwrap_or(DEFAULT_MAX_SERVICES);
+    if !(1..=MAX_MAX_SERVICES).contains(&max_services) {
+        return Err(invalid(
+            S,
+            "max_services",
+            max_services,
+            format!("must be between 1 and {MAX_MAX_SERVICES}"),
+        ));
+    }
+    let max_backends = raw.max_backends.unwrap_or(DEFAULT_MAX_BACKENDS);
+    if !(1..=MAX_MAX_BACKENDS).contains(&max_backends) {
+        return Err(invalid(
+            S,
+            "max_backends",
+            max_backends,
+            format!("must be between 1 and {MAX_MAX_BACKENDS}"),
+        ));
+    }
     let webhook = match &raw.webhook_url {
         None => None,
         Some(url) => Some(
@@ -717,6 +772,8 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
         metrics_addr,
         metrics_buckets_per_octave,
         conntrack_capacity,
+        max_services,
+        max_backends,
         handshake_timeout,
         state_dir: raw
             .state_dir
@@ -755,14 +812,6 @@ fn interface_exists(name: &str) -> bool {
 }
 
 fn validate_services(raw: Vec<RawService>) -> Result<Vec<ServiceConfig>, ConfigError> {
-    if raw.len() > MAX_SERVICES as usize {
-        return Err(invalid(
-            "[[service]]",
-            "service",
-            format!("{} entries", raw.len()),
-            format!("at most {MAX_SERVICES} services per agent"),
-        ));
-    }
     let mut names = BTreeSet::new();
     let mut vips: BTreeMap<SocketAddrV4, String> = BTreeMap::new();
     let mut total_rules = 0usize;
@@ -1733,6 +1782,34 @@ never_canary = []
             msg.contains("rollout.judge.alpha = 2: must be between 0 and 0.5"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn service_and_backend_capacities_are_checked_against_the_services() {
+        let msg = error_text(&GOOD.replace("[agent]", "[agent]\nmax_services = 0"));
+        assert!(
+            msg.contains("[agent]: max_services = 0: must be between 1 and"),
+            "{msg}"
+        );
+        let two = format!(
+            "{GOOD}\n[[service]]\nname = \"api\"\nvip = \"10.96.0.11:80\"\nstable = [\"10.0.1.10:8080\"]\n"
+        );
+        let msg = error_text(&two.replace("[agent]", "[agent]\nmax_services = 1"));
+        assert!(
+            msg.contains(
+                "[agent]: max_services = 1: 2 services are configured; raise max_services"
+            ),
+            "{msg}"
+        );
+        // GOOD has 2 stable + 1 canary backends.
+        let msg = error_text(&GOOD.replace("[agent]", "[agent]\nmax_backends = 2"));
+        assert!(
+            msg.contains("[agent]: max_backends = 2: the services list 3 backends"),
+            "{msg}"
+        );
+        let c =
+            parse(&GOOD.replace("[agent]", "[agent]\nmax_backends = 3\nmax_services = 1")).unwrap();
+        assert_eq!((c.agent.max_services, c.agent.max_backends), (1, 3));
     }
 
     #[test]

@@ -28,9 +28,9 @@ use canary_common::{
     flow::{CtEntry, FlowKey, PendingSyn, ST_CLOSED},
     names,
     service::{
-        Backend, COHORT_CANARY, COHORT_STABLE, FLAG_CANARY_OFF, MAX_BACKENDS, MAX_STATS_SLOTS,
-        MODE_PER_CONNECTION, MODE_STICKY, RULE_ALWAYS_CANARY, RULE_NEVER_CANARY, RULE_SET_BITS,
-        RuleKey, ServiceKey, ServiceValue,
+        Backend, COHORT_CANARY, COHORT_STABLE, FLAG_CANARY_OFF, MAX_BACKENDS, MODE_PER_CONNECTION,
+        MODE_STICKY, RULE_ALWAYS_CANARY, RULE_NEVER_CANARY, RULE_SET_BITS, RuleKey, ServiceKey,
+        ServiceValue,
     },
     stats::{BackendCounters, CohortHistograms, histogram_key},
 };
@@ -77,7 +77,9 @@ pub enum DataplaneError {
     #[error("cannot read the number of possible CPUs")]
     Cpus(#[source] std::io::Error),
     /// More backends across all services than `STATS` has slots.
-    #[error("{wanted} backend stats slots needed, {available} available; at most {max} backends across all services", max = MAX_STATS_SLOTS - 1)]
+    #[error(
+        "{wanted} backend stats slots needed, {available} available; raise [agent] max_backends (restart needed)"
+    )]
     SlotsExhausted { wanted: usize, available: usize },
     /// A map operation failed.
     #[error("map {map}: {action}")]
@@ -87,6 +89,38 @@ pub enum DataplaneError {
         #[source]
         source: Box<MapError>,
     },
+}
+
+/// Map sizes, fixed at load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Conntrack entries (two per flow).
+    pub conntrack: u32,
+    /// Services.
+    pub services: u32,
+    /// Backends across all services, counted per service and cohort.
+    pub backends: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Capacity {
+        Capacity {
+            conntrack: canary_common::flow::CT_DEFAULT_CAPACITY,
+            services: canary_common::service::DEFAULT_MAX_SERVICES,
+            backends: canary_common::service::DEFAULT_MAX_BACKENDS,
+        }
+    }
+}
+
+impl crate::config::AgentConfig {
+    /// The map sizes this config asks for.
+    pub fn capacity(&self) -> Capacity {
+        Capacity {
+            conntrack: self.conntrack_capacity,
+            services: self.max_services,
+            backends: self.max_backends,
+        }
+    }
 }
 
 /// The programs in the object.
@@ -186,11 +220,13 @@ pub struct Dataplane {
     stats: Arc<Mutex<StatsSource>>,
     /// Stats slot of each (service, cohort, backend), stable while the
     /// backend stays configured.
-    slots: BTreeMap<(String, u8, SocketAddrV4), u16>,
+    slots: BTreeMap<(String, u8, SocketAddrV4), u32>,
     /// Released slots, reused oldest first (late reuse keeps draining flows'
     /// counts with their old backend as long as possible).
-    free_slots: VecDeque<u16>,
-    next_slot: u16,
+    free_slots: VecDeque<u32>,
+    next_slot: u32,
+    /// One past the highest slot `STATS` has.
+    slot_limit: u32,
     /// Possible CPUs: the length of every per-CPU value.
     ncpus: usize,
     links: BTreeMap<String, Attached>,
@@ -202,10 +238,14 @@ pub struct Dataplane {
 
 impl Dataplane {
     /// Loads the object and every program (the verifier runs here) without
-    /// attaching anything. `conntrack_capacity` sizes the conntrack map.
-    pub fn load(conntrack_capacity: u32) -> Result<Dataplane, DataplaneError> {
+    /// attaching anything, with the maps sized by `capacity`.
+    pub fn load(capacity: Capacity) -> Result<Dataplane, DataplaneError> {
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::CONNTRACK, conntrack_capacity)
+            .map_max_entries(names::CONNTRACK, capacity.conntrack)
+            .map_max_entries(names::SERVICES, capacity.services)
+            .map_max_entries(names::BREAKER, capacity.services)
+            .map_max_entries(names::HISTOGRAMS, 2 * capacity.services)
+            .map_max_entries(names::STATS, capacity.backends + 1)
             .load(EBPF_OBJECT)
             .map_err(|e| DataplaneError::Load(Box::new(e)))?;
         for program in Program::ALL {
@@ -239,6 +279,7 @@ impl Dataplane {
             slots: BTreeMap::new(),
             free_slots: VecDeque::new(),
             next_slot: 1,
+            slot_limit: capacity.backends + 1,
             ncpus: aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?,
             ebpf,
             links: BTreeMap::new(),
@@ -456,7 +497,7 @@ impl Dataplane {
     fn write(
         &mut self,
         wanted: &BTreeMap<String, Installed>,
-        slots: &BTreeMap<(String, u8, SocketAddrV4), u16>,
+        slots: &BTreeMap<(String, u8, SocketAddrV4), u32>,
         journal: &mut Vec<Undo>,
     ) -> Result<(), DataplaneError> {
         // 0. Zeroed counters in newly assigned slots (a reused slot must not
@@ -464,7 +505,7 @@ impl Dataplane {
         //    services, before any service value points at them.
         {
             let mut stats = lock(&self.stats);
-            let held: BTreeSet<u16> = self.slots.values().copied().collect();
+            let held: BTreeSet<u32> = self.slots.values().copied().collect();
             for &slot in slots.values().filter(|s| !held.contains(s)) {
                 let zeros = PerCpuValues::try_from(vec![BackendCounters::default(); self.ncpus])
                     .map_err(|e| {
@@ -595,7 +636,7 @@ impl Dataplane {
     fn assign_slots(
         &self,
         services: &[ServiceConfig],
-    ) -> Result<BTreeMap<(String, u8, SocketAddrV4), u16>, DataplaneError> {
+    ) -> Result<BTreeMap<(String, u8, SocketAddrV4), u32>, DataplaneError> {
         let mut assigned = BTreeMap::new();
         let mut free = self.free_slots.clone();
         let mut next = self.next_slot;
@@ -611,14 +652,14 @@ impl Dataplane {
                         Some(&slot) => slot,
                         None => match free.pop_front() {
                             Some(slot) => slot,
-                            None if u32::from(next) < MAX_STATS_SLOTS => {
+                            None if next < self.slot_limit => {
                                 next += 1;
                                 next - 1
                             }
                             None => {
                                 return Err(DataplaneError::SlotsExhausted {
                                     wanted: total,
-                                    available: MAX_STATS_SLOTS as usize - 1,
+                                    available: self.slot_limit as usize - 1,
                                 });
                             }
                         },
@@ -636,9 +677,9 @@ impl Dataplane {
         &mut self,
         services: &[ServiceConfig],
         wanted: &BTreeMap<String, Installed>,
-        slots: BTreeMap<(String, u8, SocketAddrV4), u16>,
+        slots: BTreeMap<(String, u8, SocketAddrV4), u32>,
     ) {
-        let in_use: BTreeSet<u16> = slots.values().copied().collect();
+        let in_use: BTreeSet<u32> = slots.values().copied().collect();
         self.free_slots.retain(|s| !in_use.contains(s));
         for (key, slot) in &self.slots {
             if !slots.contains_key(key) && !in_use.contains(slot) {
@@ -793,10 +834,7 @@ impl Dataplane {
                 fwd.state |= ST_CLOSED;
                 let _ = self.conntrack.insert(key, fwd, BPF_EXIST);
             }
-            *lock(&self.stats)
-                .timeouts
-                .entry(p.stats_slot as u16)
-                .or_default() += 1;
+            *lock(&self.stats).timeouts.entry(p.stats_slot).or_default() += 1;
             expired += 1;
         }
         Ok(expired)
@@ -947,7 +985,7 @@ pub fn service_value(
     svc_id: u32,
     rule_set: u32,
     canary_off: bool,
-    slot_of: impl Fn(u8, SocketAddrV4) -> u16,
+    slot_of: impl Fn(u8, SocketAddrV4) -> u32,
 ) -> ServiceValue {
     let b = &svc.breaker;
     let mut value = ServiceValue {
@@ -979,10 +1017,11 @@ pub fn service_value(
     value
 }
 
-fn backend(addr: SocketAddrV4, stats_slot: u16) -> Backend {
+fn backend(addr: SocketAddrV4, stats_slot: u32) -> Backend {
     Backend {
         addr: be_addr(*addr.ip()),
         port: addr.port().to_be(),
+        _pad: 0,
         stats_slot,
     }
 }

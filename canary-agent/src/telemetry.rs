@@ -34,7 +34,7 @@ pub struct BackendView {
     /// The backend's address, the `backend` label.
     pub addr: SocketAddrV4,
     /// Its `STATS` slot.
-    pub slot: u16,
+    pub slot: u32,
 }
 
 /// A service as the exporter labels it.
@@ -58,7 +58,7 @@ pub struct StatsSource {
     pub(crate) counters: PerCpuArray<MapData, u64>,
     pub(crate) view: Vec<ServiceView>,
     /// Handshake timeouts per `STATS` slot, counted by the agent's sweep.
-    pub(crate) timeouts: StdHashMap<u16, u64>,
+    pub(crate) timeouts: StdHashMap<u32, u64>,
     /// Rollout state and rollbacks per service name, kept by the agent.
     pub(crate) rollout: StdHashMap<String, RolloutView>,
 }

@@ -6,8 +6,9 @@
 /// backend lists at once.
 pub const MAX_BACKENDS: usize = 32;
 
-/// Capacity of the service table.
-pub const MAX_SERVICES: u32 = 16_384;
+/// Default capacity of the service table (and of the per-service maps); the
+/// agent resizes them at load from `[agent] max_services`.
+pub const DEFAULT_MAX_SERVICES: u32 = 16_384;
 
 /// Capacity of the rule trie (all services, both generations during a
 /// reload).
@@ -50,14 +51,16 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 pub struct Backend {
     pub addr: u32,
     pub port: u16,
+    pub _pad: u16,
     /// Index into `STATS` where this backend's counters live.
-    pub stats_slot: u16,
+    pub stats_slot: u32,
 }
+const _: () = assert!(core::mem::size_of::<Backend>() == 12);
 
-/// Capacity of `STATS`: one slot per service × cohort × backend; slot 0 is
-/// never assigned.
-pub const MAX_STATS_SLOTS: u32 = 16_384;
-const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+/// Default number of backend stats slots (one per service × cohort ×
+/// backend); the agent resizes `STATS` at load from `[agent] max_backends`.
+/// Slot 0 is never assigned, so `STATS` has one entry more.
+pub const DEFAULT_MAX_BACKENDS: u32 = 16_383;
 
 /// `SERVICES` value: everything the data plane needs to steer a new flow.
 #[repr(C)]
@@ -89,7 +92,7 @@ pub struct ServiceValue {
     pub stable: [Backend; MAX_BACKENDS],
     pub canary: [Backend; MAX_BACKENDS],
 }
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 28 + 2 * 8 * MAX_BACKENDS);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 28 + 2 * 12 * MAX_BACKENDS);
 
 /// Data part of a `RULES` LPM key. The rule set id takes the first 32 bits
 /// and is always matched in full (prefix length = 32 + source prefix), so

@@ -75,7 +75,7 @@ pub fn reverse_key(fwd: &FlowKey, backend_addr: u32, backend_port: u16) -> FlowK
 /// later packet re-resolves the same way.
 #[inline(always)]
 pub fn create(fwd: &FlowKey, svc_id: u32, choice: &Choice, syn: bool, now: u64) {
-    let slot = u32::from(choice.backend.stats_slot);
+    let slot = choice.backend.stats_slot;
     let forward = CtEntry {
         nat_addr: choice.backend.addr,
         nat_port: choice.backend.port,

@@ -80,7 +80,7 @@ pub fn handle<F: Rewrite>(ctx: &F) -> Result<Action, Counter> {
             // value only after this program returns).
             let svc = unsafe { &*svc };
             let choice = steer::choose(svc, &pkt.key, now)?;
-            let slot = u32::from(choice.backend.stats_slot);
+            let slot = choice.backend.stats_slot;
             let syn = pkt.is_syn();
             if let Some(c) = stats::backend(slot) {
                 if syn {

@@ -9,7 +9,9 @@ use canary_common::{
     breaker::{BreakerState, EVENTS_BYTES},
     counters::Counter,
     flow::{CT_DEFAULT_CAPACITY, CtEntry, FlowKey, PENDING_CAPACITY, PendingSyn},
-    service::{MAX_RULES, MAX_SERVICES, MAX_STATS_SLOTS, RuleKey, ServiceKey, ServiceValue},
+    service::{
+        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAX_RULES, RuleKey, ServiceKey, ServiceValue,
+    },
     stats::{BackendCounters, CohortHistograms},
 };
 
@@ -18,7 +20,7 @@ use canary_common::{
 /// only after readers are done (RCU): a reader sees old or new, whole.
 #[map(name = "SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(MAX_SERVICES, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, BPF_F_NO_PREALLOC);
 
 /// {rule set, source prefix} → `RULE_*` action. Written by the agent, read on
 /// new flows of services that have rules.
@@ -39,7 +41,8 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::C
 /// Per-CPU counters per backend slot (service × cohort × backend), bumped on
 /// every packet. Slots are assigned by the agent; summed at scrape time.
 #[map(name = "STATS")]
-pub static STATS: PerCpuArray<BackendCounters> = PerCpuArray::with_max_entries(MAX_STATS_SLOTS, 0);
+pub static STATS: PerCpuArray<BackendCounters> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS + 1, 0);
 
 /// `histogram_key(svc, cohort)` → latency histograms. Entries are created
 /// by the agent per configured service; the programs add to them with
@@ -47,7 +50,7 @@ pub static STATS: PerCpuArray<BackendCounters> = PerCpuArray::with_max_entries(M
 /// rather than per-CPU: 8.5 KB × services × cohorts × CPUs would not fit.
 #[map(name = "HISTOGRAMS")]
 pub static HISTOGRAMS: HashMap<u32, CohortHistograms> =
-    HashMap::with_max_entries(2 * MAX_SERVICES, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(2 * DEFAULT_MAX_SERVICES, BPF_F_NO_PREALLOC);
 
 /// Forward 5-tuple → SYN not yet answered. Inserted on a new flow's SYN,
 /// removed at the SYN-ACK or a refusal; the agent sweeps what times out.
@@ -58,7 +61,7 @@ pub static PENDING: LruHashMap<FlowKey, PendingSyn> =
 /// Service id → breaker window. Created by the agent per service; updated
 /// by the programs on canary attempts and failures.
 #[map(name = "BREAKER")]
-pub static BREAKER: HashMap<u32, BreakerState> = HashMap::with_max_entries(MAX_SERVICES, 0);
+pub static BREAKER: HashMap<u32, BreakerState> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 
 /// Breaker trips, read by the agent.
 #[map(name = "EVENTS")]

@@ -14,7 +14,7 @@ use std::{
 
 use canary_agent::{
     config::{Config, IngressMode, ServiceConfig},
-    dataplane::{Dataplane, Program, be_addr},
+    dataplane::{Capacity, Dataplane, Program, be_addr},
 };
 use canary_common::{
     cohort::{backend_index, bucket, is_canary, sticky_hash},
@@ -72,7 +72,11 @@ impl DerefMut for Fixture {
 
 fn dataplane(mode: IngressMode, extra: &str) -> Fixture {
     require_root();
-    let mut dp = Dataplane::load(4096).expect("programs load and pass the verifier");
+    let mut dp = Dataplane::load(Capacity {
+        conntrack: 4096,
+        ..Capacity::default()
+    })
+    .expect("programs load and pass the verifier");
     dp.apply(&services(extra)).expect("fixture services apply");
     Fixture { dp, mode }
 }
