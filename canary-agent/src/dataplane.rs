@@ -517,7 +517,7 @@ impl Dataplane {
                     })?;
                 stats
                     .stats
-                    .set(u32::from(slot), zeros, 0)
+                    .set(slot, zeros, 0)
                     .map_err(|source| {
                         map_error(names::STATS, format!("zero slot {slot}"), source)
                     })?;

@@ -184,7 +184,7 @@ impl StatsSource {
             let mut backends = Vec::with_capacity(svc.backends.len());
             for b in &svc.backends {
                 let mut counters = BackendCounters::default();
-                for cpu in self.stats.get(&u32::from(b.slot), 0)?.iter() {
+                for cpu in self.stats.get(&b.slot, 0)?.iter() {
                     counters.add(cpu);
                 }
                 backends.push(BackendSnapshot {
