@@ -132,10 +132,15 @@ pub enum Program {
     XdpIngress,
     /// Backend → client at TC egress of the same interface.
     TcEgress,
+    /// Empty TC program, the benchmark's baseline (loaded on request).
+    BenchTcEmpty,
+    /// Empty XDP program, the benchmark's baseline (loaded on request).
+    BenchXdpEmpty,
 }
 
 impl Program {
-    const ALL: [Program; 3] = [Program::TcIngress, Program::XdpIngress, Program::TcEgress];
+    /// What the agent loads.
+    const DATAPLANE: [Program; 3] = [Program::TcIngress, Program::XdpIngress, Program::TcEgress];
 
     /// The program's name in the object.
     pub fn name(self) -> &'static str {
@@ -143,7 +148,13 @@ impl Program {
             Program::TcIngress => names::PROG_TC_INGRESS,
             Program::XdpIngress => names::PROG_XDP_INGRESS,
             Program::TcEgress => names::PROG_TC_EGRESS,
+            Program::BenchTcEmpty => names::PROG_BENCH_TC_EMPTY,
+            Program::BenchXdpEmpty => names::PROG_BENCH_XDP_EMPTY,
         }
+    }
+
+    fn is_xdp(self) -> bool {
+        matches!(self, Program::XdpIngress | Program::BenchXdpEmpty)
     }
 
     /// The program that takes client packets in `mode`.
@@ -157,8 +168,9 @@ impl Program {
     fn hook(self) -> &'static str {
         match self {
             Program::TcIngress => "TC ingress",
-            Program::XdpIngress => "XDP",
+            Program::XdpIngress | Program::BenchXdpEmpty => "XDP",
             Program::TcEgress => "TC egress",
+            Program::BenchTcEmpty => "TC",
         }
     }
 }
@@ -248,16 +260,8 @@ impl Dataplane {
             .map_max_entries(names::STATS, capacity.backends + 1)
             .load(EBPF_OBJECT)
             .map_err(|e| DataplaneError::Load(Box::new(e)))?;
-        for program in Program::ALL {
-            let result = match program {
-                Program::XdpIngress => xdp(&mut ebpf)?.load(),
-                _ => classifier(&mut ebpf, program.name())?.load(),
-            };
-            result.map_err(|source| DataplaneError::Program {
-                name: program.name(),
-                action: "rejected by the kernel at load",
-                source: Box::new(source),
-            })?;
+        for program in Program::DATAPLANE {
+            load_program(&mut ebpf, program)?;
         }
         let stats = StatsSource {
             stats: take_map(&mut ebpf, names::STATS)?,
@@ -337,12 +341,14 @@ impl Dataplane {
         let result = match program {
             // Driver mode: generic (skb) XDP would be slower than TC, so a
             // driver without native XDP is an error, not a silent fallback.
-            Program::XdpIngress => xdp(&mut self.ebpf)?
+            Program::XdpIngress | Program::BenchXdpEmpty => xdp(&mut self.ebpf, program.name())?
                 .attach(interface, XdpMode::Driver)
                 .map(Link::Xdp),
-            Program::TcIngress => classifier(&mut self.ebpf, program.name())?
-                .attach(interface, TcAttachType::Ingress)
-                .map(Link::Tc),
+            Program::TcIngress | Program::BenchTcEmpty => {
+                classifier(&mut self.ebpf, program.name())?
+                    .attach(interface, TcAttachType::Ingress)
+                    .map(Link::Tc)
+            }
             Program::TcEgress => classifier(&mut self.ebpf, program.name())?
                 .attach(interface, TcAttachType::Egress)
                 .map(Link::Tc),
@@ -357,7 +363,7 @@ impl Dataplane {
 
     fn detach_one(&mut self, program: Program, interface: &str, link: Link) {
         let result = match link {
-            Link::Xdp(id) => xdp(&mut self.ebpf).and_then(|p| {
+            Link::Xdp(id) => xdp(&mut self.ebpf, program.name()).and_then(|p| {
                 p.detach(id).map_err(|source| DataplaneError::Program {
                     name: program.name(),
                     action: "detach",
@@ -515,12 +521,9 @@ impl Dataplane {
                             MapError::IoError(e),
                         )
                     })?;
-                stats
-                    .stats
-                    .set(slot, zeros, 0)
-                    .map_err(|source| {
-                        map_error(names::STATS, format!("zero slot {slot}"), source)
-                    })?;
+                stats.stats.set(slot, zeros, 0).map_err(|source| {
+                    map_error(names::STATS, format!("zero slot {slot}"), source)
+                })?;
                 stats.timeouts.remove(&slot);
             }
             for (name, svc) in wanted {
@@ -850,6 +853,22 @@ impl Dataplane {
         self.conntrack.keys().filter(Result::is_ok).count()
     }
 
+    /// Loads the benchmark's empty baseline programs (the agent never does).
+    pub fn load_baselines(&mut self) -> Result<(), DataplaneError> {
+        for program in [Program::BenchTcEmpty, Program::BenchXdpEmpty] {
+            load_program(&mut self.ebpf, program)?;
+        }
+        Ok(())
+    }
+
+    /// Writes one conntrack entry as the programs would (for tools: the
+    /// benchmark fills the table and builds steady-state flows with it).
+    pub fn conntrack_insert(&mut self, key: FlowKey, entry: CtEntry) -> Result<(), DataplaneError> {
+        self.conntrack
+            .insert(key, entry, 0)
+            .map_err(|source| map_error(names::CONNTRACK, "insert".to_string(), source))
+    }
+
     /// Runs `program` once on `packet` through `BPF_PROG_TEST_RUN`; returns
     /// the verdict and the packet as the program left it.
     pub fn test_run(
@@ -877,9 +896,10 @@ impl Dataplane {
         opts.data_in = Some(packet);
         opts.data_out = out;
         opts.repeat = repeat;
-        let result = match program {
-            Program::XdpIngress => xdp(&mut self.ebpf)?.test_run(opts),
-            _ => classifier(&mut self.ebpf, program.name())?.test_run(opts),
+        let result = if program.is_xdp() {
+            xdp(&mut self.ebpf, program.name())?.test_run(opts)
+        } else {
+            classifier(&mut self.ebpf, program.name())?.test_run(opts)
         };
         result.map_err(|source| DataplaneError::Program {
             name: program.name(),
@@ -912,8 +932,20 @@ fn classifier<'a>(
         })
 }
 
-fn xdp(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {
-    let name = names::PROG_XDP_INGRESS;
+fn load_program(ebpf: &mut Ebpf, program: Program) -> Result<(), DataplaneError> {
+    let result = if program.is_xdp() {
+        xdp(ebpf, program.name())?.load()
+    } else {
+        classifier(ebpf, program.name())?.load()
+    };
+    result.map_err(|source| DataplaneError::Program {
+        name: program.name(),
+        action: "rejected by the kernel at load",
+        source: Box::new(source),
+    })
+}
+
+fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
     let program = ebpf.program_mut(name).ok_or(DataplaneError::Missing {
         kind: "program",
         name,

@@ -44,6 +44,10 @@ pub mod names {
     /// XDP program for packets arriving from clients on interfaces in `xdp`
     /// mode (instead of the TC ingress program).
     pub const PROG_XDP_INGRESS: &str = "canary_xdp_ingress";
+    /// Empty TC program: the benchmark's baseline.
+    pub const PROG_BENCH_TC_EMPTY: &str = "canary_bench_tc_empty";
+    /// Empty XDP program: the benchmark's baseline.
+    pub const PROG_BENCH_XDP_EMPTY: &str = "canary_bench_xdp_empty";
 }
 
 /// IANA protocol number of TCP.

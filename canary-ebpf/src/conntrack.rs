@@ -49,7 +49,9 @@ pub fn lookup(key: &FlowKey) -> Option<Entry> {
     CONNTRACK.get_ptr_mut(key).map(Entry)
 }
 
-/// `bpf_ktime_get_ns`.
+/// `bpf_ktime_get_ns`. Called only where a timestamp is used, never once per
+/// packet: in a VM a clock read is a sizeable part of an established
+/// packet's cost (see BENCHMARKS.md).
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: bpf_ktime_get_ns has no preconditions.

@@ -32,7 +32,6 @@ pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
     if rev.flags & CT_REVERSE == 0 {
         return Ok(Action::Ignore);
     }
-    let now = conntrack::now();
     let mut counters = stats::backend(rev.stats_slot);
     if let Some(c) = counters.as_deref_mut() {
         c.packets_from_backend += 1;
@@ -64,7 +63,7 @@ pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
                         ct.svc_id,
                         ct.cohort,
                         Latency::Handshake,
-                        now - ct.created_ns,
+                        conntrack::now() - ct.created_ns,
                     );
                 }
             }
@@ -84,7 +83,7 @@ pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
                             ct.svc_id,
                             ct.cohort,
                             Latency::FirstByte,
-                            now - ct.request_ns,
+                            conntrack::now() - ct.request_ns,
                         );
                     }
                 }
@@ -97,7 +96,7 @@ pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
             && let Some(fwd) = fwd
             && fwd.set_state(ST_BACKEND_FIN) & ST_CLIENT_FIN != 0
         {
-            conntrack::close(fwd, true, now);
+            conntrack::close(fwd, true, conntrack::now());
         }
         if pkt.has(TCP_RST) {
             // A RST before the handshake completed refuses the connection.
@@ -110,10 +109,10 @@ pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
                 }
             }
             if let Some(fwd) = fwd {
-                conntrack::close(fwd, !refused, now);
+                conntrack::close(fwd, !refused, conntrack::now());
             }
             if rev.cohort == COHORT_CANARY {
-                breaker::failure(rev.nat_addr, rev.nat_port, rev.svc_id, now);
+                breaker::failure(rev.nat_addr, rev.nat_port, rev.svc_id, conntrack::now());
             }
         }
         if pkt.has(TCP_RST) {

@@ -24,7 +24,6 @@ pub fn handle<F: Rewrite>(ctx: &F) -> Result<Action, Counter> {
     let Some(pkt) = packet::parse_tcp4(ctx)? else {
         return Ok(Action::Ignore);
     };
-    let now = conntrack::now();
 
     // An existing flow keeps its backend, whatever the service says now (or
     // if it is gone: removing a service drains it). A SYN after the client's
@@ -45,7 +44,12 @@ pub fn handle<F: Rewrite>(ctx: &F) -> Result<Action, Counter> {
                         c.syn_retried += 1;
                     }
                     if ct.cohort == COHORT_CANARY {
-                        breaker::failure(pkt.key.dst_addr, pkt.key.dst_port, ct.svc_id, now);
+                        breaker::failure(
+                            pkt.key.dst_addr,
+                            pkt.key.dst_port,
+                            ct.svc_id,
+                            conntrack::now(),
+                        );
                     }
                 }
             }
@@ -53,10 +57,10 @@ pub fn handle<F: Rewrite>(ctx: &F) -> Result<Action, Counter> {
                 && ct.state & ST_REQUEST == 0
                 && entry.set_state(ST_REQUEST) & ST_REQUEST == 0
             {
-                entry.set_request_ns(now);
+                entry.set_request_ns(conntrack::now());
             }
             if pkt.has(TCP_FIN) && entry.set_state(ST_CLIENT_FIN) & ST_BACKEND_FIN != 0 {
-                conntrack::close(entry, true, now);
+                conntrack::close(entry, true, conntrack::now());
             }
             (Some(entry), ct.nat_addr, ct.nat_port, ct.stats_slot)
         }
@@ -79,6 +83,7 @@ pub fn handle<F: Rewrite>(ctx: &F) -> Result<Action, Counter> {
             // map is not preallocated, so a concurrent update frees the old
             // value only after this program returns).
             let svc = unsafe { &*svc };
+            let now = conntrack::now();
             let choice = steer::choose(svc, &pkt.key, now)?;
             let slot = choice.backend.stats_slot;
             let syn = pkt.is_syn();
@@ -111,7 +116,7 @@ pub fn handle<F: Rewrite>(ctx: &F) -> Result<Action, Counter> {
     ctx.rewrite(&pkt, End::Dst, backend_addr, backend_port)?;
     if pkt.has(TCP_RST) {
         if let Some(entry) = entry {
-            conntrack::close(entry, true, now);
+            conntrack::close(entry, true, conntrack::now());
         }
         conntrack::remove(&pkt.key, backend_addr, backend_port);
         count(Counter::RstClosed);

@@ -6,6 +6,8 @@
 //!   ingress): the same handler, earlier, without an skb.
 //! - `canary_tc_egress` (TC egress of the same interface): replies from
 //!   backends; reverse NAT back to VIP:port.
+//! - `canary_bench_*_empty`: empty programs, the benchmark's baselines;
+//!   never loaded by the agent.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // Atomic fetch-or and add on map memory, see atomic.rs.
@@ -59,6 +61,20 @@ mod programs {
     #[classifier]
     pub fn canary_tc_egress(ctx: TcContext) -> i32 {
         stats::tc_verdict(egress::handle(&ctx))
+    }
+
+    /// Baseline for `cargo xtask bench`: a TC program that does nothing.
+    /// Never attached.
+    #[classifier]
+    pub fn canary_bench_tc_empty(_ctx: TcContext) -> i32 {
+        aya_ebpf::bindings::TC_ACT_UNSPEC
+    }
+
+    /// Baseline for `cargo xtask bench`: an XDP program that does nothing.
+    /// Never attached.
+    #[xdp]
+    pub fn canary_bench_xdp_empty(_ctx: XdpContext) -> u32 {
+        aya_ebpf::bindings::xdp_action::XDP_PASS
     }
 
     #[panic_handler]

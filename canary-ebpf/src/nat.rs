@@ -39,11 +39,18 @@ pub trait Rewrite: Frame {
 }
 
 impl Rewrite for TcContext {
+    /// The fields are written directly (the verifier unclones the skb once
+    /// for a program that writes packet data), which is cheaper than
+    /// `bpf_skb_store_bytes`; the checksums go through the helpers.
     #[inline(always)]
     fn rewrite(&self, pkt: &Tcp4, end: End, addr: u32, port: u16) -> Result<(), Counter> {
         let (old_addr, old_port, addr_off, port_off) = fields(pkt, end);
         let l4_csum = pkt.l4 + TCP_CSUM;
         if old_addr != addr {
+            let field = field::<u32, _>(self, pkt.l3 + addr_off)?;
+            // SAFETY: bounds-checked against data_end just above; packet
+            // fields need not be aligned.
+            unsafe { field.write_unaligned(addr) };
             self.l4_csum_replace(
                 l4_csum,
                 old_addr as u64,
@@ -53,13 +60,14 @@ impl Rewrite for TcContext {
             .map_err(|_| Counter::RewriteFailed)?;
             self.l3_csum_replace(pkt.l3 + IP_CSUM, old_addr as u64, addr as u64, 4)
                 .map_err(|_| Counter::RewriteFailed)?;
-            self.store(pkt.l3 + addr_off, &addr, 0)
-                .map_err(|_| Counter::RewriteFailed)?;
         }
         if old_port != port {
+            // The csum helpers above may have moved the packet data: the
+            // pointer is formed (and checked) afresh.
+            let field = field::<u16, _>(self, pkt.l4 + port_off)?;
+            // SAFETY: as above.
+            unsafe { field.write_unaligned(port) };
             self.l4_csum_replace(l4_csum, old_port as u64, port as u64, 2)
-                .map_err(|_| Counter::RewriteFailed)?;
-            self.store(pkt.l4 + port_off, &port, 0)
                 .map_err(|_| Counter::RewriteFailed)?;
         }
         Ok(())
@@ -68,7 +76,7 @@ impl Rewrite for TcContext {
 
 /// A pointer to a `T` at `offset`, if it lies inside the frame.
 #[inline(always)]
-fn field<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Counter> {
+fn field<T, F: Frame>(ctx: &F, offset: usize) -> Result<*mut T, Counter> {
     let start = ctx.data();
     if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
         return Err(Counter::RewriteFailed);
@@ -83,10 +91,10 @@ impl Rewrite for XdpContext {
         if old_addr == addr && old_port == port {
             return Ok(());
         }
-        let ip_csum = field::<u16>(self, pkt.l3 + IP_CSUM)?;
-        let ip_addr = field::<u32>(self, pkt.l3 + addr_off)?;
-        let tcp_csum = field::<u16>(self, pkt.l4 + TCP_CSUM)?;
-        let tcp_port = field::<u16>(self, pkt.l4 + port_off)?;
+        let ip_csum = field::<u16, _>(self, pkt.l3 + IP_CSUM)?;
+        let ip_addr = field::<u32, _>(self, pkt.l3 + addr_off)?;
+        let tcp_csum = field::<u16, _>(self, pkt.l4 + TCP_CSUM)?;
+        let tcp_port = field::<u16, _>(self, pkt.l4 + port_off)?;
         // SAFETY: each pointer was bounds-checked against data_end above;
         // packet fields need not be aligned, hence the unaligned accesses.
         unsafe {

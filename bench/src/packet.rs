@@ -1,0 +1,341 @@
+//! Per-packet cost through BPF_PROG_TEST_RUN, next to empty programs
+//! measured in the same run.
+//!
+//! A test run repeats the program on one copy of the packet, so a rewrite
+//! by one run is what the next run sees. Established data packets and
+//! replies are therefore measured on a flow and its mirror: the real flow
+//! client → VIP steered to backend B, and a second tracked flow client → B
+//! whose backend is the VIP. Each run takes the full established path
+//! (lookup, counting, DNAT with checksum updates) and flips the packet
+//! between the two, so every one of a million repeats is a real
+//! established packet. A new flow cannot repeat (its second run is a
+//! retransmission), so new-flow SYNs are timed one run per call, each with
+//! its own 5-tuple, next to the empty programs timed the same way.
+
+use std::{net::SocketAddrV4, path::Path, time::Instant};
+
+use anyhow::{Context, bail, ensure};
+use canary_agent::{
+    config::Config,
+    dataplane::{Capacity, Dataplane, Program, be_addr},
+};
+use canary_common::flow::{CT_REVERSE, CtEntry, FlowKey};
+use canary_tests::packet::{ACK, PSH, SYN, Tcp, parse};
+use serde::Serialize;
+
+/// Repeats per measurement in repeat mode.
+const REPEAT: u32 = 200_000;
+/// Measurements per case; the median is reported.
+const ROUNDS: usize = 7;
+/// New flows timed per program (one call each).
+const NEW_FLOWS: u32 = 20_000;
+/// The client of the measured flows.
+const CLIENT: &str = "10.201.0.1:40000";
+
+/// One configuration's numbers, in ns per packet.
+#[derive(Clone, Debug, Serialize)]
+pub struct PacketRow {
+    /// Services configured.
+    pub services: u32,
+    /// Flows in conntrack besides the measured ones.
+    pub flows: u32,
+    /// Empty TC program, repeat mode.
+    pub tc_empty: f64,
+    /// Empty XDP program, repeat mode.
+    pub xdp_empty: f64,
+    /// Empty TC program, one run per call (the new-flow baseline).
+    pub tc_empty_single: f64,
+    /// Empty XDP program, one run per call.
+    pub xdp_empty_single: f64,
+    /// Established data packet, TC ingress.
+    pub tc_established: f64,
+    /// Established data packet, XDP.
+    pub xdp_established: f64,
+    /// Reply reverse-NAT, TC egress.
+    pub tc_reply: f64,
+    /// Foreign packet (not to a VIP), TC ingress.
+    pub tc_foreign: f64,
+    /// Foreign packet, XDP.
+    pub xdp_foreign: f64,
+    /// New-flow SYN, TC ingress, one run per call (median).
+    pub tc_new_flow: f64,
+    /// New-flow SYN, XDP, one run per call (median).
+    pub xdp_new_flow: f64,
+}
+
+fn addr(s: &str) -> SocketAddrV4 {
+    s.parse().expect("bench address")
+}
+
+/// The config of `n` services; service 0 (10.96.0.1:80) is the measured
+/// one. Every service has one stable and one canary backend, 5 % canary.
+fn services(n: u32) -> anyhow::Result<Config> {
+    let mut text = format!(
+        "[agent]\ninterfaces = [\"lo\"]\nmax_services = {}\nmax_backends = {}\n",
+        n.max(1),
+        2 * n.max(1)
+    );
+    for i in 0..n {
+        let vip = std::net::Ipv4Addr::from(0x0a60_0001 + i);
+        let stable = std::net::Ipv4Addr::from(0x0a40_0001 + i);
+        let canary = std::net::Ipv4Addr::from(0x0a50_0001 + i);
+        text.push_str(&format!(
+            "[[service]]\nname = \"s{i}\"\nvip = \"{vip}:80\"\nstable = [\"{stable}:8080\"]\n\
+             canary = [\"{canary}:8080\"]\nweight = \"5%\"\ncohort = \"per-connection\"\n"
+        ));
+    }
+    Config::parse(&text, Path::new("bench.toml"), &[]).context("bench config")
+}
+
+fn key(src: SocketAddrV4, dst: SocketAddrV4) -> FlowKey {
+    FlowKey {
+        src_addr: be_addr(*src.ip()),
+        dst_addr: be_addr(*dst.ip()),
+        src_port: src.port().to_be(),
+        dst_port: dst.port().to_be(),
+        proto: 6,
+        _pad: [0; 3],
+    }
+}
+
+/// A loaded data plane with `n` services, ready to measure.
+struct Bench {
+    dp: Dataplane,
+    vip: SocketAddrV4,
+    /// The backend the measured flow was steered to.
+    backend: SocketAddrV4,
+}
+
+impl Bench {
+    fn new(n: u32, conntrack: u32) -> anyhow::Result<Bench> {
+        let config = services(n)?;
+        let mut dp = Dataplane::load(Capacity {
+            conntrack,
+            services: config.agent.max_services,
+            backends: config.agent.max_backends,
+        })?;
+        dp.apply(&config.services)?;
+        dp.load_baselines()?;
+        let vip = config.services[0].vip;
+        let client = addr(CLIENT);
+
+        // A real flow through the programs: handshake, request, response.
+        let syn = dp.test_run(Program::TcIngress, &Tcp::new(client, vip, SYN).frame())?;
+        let backend = parse(&syn.1).context("SYN output")?.dst;
+        ensure!(backend != vip, "the bench SYN was not steered");
+        for (program, seg) in [
+            (Program::TcEgress, Tcp::new(backend, client, SYN | ACK)),
+            (Program::TcIngress, Tcp::new(client, vip, ACK)),
+            (
+                Program::TcIngress,
+                Tcp::new(client, vip, ACK | PSH).with_payload(&[b'q'; 64]),
+            ),
+            (
+                Program::TcEgress,
+                Tcp::new(backend, client, ACK | PSH).with_payload(&[b'r'; 64]),
+            ),
+        ] {
+            dp.test_run(program, &seg.frame())?;
+        }
+        // Its mirror: client → backend tracked with the VIP as backend, and
+        // VIP → client as the reply half to rewrite to the backend.
+        let fwd = dp
+            .conntrack_entry(&key(client, vip))
+            .context("forward entry of the bench flow")?;
+        let rev = dp
+            .conntrack_entry(&key(backend, client))
+            .context("reverse entry of the bench flow")?;
+        ensure!(rev.flags & CT_REVERSE != 0, "reverse entry not marked");
+        dp.conntrack_insert(
+            key(client, backend),
+            CtEntry {
+                nat_addr: be_addr(*vip.ip()),
+                nat_port: vip.port().to_be(),
+                ..fwd
+            },
+        )?;
+        dp.conntrack_insert(
+            key(vip, client),
+            CtEntry {
+                nat_addr: be_addr(*backend.ip()),
+                nat_port: backend.port().to_be(),
+                ..rev
+            },
+        )?;
+        Ok(Bench { dp, vip, backend })
+    }
+
+    /// Adds `flows` established flows (two entries each) that are not
+    /// measured: the table the measured lookups search.
+    fn fill(&mut self, flows: u32) -> anyhow::Result<()> {
+        let template = self
+            .dp
+            .conntrack_entry(&key(addr(CLIENT), self.vip))
+            .context("template entry")?;
+        for i in 0..flows {
+            // 10.202.0.0/16 clients, 16 ports each: unique 5-tuples.
+            let client =
+                SocketAddrV4::new((0x0aca_0000 + (i >> 4)).into(), 20_000 + (i & 15) as u16);
+            self.dp.conntrack_insert(key(client, self.vip), template)?;
+            self.dp.conntrack_insert(
+                key(self.backend, client),
+                CtEntry {
+                    nat_addr: be_addr(*self.vip.ip()),
+                    nat_port: self.vip.port().to_be(),
+                    flags: CT_REVERSE,
+                    ..template
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Mean ns per run over `REPEAT` runs of `program` on `frame`, checking
+    /// the verdict.
+    fn repeat(&mut self, program: Program, frame: &[u8], verdict: i32) -> anyhow::Result<f64> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = self
+            .dp
+            .test_run_repeat(program, frame, REPEAT, Some(&mut out))?;
+        if r.return_value as i32 != verdict {
+            bail!(
+                "{program:?}: verdict {} instead of {verdict}",
+                r.return_value
+            );
+        }
+        // REPEAT is even: a flipping packet ends where it started.
+        out.truncate(r.data_size_out as usize);
+        ensure!(
+            out == frame,
+            "{program:?}: packet did not return to its start after an even number of runs"
+        );
+        Ok(r.duration.as_nanos() as f64)
+    }
+
+    /// Median kernel-timed ns of single runs, each on a fresh frame.
+    fn single(
+        &mut self,
+        program: Program,
+        frames: impl Iterator<Item = Vec<u8>>,
+        verdict: i32,
+    ) -> anyhow::Result<f64> {
+        let mut times = Vec::new();
+        for frame in frames {
+            let r = self.dp.test_run_repeat(program, &frame, 1, None)?;
+            if r.return_value as i32 != verdict {
+                bail!(
+                    "{program:?}: verdict {} instead of {verdict}",
+                    r.return_value
+                );
+            }
+            times.push(r.duration.as_nanos() as f64);
+        }
+        Ok(median(&mut times))
+    }
+}
+
+/// TC_ACT_OK, TC_ACT_UNSPEC, XDP_PASS.
+const TC_OK: i32 = 0;
+const TC_UNSPEC: i32 = -1;
+const XDP_PASS: i32 = 2;
+
+/// Median of `v` (sorted in place).
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// SYNs from distinct 5-tuples (10.203.0.0/16) to `vip`, `salt` keeping
+/// series apart.
+fn new_syns(vip: SocketAddrV4, salt: u32) -> impl Iterator<Item = Vec<u8>> {
+    (0..NEW_FLOWS).map(move |i| {
+        let n = salt * NEW_FLOWS + i;
+        let src = SocketAddrV4::new((0x0acb_0000 + (n >> 8)).into(), 30_000 + (n & 255) as u16);
+        Tcp::new(src, vip, SYN).frame()
+    })
+}
+
+/// Measures one configuration (`services`, then `flows` more flows).
+pub fn measure(bench_services: u32, flows_list: &[u32]) -> anyhow::Result<Vec<PacketRow>> {
+    let t = Instant::now();
+    let mut b = Bench::new(bench_services, 4_194_304)?;
+    eprintln!(
+        "bench: packet: {bench_services} services loaded in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let client = addr(CLIENT);
+    let established = Tcp::new(client, b.vip, ACK | PSH)
+        .with_payload(&[b'q'; 64])
+        .frame();
+    let reply = Tcp::new(b.backend, client, ACK | PSH)
+        .with_payload(&[b'r'; 64])
+        .frame();
+    let foreign = Tcp::new(client, addr("10.95.0.1:80"), ACK | PSH)
+        .with_payload(&[b'q'; 64])
+        .frame();
+
+    let mut rows = Vec::new();
+    let mut filled = 0;
+    for (series, &flows) in flows_list.iter().enumerate() {
+        let t = Instant::now();
+        b.fill(flows - filled)?;
+        filled = flows;
+        eprintln!(
+            "bench: packet: conntrack holds {flows} more flows ({:.1} s)",
+            t.elapsed().as_secs_f64()
+        );
+        // Rounds interleave the cases, so a slow moment hits all of them.
+        let mut samples: [Vec<f64>; 7] = Default::default();
+        for _ in 0..ROUNDS {
+            let cases: [(Program, &[u8], i32); 7] = [
+                (Program::BenchTcEmpty, &established, TC_UNSPEC),
+                (Program::BenchXdpEmpty, &established, XDP_PASS),
+                (Program::TcIngress, &established, TC_OK),
+                (Program::XdpIngress, &established, XDP_PASS),
+                (Program::TcEgress, &reply, TC_OK),
+                (Program::TcIngress, &foreign, TC_UNSPEC),
+                (Program::XdpIngress, &foreign, XDP_PASS),
+            ];
+            for (i, (program, frame, verdict)) in cases.into_iter().enumerate() {
+                samples[i].push(b.repeat(program, frame, verdict)?);
+            }
+        }
+        let salt = series as u32 * 4;
+        let tc_empty_single = b.single(Program::BenchTcEmpty, new_syns(b.vip, salt), TC_UNSPEC)?;
+        let xdp_empty_single =
+            b.single(Program::BenchXdpEmpty, new_syns(b.vip, salt + 1), XDP_PASS)?;
+        let tc_new_flow = b.single(Program::TcIngress, new_syns(b.vip, salt + 2), TC_OK)?;
+        let xdp_new_flow = b.single(Program::XdpIngress, new_syns(b.vip, salt + 3), XDP_PASS)?;
+        let [
+            tc_empty,
+            xdp_empty,
+            tc_established,
+            xdp_established,
+            tc_reply,
+            tc_foreign,
+            xdp_foreign,
+        ] = samples.map(|mut s| median(&mut s));
+        let row = PacketRow {
+            services: bench_services,
+            flows,
+            tc_empty,
+            xdp_empty,
+            tc_empty_single,
+            xdp_empty_single,
+            tc_established,
+            xdp_established,
+            tc_reply,
+            tc_foreign,
+            xdp_foreign,
+            tc_new_flow,
+            xdp_new_flow,
+        };
+        eprintln!("bench: packet: {row:?}");
+        rows.push(row);
+    }
+    Ok(rows)
+}

@@ -1,0 +1,142 @@
+//! The results: JSON for tools, Markdown for BENCHMARKS.md.
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::{machine::Machine, packet::PacketRow};
+
+/// A part of the benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// Per-packet cost through BPF_PROG_TEST_RUN.
+    Packet,
+    /// End to end in network namespaces against the alternatives.
+    E2e,
+    /// The agent's CPU, memory and scrape time.
+    Agent,
+    /// Breaker and judge reaction times.
+    Reaction,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Where it ran.
+    pub machine: Machine,
+    /// Seconds since the epoch at the start.
+    pub started_unix: u64,
+    /// `--quick`: smaller sizes, not for publication.
+    pub quick: bool,
+    /// Per-packet rows.
+    pub packet: Vec<PacketRow>,
+}
+
+impl Report {
+    /// An empty report for `machine`.
+    pub fn new(machine: Machine, quick: bool) -> Report {
+        Report {
+            machine,
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            quick,
+            packet: Vec::new(),
+        }
+    }
+
+    /// Writes `results.json` and `results.md` into `dir`.
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let json = dir.join("results.json");
+        std::fs::write(&json, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("writing {}", json.display()))?;
+        let md = dir.join("results.md");
+        std::fs::write(&md, self.markdown())
+            .with_context(|| format!("writing {}", md.display()))?;
+        eprintln!("bench: wrote {} and {}", json.display(), md.display());
+        Ok(())
+    }
+
+    /// The report as Markdown tables.
+    pub fn markdown(&self) -> String {
+        let m = &self.machine;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "Machine: {} × {}, {} GiB, Linux {}{}{}.\n",
+            m.cpus,
+            m.cpu,
+            m.memory_gib,
+            m.kernel,
+            if m.virtualized {
+                ", virtual machine"
+            } else {
+                ""
+            },
+            if self.quick {
+                " **Quick run: reduced sizes, not for comparison.**"
+            } else {
+                ""
+            },
+        );
+        if !self.packet.is_empty() {
+            s.push_str(&packet_tables(&self.packet));
+        }
+        s
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    format!("{:.2}×", a / b)
+}
+
+fn packet_tables(rows: &[PacketRow]) -> String {
+    let mut s = String::new();
+    s.push_str(
+        "### Per packet (BPF_PROG_TEST_RUN, ns per packet, median of 7 × 200 000 runs)\n\n\
+         | services | extra flows | empty TC | empty XDP | established TC | established XDP | reply TC egress | foreign TC | foreign XDP |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.1} | {:.1} | {:.1} ({}) | {:.1} ({}) | {:.1} ({}) | {:.1} ({}) | {:.1} ({}) |",
+            r.services,
+            r.flows,
+            r.tc_empty,
+            r.xdp_empty,
+            r.tc_established,
+            ratio(r.tc_established, r.tc_empty),
+            r.xdp_established,
+            ratio(r.xdp_established, r.xdp_empty),
+            r.tc_reply,
+            ratio(r.tc_reply, r.tc_empty),
+            r.tc_foreign,
+            ratio(r.tc_foreign, r.tc_empty),
+            r.xdp_foreign,
+            ratio(r.xdp_foreign, r.xdp_empty),
+        );
+    }
+    s.push_str(
+        "\n### New-flow SYN (one run per call, kernel-timed, median of 20 000 distinct SYNs)\n\n\
+         | services | extra flows | empty TC | new flow TC | empty XDP | new flow XDP |\n\
+         |---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} | {:.0} ({}) | {:.0} | {:.0} ({}) |",
+            r.services,
+            r.flows,
+            r.tc_empty_single,
+            r.tc_new_flow,
+            ratio(r.tc_new_flow, r.tc_empty_single),
+            r.xdp_empty_single,
+            r.xdp_new_flow,
+            ratio(r.xdp_new_flow, r.xdp_empty_single),
+        );
+    }
+    s
+}
