@@ -2,8 +2,11 @@
 //! `cargo xtask bench`, which installs what it needs and builds in release
 //! mode first.
 
+mod agent;
+mod e2e;
 mod machine;
 mod packet;
+mod reaction;
 mod report;
 
 use std::path::PathBuf;
@@ -38,6 +41,24 @@ fn main() -> anyhow::Result<()> {
         for &n in counts {
             report.packet.extend(packet::measure(n, flows)?);
         }
+    }
+    if run(report::Section::E2e) {
+        let (rounds, secs) = if cli.quick { (1, 1.0) } else { (5, 4.0) };
+        let (rows, load) = e2e::measure(rounds, secs)?;
+        report.e2e = rows;
+        report.agent_load = Some(load);
+    }
+    if run(report::Section::Agent) {
+        let (services, traffic, scrapes) = if cli.quick {
+            (100, 10, 5)
+        } else {
+            (1000, 100, 20)
+        };
+        report.scrape = Some(agent::scrape(services, traffic, scrapes)?);
+    }
+    if run(report::Section::Reaction) {
+        let (breakers, judges) = if cli.quick { (1, 1) } else { (7, 5) };
+        report.reactions = Some(reaction::measure(breakers, judges)?);
     }
     report.write(&cli.out)?;
     Ok(())

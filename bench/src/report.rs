@@ -5,7 +5,13 @@ use std::{fmt::Write as _, path::Path};
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::{machine::Machine, packet::PacketRow};
+use crate::{
+    agent::Scrape,
+    e2e::{AgentLoad, Contender, E2eRow},
+    machine::Machine,
+    packet::PacketRow,
+    reaction::Reactions,
+};
 
 /// A part of the benchmark.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -31,6 +37,14 @@ pub struct Report {
     pub quick: bool,
     /// Per-packet rows.
     pub packet: Vec<PacketRow>,
+    /// End-to-end rows, one per contender.
+    pub e2e: Vec<E2eRow>,
+    /// The agent's cost during the canary TC rounds.
+    pub agent_load: Option<AgentLoad>,
+    /// Scrape time.
+    pub scrape: Option<Scrape>,
+    /// Breaker and judge reaction times.
+    pub reactions: Option<Reactions>,
 }
 
 impl Report {
@@ -43,6 +57,10 @@ impl Report {
                 .map_or(0, |d| d.as_secs()),
             quick,
             packet: Vec::new(),
+            e2e: Vec::new(),
+            agent_load: None,
+            scrape: None,
+            reactions: None,
         }
     }
 
@@ -83,6 +101,50 @@ impl Report {
         );
         if !self.packet.is_empty() {
             s.push_str(&packet_tables(&self.packet));
+        }
+        if !self.e2e.is_empty() {
+            s.push_str(&e2e_table(&self.e2e));
+        }
+        if let Some(l) = &self.agent_load {
+            let _ = writeln!(
+                s,
+                "\n### Agent under load (canary TC rounds, medians)\n\n\
+                 | new connections | keep-alive requests | RSS |\n|---:|---:|---:|\n\
+                 | {:.1} % of a CPU | {:.1} % of a CPU | {:.1} MiB |",
+                l.cpu_pct_conns, l.cpu_pct_keepalive, l.rss_mib
+            );
+        }
+        if let Some(sc) = &self.scrape {
+            let _ = writeln!(
+                s,
+                "\n### Scrape\n\n| services | with traffic | GET /metrics median | max | size | agent RSS |\n\
+                 |---:|---:|---:|---:|---:|---:|\n| {} | {} | {:.1} ms | {:.1} ms | {:.1} MB | {:.1} MiB |",
+                sc.services,
+                sc.with_traffic,
+                sc.median_ms,
+                sc.max_ms,
+                sc.bytes as f64 / 1e6,
+                sc.rss_mib
+            );
+        }
+        if let Some(r) = &self.reactions {
+            let list = |v: &[f64], digits: usize| {
+                v.iter()
+                    .map(|x| format!("{x:.digits$}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let _ = writeln!(
+                s,
+                "\n### Reaction times\n\n| | median | runs |\n|---|---:|---|\n\
+                 | breaker: first failed connection → last one steered to the dead canary (1000 conn/s, 20 %) | {:.1} ms | {} ms; failed connections: {:?} |\n\
+                 | judge: start of traffic → rollback, canary 2× slower to first byte (600 conn/s, 20 %) | {:.2} s | {} s |",
+                r.breaker_median_ms(),
+                list(&r.breaker_cutoff_ms, 1),
+                r.breaker_failed,
+                r.judge_median_s(),
+                list(&r.judge_detect_s, 2),
+            );
         }
         s
     }
@@ -136,6 +198,38 @@ fn packet_tables(rows: &[PacketRow]) -> String {
             r.xdp_empty_single,
             r.xdp_new_flow,
             ratio(r.xdp_new_flow, r.xdp_empty_single),
+        );
+    }
+    s
+}
+
+fn e2e_table(rows: &[E2eRow]) -> String {
+    let direct = rows.iter().find(|r| r.contender == Contender::Direct);
+    let rel = |v: f64, f: fn(&E2eRow) -> f64| {
+        direct.map_or(String::new(), |d| format!(" ({})", ratio(v, f(d))))
+    };
+    let mut s = String::from(
+        "\n### End to end (network namespaces, 5 % canary, medians of interleaved rounds; ratio to direct)\n\n\
+         | steering | new conn/s | keep-alive req/s | p50 | p99 | canary share | errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {:.0}{} | {:.0}{} | {:.0} µs | {:.0} µs | {} | {} |",
+            r.contender.label(),
+            r.conns_per_s,
+            rel(r.conns_per_s, |d| d.conns_per_s),
+            r.requests_per_s,
+            rel(r.requests_per_s, |d| d.requests_per_s),
+            r.p50_us,
+            r.p99_us,
+            if r.contender == Contender::Direct {
+                "–".to_string()
+            } else {
+                format!("{:.1} %", r.canary_pct)
+            },
+            r.errors,
         );
     }
     s

@@ -6,6 +6,7 @@ pub mod load;
 pub mod metrics;
 pub mod packet;
 pub mod prometheus;
+pub mod scenarios;
 
 /// A lab with `backends` (name, behaviour) and `clients` client addresses;
 /// fails the test unless it runs as root.

@@ -1,16 +1,10 @@
 //! The line-rate breaker end to end: under load, the canary starts refusing
 //! connections, and the data plane stops sending it new ones by itself.
 
-use std::{
-    io::ErrorKind,
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use canary_lab::{AgentProcess, Behavior, Lab};
-use canary_tests::{
-    load::{CANARY_PREFIX, drive, join_timed, spawn_timed},
-    metrics::scrape,
-};
+use canary_tests::{load::drive, metrics::scrape, scenarios::breaker_cutoff};
 
 const VIP: &str = "10.96.0.10:80";
 
@@ -38,78 +32,40 @@ fn a_canary_that_starts_refusing_is_cut_off_by_the_data_plane_within_millisecond
         AgentProcess::start(lab.router(), &config(&lab, &state_dir), false).expect("agent starts");
 
     // 1000 new connections/s, 20 % canary (default breaker settings).
-    let rate = 1000.0;
-    let handles = spawn_timed(&lab, VIP.parse().unwrap(), lab.client_addrs(), 4000, rate);
-    std::thread::sleep(Duration::from_millis(1500));
-    let stopped_at = Instant::now();
-    lab.stop_backend(1); // the canary process dies: its port refuses
-    let attempts = join_timed(handles);
-
-    // Refused by the dead port; reset (connections still queued in the
-    // dying listener's backlog get a RST when it closes); or closed without
-    // a reply (accepted just as the process stopped).
-    let canary_failure = |a: &&canary_tests::load::Attempt| {
-        matches!(
-            a.result,
-            Err(ErrorKind::ConnectionRefused
-                | ErrorKind::ConnectionReset
-                | ErrorKind::UnexpectedEof)
-        )
-    };
-    let failed: Vec<_> = attempts.iter().filter(canary_failure).collect();
-    let other_errors: Vec<_> = attempts
-        .iter()
-        .filter(|a| a.result.is_err() && !canary_failure(a))
-        .collect();
-    let canary_after: Vec<_> = attempts
-        .iter()
-        .filter(|a| {
-            a.start > stopped_at
-                && a.result
-                    .as_ref()
-                    .is_ok_and(|n| n.starts_with(CANARY_PREFIX))
-        })
-        .collect();
-    let ok = attempts.iter().filter(|a| a.result.is_ok()).count();
-    let first_failure = failed
-        .iter()
-        .map(|a| a.end)
-        .min()
-        .expect("the dead canary failed connections");
-    let last_steered = failed.iter().map(|a| a.start).max().unwrap();
-    let cutoff = last_steered.saturating_duration_since(first_failure);
-    let elapsed = attempts.last().unwrap().start - attempts[0].start;
+    let run = breaker_cutoff(&mut lab, VIP.parse().unwrap());
+    let (failed, cutoff, other_errors) = (run.failed, run.cutoff, &run.other_errors);
     eprintln!(
-        "breaker: {} attempts in {:.2} s ({:.0}/s); {} failed client connections; \
+        "breaker: {} attempts ({:.0}/s); {failed} failed client connections; \
          cut-off {:.3} ms from the first failed connection to the last one steered to canary; \
          {} other errors",
-        attempts.len(),
-        elapsed.as_secs_f64(),
-        attempts.len() as f64 / elapsed.as_secs_f64(),
-        failed.len(),
+        run.attempts.len(),
+        run.rate,
         cutoff.as_secs_f64() * 1e3,
         other_errors.len()
+    );
+    assert!(
+        failed > 0,
+        "the dead canary failed no connection: was it steered to?"
     );
     assert!(
         other_errors.is_empty(),
         "unexpected errors: {:?}",
         &other_errors[..other_errors.len().min(3)]
     );
-    assert!(
-        canary_after.is_empty(),
-        "{} connections still reached the stopped canary",
-        canary_after.len()
+    assert_eq!(
+        run.canary_after, 0,
+        "connections still reached the stopped canary"
     );
     assert!(
-        failed.len() <= 50,
-        "{} failed client connections (target <= 50)",
-        failed.len()
+        failed <= 50,
+        "{failed} failed client connections (target <= 50)"
     );
     assert!(
         cutoff <= Duration::from_millis(100),
         "cut-off {cutoff:?}: the breaker did not act at line rate"
     );
-    assert_eq!(ok + failed.len(), attempts.len());
+    let ok = run.attempts.iter().filter(|a| a.result.is_ok()).count();
+    assert_eq!(ok + failed, run.attempts.len());
 
     // The agent recorded it: log, metrics, persisted state.
     let m = scrape(lab.router());

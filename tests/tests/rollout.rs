@@ -9,7 +9,10 @@ use std::{
 };
 
 use canary_lab::{AgentProcess, Behavior, Lab, canaryctl_binary};
-use canary_tests::load::{drive, join_timed, spawn_timed};
+use canary_tests::{
+    load::{drive, join_timed, spawn_timed},
+    scenarios::{judge_detection, status},
+};
 use serde_json::Value;
 
 const IFACE: &str = Lab::ROUTER_CLIENT_IFACE;
@@ -41,22 +44,6 @@ fn config(lab: &Lab, agent_extra: &str, n: usize, plan: &str) -> String {
         ));
     }
     c
-}
-
-fn status(sock: &Path, service: &str) -> Value {
-    let out = Command::new(canaryctl_binary())
-        .arg("--socket")
-        .arg(sock)
-        .args(["status", service, "--json"])
-        .output()
-        .expect("canaryctl");
-    assert!(
-        out.status.success(),
-        "canaryctl status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    v["services"][0].clone()
 }
 
 fn ctl(sock: &Path, args: &[&str]) {
@@ -144,22 +131,8 @@ fn the_judge_rolls_back_a_canary_twice_as_slow_within_5_seconds() {
     let sock = agent.control_socket();
     assert_eq!(status(&sock, "web")["state"], "progressing");
 
-    let rate = 600.0;
-    let t0 = Instant::now();
-    let load = spawn_timed(&lab, vip(0), lab.client_addrs(), 6000, rate);
-    let mut detected = None;
-    while t0.elapsed() < Duration::from_secs(10) {
-        if status(&sock, "web")["state"] == "rolled-back" {
-            detected = Some(t0.elapsed());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let attempts = join_timed(load);
-    let achieved =
-        attempts.len() as f64 / (attempts.last().unwrap().start - attempts[0].start).as_secs_f64();
-    let s = status(&sock, "web");
-    let verdict = s["last_verdict"].as_str().unwrap_or_default().to_string();
+    let run = judge_detection(&lab, &sock, vip(0));
+    let (detected, achieved, verdict) = (run.detected, run.rate, run.verdict);
     eprintln!(
         "judge: {:?} from the start of traffic ({achieved:.0} conn/s) to rollback; {verdict}",
         detected.map(|d| format!("{:.2} s", d.as_secs_f64()))

@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's commands. Each installs what it needs first.
 
+mod bench;
 mod demo;
 mod prereqs;
 mod test;
@@ -40,6 +41,18 @@ enum Cmd {
     /// connections to canary, and the observed split printed live. Ctrl-C
     /// stops it and removes the lab.
     Demo(demo::Args),
+    /// Run the benchmarks (about 10 minutes) and write
+    /// target/bench/results.{json,md}: per-packet cost through
+    /// BPF_PROG_TEST_RUN next to empty programs; end to end in network
+    /// namespaces against direct routing, iptables and HAProxy; the agent's
+    /// CPU, memory and scrape time; breaker and judge reaction times.
+    /// Installs iptables and HAProxy. Arguments after `--` go to
+    /// canary-bench (e.g. `-- --quick` or `-- --only packet,e2e`).
+    Bench {
+        /// Passed to canary-bench.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -48,6 +61,7 @@ fn main() -> ExitCode {
         Cmd::Prereqs => require_root().and_then(|()| prereqs::ensure()),
         Cmd::Test { args } => test::run(&args),
         Cmd::Demo(args) => demo::run(&args),
+        Cmd::Bench { args } => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

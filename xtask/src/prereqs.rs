@@ -20,8 +20,16 @@ const DEBIAN: &[(&str, &str)] = &[
     ("promtool", "prometheus"),
 ];
 
-/// Installs whatever is missing.
+/// What the benchmark compares canary with, beyond what the tests need.
+pub const BENCH_DEBIAN: &[(&str, &str)] = &[("iptables", "iptables"), ("haproxy", "haproxy")];
+
+/// Installs whatever the tests and the demo need and is missing.
 pub fn ensure() -> anyhow::Result<()> {
+    ensure_with(&[])
+}
+
+/// As [`ensure`], plus the Debian packages `extra` (command, package).
+pub fn ensure_with(extra: &[(&str, &str)]) -> anyhow::Result<()> {
     // rustup skips the download when the component is present.
     exec(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
         .context("rust-src for the nightly toolchain (builds core for the BPF target)")?;
@@ -45,6 +53,7 @@ pub fn ensure() -> anyhow::Result<()> {
 
     let mut missing: Vec<&str> = DEBIAN
         .iter()
+        .chain(extra)
         .filter(|(cmd, _)| !on_path(cmd))
         .map(|(_, pkg)| *pkg)
         .collect();

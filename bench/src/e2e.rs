@@ -1,0 +1,433 @@
+//! End to end in network namespaces: the same lab topology (client →
+//! router → backends) with the router steering by each contender in turn.
+//!
+//! Every measurement gets a fresh lab, so nothing one contender leaves
+//! behind (conntrack, NAT tables, a proxy's sockets) is paid by the next;
+//! rounds interleave the contenders and medians are reported.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    process::{Child, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use canary_lab::{AgentProcess, Behavior, Conn, Lab, request_once};
+use serde::Serialize;
+
+use crate::packet::median;
+
+/// The VIP clients connect to.
+const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
+/// Closed-loop client threads.
+const CLIENTS: usize = 4;
+/// Per-request timeout.
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Who steers the VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Contender {
+    /// No VIP: clients connect straight to one stable backend.
+    Direct,
+    /// canary-agent, TC ingress.
+    CanaryTc,
+    /// canary-agent, XDP ingress.
+    CanaryXdp,
+    /// iptables `statistic --mode random` DNAT (what kube-proxy does).
+    Iptables,
+    /// HAProxy in TCP mode with weighted servers.
+    Haproxy,
+}
+
+impl Contender {
+    /// In report order.
+    pub const ALL: [Contender; 5] = [
+        Contender::Direct,
+        Contender::CanaryTc,
+        Contender::CanaryXdp,
+        Contender::Iptables,
+        Contender::Haproxy,
+    ];
+
+    /// Human name.
+    pub fn label(self) -> &'static str {
+        match self {
+            Contender::Direct => "direct (no steering)",
+            Contender::CanaryTc => "canary, TC",
+            Contender::CanaryXdp => "canary, XDP",
+            Contender::Iptables => "iptables statistic DNAT",
+            Contender::Haproxy => "HAProxy weighted TCP",
+        }
+    }
+}
+
+/// One contender's medians.
+#[derive(Clone, Debug, Serialize)]
+pub struct E2eRow {
+    /// Who steered.
+    pub contender: Contender,
+    /// New connections per second, one request each.
+    pub conns_per_s: f64,
+    /// Keep-alive requests per second.
+    pub requests_per_s: f64,
+    /// Keep-alive request latency, median, µs.
+    pub p50_us: f64,
+    /// Keep-alive request latency, 99th percentile, µs.
+    pub p99_us: f64,
+    /// Share of new connections the canary answered, %.
+    pub canary_pct: f64,
+    /// Failed requests over all rounds.
+    pub errors: u64,
+}
+
+/// The agent's cost while steering under load (canary TC rounds).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AgentLoad {
+    /// Agent CPU during the new-connection load, % of one CPU.
+    pub cpu_pct_conns: f64,
+    /// Agent CPU during the keep-alive load, % of one CPU.
+    pub cpu_pct_keepalive: f64,
+    /// Agent resident memory at the end, MiB.
+    pub rss_mib: f64,
+}
+
+/// What one measurement of one contender saw.
+struct Sample {
+    conns_per_s: f64,
+    requests_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    canary: u64,
+    total: u64,
+    errors: u64,
+    agent_cpu: Option<(f64, f64)>,
+    agent_rss: Option<f64>,
+}
+
+/// The steering set up in a lab; dropping it stops it.
+enum Steering {
+    None,
+    Agent(AgentProcess),
+    Haproxy(Child),
+    Iptables,
+}
+
+impl Drop for Steering {
+    fn drop(&mut self) {
+        if let Steering::Haproxy(child) = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn lab() -> anyhow::Result<Lab> {
+    Lab::build(canary_lab::LabSpec {
+        backends: ["stable-1", "stable-2", "canary-1"]
+            .iter()
+            .map(|n| canary_lab::BackendSpec {
+                name: n.to_string(),
+                behavior: Behavior::Reply,
+            })
+            .collect(),
+        n_client_addrs: 32,
+    })
+}
+
+fn setup(lab: &Lab, c: Contender) -> anyhow::Result<(Steering, SocketAddrV4)> {
+    let (s1, s2, c1) = (
+        lab.backend_addr(0),
+        lab.backend_addr(1),
+        lab.backend_addr(2),
+    );
+    let router = lab.router();
+    Ok(match c {
+        Contender::Direct => (Steering::None, s1),
+        Contender::CanaryTc | Contender::CanaryXdp => {
+            let mode = if c == Contender::CanaryXdp {
+                "xdp"
+            } else {
+                "tc"
+            };
+            let config = format!(
+                "[agent]\ninterfaces = [{{ name = \"{}\", mode = \"{mode}\" }}]\n\n\
+                 [[service]]\nname = \"web\"\nvip = \"{VIP}\"\nstable = [\"{s1}\", \"{s2}\"]\n\
+                 canary = [\"{c1}\"]\nweight = \"5%\"\ncohort = \"per-connection\"\n",
+                Lab::ROUTER_CLIENT_IFACE
+            );
+            (
+                Steering::Agent(AgentProcess::start(router, &config, false)?),
+                VIP,
+            )
+        }
+        Contender::Iptables => {
+            let rule = |extra: &str, to: SocketAddrV4| {
+                format!(
+                    "-t nat -A PREROUTING -d {} -p tcp --dport {} {extra} -j DNAT --to-destination {to}",
+                    VIP.ip(),
+                    VIP.port()
+                )
+            };
+            // As kube-proxy writes them: each rule takes its share of what
+            // the rules before it left.
+            for r in [
+                rule("-m statistic --mode random --probability 0.05", c1),
+                rule("-m statistic --mode random --probability 0.5", s1),
+                rule("", s2),
+            ] {
+                let args: Vec<&str> = std::iter::once("iptables")
+                    .chain(r.split_whitespace())
+                    .collect();
+                router
+                    .exec(&args)
+                    .context("iptables (install it: cargo xtask bench does)")?;
+            }
+            (Steering::Iptables, VIP)
+        }
+        Contender::Haproxy => {
+            router.ip(&["addr", "add", &format!("{}/32", VIP.ip()), "dev", "lo"])?;
+            let cfg = std::env::temp_dir()
+                .join(format!("canary-bench-haproxy-{}.cfg", std::process::id()));
+            std::fs::write(
+                &cfg,
+                format!(
+                    "global\n  maxconn 5000\n\ndefaults\n  mode tcp\n  timeout connect 3s\n  \
+                     timeout client 30s\n  timeout server 30s\n\nfrontend vip\n  bind {VIP}\n  \
+                     default_backend pool\n\nbackend pool\n  balance roundrobin\n  \
+                     server stable1 {s1} weight 95\n  server stable2 {s2} weight 95\n  \
+                     server canary1 {c1} weight 10\n"
+                ),
+            )?;
+            let log = cfg.with_extension("log");
+            let child = router
+                .command("haproxy")
+                .arg("-db")
+                .arg("-f")
+                .arg(&cfg)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log)?)
+                .spawn()
+                .context("starting haproxy (install it: cargo xtask bench does)")?;
+            let steering = Steering::Haproxy(child);
+            wait_listening(lab, VIP).with_context(|| {
+                format!(
+                    "haproxy: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            })?;
+            (steering, VIP)
+        }
+    })
+}
+
+/// Waits until `target` answers from the client namespace.
+fn wait_listening(lab: &Lab, target: SocketAddrV4) -> anyhow::Result<()> {
+    let src = lab.client_addrs()[0];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ok = lab
+            .client()
+            .spawn(move || request_once(src, target, Duration::from_millis(500)))
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))??
+            .is_ok();
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{target} did not answer within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// utime + stime of `pid`, seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after ") ".
+    (t(11) + t(12)) / ticks
+}
+
+/// VmRSS of `pid`, MiB.
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// One request per connection from `CLIENTS` threads for `secs`:
+/// (completed, canary answers, errors, elapsed seconds).
+fn new_connections(lab: &Lab, target: SocketAddrV4, secs: f64) -> (u64, u64, u64, f64) {
+    let sources = Arc::new(lab.client_addrs().to_vec());
+    let start = Instant::now();
+    let until = start + Duration::from_secs_f64(secs);
+    let handles: Vec<_> = (0..CLIENTS)
+        .map(|t| {
+            let sources = Arc::clone(&sources);
+            lab.client().spawn(move || {
+                let (mut ok, mut canary, mut err) = (0u64, 0u64, 0u64);
+                let mut i = t;
+                while Instant::now() < until {
+                    match request_once(sources[i % sources.len()], target, TIMEOUT) {
+                        Ok(name) => {
+                            ok += 1;
+                            canary += u64::from(name.starts_with("canary"));
+                        }
+                        Err(_) => err += 1,
+                    }
+                    i += CLIENTS;
+                }
+                (ok, canary, err)
+            })
+        })
+        .collect();
+    let mut total = (0, 0, 0);
+    for h in handles {
+        if let Ok(Ok((a, b, c))) = h.join() {
+            total = (total.0 + a, total.1 + b, total.2 + c);
+        }
+    }
+    (total.0, total.1, total.2, start.elapsed().as_secs_f64())
+}
+
+/// Keep-alive requests on `CLIENTS` connections for `secs`: (latencies in
+/// µs, errors, elapsed seconds).
+fn keepalive(lab: &Lab, target: SocketAddrV4, secs: f64) -> (Vec<f64>, u64, f64) {
+    let sources = lab.client_addrs().to_vec();
+    let start = Instant::now();
+    let until = start + Duration::from_secs_f64(secs);
+    let handles: Vec<_> = (0..CLIENTS)
+        .map(|t| {
+            let src = sources[t % sources.len()];
+            lab.client().spawn(move || {
+                let mut lat = Vec::new();
+                let mut err = 0u64;
+                let mut conn = Conn::open(src, target, TIMEOUT)?;
+                while Instant::now() < until {
+                    let t0 = Instant::now();
+                    match conn.ping() {
+                        Ok(_) => lat.push(t0.elapsed().as_secs_f64() * 1e6),
+                        Err(_) => {
+                            err += 1;
+                            conn = Conn::open(src, target, TIMEOUT)?;
+                        }
+                    }
+                }
+                Ok::<_, std::io::Error>((lat, err))
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for h in handles {
+        match h.join() {
+            Ok(Ok(Ok((l, e)))) => {
+                lat.extend(l);
+                errors += e;
+            }
+            _ => errors += 1,
+        }
+    }
+    (lat, errors, start.elapsed().as_secs_f64())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn measure_once(c: Contender, secs: f64) -> anyhow::Result<Sample> {
+    let lab = lab()?;
+    let (steering, target) = setup(&lab, c)?;
+    // Warm-up: ARP, the servers' first threads, the agent's first scrape.
+    wait_listening(&lab, target)?;
+    new_connections(&lab, target, 0.3);
+    let agent_pid = match &steering {
+        Steering::Agent(a) => Some(a.pid()),
+        _ => None,
+    };
+    let cpu0 = agent_pid.map(cpu_seconds);
+    let (ok, canary, err1, el1) = new_connections(&lab, target, secs);
+    let cpu1 = agent_pid.map(cpu_seconds);
+    let (mut lat, err2, el2) = keepalive(&lab, target, secs);
+    let cpu2 = agent_pid.map(cpu_seconds);
+    lat.sort_by(f64::total_cmp);
+    let agent_cpu = match (cpu0, cpu1, cpu2) {
+        (Some(a), Some(b), Some(c)) => Some(((b - a) / el1 * 100.0, (c - b) / el2 * 100.0)),
+        _ => None,
+    };
+    let agent_rss = agent_pid.map(rss_mib);
+    drop(steering);
+    Ok(Sample {
+        conns_per_s: ok as f64 / el1,
+        requests_per_s: lat.len() as f64 / el2,
+        p50_us: percentile(&lat, 0.5),
+        p99_us: percentile(&lat, 0.99),
+        canary,
+        total: ok,
+        errors: err1 + err2,
+        agent_cpu,
+        agent_rss,
+    })
+}
+
+/// `rounds` interleaved rounds of every contender, `secs` per load.
+pub fn measure(rounds: usize, secs: f64) -> anyhow::Result<(Vec<E2eRow>, AgentLoad)> {
+    let mut samples: Vec<Vec<Sample>> = Contender::ALL.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (i, &c) in Contender::ALL.iter().enumerate() {
+            let s =
+                measure_once(c, secs).with_context(|| format!("{} round {round}", c.label()))?;
+            eprintln!(
+                "bench: e2e round {round}: {:<24} {:>8.0} conn/s {:>8.0} req/s p50 {:>6.0} µs p99 {:>6.0} µs, {} errors",
+                c.label(),
+                s.conns_per_s,
+                s.requests_per_s,
+                s.p50_us,
+                s.p99_us,
+                s.errors
+            );
+            samples[i].push(s);
+        }
+    }
+    let mut load = AgentLoad::default();
+    let rows = Contender::ALL
+        .iter()
+        .zip(&samples)
+        .map(|(&c, s)| {
+            let med = |f: &dyn Fn(&Sample) -> f64| median(&mut s.iter().map(f).collect::<Vec<_>>());
+            if c == Contender::CanaryTc {
+                load.cpu_pct_conns = med(&|s| s.agent_cpu.map_or(f64::NAN, |x| x.0));
+                load.cpu_pct_keepalive = med(&|s| s.agent_cpu.map_or(f64::NAN, |x| x.1));
+                load.rss_mib = med(&|s| s.agent_rss.unwrap_or(f64::NAN));
+            }
+            let (canary, total): (u64, u64) = s
+                .iter()
+                .map(|s| (s.canary, s.total))
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            E2eRow {
+                contender: c,
+                conns_per_s: med(&|s| s.conns_per_s),
+                requests_per_s: med(&|s| s.requests_per_s),
+                p50_us: med(&|s| s.p50_us),
+                p99_us: med(&|s| s.p99_us),
+                canary_pct: canary as f64 * 100.0 / total.max(1) as f64,
+                errors: s.iter().map(|s| s.errors).sum(),
+            }
+        })
+        .collect();
+    Ok((rows, load))
+}
