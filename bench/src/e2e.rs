@@ -242,17 +242,19 @@ fn wait_listening(lab: &Lab, target: SocketAddrV4) -> anyhow::Result<()> {
     }
 }
 
-/// utime + stime of `pid`, seconds.
+/// CPU time of every thread of `pid` so far, seconds, from schedstat
+/// (nanoseconds; /proc/PID/stat counts 10 ms ticks, too coarse for an
+/// agent that is mostly idle).
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at ") ".
-    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after ") ".
-    (t(11) + t(12)) / ticks
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return f64::NAN;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 1e9
 }
 
 /// VmRSS of `pid`, MiB.

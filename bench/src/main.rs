@@ -26,10 +26,20 @@ struct Cli {
     /// Smaller sizes and shorter runs, to check that everything works.
     #[arg(long)]
     quick: bool,
+    /// Instead of the benchmark: send this many new-flow SYNs through TC
+    /// ingress, one per BPF_PROG_TEST_RUN call, and print the median. Run
+    /// under `perf record -g` to profile the new-flow path.
+    #[arg(long, value_name = "COUNT")]
+    profile_new_flows: Option<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(count) = cli.profile_new_flows {
+        let ns = packet::profile_new_flows(count)?;
+        println!("new-flow SYN through TC ingress: median {ns:.0} ns over {count}");
+        return Ok(());
+    }
     let run = |s: report::Section| cli.only.is_empty() || cli.only.contains(&s);
     let mut report = report::Report::new(machine::Machine::detect(), cli.quick);
     if run(report::Section::Packet) {
@@ -43,7 +53,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     if run(report::Section::E2e) {
-        let (rounds, secs) = if cli.quick { (1, 1.0) } else { (5, 4.0) };
+        let (rounds, secs) = if cli.quick { (1, 1.0) } else { (7, 4.0) };
         let (rows, load) = e2e::measure(rounds, secs)?;
         report.e2e = rows;
         report.agent_load = Some(load);

@@ -252,8 +252,13 @@ pub fn median(v: &mut [f64]) -> f64 {
 /// SYNs from distinct 5-tuples (10.203.0.0/16) to `vip`, `salt` keeping
 /// series apart.
 fn new_syns(vip: SocketAddrV4, salt: u32) -> impl Iterator<Item = Vec<u8>> {
-    (0..NEW_FLOWS).map(move |i| {
-        let n = salt * NEW_FLOWS + i;
+    syns(vip, salt * NEW_FLOWS, NEW_FLOWS)
+}
+
+/// `count` SYNs to `vip` from distinct 5-tuples, the `first`-th on.
+fn syns(vip: SocketAddrV4, first: u32, count: u32) -> impl Iterator<Item = Vec<u8>> {
+    (0..count).map(move |i| {
+        let n = first + i;
         let src = SocketAddrV4::new((0x0acb_0000 + (n >> 8)).into(), 30_000 + (n & 255) as u16);
         Tcp::new(src, vip, SYN).frame()
     })
@@ -338,4 +343,11 @@ pub fn measure(bench_services: u32, flows_list: &[u32]) -> anyhow::Result<Vec<Pa
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// Only new-flow SYNs through TC ingress, `count` of them one per call:
+/// something to run under `perf record` (see BENCHMARKS.md).
+pub fn profile_new_flows(count: u32) -> anyhow::Result<f64> {
+    let mut b = Bench::new(1, 4_194_304)?;
+    b.single(Program::TcIngress, syns(b.vip, 0, count), TC_OK)
 }

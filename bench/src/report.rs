@@ -110,7 +110,7 @@ impl Report {
                 s,
                 "\n### Agent under load (canary TC rounds, medians)\n\n\
                  | new connections | keep-alive requests | RSS |\n|---:|---:|---:|\n\
-                 | {:.1} % of a CPU | {:.1} % of a CPU | {:.1} MiB |",
+                 | {:.2} % of a CPU | {:.2} % of a CPU | {:.1} MiB |",
                 l.cpu_pct_conns, l.cpu_pct_keepalive, l.rss_mib
             );
         }

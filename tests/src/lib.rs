@@ -37,8 +37,9 @@ pub fn require_root() {
 }
 
 /// Names of the BPF programs attached with TCX to `iface` (ingress and
-/// egress) inside `ns`, plus any legacy `tc` filters and clsact qdisc, as
-/// one list: empty means nothing of ours (or anyone's) is attached.
+/// egress) inside `ns`, plus an XDP program, any legacy `tc` filters and
+/// clsact qdisc, as one list: empty means nothing of ours (or anyone's) is
+/// attached.
 pub fn attached_to(ns: &canary_lab::Netns, iface: &'static str) -> Vec<String> {
     use aya::programs::{SchedClassifier, TcAttachType};
     let mut found: Vec<String> = ns
@@ -67,6 +68,14 @@ pub fn attached_to(ns: &canary_lab::Netns, iface: &'static str) -> Vec<String> {
                 .map(|l| format!("tc filter {kind}: {l}")),
         );
     }
+    let link = ns
+        .exec(&["ip", "link", "show", "dev", iface])
+        .expect("ip link show");
+    found.extend(
+        link.lines()
+            .filter(|l| l.contains("prog/xdp"))
+            .map(|l| format!("xdp: {}", l.trim())),
+    );
     let qdiscs = ns
         .exec(&["tc", "qdisc", "show", "dev", iface])
         .expect("tc qdisc show");

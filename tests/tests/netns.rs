@@ -493,3 +493,80 @@ fn a_killed_agent_leaves_nothing_attached() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Client packets at XDP, replies at TC egress.
+fn hooks(lab: &Lab) -> (bool, bool, bool) {
+    let found = attached_to(lab.router(), IFACE);
+    let has = |prefix: &str| found.iter().any(|l| l.starts_with(prefix));
+    (has("xdp:"), has("tcx Ingress"), has("tcx Egress"))
+}
+
+#[test]
+fn xdp_mode_steers_like_tc_and_reloads_switch_modes_without_breaking_connections() {
+    let lab = lab(32);
+    let xdp = |lab: &Lab| {
+        config(lab, "weight = \"50%\"\ncohort = \"per-connection\"").replace(
+            &format!("interfaces = [\"{IFACE}\"]"),
+            &format!("interfaces = [{{ name = \"{IFACE}\", mode = \"xdp\" }}]"),
+        )
+    };
+    let mut agent = AgentProcess::start(lab.router(), &xdp(&lab), false).expect("agent starts");
+    assert_eq!(
+        hooks(&lab),
+        (true, false, true),
+        "xdp mode: XDP and TC egress"
+    );
+
+    // 50 % over 2000 connections: 99.9 % interval 1000 ± 74.
+    let out = drive(&lab, lab.client_addrs(), 2000);
+    assert_no_errors(&out, "xdp mode");
+    let canary = out.canary();
+    assert!(
+        (926..=1074).contains(&canary),
+        "xdp mode at 50%: {canary} of 2000 to canary, outside [926, 1074]"
+    );
+
+    // Long-lived connections across both switches keep their backend.
+    let mut conns: Vec<(Conn, String)> = lab
+        .client()
+        .spawn(|| {
+            (0..20)
+                .map(|_| {
+                    let mut c = Conn::open(Lab::CLIENT_IP, vip(), TIMEOUT).expect("open");
+                    let first = c.ping().expect("first ping");
+                    (c, first)
+                })
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+    let tc = config(&lab, "weight = \"50%\"\ncohort = \"per-connection\"");
+    for (mode, text, expected) in [
+        ("tc", tc, (false, true, true)),
+        ("xdp", xdp(&lab), (true, false, true)),
+    ] {
+        agent.reload(&text).expect("reload switches the mode");
+        assert_eq!(hooks(&lab), expected, "after switching to {mode}");
+        conns = lab
+            .client()
+            .spawn(move || {
+                for (c, first) in &mut conns {
+                    let now = c
+                        .ping()
+                        .expect("a long-lived connection broke on the mode switch");
+                    assert_eq!(
+                        &now, first,
+                        "a long-lived connection moved on the mode switch"
+                    );
+                }
+                conns
+            })
+            .join()
+            .unwrap()
+            .unwrap();
+        assert_no_errors(&drive(&lab, lab.client_addrs(), 300), mode);
+    }
+    drop(conns);
+    stop_and_assert_detached(&lab, agent);
+}
