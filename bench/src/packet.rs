@@ -17,9 +17,9 @@ use std::{net::SocketAddrV4, path::Path, time::Instant};
 use anyhow::{Context, bail, ensure};
 use canary_agent::{
     config::Config,
-    dataplane::{Capacity, Dataplane, Program, be_addr},
+    dataplane::{Capacity, Dataplane, Program, be_addr, flow_key},
 };
-use canary_common::flow::{CT_REVERSE, CtEntry, FlowKey};
+use canary_common::flow::{CT_REVERSE, CtEntry};
 use canary_tests::packet::{ACK, PSH, SYN, Tcp, parse};
 use serde::Serialize;
 
@@ -87,17 +87,6 @@ fn services(n: u32) -> anyhow::Result<Config> {
     Config::parse(&text, Path::new("bench.toml"), &[]).context("bench config")
 }
 
-fn key(src: SocketAddrV4, dst: SocketAddrV4) -> FlowKey {
-    FlowKey {
-        src_addr: be_addr(*src.ip()),
-        dst_addr: be_addr(*dst.ip()),
-        src_port: src.port().to_be(),
-        dst_port: dst.port().to_be(),
-        proto: 6,
-        _pad: [0; 3],
-    }
-}
-
 /// A loaded data plane with `n` services, ready to measure.
 struct Bench {
     dp: Dataplane,
@@ -140,14 +129,14 @@ impl Bench {
         // Its mirror: client → backend tracked with the VIP as backend, and
         // VIP → client as the reply half to rewrite to the backend.
         let fwd = dp
-            .conntrack_entry(&key(client, vip))
+            .conntrack_entry(&flow_key(client, vip))
             .context("forward entry of the bench flow")?;
         let rev = dp
-            .conntrack_entry(&key(backend, client))
+            .conntrack_entry(&flow_key(backend, client))
             .context("reverse entry of the bench flow")?;
         ensure!(rev.flags & CT_REVERSE != 0, "reverse entry not marked");
         dp.conntrack_insert(
-            key(client, backend),
+            flow_key(client, backend),
             CtEntry {
                 nat_addr: be_addr(*vip.ip()),
                 nat_port: vip.port().to_be(),
@@ -155,7 +144,7 @@ impl Bench {
             },
         )?;
         dp.conntrack_insert(
-            key(vip, client),
+            flow_key(vip, client),
             CtEntry {
                 nat_addr: be_addr(*backend.ip()),
                 nat_port: backend.port().to_be(),
@@ -170,15 +159,16 @@ impl Bench {
     fn fill(&mut self, flows: u32) -> anyhow::Result<()> {
         let template = self
             .dp
-            .conntrack_entry(&key(addr(CLIENT), self.vip))
+            .conntrack_entry(&flow_key(addr(CLIENT), self.vip))
             .context("template entry")?;
         for i in 0..flows {
             // 10.202.0.0/16 clients, 16 ports each: unique 5-tuples.
             let client =
                 SocketAddrV4::new((0x0aca_0000 + (i >> 4)).into(), 20_000 + (i & 15) as u16);
-            self.dp.conntrack_insert(key(client, self.vip), template)?;
+            self.dp
+                .conntrack_insert(flow_key(client, self.vip), template)?;
             self.dp.conntrack_insert(
-                key(self.backend, client),
+                flow_key(self.backend, client),
                 CtEntry {
                     nat_addr: be_addr(*self.vip.ip()),
                     nat_port: self.vip.port().to_be(),

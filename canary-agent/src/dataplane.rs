@@ -915,10 +915,16 @@ impl Drop for Dataplane {
     }
 }
 
-fn classifier<'a>(
+/// The program `name` of the object, as a `T` (`what` names the type in
+/// the error).
+fn typed_program<'a, T>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
-) -> Result<&'a mut SchedClassifier, DataplaneError> {
+    what: &'static str,
+) -> Result<&'a mut T, DataplaneError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
     let program = ebpf.program_mut(name).ok_or(DataplaneError::Missing {
         kind: "program",
         name,
@@ -927,9 +933,16 @@ fn classifier<'a>(
         .try_into()
         .map_err(|source| DataplaneError::Program {
             name,
-            action: "is not a TC classifier",
+            action: what,
             source: Box::new(source),
         })
+}
+
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DataplaneError> {
+    typed_program(ebpf, name, "is not a TC classifier")
 }
 
 fn load_program(ebpf: &mut Ebpf, program: Program) -> Result<(), DataplaneError> {
@@ -946,17 +959,7 @@ fn load_program(ebpf: &mut Ebpf, program: Program) -> Result<(), DataplaneError>
 }
 
 fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
-    let program = ebpf.program_mut(name).ok_or(DataplaneError::Missing {
-        kind: "program",
-        name,
-    })?;
-    program
-        .try_into()
-        .map_err(|source| DataplaneError::Program {
-            name,
-            action: "is not an XDP program",
-            source: Box::new(source),
-        })
+    typed_program(ebpf, name, "is not an XDP program")
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
@@ -1081,6 +1084,18 @@ fn monotonic_ns() -> u64 {
 /// An address as the data plane reads it from a packet (network order).
 pub fn be_addr(addr: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
+}
+
+/// The conntrack key of a TCP packet from `src` to `dst`.
+pub fn flow_key(src: SocketAddrV4, dst: SocketAddrV4) -> FlowKey {
+    FlowKey {
+        src_addr: be_addr(*src.ip()),
+        dst_addr: be_addr(*dst.ip()),
+        src_port: src.port().to_be(),
+        dst_port: dst.port().to_be(),
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    }
 }
 
 /// (prefix length, network-order address, action) of a service's rules.

@@ -14,12 +14,12 @@ use std::{
 
 use canary_agent::{
     config::{Config, IngressMode, ServiceConfig},
-    dataplane::{Capacity, Dataplane, Program, be_addr},
+    dataplane::{Capacity, Dataplane, Program, be_addr, flow_key},
 };
 use canary_common::{
     cohort::{backend_index, bucket, is_canary, sticky_hash},
     counters::Counter,
-    flow::{CT_REVERSE, FlowKey},
+    flow::CT_REVERSE,
     service::{COHORT_CANARY, COHORT_STABLE},
 };
 use canary_tests::{
@@ -148,17 +148,6 @@ fn assert_checksums(p: &Parsed, what: &str) {
     );
 }
 
-fn key(src: SocketAddrV4, dst: SocketAddrV4) -> FlowKey {
-    FlowKey {
-        src_addr: be_addr(*src.ip()),
-        dst_addr: be_addr(*dst.ip()),
-        src_port: src.port().to_be(),
-        dst_port: dst.port().to_be(),
-        proto: 6,
-        _pad: [0; 3],
-    }
-}
-
 fn counter(dp: &Dataplane, c: Counter) -> u64 {
     dp.counters()
         .expect("counters readable")
@@ -189,7 +178,7 @@ fn syn_to_vip_is_dnated_with_valid_checksums_and_tracked(m: IngressMode) {
     assert_checksums(&out, "DNAT of SYN");
 
     let fwd = dp
-        .conntrack_entry(&key(client, addr(VIP)))
+        .conntrack_entry(&flow_key(client, addr(VIP)))
         .expect("forward conntrack entry after SYN");
     assert_eq!(
         (
@@ -202,7 +191,7 @@ fn syn_to_vip_is_dnated_with_valid_checksums_and_tracked(m: IngressMode) {
         "forward entry names the chosen backend"
     );
     let rev = dp
-        .conntrack_entry(&key(out.dst, client))
+        .conntrack_entry(&flow_key(out.dst, client))
         .expect("reverse conntrack entry after SYN");
     assert_eq!(
         (
@@ -336,11 +325,11 @@ fn rst_from_either_side_ends_the_flow(m: IngressMode) {
     );
     assert_checksums(&rst, "DNAT of RST");
     assert!(
-        dp.conntrack_entry(&key(client, addr(VIP))).is_none(),
+        dp.conntrack_entry(&flow_key(client, addr(VIP))).is_none(),
         "forward entry left after client RST"
     );
     assert!(
-        dp.conntrack_entry(&key(syn.dst, client)).is_none(),
+        dp.conntrack_entry(&flow_key(syn.dst, client)).is_none(),
         "reverse entry left after client RST"
     );
 
@@ -355,11 +344,11 @@ fn rst_from_either_side_ends_the_flow(m: IngressMode) {
     );
     assert_checksums(&rst, "reverse NAT of RST");
     assert!(
-        dp.conntrack_entry(&key(client, addr(VIP))).is_none(),
+        dp.conntrack_entry(&flow_key(client, addr(VIP))).is_none(),
         "forward entry left after backend RST"
     );
     assert!(
-        dp.conntrack_entry(&key(syn.dst, client)).is_none(),
+        dp.conntrack_entry(&flow_key(syn.dst, client)).is_none(),
         "reverse entry left after backend RST"
     );
     assert_eq!(counter(&dp, Counter::RstClosed), 2);
@@ -445,13 +434,13 @@ fn source_rules_decide_before_the_weight(m: IngressMode) {
             "never_canary client {client} at 100% reached {}",
             vip.dst
         );
-        let fwd = dp.conntrack_entry(&key(client, addr(VIP))).unwrap();
+        let fwd = dp.conntrack_entry(&flow_key(client, addr(VIP))).unwrap();
         assert_eq!(fwd.cohort, COHORT_STABLE);
     }
     let (_, other) = open(&mut dp, addr("10.201.8.1:40000"));
     assert_eq!(other.dst, addr(CANARY));
     let fwd = dp
-        .conntrack_entry(&key(addr("10.201.8.1:40000"), addr(VIP)))
+        .conntrack_entry(&flow_key(addr("10.201.8.1:40000"), addr(VIP)))
         .unwrap();
     assert_eq!(fwd.cohort, COHORT_CANARY);
 }
