@@ -41,7 +41,7 @@ enum Cmd {
     /// connections to canary, and the observed split printed live. Ctrl-C
     /// stops it and removes the lab.
     Demo(demo::Args),
-    /// Run the benchmarks (about 10 minutes) and write
+    /// Run the benchmarks (about 6 minutes on 2 cores) and write
     /// target/bench/results.{json,md}: per-packet cost through
     /// BPF_PROG_TEST_RUN next to empty programs; end to end in network
     /// namespaces against direct routing, iptables and HAProxy; the agent's
