@@ -290,6 +290,13 @@ impl IngressMode {
             IngressMode::Xdp => "xdp",
         }
     }
+
+    /// The mode named `name` in config, if any.
+    fn parse(name: &str) -> Option<IngressMode> {
+        [IngressMode::Tc, IngressMode::Xdp]
+            .into_iter()
+            .find(|m| m.as_str() == name)
+    }
 }
 
 /// One client-facing interface.
@@ -641,16 +648,15 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
     let mut interfaces = Vec::with_capacity(raw.interfaces.len());
     for iface in raw.interfaces {
         let mode = match iface.mode.as_deref() {
-            None | Some("tc") => IngressMode::Tc,
-            Some("xdp") => IngressMode::Xdp,
-            Some(other) => {
-                return Err(invalid(
+            None => IngressMode::default(),
+            Some(name) => IngressMode::parse(name).ok_or_else(|| {
+                invalid(
                     S,
                     "interfaces",
-                    format!("{}:{}", iface.name, quoted(other)),
+                    format!("{}:{}", iface.name, quoted(name)),
                     "mode must be \"tc\" (the default) or \"xdp\"",
-                ));
-            }
+                )
+            })?,
         };
         if !seen.insert(iface.name.clone()) {
             return Err(invalid(

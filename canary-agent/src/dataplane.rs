@@ -362,21 +362,17 @@ impl Dataplane {
     }
 
     fn detach_one(&mut self, program: Program, interface: &str, link: Link) {
+        let name = program.name();
+        let failed = |source| DataplaneError::Program {
+            name,
+            action: "detach",
+            source: Box::new(source),
+        };
         let result = match link {
-            Link::Xdp(id) => xdp(&mut self.ebpf, program.name()).and_then(|p| {
-                p.detach(id).map_err(|source| DataplaneError::Program {
-                    name: program.name(),
-                    action: "detach",
-                    source: Box::new(source),
-                })
-            }),
-            Link::Tc(id) => classifier(&mut self.ebpf, program.name()).and_then(|p| {
-                p.detach(id).map_err(|source| DataplaneError::Program {
-                    name: program.name(),
-                    action: "detach",
-                    source: Box::new(source),
-                })
-            }),
+            Link::Xdp(id) => xdp(&mut self.ebpf, name).and_then(|p| p.detach(id).map_err(failed)),
+            Link::Tc(id) => {
+                classifier(&mut self.ebpf, name).and_then(|p| p.detach(id).map_err(failed))
+            }
         };
         if let Err(e) = result {
             // Dropping the program at exit closes the link anyway.

@@ -99,6 +99,7 @@ pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
             conntrack::close(fwd, true, conntrack::now());
         }
         if pkt.has(TCP_RST) {
+            let now = conntrack::now();
             // A RST before the handshake completed refuses the connection.
             let refused = fwd.is_some_and(|f| f.read().state & ST_HANDSHAKE == 0);
             if let Some(c) = counters {
@@ -109,10 +110,10 @@ pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
                 }
             }
             if let Some(fwd) = fwd {
-                conntrack::close(fwd, !refused, conntrack::now());
+                conntrack::close(fwd, !refused, now);
             }
             if rev.cohort == COHORT_CANARY {
-                breaker::failure(rev.nat_addr, rev.nat_port, rev.svc_id, conntrack::now());
+                breaker::failure(rev.nat_addr, rev.nat_port, rev.svc_id, now);
             }
         }
         if pkt.has(TCP_RST) {

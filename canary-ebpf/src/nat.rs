@@ -11,7 +11,9 @@ use aya_ebpf::{
 };
 use canary_common::{counters::Counter, csum};
 
-use crate::packet::{Frame, IP_CSUM, IP_DADDR, IP_SADDR, TCP_CSUM, TCP_DPORT, TCP_SPORT, Tcp4};
+use crate::packet::{
+    Frame, IP_CSUM, IP_DADDR, IP_SADDR, TCP_CSUM, TCP_DPORT, TCP_SPORT, Tcp4, ptr_at,
+};
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy)]
@@ -74,14 +76,10 @@ impl Rewrite for TcContext {
     }
 }
 
-/// A pointer to a `T` at `offset`, if it lies inside the frame.
+/// A pointer to the header field at `offset`, or the rewrite fails.
 #[inline(always)]
 fn field<T, F: Frame>(ctx: &F, offset: usize) -> Result<*mut T, Counter> {
-    let start = ctx.data();
-    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
-        return Err(Counter::RewriteFailed);
-    }
-    Ok((start + offset) as *mut T)
+    ptr_at(ctx, offset).ok_or(Counter::RewriteFailed)
 }
 
 impl Rewrite for XdpContext {

@@ -130,16 +130,22 @@ impl Frame for XdpContext {
 /// the linear data.
 #[inline(always)]
 fn read<T: Copy, F: Frame>(ctx: &F, offset: usize) -> Option<T> {
+    let ptr = ptr_at::<T, F>(ctx, offset)?;
+    // SAFETY: `ptr_at` checked [ptr, ptr + size_of::<T>()) against data_end
+    // (the verifier checks it again); packet fields need not be aligned,
+    // hence read_unaligned.
+    Some(unsafe { core::ptr::read_unaligned(ptr) })
+}
+
+/// A pointer to a `T` at `offset` from the start of the packet, if it lies
+/// inside the linear data. Dereferencing it is up to the caller.
+#[inline(always)]
+pub fn ptr_at<T, F: Frame>(ctx: &F, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + size_of::<T>() > end {
+    if start + offset + size_of::<T>() > ctx.data_end() {
         return None;
     }
-    let ptr = (start + offset) as *const T;
-    // SAFETY: the range [ptr, ptr + size_of::<T>()) was checked against
-    // data_end above (the verifier checks it again); packet fields need not
-    // be aligned, hence read_unaligned.
-    Some(unsafe { core::ptr::read_unaligned(ptr) })
+    Some((start + offset) as *mut T)
 }
 
 /// Parses an IPv4/TCP packet.
