@@ -7,7 +7,7 @@ use canary_lab::{AgentProcess, Behavior, Lab};
 use canary_tests::{load::drive, metrics::try_http_get};
 use serde::Serialize;
 
-use crate::packet::median;
+use crate::sample::{median, rss_mib};
 
 /// Scrape figures.
 #[derive(Clone, Debug, Serialize)]
@@ -29,16 +29,10 @@ pub struct Scrape {
 /// Starts an agent with `services` services, drives a few connections to
 /// `with_traffic` of them, then times `scrapes` GET /metrics.
 pub fn scrape(services: usize, with_traffic: usize, scrapes: usize) -> anyhow::Result<Scrape> {
-    let lab = Lab::build(canary_lab::LabSpec {
-        backends: ["stable-1", "canary-1"]
-            .iter()
-            .map(|n| canary_lab::BackendSpec {
-                name: n.to_string(),
-                behavior: Behavior::Reply,
-            })
-            .collect(),
-        n_client_addrs: 8,
-    })?;
+    let lab = canary_tests::lab(
+        &[("stable-1", Behavior::Reply), ("canary-1", Behavior::Reply)],
+        8,
+    );
     let vip = |i: usize| format!("10.96.{}.{}:80", i / 200, i % 200 + 1);
     let mut config = format!("[agent]\ninterfaces = [\"{}\"]\n", Lab::ROUTER_CLIENT_IFACE);
     for i in 0..services {
@@ -71,12 +65,7 @@ pub fn scrape(services: usize, with_traffic: usize, scrapes: usize) -> anyhow::R
         ensure!(head.contains("200"), "GET /metrics: {head}");
         bytes = body.len();
     }
-    let rss_mib = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(f64::NAN, |kib| kib / 1024.0);
+    let rss_mib = rss_mib(agent.pid());
     agent.stop()?;
     let max_ms = times.iter().copied().fold(0.0, f64::max);
     Ok(Scrape {

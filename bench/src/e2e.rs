@@ -7,6 +7,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
     process::{Child, Stdio},
     sync::Arc,
     time::{Duration, Instant},
@@ -16,7 +17,7 @@ use anyhow::{Context, bail};
 use canary_lab::{AgentProcess, Behavior, Conn, Lab, request_once};
 use serde::Serialize;
 
-use crate::packet::median;
+use crate::sample::{cpu_seconds, median, percentile, rss_mib};
 
 /// The VIP clients connect to.
 const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
@@ -109,30 +110,33 @@ struct Sample {
 enum Steering {
     None,
     Agent(AgentProcess),
-    Haproxy(Child),
+    /// The proxy, and its config and log files.
+    Haproxy(Child, [PathBuf; 2]),
     Iptables,
 }
 
 impl Drop for Steering {
     fn drop(&mut self) {
-        if let Steering::Haproxy(child) = self {
+        if let Steering::Haproxy(child, files) = self {
             let _ = child.kill();
             let _ = child.wait();
+            for file in files {
+                let _ = std::fs::remove_file(file);
+            }
         }
     }
 }
 
-fn lab() -> anyhow::Result<Lab> {
-    Lab::build(canary_lab::LabSpec {
-        backends: ["stable-1", "stable-2", "canary-1"]
-            .iter()
-            .map(|n| canary_lab::BackendSpec {
-                name: n.to_string(),
-                behavior: Behavior::Reply,
-            })
-            .collect(),
-        n_client_addrs: 32,
-    })
+fn lab() -> Lab {
+    let reply = Behavior::Reply;
+    canary_tests::lab(
+        &[
+            ("stable-1", reply),
+            ("stable-2", reply),
+            ("canary-1", reply),
+        ],
+        32,
+    )
 }
 
 fn setup(lab: &Lab, c: Contender) -> anyhow::Result<(Steering, SocketAddrV4)> {
@@ -209,7 +213,7 @@ fn setup(lab: &Lab, c: Contender) -> anyhow::Result<(Steering, SocketAddrV4)> {
                 .stderr(std::fs::File::create(&log)?)
                 .spawn()
                 .context("starting haproxy (install it: cargo xtask bench does)")?;
-            let steering = Steering::Haproxy(child);
+            let steering = Steering::Haproxy(child, [cfg, log.clone()]);
             wait_listening(lab, VIP).with_context(|| {
                 format!(
                     "haproxy: {}",
@@ -240,32 +244,6 @@ fn wait_listening(lab: &Lab, target: SocketAddrV4) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// CPU time of every thread of `pid` so far, seconds, from schedstat
-/// (nanoseconds; /proc/PID/stat counts 10 ms ticks, too coarse for an
-/// agent that is mostly idle).
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return f64::NAN;
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-        .sum::<f64>()
-        / 1e9
-}
-
-/// VmRSS of `pid`, MiB.
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0)
 }
 
 /// One request per connection from `CLIENTS` threads for `secs`:
@@ -344,15 +322,8 @@ fn keepalive(lab: &Lab, target: SocketAddrV4, secs: f64) -> (Vec<f64>, u64, f64)
     (lat, errors, start.elapsed().as_secs_f64())
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 fn measure_once(c: Contender, secs: f64) -> anyhow::Result<Sample> {
-    let lab = lab()?;
+    let lab = lab();
     let (steering, target) = setup(&lab, c)?;
     // Warm-up: ARP, the servers' first threads, the agent's first scrape.
     wait_listening(&lab, target)?;

@@ -8,6 +8,7 @@ mod machine;
 mod packet;
 mod reaction;
 mod report;
+mod sample;
 
 use std::path::PathBuf;
 

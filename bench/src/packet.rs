@@ -14,13 +14,15 @@
 
 use std::{net::SocketAddrV4, path::Path, time::Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use canary_agent::{
     config::Config,
     dataplane::{Capacity, Dataplane, Program, be_addr, flow_key},
 };
 use canary_common::flow::{CT_REVERSE, CtEntry};
-use canary_tests::packet::{ACK, PSH, SYN, Tcp, parse};
+use canary_tests::packet::{ACK, PSH, SYN, TC_ACT_OK, TC_ACT_UNSPEC, Tcp, XDP_PASS, parse};
+
+use crate::sample::median;
 use serde::Serialize;
 
 /// Repeats per measurement in repeat mode.
@@ -187,12 +189,7 @@ impl Bench {
         let r = self
             .dp
             .test_run_repeat(program, frame, REPEAT, Some(&mut out))?;
-        if r.return_value as i32 != verdict {
-            bail!(
-                "{program:?}: verdict {} instead of {verdict}",
-                r.return_value
-            );
-        }
+        check_verdict(program, r.return_value, verdict)?;
         // REPEAT is even: a flipping packet ends where it started.
         out.truncate(r.data_size_out as usize);
         ensure!(
@@ -212,31 +209,20 @@ impl Bench {
         let mut times = Vec::new();
         for frame in frames {
             let r = self.dp.test_run_repeat(program, &frame, 1, None)?;
-            if r.return_value as i32 != verdict {
-                bail!(
-                    "{program:?}: verdict {} instead of {verdict}",
-                    r.return_value
-                );
-            }
+            check_verdict(program, r.return_value, verdict)?;
             times.push(r.duration.as_nanos() as f64);
         }
         Ok(median(&mut times))
     }
 }
 
-/// TC_ACT_OK, TC_ACT_UNSPEC, XDP_PASS.
-const TC_OK: i32 = 0;
-const TC_UNSPEC: i32 = -1;
-const XDP_PASS: i32 = 2;
-
-/// Median of `v` (sorted in place).
-pub fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
+/// Fails unless `program` returned `verdict`.
+fn check_verdict(program: Program, got: u32, verdict: i32) -> anyhow::Result<()> {
+    ensure!(
+        got as i32 == verdict,
+        "{program:?}: verdict {got} instead of {verdict}"
+    );
+    Ok(())
 }
 
 /// SYNs from distinct 5-tuples (10.203.0.0/16) to `vip`, `salt` keeping
@@ -287,12 +273,12 @@ pub fn measure(bench_services: u32, flows_list: &[u32]) -> anyhow::Result<Vec<Pa
         let mut samples: [Vec<f64>; 7] = Default::default();
         for _ in 0..ROUNDS {
             let cases: [(Program, &[u8], i32); 7] = [
-                (Program::BenchTcEmpty, &established, TC_UNSPEC),
+                (Program::BenchTcEmpty, &established, TC_ACT_UNSPEC),
                 (Program::BenchXdpEmpty, &established, XDP_PASS),
-                (Program::TcIngress, &established, TC_OK),
+                (Program::TcIngress, &established, TC_ACT_OK),
                 (Program::XdpIngress, &established, XDP_PASS),
-                (Program::TcEgress, &reply, TC_OK),
-                (Program::TcIngress, &foreign, TC_UNSPEC),
+                (Program::TcEgress, &reply, TC_ACT_OK),
+                (Program::TcIngress, &foreign, TC_ACT_UNSPEC),
                 (Program::XdpIngress, &foreign, XDP_PASS),
             ];
             for (i, (program, frame, verdict)) in cases.into_iter().enumerate() {
@@ -300,10 +286,11 @@ pub fn measure(bench_services: u32, flows_list: &[u32]) -> anyhow::Result<Vec<Pa
             }
         }
         let salt = series as u32 * 4;
-        let tc_empty_single = b.single(Program::BenchTcEmpty, new_syns(b.vip, salt), TC_UNSPEC)?;
+        let tc_empty_single =
+            b.single(Program::BenchTcEmpty, new_syns(b.vip, salt), TC_ACT_UNSPEC)?;
         let xdp_empty_single =
             b.single(Program::BenchXdpEmpty, new_syns(b.vip, salt + 1), XDP_PASS)?;
-        let tc_new_flow = b.single(Program::TcIngress, new_syns(b.vip, salt + 2), TC_OK)?;
+        let tc_new_flow = b.single(Program::TcIngress, new_syns(b.vip, salt + 2), TC_ACT_OK)?;
         let xdp_new_flow = b.single(Program::XdpIngress, new_syns(b.vip, salt + 3), XDP_PASS)?;
         let [
             tc_empty,
@@ -339,5 +326,5 @@ pub fn measure(bench_services: u32, flows_list: &[u32]) -> anyhow::Result<Vec<Pa
 /// something to run under `perf record` (see BENCHMARKS.md).
 pub fn profile_new_flows(count: u32) -> anyhow::Result<f64> {
     let mut b = Bench::new(1, 4_194_304)?;
-    b.single(Program::TcIngress, syns(b.vip, 0, count), TC_OK)
+    b.single(Program::TcIngress, syns(b.vip, 0, count), TC_ACT_OK)
 }

@@ -8,7 +8,7 @@ use canary_lab::{AgentProcess, Behavior, Lab};
 use canary_tests::scenarios::{breaker_cutoff, judge_detection};
 use serde::Serialize;
 
-use crate::packet::median;
+use crate::sample::median;
 
 const VIP: &str = "10.96.0.10:80";
 
