@@ -38,6 +38,22 @@ fn agent(lab: &Lab, agent_extra: &str, services: &str) -> AgentProcess {
     AgentProcess::start(lab.router(), &config, false).expect("agent starts")
 }
 
+/// The VIP of [`web`].
+const WEB_VIP: &str = "10.96.0.10:80";
+
+/// An agent steering one service, `web` at [`WEB_VIP`], to the lab's
+/// backend 0 (stable) and 1 (canary), with `service_extra` in its block.
+fn web(lab: &Lab, agent_extra: &str, service_extra: &str) -> AgentProcess {
+    let services = service(
+        "web",
+        WEB_VIP,
+        lab.backend_addr(0),
+        lab.backend_addr(1),
+        service_extra,
+    );
+    agent(lab, agent_extra, &services)
+}
+
 fn labels<'a>(service: &'a str, cohort: &'a str) -> [(&'a str, &'a str); 2] {
     [("service", service), ("cohort", cohort)]
 }
@@ -54,18 +70,8 @@ fn a_canary_slow_to_first_byte_shows_in_its_cohort_only() {
         ],
         16,
     );
-    let vip = "10.96.0.10:80";
-    let agent = agent(
-        &lab,
-        "",
-        &service(
-            "web",
-            vip,
-            lab.backend_addr(0),
-            lab.backend_addr(1),
-            "weight = \"50%\"",
-        ),
-    );
+    let vip = WEB_VIP;
+    let agent = web(&lab, "", "weight = \"50%\"");
     let out = drive(&lab, vip.parse().unwrap(), lab.client_addrs(), 400);
     out.assert_no_errors("50 ms canary");
     assert!(
@@ -239,18 +245,8 @@ fn bytes_are_counted_exactly_and_active_connections_return_to_zero() {
         &[("stable-1", Behavior::Reply), ("canary-1", Behavior::Reply)],
         8,
     );
-    let vip = "10.96.0.10:80";
-    let agent = agent(
-        &lab,
-        "",
-        &service(
-            "web",
-            vip,
-            lab.backend_addr(0),
-            lab.backend_addr(1),
-            "weight = \"50%\"",
-        ),
-    );
+    let vip = WEB_VIP;
+    let agent = web(&lab, "", "weight = \"50%\"");
     // 20 long-lived connections, 7 pings each, left open for a scrape.
     let sources = lab.client_addrs().to_vec();
     let (conns, replies) = lab
@@ -335,18 +331,8 @@ fn handshakes_that_never_complete_count_as_timeouts() {
         &[("stable-1", Behavior::Reply), ("canary-1", Behavior::Reply)],
         4,
     );
-    let vip = "10.96.0.10:80";
-    let agent = agent(
-        &lab,
-        "handshake_timeout = \"500ms\"",
-        &service(
-            "web",
-            vip,
-            lab.backend_addr(0),
-            lab.backend_addr(1),
-            "weight = \"100%\"",
-        ),
-    );
+    let vip = WEB_VIP;
+    let agent = web(&lab, "handshake_timeout = \"500ms\"", "weight = \"100%\"");
     // The canary's link goes down: SYNs are forwarded and never answered.
     lab.backend_ns(1)
         .ip(&["link", "set", "eth0", "down"])
@@ -404,18 +390,8 @@ fn the_exposition_passes_promtool_and_prometheus_answers_the_canary_rate() {
         &[("stable-1", Behavior::Reply), ("canary-1", Behavior::Reply)],
         8,
     );
-    let vip = "10.96.0.10:80";
-    let agent = agent(
-        &lab,
-        "",
-        &service(
-            "web",
-            vip,
-            lab.backend_addr(0),
-            lab.backend_addr(1),
-            "weight = \"100%\"",
-        ),
-    );
+    let vip = WEB_VIP;
+    let agent = web(&lab, "", "weight = \"100%\"");
     drive(&lab, vip.parse().unwrap(), lab.client_addrs(), 20).assert_no_errors("warm-up");
 
     // promtool lints the exposition as Prometheus will parse it.
