@@ -40,6 +40,9 @@ pub struct Options {
     pub config: PathBuf,
     /// Interfaces from the command line; replace `[agent] interfaces`.
     pub interfaces: Vec<String>,
+    /// Remove links and pins at exit, so the data plane ends with the agent
+    /// (labs and tests). Without it the data plane keeps running.
+    pub detach_on_exit: bool,
 }
 
 /// Why the agent stopped with an error.
@@ -48,9 +51,10 @@ pub enum AgentError {
     /// The config is invalid; nothing was attached.
     #[error("invalid config, nothing was attached")]
     Config(#[from] ConfigError),
-    /// Loading, filling or attaching the data plane failed; whatever was
-    /// attached has been detached.
-    #[error("data plane setup failed, nothing is left attached")]
+    /// Loading, adopting, filling or attaching the data plane failed. A
+    /// data plane this agent created is removed again; one it was adopting
+    /// keeps running as it was.
+    #[error("data plane setup failed")]
     Dataplane(#[from] DataplaneError),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers")]
@@ -103,6 +107,9 @@ struct Agent {
     events: Events,
     /// This node's name, in events.
     node: String,
+    /// Configured interfaces whose links died with them, and their modes:
+    /// re-attached when they come back.
+    lost_interfaces: BTreeMap<String, IngressMode>,
 }
 
 /// What the judge compares for one service: counts since the step began.
@@ -147,11 +154,19 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
 
     let store = StateStore::new(&config.agent.state_dir);
     let states = load_states(&store, &config)?;
-    let mut dp = Dataplane::load(config.agent.capacity())?;
-    for (name, state) in &states {
-        dp.set_canary_off(name, !state.canary_allowed())?;
+    let mut dp = Dataplane::open(config.agent.capacity(), &config.agent.bpffs_dir)?;
+    let adopted = match dp.adopt(&config.services) {
+        Ok(a) => a,
+        Err(e) => return Err(abandon(dp, e)),
+    };
+    if !dp.is_fresh() {
+        info!(
+            bpffs_dir = %config.agent.bpffs_dir.display(),
+            services = adopted.services,
+            conntrack_entries = adopted.flows,
+            "adopting the pinned data plane: established connections, counters and breaker windows carry over"
+        );
     }
-    let report = dp.apply(&effective(&config, &states))?;
     let webhook = config.agent.webhook.clone();
     let mut agent = Agent {
         opts,
@@ -163,13 +178,15 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         windows: BTreeMap::new(),
         events: Events::start(webhook),
         node: hostname(),
+        lost_interfaces: BTreeMap::new(),
     };
-    agent.publish_states();
-    agent.log_services(&report);
-    for iface in agent.config.agent.interfaces.clone() {
-        // On error, dropping `dp` detaches the interfaces already attached.
-        agent.dp.attach(&iface.name, iface.mode)?;
-        info!(interface = %iface.name, mode = iface.mode.as_str(), "attached");
+    // Trips the kernel recorded while no agent ran (or that the last one
+    // did not get to persist) become rollbacks like any other trip.
+    for (name, state) in adopted.tripped {
+        agent.record_trip(&name, state.failures, state.attempts, state.tripped_ns);
+    }
+    if let Err(e) = agent.setup() {
+        return Err(abandon(agent.dp, e));
     }
     let ring = agent
         .dp
@@ -230,6 +247,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
                 agent.judge_due();
             }
             _ = sweep.tick() => {
+                agent.watch_interfaces();
                 match agent.dp.sweep_pending(agent.config.agent.handshake_timeout) {
                     Ok(0) => {}
                     Ok(n) => info!(timed_out = n, "handshakes timed out"),
@@ -249,9 +267,31 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         .attached()
         .map(|(name, _)| name.to_string())
         .collect();
-    agent.dp.detach_all();
-    info!(interfaces = ?interfaces, "detached; canary-agent stopped");
+    if agent.opts.detach_on_exit {
+        let removed = agent.dp.uninstall()?;
+        info!(interfaces = ?interfaces, pins = removed, "detached and removed the pinned data plane (--detach-on-exit); canary-agent stopped");
+    } else {
+        info!(
+            interfaces = ?interfaces,
+            bpffs_dir = %agent.config.agent.bpffs_dir.display(),
+            "canary-agent stopped; the data plane keeps steering with the last weights (the next agent adopts it; `canary-agent uninstall` removes it)"
+        );
+    }
     Ok(())
+}
+
+/// Gives up a data plane whose setup failed: one this agent created is
+/// removed (nothing half-installed stays behind), one it adopted keeps
+/// running as the previous agent left it.
+fn abandon(mut dp: Dataplane, error: DataplaneError) -> AgentError {
+    if dp.is_fresh() {
+        if let Err(e) = dp.uninstall() {
+            warn!(error = %error_chain(&e), "cannot remove the half-installed data plane");
+        }
+    } else {
+        warn!("the data plane adopted from the previous agent keeps running as it was");
+    }
+    AgentError::Dataplane(error)
 }
 
 /// The services as the data plane should see them: configured values, with
@@ -374,15 +414,18 @@ impl Agent {
                 c.agent.metrics_buckets_per_octave,
                 c.agent.capacity(),
                 c.agent.state_dir.clone(),
+                c.agent.bpffs_dir.clone(),
             )
         };
         if restart_only(&self.config) != restart_only(&new) {
             warn!(
                 "control_socket, control_group, metrics_addr, metrics_buckets_per_octave, conntrack_capacity, \
-                 max_services, max_backends \
-                 and state_dir changes take effect at the next restart"
+                 max_services, max_backends, state_dir \
+                 and bpffs_dir changes take effect at the next restart"
             );
         }
+        self.lost_interfaces
+            .retain(|name, _| new.agent.interfaces.iter().any(|i| i.name == *name));
         self.config = new;
         self.states = new_states;
         self.publish_states();
@@ -740,43 +783,101 @@ impl Agent {
                 warn!(svc_id = ev.svc_id, "breaker event for an unknown service");
                 continue;
             };
-            if self.states.get(&name).is_some_and(|s| !s.canary_allowed()) {
+            self.record_trip(&name, ev.failures, ev.attempts, ev.at_ns);
+        }
+    }
+
+    /// Persists and announces a breaker trip of `name`, unless its canary
+    /// is already off.
+    fn record_trip(&mut self, name: &str, failures: u64, attempts: u64, at_ns: u64) {
+        if self.states.get(name).is_some_and(|s| !s.canary_allowed()) {
+            return;
+        }
+        let detail =
+            format!("{failures} canary failures of {attempts} attempts in one breaker window");
+        let state = ServiceState::rolled_back(RollbackReason::Breaker, detail.clone());
+        if let Err(e) = self.store.save(name, &state) {
+            // The cut-off stands in the kernel; only its persistence failed.
+            error!(service = %name, error = %error_chain(&e), "rollback not persisted: a restart would re-raise the canary");
+        }
+        if let Err(e) = self.dp.set_canary_off(name, true) {
+            error!(service = %name, error = %error_chain(&e), "cannot mark the service rolled back in the data plane");
+        }
+        self.publish_state(name, &state, Some(RollbackReason::Breaker.as_str()));
+        warn!(
+            event = "rollout-state",
+            service = %name,
+            to = "rolled-back",
+            reason = "breaker",
+            failures,
+            attempts,
+            tripped_at_ns = at_ns,
+            "canary rolled back by the data-plane breaker: no new connection goes to canary"
+        );
+        self.verdicts.insert(
+            name.to_string(),
+            format!("rolled back by the breaker: {detail}"),
+        );
+        let old = self.states.get(name).cloned().unwrap_or(ServiceState::IDLE);
+        self.announce(name, &old, &state, "0%", "the breaker", &detail);
+        self.states.insert(name.to_string(), state);
+    }
+
+    /// Programs the maps from the config and the rollout states, attaches
+    /// to every configured interface (taking over pinned links), removes
+    /// pinned links the config no longer names, and completes any map
+    /// migration.
+    fn setup(&mut self) -> Result<(), DataplaneError> {
+        for (name, state) in &self.states {
+            if !state.canary_allowed() {
+                self.dp.set_canary_off(name, true)?;
+            }
+        }
+        let report = self.dp.apply(&effective(&self.config, &self.states))?;
+        self.publish_states();
+        self.log_services(&report);
+        // Migrated maps: the hand-over window is kept to the attach calls.
+        self.dp.catch_up_migration()?;
+        for iface in self.config.agent.interfaces.clone() {
+            self.dp.attach(&iface.name, iface.mode)?;
+            info!(interface = %iface.name, mode = iface.mode.as_str(), "attached");
+        }
+        self.dp.finish_migration()?;
+        for (interface, hook) in self.dp.prune_links() {
+            info!(interface = %interface, hook = %hook, "detached a pinned link the config no longer names");
+        }
+        Ok(())
+    }
+
+    /// Re-attaches interfaces that were deleted and created again (a veth
+    /// recreated), and says when one disappears.
+    fn watch_interfaces(&mut self) {
+        for (name, mode, exists) in self.dp.dead_links() {
+            // Its links died with the old interface; drop them and their pins.
+            self.dp.detach(&name);
+            if !exists {
+                warn!(interface = %name, "interface disappeared; it is re-attached when it comes back");
+            }
+            self.lost_interfaces.insert(name, mode);
+        }
+        let lost: Vec<(String, IngressMode)> = self
+            .lost_interfaces
+            .iter()
+            .map(|(n, m)| (n.clone(), *m))
+            .collect();
+        for (name, mode) in lost {
+            if crate::sys::ifindex(&name) == 0 {
                 continue;
             }
-            let detail = format!(
-                "{} canary failures of {} attempts in one breaker window",
-                ev.failures, ev.attempts
-            );
-            let state = ServiceState::rolled_back(RollbackReason::Breaker, detail.clone());
-            if let Err(e) = self.store.save(&name, &state) {
-                // The cut-off stands in the kernel; only its persistence failed.
-                error!(service = %name, error = %error_chain(&e), "rollback not persisted: a restart would re-raise the canary");
+            match self.dp.attach(&name, mode) {
+                Ok(_) => {
+                    self.lost_interfaces.remove(&name);
+                    info!(interface = %name, mode = mode.as_str(), "interface is back; re-attached");
+                }
+                Err(e) => {
+                    error!(interface = %name, error = %error_chain(&e), "interface is back but cannot be re-attached; retrying every second")
+                }
             }
-            if let Err(e) = self.dp.set_canary_off(&name, true) {
-                error!(service = %name, error = %error_chain(&e), "cannot mark the service rolled back in the data plane");
-            }
-            self.publish_state(&name, &state, Some(RollbackReason::Breaker.as_str()));
-            warn!(
-                event = "rollout-state",
-                service = %name,
-                to = "rolled-back",
-                reason = "breaker",
-                failures = ev.failures,
-                attempts = ev.attempts,
-                tripped_at_ns = ev.at_ns,
-                "canary rolled back by the data-plane breaker: no new connection goes to canary"
-            );
-            self.verdicts.insert(
-                name.clone(),
-                format!("rolled back by the breaker: {detail}"),
-            );
-            let old = self
-                .states
-                .get(&name)
-                .cloned()
-                .unwrap_or(ServiceState::IDLE);
-            self.announce(&name, &old, &state, "0%", "the breaker", &detail);
-            self.states.insert(name, state);
         }
     }
 

@@ -30,6 +30,8 @@ pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Default directory of the agent's persisted state (rollbacks).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/canary";
+/// Default bpffs directory of the pinned maps and links.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/canary";
 /// Default breaker: this many canary failures in one window…
 pub const DEFAULT_BREAKER_MIN_FAILURES: u16 = 3;
 /// …that are at least this share of the window's canary attempts…
@@ -269,6 +271,9 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Where rollout state changes are POSTed as JSON, if anywhere.
     pub webhook: Option<crate::events::Webhook>,
+    /// The bpffs directory where maps and links are pinned, so the data
+    /// plane outlives the agent.
+    pub bpffs_dir: PathBuf,
 }
 
 /// Where client packets enter the data plane on an interface.
@@ -430,6 +435,7 @@ struct RawAgent {
     handshake_timeout: Option<String>,
     state_dir: Option<PathBuf>,
     webhook_url: Option<String>,
+    bpffs_dir: Option<PathBuf>,
 }
 
 /// An `interfaces` entry: `"eth0"` (TC) or `{ name = "eth0", mode = "xdp" }`.
@@ -769,6 +775,17 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
             }
         },
     };
+    let bpffs_dir = raw
+        .bpffs_dir
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_DIR));
+    if !bpffs_dir.is_absolute() {
+        return Err(invalid(
+            S,
+            "bpffs_dir",
+            quoted(&bpffs_dir.display().to_string()),
+            "must be an absolute path, e.g. \"/sys/fs/bpf/canary\"",
+        ));
+    }
     Ok(AgentConfig {
         interfaces,
         control_socket: raw
@@ -785,6 +802,7 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
             .state_dir
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
         webhook,
+        bpffs_dir,
     })
 }
 

@@ -11,4 +11,5 @@ pub mod http;
 pub mod judge;
 pub mod rollout;
 pub mod status;
+pub mod sys;
 pub mod telemetry;

@@ -1,6 +1,9 @@
 //! `canary-agent`: the per-node daemon.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use canary_agent::{
     agent::{self, Options},
@@ -13,13 +16,21 @@ use clap::Parser;
 /// on the client-facing interfaces), and keeps every established connection
 /// where it is.
 ///
+/// The data plane outlives the agent: maps and links are pinned under
+/// `[agent] bpffs_dir`, so a stop, crash or upgrade leaves steering,
+/// conntrack, counting and the breaker running with the last weights, and
+/// the next agent adopts them. `canary-agent uninstall` removes it all.
+///
 /// Signals: SIGHUP re-reads the config and applies it all or nothing (a bad
-/// config is rejected and the running one stays); SIGINT or SIGTERM detach
-/// from every interface and exit. Needs root (or CAP_BPF + CAP_NET_ADMIN)
-/// and Linux >= 6.6 (TCX).
+/// config is rejected and the running one stays); SIGINT or SIGTERM stop
+/// the agent (the data plane stays unless --detach-on-exit). Needs root (or
+/// CAP_BPF + CAP_NET_ADMIN) and Linux >= 6.6 (TCX).
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Sub>,
+
     /// Path of the TOML config (see the README's config reference).
     #[arg(
         long,
@@ -40,9 +51,29 @@ struct Cli {
     #[arg(long)]
     check: bool,
 
+    /// On SIGINT/SIGTERM, detach from every interface and remove the pinned
+    /// maps and links, so the data plane ends with the agent (for labs and
+    /// tests; in production leave it off so restarts break nothing).
+    #[arg(long)]
+    detach_on_exit: bool,
+
     /// Log filter (tracing env-filter syntax); RUST_LOG overrides it.
     #[arg(long, value_name = "FILTER", default_value = "info")]
     log: String,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Sub {
+    /// Remove the data plane: detach every pinned link (traffic to the VIPs
+    /// is no longer steered; established connections through them break)
+    /// and remove every pinned map. Stop the agent first. The directory is
+    /// `--bpffs-dir`, else `[agent] bpffs_dir` of --config, else
+    /// /sys/fs/bpf/canary.
+    Uninstall {
+        /// The bpffs directory to clean.
+        #[arg(long, value_name = "DIR")]
+        bpffs_dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -62,6 +93,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+
+    if let Some(Sub::Uninstall { bpffs_dir }) = &cli.command {
+        return uninstall(bpffs_dir.as_deref(), &cli.config, &cli.interfaces);
+    }
 
     if cli.check {
         return match canary_agent::config::Config::load(&cli.config, &cli.interfaces) {
@@ -93,12 +128,49 @@ fn main() -> ExitCode {
     let opts = Options {
         config: cli.config,
         interfaces: cli.interfaces,
+        detach_on_exit: cli.detach_on_exit,
     };
     match runtime.block_on(agent::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{}", error_chain(&e));
             eprintln!("canary-agent: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `canary-agent uninstall`: removes the pins under the chosen directory.
+fn uninstall(flag: Option<&Path>, config: &Path, interfaces: &[String]) -> ExitCode {
+    let dir = match flag {
+        Some(dir) => dir.to_path_buf(),
+        None if !config.exists() => PathBuf::from(canary_agent::config::DEFAULT_BPFFS_DIR),
+        None => match canary_agent::config::Config::load(config, interfaces) {
+            Ok(c) => c.agent.bpffs_dir,
+            Err(e) => {
+                eprintln!(
+                    "canary-agent: uninstall: cannot tell the bpffs directory from {}: {}; pass --bpffs-dir DIR",
+                    config.display(),
+                    error_chain(&e)
+                );
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    match canary_agent::dataplane::pins::Pins::uninstall(&dir) {
+        Ok(0) => {
+            println!("{}: nothing pinned there", dir.display());
+            ExitCode::SUCCESS
+        }
+        Ok(n) => {
+            println!(
+                "{}: removed {n} pins; the data plane is detached and its maps are freed",
+                dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("canary-agent: uninstall {}: {e}", dir.display());
             ExitCode::FAILURE
         }
     }

@@ -14,6 +14,7 @@ pub mod cohort;
 pub mod counters;
 pub mod csum;
 pub mod flow;
+pub mod layout;
 pub mod service;
 pub mod stats;
 
@@ -37,6 +38,8 @@ pub mod names {
     pub const BREAKER: &str = "BREAKER";
     /// Ring buffer of [`crate::breaker::BreakerEvent`]s.
     pub const EVENTS: &str = "EVENTS";
+    /// Layout version of every pinned map, see [`crate::layout`].
+    pub const LAYOUT: &str = "LAYOUT";
     /// TC program for packets arriving from clients.
     pub const PROG_TC_INGRESS: &str = "canary_tc_ingress";
     /// TC program for replies leaving towards clients.

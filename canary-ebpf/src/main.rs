@@ -47,6 +47,7 @@ mod programs {
     /// Client → VIP packets: steer new flows, DNAT every packet of a flow.
     #[classifier]
     pub fn canary_tc_ingress(ctx: TcContext) -> i32 {
+        upgrade_test_variant();
         stats::tc_verdict(ingress::handle(&ctx))
     }
 
@@ -54,13 +55,25 @@ mod programs {
     /// the kernel allocates an skb.
     #[xdp]
     pub fn canary_xdp_ingress(ctx: XdpContext) -> u32 {
+        upgrade_test_variant();
         stats::xdp_verdict(ingress::handle(&ctx))
     }
 
     /// Backend → client replies: restore VIP:port as the source.
     #[classifier]
     pub fn canary_tc_egress(ctx: TcContext) -> i32 {
+        upgrade_test_variant();
         stats::tc_verdict(egress::handle(&ctx))
+    }
+
+    /// In the `upgrade-test` build only: a clock read whose result is
+    /// dropped, so the programs' code (and tag) differs from the normal
+    /// build while they behave the same.
+    #[inline(always)]
+    fn upgrade_test_variant() {
+        #[cfg(feature = "upgrade-test")]
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        let _ = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
     }
 
     /// Baseline for `cargo xtask bench`: a TC program that does nothing.

@@ -3,12 +3,13 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use canary_common::{
     breaker::{BreakerState, EVENTS_BYTES},
     counters::Counter,
     flow::{CT_DEFAULT_CAPACITY, CtEntry, FlowKey, PENDING_CAPACITY, PendingSyn},
+    layout::LAYOUT_ENTRIES,
     service::{
         DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAX_RULES, RuleKey, ServiceKey, ServiceValue,
     },
@@ -66,3 +67,9 @@ pub static BREAKER: HashMap<u32, BreakerState> = HashMap::with_max_entries(DEFAU
 /// Breaker trips, read by the agent.
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Layout version of every map, indexed as `canary_common::layout::MAPS`.
+/// Written by the agent that creates the maps, checked by every agent that
+/// adopts them; never read by the programs.
+#[map(name = "LAYOUT")]
+pub static LAYOUT: Array<u32> = Array::with_max_entries(LAYOUT_ENTRIES, 0);

@@ -27,7 +27,9 @@ mod lab;
 mod netns;
 mod server;
 
-pub use agent::{AgentProcess, READY, RELOAD_REJECTED, RELOADED, agent_binary, canaryctl_binary};
+pub use agent::{
+    AgentProcess, READY, RELOAD_REJECTED, RELOADED, Stop, agent_binary, canaryctl_binary, lab_bpffs,
+};
 pub use client::{Conn, request_once};
 pub use lab::{BackendSpec, Lab, LabSpec, cleanup_stale};
 pub use netns::Netns;

@@ -472,28 +472,6 @@ fn a_rejected_reload_keeps_the_running_config() {
     stop_and_assert_detached(&lab, agent);
 }
 
-#[test]
-fn a_killed_agent_leaves_nothing_attached() {
-    // TCX links belong to the agent's file descriptors: the kernel removes
-    // them when the process dies, even without a chance to clean up.
-    let lab = lab(4);
-    let agent = start(&lab, "weight = \"5%\"");
-    assert_eq!(attached_to(lab.router(), IFACE).len(), 2);
-    agent.kill().expect("SIGKILL");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let left = attached_to(lab.router(), IFACE);
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "5 s after SIGKILL, still attached: {left:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Client packets at XDP, replies at TC egress.
 fn hooks(lab: &Lab) -> (bool, bool, bool) {
     let found = attached_to(lab.router(), IFACE);

@@ -6,19 +6,25 @@
 //! is replaced in one map update, and if any step fails every step before it
 //! is undone, so the data plane keeps the previous config whole.
 
+mod adopt;
+pub mod pins;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, VecDeque},
     net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuValues, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuValues, RingBuf, lpm_trie::Key},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
-        tc::SchedClassifierLinkId, xdp::XdpLinkId,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
     },
 };
 use canary_common::{
@@ -26,7 +32,7 @@ use canary_common::{
     breaker::BreakerState,
     counters::Counter,
     flow::{CtEntry, FlowKey, PendingSyn, ST_CLOSED},
-    names,
+    layout, names,
     service::{
         Backend, COHORT_CANARY, COHORT_STABLE, FLAG_CANARY_OFF, MAX_BACKENDS, MODE_PER_CONNECTION,
         MODE_STICKY, RULE_ALWAYS_CANARY, RULE_NEVER_CANARY, RULE_SET_BITS, RuleKey, ServiceKey,
@@ -34,15 +40,37 @@ use canary_common::{
     },
     stats::{BackendCounters, CohortHistograms, histogram_key},
 };
-use tracing::warn;
+use tracing::{info, warn};
 
+pub use self::adopt::Adopted;
+use self::pins::{MapAction, Pins};
 use crate::{
     config::{CohortMode, IngressMode, ServiceConfig},
+    sys,
     telemetry::{BackendView, ServiceView, Snapshot, StatsSource},
 };
 
 /// The compiled eBPF object, embedded at build time by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/canary"));
+
+/// Environment variable naming an object file the agent loads instead of
+/// [`EBPF_OBJECT`]: for trying a new data-plane build on a running data
+/// plane before shipping it (the upgrade test does).
+pub const OBJECT_ENV: &str = "CANARY_EBPF_OBJECT";
+
+/// The object the agent runs: the file `$CANARY_EBPF_OBJECT` if set, else
+/// the embedded one.
+fn agent_object() -> Result<std::borrow::Cow<'static, [u8]>, DataplaneError> {
+    let Some(path) = std::env::var_os(OBJECT_ENV) else {
+        return Ok(std::borrow::Cow::Borrowed(EBPF_OBJECT));
+    };
+    let bytes = std::fs::read(&path).map_err(|source| DataplaneError::ObjectFile {
+        path: PathBuf::from(&path),
+        source,
+    })?;
+    warn!(path = %Path::new(&path).display(), "loading the data plane from {OBJECT_ENV}, not the built-in object");
+    Ok(std::borrow::Cow::Owned(bytes))
+}
 
 /// A data-plane failure. Each variant names what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +109,51 @@ pub enum DataplaneError {
         "{wanted} backend stats slots needed, {available} available; raise [agent] max_backends (restart needed)"
     )]
     SlotsExhausted { wanted: usize, available: usize },
+    /// The bpffs directory could not be prepared.
+    #[error("bpffs directory {dir}: cannot {action} (set [agent] bpffs_dir)", dir = dir.display())]
+    Bpffs {
+        dir: PathBuf,
+        action: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The object file named by `CANARY_EBPF_OBJECT` could not be read.
+    #[error("cannot read the eBPF object {path} (from CANARY_EBPF_OBJECT)", path = path.display())]
+    ObjectFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The embedded object could not be parsed.
+    #[error("cannot parse the embedded eBPF object: {0}")]
+    Object(String),
+    /// A pinned map that this agent cannot use or migrate.
+    #[error(
+        "pinned map {map} in {dir} cannot be adopted: {reason}; `canary-agent uninstall --bpffs-dir {dir}` removes the old data plane (its connections through the VIPs break) so the agent can start fresh",
+        dir = dir.display()
+    )]
+    Incompatible {
+        map: &'static str,
+        dir: PathBuf,
+        reason: String,
+    },
+    /// A link could not be taken, converted or pinned.
+    #[error("program {name} on interface {interface}: cannot {action}")]
+    Link {
+        name: &'static str,
+        interface: String,
+        action: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A pinned link could not be adopted or created.
+    #[error("link pin {path}: cannot {action}", path = path.display())]
+    LinkPin {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     /// A map operation failed.
     #[error("map {map}: {action}")]
     Map {
@@ -109,6 +182,19 @@ impl Default for Capacity {
             services: canary_common::service::DEFAULT_MAX_SERVICES,
             backends: canary_common::service::DEFAULT_MAX_BACKENDS,
         }
+    }
+}
+
+impl Capacity {
+    /// max_entries of each resized map.
+    pub fn by_map(&self) -> BTreeMap<&'static str, u32> {
+        BTreeMap::from([
+            (names::CONNTRACK, self.conntrack),
+            (names::SERVICES, self.services),
+            (names::BREAKER, self.services),
+            (names::HISTOGRAMS, 2 * self.services),
+            (names::STATS, self.backends + 1),
+        ])
     }
 }
 
@@ -165,6 +251,17 @@ impl Program {
         }
     }
 
+    /// The file name of the program's link pin on an interface.
+    fn pin_name(self) -> &'static str {
+        match self {
+            Program::TcIngress => "tc_ingress",
+            Program::XdpIngress => "xdp",
+            Program::TcEgress => "tc_egress",
+            Program::BenchTcEmpty => "bench_tc",
+            Program::BenchXdpEmpty => "bench_xdp",
+        }
+    }
+
     fn hook(self) -> &'static str {
         match self {
             Program::TcIngress => "TC ingress",
@@ -175,18 +272,36 @@ impl Program {
     }
 }
 
-/// An attachment, detached by id (or by the kernel when the agent exits:
-/// TCX and XDP links both die with their file descriptor).
-enum Link {
-    Tc(SchedClassifierLinkId),
-    Xdp(XdpLinkId),
+/// An attachment. Pinned, it stays attached when the agent exits, until
+/// the pin is removed; unpinned, it ends when the link is dropped.
+struct OwnedLink {
+    link: FdLink,
+    pin: Option<PathBuf>,
+}
+
+impl OwnedLink {
+    /// Detaches: removes the pin, then drops the last descriptor.
+    fn detach(self) -> std::io::Result<()> {
+        if let Some(pin) = &self.pin {
+            match std::fs::remove_file(pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        drop(self.link);
+        Ok(())
+    }
 }
 
 /// What is attached to one interface.
 struct Attached {
     mode: IngressMode,
-    ingress: Link,
-    egress: Link,
+    /// The interface's index when attached: a different one now means the
+    /// interface was deleted (and maybe recreated), so the links are dead.
+    ifindex: u32,
+    ingress: OwnedLink,
+    egress: OwnedLink,
 }
 
 /// What is in `SERVICES`/`RULES` for one service name.
@@ -246,22 +361,100 @@ pub struct Dataplane {
     svc_ids: BTreeMap<String, u32>,
     next_svc_id: u32,
     next_rule_set: u32,
+    /// Where maps and links are pinned; `None` for a private data plane
+    /// (packet fixtures, benchmarks) that ends with this value.
+    pins: Option<Pins>,
+    /// Maps created to replace a pin of another capacity: their pins are
+    /// replaced once the new programs run (see [`Dataplane::finish_migration`]).
+    migrating: Vec<&'static str>,
+    /// Whether this agent created the pinned data plane (nothing was
+    /// pinned before): a failed start then removes it again.
+    fresh: bool,
 }
 
 impl Dataplane {
     /// Loads the object and every program (the verifier runs here) without
-    /// attaching anything, with the maps sized by `capacity`.
+    /// attaching anything, with fresh maps sized by `capacity` that live as
+    /// long as this value: for packet fixtures and benchmarks.
     pub fn load(capacity: Capacity) -> Result<Dataplane, DataplaneError> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::CONNTRACK, capacity.conntrack)
-            .map_max_entries(names::SERVICES, capacity.services)
-            .map_max_entries(names::BREAKER, capacity.services)
-            .map_max_entries(names::HISTOGRAMS, 2 * capacity.services)
-            .map_max_entries(names::STATS, capacity.backends + 1)
-            .load(EBPF_OBJECT)
+        Dataplane::load_with(capacity, None, EBPF_OBJECT)
+    }
+
+    /// Loads the object with its maps pinned under `bpffs_dir`, adopting
+    /// the maps a previous agent pinned there: compatible pins are reused
+    /// (conntrack, counters and breaker windows carry over), pins of
+    /// another capacity are migrated into new maps, and anything else is
+    /// refused. Call [`Dataplane::adopt`] before the first apply, and
+    /// [`Dataplane::finish_migration`] once attached.
+    pub fn open(capacity: Capacity, bpffs_dir: &Path) -> Result<Dataplane, DataplaneError> {
+        let object = agent_object()?;
+        let pins = Pins::prepare(bpffs_dir)?;
+        let plan = pins.plan(&object, &capacity.by_map())?;
+        let fresh = plan.values().all(|a| *a == MapAction::Create);
+        match Dataplane::load_with(capacity, Some((pins, plan)), &object) {
+            Err(e) if fresh => {
+                // Maps the loader created and pinned before it failed.
+                if let Err(undo) = Pins::uninstall(bpffs_dir) {
+                    warn!(error = %undo, "cannot remove the pins of the failed load");
+                }
+                Err(e)
+            }
+            result => result,
+        }
+    }
+
+    fn load_with(
+        capacity: Capacity,
+        pinned: Option<(Pins, BTreeMap<&'static str, MapAction>)>,
+        object: &[u8],
+    ) -> Result<Dataplane, DataplaneError> {
+        let mut loader = EbpfLoader::new();
+        for (name, entries) in capacity.by_map() {
+            loader.map_max_entries(name, entries);
+        }
+        let mut migrating = Vec::new();
+        if let Some((pins, plan)) = &pinned {
+            for (&name, &action) in plan {
+                match action {
+                    // The loader opens the pin if there is one, else creates
+                    // the map and pins it.
+                    MapAction::Create | MapAction::Reuse => {
+                        loader.map_pin_path(name, pins.map_path(name));
+                    }
+                    MapAction::Migrate => migrating.push(name),
+                }
+            }
+        }
+        let mut ebpf = loader
+            .load(object)
             .map_err(|e| DataplaneError::Load(Box::new(e)))?;
+        if let Some((pins, _)) = &pinned {
+            // Pinned beside the old map now, swapped in by
+            // finish_migration: a crash before that leaves the old pin.
+            for &name in &migrating {
+                let staged = pins.staged_map_path(name);
+                let map = ebpf
+                    .map(name)
+                    .ok_or(DataplaneError::Missing { kind: "map", name })?;
+                map.pin(&staged).map_err(|e| DataplaneError::Bpffs {
+                    dir: pins.root().to_path_buf(),
+                    action: format!("pin the new {name} at {}", staged.display()),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            }
+        }
         for program in Program::DATAPLANE {
             load_program(&mut ebpf, program)?;
+        }
+        let mut layout_map: Array<MapData, u32> = take_map(&mut ebpf, names::LAYOUT)?;
+        for (index, map) in (0u32..).zip(layout::MAPS) {
+            layout_map.set(index, map.version, 0).map_err(|source| {
+                map_error(
+                    names::LAYOUT,
+                    "record the layout versions".to_string(),
+                    source,
+                )
+            })?;
         }
         let stats = StatsSource {
             stats: take_map(&mut ebpf, names::STATS)?,
@@ -271,7 +464,7 @@ impl Dataplane {
             timeouts: StdHashMap::new(),
             rollout: StdHashMap::new(),
         };
-        Ok(Dataplane {
+        let mut dp = Dataplane {
             services: take_map(&mut ebpf, names::SERVICES)?,
             rules: take_map(&mut ebpf, names::RULES)?,
             conntrack: take_map(&mut ebpf, names::CONNTRACK)?,
@@ -291,12 +484,32 @@ impl Dataplane {
             svc_ids: BTreeMap::new(),
             next_svc_id: 1,
             next_rule_set: 1,
-        })
+            fresh: pinned
+                .as_ref()
+                .is_some_and(|(_, plan)| plan.values().all(|a| *a == MapAction::Create)),
+            pins: pinned.map(|(pins, _)| pins),
+            migrating,
+        };
+        dp.copy_migrating()?;
+        Ok(dp)
+    }
+
+    /// Whether this agent created the pinned data plane rather than
+    /// adopting one.
+    pub fn is_fresh(&self) -> bool {
+        self.fresh
+    }
+
+    /// The bpffs directory of a pinned data plane.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pins.as_ref().map(Pins::root)
     }
 
     /// Attaches to `interface`: client packets in `mode`, replies at TC
-    /// egress (TCX and XDP links: the kernel detaches them when this process
-    /// exits, even if killed). Either everything is attached or nothing.
+    /// egress. Either everything is attached or nothing. A pinned data plane
+    /// pins each link, and takes over a link a previous agent pinned on the
+    /// same interface by replacing its program atomically
+    /// (`bpf_link_update`): no packet goes unsteered during an upgrade.
     ///
     /// On an interface already attached in another mode, the new ingress
     /// program is attached before the old one is detached. While both run,
@@ -314,15 +527,16 @@ impl Dataplane {
                 let attached = self.links.get_mut(interface).expect("checked above");
                 let old_link = std::mem::replace(&mut attached.ingress, ingress);
                 attached.mode = mode;
-                self.detach_one(Program::ingress(old), interface, old_link);
+                detach_link(Program::ingress(old), interface, old_link);
             }
             return Ok(Some(old));
         }
+        let ifindex = sys::ifindex(interface);
         let ingress = self.attach_one(Program::ingress(mode), interface)?;
         let egress = match self.attach_one(Program::TcEgress, interface) {
             Ok(link) => link,
             Err(e) => {
-                self.detach_one(Program::ingress(mode), interface, ingress);
+                detach_link(Program::ingress(mode), interface, ingress);
                 return Err(e);
             }
         };
@@ -330,6 +544,7 @@ impl Dataplane {
             interface.to_string(),
             Attached {
                 mode,
+                ifindex,
                 ingress,
                 egress,
             },
@@ -337,54 +552,163 @@ impl Dataplane {
         Ok(None)
     }
 
-    fn attach_one(&mut self, program: Program, interface: &str) -> Result<Link, DataplaneError> {
-        let result = match program {
-            // Driver mode: generic (skb) XDP would be slower than TC, so a
-            // driver without native XDP is an error, not a silent fallback.
-            Program::XdpIngress | Program::BenchXdpEmpty => xdp(&mut self.ebpf, program.name())?
-                .attach(interface, XdpMode::Driver)
-                .map(Link::Xdp),
-            Program::TcIngress | Program::BenchTcEmpty => {
-                classifier(&mut self.ebpf, program.name())?
-                    .attach(interface, TcAttachType::Ingress)
-                    .map(Link::Tc)
-            }
-            Program::TcEgress => classifier(&mut self.ebpf, program.name())?
-                .attach(interface, TcAttachType::Egress)
-                .map(Link::Tc),
-        };
-        result.map_err(|source| DataplaneError::Attach {
+    fn attach_one(
+        &mut self,
+        program: Program,
+        interface: &str,
+    ) -> Result<OwnedLink, DataplaneError> {
+        let attach_failed = |source| DataplaneError::Attach {
             name: program.name(),
             hook: program.hook(),
             interface: interface.to_string(),
             source: Box::new(source),
+        };
+        let link_failed = |action, source| DataplaneError::Link {
+            name: program.name(),
+            interface: interface.to_string(),
+            action,
+            source,
+        };
+        let pin = self
+            .pins
+            .as_ref()
+            .map(|p| p.link_path(interface, program.pin_name()));
+        if let Some(path) = &pin
+            && let Some(link) = self.adopt_link(program, interface, path)?
+        {
+            return Ok(OwnedLink {
+                link,
+                pin: Some(path.clone()),
+            });
+        }
+        let link: FdLink = match program {
+            // Driver mode: generic (skb) XDP would be slower than TC, so a
+            // driver without native XDP is an error, not a silent fallback.
+            Program::XdpIngress | Program::BenchXdpEmpty => {
+                let prog = xdp(&mut self.ebpf, program.name())?;
+                let id = prog
+                    .attach(interface, XdpMode::Driver)
+                    .map_err(attach_failed)?;
+                let link = prog.take_link(id).map_err(attach_failed)?;
+                FdLink::try_from(link).map_err(|e| link_failed("take the new link", e.into()))?
+            }
+            Program::TcIngress | Program::TcEgress | Program::BenchTcEmpty => {
+                let direction = if program == Program::TcEgress {
+                    TcAttachType::Egress
+                } else {
+                    TcAttachType::Ingress
+                };
+                let prog = classifier(&mut self.ebpf, program.name())?;
+                let id = prog.attach(interface, direction).map_err(attach_failed)?;
+                let link = prog.take_link(id).map_err(attach_failed)?;
+                FdLink::try_from(link).map_err(|e| link_failed("take the new link", e.into()))?
+            }
+        };
+        let Some(path) = pin else {
+            return Ok(OwnedLink { link, pin: None });
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| DataplaneError::LinkPin {
+                path: path.clone(),
+                action: "create its directory",
+                source,
+            })?;
+        }
+        let pinned = link.pin(&path).map_err(|e| DataplaneError::LinkPin {
+            path: path.clone(),
+            action: "pin the link",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        Ok(OwnedLink {
+            link: FdLink::from(pinned),
+            pin: Some(path),
         })
     }
 
-    fn detach_one(&mut self, program: Program, interface: &str, link: Link) {
-        let name = program.name();
-        let failed = |source| DataplaneError::Program {
-            name,
-            action: "detach",
-            source: Box::new(source),
-        };
-        let result = match link {
-            Link::Xdp(id) => xdp(&mut self.ebpf, name).and_then(|p| p.detach(id).map_err(failed)),
-            Link::Tc(id) => {
-                classifier(&mut self.ebpf, name).and_then(|p| p.detach(id).map_err(failed))
+    /// Takes over the link pinned at `path` if it is still attached to
+    /// `interface` at the right hook: the program is replaced in place.
+    /// A pin of a link whose interface is gone (or was recreated) is
+    /// removed, and `None` says to attach anew.
+    fn adopt_link(
+        &mut self,
+        program: Program,
+        interface: &str,
+        path: &Path,
+    ) -> Result<Option<FdLink>, DataplaneError> {
+        let target = match sys::pinned_link_target(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(DataplaneError::LinkPin {
+                    path: path.to_path_buf(),
+                    action: "read the pinned link",
+                    source,
+                });
             }
         };
-        if let Err(e) = result {
-            // Dropping the program at exit closes the link anyway.
-            warn!(interface, hook = program.hook(), error = %error_chain(&e), "detach failed");
+        let (link_type, attach_type) = match program {
+            Program::XdpIngress | Program::BenchXdpEmpty => (sys::BPF_LINK_TYPE_XDP, 0),
+            Program::TcEgress => (sys::BPF_LINK_TYPE_TCX, sys::BPF_TCX_EGRESS),
+            Program::TcIngress | Program::BenchTcEmpty => {
+                (sys::BPF_LINK_TYPE_TCX, sys::BPF_TCX_INGRESS)
+            }
+        };
+        let live = target.ifindex != 0 && target.ifindex == sys::ifindex(interface);
+        if !live || target.link_type != link_type || target.attach_type != attach_type {
+            std::fs::remove_file(path).map_err(|source| DataplaneError::LinkPin {
+                path: path.to_path_buf(),
+                action: "remove the stale pin",
+                source,
+            })?;
+            info!(
+                interface,
+                hook = program.hook(),
+                "removed the pin of a link whose interface is gone"
+            );
+            return Ok(None);
         }
+        let update_failed =
+            |source: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Link {
+                name: program.name(),
+                interface: interface.to_string(),
+                action: "replace the program on the pinned link (bpf_link_update)",
+                source,
+            };
+        let pinned = PinnedLink::from_pin(path).map_err(|e| update_failed(e.into()))?;
+        let link = FdLink::from(pinned);
+        let link = match program {
+            Program::XdpIngress | Program::BenchXdpEmpty => {
+                let prog = xdp(&mut self.ebpf, program.name())?;
+                let link = XdpLink::try_from(link).map_err(|e| update_failed(e.into()))?;
+                let id = prog
+                    .attach_to_link(link)
+                    .map_err(|e| update_failed(e.into()))?;
+                let link = prog.take_link(id).map_err(|e| update_failed(e.into()))?;
+                FdLink::try_from(link).map_err(|e| update_failed(e.into()))?
+            }
+            Program::TcIngress | Program::TcEgress | Program::BenchTcEmpty => {
+                let prog = classifier(&mut self.ebpf, program.name())?;
+                let link =
+                    SchedClassifierLink::try_from(link).map_err(|e| update_failed(e.into()))?;
+                let id = prog
+                    .attach_to_link(link)
+                    .map_err(|e| update_failed(e.into()))?;
+                let link = prog.take_link(id).map_err(|e| update_failed(e.into()))?;
+                FdLink::try_from(link).map_err(|e| update_failed(e.into()))?
+            }
+        };
+        Ok(Some(link))
     }
 
     /// Detaches everything from `interface`, if attached.
     pub fn detach(&mut self, interface: &str) {
         if let Some(attached) = self.links.remove(interface) {
-            self.detach_one(Program::ingress(attached.mode), interface, attached.ingress);
-            self.detach_one(Program::TcEgress, interface, attached.egress);
+            detach_link(Program::ingress(attached.mode), interface, attached.ingress);
+            detach_link(Program::TcEgress, interface, attached.egress);
+            if let Some(pins) = &self.pins {
+                // Empty once both pins are gone; a leftover is harmless.
+                let _ = std::fs::remove_dir(pins.link_dir(interface));
+            }
         }
     }
 
@@ -394,6 +718,66 @@ impl Dataplane {
         for interface in interfaces {
             self.detach(&interface);
         }
+    }
+
+    /// Removes link pins this data plane does not hold: interfaces (or
+    /// modes) a previous agent attached that the config no longer names.
+    /// Returns (interface, hook) of each.
+    pub fn prune_links(&mut self) -> Vec<(String, String)> {
+        let Some(pins) = &self.pins else {
+            return Vec::new();
+        };
+        let held: BTreeSet<&Path> = self
+            .links
+            .values()
+            .flat_map(|a| [&a.ingress, &a.egress])
+            .filter_map(|l| l.pin.as_deref())
+            .collect();
+        let mut pruned = Vec::new();
+        for (interface, hook, path) in pins.pinned_links() {
+            if held.contains(path.as_path()) {
+                continue;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    if let Some(dir) = path.parent() {
+                        let _ = std::fs::remove_dir(dir);
+                    }
+                    pruned.push((interface, hook));
+                }
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "cannot remove a stale link pin")
+                }
+            }
+        }
+        pruned
+    }
+
+    /// Interfaces whose links died since they were attached: the interface
+    /// was deleted (its index is gone) or deleted and created again (a new
+    /// index). Returns (name, mode, whether it exists now).
+    pub fn dead_links(&self) -> Vec<(String, IngressMode, bool)> {
+        self.links
+            .iter()
+            .filter_map(|(name, a)| {
+                let now = sys::ifindex(name);
+                (now != a.ifindex).then(|| (name.clone(), a.mode, now != 0))
+            })
+            .collect()
+    }
+
+    /// Detaches from every interface and removes every pin: the data plane
+    /// ends when this agent exits (`--detach-on-exit`).
+    pub fn uninstall(&mut self) -> Result<usize, DataplaneError> {
+        self.detach_all();
+        let Some(pins) = self.pins.take() else {
+            return Ok(0);
+        };
+        Pins::uninstall(pins.root()).map_err(|source| DataplaneError::Bpffs {
+            dir: pins.root().to_path_buf(),
+            action: "remove the pins".to_string(),
+            source,
+        })
     }
 
     /// Interfaces the programs are attached to, and their modes.
@@ -905,9 +1289,11 @@ impl Dataplane {
     }
 }
 
-impl Drop for Dataplane {
-    fn drop(&mut self) {
-        self.detach_all();
+/// Detaches `link` (the `program` on `interface`), logging a failure: the
+/// caller goes on with the rest.
+fn detach_link(program: Program, interface: &str, link: OwnedLink) {
+    if let Err(e) = link.detach() {
+        warn!(interface, hook = program.hook(), error = %e, "detach failed: cannot remove the link pin");
     }
 }
 
@@ -1063,6 +1449,8 @@ fn lock(stats: &Mutex<StatsSource>) -> MutexGuard<'_, StatsSource> {
     stats.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Map update flag: only add a new element.
+const BPF_NOEXIST: u64 = 1;
 /// Map update flag: only replace an existing element.
 const BPF_EXIST: u64 = 2;
 
@@ -1108,15 +1496,16 @@ fn rule_list(svc: &ServiceConfig) -> Vec<(u8, u32, u32)> {
 }
 
 fn same_rules(installed: &[(Key<RuleKey>, u32)], wanted: &[(u8, u32, u32)]) -> bool {
-    installed.len() == wanted.len()
-        && installed
-            .iter()
-            .zip(wanted)
-            .all(|((key, action), (len, addr, want))| {
-                key.prefix_len() == RULE_SET_BITS + u32::from(*len)
-                    && key.data().addr == *addr
-                    && action == want
-            })
+    // Order-insensitive: rules read back from the kernel come in trie order.
+    let have: BTreeSet<(u32, u32, u32)> = installed
+        .iter()
+        .map(|(key, action)| (key.prefix_len(), key.data().addr, *action))
+        .collect();
+    let want: BTreeSet<(u32, u32, u32)> = wanted
+        .iter()
+        .map(|(len, addr, action)| (RULE_SET_BITS + u32::from(*len), *addr, *action))
+        .collect();
+    installed.len() == wanted.len() && have == want
 }
 
 fn rule_key(rule_set: u32, prefix_len: u8, addr: u32) -> Key<RuleKey> {

@@ -1,0 +1,252 @@
+//! Taking over a data plane a previous agent left pinned: its bookkeeping
+//! (service ids, stats slots, rule sets) is read back from the maps, which
+//! are the one source of truth, and maps whose capacity changed are copied
+//! into their replacements.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray, lpm_trie::Key};
+use canary_common::{
+    breaker::BreakerState,
+    flow::{CtEntry, FlowKey},
+    names,
+    service::{Backend, COHORT_CANARY, COHORT_STABLE, ServiceKey, ServiceValue},
+    stats::{BackendCounters, CohortHistograms},
+};
+use tracing::info;
+
+use super::{BPF_NOEXIST, Dataplane, DataplaneError, Installed, lock, map_error, pins};
+use crate::config::ServiceConfig;
+
+/// What an agent found when it took over a pinned data plane.
+#[derive(Debug, Default)]
+pub struct Adopted {
+    /// Services that were in `SERVICES`.
+    pub services: usize,
+    /// Conntrack entries carried over (two per flow).
+    pub flows: usize,
+    /// Configured services whose breaker tripped, with its window: the
+    /// kernel cut their canary off, possibly while no agent ran.
+    pub tripped: Vec<(String, BreakerState)>,
+}
+
+impl Dataplane {
+    /// Reads back what a previous agent programmed, so the next apply
+    /// changes only what differs: kernel entries are matched to `services`
+    /// by VIP, keep their service id, stats slots and rule set, and so their
+    /// counters, histograms and breaker windows. Entries no service claims
+    /// any more are removed by the next apply. Call once, before it.
+    pub fn adopt(&mut self, services: &[ServiceConfig]) -> Result<Adopted, DataplaneError> {
+        let by_key: std::collections::HashMap<ServiceKey, &str> = services
+            .iter()
+            .map(|s| (super::service_key(s.vip), s.name.as_str()))
+            .collect();
+        let entries: Vec<(ServiceKey, ServiceValue)> = self
+            .services
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| map_error(names::SERVICES, "read".to_string(), source))?;
+        let mut rules: BTreeMap<u32, Vec<(Key<canary_common::service::RuleKey>, u32)>> =
+            BTreeMap::new();
+        for entry in self.rules.iter() {
+            let (key, action) =
+                entry.map_err(|source| map_error(names::RULES, "read".to_string(), source))?;
+            rules
+                .entry(u32::from_be(key.data().rule_set_be))
+                .or_default()
+                .push((key, action));
+        }
+        let mut adopted = Adopted {
+            services: entries.len(),
+            flows: self.conntrack.keys().filter(Result::is_ok).count(),
+            tripped: Vec::new(),
+        };
+        let mut max_id = 0;
+        for (key, value) in entries {
+            // A service no config names keeps a name no config can use
+            // (names have no ':'), so the apply removes it.
+            let name = match by_key.get(&key) {
+                Some(name) => (*name).to_string(),
+                None => format!(
+                    "{}:{}",
+                    Ipv4Addr::from(key.vip.to_ne_bytes()),
+                    u16::from_be(key.port)
+                ),
+            };
+            for (cohort, list, n) in [
+                (COHORT_STABLE, &value.stable, value.n_stable),
+                (COHORT_CANARY, &value.canary, value.n_canary),
+            ] {
+                for b in list.iter().take(usize::from(n)) {
+                    self.slots
+                        .insert((name.clone(), cohort, backend_addr(b)), b.stats_slot);
+                }
+            }
+            if by_key.contains_key(&key)
+                && let Ok(state) = self.breaker.get(&value.svc_id, 0)
+                && state.tripped != 0
+            {
+                adopted.tripped.push((name.clone(), state));
+            }
+            max_id = max_id.max(value.svc_id);
+            self.next_rule_set = self.next_rule_set.max(value.rule_set.saturating_add(1));
+            self.svc_ids.insert(name.clone(), value.svc_id);
+            self.installed.insert(
+                name,
+                Installed {
+                    key,
+                    value,
+                    rules: rules.remove(&value.rule_set).unwrap_or_default(),
+                },
+            );
+        }
+        // Ids of removed services may still own a breaker window or
+        // histograms: never hand them out again.
+        for id in self.breaker.keys().flatten() {
+            max_id = max_id.max(id);
+        }
+        self.next_svc_id = self.next_svc_id.max(max_id + 1);
+        // Rule sets nobody points at (a crash mid-apply) are dropped.
+        for (_, orphans) in rules {
+            for (key, _) in orphans {
+                let _ = self.rules.remove(&key);
+            }
+        }
+        let used: BTreeSet<u32> = self.slots.values().copied().collect();
+        if let Some(max) = used.iter().max() {
+            self.next_slot = max + 1;
+        }
+        self.free_slots = (1..self.next_slot).filter(|s| !used.contains(s)).collect();
+        Ok(adopted)
+    }
+
+    /// Copies every migrating map's pinned entries into its replacement,
+    /// before any program uses the replacement.
+    pub(super) fn copy_migrating(&mut self) -> Result<(), DataplaneError> {
+        let Some(pins) = self.pins.clone() else {
+            return Ok(());
+        };
+        for &name in &self.migrating.clone() {
+            let path = pins.map_path(name);
+            let copied = match name {
+                names::CONNTRACK => {
+                    let old: HashMap<MapData, FlowKey, CtEntry> = pins::open_pinned(&path, name)?;
+                    copy_hash(&old, &mut self.conntrack, 0)
+                }
+                names::SERVICES => {
+                    let old: HashMap<MapData, ServiceKey, ServiceValue> =
+                        pins::open_pinned(&path, name)?;
+                    copy_hash(&old, &mut self.services, 0)
+                }
+                names::BREAKER => {
+                    let old: HashMap<MapData, u32, BreakerState> = pins::open_pinned(&path, name)?;
+                    copy_hash(&old, &mut self.breaker, 0)
+                }
+                names::HISTOGRAMS => {
+                    let old: HashMap<MapData, u32, CohortHistograms> =
+                        pins::open_pinned(&path, name)?;
+                    copy_hash(&old, &mut lock(&self.stats).histograms, 0)
+                }
+                names::STATS => {
+                    let old: PerCpuArray<MapData, BackendCounters> =
+                        pins::open_pinned(&path, name)?;
+                    let mut stats = lock(&self.stats);
+                    let n = old.len().min(stats.stats.len());
+                    (0..n)
+                        .map(|i| {
+                            let values = old.get(&i, 0)?;
+                            stats.stats.set(i, values, 0)
+                        })
+                        .collect::<Result<Vec<()>, MapError>>()
+                        .map(|v| v.len())
+                }
+                _ => Ok(0),
+            }
+            .map_err(|source| {
+                map_error(
+                    name,
+                    "copy the entries of the pinned map into one of the new capacity (if it shrank below what it holds, raise the knob back: [agent] conntrack_capacity, max_services or max_backends)"
+                        .to_string(),
+                    source,
+                )
+            })?;
+            info!(
+                map = name,
+                entries = copied,
+                "migrated the pinned map's entries into a map of the new capacity"
+            );
+        }
+        Ok(())
+    }
+
+    /// Copies the conntrack entries the old programs created since the
+    /// last copy, without overwriting what the new programs wrote. Called
+    /// right before the new programs take over the links and right after,
+    /// so a flow that starts during the hand-over is known to both.
+    pub fn catch_up_migration(&mut self) -> Result<usize, DataplaneError> {
+        let Some(pins) = &self.pins else {
+            return Ok(0);
+        };
+        if !self.migrating.contains(&names::CONNTRACK) {
+            return Ok(0);
+        }
+        let path = pins.map_path(names::CONNTRACK);
+        let old: HashMap<MapData, FlowKey, CtEntry> = pins::open_pinned(&path, names::CONNTRACK)?;
+        copy_hash(&old, &mut self.conntrack, BPF_NOEXIST)
+            .map_err(|source| map_error(names::CONNTRACK, "copy late entries".to_string(), source))
+    }
+
+    /// Once the new programs run on every link: a last catch-up copy, then
+    /// the new maps take the place of the old pins. The old maps are freed
+    /// with their last user.
+    pub fn finish_migration(&mut self) -> Result<(), DataplaneError> {
+        let late = self.catch_up_migration()?;
+        if late > 0 {
+            info!(
+                entries = late,
+                "conntrack entries created during the hand-over copied too"
+            );
+        }
+        let Some(pins) = self.pins.clone() else {
+            return Ok(());
+        };
+        for name in std::mem::take(&mut self.migrating) {
+            std::fs::rename(pins.staged_map_path(name), pins.map_path(name)).map_err(|source| {
+                DataplaneError::Bpffs {
+                    dir: pins.root().to_path_buf(),
+                    action: format!("replace the pin of {name}"),
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Copies every entry of `from` into `to` with update `flags`; an entry
+/// that exists already is skipped under `BPF_NOEXIST`. Returns how many
+/// were written.
+fn copy_hash<K: aya::Pod, V: aya::Pod>(
+    from: &HashMap<MapData, K, V>,
+    to: &mut HashMap<MapData, K, V>,
+    flags: u64,
+) -> Result<usize, MapError> {
+    let mut copied = 0;
+    for entry in from.iter() {
+        // An entry deleted while we walk is simply not copied.
+        let Ok((key, value)) = entry else { continue };
+        match to.insert(key, value, flags) {
+            Ok(()) => copied += 1,
+            Err(_) if flags == BPF_NOEXIST => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(copied)
+}
+
+fn backend_addr(b: &Backend) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(b.addr.to_ne_bytes()), u16::from_be(b.port))
+}

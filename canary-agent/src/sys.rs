@@ -1,0 +1,181 @@
+//! The few system calls the agent makes that aya does not wrap: bpffs
+//! detection and mounting, and reading a pinned link's attachment.
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{FromRawFd as _, OwnedFd, RawFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+/// `statfs.f_type` of a bpf file system.
+const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
+
+/// `bpf()` commands used here (uapi/linux/bpf.h).
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// `bpf_link_type` values (uapi/linux/bpf.h).
+pub const BPF_LINK_TYPE_XDP: u32 = 6;
+/// A TCX link (Linux 6.6+).
+pub const BPF_LINK_TYPE_TCX: u32 = 11;
+/// `bpf_attach_type` of TCX ingress.
+pub const BPF_TCX_INGRESS: u32 = 46;
+/// `bpf_attach_type` of TCX egress.
+pub const BPF_TCX_EGRESS: u32 = 47;
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// Whether `path` lies on a bpf file system.
+pub fn is_bpffs(path: &Path) -> io::Result<bool> {
+    let c = c_path(path)?;
+    // SAFETY: an all-zero statfs is a valid value to be overwritten.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `st` is writable for its size.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // f_type is a signed long; compare the magic's 32 bits whatever the
+    // sign extension.
+    #[expect(clippy::cast_sign_loss, reason = "bit pattern comparison")]
+    let magic = st.f_type as u64 & 0xffff_ffff;
+    Ok(magic == BPF_FS_MAGIC)
+}
+
+/// Mounts a fresh bpf file system at `target` (mode 0700).
+pub fn mount_bpffs(target: &Path) -> io::Result<()> {
+    let target = c_path(target)?;
+    let fstype = c"bpf";
+    let data = c"mode=0700";
+    // SAFETY: every pointer is a NUL-terminated string that outlives the
+    // call; mount touches no memory of ours.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `BPF_OBJ_GET`: a new descriptor for the object pinned at `path`.
+pub fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c = c_path(path)?;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        // Explicit: the kernel refuses an attr whose bytes after the last
+        // field it knows are not zero, and implicit padding is garbage.
+        _pad: u32,
+    }
+    let attr = ObjGet {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for BPF_OBJ_GET whose
+    // pathname points at a NUL-terminated string alive for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGet,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(fd).map_err(|_| io::Error::other("bpf() returned a bad fd"))?;
+    // SAFETY: the kernel just returned this descriptor to us; nothing else
+    // owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// What a link is attached to, from `BPF_OBJ_GET_INFO_BY_FD`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkTarget {
+    /// `BPF_LINK_TYPE_*`.
+    pub link_type: u32,
+    /// The interface; 0 once the interface is gone (the link is defunct).
+    pub ifindex: u32,
+    /// `BPF_TCX_INGRESS`/`BPF_TCX_EGRESS` for TCX links, 0 otherwise.
+    pub attach_type: u32,
+}
+
+/// The interface (and hook) the link pinned at `path` is attached to.
+pub fn pinned_link_target(path: &Path) -> io::Result<LinkTarget> {
+    use std::os::fd::AsRawFd as _;
+    let fd =
+        bpf_obj_get(path).map_err(|e| io::Error::new(e.kind(), format!("BPF_OBJ_GET: {e}")))?;
+    // struct bpf_link_info: type, id, prog_id, then a union aligned to 8
+    // whose tcx and xdp members start with the ifindex (tcx: then its
+    // attach type). The rest of the buffer takes whatever else the kernel
+    // writes.
+    let mut info = [0u32; 32];
+    #[repr(C)]
+    struct GetInfo {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = GetInfo {
+        bpf_fd: u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::other("negative fd"))?,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for BPF_OBJ_GET_INFO_BY_FD;
+    // `info` is writable for `info_len` bytes for the whole call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const GetInfo,
+            std::mem::size_of::<GetInfo>(),
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("BPF_OBJ_GET_INFO_BY_FD: {e}"),
+        ));
+    }
+    let link_type = info[0];
+    Ok(LinkTarget {
+        link_type,
+        ifindex: info[4],
+        attach_type: if link_type == BPF_LINK_TYPE_TCX {
+            info[5]
+        } else {
+            0
+        },
+    })
+}
+
+/// The index of interface `name` in this network namespace; 0 if it does
+/// not exist.
+pub fn ifindex(name: &str) -> u32 {
+    let Ok(c) = CString::new(name) else {
+        return 0;
+    };
+    // SAFETY: `c` is NUL-terminated; if_nametoindex only reads it.
+    unsafe { libc::if_nametoindex(c.as_ptr()) }
+}
