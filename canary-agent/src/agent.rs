@@ -3,10 +3,16 @@
 //! told to stop.
 //!
 //! SIGHUP (or `canaryctl reload`) re-reads the config file and applies it
-//! all or nothing; SIGINT and SIGTERM detach from every interface and exit.
+//! all or nothing; SIGINT and SIGTERM end the agent, leaving the pinned
+//! data plane running (unless `--detach-on-exit`).
 //! Everything that changes the data plane runs on this one task, in order.
 
-use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use aya::maps::{MapData, RingBuf};
 use canary_common::{
@@ -63,6 +69,10 @@ pub enum AgentError {
     /// (starting anyway could re-raise a rolled-back canary).
     #[error("cannot read the rollout state, nothing was attached")]
     State(#[from] StateError),
+    /// A persisted rollout state does not fit the config; nothing was
+    /// changed.
+    #[error("a rollout state does not fit the config, nothing was changed")]
+    StateConflict(#[from] StateConflict),
     /// The breaker's event ring buffer could not be watched.
     #[error("cannot watch the breaker's event ring buffer")]
     Events(#[source] std::io::Error),
@@ -87,6 +97,8 @@ enum ChangeError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    StateConflict(#[from] StateConflict),
     #[error("applying it failed and was rolled back")]
     Dataplane(#[from] DataplaneError),
 }
@@ -153,7 +165,12 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     let control_listener = control::bind(&control_path, &access)?;
 
     let store = StateStore::new(&config.agent.state_dir);
-    let states = load_states(&store, &config)?;
+    let (states, forced) = load_states(&store, &config).map_err(|e| match e {
+        ChangeError::State(e) => AgentError::State(e),
+        ChangeError::StateConflict(e) => AgentError::StateConflict(e),
+        ChangeError::Config(e) => AgentError::Config(e),
+        ChangeError::Dataplane(e) => AgentError::Dataplane(e),
+    })?;
     let mut dp = Dataplane::open(config.agent.capacity(), &config.agent.bpffs_dir)?;
     let adopted = match dp.adopt(&config.services) {
         Ok(a) => a,
@@ -188,6 +205,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     if let Err(e) = agent.setup() {
         return Err(abandon(agent.dp, e));
     }
+    agent.persist_forced(forced);
     let ring = agent
         .dp
         .take_events()
@@ -310,19 +328,97 @@ fn effective(config: &Config, states: &BTreeMap<String, ServiceState>) -> Vec<Se
         .collect()
 }
 
-/// The persisted state of every configured service.
+/// A saved rollout state the config no longer fits, in a way that cannot
+/// be resolved without a person.
+#[derive(Debug, thiserror::Error)]
+#[error("service {service:?}: its saved rollout state ({state}) does not fit the config: {detail}")]
+pub struct StateConflict {
+    service: String,
+    state: &'static str,
+    detail: String,
+}
+
+/// What becomes of a saved state under a (new) config.
+#[derive(Debug, PartialEq)]
+enum Fit {
+    /// It still applies.
+    Keep,
+    /// The rollout it belongs to is over: the service goes back to idle,
+    /// for the reason given.
+    End(&'static str),
+    /// Neither: refused with this explanation.
+    Refuse(String),
+}
+
+/// Whether `state` still fits `svc`. A state that would send new
+/// connections to canary backends the config no longer has ends the
+/// rollout, rather than dropping them as `no_backend`; a plan step the new
+/// plan does not have is refused.
+fn fit(svc: &ServiceConfig, state: &ServiceState) -> Fit {
+    match state {
+        ServiceState::Progressing { step, .. }
+        | ServiceState::Paused { step, .. }
+        | ServiceState::AwaitingApproval { step } => match &svc.rollout {
+            None => Fit::End("the config has no rollout plan for it any more"),
+            Some(plan) if *step as usize >= plan.steps.len() => Fit::Refuse(format!(
+                "it is at step {} of its plan and the config's plan has {} steps; \
+                 `canaryctl rollback` or `canaryctl promote` it first, or delete its state file \
+                 to start the plan over",
+                step + 1,
+                plan.steps.len()
+            )),
+            Some(_) => Fit::Keep,
+        },
+        _ if svc.canary.is_empty() && state.effective_weight(svc).ppm() > 0 => {
+            Fit::End("the config has no canary backends for it any more")
+        }
+        _ => Fit::Keep,
+    }
+}
+
+/// A change of state that the config forced, persisted once it is in force.
+struct Forced {
+    service: String,
+    from: ServiceState,
+    to: ServiceState,
+    why: &'static str,
+}
+
+/// The rollout state of every configured service under `config`: its
+/// saved state, a plan's first step where a plan has none yet, or idle
+/// where the config ended its rollout. Nothing is written: the changes
+/// come back as [`Forced`], for [`Agent::persist_forced`] once applied.
 fn load_states(
     store: &StateStore,
     config: &Config,
-) -> Result<BTreeMap<String, ServiceState>, StateError> {
+) -> Result<(BTreeMap<String, ServiceState>, Vec<Forced>), ChangeError> {
     let mut states = BTreeMap::new();
+    let mut forced = Vec::new();
     for svc in &config.services {
-        let mut state = store.load(&svc.name)?;
+        let saved = store.load(&svc.name)?;
+        let (mut state, mut why) = match fit(svc, &saved) {
+            Fit::Keep => (saved.clone(), None),
+            Fit::End(why) => (ServiceState::IDLE, Some(why)),
+            Fit::Refuse(detail) => {
+                return Err(ChangeError::StateConflict(StateConflict {
+                    service: svc.name.clone(),
+                    state: saved.name(),
+                    detail,
+                }));
+            }
+        };
         if svc.rollout.is_some() && state == ServiceState::IDLE {
             // A plan with no state yet starts at its first step.
             state = ServiceState::progressing(0);
-            store.save(&svc.name, &state)?;
-            info!(event = "rollout-state", service = %svc.name, from = "idle", to = "progressing", step = 1, "rollout plan started");
+            why = Some("rollout plan started");
+        }
+        if let Some(why) = why {
+            forced.push(Forced {
+                service: svc.name.clone(),
+                from: saved,
+                to: state.clone(),
+                why,
+            });
         }
         if let ServiceState::RolledBack { reason, detail, .. } = &state {
             warn!(service = %svc.name, reason = reason.as_str(), detail = %detail,
@@ -330,7 +426,16 @@ fn load_states(
         }
         states.insert(svc.name.clone(), state);
     }
-    Ok(states)
+    Ok((states, forced))
+}
+
+/// The services whose canary the rollout states cut off.
+fn canary_off(states: &BTreeMap<String, ServiceState>) -> BTreeSet<String> {
+    states
+        .iter()
+        .filter(|(_, s)| !s.canary_allowed())
+        .map(|(n, _)| n.clone())
+        .collect()
 }
 
 impl Agent {
@@ -340,7 +445,7 @@ impl Agent {
     /// service to its configured weight.
     fn reload(&mut self) -> Result<(), ChangeError> {
         let new = Config::load(&self.opts.config, &self.opts.interfaces)?;
-        let new_states = load_states(&self.store, &new)?;
+        let (new_states, forced) = load_states(&self.store, &new)?;
         let old = &self.config;
         // New interfaces, and interfaces whose mode changed.
         let added: Vec<InterfaceConfig> = new
@@ -357,22 +462,15 @@ impl Agent {
                 let before = self.dp.attach(&iface.name, iface.mode)?;
                 attached.push((iface.clone(), before));
             }
-            for (name, state) in &new_states {
-                let was = self
-                    .states
-                    .get(name)
-                    .map(ServiceState::canary_allowed)
-                    .unwrap_or(true);
-                if was != state.canary_allowed() {
-                    self.dp.set_canary_off(name, !state.canary_allowed())?;
-                    info!(event = "rollout-state", service = %name, state = state.name(), "rollout state changed by its state file");
-                }
-            }
-            self.dp.apply(&effective(&new, &new_states))
+            // The canary-off flags go in with the services, all or nothing.
+            self.dp
+                .apply_with_off(&effective(&new, &new_states), canary_off(&new_states))
         })();
         let report = match result {
             Ok(report) => report,
             Err(e) => {
+                // The maps were restored by the apply's own undo; now the
+                // attachments.
                 for (iface, before) in attached.into_iter().rev() {
                     match before {
                         None => self.dp.detach(&iface.name),
@@ -426,8 +524,21 @@ impl Agent {
         }
         self.lost_interfaces
             .retain(|name, _| new.agent.interfaces.iter().any(|i| i.name == *name));
+        // Applied: a canary a removed state file lets back in starts with a
+        // fresh breaker window (the file's deletion is a `resume`), and
+        // what the config forced is persisted.
+        for (name, state) in &new_states {
+            let was_off = self.states.get(name).is_some_and(|s| !s.canary_allowed());
+            if was_off != !state.canary_allowed() {
+                info!(event = "rollout-state", service = %name, state = state.name(), "rollout state changed by its state file");
+                if was_off && let Err(e) = self.dp.reset_breaker(name) {
+                    warn!(service = %name, error = %error_chain(&e), "cannot reset the breaker");
+                }
+            }
+        }
         self.config = new;
         self.states = new_states;
+        self.persist_forced(forced);
         self.publish_states();
         self.log_services(&report);
         info!(added = ?report.added, changed = ?report.changed, removed = ?report.removed, "config reloaded");
@@ -828,12 +939,10 @@ impl Agent {
     /// pinned links the config no longer names, and completes any map
     /// migration.
     fn setup(&mut self) -> Result<(), DataplaneError> {
-        for (name, state) in &self.states {
-            if !state.canary_allowed() {
-                self.dp.set_canary_off(name, true)?;
-            }
-        }
-        let report = self.dp.apply(&effective(&self.config, &self.states))?;
+        let report = self.dp.apply_with_off(
+            &effective(&self.config, &self.states),
+            canary_off(&self.states),
+        )?;
         self.publish_states();
         self.log_services(&report);
         // Migrated maps: the hand-over window is kept to the attach calls.
@@ -847,6 +956,27 @@ impl Agent {
             info!(interface = %interface, hook = %hook, "detached a pinned link the config no longer names");
         }
         Ok(())
+    }
+
+    /// Persists and announces the state changes the config forced, now
+    /// that they are in force.
+    fn persist_forced(&mut self, forced: Vec<Forced>) {
+        for f in forced {
+            if let Err(e) = self.store.save(&f.service, &f.to) {
+                error!(service = %f.service, error = %error_chain(&e), "cannot persist the rollout state");
+            }
+            info!(event = "rollout-state", service = %f.service, from = f.from.name(), to = f.to.name(), why = f.why, "rollout state changed by the config");
+            if f.from != f.to {
+                let weight = self
+                    .config
+                    .services
+                    .iter()
+                    .find(|s| s.name == f.service)
+                    .map(|s| f.to.effective_weight(s).to_string())
+                    .unwrap_or_default();
+                self.announce(&f.service, &f.from, &f.to, &weight, "the config", f.why);
+            }
+        }
     }
 
     /// Re-attaches interfaces that were deleted and created again (a veth

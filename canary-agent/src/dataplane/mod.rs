@@ -187,14 +187,26 @@ impl Default for Capacity {
 
 impl Capacity {
     /// max_entries of each resized map.
+    ///
+    /// The service and backend maps hold twice the configured maximum: an
+    /// apply writes the new entries beside the old ones before it removes
+    /// what is gone, so a reload that replaces every service (new VIPs,
+    /// new names) or every backend at the limit still fits. The service
+    /// maps allocate entries only when used; `STATS`, a per-CPU array, is
+    /// allocated whole.
     pub fn by_map(&self) -> BTreeMap<&'static str, u32> {
         BTreeMap::from([
             (names::CONNTRACK, self.conntrack),
-            (names::SERVICES, self.services),
-            (names::BREAKER, self.services),
-            (names::HISTOGRAMS, 2 * self.services),
-            (names::STATS, self.backends + 1),
+            (names::SERVICES, 2 * self.services),
+            (names::BREAKER, 2 * self.services),
+            (names::HISTOGRAMS, 4 * self.services),
+            (names::STATS, self.stats_slots() + 1),
         ])
+    }
+
+    /// Stats slots (slot 0 is reserved for flows no slot claims).
+    fn stats_slots(&self) -> u32 {
+        2 * self.backends
     }
 }
 
@@ -476,7 +488,7 @@ impl Dataplane {
             slots: BTreeMap::new(),
             free_slots: VecDeque::new(),
             next_slot: 1,
-            slot_limit: capacity.backends + 1,
+            slot_limit: capacity.stats_slots() + 1,
             ncpus: aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?,
             ebpf,
             links: BTreeMap::new(),
@@ -790,6 +802,17 @@ impl Dataplane {
     /// Established flows are untouched (conntrack is not written here); only
     /// new flows see the new weights, rules and backends.
     pub fn apply(&mut self, services: &[ServiceConfig]) -> Result<ApplyReport, DataplaneError> {
+        self.apply_with_off(services, self.canary_off.clone())
+    }
+
+    /// [`Dataplane::apply`] with the services whose canary is cut off
+    /// (rolled back) replaced by `off`, in the same all-or-nothing step: a
+    /// failed apply leaves the flags as they were too.
+    pub fn apply_with_off(
+        &mut self,
+        services: &[ServiceConfig],
+        off: BTreeSet<String>,
+    ) -> Result<ApplyReport, DataplaneError> {
         let mut report = ApplyReport::default();
         let slots = self.assign_slots(services)?;
         let mut wanted: BTreeMap<String, Installed> = BTreeMap::new();
@@ -828,7 +851,7 @@ impl Dataplane {
                     svc,
                     svc_id,
                     rule_set,
-                    self.canary_off.contains(&svc.name),
+                    off.contains(&svc.name),
                     |cohort, addr| {
                         slots
                             .get(&(svc.name.clone(), cohort, addr))
@@ -873,6 +896,7 @@ impl Dataplane {
             }
         }
         self.installed = wanted;
+        self.canary_off = off;
         self.svc_ids.extend(new_ids);
         self.next_svc_id = next_svc_id;
         self.next_rule_set = next_rule_set;
@@ -1151,6 +1175,22 @@ impl Dataplane {
             })?;
         installed.value = value;
         Ok(())
+    }
+
+    /// Starts `service`'s breaker afresh: no window, not tripped.
+    pub fn reset_breaker(&mut self, service: &str) -> Result<(), DataplaneError> {
+        let Some(installed) = self.installed.get(service) else {
+            return Ok(());
+        };
+        self.breaker
+            .insert(installed.value.svc_id, BreakerState::default(), 0)
+            .map_err(|source| {
+                map_error(
+                    names::BREAKER,
+                    format!("reset the breaker of service {service}"),
+                    source,
+                )
+            })
     }
 
     /// The breaker-trip ring buffer, once (the agent's event loop owns it).
