@@ -529,7 +529,8 @@ impl Agent {
         // what the config forced is persisted.
         for (name, state) in &new_states {
             let was_off = self.states.get(name).is_some_and(|s| !s.canary_allowed());
-            if was_off != !state.canary_allowed() {
+            let is_off = !state.canary_allowed();
+            if was_off != is_off {
                 info!(event = "rollout-state", service = %name, state = state.name(), "rollout state changed by its state file");
                 if was_off && let Err(e) = self.dp.reset_breaker(name) {
                     warn!(service = %name, error = %error_chain(&e), "cannot reset the breaker");
