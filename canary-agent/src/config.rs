@@ -617,6 +617,24 @@ impl Config {
         Config::parse(&text, path, interfaces)
     }
 
+    /// [`Config::load`] on a blocking thread, for the agent's runtime:
+    /// validation resolves `control_group` through NSS, which may block on
+    /// the network (LDAP, sssd), and reads files.
+    pub async fn load_off_thread(
+        path: &Path,
+        interfaces: &[String],
+    ) -> Result<Config, ConfigError> {
+        let (owned, interfaces) = (path.to_owned(), interfaces.to_vec());
+        tokio::task::spawn_blocking(move || Config::load(&owned, &interfaces))
+            .await
+            .unwrap_or_else(|e| {
+                Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source: std::io::Error::other(e),
+                })
+            })
+    }
+
     /// Parses and validates config text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path, interfaces: &[String]) -> Result<Config, ConfigError> {
         let mut raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
