@@ -519,7 +519,19 @@ async fn connection(
     else {
         return Ok(());
     };
+    let mut reader = BufReader::new(read);
     if !allowed {
+        // The request is read first (and ignored): answering before the
+        // client has finished writing would close the socket under it, and
+        // it would see a broken pipe instead of the reason.
+        let mut line = Vec::new();
+        if slot
+            .idle(tokio::time::timeout(IDLE, read_line(&mut reader, &mut line)))
+            .await
+            .is_none()
+        {
+            return Ok(());
+        }
         let who = match &access.group {
             Some((name, _)) => format!("root, the agent's user or members of group {name:?}"),
             None => {
@@ -532,7 +544,6 @@ async fn connection(
         );
         return send(&mut write, &resp).await;
     }
-    let mut reader = BufReader::new(read);
     loop {
         let mut line = Vec::new();
         let Some(read) = slot
