@@ -404,9 +404,9 @@ impl Agent {
     async fn execute(&mut self, cmd: Command) -> Response {
         match cmd {
             Command::Status { service } => self.status(service.as_deref()),
-            Command::Reload => match self.reload(
-                Config::load_off_thread(&self.opts.config, &self.opts.interfaces).await,
-            ) {
+            Command::Reload => match self
+                .reload(Config::load_off_thread(&self.opts.config, &self.opts.interfaces).await)
+            {
                 Ok(()) => Response::ok(serde_json::json!({ "reloaded": true })),
                 Err(e) => Response::error(
                     code::CONFLICT,

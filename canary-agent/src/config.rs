@@ -779,7 +779,12 @@ fn length_in(
     what: &str,
 ) -> Result<(), ConfigError> {
     if text.is_empty() {
-        return Err(invalid(section, key, quoted(text), format!("{what} is empty")));
+        return Err(invalid(
+            section,
+            key,
+            quoted(text),
+            format!("{what} is empty"),
+        ));
     }
     if text.len() > max {
         return Err(invalid(
@@ -987,7 +992,12 @@ fn validate_control_socket(path: &Path) -> Result<(), ConfigError> {
     let text = path.to_string_lossy();
     length_in(S, "control_socket", &text, MAX_SOCKET_PATH, "the path")?;
     if text.contains('\0') {
-        return Err(invalid(S, "control_socket", quoted(&text), "contains a NUL byte"));
+        return Err(invalid(
+            S,
+            "control_socket",
+            quoted(&text),
+            "contains a NUL byte",
+        ));
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) => {
@@ -1016,14 +1026,22 @@ fn validate_state_dir(path: &Path) -> Result<(), ConfigError> {
     let text = path.to_string_lossy();
     length_in(S, "state_dir", &text, MAX_STATE_DIR, "the path")?;
     if text.contains('\0') {
-        return Err(invalid(S, "state_dir", quoted(&text), "contains a NUL byte"));
+        return Err(invalid(
+            S,
+            "state_dir",
+            quoted(&text),
+            "contains a NUL byte",
+        ));
     }
     match std::fs::metadata(path) {
         Ok(meta) if !meta.is_dir() => Err(invalid(
             S,
             "state_dir",
             quoted(&text),
-            format!("{} already exists there; state_dir must be a directory", file_kind(&meta)),
+            format!(
+                "{} already exists there; state_dir must be a directory",
+                file_kind(&meta)
+            ),
         )),
         _ => Ok(()),
     }
@@ -1393,8 +1411,7 @@ fn validate_rollout(section: &str, raw: RawRollout) -> Result<RolloutConfig, Con
             }
         }
         if let Some(n) = j.min_samples {
-            judge.min_samples =
-                int_in(section, "rollout.judge.min_samples", n, 1, MAX_COUNT, "")?;
+            judge.min_samples = int_in(section, "rollout.judge.min_samples", n, 1, MAX_COUNT, "")?;
         }
         if let Some(a) = j.alpha {
             // Also false for NaN.
@@ -2199,7 +2216,10 @@ never_canary = []
                 "service \"web\": rollout.interval = \"1e20s\": must be a duration between 100ms and 10m",
             ),
             (
-                with("", "", "").replace("{ weight = \"2%\" }", "{ weight = \"2%\", hold = \"1e20s\" }"),
+                with("", "", "").replace(
+                    "{ weight = \"2%\" }",
+                    "{ weight = \"2%\", hold = \"1e20s\" }",
+                ),
                 "service \"web\": rollout.steps[2].hold = \"1e20s\": must be a duration between 0s and 30d",
             ),
             (
@@ -2262,7 +2282,9 @@ never_canary = []
         assert!(
             msg.contains("service #1: name = \"aaaa")
                 && msg.contains("aaa\"…:")
-                && msg.contains("300 characters long; at most 64 (it names the service's state file)"),
+                && msg.contains(
+                    "300 characters long; at most 64 (it names the service's state file)"
+                ),
             "{msg}"
         );
         let name64 = "a".repeat(MAX_SERVICE_NAME);
@@ -2298,10 +2320,8 @@ never_canary = []
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("precious.txt");
         std::fs::write(&file, "keep me").unwrap();
-        let msg = error_text(&GOOD.replace(
-            "/run/canary/control.sock",
-            &file.display().to_string(),
-        ));
+        let msg =
+            error_text(&GOOD.replace("/run/canary/control.sock", &file.display().to_string()));
         assert!(
             msg.contains("[agent]: control_socket = ")
                 && msg.contains("a regular file already exists there and is not a socket"),
@@ -2313,7 +2333,8 @@ never_canary = []
         ));
         assert!(
             msg.contains("[agent]: state_dir = ")
-                && msg.contains("a regular file already exists there; state_dir must be a directory"),
+                && msg
+                    .contains("a regular file already exists there; state_dir must be a directory"),
             "{msg}"
         );
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
@@ -2324,7 +2345,8 @@ never_canary = []
     fn an_oversized_config_file_is_refused_unread() {
         let err = Config::load(Path::new("/dev/zero"), &[]).expect_err("/dev/zero is no config");
         assert!(
-            err.to_string().contains("cannot read config file /dev/zero"),
+            err.to_string()
+                .contains("cannot read config file /dev/zero"),
             "{err}"
         );
     }

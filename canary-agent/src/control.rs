@@ -448,7 +448,8 @@ impl ControlServer {
                         let (access, calls, lookups) =
                             (Arc::clone(&access), calls.clone(), Arc::clone(&lookups));
                         tokio::spawn(async move {
-                            if let Err(e) = connection(stream, &access, &calls, &lookups, slot).await
+                            if let Err(e) =
+                                connection(stream, &access, &calls, &lookups, slot).await
                             {
                                 debug!(error = %e, "control connection ended");
                             }
@@ -484,7 +485,10 @@ async fn authorized(access: &Arc<Access>, uid: u32, gid: u32, lookups: &Arc<Sema
         return answer;
     }
     let Ok(permit) = Arc::clone(lookups).try_acquire_owned() else {
-        warn!(uid, "control peer refused: too many group look-ups pending (is NSS hanging?)");
+        warn!(
+            uid,
+            "control peer refused: too many group look-ups pending (is NSS hanging?)"
+        );
         return false;
     };
     let access = Arc::clone(access);
@@ -496,7 +500,10 @@ async fn authorized(access: &Arc<Access>, uid: u32, gid: u32, lookups: &Arc<Sema
         Ok(Ok(allowed)) => allowed,
         Ok(Err(_)) => false,
         Err(_) => {
-            warn!(uid, "control peer refused: the group look-up took longer than 5s");
+            warn!(
+                uid,
+                "control peer refused: the group look-up took longer than 5s"
+            );
             false
         }
     }
@@ -526,7 +533,10 @@ async fn connection(
         // it would see a broken pipe instead of the reason.
         let mut line = Vec::new();
         if slot
-            .idle(tokio::time::timeout(IDLE, read_line(&mut reader, &mut line)))
+            .idle(tokio::time::timeout(
+                IDLE,
+                read_line(&mut reader, &mut line),
+            ))
             .await
             .is_none()
         {
@@ -547,7 +557,10 @@ async fn connection(
     loop {
         let mut line = Vec::new();
         let Some(read) = slot
-            .idle(tokio::time::timeout(IDLE, read_line(&mut reader, &mut line)))
+            .idle(tokio::time::timeout(
+                IDLE,
+                read_line(&mut reader, &mut line),
+            ))
             .await
         else {
             return Ok(()); // evicted for a newcomer

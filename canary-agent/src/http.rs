@@ -87,23 +87,24 @@ async fn serve(listener: Arc<TcpListener>, exporter: Arc<Exporter>, slots: Arc<S
 
 async fn handle(mut stream: TcpStream, exporter: &Exporter, slot: Slot) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
-    let read = slot.idle(tokio::time::timeout(READ_TIMEOUT, async {
-        let mut buf = [0u8; 1024];
-        loop {
-            if head.windows(4).any(|w| w == b"\r\n\r\n") {
-                return Ok::<bool, std::io::Error>(true);
+    let read = slot
+        .idle(tokio::time::timeout(READ_TIMEOUT, async {
+            let mut buf = [0u8; 1024];
+            loop {
+                if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    return Ok::<bool, std::io::Error>(true);
+                }
+                if head.len() > MAX_REQUEST {
+                    return Ok(false);
+                }
+                let n = stream.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok(false);
+                }
+                head.extend_from_slice(&buf[..n]);
             }
-            if head.len() > MAX_REQUEST {
-                return Ok(false);
-            }
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                return Ok(false);
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-    }))
-    .await;
+        }))
+        .await;
     let Some(read) = read else {
         // Evicted for a newcomer while it had not sent its request.
         return Ok(());

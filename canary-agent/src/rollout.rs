@@ -227,7 +227,9 @@ pub enum StateError {
     #[error("state file {path} is {kind}, not a regular file; {FIX}")]
     NotRegular { path: PathBuf, kind: &'static str },
     /// Far larger than any state the agent writes.
-    #[error("state file {path} is {size} bytes, more than the {MAX_STATE_FILE} a state can be; {FIX}")]
+    #[error(
+        "state file {path} is {size} bytes, more than the {MAX_STATE_FILE} a state can be; {FIX}"
+    )]
     TooLarge { path: PathBuf, size: u64 },
     /// A service name that cannot name a file (config validation keeps
     /// these out; this guards the store itself).
@@ -511,7 +513,9 @@ mod tests {
         std::os::unix::fs::symlink(&target, dir.join("link.json")).unwrap();
         let err = store.load("link").unwrap_err().to_string();
         assert!(
-            err.contains("link.json is a symbolic link, which the agent does not follow; delete it"),
+            err.contains(
+                "link.json is a symbolic link, which the agent does not follow; delete it"
+            ),
             "{err}"
         );
         // Sparse: the size is refused before anything is read.
@@ -526,13 +530,20 @@ mod tests {
         );
         std::fs::create_dir(dir.join("dir.json")).unwrap();
         let err = store.load("dir").unwrap_err().to_string();
-        assert!(err.contains("dir.json is a directory, not a regular file"), "{err}");
-        let fifo = std::ffi::CString::new(dir.join("fifo.json").into_os_string().into_encoded_bytes())
-            .unwrap();
+        assert!(
+            err.contains("dir.json is a directory, not a regular file"),
+            "{err}"
+        );
+        let fifo =
+            std::ffi::CString::new(dir.join("fifo.json").into_os_string().into_encoded_bytes())
+                .unwrap();
         // SAFETY: `fifo` is a valid NUL-terminated path for the call.
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
         let err = store.load("fifo").unwrap_err().to_string();
-        assert!(err.contains("fifo.json is a FIFO, not a regular file"), "{err}");
+        assert!(
+            err.contains("fifo.json is a FIFO, not a regular file"),
+            "{err}"
+        );
         assert!(matches!(
             store.load("../etc/passwd"),
             Err(StateError::BadName(_))
@@ -553,7 +564,10 @@ mod tests {
         store.save("web", &state).unwrap();
         assert_eq!(store.load("web").unwrap(), state);
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
-        assert!(!dir.join(".web.json.tmp").exists(), "temp file renamed away");
+        assert!(
+            !dir.join(".web.json.tmp").exists(),
+            "temp file renamed away"
+        );
         // A symlink at the state file itself is replaced by the rename, not
         // written through.
         std::fs::remove_file(dir.join("web.json")).unwrap();

@@ -161,7 +161,10 @@ mod tests {
             let d = slots.acquire().expect("room made by evicting b");
             let (evicted, b) = b_task.await.unwrap();
             assert!(evicted, "b evicted next");
-            assert!(b.idle(async {}).await.is_none(), "an evicted slot stays evicted");
+            assert!(
+                b.idle(async {}).await.is_none(),
+                "an evicted slot stays evicted"
+            );
             assert!(slots.acquire().is_none(), "c and d are busy: no room");
             drop((c, d));
             assert_eq!(slots.in_use(), 0);

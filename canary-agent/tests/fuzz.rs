@@ -73,8 +73,19 @@ const INTS: &[&str] = &[
     "1000000000001",
 ];
 const FLOATS: &[&str] = &[
-    "nan", "+inf", "-inf", "-0.0", "0.0", "1e308", "5e-324", "0.5", "0.4999999", "1.0", "1000.0",
-    "1000.1", "1",
+    "nan",
+    "+inf",
+    "-inf",
+    "-0.0",
+    "0.0",
+    "1e308",
+    "5e-324",
+    "0.5",
+    "0.4999999",
+    "1.0",
+    "1000.0",
+    "1000.1",
+    "1",
 ];
 const STRINGS: &[&str] = &[
     "\"\"",
@@ -289,8 +300,29 @@ fn structured_config(rng: &mut Rng) -> String {
 /// A valid document, then damaged at the byte level.
 fn mutated(rng: &mut Rng, valid: &str) -> String {
     const TOKENS: &[&str] = &[
-        "[", "]", "[[", "]]", "=", "\"", "'", "{", "}", ",", ".", "#", "\n", "\\", "\\u", "\0",
-        "[[service]]\n", "[agent]\n", "\"\"\"", "1e999", "-", "é", "\u{feff}",
+        "[",
+        "]",
+        "[[",
+        "]]",
+        "=",
+        "\"",
+        "'",
+        "{",
+        "}",
+        ",",
+        ".",
+        "#",
+        "\n",
+        "\\",
+        "\\u",
+        "\0",
+        "[[service]]\n",
+        "[agent]\n",
+        "\"\"\"",
+        "1e999",
+        "-",
+        "é",
+        "\u{feff}",
     ];
     let mut bytes = valid.as_bytes().to_vec();
     for _ in 0..=rng.below(4) {
@@ -451,7 +483,11 @@ fn structured_request(rng: &mut Rng) -> String {
         }
     };
     if !rng.chance(10) {
-        let v = if rng.chance(4) { value(rng) } else { "1".to_string() };
+        let v = if rng.chance(4) {
+            value(rng)
+        } else {
+            "1".to_string()
+        };
         fields.push(format!("\"v\":{v}"));
     }
     if !rng.chance(10) {

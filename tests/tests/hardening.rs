@@ -78,8 +78,8 @@ fn bad_configs_are_refused_by_check_and_by_sighup_and_the_agent_keeps_serving() 
              vip = \"{VIP}\"\nstable = [\"{stable}\"]\ncanary = [\"{canary}\"]\n{service}\n{tail}"
         )
     };
-    let mut agent =
-        AgentProcess::start(lab.router(), &doc("", "weight = \"5%\"", ""), false).expect("agent starts");
+    let mut agent = AgentProcess::start(lab.router(), &doc("", "weight = \"5%\"", ""), false)
+        .expect("agent starts");
     let sock = agent.control_socket();
     let state = agent.dir().join("state");
     // Every row names the running agent's socket and state directory, so
@@ -238,7 +238,8 @@ fn bad_configs_are_refused_by_check_and_by_sighup_and_the_agent_keeps_serving() 
             "state_dir must be a directory",
         ),
         row(
-            service_row("weight = \"5%\"").replace("name = \"web\"", &format!("name = \"{}\"", "a".repeat(300))),
+            service_row("weight = \"5%\"")
+                .replace("name = \"web\"", &format!("name = \"{}\"", "a".repeat(300))),
             "service #1: name = ",
             "300 characters long; at most 64",
         ),
@@ -248,7 +249,8 @@ fn bad_configs_are_refused_by_check_and_by_sighup_and_the_agent_keeps_serving() 
             "use letters, digits",
         ),
         row(
-            service_row("weight = \"5%\"").replace(&format!("vip = \"{VIP}\""), "vip = \"10.96.0.10\""),
+            service_row("weight = \"5%\"")
+                .replace(&format!("vip = \"{VIP}\""), "vip = \"10.96.0.10\""),
             "service \"web\": vip = ",
             "not an address:port",
         ),
@@ -273,7 +275,8 @@ fn bad_configs_are_refused_by_check_and_by_sighup_and_the_agent_keeps_serving() 
             "must be between 0 and 4294967295",
         ),
         row(
-            service_row("weight = \"5%\"").replace(&format!("stable = [\"{stable}\"]"), "stable = []"),
+            service_row("weight = \"5%\"")
+                .replace(&format!("stable = [\"{stable}\"]"), "stable = []"),
             "service \"web\": stable = ",
             "at least one stable backend",
         ),
@@ -537,11 +540,7 @@ fn two_thousand_idle_connections_keep_neither_canaryctl_nor_a_scrape_out() {
     );
     // …and so does a scrape, which sees it.
     let t = Instant::now();
-    let (status_line, body) = http_get(
-        lab.router(),
-        "127.0.0.1:9477".parse().unwrap(),
-        "/metrics",
-    );
+    let (status_line, body) = http_get(lab.router(), "127.0.0.1:9477".parse().unwrap(), "/metrics");
     let scrape = t.elapsed();
     assert!(status_line.contains("200"), "scrape: {status_line}");
     assert!(
@@ -603,12 +602,7 @@ fn truncated_or_hostile_state_files_stop_the_start_naming_the_file() {
         ),
         (
             "huge",
-            Box::new(|f| {
-                std::fs::File::create(f)
-                    .unwrap()
-                    .set_len(1 << 30)
-                    .unwrap()
-            }),
+            Box::new(|f| std::fs::File::create(f).unwrap().set_len(1 << 30).unwrap()),
             "is 1073741824 bytes, more than the 65536",
         ),
     ];
