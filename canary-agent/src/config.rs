@@ -72,6 +72,8 @@ pub const MAX_HOLD: Duration = Duration::from_secs(30 * 86_400);
 pub const MAX_COUNT: i64 = 1_000_000_000_000;
 /// Upper bound of the judge's latency ratios.
 pub const MAX_RATIO: f64 = 1000.0;
+/// Longest the agent waits for its config to be read and validated.
+pub const LOAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest config file read: far beyond any real config, small enough that
 /// `--config /dev/zero` cannot exhaust memory.
 pub const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
@@ -620,19 +622,15 @@ impl Config {
     /// [`Config::load`] on a blocking thread, for the agent's runtime:
     /// validation resolves `control_group` through NSS, which may block on
     /// the network (LDAP, sssd), and reads files.
+    ///
+    /// Gives up after [`LOAD_TIMEOUT`]: the agent's loop waits for the
+    /// result, and a config path that turned into a FIFO without a writer,
+    /// a hung network file system or a hung NSS server must not stop it.
     pub async fn load_off_thread(
         path: &Path,
         interfaces: &[String],
     ) -> Result<Config, ConfigError> {
-        let (owned, interfaces) = (path.to_owned(), interfaces.to_vec());
-        tokio::task::spawn_blocking(move || Config::load(&owned, &interfaces))
-            .await
-            .unwrap_or_else(|e| {
-                Err(ConfigError::Read {
-                    path: path.to_owned(),
-                    source: std::io::Error::other(e),
-                })
-            })
+        load_within(path, interfaces, LOAD_TIMEOUT).await
     }
 
     /// Parses and validates config text; `path` is only used in messages.
@@ -676,6 +674,32 @@ impl Config {
             ));
         }
         Ok(Config { agent, services })
+    }
+}
+
+/// See [`Config::load_off_thread`].
+async fn load_within(
+    path: &Path,
+    interfaces: &[String],
+    timeout: Duration,
+) -> Result<Config, ConfigError> {
+    let (owned, flags) = (path.to_owned(), interfaces.to_vec());
+    let read_err = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let load = tokio::task::spawn_blocking(move || Config::load(&owned, &flags));
+    match tokio::time::timeout(timeout, load).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) => Err(read_err(std::io::Error::other(e))),
+        Err(_) => Err(read_err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "reading and validating it took longer than {}s (a FIFO, a hung network file \
+                 system, or a hung group look-up?)",
+                timeout.as_secs_f64()
+            ),
+        ))),
     }
 }
 
@@ -2349,5 +2373,33 @@ never_canary = []
                 .contains("cannot read config file /dev/zero"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_config_that_never_arrives_times_out_instead_of_stopping_the_agent() {
+        let dir = std::env::temp_dir().join(format!("canary-cfg-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("agent.toml");
+        let c = std::ffi::CString::new(fifo.clone().into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path for the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let started = std::time::Instant::now();
+        let err = rt
+            .block_on(load_within(&fifo, &[], Duration::from_millis(200)))
+            .expect_err("nobody writes the FIFO");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let msg = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(
+            msg.contains("cannot read config file") && msg.contains("took longer than 0.2s"),
+            "{msg}"
+        );
+        // Release the blocked reader: a writer that opens and closes.
+        drop(std::fs::OpenOptions::new().write(true).open(&fifo));
+        rt.shutdown_timeout(Duration::from_secs(1));
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
