@@ -305,6 +305,7 @@ impl Agent {
     /// interface changes (new ones attached before removed ones are
     /// detached). State files are read anew too: removing one resets that
     /// service to its configured weight.
+    ///
     /// `new` is the config file as read (off the runtime thread) and
     /// validated, or why it was not.
     fn reload(&mut self, new: Result<Config, ConfigError>) -> Result<(), ChangeError> {
