@@ -441,7 +441,7 @@ impl ControlServer {
             loop {
                 match listener.accept().await {
                     Ok((stream, _)) => {
-                        let Some(slot) = slots.acquire() else {
+                        let Some(slot) = crate::slots::acquire(&slots).await else {
                             busy(&stream);
                             continue;
                         };

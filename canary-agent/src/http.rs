@@ -12,7 +12,7 @@ use tokio::{
 use tracing::debug;
 
 use crate::{
-    slots::{Slot, Slots},
+    slots::{Slot, Slots, acquire},
     telemetry::{Exporter, Format},
 };
 
@@ -62,7 +62,7 @@ async fn serve(listener: Arc<TcpListener>, exporter: Arc<Exporter>, slots: Arc<S
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let Some(slot) = slots.acquire() else {
+                let Some(slot) = acquire(&slots).await else {
                     // Every slot is writing a scrape: say so without
                     // waiting (a full socket buffer just loses the answer).
                     let _ = stream.try_write(BUSY);

@@ -80,6 +80,18 @@ impl Slots {
     }
 }
 
+/// [`Slots::acquire`] for an accept loop. When every slot is taken and none
+/// is idle yet, connections just accepted may not have run far enough to
+/// wait for their client: yield once so they can, then try again, rather
+/// than turn the newcomer away during a burst of connects.
+pub async fn acquire(slots: &Slots) -> Option<Slot> {
+    if let Some(slot) = slots.acquire() {
+        return Some(slot);
+    }
+    tokio::task::yield_now().await;
+    slots.acquire()
+}
+
 /// One connection's slot; freed when dropped.
 #[derive(Debug)]
 pub struct Slot {
