@@ -29,13 +29,14 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{Config, ConfigError, Gate, IngressMode, InterfaceConfig, ServiceConfig},
-    control::{self, Access, Command, ControlError, Response, code},
+    control::{self, Access, Command, ControlError, ControlServer, Response, code},
     dataplane::{ApplyReport, Dataplane, DataplaneError, decode_breaker_event, error_chain},
     events::{Event, Events},
     http,
     judge::{CohortWindow, Verdict, judge},
     rollout::{RollbackReason, ServiceState, StateError, StateStore},
     status::{CohortStatus, ServiceStatus, StatusReport},
+    supervise::{Supervisor, SupervisorError},
     telemetry::{Exporter, ServiceSnapshot},
 };
 
@@ -88,6 +89,9 @@ pub enum AgentError {
     /// The control socket could not be set up; nothing was attached.
     #[error("control socket setup failed, nothing was attached")]
     Control(#[from] ControlError),
+    /// A serving task kept ending (see the log); the agent stopped.
+    #[error("a serving task failed")]
+    Task(#[from] SupervisorError),
 }
 
 /// Why a reload (or a control command) was rejected; nothing changed.
@@ -143,7 +147,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
 
-    let config = Config::load(&opts.config, &opts.interfaces)?;
+    let config = Config::load_off_thread(&opts.config, &opts.interfaces).await?;
     // Sockets are bound before anything is attached: a taken port or a
     // live agent on the control socket fails cleanly.
     let metrics_addr = config.agent.metrics_addr;
@@ -153,14 +157,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
             addr: metrics_addr,
             source,
         })?;
-    let access = Access {
-        // SAFETY: geteuid has no preconditions.
-        owner_uid: unsafe { libc::geteuid() },
-        group: match &config.agent.control_group {
-            Some(name) => Some((name.clone(), control::group_id(name)?)),
-            None => None,
-        },
-    };
+    let access = Access::resolve(config.agent.control_group.as_deref()).await?;
     let control_path = config.agent.control_socket.clone();
     let control_listener = control::bind(&control_path, &access)?;
 
@@ -185,6 +182,9 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         );
     }
     let webhook = config.agent.webhook.clone();
+    // Every long-running task is supervised: restarted if it ends, or the
+    // agent stops; never silently gone.
+    let mut tasks = Supervisor::new();
     let mut agent = Agent {
         opts,
         config,
@@ -193,7 +193,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         states,
         verdicts: BTreeMap::new(),
         windows: BTreeMap::new(),
-        events: Events::start(webhook),
+        events: Events::start(webhook, &mut tasks),
         node: hostname(),
         lost_interfaces: BTreeMap::new(),
     };
@@ -219,10 +219,12 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         agent.dp.stats_source(),
         agent.config.agent.metrics_buckets_per_octave,
     ));
-    let server = tokio::spawn(http::serve(listener, exporter));
+    let metrics_server = http::MetricsServer::new(listener, exporter);
+    tasks.spawn("metrics server", move || metrics_server.serve());
     info!(addr = %metrics_addr, "serving Prometheus metrics at /metrics");
     let (calls_tx, mut calls) = mpsc::channel(64);
-    let control_server = tokio::spawn(control::serve(control_listener, access, calls_tx));
+    let control_server = ControlServer::new(control_listener, access, calls_tx);
+    tasks.spawn("control socket server", move || control_server.serve());
     info!(socket = %control_path.display(), "serving the control socket (canaryctl)");
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -236,8 +238,10 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         "canary-agent ready"
     );
 
+    let mut failed = None;
     loop {
         tokio::select! {
+            e = tasks.watch() => { failed = Some(e); break; }
             guard = events.readable_mut() => {
                 match guard {
                     Ok(mut guard) => {
@@ -251,12 +255,13 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
                 // Trips already in the ring are recorded first, so no command
                 // acts on a state the data plane has already left.
                 agent.breaker_events(events.get_mut());
-                let _ = reply.send(agent.execute(cmd));
+                let _ = reply.send(agent.execute(cmd).await);
             }
             _ = hup.recv() => {
                 agent.breaker_events(events.get_mut());
                 info!(config = %agent.opts.config.display(), "SIGHUP received, reloading config");
-                if let Err(e) = agent.reload() {
+                let new = Config::load_off_thread(&agent.opts.config, &agent.opts.interfaces).await;
+                if let Err(e) = agent.reload(new) {
                     error!(error = %error_chain(&e), "config reload rejected; the previous config is still active");
                 }
             }
@@ -276,8 +281,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
             _ = term.recv() => { info!("SIGTERM received, shutting down"); break; }
         }
     }
-    server.abort();
-    control_server.abort();
+    tasks.shutdown();
     let _ = std::fs::remove_file(&control_path);
     agent.log_counters();
     let interfaces: Vec<String> = agent
@@ -289,13 +293,17 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         let removed = agent.dp.uninstall()?;
         info!(interfaces = ?interfaces, pins = removed, "detached and removed the pinned data plane (--detach-on-exit); canary-agent stopped");
     } else {
+        // Also after a failed task: the data plane goes on, as after a crash.
         info!(
             interfaces = ?interfaces,
             bpffs_dir = %agent.config.agent.bpffs_dir.display(),
             "canary-agent stopped; the data plane keeps steering with the last weights (the next agent adopts it; `canary-agent uninstall` removes it)"
         );
     }
-    Ok(())
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
 }
 
 /// Gives up a data plane whose setup failed: one this agent created is
@@ -443,8 +451,11 @@ impl Agent {
     /// interface changes (new ones attached before removed ones are
     /// detached). State files are read anew too: removing one resets that
     /// service to its configured weight.
-    fn reload(&mut self) -> Result<(), ChangeError> {
-        let new = Config::load(&self.opts.config, &self.opts.interfaces)?;
+    ///
+    /// `new` is the config file as read (off the runtime thread) and
+    /// validated, or why it was not.
+    fn reload(&mut self, new: Result<Config, ConfigError>) -> Result<(), ChangeError> {
+        let new = new?;
         let (new_states, forced) = load_states(&self.store, &new)?;
         let old = &self.config;
         // New interfaces, and interfaces whose mode changed.
@@ -547,10 +558,12 @@ impl Agent {
     }
 
     /// Runs one control command.
-    fn execute(&mut self, cmd: Command) -> Response {
+    async fn execute(&mut self, cmd: Command) -> Response {
         match cmd {
             Command::Status { service } => self.status(service.as_deref()),
-            Command::Reload => match self.reload() {
+            Command::Reload => match self
+                .reload(Config::load_off_thread(&self.opts.config, &self.opts.interfaces).await)
+            {
                 Ok(()) => Response::ok(serde_json::json!({ "reloaded": true })),
                 Err(e) => Response::error(
                     code::CONFLICT,

@@ -49,6 +49,36 @@ pub const MAX_CONNTRACK_CAPACITY: u32 = 1 << 26;
 pub const MAX_MAX_SERVICES: u32 = 1 << 20;
 /// Upper bound of `[agent] max_backends`.
 pub const MAX_MAX_BACKENDS: u32 = 1 << 22;
+/// Longest service name. State files are `<name>.json` beside a temporary
+/// `.<name>.json.tmp`, so with this bound every name fits a file name
+/// (NAME_MAX is 255 bytes) and a metric label stays readable.
+pub const MAX_SERVICE_NAME: usize = 64;
+/// Longest interface name (the kernel's IFNAMSIZ is 16 with the NUL).
+pub const MAX_INTERFACE_NAME: usize = 15;
+/// Most interfaces in `[agent] interfaces`.
+pub const MAX_INTERFACES: usize = 256;
+/// Longest `control_socket` path: a Unix socket address holds 108 bytes
+/// with the NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+/// Longest `state_dir` path, so that every state file path under it stays
+/// far below PATH_MAX.
+pub const MAX_STATE_DIR: usize = 1024;
+/// Longest `webhook_url` or `control_group`.
+pub const MAX_TEXT: usize = 2048;
+/// Most steps of a rollout plan.
+pub const MAX_STEPS: usize = 100;
+/// Longest `hold` of a rollout step.
+pub const MAX_HOLD: Duration = Duration::from_secs(30 * 86_400);
+/// Upper bound of the connection and sample counts in a plan
+/// (`min_connections`, `judge.min_samples`): a trillion.
+pub const MAX_COUNT: i64 = 1_000_000_000_000;
+/// Upper bound of the judge's latency ratios.
+pub const MAX_RATIO: f64 = 1000.0;
+/// Longest the agent waits for its config to be read and validated.
+pub const LOAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest config file read: far beyond any real config, small enough that
+/// `--config /dev/zero` cannot exhaust memory.
+pub const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
 
 /// A config error. `Display` says what is wrong and how to fix it; the
 /// underlying cause, if any, is the `source`.
@@ -73,7 +103,9 @@ pub enum ConfigError {
     Invalid {
         /// `[agent]` or `service "NAME"`.
         section: String,
-        key: &'static str,
+        /// The key, with its table path and index where needed
+        /// (`breaker.window`, `rollout.steps[2].hold`).
+        key: String,
         /// The offending value, quoted as in the file.
         value: String,
         /// What is wrong, and the fix.
@@ -428,10 +460,13 @@ struct RawAgent {
     control_socket: Option<PathBuf>,
     control_group: Option<String>,
     metrics_addr: Option<String>,
-    metrics_buckets_per_octave: Option<u32>,
-    conntrack_capacity: Option<u32>,
-    max_services: Option<u32>,
-    max_backends: Option<u32>,
+    // Integers are read as TOML's own i64 and range-checked before any
+    // conversion, so a negative or huge value gets an error naming the key
+    // and its range rather than serde's "expected u32".
+    metrics_buckets_per_octave: Option<i64>,
+    conntrack_capacity: Option<i64>,
+    max_services: Option<i64>,
+    max_backends: Option<i64>,
     handshake_timeout: Option<String>,
     state_dir: Option<PathBuf>,
     webhook_url: Option<String>,
@@ -512,7 +547,7 @@ struct RawService {
     always_canary: Vec<String>,
     #[serde(default)]
     never_canary: Vec<String>,
-    salt: Option<u32>,
+    salt: Option<i64>,
     #[serde(default)]
     breaker: Option<RawBreaker>,
     #[serde(default)]
@@ -524,7 +559,7 @@ struct RawService {
 struct RawRollout {
     steps: Vec<RawStep>,
     interval: Option<String>,
-    fail_after: Option<u32>,
+    fail_after: Option<i64>,
     judge: Option<RawJudge>,
 }
 
@@ -533,14 +568,14 @@ struct RawRollout {
 struct RawStep {
     weight: String,
     hold: Option<String>,
-    min_connections: Option<u64>,
+    min_connections: Option<i64>,
     gate: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawJudge {
-    min_samples: Option<u64>,
+    min_samples: Option<i64>,
     alpha: Option<f64>,
     min_failure_increase: Option<String>,
     min_latency_ratio: Option<f64>,
@@ -554,7 +589,7 @@ struct RawJudge {
 #[serde(deny_unknown_fields)]
 struct RawBreaker {
     enabled: Option<bool>,
-    min_failures: Option<u16>,
+    min_failures: Option<i64>,
     failure_ratio: Option<String>,
     window: Option<String>,
 }
@@ -571,11 +606,37 @@ impl Config {
     /// Reads and validates `path`. `interfaces` (from the command line), if
     /// not empty, replaces `[agent] interfaces`.
     pub fn load(path: &Path, interfaces: &[String]) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        use std::io::Read as _;
+        let read_err = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .map_err(read_err)?
+            .take(MAX_CONFIG_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(read_err)?;
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(read_err(std::io::Error::other(format!(
+                "larger than {MAX_CONFIG_BYTES} bytes; is it the right file?"
+            ))));
+        }
         Config::parse(&text, path, interfaces)
+    }
+
+    /// [`Config::load`] on a blocking thread, for the agent's runtime:
+    /// validation resolves `control_group` through NSS, which may block on
+    /// the network (LDAP, sssd), and reads files.
+    ///
+    /// Gives up after [`LOAD_TIMEOUT`]: the agent's loop waits for the
+    /// result, and a config path that turned into a FIFO without a writer,
+    /// a hung network file system or a hung NSS server must not stop it.
+    pub async fn load_off_thread(
+        path: &Path,
+        interfaces: &[String],
+    ) -> Result<Config, ConfigError> {
+        load_within(path, interfaces, LOAD_TIMEOUT).await
     }
 
     /// Parses and validates config text; `path` is only used in messages.
@@ -622,15 +683,41 @@ impl Config {
     }
 }
 
+/// See [`Config::load_off_thread`].
+async fn load_within(
+    path: &Path,
+    interfaces: &[String],
+    timeout: Duration,
+) -> Result<Config, ConfigError> {
+    let (owned, flags) = (path.to_owned(), interfaces.to_vec());
+    let read_err = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let load = tokio::task::spawn_blocking(move || Config::load(&owned, &flags));
+    match tokio::time::timeout(timeout, load).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) => Err(read_err(std::io::Error::other(e))),
+        Err(_) => Err(read_err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "reading and validating it took longer than {}s (a FIFO, a hung network file \
+                 system, or a hung group look-up?)",
+                timeout.as_secs_f64()
+            ),
+        ))),
+    }
+}
+
 fn invalid(
     section: &str,
-    key: &'static str,
+    key: impl Into<String>,
     value: impl fmt::Display,
     problem: impl Into<String>,
 ) -> ConfigError {
     ConfigError::Invalid {
         section: section.to_string(),
-        key,
+        key: key.into(),
         value: value.to_string(),
         problem: problem.into(),
     }
@@ -638,6 +725,125 @@ fn invalid(
 
 fn quoted(s: &str) -> String {
     format!("{s:?}")
+}
+
+/// `value` if it lies in `min..=max`, converted; otherwise an error naming
+/// the key and the range. Checked on the i64 TOML gives us, before any
+/// conversion can wrap or truncate.
+fn int_in<T: TryFrom<i64>>(
+    section: &str,
+    key: impl Into<String>,
+    value: i64,
+    min: i64,
+    max: i64,
+    unit: &str,
+) -> Result<T, ConfigError> {
+    let key = key.into();
+    let out_of_range = || {
+        invalid(
+            section,
+            key.clone(),
+            value,
+            format!("must be between {min} and {max}{unit}"),
+        )
+    };
+    if !(min..=max).contains(&value) {
+        return Err(out_of_range());
+    }
+    T::try_from(value).map_err(|_| out_of_range())
+}
+
+/// A duration key: parsed, then checked against `min..=max` while still a
+/// float, so "1e20s" or "1e308d" is an error naming the key, not a panic in
+/// `Duration::from_secs_f64`.
+fn duration_in(
+    section: &str,
+    key: impl Into<String>,
+    text: &str,
+    (min, max): (Duration, Duration),
+    example: &str,
+) -> Result<Duration, ConfigError> {
+    let key = key.into();
+    let range = format!("between {} and {}", show_duration(min), show_duration(max));
+    let Some(secs) = duration_secs(text) else {
+        return Err(invalid(
+            section,
+            key,
+            quoted(text),
+            format!("not a duration; write it like \"{example}\" ({range})"),
+        ));
+    };
+    let out_of_range = || {
+        invalid(
+            section,
+            key.clone(),
+            quoted(text),
+            format!("must be a duration {range}, e.g. \"{example}\""),
+        )
+    };
+    if secs < min.as_secs_f64() || secs > max.as_secs_f64() {
+        return Err(out_of_range());
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| out_of_range())
+}
+
+/// A bound as written in messages: "100ms", "120s", "10m", "30d".
+fn show_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0 => "0s".to_string(),
+        ms if ms % 86_400_000 == 0 => format!("{}d", ms / 86_400_000),
+        ms if ms % 3_600_000 == 0 && ms >= 3_600_000 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 && ms >= 600_000 => format!("{}m", ms / 60_000),
+        ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        ms => format!("{ms}ms"),
+    }
+}
+
+/// A string key's length in bytes, bounded.
+fn length_in(
+    section: &str,
+    key: &str,
+    text: &str,
+    max: usize,
+    what: &str,
+) -> Result<(), ConfigError> {
+    if text.is_empty() {
+        return Err(invalid(
+            section,
+            key,
+            quoted(text),
+            format!("{what} is empty"),
+        ));
+    }
+    if text.len() > max {
+        return Err(invalid(
+            section,
+            key,
+            shown(text),
+            format!("{what} is {} bytes long; at most {max}", text.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// `text` quoted, cut to 40 characters and an ellipsis if longer: a huge
+/// value would drown the message.
+fn shown(text: &str) -> String {
+    let short = truncated(text, 40);
+    if short.len() < text.len() {
+        format!("{}…", quoted(short))
+    } else {
+        quoted(text)
+    }
+}
+
+/// The first `n` characters of `text`, for quoting a huge value.
+fn truncated(text: &str, n: usize) -> &str {
+    match text.char_indices().nth(n) {
+        Some((i, _)) => &text[..i],
+        None => text,
+    }
 }
 
 fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
@@ -648,6 +854,14 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
             "interfaces",
             "[]",
             "name at least one client-facing interface, e.g. [\"eth0\"]",
+        ));
+    }
+    if raw.interfaces.len() > MAX_INTERFACES {
+        return Err(invalid(
+            S,
+            "interfaces",
+            format!("{} interfaces", raw.interfaces.len()),
+            format!("at most {MAX_INTERFACES} interfaces"),
         ));
     }
     let mut seen = BTreeSet::new();
@@ -664,6 +878,13 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
                 )
             })?,
         };
+        length_in(
+            S,
+            "interfaces",
+            &iface.name,
+            MAX_INTERFACE_NAME,
+            "an interface name",
+        )?;
         if !seen.insert(iface.name.clone()) {
             return Err(invalid(
                 S,
@@ -690,94 +911,104 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
         invalid(
             S,
             "metrics_addr",
-            quoted(metrics_addr),
+            quoted(truncated(metrics_addr, 60)),
             "not an address:port; write it like \"127.0.0.1:9477\"",
         )
     })?;
-    let conntrack_capacity = raw.conntrack_capacity.unwrap_or(CT_DEFAULT_CAPACITY);
-    if !(MIN_CONNTRACK_CAPACITY..=MAX_CONNTRACK_CAPACITY).contains(&conntrack_capacity) {
-        return Err(invalid(
+    let conntrack_capacity = match raw.conntrack_capacity {
+        None => CT_DEFAULT_CAPACITY,
+        Some(n) => int_in(
             S,
             "conntrack_capacity",
-            conntrack_capacity,
-            format!(
-                "must be between {MIN_CONNTRACK_CAPACITY} and {MAX_CONNTRACK_CAPACITY} entries \
-                 (two per tracked connection)"
-            ),
-        ));
-    }
-    let max_services = raw.max_services.unwrap_or(DEFAULT_MAX_SERVICES);
-    if !(1..=MAX_MAX_SERVICES).contains(&max_services) {
-        return Err(invalid(
-            S,
-            "max_services",
-            max_services,
-            format!("must be between 1 and {MAX_MAX_SERVICES}"),
-        ));
-    }
-    let max_backends = raw.max_backends.unwrap_or(DEFAULT_MAX_BACKENDS);
-    if !(1..=MAX_MAX_BACKENDS).contains(&max_backends) {
-        return Err(invalid(
-            S,
-            "max_backends",
-            max_backends,
-            format!("must be between 1 and {MAX_MAX_BACKENDS}"),
-        ));
-    }
+            n,
+            MIN_CONNTRACK_CAPACITY.into(),
+            MAX_CONNTRACK_CAPACITY.into(),
+            " entries (two per tracked connection)",
+        )?,
+    };
+    let max_services = match raw.max_services {
+        None => DEFAULT_MAX_SERVICES,
+        Some(n) => int_in(S, "max_services", n, 1, MAX_MAX_SERVICES.into(), "")?,
+    };
+    let max_backends = match raw.max_backends {
+        None => DEFAULT_MAX_BACKENDS,
+        Some(n) => int_in(S, "max_backends", n, 1, MAX_MAX_BACKENDS.into(), "")?,
+    };
     let webhook = match &raw.webhook_url {
         None => None,
-        Some(url) => Some(
-            crate::events::Webhook::parse(url)
-                .map_err(|e| invalid(S, "webhook_url", quoted(url), e))?,
-        ),
-    };
-    let control_group = raw.control_group;
-    if let Some(name) = &control_group
-        && crate::control::group_id(name).is_err()
-    {
-        return Err(invalid(
-            S,
-            "control_group",
-            quoted(name),
-            "no such group on this host; create it (groupadd) or leave control_group out",
-        ));
-    }
-    let metrics_buckets_per_octave = raw
-        .metrics_buckets_per_octave
-        .unwrap_or(DEFAULT_BUCKETS_PER_OCTAVE);
-    if ![1, 2, 4, 8, 16].contains(&metrics_buckets_per_octave) {
-        return Err(invalid(
-            S,
-            "metrics_buckets_per_octave",
-            metrics_buckets_per_octave,
-            "must be 1, 2, 4, 8 or 16 (exported histogram buckets per doubling)",
-        ));
-    }
-    let handshake_timeout = match raw.handshake_timeout.as_deref() {
-        None => DEFAULT_HANDSHAKE_TIMEOUT,
-        Some(text) => match parse_duration(text) {
-            Some(d) if (Duration::from_millis(100)..=Duration::from_secs(120)).contains(&d) => d,
-            Some(_) => {
+        Some(url) => {
+            length_in(S, "webhook_url", url, MAX_TEXT, "the URL")?;
+            // It goes into an HTTP request line as is.
+            if !url.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(invalid(
                     S,
-                    "handshake_timeout",
-                    quoted(text),
-                    "must be between 100ms and 120s",
+                    "webhook_url",
+                    quoted(truncated(url, 60)),
+                    "must be printable ASCII without spaces; percent-encode the rest",
                 ));
             }
-            None => {
+            Some(
+                crate::events::Webhook::parse(url)
+                    .map_err(|e| invalid(S, "webhook_url", quoted(url), e))?,
+            )
+        }
+    };
+    let control_group = raw.control_group;
+    if let Some(name) = &control_group {
+        length_in(S, "control_group", name, MAX_TEXT, "the group name")?;
+        // May block on NSS (LDAP and the like): the agent loads configs
+        // off its runtime thread (see agent.rs).
+        if crate::control::group_id(name).is_err() {
+            return Err(invalid(
+                S,
+                "control_group",
+                quoted(truncated(name, 60)),
+                "no such group on this host; create it (groupadd) or leave control_group out",
+            ));
+        }
+    }
+    let metrics_buckets_per_octave = match raw.metrics_buckets_per_octave {
+        None => DEFAULT_BUCKETS_PER_OCTAVE,
+        Some(n) => match u32::try_from(n) {
+            Ok(n @ (1 | 2 | 4 | 8 | 16)) => n,
+            _ => {
                 return Err(invalid(
                     S,
-                    "handshake_timeout",
-                    quoted(text),
-                    "not a duration; write it like \"3s\" or \"500ms\"",
+                    "metrics_buckets_per_octave",
+                    n,
+                    "must be 1, 2, 4, 8 or 16 (exported histogram buckets per doubling)",
                 ));
             }
         },
     };
+    let handshake_timeout = match raw.handshake_timeout.as_deref() {
+        None => DEFAULT_HANDSHAKE_TIMEOUT,
+        Some(text) => duration_in(
+            S,
+            "handshake_timeout",
+            text,
+            (Duration::from_millis(100), Duration::from_secs(120)),
+            "3s",
+        )?,
+    };
+    let control_socket = raw
+        .control_socket
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET));
+    validate_control_socket(&control_socket)?;
+    let state_dir = raw
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    validate_state_dir(&state_dir)?;
     let bpffs_dir = raw
         .bpffs_dir
         .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_DIR));
+    length_in(
+        S,
+        "bpffs_dir",
+        &bpffs_dir.to_string_lossy(),
+        MAX_STATE_DIR,
+        "the path",
+    )?;
     if !bpffs_dir.is_absolute() {
         return Err(invalid(
             S,
@@ -788,9 +1019,7 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
     }
     Ok(AgentConfig {
         interfaces,
-        control_socket: raw
-            .control_socket
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)),
+        control_socket,
         control_group,
         metrics_addr,
         metrics_buckets_per_octave,
@@ -798,32 +1027,116 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
         max_services,
         max_backends,
         handshake_timeout,
-        state_dir: raw
-            .state_dir
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+        state_dir,
         webhook,
         bpffs_dir,
     })
 }
 
-/// "500ms", "3s", "1.5s" → a duration.
-fn parse_duration(text: &str) -> Option<Duration> {
+/// A socket path fits a Unix socket address, and names either nothing or
+/// a socket: the agent replaces a stale socket at start, and must never
+/// delete a regular file (or anything else) that a typo pointed at.
+fn validate_control_socket(path: &Path) -> Result<(), ConfigError> {
+    const S: &str = "[agent]";
+    let text = path.to_string_lossy();
+    length_in(S, "control_socket", &text, MAX_SOCKET_PATH, "the path")?;
+    if text.contains('\0') {
+        return Err(invalid(
+            S,
+            "control_socket",
+            quoted(&text),
+            "contains a NUL byte",
+        ));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            use std::os::unix::fs::FileTypeExt as _;
+            if !meta.file_type().is_socket() {
+                return Err(invalid(
+                    S,
+                    "control_socket",
+                    quoted(&text),
+                    format!(
+                        "{} already exists there and is not a socket; the agent only replaces \
+                         a stale socket, so choose another path or remove it yourself",
+                        file_kind(&meta)
+                    ),
+                ));
+            }
+            Ok(())
+        }
+        Err(_) => Ok(()),
+    }
+}
+
+/// The state directory's path is bounded and, if it exists, is a directory.
+fn validate_state_dir(path: &Path) -> Result<(), ConfigError> {
+    const S: &str = "[agent]";
+    let text = path.to_string_lossy();
+    length_in(S, "state_dir", &text, MAX_STATE_DIR, "the path")?;
+    if text.contains('\0') {
+        return Err(invalid(
+            S,
+            "state_dir",
+            quoted(&text),
+            "contains a NUL byte",
+        ));
+    }
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_dir() => Err(invalid(
+            S,
+            "state_dir",
+            quoted(&text),
+            format!(
+                "{} already exists there; state_dir must be a directory",
+                file_kind(&meta)
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// "a regular file", "a directory", … for messages.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    let t = meta.file_type();
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "a device"
+    }
+}
+
+/// "500ms", "3s", "1.5m" → seconds: finite and not negative, but not yet
+/// range-checked (see [`duration_in`]).
+fn duration_secs(text: &str) -> Option<f64> {
     let text = text.trim();
-    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
-        (n, 1e-3)
+    let (number, seconds) = if let Some(n) = text.strip_suffix("ms") {
+        // Divided, not multiplied by 1e-3: "100ms" is then exactly the
+        // float of 0.1 s, so range bounds hold exactly.
+        (n, (|v: f64| v / 1000.0) as fn(f64) -> f64)
     } else if let Some(n) = text.strip_suffix('s') {
-        (n, 1.0)
+        (n, (|v| v) as fn(f64) -> f64)
     } else if let Some(n) = text.strip_suffix('m') {
-        (n, 60.0)
+        (n, (|v| v * 60.0) as fn(f64) -> f64)
     } else if let Some(n) = text.strip_suffix('h') {
-        (n, 3600.0)
+        (n, (|v| v * 3600.0) as fn(f64) -> f64)
     } else if let Some(n) = text.strip_suffix('d') {
-        (n, 86_400.0)
+        (n, (|v| v * 86_400.0) as fn(f64) -> f64)
     } else {
         return None;
     };
     let value: f64 = number.trim().parse().ok()?;
-    (value.is_finite() && value >= 0.0).then(|| Duration::from_secs_f64(value * scale))
+    // NaN and infinities parse as f64 but are no durations.
+    (value.is_finite() && value >= 0.0).then(|| seconds(value))
 }
 
 /// Whether `name` is a network interface in this network namespace.
@@ -876,15 +1189,27 @@ fn validate_services(raw: Vec<RawService>) -> Result<Vec<ServiceConfig>, ConfigE
 
 fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, ConfigError> {
     let name = raw.name.trim().to_string();
+    let unnamed = format!("service #{}", index + 1);
+    if name.len() > MAX_SERVICE_NAME {
+        return Err(invalid(
+            &unnamed,
+            "name",
+            shown(&name),
+            format!(
+                "{} characters long; at most {MAX_SERVICE_NAME} (it names the service's state file)",
+                name.len()
+            ),
+        ));
+    }
     if name.is_empty()
         || !name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
     {
         return Err(invalid(
-            &format!("service #{}", index + 1),
+            &unnamed,
             "name",
-            quoted(&raw.name),
+            quoted(truncated(&raw.name, 60)),
             "use letters, digits, '-', '_' or '.' (it becomes a metric label)",
         ));
     }
@@ -993,7 +1318,10 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Conf
     Ok(ServiceConfig {
         rollout,
         breaker,
-        salt: raw.salt.unwrap_or_else(|| default_salt(&name)),
+        salt: match raw.salt {
+            None => default_salt(&name),
+            Some(n) => int_in(s, "salt", n, 0, u32::MAX.into(), "")?,
+        },
         name,
         vip,
         stable,
@@ -1014,40 +1342,40 @@ fn validate_rollout(section: &str, raw: RawRollout) -> Result<RolloutConfig, Con
             "a plan needs at least one step, e.g. { weight = \"5%\", hold = \"10m\" }",
         ));
     }
+    if raw.steps.len() > MAX_STEPS {
+        return Err(invalid(
+            section,
+            "rollout.steps",
+            format!("{} steps", raw.steps.len()),
+            format!("at most {MAX_STEPS} steps"),
+        ));
+    }
     let mut steps = Vec::with_capacity(raw.steps.len());
     let mut last = 0u32;
     for (i, step) in raw.steps.into_iter().enumerate() {
-        let key = "rollout.steps";
+        // Steps are numbered from 1 in messages, as people count them.
+        let key = |field: &str| format!("rollout.steps[{}].{field}", i + 1);
         let weight: Weight = step.weight.parse().map_err(|e: WeightError| {
-            invalid(
-                section,
-                key,
-                quoted(&step.weight),
-                format!("step {}: {e}", i + 1),
-            )
+            invalid(section, key("weight"), quoted(&step.weight), e.to_string())
         })?;
         if weight.ppm() <= last {
             return Err(invalid(
                 section,
-                key,
+                key("weight"),
                 quoted(&step.weight),
-                format!("step {}: weights must rise from step to step", i + 1),
+                "weights must rise from step to step",
             ));
         }
         last = weight.ppm();
         let hold = match step.hold.as_deref() {
             None => Duration::ZERO,
-            Some(text) => parse_duration(text).ok_or_else(|| {
-                invalid(
-                    section,
-                    key,
-                    quoted(text),
-                    format!(
-                        "step {}: hold is not a duration; write it like \"30s\", \"10m\" or \"2h\"",
-                        i + 1
-                    ),
-                )
-            })?,
+            Some(text) => duration_in(
+                section,
+                key("hold"),
+                text,
+                (Duration::ZERO, MAX_HOLD),
+                "10m",
+            )?,
         };
         let gate = match step.gate.as_deref() {
             None | Some("auto") => Gate::Auto,
@@ -1055,45 +1383,48 @@ fn validate_rollout(section: &str, raw: RawRollout) -> Result<RolloutConfig, Con
             Some(other) => {
                 return Err(invalid(
                     section,
-                    key,
-                    quoted(other),
-                    format!("step {}: gate must be \"auto\" or \"manual\"", i + 1),
+                    key("gate"),
+                    quoted(truncated(other, 60)),
+                    "gate must be \"auto\" or \"manual\"",
                 ));
             }
+        };
+        let min_connections = match step.min_connections {
+            None => 0,
+            Some(n) => int_in(section, key("min_connections"), n, 0, MAX_COUNT, "")?,
         };
         steps.push(StepConfig {
             weight,
             hold,
-            min_connections: step.min_connections.unwrap_or(0),
+            min_connections,
             gate,
         });
     }
     let interval = match raw.interval.as_deref() {
         None => Duration::from_secs(1),
-        Some(text) => match parse_duration(text) {
-            Some(d) if (Duration::from_millis(100)..=Duration::from_secs(600)).contains(&d) => d,
-            _ => {
-                return Err(invalid(
-                    section,
-                    "rollout.interval",
-                    quoted(text),
-                    "must be a duration between 100ms and 10m",
-                ));
-            }
-        },
+        Some(text) => duration_in(
+            section,
+            "rollout.interval",
+            text,
+            (Duration::from_millis(100), Duration::from_secs(600)),
+            "1s",
+        )?,
+    };
+    let fail_after = match raw.fail_after {
+        None => 2,
+        Some(n) => int_in(section, "rollout.fail_after", n, 1, 1000, " judgements")?,
     };
     let mut judge = crate::judge::JudgeConfig::default();
     if let Some(j) = raw.judge {
-        let ratio =
-            |key: &'static str, text: Option<String>, into: &mut f64| -> Result<(), ConfigError> {
-                if let Some(text) = text {
-                    let w: Weight = text.parse().map_err(|e: WeightError| {
-                        invalid(section, key, quoted(&text), e.to_string())
-                    })?;
-                    *into = f64::from(w.ppm()) / 1e6;
-                }
-                Ok(())
-            };
+        let ratio = |key: &'static str, text: Option<String>, into: &mut f64| {
+            if let Some(text) = text {
+                let w: Weight = text.parse().map_err(|e: WeightError| {
+                    invalid(section, key, quoted(&text), e.to_string())
+                })?;
+                *into = f64::from(w.ppm()) / 1e6;
+            }
+            Ok::<(), ConfigError>(())
+        };
         ratio(
             "rollout.judge.min_failure_increase",
             j.min_failure_increase,
@@ -1117,27 +1448,28 @@ fn validate_rollout(section: &str, raw: RawRollout) -> Result<RolloutConfig, Con
             ),
         ] {
             if let Some(text) = text {
-                let d = parse_duration(&text).ok_or_else(|| {
-                    invalid(
-                        section,
-                        key,
-                        quoted(&text),
-                        "not a duration; write it like \"1ms\" or \"0.5ms\"",
-                    )
-                })?;
+                let d = duration_in(
+                    section,
+                    key,
+                    &text,
+                    (Duration::ZERO, Duration::from_secs(60)),
+                    "1ms",
+                )?;
+                // At most 6e10 ns: exact in an f64.
                 *into = d.as_nanos() as f64;
             }
         }
         if let Some(n) = j.min_samples {
-            judge.min_samples = n.max(1);
+            judge.min_samples = int_in(section, "rollout.judge.min_samples", n, 1, MAX_COUNT, "")?;
         }
         if let Some(a) = j.alpha {
+            // Also false for NaN.
             if !(a > 0.0 && a < 0.5) {
                 return Err(invalid(
                     section,
                     "rollout.judge.alpha",
                     a,
-                    "must be between 0 and 0.5, e.g. 0.0001",
+                    "must be between 0 and 0.5 (both excluded), e.g. 0.0001",
                 ));
             }
             judge.alpha = a;
@@ -1155,12 +1487,13 @@ fn validate_rollout(section: &str, raw: RawRollout) -> Result<RolloutConfig, Con
             ),
         ] {
             if let Some(v) = value {
-                if !(v >= 1.0 && v.is_finite()) {
+                // Also false for NaN and infinities.
+                if !(1.0..=MAX_RATIO).contains(&v) {
                     return Err(invalid(
                         section,
                         key,
                         v,
-                        "must be a ratio of at least 1.0, e.g. 1.2",
+                        format!("must be a ratio between 1.0 and {MAX_RATIO}, e.g. 1.2"),
                     ));
                 }
                 *into = v;
@@ -1170,7 +1503,7 @@ fn validate_rollout(section: &str, raw: RawRollout) -> Result<RolloutConfig, Con
     Ok(RolloutConfig {
         steps,
         interval,
-        fail_after: raw.fail_after.unwrap_or(2).max(1),
+        fail_after,
         judge,
     })
 }
@@ -1182,7 +1515,7 @@ fn validate_breaker(section: &str, raw: Option<RawBreaker>) -> Result<BreakerCon
         b.enabled = enabled;
     }
     if let Some(n) = raw.min_failures {
-        if n == 0 {
+        if n < 1 {
             return Err(invalid(
                 section,
                 "breaker.min_failures",
@@ -1190,7 +1523,15 @@ fn validate_breaker(section: &str, raw: Option<RawBreaker>) -> Result<BreakerCon
                 "must be at least 1; to turn the breaker off set breaker.enabled = false",
             ));
         }
-        b.min_failures = n;
+        // The data plane counts in 16 bits.
+        b.min_failures = int_in(
+            section,
+            "breaker.min_failures",
+            n,
+            1,
+            u16::MAX.into(),
+            " failures",
+        )?;
     }
     if let Some(text) = raw.failure_ratio {
         b.failure_ratio = text.parse().map_err(|e: WeightError| {
@@ -1203,17 +1544,13 @@ fn validate_breaker(section: &str, raw: Option<RawBreaker>) -> Result<BreakerCon
         })?;
     }
     if let Some(text) = raw.window {
-        b.window = match parse_duration(&text) {
-            Some(d) if (Duration::from_millis(10)..=Duration::from_secs(60)).contains(&d) => d,
-            _ => {
-                return Err(invalid(
-                    section,
-                    "breaker.window",
-                    quoted(&text),
-                    "must be a duration between 10ms and 60s, e.g. \"1s\" or \"200ms\"",
-                ));
-            }
-        };
+        b.window = duration_in(
+            section,
+            "breaker.window",
+            &text,
+            (Duration::from_millis(10), Duration::from_secs(60)),
+            "1s",
+        )?;
     }
     Ok(b)
 }
@@ -1671,7 +2008,10 @@ never_canary = []
             "{msg}"
         );
         let msg = error_text(&GOOD.replace("[agent]", "[agent]\nhandshake_timeout = \"10ms\""));
-        assert!(msg.contains("must be between 100ms and 120s"), "{msg}");
+        assert!(
+            msg.contains("must be a duration between 100ms and 120s"),
+            "{msg}"
+        );
         let msg = error_text(&GOOD.replace("[agent]", "[agent]\nmetrics_buckets_per_octave = 3"));
         assert!(
             msg.contains("[agent]: metrics_buckets_per_octave = 3: must be 1, 2, 4, 8 or 16"),
@@ -1785,12 +2125,14 @@ never_canary = []
             "weight = \"1%\", hold = \"1h\"",
         ));
         assert!(
-            msg.contains("step 2: weights must rise from step to step"),
+            msg.contains(
+                "service \"web\": rollout.steps[2].weight = \"1%\": weights must rise from step to step"
+            ),
             "{msg}"
         );
         let msg = error_text(&plan.replace("gate = \"manual\"", "gate = \"maybe\""));
         assert!(
-            msg.contains("step 2: gate must be \"auto\" or \"manual\""),
+            msg.contains("rollout.steps[2].gate = \"maybe\": gate must be \"auto\" or \"manual\""),
             "{msg}"
         );
         let msg = error_text(&plan.replace(
@@ -1868,5 +2210,221 @@ never_canary = []
     fn a_config_without_services_is_valid() {
         let c = parse("[agent]\ninterfaces = [\"lo\"]\n").unwrap();
         assert!(c.services.is_empty());
+    }
+
+    /// Each value out of range, too large to convert, negative, NaN or
+    /// infinite gets an error naming the key and its range; none panics.
+    #[test]
+    fn every_number_and_duration_is_range_checked_before_conversion() {
+        let plan = GOOD.replace("weight = \"5%\"\n", "").replace(
+            "never_canary = []",
+            "never_canary = []\n[service.rollout]\nsteps = [{ weight = \"1%\" }, { weight = \"2%\" }]\nINTERVAL\n[service.rollout.judge]\nJUDGE\n[service.breaker]\nBREAKER",
+        );
+        let with = |interval: &str, judge: &str, breaker: &str| {
+            plan.replace("INTERVAL", interval)
+                .replace("JUDGE", judge)
+                .replace("BREAKER", breaker)
+        };
+        parse(&with("", "", "")).expect("the plan without extras is valid");
+        let agent = |line: &str| GOOD.replace("[agent]", &format!("[agent]\n{line}"));
+        let cases: Vec<(String, &str)> = vec![
+            (
+                agent("handshake_timeout = \"1e20s\""),
+                "[agent]: handshake_timeout = \"1e20s\": must be a duration between 100ms and 120s",
+            ),
+            (
+                agent("handshake_timeout = \"1e308d\""),
+                "handshake_timeout = \"1e308d\": must be a duration between",
+            ),
+            (
+                agent("handshake_timeout = \"NaNs\""),
+                "handshake_timeout = \"NaNs\": not a duration",
+            ),
+            (
+                agent("handshake_timeout = \"-1s\""),
+                "handshake_timeout = \"-1s\": not a duration",
+            ),
+            (
+                agent("conntrack_capacity = -1"),
+                "[agent]: conntrack_capacity = -1: must be between 1024 and 67108864 entries",
+            ),
+            (
+                agent("conntrack_capacity = 9223372036854775807"),
+                "conntrack_capacity = 9223372036854775807: must be between",
+            ),
+            (
+                agent("max_backends = 4294967297"),
+                "[agent]: max_backends = 4294967297: must be between 1 and 4194304",
+            ),
+            (
+                agent("metrics_buckets_per_octave = -16"),
+                "metrics_buckets_per_octave = -16: must be 1, 2, 4, 8 or 16",
+            ),
+            (
+                with("interval = \"1e20s\"", "", ""),
+                "service \"web\": rollout.interval = \"1e20s\": must be a duration between 100ms and 10m",
+            ),
+            (
+                with("", "", "").replace(
+                    "{ weight = \"2%\" }",
+                    "{ weight = \"2%\", hold = \"1e20s\" }",
+                ),
+                "service \"web\": rollout.steps[2].hold = \"1e20s\": must be a duration between 0s and 30d",
+            ),
+            (
+                with("", "", "").replace(
+                    "{ weight = \"2%\" }",
+                    "{ weight = \"2%\", min_connections = -1 }",
+                ),
+                "rollout.steps[2].min_connections = -1: must be between 0 and",
+            ),
+            (
+                with("fail_after = 0", "", ""),
+                "rollout.fail_after = 0: must be between 1 and 1000",
+            ),
+            (
+                with("", "min_latency_increase = \"1e20s\"", ""),
+                "rollout.judge.min_latency_increase = \"1e20s\": must be a duration between 0s and 60s",
+            ),
+            (
+                with("", "min_p99_increase = \"infs\"", ""),
+                "rollout.judge.min_p99_increase = \"infs\": not a duration",
+            ),
+            (
+                with("", "min_samples = 0", ""),
+                "rollout.judge.min_samples = 0: must be between 1 and",
+            ),
+            (
+                with("", "alpha = nan", ""),
+                "rollout.judge.alpha = NaN: must be between 0 and 0.5",
+            ),
+            (
+                with("", "max_p99_ratio = inf", ""),
+                "rollout.judge.max_p99_ratio = inf: must be a ratio between 1.0 and 1000",
+            ),
+            (
+                with("", "", "window = \"1e20s\""),
+                "breaker.window = \"1e20s\": must be a duration between 10ms and 60s",
+            ),
+            (
+                with("", "", "min_failures = 65536"),
+                "breaker.min_failures = 65536: must be between 1 and 65535 failures",
+            ),
+            (
+                GOOD.replace("cohort = \"sticky\"", "cohort = \"sticky\"\nsalt = -1"),
+                "service \"web\": salt = -1: must be between 0 and 4294967295",
+            ),
+        ];
+        for (text, expected) in cases {
+            let msg = error_text(&text);
+            assert!(
+                msg.contains(expected),
+                "expected {expected:?}\n got      {msg:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_and_paths_are_bounded() {
+        let long = "a".repeat(300);
+        let msg = error_text(&GOOD.replace("name = \"web\"", &format!("name = \"{long}\"")));
+        assert!(
+            msg.contains("service #1: name = \"aaaa")
+                && msg.contains("aaa\"…:")
+                && msg.contains(
+                    "300 characters long; at most 64 (it names the service's state file)"
+                ),
+            "{msg}"
+        );
+        let name64 = "a".repeat(MAX_SERVICE_NAME);
+        parse(&GOOD.replace("name = \"web\"", &format!("name = \"{name64}\"")))
+            .expect("64 characters is the limit");
+        let msg = error_text(&GOOD.replace("[\"lo\"]", "[\"an-interface-name-too-long\"]"));
+        assert!(
+            msg.contains("[agent]: interfaces = \"an-interface-name-too-long\"")
+                && msg.contains("at most 15"),
+            "{msg}"
+        );
+        let msg = error_text(&GOOD.replace(
+            "/run/canary/control.sock",
+            &format!("/run/{}.sock", "s".repeat(200)),
+        ));
+        assert!(
+            msg.contains("[agent]: control_socket = ") && msg.contains("at most 107"),
+            "{msg}"
+        );
+        let msg = error_text(&GOOD.replace(
+            "[agent]",
+            "[agent]\nwebhook_url = \"http://relay/x\\r\\nX-Injected: 1\"",
+        ));
+        assert!(
+            msg.contains("[agent]: webhook_url = ") && msg.contains("printable ASCII"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_control_socket_path_naming_a_regular_file_is_refused_not_deleted() {
+        let dir = std::env::temp_dir().join(format!("canary-cfg-sock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("precious.txt");
+        std::fs::write(&file, "keep me").unwrap();
+        let msg =
+            error_text(&GOOD.replace("/run/canary/control.sock", &file.display().to_string()));
+        assert!(
+            msg.contains("[agent]: control_socket = ")
+                && msg.contains("a regular file already exists there and is not a socket"),
+            "{msg}"
+        );
+        let msg = error_text(&GOOD.replace(
+            "[agent]",
+            &format!("[agent]\nstate_dir = \"{}\"", file.display()),
+        ));
+        assert!(
+            msg.contains("[agent]: state_dir = ")
+                && msg
+                    .contains("a regular file already exists there; state_dir must be a directory"),
+            "{msg}"
+        );
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn an_oversized_config_file_is_refused_unread() {
+        let err = Config::load(Path::new("/dev/zero"), &[]).expect_err("/dev/zero is no config");
+        assert!(
+            err.to_string()
+                .contains("cannot read config file /dev/zero"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_config_that_never_arrives_times_out_instead_of_stopping_the_agent() {
+        let dir = std::env::temp_dir().join(format!("canary-cfg-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("agent.toml");
+        let c = std::ffi::CString::new(fifo.clone().into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path for the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let started = std::time::Instant::now();
+        let err = rt
+            .block_on(load_within(&fifo, &[], Duration::from_millis(200)))
+            .expect_err("nobody writes the FIFO");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let msg = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(
+            msg.contains("cannot read config file") && msg.contains("took longer than 0.2s"),
+            "{msg}"
+        );
+        // Release the blocked reader: a writer that opens and closes.
+        drop(std::fs::OpenOptions::new().write(true).open(&fifo));
+        rt.shutdown_timeout(Duration::from_secs(1));
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -13,9 +13,11 @@
 
 use std::{
     ffi::CString,
+    future::Future,
     io,
-    os::unix::fs::PermissionsExt,
+    os::unix::fs::{FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -23,9 +25,11 @@ use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
-    sync::{mpsc, oneshot},
+    sync::{Semaphore, mpsc, oneshot},
 };
 use tracing::{debug, warn};
+
+use crate::slots::{Slot, Slots};
 
 /// Protocol version of requests and responses.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -34,8 +38,21 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 /// Largest status response (many services): responses may be longer than
 /// requests.
 pub const MAX_RESPONSE: usize = 16 * 1024 * 1024;
-/// A client that sends nothing for this long is disconnected.
-const IDLE: Duration = Duration::from_secs(30);
+/// A client that sends nothing for this long is disconnected. Meanwhile it
+/// is idle: when every slot is taken, the client idle longest is closed for
+/// a newcomer, so idle clients never keep `canaryctl` out.
+pub const IDLE: Duration = Duration::from_secs(10);
+/// Time a client gets to read an answer.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections served at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time a group-membership look-up (NSS) may take before the peer is
+/// refused.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Group-membership look-ups running at once. NSS (LDAP, sssd) may hang;
+/// a look-up that does keeps its thread, so they are bounded here rather
+/// than by tokio's pool of 512 blocking threads.
+const MAX_LOOKUPS: usize = 8;
 
 /// A request line as sent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +118,8 @@ pub mod code {
     pub const NOT_BUILT: &str = "not-built";
     /// The agent failed while doing it (see its log).
     pub const INTERNAL: &str = "internal";
+    /// Every connection slot is busy with a command; retry.
+    pub const BUSY: &str = "busy";
 }
 
 /// An error answer.
@@ -246,6 +265,12 @@ pub enum ControlError {
         #[source]
         source: io::Error,
     },
+    /// Something other than a socket is at the path.
+    #[error(
+        "{0} exists and is not a socket; the agent only replaces a stale socket, so remove it \
+         yourself or set [agent] control_socket"
+    )]
+    NotASocket(PathBuf),
     /// `control_group` names no group.
     #[error("control_group {0:?} does not exist on this host (getent group lists them)")]
     NoSuchGroup(String),
@@ -302,14 +327,48 @@ fn in_group(uid: u32, primary_gid: u32, gid: u32) -> bool {
 }
 
 impl Access {
-    /// Whether a peer with these credentials may use the socket.
+    /// Who may use the socket: root, the agent's user (`geteuid`), and the
+    /// members of `group`, resolved off the runtime thread (NSS may block on
+    /// the network).
+    pub async fn resolve(group: Option<&str>) -> Result<Access, ControlError> {
+        let group = match group {
+            None => None,
+            Some(name) => {
+                let owned = name.to_string();
+                let gid = tokio::task::spawn_blocking(move || group_id(&owned))
+                    .await
+                    .map_err(|_| ControlError::NoSuchGroup(name.to_string()))??;
+                Some((name.to_string(), gid))
+            }
+        };
+        Ok(Access {
+            // SAFETY: geteuid has no preconditions.
+            owner_uid: unsafe { libc::geteuid() },
+            group,
+        })
+    }
+
+    /// Whether a peer with these credentials may use the socket. May call
+    /// NSS: blocking.
     pub fn allows(&self, uid: u32, gid: u32) -> bool {
-        uid == 0
-            || uid == self.owner_uid
-            || self
-                .group
+        self.allows_at_once(uid, gid).unwrap_or_else(|| {
+            self.group
                 .as_ref()
                 .is_some_and(|(_, g)| in_group(uid, gid, *g))
+        })
+    }
+
+    /// The answer when it needs no look-up: root, the owner, the group as
+    /// primary group, or no group configured. `None`: ask NSS.
+    fn allows_at_once(&self, uid: u32, gid: u32) -> Option<bool> {
+        if uid == 0 || uid == self.owner_uid {
+            return Some(true);
+        }
+        match &self.group {
+            None => Some(false),
+            Some((_, g)) if *g == gid => Some(true),
+            Some(_) => None,
+        }
     }
 }
 
@@ -323,7 +382,12 @@ pub fn bind(path: &Path, access: &Access) -> Result<UnixListener, ControlError> 
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io_err)?;
     }
-    if path.exists() {
+    // Only a stale socket is replaced: a regular file (or anything else) a
+    // typo pointed at is refused, never deleted.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ControlError::NotASocket(path.to_owned()));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(ControlError::InUse(path.to_owned()));
         }
@@ -342,34 +406,142 @@ pub fn bind(path: &Path, access: &Access) -> Result<UnixListener, ControlError> 
     Ok(listener)
 }
 
-/// Accepts connections until dropped; each request goes to `calls`.
-pub async fn serve(listener: UnixListener, access: Access, calls: mpsc::Sender<Call>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let (access, calls) = (access.clone(), calls.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = connection(stream, &access, &calls).await {
-                        debug!(error = %e, "control connection ended");
+/// The control socket server: listener, access rules and connection slots,
+/// kept so that a supervisor can restart the accept loop.
+pub struct ControlServer {
+    listener: Arc<UnixListener>,
+    access: Arc<Access>,
+    calls: mpsc::Sender<Call>,
+    slots: Arc<Slots>,
+    lookups: Arc<Semaphore>,
+}
+
+impl ControlServer {
+    /// A server on `listener` (see [`bind`]); each request goes to `calls`.
+    pub fn new(listener: UnixListener, access: Access, calls: mpsc::Sender<Call>) -> ControlServer {
+        ControlServer {
+            listener: Arc::new(listener),
+            access: Arc::new(access),
+            calls,
+            slots: Arc::new(Slots::new(MAX_CONNECTIONS)),
+            lookups: Arc::new(Semaphore::new(MAX_LOOKUPS)),
+        }
+    }
+
+    /// The accept loop; runs until dropped.
+    pub fn serve(&self) -> impl Future<Output = ()> + Send + use<> {
+        let (listener, access, calls, slots, lookups) = (
+            Arc::clone(&self.listener),
+            Arc::clone(&self.access),
+            self.calls.clone(),
+            Arc::clone(&self.slots),
+            Arc::clone(&self.lookups),
+        );
+        async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let Some(slot) = crate::slots::acquire(&slots).await else {
+                            busy(&stream);
+                            continue;
+                        };
+                        let (access, calls, lookups) =
+                            (Arc::clone(&access), calls.clone(), Arc::clone(&lookups));
+                        tokio::spawn(async move {
+                            if let Err(e) =
+                                connection(stream, &access, &calls, &lookups, slot).await
+                            {
+                                debug!(error = %e, "control connection ended");
+                            }
+                        });
                     }
-                });
+                    Err(e) => {
+                        warn!(error = %e, "control socket accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
             }
-            Err(e) => {
-                warn!(error = %e, "control socket accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+        }
+    }
+}
+
+/// Tells a client that every slot is busy, without waiting for it.
+fn busy(stream: &UnixStream) {
+    let resp = Response::error(
+        code::BUSY,
+        format!("the agent is busy with {MAX_CONNECTIONS} other commands; retry"),
+    );
+    if let Ok(mut bytes) = serde_json::to_vec(&resp) {
+        bytes.push(b'\n');
+        let _ = stream.try_write(&bytes);
+    }
+}
+
+/// Whether the peer may use the socket: at once for root, the owner and
+/// the primary group; otherwise through a bounded, timed NSS look-up off
+/// the runtime thread.
+async fn authorized(access: &Arc<Access>, uid: u32, gid: u32, lookups: &Arc<Semaphore>) -> bool {
+    if let Some(answer) = access.allows_at_once(uid, gid) {
+        return answer;
+    }
+    let Ok(permit) = Arc::clone(lookups).try_acquire_owned() else {
+        warn!(
+            uid,
+            "control peer refused: too many group look-ups pending (is NSS hanging?)"
+        );
+        return false;
+    };
+    let access = Arc::clone(access);
+    let lookup = tokio::task::spawn_blocking(move || {
+        let _permit = permit; // held until the look-up really ends
+        access.allows(uid, gid)
+    });
+    match tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await {
+        Ok(Ok(allowed)) => allowed,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            warn!(
+                uid,
+                "control peer refused: the group look-up took longer than 5s"
+            );
+            false
         }
     }
 }
 
 async fn connection(
     stream: UnixStream,
-    access: &Access,
+    access: &Arc<Access>,
     calls: &mpsc::Sender<Call>,
+    lookups: &Arc<Semaphore>,
+    slot: Slot,
 ) -> io::Result<()> {
     let cred = stream.peer_cred()?;
     let (read, mut write) = stream.into_split();
-    if !access.allows(cred.uid(), cred.gid()) {
+    // A pending look-up is as good as idle: under pressure it yields its
+    // slot (root, the owner and the primary group need no look-up).
+    let Some(allowed) = slot
+        .idle(authorized(access, cred.uid(), cred.gid(), lookups))
+        .await
+    else {
+        return Ok(());
+    };
+    let mut reader = BufReader::new(read);
+    if !allowed {
+        // The request is read first (and ignored): answering before the
+        // client has finished writing would close the socket under it, and
+        // it would see a broken pipe instead of the reason.
+        let mut line = Vec::new();
+        if slot
+            .idle(tokio::time::timeout(
+                IDLE,
+                read_line(&mut reader, &mut line),
+            ))
+            .await
+            .is_none()
+        {
+            return Ok(());
+        }
         let who = match &access.group {
             Some((name, _)) => format!("root, the agent's user or members of group {name:?}"),
             None => {
@@ -382,10 +554,17 @@ async fn connection(
         );
         return send(&mut write, &resp).await;
     }
-    let mut reader = BufReader::new(read);
     loop {
         let mut line = Vec::new();
-        let read = tokio::time::timeout(IDLE, read_line(&mut reader, &mut line)).await;
+        let Some(read) = slot
+            .idle(tokio::time::timeout(
+                IDLE,
+                read_line(&mut reader, &mut line),
+            ))
+            .await
+        else {
+            return Ok(()); // evicted for a newcomer
+        };
         let response = match read {
             Err(_) | Ok(Ok(LineRead::Eof)) => return Ok(()),
             Ok(Err(e)) => return Err(e),
@@ -453,10 +632,13 @@ async fn read_line<R: AsyncBufReadExt + Unpin>(
     }
 }
 
+/// Writes one answer line; a client too slow to read it is dropped.
 async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response) -> io::Result<()> {
     let mut bytes = serde_json::to_vec(resp).map_err(io::Error::other)?;
     bytes.push(b'\n');
-    write.write_all(&bytes).await
+    tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&bytes))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client too slow to read"))?
 }
 
 #[cfg(test)]

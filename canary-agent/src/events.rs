@@ -4,13 +4,13 @@
 //! structured log line (`event="rollout-state"`), whether or not a webhook
 //! is set.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use serde::Serialize;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    sync::mpsc,
+    sync::{Mutex, mpsc},
 };
 use tracing::{info, warn};
 
@@ -91,13 +91,18 @@ pub struct Events {
 }
 
 impl Events {
-    /// Delivery to `hook`, or nowhere (log only) without one.
-    pub fn start(hook: Option<Webhook>) -> Events {
+    /// Delivery to `hook` by a task under `tasks`, or nowhere (log only)
+    /// without one.
+    pub fn start(hook: Option<Webhook>, tasks: &mut crate::supervise::Supervisor) -> Events {
         let Some(hook) = hook else {
             return Events { tx: None };
         };
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(deliver(hook, rx));
+        // Shared so that a restarted delivery task drains the same queue.
+        let rx = Arc::new(Mutex::new(rx));
+        tasks.spawn("webhook delivery", move || {
+            deliver(hook.clone(), Arc::clone(&rx))
+        });
         Events { tx: Some(tx) }
     }
 
@@ -111,7 +116,8 @@ impl Events {
     }
 }
 
-async fn deliver(hook: Webhook, mut rx: mpsc::Receiver<Event>) {
+async fn deliver(hook: Webhook, rx: Arc<Mutex<mpsc::Receiver<Event>>>) {
+    let mut rx = rx.lock().await;
     while let Some(event) = rx.recv().await {
         let body = match serde_json::to_vec(&event) {
             Ok(b) => b,

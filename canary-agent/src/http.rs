@@ -1,8 +1,9 @@
 //! A minimal HTTP/1.1 server for `GET /metrics`: one request per
-//! connection, bounded request size and time. Prometheus needs nothing more,
-//! and this keeps a web framework out of the agent.
+//! connection, bounded request size and time, and a bounded number of
+//! connections (see [`crate::slots`]). Prometheus needs nothing more, and
+//! this keeps a web framework out of the agent.
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -10,21 +11,67 @@ use tokio::{
 };
 use tracing::debug;
 
-use crate::telemetry::{Exporter, Format};
+use crate::{
+    slots::{Slot, Slots, acquire},
+    telemetry::{Exporter, Format},
+};
 
 /// Largest request head accepted.
 const MAX_REQUEST: usize = 8 * 1024;
-/// Time a client gets to send its request.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a client gets to send its request head. Meanwhile it is idle: when
+/// all slots are taken, the client idle longest is closed for a newcomer.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a client gets to read the whole answer (a large exposition is a
+/// few MB; Prometheus reads it in milliseconds).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections served at once.
+pub const MAX_CONNECTIONS: usize = 256;
 
-/// Serves `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, exporter: Arc<Exporter>) {
+/// The answer to a connection that finds every slot busy serving a scrape.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\nConnection: close\r\n\r\n";
+
+/// The metrics server: its listener, exporter and connection slots, kept
+/// so that a supervisor can restart the accept loop.
+pub struct MetricsServer {
+    listener: Arc<TcpListener>,
+    exporter: Arc<Exporter>,
+    slots: Arc<Slots>,
+}
+
+impl MetricsServer {
+    /// A server on `listener` (already bound).
+    pub fn new(listener: TcpListener, exporter: Arc<Exporter>) -> MetricsServer {
+        MetricsServer {
+            listener: Arc::new(listener),
+            exporter,
+            slots: Arc::new(Slots::new(MAX_CONNECTIONS)),
+        }
+    }
+
+    /// The accept loop; runs until dropped.
+    pub fn serve(&self) -> impl Future<Output = ()> + Send + use<> {
+        serve(
+            Arc::clone(&self.listener),
+            Arc::clone(&self.exporter),
+            Arc::clone(&self.slots),
+        )
+    }
+}
+
+async fn serve(listener: Arc<TcpListener>, exporter: Arc<Exporter>, slots: Arc<Slots>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let Some(slot) = acquire(&slots).await else {
+                    // Every slot is writing a scrape: say so without
+                    // waiting (a full socket buffer just loses the answer).
+                    let _ = stream.try_write(BUSY);
+                    debug!(%peer, "metrics connection refused: every slot busy");
+                    continue;
+                };
                 let exporter = Arc::clone(&exporter);
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, &exporter).await {
+                    if let Err(e) = handle(stream, &exporter, slot).await {
                         debug!(%peer, error = %e, "metrics request failed");
                     }
                 });
@@ -38,33 +85,42 @@ pub async fn serve(listener: TcpListener, exporter: Arc<Exporter>) {
     }
 }
 
-async fn handle(mut stream: TcpStream, exporter: &Exporter) -> std::io::Result<()> {
+async fn handle(mut stream: TcpStream, exporter: &Exporter, slot: Slot) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
-    let complete = tokio::time::timeout(READ_TIMEOUT, async {
-        let mut buf = [0u8; 1024];
-        loop {
-            if head.windows(4).any(|w| w == b"\r\n\r\n") {
-                return Ok::<bool, std::io::Error>(true);
+    let read = slot
+        .idle(tokio::time::timeout(READ_TIMEOUT, async {
+            let mut buf = [0u8; 1024];
+            loop {
+                if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    return Ok::<bool, std::io::Error>(true);
+                }
+                if head.len() > MAX_REQUEST {
+                    return Ok(false);
+                }
+                let n = stream.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok(false);
+                }
+                head.extend_from_slice(&buf[..n]);
             }
-            if head.len() > MAX_REQUEST {
-                return Ok(false);
-            }
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                return Ok(false);
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .unwrap_or(Ok(false))?;
+        }))
+        .await;
+    let Some(read) = read else {
+        // Evicted for a newcomer while it had not sent its request.
+        return Ok(());
+    };
+    let complete = read.unwrap_or(Ok(false))?;
     let response = if !complete {
         reply(400, "text/plain", b"bad or incomplete request\n".to_vec())
     } else {
         route(&head, exporter)
     };
-    stream.write_all(&response).await?;
-    stream.shutdown().await
+    tokio::time::timeout(WRITE_TIMEOUT, async {
+        stream.write_all(&response).await?;
+        stream.shutdown().await
+    })
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client too slow to read"))?
 }
 
 fn route(head: &[u8], exporter: &Exporter) -> Vec<u8> {

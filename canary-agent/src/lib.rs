@@ -10,6 +10,8 @@ pub mod events;
 pub mod http;
 pub mod judge;
 pub mod rollout;
+pub mod slots;
 pub mod status;
+pub mod supervise;
 pub mod sys;
 pub mod telemetry;

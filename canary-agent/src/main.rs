@@ -76,7 +76,27 @@ enum Sub {
     },
 }
 
+/// Makes every panic abort the agent, after logging it.
+///
+/// A hook rather than `panic = "abort"` in a Cargo profile: profiles apply
+/// to the whole workspace (xtask, the lab, the benchmark and its threads
+/// would abort too), cannot be set per package, and `cargo test` builds
+/// with unwinding anyway. The hook runs before any unwinding, in every
+/// thread, so a panic inside a tokio task no longer ends just that task
+/// (tokio would catch it and the task would be silently gone): the process
+/// stops, its supervisor (systemd, the DaemonSet) restarts it, and a
+/// pinned data plane keeps steering meanwhile.
+fn abort_on_panic() {
+    let print = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        print(info);
+        tracing::error!(panic = %info, "canary-agent panicked; aborting");
+        std::process::abort();
+    }));
+}
+
 fn main() -> ExitCode {
+    abort_on_panic();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log));
@@ -115,6 +135,11 @@ fn main() -> ExitCode {
         };
     }
 
+    match canary_agent::sys::raise_nofile_limit() {
+        Ok((from, to)) if to > from => tracing::info!(from, to, "raised the open-file limit"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -193,24 +193,48 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// Largest state file read. The agent writes a few hundred bytes; anything
+/// much larger was not written by it.
+pub const MAX_STATE_FILE: u64 = 64 * 1024;
+
+/// What every refusal of a state file tells the operator to do.
+const FIX: &str = "delete it to reset the service to its configured weight \
+                   (that clears a rollback: check the service first)";
+
 /// A state file could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    /// Reading, writing or renaming failed.
+    /// Reading, writing, syncing or renaming failed.
     #[error("state file {path}")]
     Io {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    /// The file is not a state this agent understands. Refusing it keeps a
-    /// rolled-back canary from coming back by accident.
-    #[error("state file {path} is not valid; fix or remove it (removing clears the rollback)")]
+    /// The file is not a state this agent understands (truncated, edited).
+    /// Refusing it keeps a rolled-back canary from coming back by accident.
+    #[error("state file {path} is not valid (truncated or edited?); {FIX}")]
     Corrupt {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
     },
+    /// The file is a symbolic link: never followed, so nobody can point the
+    /// agent's reads or writes elsewhere.
+    #[error("state file {path} is a symbolic link, which the agent does not follow; {FIX}")]
+    Symlink { path: PathBuf },
+    /// A FIFO, device, directory, socket… where a state file should be.
+    #[error("state file {path} is {kind}, not a regular file; {FIX}")]
+    NotRegular { path: PathBuf, kind: &'static str },
+    /// Far larger than any state the agent writes.
+    #[error(
+        "state file {path} is {size} bytes, more than the {MAX_STATE_FILE} a state can be; {FIX}"
+    )]
+    TooLarge { path: PathBuf, size: u64 },
+    /// A service name that cannot name a file (config validation keeps
+    /// these out; this guards the store itself).
+    #[error("service name {0:?} cannot name a state file")]
+    BadName(String),
 }
 
 /// The directory of state files, one `<service>.json` each.
@@ -227,47 +251,150 @@ impl StateStore {
         }
     }
 
-    fn path(&self, service: &str) -> PathBuf {
-        // Service names are [A-Za-z0-9._-]+ (validated), so safe as file names.
-        self.dir.join(format!("{service}.json"))
-    }
-
-    /// The state of `service`: `Idle` if it has no file.
-    pub fn load(&self, service: &str) -> Result<ServiceState, StateError> {
-        let path = self.path(service);
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|source| StateError::Corrupt { path, source }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(ServiceState::IDLE),
-            Err(source) => Err(StateError::Io { path, source }),
+    fn path(&self, service: &str) -> Result<PathBuf, StateError> {
+        // Config validation allows [A-Za-z0-9._-], 1 to 64 characters: a
+        // plain file name, never a path.
+        let plain = !service.is_empty()
+            && service.len() <= crate::config::MAX_SERVICE_NAME
+            && service
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !plain {
+            return Err(StateError::BadName(service.to_string()));
         }
+        Ok(self.dir.join(format!("{service}.json")))
     }
 
-    /// Persists `state` atomically (write a temporary file, fsync, rename);
-    /// plain `idle` removes the file.
+    /// The state of `service`: `Idle` if it has no file. A symlink, a
+    /// non-regular file, an oversized or unparsable file is an error naming
+    /// the file: guessing could re-raise a rolled-back canary.
+    pub fn load(&self, service: &str) -> Result<ServiceState, StateError> {
+        use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+        let path = self.path(service)?;
+        // O_NOFOLLOW: a symlink fails with ELOOP instead of being read.
+        // O_NONBLOCK: opening a FIFO planted there returns at once (it is
+        // refused below) instead of hanging the agent.
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&path);
+        let file = match opened {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ServiceState::IDLE),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(StateError::Symlink { path });
+            }
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        let meta = match file.metadata() {
+            Ok(m) => m,
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        if !meta.is_file() {
+            let kind = file_kind(&meta);
+            return Err(StateError::NotRegular { path, kind });
+        }
+        if meta.len() > MAX_STATE_FILE {
+            let size = meta.len();
+            return Err(StateError::TooLarge { path, size });
+        }
+        let mut bytes = Vec::new();
+        // Bounded even if the file grows after the fstat.
+        if let Err(source) = file.take(MAX_STATE_FILE + 1).read_to_end(&mut bytes) {
+            return Err(StateError::Io { path, source });
+        }
+        if bytes.len() as u64 > MAX_STATE_FILE {
+            let size = bytes.len() as u64;
+            return Err(StateError::TooLarge { path, size });
+        }
+        serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt { path, source })
+    }
+
+    /// Persists `state` durably: a temporary file in the same directory,
+    /// created exclusively and without following links, written and
+    /// fsynced, renamed over the state file, then the directory fsynced so
+    /// the rename itself survives a power cut. Plain `idle` removes the
+    /// file (and fsyncs the directory).
     pub fn save(&self, service: &str, state: &ServiceState) -> Result<(), StateError> {
-        let path = self.path(service);
+        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+        let path = self.path(service)?;
         let io_err = |path: &Path| {
             let path = path.to_owned();
             move |source| StateError::Io { path, source }
         };
         if *state == ServiceState::IDLE {
             return match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&path)(e)),
-                _ => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(io_err(&path)(e)),
+                Ok(()) => self.sync_dir(),
             };
         }
         std::fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
         let tmp = self.dir.join(format!(".{service}.json.tmp"));
         let json =
             serde_json::to_vec_pretty(state).map_err(|e| io_err(&tmp)(io::Error::other(e)))?;
-        {
-            use std::io::Write as _;
-            let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-            f.write_all(&json).map_err(io_err(&tmp))?;
-            f.sync_all().map_err(io_err(&tmp))?;
+        // O_CREAT|O_EXCL (create_new) with O_NOFOLLOW: never writes through
+        // a link or into a file someone else prepared.
+        let create = || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&tmp)
+        };
+        let mut file = match create() {
+            // Left over by a crash between create and rename: only this
+            // agent writes here (one agent per control socket), so it is
+            // ours to remove. Unlinking a planted symlink removes the link,
+            // not its target.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                std::fs::remove_file(&tmp).map_err(io_err(&tmp))?;
+                create().map_err(io_err(&tmp))?
+            }
+            other => other.map_err(io_err(&tmp))?,
+        };
+        let written = file
+            .write_all(&json)
+            .and_then(|()| file.sync_all())
+            .map_err(io_err(&tmp))
+            .and_then(|()| std::fs::rename(&tmp, &path).map_err(io_err(&path)));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
         }
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))
+        self.sync_dir()
+    }
+
+    /// fsync of the directory: makes a rename or unlink in it durable.
+    fn sync_dir(&self) -> Result<(), StateError> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| StateError::Io {
+                path: self.dir.clone(),
+                source,
+            })
+    }
+}
+
+/// "a directory", "a FIFO", … for messages.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else {
+        "a device"
     }
 }
 
@@ -365,10 +492,89 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("web.json"), "{\"state\":\"rolled-back\"").unwrap();
         let err = store.load("web").unwrap_err();
+        let path = dir.join("web.json");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "state file {} is not valid (truncated or edited?); delete it to reset the service \
+                 to its configured weight (that clears a rollback: check the service first)",
+                path.display()
+            )
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn hostile_state_files_are_refused_with_their_name() {
+        let (store, dir) = store();
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("elsewhere");
+        std::fs::write(&target, "{\"state\":\"idle\"}").unwrap();
+        std::os::unix::fs::symlink(&target, dir.join("link.json")).unwrap();
+        let err = store.load("link").unwrap_err().to_string();
         assert!(
-            err.to_string().contains("is not valid; fix or remove it"),
+            err.contains(
+                "link.json is a symbolic link, which the agent does not follow; delete it"
+            ),
             "{err}"
         );
+        // Sparse: the size is refused before anything is read.
+        std::fs::File::create(dir.join("huge.json"))
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        let err = store.load("huge").unwrap_err().to_string();
+        assert!(
+            err.contains("huge.json is 1073741824 bytes, more than the 65536"),
+            "{err}"
+        );
+        std::fs::create_dir(dir.join("dir.json")).unwrap();
+        let err = store.load("dir").unwrap_err().to_string();
+        assert!(
+            err.contains("dir.json is a directory, not a regular file"),
+            "{err}"
+        );
+        let fifo =
+            std::ffi::CString::new(dir.join("fifo.json").into_os_string().into_encoded_bytes())
+                .unwrap();
+        // SAFETY: `fifo` is a valid NUL-terminated path for the call.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let err = store.load("fifo").unwrap_err().to_string();
+        assert!(
+            err.contains("fifo.json is a FIFO, not a regular file"),
+            "{err}"
+        );
+        assert!(matches!(
+            store.load("../etc/passwd"),
+            Err(StateError::BadName(_))
+        ));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn saving_never_writes_through_a_planted_link_and_replaces_a_stale_temp_file() {
+        let (store, dir) = store();
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "untouched").unwrap();
+        // A temporary file name taken by a symlink (a crash leftover or a
+        // plant): the link goes, its target stays.
+        std::os::unix::fs::symlink(&victim, dir.join(".web.json.tmp")).unwrap();
+        let state = ServiceState::rolled_back(RollbackReason::Operator, "x".into());
+        store.save("web", &state).unwrap();
+        assert_eq!(store.load("web").unwrap(), state);
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+        assert!(
+            !dir.join(".web.json.tmp").exists(),
+            "temp file renamed away"
+        );
+        // A symlink at the state file itself is replaced by the rename, not
+        // written through.
+        std::fs::remove_file(dir.join("web.json")).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("web.json")).unwrap();
+        store.save("web", &state).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+        assert_eq!(store.load("web").unwrap(), state);
         let _ = std::fs::remove_dir_all(dir);
     }
 }
