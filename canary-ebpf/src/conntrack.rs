@@ -171,7 +171,7 @@ pub fn unconfirmed(key: &FlowKey) -> Option<CtEntry> {
 /// ends it: the backend had no such connection. Anything else proves the
 /// connection: the flow moves into `CONNTRACK`, past its handshake (a later
 /// RST is a reset, not a refusal), and counts as reopened, once (the CPU
-/// that removes the entry).
+/// that removes the reverse entry).
 #[inline(always)]
 pub fn confirm(
     fwd: &FlowKey,
@@ -180,11 +180,12 @@ pub fn confirm(
     rst: bool,
     counters: Option<&mut BackendCounters>,
 ) {
-    let _ = UNCONFIRMED.remove(fwd);
+    // The reverse entry decides which CPU acts on the answer.
     if UNCONFIRMED.remove(rev).is_err() {
         return;
     }
     if rst {
+        let _ = UNCONFIRMED.remove(fwd);
         count(Counter::ReopenReset);
         return;
     }
@@ -199,6 +200,9 @@ pub fn confirm(
         ..reverse
     };
     insert_pair(&CONNTRACK, fwd, &forward, rev, &reverse);
+    // Removed only now: a client packet in between still finds the flow's
+    // backend here rather than re-resolving it.
+    let _ = UNCONFIRMED.remove(fwd);
     if let Some(c) = counters {
         c.reopened += 1;
     }
