@@ -358,6 +358,15 @@ fn forged_rsts_then_a_weight_change_break_no_connection() {
     let ignored = event(&m, "rst_ignored");
     let active = m.sum("canary_active_connections", &[("service", "web")]);
     drop(conns);
+    // The weight did change: every new connection goes to canary.
+    let fresh = load::drive(&lab, vip(), lab.client_addrs(), 20);
+    fresh.assert_no_errors("new connections at 100%");
+    assert_eq!(
+        fresh.canary(),
+        20,
+        "new connections at 100%: {:?}",
+        fresh.by_backend
+    );
 
     let broken: Vec<_> = pings.iter().filter(|p| !p.errors.is_empty()).collect();
     let moved: Vec<_> = firsts
