@@ -17,7 +17,7 @@ use crate::{
     maps::PENDING,
     nat::{End, Rewrite},
     packet::{self, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tcp4},
-    stats::{self, Action, Latency},
+    stats::{self, Action, Latency, count},
 };
 
 #[inline(always)]
@@ -104,15 +104,29 @@ pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
         {
             conntrack::close(fwd, true, conntrack::now());
         }
-        if pkt.has(TCP_RST)
-            && let Some(fwd) = fwd
-        {
+        if pkt.has(TCP_RST) {
             // Only the flow's first RST counts: the entries stay (marked
             // closing), and RSTs that follow answer packets still in
             // flight.
-            let refused = fwd.read().state & ST_HANDSHAKE == 0;
             let now = conntrack::now();
-            if conntrack::rst(fwd, &fwd_key, Some(rev_entry), !refused, now) {
+            let (first, refused) = match fwd {
+                Some(fwd) => {
+                    let refused = fwd.read().state & ST_HANDSHAKE == 0;
+                    let first = conntrack::rst(fwd, &fwd_key, Some(rev_entry), !refused, now);
+                    (first, refused)
+                }
+                // The forward half was evicted: nothing to close. The
+                // reverse entry mirrors the handshake bit and keeps the
+                // once-only mark.
+                None => {
+                    let first = rev_entry.set_state(ST_RST) & ST_RST == 0;
+                    if first {
+                        count(Counter::RstClosed);
+                    }
+                    (first, rev.state & ST_HANDSHAKE == 0)
+                }
+            };
+            if first {
                 // A RST before the handshake completed refuses the
                 // connection.
                 if let Some(c) = counters {
