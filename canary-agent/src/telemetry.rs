@@ -546,7 +546,7 @@ impl Collector for StatsCollector {
         family(
             e,
             "canary_dataplane_events",
-            "Data-plane events (new flows, conntrack misses, SYN retransmits, RST closes, unattributed measurements).",
+            "Data-plane events (new flows, conntrack misses, SYN retransmits and duplicates, RST closes and ignored RSTs, re-resolved flows confirmed or reset, unattributed measurements).",
             None,
             snapshot
                 .dataplane

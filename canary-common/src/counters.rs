@@ -5,14 +5,16 @@
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// New flow steered (SYN, or a re-resolved conntrack miss).
+    /// New flow steered (a SYN).
     NewFlow = 0,
-    /// Non-SYN packet to a VIP with no conntrack entry: re-resolved
-    /// deterministically to the same cohort and backend.
+    /// Non-SYN packet to a VIP with no conntrack entry: forwarded to the
+    /// backend its flow re-resolves to (deterministically the same while
+    /// the service is unchanged), tracked only once the backend answers.
     CtMiss,
     /// SYN for a flow already tracked and not closed: kept on its backend.
     SynRetransmit,
-    /// Flow ended by a RST; its entries were removed.
+    /// A RST closed a tracked flow (counted at the first RST of the flow);
+    /// its entries stay, marked closing.
     RstClosed,
     /// Packet shorter than an Ethernet header.
     TruncatedEth,
@@ -31,11 +33,24 @@ pub enum Counter {
     /// A measurement had no stats slot or histogram to go to (its service
     /// or backend was removed while the flow was open).
     Unattributed,
+    /// SYN for a tracked flow that is not a retry failure: it came within
+    /// `SYN_RETRY_MIN_NS` of the first SYN, or after the SYN-ACK (a copy,
+    /// a lost SYN-ACK, a spoofer). Also counted in `SynRetransmit`.
+    SynDuplicate,
+    /// A RST was ignored: the backend sent a non-RST packet on a flow that
+    /// RST had closed (and marked closing), so the flow is open again.
+    RstIgnored,
+    /// The backend answered a re-resolved flow with a non-RST packet: the
+    /// flow is tracked in conntrack again.
+    ReopenConfirmed,
+    /// The backend answered a re-resolved flow with a RST: it had no such
+    /// connection (a stray or forged packet). Not a refusal, not a failure.
+    ReopenReset,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 16] = [
         Counter::NewFlow,
         Counter::CtMiss,
         Counter::SynRetransmit,
@@ -48,6 +63,10 @@ impl Counter {
         Counter::RewriteFailed,
         Counter::CtInsertFailed,
         Counter::Unattributed,
+        Counter::SynDuplicate,
+        Counter::RstIgnored,
+        Counter::ReopenConfirmed,
+        Counter::ReopenReset,
     ];
 
     /// Number of slots in the `COUNTERS` map.
@@ -68,6 +87,10 @@ impl Counter {
             Counter::RewriteFailed => "rewrite_failed",
             Counter::CtInsertFailed => "ct_insert_failed",
             Counter::Unattributed => "unattributed",
+            Counter::SynDuplicate => "syn_duplicate",
+            Counter::RstIgnored => "rst_ignored",
+            Counter::ReopenConfirmed => "reopen_confirmed",
+            Counter::ReopenReset => "reopen_reset",
         }
     }
 
@@ -80,6 +103,10 @@ impl Counter {
                 | Counter::SynRetransmit
                 | Counter::RstClosed
                 | Counter::Unattributed
+                | Counter::SynDuplicate
+                | Counter::RstIgnored
+                | Counter::ReopenConfirmed
+                | Counter::ReopenReset
         )
     }
 }

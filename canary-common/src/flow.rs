@@ -38,10 +38,13 @@ pub const CT_DEFAULT_CAPACITY: u32 = 262_144;
 /// Static entry flag: the entry is the reverse (reply) half of a flow.
 pub const CT_REVERSE: u8 = 1 << 0;
 /// Static entry flag: the flow was re-resolved after a conntrack miss, so
-/// its timestamps do not start at a SYN and its timings are not recorded.
+/// its timestamps do not start at a SYN and its timings are not recorded;
+/// it was never a connection attempt, so nothing it does is a refusal or a
+/// breaker failure.
 pub const CT_REOPENED: u8 = 1 << 1;
 
-/// `state` bits, changed with atomic ORs. The forward entry holds the
+/// `state` bits, set with atomic ORs (cleared with atomic ANDs only when an
+/// ignored RST revives a flow). The forward entry holds the
 /// flow's state; the reverse entry mirrors the bits egress checks on every
 /// packet, so egress reads the forward entry only when one changes.
 ///
@@ -60,6 +63,39 @@ pub const ST_REQUEST: u64 = 1 << 4;
 pub const ST_RESPONSE: u64 = 1 << 5;
 /// The SYN was retransmitted (counted once per connection).
 pub const ST_SYN_RETRIED: u64 = 1 << 6;
+/// A RST was seen and nothing has shown it ignored yet: the flow is
+/// closing. Set in both entries (egress checks the reverse one per packet).
+/// The entries stay, so packets that follow still reach the flow's backend;
+/// a non-RST packet from the backend clears the bit (the RST was ignored,
+/// RFC 5961), and a SYN on the 5-tuple starts a new connection, as after a
+/// FIN.
+pub const ST_RST: u64 = 1 << 7;
+/// Forward entry: the close was counted at a RST (not at FINs or a
+/// handshake timeout), so a RST shown ignored takes it back.
+pub const ST_RST_CLOSE: u64 = 1 << 8;
+/// Forward entry: the flow outlived an ignored RST. Its duration was
+/// recorded at that RST; its real close records none (one sample per
+/// connection).
+pub const ST_REVIVED: u64 = 1 << 9;
+
+/// A SYN for a tracked flow that comes sooner than this after the flow's
+/// first SYN is a duplicate (a copy in the network, a spoofer), not a
+/// retransmission. Linux retries a SYN after its initial RTO of 1 s
+/// (`TCP_TIMEOUT_INIT`, as RFC 6298 recommends), and its smallest RTO of
+/// any kind is `TCP_RTO_MIN`, 200 ms; this is that floor, five times below
+/// the usual first retry. A stack tuned to retry sooner (a route's
+/// `rto_min`, a sockops `TIMEOUT_INIT`) has its early retries counted as
+/// duplicates: retries can be undercounted, never invented.
+pub const SYN_RETRY_MIN_NS: u64 = 200_000_000;
+
+/// Whether a SYN seen `since_first_ns` after its flow's first SYN, on a
+/// flow in `state`, is a retransmission that says the backend did not
+/// answer: no SYN-ACK was seen and a real retransmission timer could have
+/// fired. Anything else is a duplicate and never a backend failure.
+#[inline(always)]
+pub const fn is_syn_retry(state: u64, since_first_ns: u64) -> bool {
+    state & ST_HANDSHAKE == 0 && since_first_ns >= SYN_RETRY_MIN_NS
+}
 
 /// Conntrack value.
 ///
@@ -80,7 +116,8 @@ pub struct CtEntry {
     pub svc_id: u32,
     /// The backend's `STATS` slot.
     pub stats_slot: u32,
-    /// `bpf_ktime_get_ns` at the SYN (or at re-resolution).
+    /// `bpf_ktime_get_ns` at the flow's first SYN (or at re-resolution);
+    /// a later SYN is a retry only [`SYN_RETRY_MIN_NS`] after it.
     pub created_ns: u64,
     /// `bpf_ktime_get_ns` of the first client payload (forward entry).
     pub request_ns: u64,
@@ -106,6 +143,15 @@ const _: () = assert!(core::mem::size_of::<PendingSyn>() == 16);
 /// oldest are evicted unseen (under a SYN flood timeouts are undercounted).
 pub const PENDING_CAPACITY: u32 = 65_536;
 
+/// Capacity of `UNCONFIRMED`, in entries (two per flow): flows re-resolved
+/// after a conntrack miss whose backend has not answered yet. Non-SYN
+/// packets with no conntrack entry only ever create entries here, so a
+/// flood of them (bare ACKs from fresh ports) churns this table and never
+/// evicts a tracked flow from `CONNTRACK`. Under such a flood a genuine
+/// re-resolved flow whose entry is pushed out before its backend answers is
+/// re-resolved again by its next packet.
+pub const UNCONFIRMED_CAPACITY: u32 = 8_192;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: repr(C), no padding (explicit `_pad`), every bit pattern valid.
@@ -114,4 +160,26 @@ mod pod {
     unsafe impl aya::Pod for super::CtEntry {}
     // SAFETY: repr(C), explicit padding, integers only.
     unsafe impl aya::Pod for super::PendingSyn {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ST_HANDSHAKE, ST_SYN_RETRIED, SYN_RETRY_MIN_NS, is_syn_retry};
+
+    #[test]
+    fn only_a_late_syn_without_a_syn_ack_is_a_retry() {
+        let ms = 1_000_000;
+        assert!(!is_syn_retry(0, 0), "back-to-back copies are duplicates");
+        assert!(!is_syn_retry(0, 199 * ms), "sooner than any RTO");
+        assert!(is_syn_retry(0, SYN_RETRY_MIN_NS), "at the floor");
+        assert!(is_syn_retry(0, 1000 * ms), "Linux's first retry, 1 s");
+        assert!(
+            is_syn_retry(ST_SYN_RETRIED, 3000 * ms),
+            "a second retry is still a retry (counted once elsewhere)"
+        );
+        assert!(
+            !is_syn_retry(ST_HANDSHAKE, 3000 * ms),
+            "after the SYN-ACK the backend has answered: never a retry"
+        );
+    }
 }

@@ -20,7 +20,7 @@ pub struct MapLayout {
 }
 
 /// Every map of the object except `LAYOUT` itself, in `LAYOUT` index order.
-pub const MAPS: [MapLayout; 9] = [
+pub const MAPS: [MapLayout; 10] = [
     MapLayout {
         name: names::SERVICES,
         version: 1,
@@ -55,6 +55,10 @@ pub const MAPS: [MapLayout; 9] = [
     },
     MapLayout {
         name: names::EVENTS,
+        version: 1,
+    },
+    MapLayout {
+        name: names::UNCONFIRMED,
         version: 1,
     },
 ];

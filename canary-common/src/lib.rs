@@ -34,6 +34,9 @@ pub mod names {
     pub const HISTOGRAMS: &str = "HISTOGRAMS";
     /// SYNs awaiting their SYN-ACK, see [`crate::flow::PendingSyn`].
     pub const PENDING: &str = "PENDING";
+    /// Re-resolved flows awaiting their backend's answer, see
+    /// [`crate::flow::UNCONFIRMED_CAPACITY`].
+    pub const UNCONFIRMED: &str = "UNCONFIRMED";
     /// Breaker windows per service, see [`crate::breaker::BreakerState`].
     pub const BREAKER: &str = "BREAKER";
     /// Ring buffer of [`crate::breaker::BreakerEvent`]s.

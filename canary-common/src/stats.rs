@@ -8,9 +8,13 @@
 pub struct BackendCounters {
     /// SYNs steered here (new connections).
     pub connections: u64,
-    /// Flows re-resolved here after a conntrack miss (opened without a SYN).
+    /// Flows counted open again without a SYN: re-resolved here after a
+    /// conntrack miss and confirmed by the backend's answer, or revived
+    /// after a RST the backend ignored (whose close is taken back). Only
+    /// `active` uses it; these are never new connections.
     pub reopened: u64,
-    /// Flows closed (FIN both ways, or RST).
+    /// Closes counted (FIN both ways, or the flow's first RST). A flow
+    /// revived after an ignored RST is closed again later.
     pub closed: u64,
     /// RSTs sent by the backend on an established connection.
     pub resets_from_backend: u64,

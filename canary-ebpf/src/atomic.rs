@@ -1,15 +1,16 @@
 //! Atomic read-modify-write on map memory.
 //!
 //! Rust's BPF target declares no compare-and-swap, so `core::sync::atomic`
-//! offers no `fetch_*` there; the kernel and LLVM do support atomic add and
-//! fetch-or, which these intrinsics reach directly.
+//! offers no `fetch_*` there; the kernel and LLVM do support atomic add,
+//! fetch-or and fetch-and, which these intrinsics reach directly.
 //!
 //! Only 64-bit words: LLVM 22's BPF backend emits a 32-bit fetch-or whose
 //! result is used as a plain, non-fetching OR (imm 0x40 instead of 0x41),
-//! so the caller reads back its own operand. The 64-bit form is correct on
-//! every CPU level; the fixtures would catch a regression.
+//! so the caller reads back its own operand. The 64-bit forms are correct
+//! on every CPU level; the fixtures would catch a regression (fetch-and:
+//! an ignored RST is counted exactly once however many packets show it).
 
-use core::intrinsics::{AtomicOrdering, atomic_or, atomic_xadd};
+use core::intrinsics::{AtomicOrdering, atomic_and, atomic_or, atomic_xadd};
 
 /// `*p += v`, atomically across CPUs.
 ///
@@ -31,4 +32,15 @@ pub unsafe fn add(p: *mut u64, v: u64) {
 pub unsafe fn or(p: *mut u64, bits: u64) -> u64 {
     // SAFETY: forwarded from the caller's contract.
     unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(p, bits) }
+}
+
+/// `*p &= mask` atomically across CPUs; returns the value before.
+///
+/// # Safety
+/// `p` must be valid for writes, 8-aligned, and every concurrent writer of
+/// `*p` must use atomics.
+#[inline(always)]
+pub unsafe fn and(p: *mut u64, mask: u64) -> u64 {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { atomic_and::<u64, u64, { AtomicOrdering::Relaxed }>(p, mask) }
 }

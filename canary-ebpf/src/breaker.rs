@@ -10,9 +10,10 @@ use canary_common::{
 
 use crate::maps::{BREAKER, EVENTS, SERVICES};
 
-/// Whether a new flow that chose canary may go there; counts the attempt.
+/// Whether a flow that chose canary may go there. A new connection (a
+/// SYN, `attempt`) counts as a canary attempt; a re-resolved flow does not.
 #[inline(always)]
-pub fn allow_canary(svc: &ServiceValue, now: u64) -> bool {
+pub fn allow_canary(svc: &ServiceValue, now: u64, attempt: bool) -> bool {
     if svc.flags & FLAG_CANARY_OFF != 0 {
         return false;
     }
@@ -26,8 +27,10 @@ pub fn allow_canary(svc: &ServiceValue, now: u64) -> bool {
         if (*b).tripped != 0 {
             return false;
         }
-        roll_window(b, now, svc.breaker_window_ms);
-        crate::atomic::add(core::ptr::addr_of_mut!((*b).attempts), 1);
+        if attempt {
+            roll_window(b, now, svc.breaker_window_ms);
+            crate::atomic::add(core::ptr::addr_of_mut!((*b).attempts), 1);
+        }
     }
     true
 }

@@ -1,14 +1,18 @@
 //! Flow state: creation on the first packet, atomic state bits, and the
 //! once-per-flow close.
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, maps::LruHashMap};
 use canary_common::{
     counters::Counter,
-    flow::{CT_REOPENED, CT_REVERSE, CtEntry, FlowKey, PendingSyn, ST_CLOSED},
+    flow::{
+        CT_REOPENED, CT_REVERSE, CtEntry, FlowKey, PendingSyn, ST_CLOSED, ST_HANDSHAKE, ST_REVIVED,
+        ST_RST, ST_RST_CLOSE,
+    },
+    stats::BackendCounters,
 };
 
 use crate::{
-    maps::{CONNTRACK, PENDING},
+    maps::{CONNTRACK, PENDING, UNCONFIRMED},
     stats::{self, Latency, count},
     steer::Choice,
 };
@@ -32,6 +36,13 @@ impl Entry {
         // SAFETY: as in `read`; `state` is an 8-aligned u64 of the value and
         // every writer on every CPU uses atomics on it.
         unsafe { crate::atomic::or(core::ptr::addr_of_mut!((*self.0).state), bits) }
+    }
+
+    /// Atomically clears `bits` in the state; returns the state before.
+    #[inline(always)]
+    pub fn clear_state(self, bits: u64) -> u64 {
+        // SAFETY: as in `set_state`.
+        unsafe { crate::atomic::and(core::ptr::addr_of_mut!((*self.0).state), !bits) }
     }
 
     /// Records the time of the first client payload.
@@ -71,20 +82,23 @@ pub fn reverse_key(fwd: &FlowKey, backend_addr: u32, backend_port: u16) -> FlowK
     }
 }
 
-/// Records a new flow `fwd` (client → VIP) steered by `choice`: the forward
-/// entry and the reverse one for replies, and for a SYN the pending
-/// handshake. A failed insert is counted; the flow still works because every
-/// later packet re-resolves the same way.
+/// The two fresh entries of flow `fwd` (client → VIP) steered by `choice`,
+/// with `flags` (besides `CT_REVERSE`), and the reverse key.
 #[inline(always)]
-pub fn create(fwd: &FlowKey, svc_id: u32, choice: &Choice, syn: bool, now: u64) {
-    let slot = choice.backend.stats_slot;
+fn entries(
+    fwd: &FlowKey,
+    svc_id: u32,
+    choice: &Choice,
+    flags: u8,
+    now: u64,
+) -> (CtEntry, FlowKey, CtEntry) {
     let forward = CtEntry {
         nat_addr: choice.backend.addr,
         nat_port: choice.backend.port,
         cohort: choice.cohort,
-        flags: if syn { 0 } else { CT_REOPENED },
+        flags,
         svc_id,
-        stats_slot: slot,
+        stats_slot: choice.backend.stats_slot,
         created_ns: now,
         request_ns: 0,
         state: 0,
@@ -92,41 +106,122 @@ pub fn create(fwd: &FlowKey, svc_id: u32, choice: &Choice, syn: bool, now: u64) 
     let reverse = CtEntry {
         nat_addr: fwd.dst_addr,
         nat_port: fwd.dst_port,
-        flags: forward.flags | CT_REVERSE,
+        flags: flags | CT_REVERSE,
         ..forward
     };
-    let reverse_key = reverse_key(fwd, choice.backend.addr, choice.backend.port);
-    if CONNTRACK.insert(fwd, &forward, BPF_ANY as u64).is_err()
-        || CONNTRACK
-            .insert(&reverse_key, &reverse, BPF_ANY as u64)
-            .is_err()
+    (
+        forward,
+        reverse_key(fwd, choice.backend.addr, choice.backend.port),
+        reverse,
+    )
+}
+
+/// Inserts both halves of a flow into `map`; a failure is counted.
+#[inline(always)]
+fn insert_pair(
+    map: &LruHashMap<FlowKey, CtEntry>,
+    fwd: &FlowKey,
+    forward: &CtEntry,
+    rev: &FlowKey,
+    reverse: &CtEntry,
+) {
+    if map.insert(fwd, forward, BPF_ANY as u64).is_err()
+        || map.insert(rev, reverse, BPF_ANY as u64).is_err()
     {
         count(Counter::CtInsertFailed);
     }
-    if syn {
-        let pending = PendingSyn {
-            syn_ns: now,
-            stats_slot: slot,
-            _pad: 0,
-        };
-        // Best effort: a full table only undercounts handshake timeouts.
-        let _ = PENDING.insert(fwd, &pending, BPF_ANY as u64);
+}
+
+/// Records a new flow `fwd` (client → VIP, opened by a SYN) steered by
+/// `choice`: the forward entry, the reverse one for replies, and the
+/// pending handshake. A failed insert is counted; the flow still works
+/// because every later packet re-resolves the same way.
+#[inline(always)]
+pub fn create(fwd: &FlowKey, svc_id: u32, choice: &Choice, now: u64) {
+    let (forward, rev, reverse) = entries(fwd, svc_id, choice, 0, now);
+    insert_pair(&CONNTRACK, fwd, &forward, &rev, &reverse);
+    let pending = PendingSyn {
+        syn_ns: now,
+        stats_slot: choice.backend.stats_slot,
+        _pad: 0,
+    };
+    // Best effort: a full table only undercounts handshake timeouts.
+    let _ = PENDING.insert(fwd, &pending, BPF_ANY as u64);
+}
+
+/// Records a flow re-resolved after a conntrack miss (a non-SYN packet) in
+/// `UNCONFIRMED` only: nothing enters `CONNTRACK`, and nothing is counted
+/// as a connection, until the backend answers.
+#[inline(always)]
+pub fn create_unconfirmed(fwd: &FlowKey, svc_id: u32, choice: &Choice, now: u64) {
+    let (forward, rev, reverse) = entries(fwd, svc_id, choice, CT_REOPENED, now);
+    insert_pair(&UNCONFIRMED, fwd, &forward, &rev, &reverse);
+}
+
+/// The unconfirmed entry for `key` (either direction), copied.
+#[inline(always)]
+pub fn unconfirmed(key: &FlowKey) -> Option<CtEntry> {
+    // SAFETY: a live element for this run (LRU elements are freed only
+    // after an RCU grace period); copied out at once.
+    UNCONFIRMED.get_ptr(key).map(|e| unsafe { *e })
+}
+
+/// The backend answered the unconfirmed flow whose reverse key is `rev`
+/// (`reverse` its entry, `fwd` its forward key) with `rst` or not. A RST
+/// ends it: the backend had no such connection. Anything else proves the
+/// connection: the flow moves into `CONNTRACK`, past its handshake (a later
+/// RST is a reset, not a refusal), and counts as reopened, once (the CPU
+/// that removes the reverse entry).
+#[inline(always)]
+pub fn confirm(
+    fwd: &FlowKey,
+    rev: &FlowKey,
+    reverse: &CtEntry,
+    rst: bool,
+    counters: Option<&mut BackendCounters>,
+) {
+    // The reverse entry decides which CPU acts on the answer.
+    if UNCONFIRMED.remove(rev).is_err() {
+        return;
     }
+    if rst {
+        let _ = UNCONFIRMED.remove(fwd);
+        count(Counter::ReopenReset);
+        return;
+    }
+    let reverse = CtEntry {
+        state: ST_HANDSHAKE,
+        ..*reverse
+    };
+    let forward = CtEntry {
+        nat_addr: rev.src_addr,
+        nat_port: rev.src_port,
+        flags: reverse.flags & !CT_REVERSE,
+        ..reverse
+    };
+    insert_pair(&CONNTRACK, fwd, &forward, rev, &reverse);
+    // Removed only now: a client packet in between still finds the flow's
+    // backend here rather than re-resolving it.
+    let _ = UNCONFIRMED.remove(fwd);
+    if let Some(c) = counters {
+        c.reopened += 1;
+    }
+    count(Counter::ReopenConfirmed);
 }
 
 /// Counts the close of the flow whose forward entry is `fwd`, once: the
-/// first caller to set ST_CLOSED wins. `duration` records open → close
-/// (not for refused connections, which never opened).
+/// first caller to set ST_CLOSED wins (true). `duration` records open →
+/// close (not for refused connections, which never opened).
 #[inline(always)]
-pub fn close(fwd: Entry, duration: bool, now: u64) {
+pub fn close(fwd: Entry, duration: bool, now: u64) -> bool {
     if fwd.set_state(ST_CLOSED) & ST_CLOSED != 0 {
-        return;
+        return false;
     }
     let ct = fwd.read();
     if let Some(c) = stats::backend(ct.stats_slot) {
         c.closed += 1;
     }
-    if duration && ct.flags & CT_REOPENED == 0 {
+    if duration && ct.flags & CT_REOPENED == 0 && ct.state & ST_REVIVED == 0 {
         stats::observe(
             ct.svc_id,
             ct.cohort,
@@ -134,14 +229,54 @@ pub fn close(fwd: Entry, duration: bool, now: u64) {
             (now - ct.created_ns) / 1000,
         );
     }
+    true
 }
 
-/// Removes both halves of the flow whose forward key is `fwd` and whose
-/// backend is `backend_addr:backend_port`, and its pending handshake.
+/// A RST on the flow whose forward entry is `fwd` and reverse entry `rev`
+/// (if still there): the first RST marks both entries closing and counts
+/// the close (true); later ones change nothing (false). The entries stay,
+/// so a RST the endpoints ignore breaks nothing: see [`revive`].
 #[inline(always)]
-pub fn remove(fwd: &FlowKey, backend_addr: u32, backend_port: u16) {
-    // A missing half (already evicted or removed) is not an error.
-    let _ = CONNTRACK.remove(fwd);
-    let _ = CONNTRACK.remove(&reverse_key(fwd, backend_addr, backend_port));
-    let _ = PENDING.remove(fwd);
+pub fn rst(fwd: Entry, fwd_key: &FlowKey, rev: Option<Entry>, duration: bool, now: u64) -> bool {
+    if fwd.set_state(ST_RST) & ST_RST != 0 {
+        return false;
+    }
+    if close(fwd, duration, now) {
+        fwd.set_state(ST_RST_CLOSE);
+    }
+    // Marked last: egress revives a flow by the reverse entry's bit.
+    if let Some(rev) = rev {
+        rev.set_state(ST_RST);
+    }
+    // The handshake ended (refused or reset): not a timeout.
+    let _ = PENDING.remove(fwd_key);
+    count(Counter::RstClosed);
+    true
+}
+
+/// The backend sent a non-RST packet on a flow marked closing, whose
+/// reverse entry is `rev`: the RST was ignored (out of window, RFC 5961)
+/// and the connection lives. Clears the mark once (the CPU that clears the
+/// reverse entry's bit). If the RST was what closed the flow, the close is
+/// taken back, so the flow counts as active again (through `reopened`), and
+/// `rst_ignored` counts it; a RST after both FINs or a handshake timeout
+/// closed nothing and takes nothing back.
+#[inline(always)]
+pub fn revive(rev: Entry, fwd: Option<Entry>, counters: Option<&mut BackendCounters>) {
+    if rev.clear_state(ST_RST) & ST_RST == 0 {
+        return;
+    }
+    let Some(fwd) = fwd else {
+        return;
+    };
+    if fwd.clear_state(ST_RST | ST_RST_CLOSE) & ST_RST_CLOSE != 0 {
+        // Revived before un-closed, so a close racing in records no
+        // second duration.
+        fwd.set_state(ST_REVIVED);
+        fwd.clear_state(ST_CLOSED);
+        if let Some(c) = counters {
+            c.reopened += 1;
+        }
+        count(Counter::RstIgnored);
+    }
 }

@@ -7,7 +7,7 @@ use canary_common::{
     counters::Counter,
     flow::{
         CT_REOPENED, CT_REVERSE, FlowKey, ST_BACKEND_FIN, ST_CLIENT_FIN, ST_HANDSHAKE, ST_REQUEST,
-        ST_RESPONSE,
+        ST_RESPONSE, ST_RST,
     },
     service::COHORT_CANARY,
 };
@@ -16,7 +16,7 @@ use crate::{
     breaker, conntrack,
     maps::PENDING,
     nat::{End, Rewrite},
-    packet::{self, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::{self, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tcp4},
     stats::{self, Action, Latency, count},
 };
 
@@ -26,7 +26,7 @@ pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
         return Ok(Action::Ignore);
     };
     let Some(rev_entry) = conntrack::lookup(&pkt.key) else {
-        return Ok(Action::Ignore);
+        return unconfirmed(ctx, &pkt);
     };
     let rev = rev_entry.read();
     if rev.flags & CT_REVERSE == 0 {
@@ -42,7 +42,8 @@ pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
     // that need it (the reverse entry mirrors the bits checked per packet).
     let syn_ack = pkt.has(TCP_SYN) && pkt.has(TCP_ACK) && rev.state & ST_HANDSHAKE == 0;
     let response = pkt.payload_len > 0 && rev.state & ST_RESPONSE == 0;
-    if syn_ack || response || pkt.has(TCP_FIN) || pkt.has(TCP_RST) {
+    let closing = rev.state & ST_RST != 0;
+    if syn_ack || response || closing || pkt.has(TCP_FIN) || pkt.has(TCP_RST) {
         let fwd_key = FlowKey {
             src_addr: pkt.key.dst_addr,
             dst_addr: rev.nat_addr,
@@ -52,6 +53,11 @@ pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
             _pad: [0; 3],
         };
         let fwd = conntrack::lookup(&fwd_key);
+        if closing && !pkt.has(TCP_RST) {
+            // The backend still talks on a flow a RST closed: it ignored
+            // that RST, so the connection lives.
+            conntrack::revive(rev_entry, fwd, counters.as_deref_mut());
+        }
         let timed = rev.flags & CT_REOPENED == 0;
         if syn_ack && rev_entry.set_state(ST_HANDSHAKE) & ST_HANDSHAKE == 0 {
             let _ = PENDING.remove(&fwd_key);
@@ -99,30 +105,75 @@ pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
             conntrack::close(fwd, true, conntrack::now());
         }
         if pkt.has(TCP_RST) {
+            // Only the flow's first RST counts: the entries stay (marked
+            // closing), and RSTs that follow answer packets still in
+            // flight.
             let now = conntrack::now();
-            // A RST before the handshake completed refuses the connection.
-            let refused = fwd.is_some_and(|f| f.read().state & ST_HANDSHAKE == 0);
-            if let Some(c) = counters {
-                if refused {
-                    c.refused += 1;
-                } else {
-                    c.resets_from_backend += 1;
+            let (first, refused) = match fwd {
+                Some(fwd) => {
+                    let refused = fwd.read().state & ST_HANDSHAKE == 0;
+                    let first = conntrack::rst(fwd, &fwd_key, Some(rev_entry), !refused, now);
+                    (first, refused)
+                }
+                // The forward half was evicted: nothing to close. The
+                // reverse entry mirrors the handshake bit and keeps the
+                // once-only mark.
+                None => {
+                    let first = rev_entry.set_state(ST_RST) & ST_RST == 0;
+                    if first {
+                        count(Counter::RstClosed);
+                    }
+                    (first, rev.state & ST_HANDSHAKE == 0)
+                }
+            };
+            if first {
+                // A RST before the handshake completed refuses the
+                // connection.
+                if let Some(c) = counters {
+                    if refused {
+                        c.refused += 1;
+                    } else {
+                        c.resets_from_backend += 1;
+                    }
+                }
+                // A re-resolved flow was never a canary attempt: its reset
+                // is no breaker failure either.
+                if rev.cohort == COHORT_CANARY && timed {
+                    breaker::failure(rev.nat_addr, rev.nat_port, rev.svc_id, now);
                 }
             }
-            if let Some(fwd) = fwd {
-                conntrack::close(fwd, !refused, now);
-            }
-            if rev.cohort == COHORT_CANARY {
-                breaker::failure(rev.nat_addr, rev.nat_port, rev.svc_id, now);
-            }
-        }
-        if pkt.has(TCP_RST) {
-            ctx.rewrite(&pkt, End::Src, rev.nat_addr, rev.nat_port)?;
-            conntrack::remove(&fwd_key, pkt.key.src_addr, pkt.key.src_port);
-            count(Counter::RstClosed);
-            return Ok(Action::Forward);
         }
     }
     ctx.rewrite(&pkt, End::Src, rev.nat_addr, rev.nat_port)?;
+    Ok(Action::Forward)
+}
+
+/// A reply with no conntrack entry: if it answers a re-resolved flow
+/// waiting in `UNCONFIRMED`, the backend's answer decides that flow (see
+/// [`conntrack::confirm`]) and the reply is reverse-NATed like any other;
+/// otherwise it is not ours.
+#[inline(always)]
+fn unconfirmed(ctx: &TcContext, pkt: &Tcp4) -> Result<Action, Counter> {
+    let Some(rev) = conntrack::unconfirmed(&pkt.key) else {
+        return Ok(Action::Ignore);
+    };
+    if rev.flags & CT_REVERSE == 0 {
+        return Ok(Action::Ignore);
+    }
+    let fwd_key = FlowKey {
+        src_addr: pkt.key.dst_addr,
+        dst_addr: rev.nat_addr,
+        src_port: pkt.key.dst_port,
+        dst_port: rev.nat_port,
+        proto: pkt.key.proto,
+        _pad: [0; 3],
+    };
+    let mut counters = stats::backend(rev.stats_slot);
+    if let Some(c) = counters.as_deref_mut() {
+        c.packets_from_backend += 1;
+        c.bytes_from_backend += u64::from(pkt.payload_len);
+    }
+    conntrack::confirm(&fwd_key, &pkt.key, &rev, pkt.has(TCP_RST), counters);
+    ctx.rewrite(pkt, End::Src, rev.nat_addr, rev.nat_port)?;
     Ok(Action::Forward)
 }

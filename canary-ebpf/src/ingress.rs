@@ -4,7 +4,10 @@
 use canary_common::{
     IPPROTO_TCP,
     counters::Counter,
-    flow::{CT_REVERSE, ST_BACKEND_FIN, ST_CLIENT_FIN, ST_REQUEST, ST_SYN_RETRIED},
+    flow::{
+        CT_REVERSE, CtEntry, ST_BACKEND_FIN, ST_CLIENT_FIN, ST_REQUEST, ST_RST, ST_SYN_RETRIED,
+        is_syn_retry,
+    },
     service::{COHORT_CANARY, ServiceKey},
 };
 
@@ -13,7 +16,7 @@ use crate::{
     conntrack::{self, Entry},
     maps::SERVICES,
     nat::{End, Rewrite},
-    packet::{self, TCP_FIN, TCP_RST},
+    packet::{self, TCP_FIN, TCP_RST, Tcp4},
     stats::{self, Action, count},
     steer,
 };
@@ -27,31 +30,18 @@ pub fn handle<F: Rewrite>(ctx: &F) -> Result<Action, Counter> {
 
     // An existing flow keeps its backend, whatever the service says now (or
     // if it is gone: removing a service drains it). A SYN after the client's
-    // FIN reuses the 5-tuple for a new connection.
+    // FIN, or after a RST, reuses the 5-tuple for a new connection.
     let tracked = conntrack::lookup(&pkt.key)
         .map(|e| (e, e.read()))
         .filter(|(_, ct)| ct.flags & CT_REVERSE == 0)
-        .filter(|(_, ct)| !(pkt.is_syn() && ct.state & ST_CLIENT_FIN != 0));
+        .filter(|(_, ct)| !(pkt.is_syn() && ct.state & (ST_CLIENT_FIN | ST_RST) != 0));
     let (entry, backend_addr, backend_port, slot): (Option<Entry>, u32, u16, u32) = match tracked {
         Some((entry, ct)) => {
             if pkt.first_fragment {
                 return Err(Counter::Fragment);
             }
             if pkt.is_syn() {
-                count(Counter::SynRetransmit);
-                if entry.set_state(ST_SYN_RETRIED) & ST_SYN_RETRIED == 0 {
-                    if let Some(c) = stats::backend(ct.stats_slot) {
-                        c.syn_retried += 1;
-                    }
-                    if ct.cohort == COHORT_CANARY {
-                        breaker::failure(
-                            pkt.key.dst_addr,
-                            pkt.key.dst_port,
-                            ct.svc_id,
-                            conntrack::now(),
-                        );
-                    }
-                }
+                syn_again(entry, &ct, &pkt);
             }
             if pkt.payload_len > 0
                 && ct.state & ST_REQUEST == 0
@@ -84,42 +74,91 @@ pub fn handle<F: Rewrite>(ctx: &F) -> Result<Action, Counter> {
             // value only after this program returns).
             let svc = unsafe { &*svc };
             let now = conntrack::now();
-            let choice = steer::choose(svc, &pkt.key, now)?;
-            let slot = choice.backend.stats_slot;
-            let syn = pkt.is_syn();
-            if let Some(c) = stats::backend(slot) {
-                if syn {
+            if pkt.is_syn() {
+                let choice = steer::choose(svc, &pkt.key, now, true)?;
+                let slot = choice.backend.stats_slot;
+                if let Some(c) = stats::backend(slot) {
                     c.connections += 1;
-                } else if !pkt.has(TCP_RST) {
-                    c.reopened += 1;
                 }
-            }
-            count(if syn {
-                Counter::NewFlow
+                count(Counter::NewFlow);
+                conntrack::create(&pkt.key, svc.svc_id, &choice, now);
+                (None, choice.backend.addr, choice.backend.port, slot)
             } else {
-                Counter::CtMiss
-            });
-            if !pkt.has(TCP_RST) {
-                conntrack::create(&pkt.key, svc.svc_id, &choice, syn, now);
+                // A mid-flow packet with no entry: an evicted flow, one
+                // older than the agent, or a stray or forged packet. It
+                // goes where its flow re-resolves, or already went, but is
+                // tracked (and counted as a flow) only once the backend
+                // answers: strays cannot evict tracked flows, and the
+                // backend's RST to a flow it never had is no refusal.
+                count(Counter::CtMiss);
+                let u = match conntrack::unconfirmed(&pkt.key) {
+                    Some(u) => u,
+                    None => {
+                        let choice = steer::choose(svc, &pkt.key, now, false)?;
+                        if !pkt.has(TCP_RST) {
+                            conntrack::create_unconfirmed(&pkt.key, svc.svc_id, &choice, now);
+                        }
+                        CtEntry {
+                            nat_addr: choice.backend.addr,
+                            nat_port: choice.backend.port,
+                            stats_slot: choice.backend.stats_slot,
+                            ..CtEntry::default()
+                        }
+                    }
+                };
+                (None, u.nat_addr, u.nat_port, u.stats_slot)
             }
-            (None, choice.backend.addr, choice.backend.port, slot)
         }
     };
-    if let Some(c) = stats::backend(slot) {
+    let mut counters = stats::backend(slot);
+    if let Some(c) = counters.as_deref_mut() {
         c.packets_from_client += 1;
         c.bytes_from_client += u64::from(pkt.payload_len);
-        if pkt.has(TCP_RST) {
+        // A tracked flow's reset is counted once, below.
+        if pkt.has(TCP_RST) && entry.is_none() {
             c.resets_from_client += 1;
         }
     }
 
     ctx.rewrite(&pkt, End::Dst, backend_addr, backend_port)?;
-    if pkt.has(TCP_RST) {
-        if let Some(entry) = entry {
-            conntrack::close(entry, true, conntrack::now());
+    if pkt.has(TCP_RST)
+        && let Some(entry) = entry
+    {
+        // Marked closing, not removed: if the backend ignores this RST (a
+        // forged one out of its window), the next packets still reach it.
+        let rev = conntrack::lookup(&conntrack::reverse_key(
+            &pkt.key,
+            backend_addr,
+            backend_port,
+        ));
+        if conntrack::rst(entry, &pkt.key, rev, true, conntrack::now())
+            && let Some(c) = counters
+        {
+            c.resets_from_client += 1;
         }
-        conntrack::remove(&pkt.key, backend_addr, backend_port);
-        count(Counter::RstClosed);
     }
     Ok(Action::Forward)
+}
+
+/// A SYN for a tracked, open flow: it stays on its backend. It is a retry
+/// failure (`syn_retried`, and for canary the breaker) only if the backend
+/// has not answered and it comes late enough for a real retransmission;
+/// back-to-back copies and SYNs after the SYN-ACK are duplicates.
+#[inline(always)]
+fn syn_again(entry: Entry, ct: &CtEntry, pkt: &Tcp4) {
+    count(Counter::SynRetransmit);
+    let now = conntrack::now();
+    if !is_syn_retry(ct.state, now.saturating_sub(ct.created_ns)) {
+        count(Counter::SynDuplicate);
+        return;
+    }
+    if entry.set_state(ST_SYN_RETRIED) & ST_SYN_RETRIED != 0 {
+        return;
+    }
+    if let Some(c) = stats::backend(ct.stats_slot) {
+        c.syn_retried += 1;
+    }
+    if ct.cohort == COHORT_CANARY {
+        breaker::failure(pkt.key.dst_addr, pkt.key.dst_port, ct.svc_id, now);
+    }
 }

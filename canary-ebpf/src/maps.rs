@@ -8,7 +8,9 @@ use aya_ebpf::{
 use canary_common::{
     breaker::{BreakerState, EVENTS_BYTES},
     counters::Counter,
-    flow::{CT_DEFAULT_CAPACITY, CtEntry, FlowKey, PENDING_CAPACITY, PendingSyn},
+    flow::{
+        CT_DEFAULT_CAPACITY, CtEntry, FlowKey, PENDING_CAPACITY, PendingSyn, UNCONFIRMED_CAPACITY,
+    },
     layout::LAYOUT_ENTRIES,
     service::{
         DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAX_RULES, RuleKey, ServiceKey, ServiceValue,
@@ -33,6 +35,16 @@ pub static RULES: LpmTrie<RuleKey, u32> = LpmTrie::with_max_entries(MAX_RULES, 0
 #[map(name = "CONNTRACK")]
 pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
     LruHashMap::with_max_entries(CT_DEFAULT_CAPACITY, 0);
+
+/// Flows re-resolved after a conntrack miss that their backend has not
+/// answered yet, both directions, keyed and valued like `CONNTRACK`
+/// (`CT_REOPENED` set). Written by the programs: ingress inserts on a miss,
+/// egress moves the flow into `CONNTRACK` when the backend answers, or
+/// drops it when the backend answers with a RST. Separate from `CONNTRACK`
+/// so that stray packets can never evict tracked flows.
+#[map(name = "UNCONFIRMED")]
+pub static UNCONFIRMED: LruHashMap<FlowKey, CtEntry> =
+    LruHashMap::with_max_entries(UNCONFIRMED_CAPACITY, 0);
 
 /// Per-CPU counters indexed by [`Counter`]. Written by the programs, summed
 /// by the agent.

@@ -22,10 +22,17 @@ pub struct Choice {
 /// Chooses cohort and backend for `key` (client → VIP) of service `svc`.
 ///
 /// Source rules decide first; otherwise the flow's bucket against the
-/// weight; a tripped breaker or a rollback overrides both. The backend is hashed from the same key, so a sticky client also
-/// sticks to its backend while the list is unchanged.
+/// weight; a tripped breaker or a rollback overrides both. The backend is
+/// hashed from the same key, so a sticky client also sticks to its backend
+/// while the list is unchanged. `new_connection` (a SYN, not a
+/// re-resolution) counts as a canary attempt for the breaker.
 #[inline(always)]
-pub fn choose(svc: &ServiceValue, key: &FlowKey, now: u64) -> Result<Choice, Counter> {
+pub fn choose(
+    svc: &ServiceValue,
+    key: &FlowKey,
+    now: u64,
+    new_connection: bool,
+) -> Result<Choice, Counter> {
     let hash = if svc.mode == MODE_PER_CONNECTION {
         flow_hash(
             key.src_addr,
@@ -45,11 +52,12 @@ pub fn choose(svc: &ServiceValue, key: &FlowKey, now: u64) -> Result<Choice, Cou
         _ => COHORT_STABLE,
     };
     // Rolled back, or the breaker tripped: canary gets nothing new.
-    let cohort = if cohort == COHORT_CANARY && !crate::breaker::allow_canary(svc, now) {
-        COHORT_STABLE
-    } else {
-        cohort
-    };
+    let cohort =
+        if cohort == COHORT_CANARY && !crate::breaker::allow_canary(svc, now, new_connection) {
+            COHORT_STABLE
+        } else {
+            cohort
+        };
     let (list, count) = if cohort == COHORT_CANARY {
         (&svc.canary, svc.n_canary)
     } else {

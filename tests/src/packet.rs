@@ -1,6 +1,11 @@
-//! Ethernet/IPv4/TCP frames for BPF_PROG_TEST_RUN, and their inverse.
+//! Ethernet/IPv4/TCP frames for BPF_PROG_TEST_RUN, and their inverse; the
+//! same segments sent through a raw socket for namespace tests.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
 
 /// TCP flag bits.
 pub const FIN: u8 = 0x01;
@@ -86,6 +91,71 @@ impl Tcp {
         );
         f[l4 + 16..l4 + 18].copy_from_slice(&csum.to_be_bytes());
         f
+    }
+}
+
+/// Sends hand-built IPv4/TCP segments through a raw socket, as a spoofer,
+/// a duplicating network or a stray sender would: the local TCP stack
+/// knows nothing of them. Create and use it on a thread inside the
+/// namespace the segments leave from (a lab's client namespace); the
+/// source address may be any address, routing decides where they go.
+#[derive(Debug)]
+pub struct RawSender {
+    fd: OwnedFd,
+}
+
+impl RawSender {
+    /// An `IPPROTO_RAW` socket (needs CAP_NET_RAW): what is sent is the
+    /// whole IP packet.
+    pub fn new() -> io::Result<RawSender> {
+        // SAFETY: socket has no memory preconditions.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_RAW,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a descriptor just created and owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(RawSender { fd })
+    }
+
+    /// Sends `seg` (its IP packet, checksums included) towards `seg.dst`.
+    pub fn send(&self, seg: &Tcp) -> io::Result<()> {
+        let frame = seg.frame();
+        let packet = &frame[ETH_HLEN..];
+        let dst = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(seg.dst.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: the descriptor is open; `packet` and `dst` are live for
+        // the call and their exact sizes are passed.
+        let sent = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&raw const dst).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        match usize::try_from(sent) {
+            Ok(n) if n == packet.len() => Ok(()),
+            Ok(n) => Err(io::Error::other(format!(
+                "raw send: {n} of {} bytes",
+                packet.len()
+            ))),
+            Err(_) => Err(io::Error::last_os_error()),
+        }
     }
 }
 

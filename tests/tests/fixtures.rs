@@ -19,7 +19,7 @@ use canary_agent::{
 use canary_common::{
     cohort::{backend_index, bucket, is_canary, sticky_hash},
     counters::Counter,
-    flow::CT_REVERSE,
+    flow::{CT_REOPENED, CT_REVERSE, ST_RST, SYN_RETRY_MIN_NS},
     service::{COHORT_CANARY, COHORT_STABLE},
 };
 use canary_tests::{
@@ -308,7 +308,7 @@ fn foreign_packets_are_untouched_and_unspec(m: IngressMode) {
     );
 }
 
-fn rst_from_either_side_ends_the_flow(m: IngressMode) {
+fn rst_from_either_side_closes_the_flow_and_keeps_it_closing(m: IngressMode) {
     let mut dp = dataplane(m, "weight = \"0%\"");
     // Client RST.
     let client = addr("10.201.0.10:40004");
@@ -324,14 +324,10 @@ fn rst_from_either_side_ends_the_flow(m: IngressMode) {
         "the client's RST still reaches the backend"
     );
     assert_checksums(&rst, "DNAT of RST");
-    assert!(
-        dp.conntrack_entry(&flow_key(client, addr(VIP))).is_none(),
-        "forward entry left after client RST"
-    );
-    assert!(
-        dp.conntrack_entry(&flow_key(syn.dst, client)).is_none(),
-        "reverse entry left after client RST"
-    );
+    assert_closing(&dp, client, syn.dst, "after the client's RST");
+    // A second RST (answering packets in flight) is the same close.
+    let (verdict, again) = run(&mut dp, Dir::Ingress, &Tcp::new(client, addr(VIP), RST));
+    assert_eq!((verdict, again.dst), (V::Forward, syn.dst));
 
     // Backend RST.
     let client = addr("10.201.0.11:40005");
@@ -343,16 +339,50 @@ fn rst_from_either_side_ends_the_flow(m: IngressMode) {
         "the backend's RST reaches the client from the VIP"
     );
     assert_checksums(&rst, "reverse NAT of RST");
-    assert!(
-        dp.conntrack_entry(&flow_key(client, addr(VIP))).is_none(),
-        "forward entry left after backend RST"
+    assert_closing(&dp, client, syn.dst, "after the backend's RST");
+    let (verdict, again) = run(&mut dp, Dir::Egress, &Tcp::new(syn.dst, client, RST));
+    assert_eq!((verdict, again.src), (V::Forward, addr(VIP)));
+
+    assert_eq!(counter(&dp, Counter::RstClosed), 2, "one close per flow");
+    assert_eq!(counter(&dp, Counter::RstIgnored), 0);
+    let k = cohort(&dp, COHORT_STABLE);
+    assert_eq!(
+        (
+            k.connections,
+            k.closed,
+            k.active(),
+            k.resets_from_client,
+            k.refused
+        ),
+        (2, 2, 0, 1, 1),
+        "each RST counted once, both flows closed: {k:?}"
     );
+    assert_eq!(dp.conntrack_len(), 4, "closing flows keep both entries");
+}
+
+/// Both entries of the flow `client` → VIP served by `backend` are there
+/// and marked closing.
+fn assert_closing(dp: &Dataplane, client: SocketAddrV4, backend: SocketAddrV4, what: &str) {
+    let fwd = dp
+        .conntrack_entry(&flow_key(client, addr(VIP)))
+        .unwrap_or_else(|| panic!("{what}: the forward entry is gone"));
+    let rev = dp
+        .conntrack_entry(&flow_key(backend, client))
+        .unwrap_or_else(|| panic!("{what}: the reverse entry is gone"));
     assert!(
-        dp.conntrack_entry(&flow_key(syn.dst, client)).is_none(),
-        "reverse entry left after backend RST"
+        fwd.state & ST_RST != 0 && rev.state & ST_RST != 0,
+        "{what}: not marked closing: forward {fwd:?}, reverse {rev:?}"
     );
-    assert_eq!(counter(&dp, Counter::RstClosed), 2);
-    assert_eq!(dp.conntrack_len(), 0);
+}
+
+/// Moves the first SYN of `client`'s flow `ns` into the past, as if the
+/// packets that follow came that much later (BPF_PROG_TEST_RUN runs take
+/// microseconds; the programs read the clock themselves).
+fn age(dp: &mut Dataplane, client: SocketAddrV4, ns: u64) {
+    let key = flow_key(client, addr(VIP));
+    let mut fwd = dp.conntrack_entry(&key).expect("a tracked flow to age");
+    fwd.created_ns -= ns;
+    dp.conntrack_insert(key, fwd).expect("aged entry written");
 }
 
 fn a_syn_after_the_clients_fin_is_a_new_connection(m: IngressMode) {
@@ -609,8 +639,10 @@ fn refusals_resets_and_syn_retries_are_told_apart(m: IngressMode) {
     run(&mut dp, Dir::Egress, &Tcp::new(addr(CANARY), b, SYN | ACK));
     run(&mut dp, Dir::Egress, &Tcp::new(addr(CANARY), b, RST | ACK));
     // Reset by the client, after a retransmitted SYN (twice: counted once).
+    // A retry comes at least SYN_RETRY_MIN_NS after the first SYN.
     let c = addr("10.201.0.33:40023");
     open(&mut dp, c);
+    age(&mut dp, c, SYN_RETRY_MIN_NS);
     open(&mut dp, c);
     open(&mut dp, c);
     run(&mut dp, Dir::Egress, &Tcp::new(addr(CANARY), c, SYN | ACK));
@@ -850,6 +882,317 @@ fn truncated_and_garbage_packets_are_counted_not_crashed_on(m: IngressMode) {
     assert_eq!(dp.conntrack_len(), 0, "garbage created conntrack entries");
 }
 
+/// The breaker's window of service "web": (failures, attempts, tripped).
+fn breaker(dp: &Dataplane) -> (u64, u64, u64) {
+    let b = dp.breaker_state("web").expect("breaker window");
+    (b.failures, b.attempts, b.tripped)
+}
+
+fn duplicate_syns_are_not_retries_only_a_late_unanswered_one_is(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"100%\"\ncohort = \"per-connection\"");
+    // 20 pairs of back-to-back identical SYNs (a copy in the network, a
+    // spoofer): far more than the breaker's 3 failures in a row.
+    for port in 0..20u16 {
+        let client = SocketAddrV4::new("10.201.1.1".parse().unwrap(), 41_000 + port);
+        let (_, first) = open(&mut dp, client);
+        let (verdict, copy) = open(&mut dp, client);
+        assert_eq!(
+            (verdict, copy.dst),
+            (V::Forward, first.dst),
+            "a duplicate SYN stays on its flow's backend"
+        );
+    }
+    // A SYN after the backend's SYN-ACK (the SYN-ACK was lost on the way
+    // to the client), even a whole second later: the backend answered.
+    let answered = addr("10.201.1.2:42000");
+    open(&mut dp, answered);
+    run(
+        &mut dp,
+        Dir::Egress,
+        &Tcp::new(addr(CANARY), answered, SYN | ACK),
+    );
+    age(&mut dp, answered, 1_000_000_000);
+    open(&mut dp, answered);
+
+    let k = cohort(&dp, COHORT_CANARY);
+    assert_eq!(
+        (k.connections, k.syn_retried, k.refused),
+        (21, 0, 0),
+        "duplicates are neither connections nor retries: {k:?}"
+    );
+    assert_eq!(counter(&dp, Counter::SynRetransmit), 21);
+    assert_eq!(counter(&dp, Counter::SynDuplicate), 21);
+    assert_eq!(
+        breaker(&dp),
+        (0, 21, 0),
+        "21 canary attempts, no failure, no trip"
+    );
+
+    // A SYN with no SYN-ACK, SYN_RETRY_MIN_NS after the first: a retry.
+    let unanswered = addr("10.201.1.3:43000");
+    open(&mut dp, unanswered);
+    age(&mut dp, unanswered, SYN_RETRY_MIN_NS);
+    let (_, retry) = open(&mut dp, unanswered);
+    assert_eq!(retry.dst, addr(CANARY));
+    let k = cohort(&dp, COHORT_CANARY);
+    assert_eq!(
+        (k.connections, k.syn_retried),
+        (22, 1),
+        "a late SYN without a SYN-ACK is a retry failure: {k:?}"
+    );
+    assert_eq!(counter(&dp, Counter::SynDuplicate), 21);
+    assert_eq!(breaker(&dp), (1, 22, 0), "one failure counted");
+}
+
+fn a_bare_ack_on_a_miss_reaches_its_backend_untracked_until_the_backend_answers(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"100%\"\ncohort = \"per-connection\"");
+    // A stray ACK: the backend answers with a RST (no such connection).
+    let stray = addr("10.201.2.1:40000");
+    let (verdict, out) = run(&mut dp, Dir::Ingress, &Tcp::new(stray, addr(VIP), ACK));
+    assert_eq!((verdict, out.dst), (V::Forward, addr(CANARY)));
+    assert_checksums(&out, "DNAT of a stray ACK");
+    assert_eq!(dp.conntrack_len(), 0, "a stray ACK entered conntrack");
+    let (verdict, rst) = run(&mut dp, Dir::Egress, &Tcp::new(addr(CANARY), stray, RST));
+    assert_eq!(
+        (verdict, rst.src),
+        (V::Forward, addr(VIP)),
+        "the backend's RST reaches the client from the VIP"
+    );
+    assert_checksums(&rst, "reverse NAT of the RST to a stray ACK");
+    assert_eq!(counter(&dp, Counter::ReopenReset), 1);
+    // Its second RST finds nothing: not ours any more.
+    let (verdict, _) = run(&mut dp, Dir::Egress, &Tcp::new(addr(CANARY), stray, RST));
+    assert_eq!(verdict, V::Ignore, "the stray flow was forgotten");
+
+    // A real flow whose entry was lost: it stays on the backend it
+    // re-resolved to even if the weight changes before the backend answers,
+    // and is tracked again from the backend's answer.
+    let lost = addr("10.201.2.2:40000");
+    let (_, first) = run(&mut dp, Dir::Ingress, &Tcp::new(lost, addr(VIP), ACK));
+    assert_eq!(first.dst, addr(CANARY));
+    dp.apply(&services("weight = \"0%\"\ncohort = \"per-connection\""))
+        .expect("weight change applies");
+    let (_, data) = run(
+        &mut dp,
+        Dir::Ingress,
+        &Tcp::new(lost, addr(VIP), ACK | PSH).with_payload(b"more"),
+    );
+    assert_eq!(data.dst, addr(CANARY), "re-resolved anew before the answer");
+    assert_eq!(dp.conntrack_len(), 0);
+    let (verdict, reply) = run(&mut dp, Dir::Egress, &Tcp::new(addr(CANARY), lost, ACK));
+    assert_eq!((verdict, reply.src), (V::Forward, addr(VIP)));
+    assert_eq!(counter(&dp, Counter::ReopenConfirmed), 1);
+    let fwd = dp
+        .conntrack_entry(&flow_key(lost, addr(VIP)))
+        .expect("tracked once the backend answered");
+    assert_eq!(
+        (fwd.nat_addr, fwd.cohort, fwd.flags & CT_REOPENED),
+        (be_addr(*addr(CANARY).ip()), COHORT_CANARY, CT_REOPENED),
+        "{fwd:?}"
+    );
+    assert!(
+        dp.conntrack_entry(&flow_key(addr(CANARY), lost)).is_some(),
+        "reverse entry"
+    );
+    // Its later RST is a reset of an open connection, not a refusal.
+    run(&mut dp, Dir::Egress, &Tcp::new(addr(CANARY), lost, RST));
+
+    let k = cohort(&dp, COHORT_CANARY);
+    assert_eq!(
+        (k.connections, k.refused, k.syn_retried, k.reopened),
+        (0, 0, 0, 1),
+        "re-resolved flows are no connections, refusals or retries: {k:?}"
+    );
+    assert_eq!(
+        (k.resets_from_backend, k.closed, k.active()),
+        (1, 1, 0),
+        "{k:?}"
+    );
+    assert_eq!(
+        breaker(&dp),
+        (0, 0, 0),
+        "nothing for the breaker: no attempt, no failure"
+    );
+    assert_eq!(counter(&dp, Counter::CtMiss), 3);
+    assert_eq!(counter(&dp, Counter::NewFlow), 0);
+}
+
+fn stray_acks_from_fresh_ports_cannot_evict_tracked_flows(m: IngressMode) {
+    // The fixture's conntrack holds 4096 entries; 6000 strays would have
+    // evicted every tracked flow if they were tracked.
+    const TRACKED: u16 = 100;
+    const STRAYS: u32 = 6000;
+    let mut dp = dataplane(m, "weight = \"20%\"\ncohort = \"per-connection\"");
+    let tracked: Vec<(SocketAddrV4, SocketAddrV4)> = (0..TRACKED)
+        .map(|port| {
+            let client = SocketAddrV4::new("10.201.3.1".parse().unwrap(), 30_000 + port);
+            let (_, syn) = open(&mut dp, client);
+            (client, syn.dst)
+        })
+        .collect();
+    let before = dp.conntrack_len();
+    assert_eq!(before, 2 * usize::from(TRACKED));
+    for i in 0..STRAYS {
+        let stray = SocketAddrV4::new(
+            std::net::Ipv4Addr::from(0x0aca_0000 + i / 50_000),
+            (10_000 + i % 50_000) as u16,
+        );
+        let (verdict, _) = run(&mut dp, Dir::Ingress, &Tcp::new(stray, addr(VIP), ACK));
+        assert_eq!(verdict, V::Forward, "stray {i}");
+    }
+    assert_eq!(counter(&dp, Counter::CtMiss), u64::from(STRAYS));
+    assert_eq!(
+        dp.conntrack_len(),
+        before,
+        "{STRAYS} stray ACKs changed the conntrack table"
+    );
+    for (client, backend) in tracked {
+        let (_, out) = run(&mut dp, Dir::Ingress, &Tcp::new(client, addr(VIP), ACK));
+        assert_eq!(out.dst, backend, "tracked flow {client} moved");
+        assert!(
+            dp.conntrack_entry(&flow_key(backend, client)).is_some(),
+            "tracked flow {client} lost its reverse entry"
+        );
+    }
+    assert_eq!(counter(&dp, Counter::CtMiss), u64::from(STRAYS), "all hit");
+    let connections: u64 = [COHORT_STABLE, COHORT_CANARY]
+        .into_iter()
+        .map(|c| cohort(&dp, c).connections)
+        .sum();
+    assert_eq!(
+        connections,
+        u64::from(TRACKED),
+        "strays counted as connections"
+    );
+}
+
+/// SYN, SYN-ACK and ACK of `client`'s connection; returns its backend.
+fn handshake(dp: &mut Fixture, client: SocketAddrV4) -> SocketAddrV4 {
+    let (_, syn) = open(dp, client);
+    run(dp, Dir::Egress, &Tcp::new(syn.dst, client, SYN | ACK));
+    run(dp, Dir::Ingress, &Tcp::new(client, addr(VIP), ACK));
+    syn.dst
+}
+
+fn an_ignored_rst_changes_nothing_even_across_a_weight_change(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"0%\"\ncohort = \"per-connection\"");
+    let client = addr("10.201.4.1:40000");
+    let backend = handshake(&mut dp, client);
+    assert!(STABLE.map(addr).contains(&backend));
+    // A forged RST (a random sequence number: the backend drops it).
+    let forged = Tcp {
+        seq: 0x5eed_1234,
+        ..Tcp::new(client, addr(VIP), RST)
+    };
+    let (verdict, out) = run(&mut dp, Dir::Ingress, &forged);
+    assert_eq!((verdict, out.dst), (V::Forward, backend));
+    assert_closing(&dp, client, backend, "after the forged RST");
+    assert_eq!(cohort(&dp, COHORT_STABLE).active(), 0, "closed at the RST");
+
+    dp.apply(&services("weight = \"100%\"\ncohort = \"per-connection\""))
+        .expect("weight change applies");
+    let (verdict, data) = run(
+        &mut dp,
+        Dir::Ingress,
+        &Tcp::new(client, addr(VIP), ACK | PSH).with_payload(b"still here"),
+    );
+    assert_eq!(
+        (verdict, data.dst),
+        (V::Forward, backend),
+        "the flow moved after an ignored RST and a weight change"
+    );
+    assert_checksums(&data, "DNAT on a closing flow");
+    // The backend answers (twice): the RST was ignored, counted once.
+    for _ in 0..2 {
+        let (verdict, reply) = run(
+            &mut dp,
+            Dir::Egress,
+            &Tcp::new(backend, client, ACK | PSH).with_payload(b"ok"),
+        );
+        assert_eq!((verdict, reply.src), (V::Forward, addr(VIP)));
+    }
+    assert_eq!(counter(&dp, Counter::RstIgnored), 1);
+    let fwd = dp.conntrack_entry(&flow_key(client, addr(VIP))).unwrap();
+    let rev = dp.conntrack_entry(&flow_key(backend, client)).unwrap();
+    assert_eq!(
+        (fwd.state & ST_RST, rev.state & ST_RST),
+        (0, 0),
+        "closing mark cleared"
+    );
+    let k = cohort(&dp, COHORT_STABLE);
+    assert_eq!(
+        (k.connections, k.active(), k.resets_from_client),
+        (1, 1, 1),
+        "open again; the RST itself still counted: {k:?}"
+    );
+
+    // It ends later by FIN both ways: closed once more, one duration.
+    run(
+        &mut dp,
+        Dir::Ingress,
+        &Tcp::new(client, addr(VIP), FIN | ACK),
+    );
+    run(&mut dp, Dir::Egress, &Tcp::new(backend, client, FIN | ACK));
+    let k = cohort(&dp, COHORT_STABLE);
+    assert_eq!(k.active(), 0, "{k:?}");
+    let snap = dp.snapshot().unwrap();
+    let h = snap.service("web").unwrap().histograms[usize::from(COHORT_STABLE)]
+        .clone()
+        .unwrap();
+    assert_eq!(
+        h.duration_us.buckets.iter().sum::<u64>(),
+        1,
+        "one duration per connection"
+    );
+    assert_eq!(counter(&dp, Counter::NewFlow), 1);
+}
+
+fn an_accepted_rst_ends_the_flow_and_a_new_syn_reuses_its_entry(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"0%\"\ncohort = \"per-connection\"");
+    let client = addr("10.201.4.2:40000");
+    let backend = handshake(&mut dp, client);
+    run(
+        &mut dp,
+        Dir::Ingress,
+        &Tcp::new(client, addr(VIP), RST | ACK),
+    );
+    // The backend's data in flight meets a closed socket: the client
+    // answers it with RSTs. Nothing but RSTs follows: the flow stays over.
+    run(
+        &mut dp,
+        Dir::Ingress,
+        &Tcp::new(client, addr(VIP), ACK | PSH).with_payload(b"late"),
+    );
+    run(&mut dp, Dir::Egress, &Tcp::new(backend, client, RST));
+    run(&mut dp, Dir::Ingress, &Tcp::new(client, addr(VIP), RST));
+    assert_closing(&dp, client, backend, "after an accepted RST");
+    let k = cohort(&dp, COHORT_STABLE);
+    assert_eq!(
+        (
+            k.closed,
+            k.active(),
+            k.resets_from_client,
+            k.resets_from_backend
+        ),
+        (1, 0, 1, 0),
+        "one close, one reset: {k:?}"
+    );
+    assert_eq!(counter(&dp, Counter::RstIgnored), 0);
+
+    // The port is reused: a new connection, steered at the new weight.
+    dp.apply(&services("weight = \"100%\"\ncohort = \"per-connection\""))
+        .expect("weight change applies");
+    let (_, reuse) = open(&mut dp, client);
+    assert_eq!(
+        reuse.dst,
+        addr(CANARY),
+        "a SYN after a RST is a new connection"
+    );
+    let fwd = dp.conntrack_entry(&flow_key(client, addr(VIP))).unwrap();
+    assert_eq!((fwd.state, fwd.cohort), (0, COHORT_CANARY), "a fresh entry");
+    assert_eq!(counter(&dp, Counter::NewFlow), 2);
+}
+
 /// Each fixture, once per ingress hook.
 macro_rules! in_both_modes {
     ($($name:ident),* $(,)?) => {
@@ -867,7 +1210,7 @@ in_both_modes!(
     next_packet_after_a_weight_change_stays_on_its_backend,
     backend_reply_is_rewritten_to_come_from_the_vip,
     foreign_packets_are_untouched_and_unspec,
-    rst_from_either_side_ends_the_flow,
+    rst_from_either_side_closes_the_flow_and_keeps_it_closing,
     a_syn_after_the_clients_fin_is_a_new_connection,
     conntrack_miss_reresolves_to_the_same_cohort_and_backend,
     source_rules_decide_before_the_weight,
@@ -879,4 +1222,9 @@ in_both_modes!(
     stable_failures_and_a_disabled_breaker_do_not_trip,
     a_rolled_back_service_sends_nothing_new_to_canary_not_even_always_canary,
     truncated_and_garbage_packets_are_counted_not_crashed_on,
+    duplicate_syns_are_not_retries_only_a_late_unanswered_one_is,
+    a_bare_ack_on_a_miss_reaches_its_backend_untracked_until_the_backend_answers,
+    stray_acks_from_fresh_ports_cannot_evict_tracked_flows,
+    an_ignored_rst_changes_nothing_even_across_a_weight_change,
+    an_accepted_rst_ends_the_flow_and_a_new_syn_reuses_its_entry,
 );
