@@ -829,11 +829,25 @@ impl Agent {
             let Some(current) = snapshot.service(&svc.name) else {
                 continue;
             };
+            // A step's hold counts from when the step began, as persisted, so
+            // an agent restart does not start it over. The judge's sample
+            // window does start anew: the counts at the step's start were
+            // not kept.
+            let step_age = match self.states.get(&svc.name) {
+                Some(ServiceState::Progressing { since_unix, .. }) => {
+                    let now_unix = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    Duration::from_secs(now_unix.saturating_sub(*since_unix))
+                }
+                _ => Duration::ZERO,
+            };
             let window = self
                 .windows
                 .entry(svc.name.clone())
                 .or_insert_with(|| StepWindow {
-                    started: now,
+                    started: now.checked_sub(step_age).unwrap_or(now),
                     base: current.clone(),
                     fails: 0,
                     due: now,

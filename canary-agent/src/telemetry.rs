@@ -10,7 +10,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use canary_common::{
     counters::Counter,
     service::{COHORT_CANARY, COHORT_STABLE},
@@ -57,8 +57,9 @@ pub struct StatsSource {
     pub(crate) histograms: HashMap<MapData, u32, CohortHistograms>,
     pub(crate) counters: PerCpuArray<MapData, u64>,
     pub(crate) view: Vec<ServiceView>,
-    /// Handshake timeouts per `STATS` slot, counted by the agent's sweep.
-    pub(crate) timeouts: StdHashMap<u32, u64>,
+    /// Handshake timeouts per `STATS` slot (`TIMEOUTS`), counted by the
+    /// agent's sweep.
+    pub(crate) timeouts: Array<MapData, u64>,
     /// Rollout state and rollbacks per service name, kept by the agent.
     pub(crate) rollout: StdHashMap<String, RolloutView>,
 }
@@ -191,7 +192,7 @@ impl StatsSource {
                     cohort: b.cohort,
                     addr: b.addr,
                     counters,
-                    timeouts: self.timeouts.get(&b.slot).copied().unwrap_or(0),
+                    timeouts: self.timeouts.get(&b.slot, 0).unwrap_or(0),
                 });
             }
             let mut histograms = [None, None];

@@ -20,7 +20,7 @@ pub struct MapLayout {
 }
 
 /// Every map of the object except `LAYOUT` itself, in `LAYOUT` index order.
-pub const MAPS: [MapLayout; 10] = [
+pub const MAPS: [MapLayout; 11] = [
     MapLayout {
         name: names::SERVICES,
         version: 1,
@@ -59,6 +59,10 @@ pub const MAPS: [MapLayout; 10] = [
     },
     MapLayout {
         name: names::UNCONFIRMED,
+        version: 1,
+    },
+    MapLayout {
+        name: names::TIMEOUTS,
         version: 1,
     },
 ];

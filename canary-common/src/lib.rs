@@ -41,6 +41,8 @@ pub mod names {
     pub const BREAKER: &str = "BREAKER";
     /// Ring buffer of [`crate::breaker::BreakerEvent`]s.
     pub const EVENTS: &str = "EVENTS";
+    /// Handshake timeouts per stats slot, counted by the agent's sweep.
+    pub const TIMEOUTS: &str = "TIMEOUTS";
     /// Layout version of every pinned map, see [`crate::layout`].
     pub const LAYOUT: &str = "LAYOUT";
     /// TC program for packets arriving from clients.

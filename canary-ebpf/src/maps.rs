@@ -80,6 +80,13 @@ pub static BREAKER: HashMap<u32, BreakerState> = HashMap::with_max_entries(DEFAU
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
+/// Stats slot → handshakes that timed out (no SYN-ACK within
+/// `handshake_timeout`). Written only by the agent's sweep, never by the
+/// programs; a map rather than agent memory so the count outlives the
+/// agent like every other counter. Sized like `STATS` by the agent.
+#[map(name = "TIMEOUTS")]
+pub static TIMEOUTS: Array<u64> = Array::with_max_entries(DEFAULT_MAX_BACKENDS + 1, 0);
+
 /// Layout version of every map, indexed as `canary_common::layout::MAPS`.
 /// Written by the agent that creates the maps, checked by every agent that
 /// adopts them; never read by the programs.

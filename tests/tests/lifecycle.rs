@@ -258,24 +258,33 @@ fn an_upgrade_to_different_programs_breaks_and_moves_no_connection() {
 }
 
 #[test]
-fn a_conntrack_capacity_change_migrates_and_breaks_no_connection() {
-    survives("conntrack_capacity 262144 → 131072", "", |lab, agent| {
-        agent
-            .restart(
-                Stop::Term,
-                None,
-                Some(&config(lab, "conntrack_capacity = 131072")),
-            )
-            .expect("restart with another conntrack_capacity");
-        assert!(
+fn capacity_changes_migrate_the_maps_and_break_no_connection() {
+    let sizes = "conntrack_capacity = 131072\nmax_services = 64\nmax_backends = 64";
+    survives(
+        "conntrack_capacity, max_services and max_backends changed",
+        "",
+        |lab, agent| {
             agent
-                .log()
-                .iter()
-                .any(|l| l.contains("migrated the pinned map") && l.contains("CONNTRACK")),
-            "the conntrack map was not migrated; log:\n{}",
-            agent.log().join("\n")
-        );
-    });
+                .restart(Stop::Term, None, Some(&config(lab, sizes)))
+                .expect("restart with other capacities");
+            let log = agent.log();
+            for map in [
+                "CONNTRACK",
+                "SERVICES",
+                "BREAKER",
+                "HISTOGRAMS",
+                "STATS",
+                "TIMEOUTS",
+            ] {
+                assert!(
+                    log.iter()
+                        .any(|l| l.contains("migrated the pinned map") && l.contains(map)),
+                    "{map} was not migrated; log:\n{}",
+                    log.join("\n")
+                );
+            }
+        },
+    );
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray, lpm_trie::Key};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, lpm_trie::Key};
 use canary_common::{
     breaker::BreakerState,
     flow::{CtEntry, FlowKey},
@@ -159,6 +159,18 @@ impl Dataplane {
                         .map(|i| {
                             let values = old.get(&i, 0)?;
                             stats.stats.set(i, values, 0)
+                        })
+                        .collect::<Result<Vec<()>, MapError>>()
+                        .map(|v| v.len())
+                }
+                names::TIMEOUTS => {
+                    let old: Array<MapData, u64> = pins::open_pinned(&path, name)?;
+                    let mut stats = lock(&self.stats);
+                    let n = old.len().min(stats.timeouts.len());
+                    (0..n)
+                        .map(|i| {
+                            let count = old.get(&i, 0)?;
+                            stats.timeouts.set(i, count, 0)
                         })
                         .collect::<Result<Vec<()>, MapError>>()
                         .map(|v| v.len())

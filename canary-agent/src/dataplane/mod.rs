@@ -201,6 +201,7 @@ impl Capacity {
             (names::BREAKER, 2 * self.services),
             (names::HISTOGRAMS, 4 * self.services),
             (names::STATS, self.stats_slots() + 1),
+            (names::TIMEOUTS, self.stats_slots() + 1),
         ])
     }
 
@@ -473,7 +474,7 @@ impl Dataplane {
             histograms: take_map(&mut ebpf, names::HISTOGRAMS)?,
             counters: take_map(&mut ebpf, names::COUNTERS)?,
             view: Vec::new(),
-            timeouts: StdHashMap::new(),
+            timeouts: take_map(&mut ebpf, names::TIMEOUTS)?,
             rollout: StdHashMap::new(),
         };
         let mut dp = Dataplane {
@@ -928,7 +929,9 @@ impl Dataplane {
                 stats.stats.set(slot, zeros, 0).map_err(|source| {
                     map_error(names::STATS, format!("zero slot {slot}"), source)
                 })?;
-                stats.timeouts.remove(&slot);
+                stats.timeouts.set(slot, 0, 0).map_err(|source| {
+                    map_error(names::TIMEOUTS, format!("zero slot {slot}"), source)
+                })?;
             }
             for (name, svc) in wanted {
                 let id = svc.value.svc_id;
@@ -1257,7 +1260,12 @@ impl Dataplane {
                 fwd.state |= ST_CLOSED;
                 let _ = self.conntrack.insert(key, fwd, BPF_EXIST);
             }
-            *lock(&self.stats).timeouts.entry(p.stats_slot).or_default() += 1;
+            let mut stats = lock(&self.stats);
+            let count = stats.timeouts.get(&p.stats_slot, 0).unwrap_or(0);
+            // Only this sweep writes TIMEOUTS: no lost update.
+            if let Err(e) = stats.timeouts.set(p.stats_slot, count + 1, 0) {
+                warn!(slot = p.stats_slot, error = %e, "cannot count a handshake timeout");
+            }
             expired += 1;
         }
         Ok(expired)

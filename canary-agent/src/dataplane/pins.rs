@@ -39,12 +39,13 @@ pub enum MapAction {
 
 /// The maps whose capacity is a config knob, so a pin may differ from the
 /// config in size and be migrated.
-const RESIZABLE: [&str; 5] = [
+const RESIZABLE: [&str; 6] = [
     names::CONNTRACK,
     names::SERVICES,
     names::BREAKER,
     names::HISTOGRAMS,
     names::STATS,
+    names::TIMEOUTS,
 ];
 
 /// The pin directory of one data plane.
