@@ -25,6 +25,27 @@ pub fn lab(backends: &[(&str, canary_lab::Behavior)], clients: u32) -> canary_la
     .expect("lab builds")
 }
 
+/// Runs `canaryctl --socket SOCKET args…` (the binary beside the agent's).
+pub fn canaryctl(socket: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(canary_lab::canaryctl_binary())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run canaryctl (built by `cargo xtask test`)")
+}
+
+/// [`canaryctl`], failing the test unless it succeeds; returns its stdout.
+pub fn canaryctl_ok(socket: &std::path::Path, args: &[&str]) -> String {
+    let out = canaryctl(socket, args);
+    assert!(
+        out.status.success(),
+        "canaryctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Fails the test unless it runs as root: privileged tests never skip, in
 /// CI or anywhere else (`cargo xtask test` is the way to run them).
 pub fn require_root() {

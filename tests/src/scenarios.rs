@@ -5,11 +5,10 @@ use std::{
     io::ErrorKind,
     net::SocketAddrV4,
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
-use canary_lab::{Lab, canaryctl_binary};
+use canary_lab::Lab;
 use serde_json::Value;
 
 use crate::load::{Attempt, CANARY_PREFIX, join_timed, spawn_timed};
@@ -17,18 +16,8 @@ use crate::load::{Attempt, CANARY_PREFIX, join_timed, spawn_timed};
 /// `canaryctl status SERVICE --json` through the socket `sock`: the
 /// service's entry.
 pub fn status(sock: &Path, service: &str) -> Value {
-    let out = Command::new(canaryctl_binary())
-        .arg("--socket")
-        .arg(sock)
-        .args(["status", service, "--json"])
-        .output()
-        .expect("canaryctl");
-    assert!(
-        out.status.success(),
-        "canaryctl status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let out = crate::canaryctl_ok(sock, &["status", service, "--json"]);
+    let v: Value = serde_json::from_str(&out).expect("JSON");
     v["services"][0].clone()
 }
 

@@ -4,7 +4,7 @@ use std::{
     io::{BufRead, BufReader, Write},
     os::unix::{fs::PermissionsExt, net::UnixStream, process::CommandExt},
     path::Path,
-    process::{Command, Output},
+    process::Command,
 };
 
 use canary_lab::{AgentProcess, Behavior, Lab, canaryctl_binary};
@@ -23,25 +23,7 @@ fn config(lab: &Lab, agent_extra: &str) -> String {
     )
 }
 
-/// Runs `canaryctl --socket SOCKET args…`.
-fn ctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(canaryctl_binary())
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("run canaryctl (built by `cargo xtask test`)")
-}
-
-fn ok(socket: &Path, args: &[&str]) -> String {
-    let out = ctl(socket, args);
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "canaryctl {args:?} failed: {stderr}");
-    stdout.into_owned()
-}
+use canary_tests::{canaryctl as ctl, canaryctl_ok as ok};
 
 fn fails(socket: &Path, args: &[&str], expected: &str) {
     let out = ctl(socket, args);

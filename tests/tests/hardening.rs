@@ -7,34 +7,20 @@ use std::{
     net::TcpStream,
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    process::{Command, Output},
     time::{Duration, Instant},
 };
 
-use canary_lab::{AgentProcess, Behavior, Lab, agent_binary, canaryctl_binary};
+use canary_lab::{AgentProcess, Behavior, Lab, agent_binary};
 use canary_tests::metrics::http_get;
 use serde_json::Value;
 
 const VIP: &str = "10.96.0.10:80";
 
-/// Runs `canaryctl --socket SOCKET args…`.
-fn ctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(canaryctl_binary())
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("run canaryctl (built by `cargo xtask test`)")
-}
+use canary_tests::{canaryctl as ctl, canaryctl_ok};
 
 fn status(socket: &Path) -> Value {
-    let out = ctl(socket, &["status", "web", "--json"]);
-    assert!(
-        out.status.success(),
-        "canaryctl status failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    serde_json::from_str(&canaryctl_ok(socket, &["status", "web", "--json"]))
+        .expect("status --json is JSON")
 }
 
 /// A scratch directory, removed on drop.

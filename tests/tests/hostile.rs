@@ -6,13 +6,12 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    process::Command,
     time::{Duration, Instant},
 };
 
 use canary_agent::{config::default_salt, dataplane::be_addr};
 use canary_common::cohort::{bucket, is_canary, sticky_hash};
-use canary_lab::{AgentProcess, Behavior, Conn, Lab, canaryctl_binary};
+use canary_lab::{AgentProcess, Behavior, Conn, Lab};
 use canary_tests::{
     load::{self, TIMEOUT},
     metrics::{Exposition, scrape},
@@ -338,17 +337,7 @@ fn forged_rsts_then_a_weight_change_break_no_connection() {
     let closed_by_rst = event(&after_rst, "rst_closed");
 
     // The weight changes before the connections' next packets.
-    let out = Command::new(canaryctl_binary())
-        .arg("--socket")
-        .arg(agent.control_socket())
-        .args(["set-weight", "web", "100%"])
-        .output()
-        .expect("canaryctl");
-    assert!(
-        out.status.success(),
-        "set-weight: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    canary_tests::canaryctl_ok(&agent.control_socket(), &["set-weight", "web", "100%"]);
     tx.send(()).expect("pinger waits");
     let (firsts, pings, conns) = pinger
         .join()

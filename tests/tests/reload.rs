@@ -3,9 +3,7 @@
 //! `no_backend`; reloads that replace services or backends at the
 //! configured limits work; a refused reload changes nothing.
 
-use std::{path::Path, process::Command};
-
-use canary_lab::{AgentProcess, Behavior, Lab, canaryctl_binary};
+use canary_lab::{AgentProcess, Behavior, Lab};
 use canary_tests::{load::drive, metrics::scrape};
 
 const VIP: &str = "10.96.0.10:80";
@@ -23,20 +21,7 @@ fn lab() -> Lab {
     )
 }
 
-fn ctl(socket: &Path, args: &[&str]) -> String {
-    let out = Command::new(canaryctl_binary())
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("run canaryctl");
-    assert!(
-        out.status.success(),
-        "canaryctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use canary_tests::canaryctl_ok as ctl;
 
 fn state(agent: &AgentProcess) -> String {
     let out = ctl(&agent.control_socket(), &["status", "--json"]);

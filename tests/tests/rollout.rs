@@ -4,11 +4,10 @@
 use std::{
     net::SocketAddrV4,
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
-use canary_lab::{AgentProcess, Behavior, Lab, canaryctl_binary};
+use canary_lab::{AgentProcess, Behavior, Lab};
 use canary_tests::{
     load::{drive, join_timed, spawn_timed},
     scenarios::{judge_detection, status},
@@ -47,17 +46,7 @@ fn config(lab: &Lab, agent_extra: &str, n: usize, plan: &str) -> String {
 }
 
 fn ctl(sock: &Path, args: &[&str]) {
-    let out = Command::new(canaryctl_binary())
-        .arg("--socket")
-        .arg(sock)
-        .args(args)
-        .output()
-        .expect("canaryctl");
-    assert!(
-        out.status.success(),
-        "canaryctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    canary_tests::canaryctl_ok(sock, args);
 }
 
 /// "progressing 2/4 (5%)"-style description.

@@ -1149,20 +1149,12 @@ impl Dataplane {
         } else {
             self.canary_off.remove(service);
         }
+        if !off {
+            self.reset_breaker(service)?;
+        }
         let Some(installed) = self.installed.get_mut(service) else {
             return Ok(());
         };
-        if !off {
-            self.breaker
-                .insert(installed.value.svc_id, BreakerState::default(), 0)
-                .map_err(|source| {
-                    map_error(
-                        names::BREAKER,
-                        format!("reset the breaker of service {service}"),
-                        source,
-                    )
-                })?;
-        }
         let mut value = installed.value;
         value.flags = if off {
             value.flags | FLAG_CANARY_OFF
