@@ -105,7 +105,7 @@ impl Bench {
             services: config.agent.max_services,
             backends: config.agent.max_backends,
         })?;
-        dp.apply(&config.services)?;
+        dp.apply(&config.services, &std::collections::BTreeSet::new())?;
         dp.load_baselines()?;
         let vip = config.services[0].vip;
         let client = addr(CLIENT);

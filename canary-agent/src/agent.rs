@@ -28,13 +28,16 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, ConfigError, Gate, IngressMode, InterfaceConfig, ServiceConfig},
+    config::{Config, ConfigError, IngressMode, InterfaceConfig, ServiceConfig},
     control::{self, Access, Command, ControlError, ControlServer, Response, code},
     dataplane::{ApplyReport, Dataplane, DataplaneError, decode_breaker_event, error_chain},
-    events::{Event, Events},
+    events::{Event as Notice, Events},
     http,
-    judge::{CohortWindow, Verdict, judge},
-    rollout::{RollbackReason, ServiceState, StateError, StateStore},
+    judge::{CohortWindow, judge},
+    rollout::{
+        ServiceState, StateError, StateStore,
+        engine::{self, Decision, Effect, Event, Judgement, Refusal, Rollout},
+    },
     status::{CohortStatus, ServiceStatus, StatusReport},
     supervise::{Supervisor, SupervisorError},
     telemetry::{Exporter, ServiceSnapshot},
@@ -73,7 +76,7 @@ pub enum AgentError {
     /// A persisted rollout state does not fit the config; nothing was
     /// changed.
     #[error("a rollout state does not fit the config, nothing was changed")]
-    StateConflict(#[from] StateConflict),
+    StateConflict(#[from] Refusal),
     /// The breaker's event ring buffer could not be watched.
     #[error("cannot watch the breaker's event ring buffer")]
     Events(#[source] std::io::Error),
@@ -102,7 +105,7 @@ enum ChangeError {
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
-    StateConflict(#[from] StateConflict),
+    Refused(#[from] Refusal),
     #[error("applying it failed and was rolled back")]
     Dataplane(#[from] DataplaneError),
 }
@@ -114,7 +117,10 @@ struct Agent {
     config: Config,
     dp: Dataplane,
     store: StateStore,
-    states: BTreeMap<String, ServiceState>,
+    /// Each configured service's rollout: the one source of truth for the
+    /// weight in force and whether its canary is cut off. The data plane is
+    /// programmed from it; the kernel's breaker flag comes back as an event.
+    rollouts: BTreeMap<String, Rollout>,
     /// What last changed each service's state, for `status`.
     verdicts: BTreeMap<String, String>,
     /// The judge's window of each plan-driven service.
@@ -134,8 +140,6 @@ struct StepWindow {
     started: std::time::Instant,
     /// The service's counters and histograms then.
     base: ServiceSnapshot,
-    /// Failing judgements in a row.
-    fails: u32,
     /// When the next judgement is due.
     due: std::time::Instant,
 }
@@ -162,12 +166,13 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     let control_listener = control::bind(&control_path, &access)?;
 
     let store = StateStore::new(&config.agent.state_dir);
-    let (states, forced) = load_states(&store, &config).map_err(|e| match e {
-        ChangeError::State(e) => AgentError::State(e),
-        ChangeError::StateConflict(e) => AgentError::StateConflict(e),
-        ChangeError::Config(e) => AgentError::Config(e),
-        ChangeError::Dataplane(e) => AgentError::Dataplane(e),
-    })?;
+    let (rollouts, mut pending) =
+        configure(&store, &config, &BTreeMap::new()).map_err(|e| match e {
+            ChangeError::State(e) => AgentError::State(e),
+            ChangeError::Refused(e) => AgentError::StateConflict(e),
+            ChangeError::Config(e) => AgentError::Config(e),
+            ChangeError::Dataplane(e) => AgentError::Dataplane(e),
+        })?;
     let mut dp = Dataplane::open(config.agent.capacity(), &config.agent.bpffs_dir)?;
     let adopted = match dp.adopt(&config.services) {
         Ok(a) => a,
@@ -190,7 +195,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         config,
         dp,
         store,
-        states,
+        rollouts,
         verdicts: BTreeMap::new(),
         windows: BTreeMap::new(),
         events: Events::start(webhook, &mut tasks),
@@ -200,12 +205,20 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     // Trips the kernel recorded while no agent ran (or that the last one
     // did not get to persist) become rollbacks like any other trip.
     for (name, state) in adopted.tripped {
-        agent.record_trip(&name, state.failures, state.attempts, state.tripped_ns);
+        let event = Event::BreakerTripped {
+            failures: state.failures,
+            attempts: state.attempts,
+        };
+        if let Some(p) = agent.decide_pending(&name, event) {
+            pending.push(p);
+        }
     }
     if let Err(e) = agent.setup() {
         return Err(abandon(agent.dp, e));
     }
-    agent.persist_forced(forced);
+    // The data plane is programmed from the decided states: what is left
+    // is persisting and announcing them.
+    agent.carry_out_programmed(pending);
     let ring = agent
         .dp
         .take_events()
@@ -322,126 +335,81 @@ fn abandon(mut dp: Dataplane, error: DataplaneError) -> AgentError {
 
 /// The services as the data plane should see them: configured values, with
 /// the weight the rollout state puts in force.
-fn effective(config: &Config, states: &BTreeMap<String, ServiceState>) -> Vec<ServiceConfig> {
+fn effective(config: &Config, rollouts: &BTreeMap<String, Rollout>) -> Vec<ServiceConfig> {
     config
         .services
         .iter()
         .map(|svc| {
             let mut out = svc.clone();
-            if let Some(state) = states.get(&svc.name) {
-                out.weight = state.effective_weight(svc);
+            if let Some(rollout) = rollouts.get(&svc.name) {
+                out.weight = rollout.state.effective_weight(svc);
             }
             out
         })
         .collect()
 }
 
-/// A saved rollout state the config no longer fits, in a way that cannot
-/// be resolved without a person.
+/// Why an event for a service was not carried out.
 #[derive(Debug, thiserror::Error)]
-#[error("service {service:?}: its saved rollout state ({state}) does not fit the config: {detail}")]
-pub struct StateConflict {
-    service: String,
-    state: &'static str,
-    detail: String,
+enum FeedError {
+    #[error("no such service")]
+    UnknownService,
+    #[error(transparent)]
+    Refused(Refusal),
+    #[error("not persisted")]
+    NotPersisted(#[source] StateError),
+    #[error("not applied, the old state is back")]
+    NotApplied(#[source] DataplaneError),
 }
 
-/// What becomes of a saved state under a (new) config.
-#[derive(Debug, PartialEq)]
-enum Fit {
-    /// It still applies.
-    Keep,
-    /// The rollout it belongs to is over: the service goes back to idle,
-    /// for the reason given.
-    End(&'static str),
-    /// Neither: refused with this explanation.
-    Refuse(String),
-}
-
-/// Whether `state` still fits `svc`. A state that would send new
-/// connections to canary backends the config no longer has ends the
-/// rollout, rather than dropping them as `no_backend`; a plan step the new
-/// plan does not have is refused.
-fn fit(svc: &ServiceConfig, state: &ServiceState) -> Fit {
-    match state {
-        ServiceState::Progressing { step, .. }
-        | ServiceState::Paused { step, .. }
-        | ServiceState::AwaitingApproval { step } => match &svc.rollout {
-            None => Fit::End("the config has no rollout plan for it any more"),
-            Some(plan) if *step as usize >= plan.steps.len() => Fit::Refuse(format!(
-                "it is at step {} of its plan and the config's plan has {} steps; \
-                 `canaryctl rollback` or `canaryctl promote` it first, or delete its state file \
-                 to start the plan over",
-                step + 1,
-                plan.steps.len()
-            )),
-            Some(_) => Fit::Keep,
-        },
-        _ if svc.canary.is_empty() && state.effective_weight(svc).ppm() > 0 => {
-            Fit::End("the config has no canary backends for it any more")
-        }
-        _ => Fit::Keep,
-    }
-}
-
-/// A change of state that the config forced, persisted once it is in force.
-struct Forced {
+/// A decision whose data-plane programming is done by one apply for all
+/// services (at start and on reload); the rest of its effects follow it.
+struct Pending {
     service: String,
     from: ServiceState,
-    to: ServiceState,
-    why: &'static str,
+    decision: Decision,
 }
 
-/// The rollout state of every configured service under `config`: its
-/// saved state, a plan's first step where a plan has none yet, or idle
-/// where the config ended its rollout. Nothing is written: the changes
-/// come back as [`Forced`], for [`Agent::persist_forced`] once applied.
-fn load_states(
+/// The rollout of every service of `config` as its state file (fed to the
+/// engine as [`Event::Configured`]) and the config decide, with the
+/// decisions that changed something. Nothing is written; a state the
+/// config cannot take refuses the whole config.
+fn configure(
     store: &StateStore,
     config: &Config,
-) -> Result<(BTreeMap<String, ServiceState>, Vec<Forced>), ChangeError> {
-    let mut states = BTreeMap::new();
-    let mut forced = Vec::new();
+    current: &BTreeMap<String, Rollout>,
+) -> Result<(BTreeMap<String, Rollout>, Vec<Pending>), ChangeError> {
+    let now = crate::rollout::now_unix();
+    let mut rollouts = BTreeMap::new();
+    let mut pending = Vec::new();
     for svc in &config.services {
         let saved = store.load(&svc.name)?;
-        let (mut state, mut why) = match fit(svc, &saved) {
-            Fit::Keep => (saved.clone(), None),
-            Fit::End(why) => (ServiceState::IDLE, Some(why)),
-            Fit::Refuse(detail) => {
-                return Err(ChangeError::StateConflict(StateConflict {
-                    service: svc.name.clone(),
-                    state: saved.name(),
-                    detail,
-                }));
-            }
-        };
-        if svc.rollout.is_some() && state == ServiceState::IDLE {
-            // A plan with no state yet starts at its first step.
-            state = ServiceState::progressing(0);
-            why = Some("rollout plan started");
-        }
-        if let Some(why) = why {
-            forced.push(Forced {
-                service: svc.name.clone(),
-                from: saved,
-                to: state.clone(),
-                why,
-            });
-        }
-        if let ServiceState::RolledBack { reason, detail, .. } = &state {
+        let before = current
+            .get(&svc.name)
+            .cloned()
+            .unwrap_or_else(|| Rollout::new(saved.clone()));
+        let decision = engine::decide(svc, &before, Event::Configured { saved }, now)?;
+        if let ServiceState::RolledBack { reason, detail, .. } = &decision.to.state {
             warn!(service = %svc.name, reason = reason.as_str(), detail = %detail,
                 "service is rolled back: no new connection goes to canary");
         }
-        states.insert(svc.name.clone(), state);
+        rollouts.insert(svc.name.clone(), decision.to.clone());
+        if !decision.effects.is_empty() {
+            pending.push(Pending {
+                service: svc.name.clone(),
+                from: before.state,
+                decision,
+            });
+        }
     }
-    Ok((states, forced))
+    Ok((rollouts, pending))
 }
 
 /// The services whose canary the rollout states cut off.
-fn canary_off(states: &BTreeMap<String, ServiceState>) -> BTreeSet<String> {
-    states
+fn canary_off(rollouts: &BTreeMap<String, Rollout>) -> BTreeSet<String> {
+    rollouts
         .iter()
-        .filter(|(_, s)| !s.canary_allowed())
+        .filter(|(_, r)| !r.state.canary_allowed())
         .map(|(n, _)| n.clone())
         .collect()
 }
@@ -456,7 +424,7 @@ impl Agent {
     /// validated, or why it was not.
     fn reload(&mut self, new: Result<Config, ConfigError>) -> Result<(), ChangeError> {
         let new = new?;
-        let (new_states, forced) = load_states(&self.store, &new)?;
+        let (new_rollouts, pending) = configure(&self.store, &new, &self.rollouts)?;
         let old = &self.config;
         // New interfaces, and interfaces whose mode changed.
         let added: Vec<InterfaceConfig> = new
@@ -475,7 +443,7 @@ impl Agent {
             }
             // The canary-off flags go in with the services, all or nothing.
             self.dp
-                .apply_with_off(&effective(&new, &new_states), canary_off(&new_states))
+                .apply(&effective(&new, &new_rollouts), &canary_off(&new_rollouts))
         })();
         let report = match result {
             Ok(report) => report,
@@ -535,22 +503,12 @@ impl Agent {
         }
         self.lost_interfaces
             .retain(|name, _| new.agent.interfaces.iter().any(|i| i.name == *name));
-        // Applied: a canary a removed state file lets back in starts with a
-        // fresh breaker window (the file's deletion is a `resume`), and
-        // what the config forced is persisted.
-        for (name, state) in &new_states {
-            let was_off = self.states.get(name).is_some_and(|s| !s.canary_allowed());
-            let is_off = !state.canary_allowed();
-            if was_off != is_off {
-                info!(event = "rollout-state", service = %name, state = state.name(), "rollout state changed by its state file");
-                if was_off && let Err(e) = self.dp.reset_breaker(name) {
-                    warn!(service = %name, error = %error_chain(&e), "cannot reset the breaker");
-                }
-            }
-        }
+        // Applied: the states the config or the state files changed are
+        // persisted and announced (a canary that a deleted state file lets
+        // back in gets a fresh breaker: the deletion is a `resume`).
         self.config = new;
-        self.states = new_states;
-        self.persist_forced(forced);
+        self.rollouts = new_rollouts;
+        self.carry_out_programmed(pending);
         self.publish_states();
         self.log_services(&report);
         info!(added = ?report.added, changed = ?report.changed, removed = ?report.removed, "config reloaded");
@@ -574,135 +532,207 @@ impl Agent {
                 ),
             },
             Command::SetWeight { service, weight } => {
-                self.transition(&service, "canaryctl", |svc, state| {
-                    if matches!(state, ServiceState::RolledBack { .. }) {
-                        return Err("it is rolled back; `canaryctl resume` it first".to_string());
-                    }
-                    if weight.ppm() > 0 && svc.canary.is_empty() {
-                        return Err("it has no canary backends".to_string());
-                    }
-                    Ok(ServiceState::Idle {
-                        weight_ppm: Some(weight.ppm()),
-                    })
-                })
+                self.command(&service, engine::Command::SetWeight(weight))
             }
-            Command::Promote { service } => self.transition(&service, "canaryctl", |svc, _| {
-                if svc.canary.is_empty() {
-                    return Err("it has no canary backends to promote".to_string());
-                }
-                Ok(ServiceState::promoted())
-            }),
-            Command::Rollback { service } => self.transition(&service, "canaryctl", |_, state| {
-                if matches!(state, ServiceState::RolledBack { .. }) {
-                    return Err("it is already rolled back".to_string());
-                }
-                Ok(ServiceState::rolled_back(
-                    RollbackReason::Operator,
-                    "canaryctl rollback".to_string(),
-                ))
-            }),
-            Command::Resume { service } => self.transition(&service, "canaryctl", |svc, state| {
-                Ok(match (state, &svc.rollout) {
-                    (ServiceState::Paused { step, .. }, Some(_)) => {
-                        ServiceState::progressing(*step)
-                    }
-                    (
-                        ServiceState::Progressing { .. } | ServiceState::AwaitingApproval { .. },
-                        Some(_),
-                    ) => {
-                        return Err(format!("its rollout is already {}", state.name()));
-                    }
-                    // A plan starts over; without one, the configured weight.
-                    (_, Some(_)) => ServiceState::progressing(0),
-                    (_, None) => ServiceState::IDLE,
-                })
-            }),
-            Command::Pause { service } => {
-                self.transition(&service, "canaryctl", |svc, state| match state {
-                    ServiceState::Progressing { step, .. } => Ok(ServiceState::Paused {
-                        step: *step,
-                        weight_ppm: state.effective_weight(svc).ppm(),
-                    }),
-                    _ => Err(format!(
-                        "pause holds a progressing rollout; it is {}",
-                        state.name()
-                    )),
-                })
+            Command::Promote { service } => self.command(&service, engine::Command::Promote),
+            Command::Rollback { service } => self.command(&service, engine::Command::Rollback),
+            Command::Resume { service } => self.command(&service, engine::Command::Resume),
+            Command::Pause { service } => self.command(&service, engine::Command::Pause),
+            Command::Approve { service } => self.command(&service, engine::Command::Approve),
+        }
+    }
+
+    /// An operator's command for `service`: the engine decides, the
+    /// answer is the service's status or why nothing changed.
+    fn command(&mut self, service: &str, command: engine::Command) -> Response {
+        match self.feed(service, Event::Operator(command)) {
+            Ok(()) => self.status(Some(service)),
+            Err(FeedError::UnknownService) => {
+                let names: Vec<&str> = self
+                    .config
+                    .services
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect();
+                Response::error(
+                    code::UNKNOWN_SERVICE,
+                    format!("no service {service:?}; configured: {names:?}"),
+                )
             }
-            Command::Approve { service } => {
-                self.transition(&service, "canaryctl", |_, state| match state {
-                    ServiceState::AwaitingApproval { step } => Ok(ServiceState::progressing(*step)),
-                    _ => Err(format!("nothing awaits approval; it is {}", state.name())),
-                })
+            Err(FeedError::Refused(why)) => Response::error(code::CONFLICT, why.0),
+            Err(FeedError::NotPersisted(e)) => {
+                Response::error(code::INTERNAL, format!("not changed: {}", error_chain(&e)))
+            }
+            Err(FeedError::NotApplied(e)) => {
+                Response::error(code::INTERNAL, format!("not changed: {}", error_chain(&e)))
             }
         }
     }
 
-    /// Moves `service` to the state `decide` returns (or answers why not):
-    /// persisted first, then applied; if applying fails, the old state is
-    /// restored on disk and in the data plane.
-    fn transition(
+    /// Feeds `event` to the engine for `service` and carries out what it
+    /// decides: persisted first, then applied; if applying fails, the old
+    /// state is restored on disk and in the data plane.
+    fn feed(&mut self, service: &str, event: Event) -> Result<(), FeedError> {
+        let svc = self
+            .config
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .cloned()
+            .ok_or(FeedError::UnknownService)?;
+        let current = self
+            .rollouts
+            .get(service)
+            .cloned()
+            .unwrap_or_else(|| Rollout::new(ServiceState::IDLE));
+        let decision = engine::decide(&svc, &current, event, crate::rollout::now_unix())
+            .map_err(FeedError::Refused)?;
+        self.carry_out(&svc, &current, decision)
+    }
+
+    /// The engine's decision for a trip found at start, before the data
+    /// plane is programmed (the start programs every service at once).
+    fn decide_pending(&mut self, service: &str, event: Event) -> Option<Pending> {
+        let svc = self.config.services.iter().find(|s| s.name == service)?;
+        let current = self.rollouts.get(service)?.clone();
+        let decision = engine::decide(svc, &current, event, crate::rollout::now_unix()).ok()?;
+        self.rollouts
+            .insert(service.to_string(), decision.to.clone());
+        Some(Pending {
+            service: service.to_string(),
+            from: current.state,
+            decision,
+        })
+    }
+
+    /// Carries out `decision` for `svc`, whose rollout was `current`.
+    fn carry_out(
         &mut self,
-        service: &str,
-        actor: &str,
-        decide: impl FnOnce(&ServiceConfig, &ServiceState) -> Result<ServiceState, String>,
-    ) -> Response {
-        let Some(svc) = self.config.services.iter().find(|s| s.name == service) else {
-            let names: Vec<&str> = self
+        svc: &ServiceConfig,
+        current: &Rollout,
+        decision: Decision,
+    ) -> Result<(), FeedError> {
+        let name = svc.name.clone();
+        for effect in &decision.effects {
+            match effect {
+                Effect::Persist => self
+                    .store
+                    .save(&name, &decision.to.state)
+                    .map_err(FeedError::NotPersisted)?,
+                Effect::ResetBreaker => self.reset_breaker(&name),
+                Effect::Program => {
+                    self.rollouts.insert(name.clone(), decision.to.clone());
+                    let applied = self.dp.apply(
+                        &effective(&self.config, &self.rollouts),
+                        &canary_off(&self.rollouts),
+                    );
+                    if let Err(e) = applied {
+                        self.rollouts.insert(name.clone(), current.clone());
+                        let _ = self.store.save(&name, &current.state);
+                        let _ = self.dp.apply(
+                            &effective(&self.config, &self.rollouts),
+                            &canary_off(&self.rollouts),
+                        );
+                        return Err(FeedError::NotApplied(e));
+                    }
+                }
+                Effect::RestartWindow => {
+                    self.windows.remove(&name);
+                }
+                Effect::Announce { by, verdict } => {
+                    self.announce_change(svc, &current.state, &decision.to.state, *by, verdict);
+                }
+                Effect::Verdict(line) => {
+                    self.verdicts.insert(name.clone(), line.clone());
+                }
+            }
+        }
+        self.rollouts.insert(name, decision.to);
+        Ok(())
+    }
+
+    /// Carries out decisions whose data plane is already programmed (by the
+    /// start's or a reload's one apply).
+    fn carry_out_programmed(&mut self, pending: Vec<Pending>) {
+        let mut reset = false;
+        for p in pending {
+            let Some(svc) = self
                 .config
                 .services
                 .iter()
-                .map(|s| s.name.as_str())
-                .collect();
-            return Response::error(
-                code::UNKNOWN_SERVICE,
-                format!("no service {service:?}; configured: {names:?}"),
-            );
-        };
-        let old = self
-            .states
-            .get(service)
-            .cloned()
-            .unwrap_or(ServiceState::IDLE);
-        let new = match decide(svc, &old) {
-            Ok(new) => new,
-            Err(why) => {
-                return Response::error(code::CONFLICT, format!("service {service:?}: {why}"));
+                .find(|s| s.name == p.service)
+                .cloned()
+            else {
+                continue;
+            };
+            for effect in &p.decision.effects {
+                match effect {
+                    Effect::Persist => {
+                        if let Err(e) = self.store.save(&p.service, &p.decision.to.state) {
+                            error!(service = %p.service, error = %error_chain(&e), "cannot persist the rollout state: a restart would not find it");
+                        }
+                    }
+                    Effect::ResetBreaker => {
+                        self.reset_breaker(&p.service);
+                        reset = true;
+                    }
+                    Effect::Program => {}
+                    Effect::RestartWindow => {
+                        self.windows.remove(&p.service);
+                    }
+                    Effect::Announce { by, verdict } => {
+                        self.announce_change(&svc, &p.from, &p.decision.to.state, *by, verdict);
+                    }
+                    Effect::Verdict(line) => {
+                        self.verdicts.insert(p.service.clone(), line.clone());
+                    }
+                }
             }
-        };
-        if let Err(e) = self.store.save(service, &new) {
-            return Response::error(code::INTERNAL, format!("not changed: {}", error_chain(&e)));
         }
-        self.states.insert(service.to_string(), new.clone());
-        let applied = self
-            .dp
-            .set_canary_off(service, !new.canary_allowed())
-            .and_then(|()| self.dp.apply(&effective(&self.config, &self.states)));
-        if let Err(e) = applied {
-            self.states.insert(service.to_string(), old.clone());
-            let _ = self.store.save(service, &old);
-            let _ = self.dp.set_canary_off(service, !old.canary_allowed());
-            let _ = self.dp.apply(&effective(&self.config, &self.states));
-            return Response::error(code::INTERNAL, format!("not changed: {}", error_chain(&e)));
+        // The apply kept a tripped breaker's cut-off; with the breaker
+        // reset, the canary the state lets in is let in now.
+        if reset
+            && let Err(e) = self.dp.apply(
+                &effective(&self.config, &self.rollouts),
+                &canary_off(&self.rollouts),
+            )
+        {
+            error!(error = %error_chain(&e), "cannot let the resumed canary back in; `canaryctl resume` it");
         }
-        let rollback = match &new {
+    }
+
+    fn reset_breaker(&mut self, service: &str) {
+        if let Err(e) = self.dp.reset_breaker(service) {
+            warn!(service = %service, error = %error_chain(&e), "cannot reset the breaker");
+        }
+    }
+
+    /// A state change, told everywhere: metrics, the log, the webhook and
+    /// `status`.
+    fn announce_change(
+        &mut self,
+        svc: &ServiceConfig,
+        from: &ServiceState,
+        to: &ServiceState,
+        by: engine::Actor,
+        verdict: &str,
+    ) {
+        let rollback = match to {
             ServiceState::RolledBack { reason, .. } => Some(reason.as_str()),
             _ => None,
         };
-        self.publish_state(service, &new, rollback);
-        let weight = new.effective_weight(svc);
-        let verdict = format!(
-            "{} by {actor}: {} → {} (canary weight {weight})",
-            new_verb(&new),
-            old.name(),
-            new.name()
+        self.publish_state(&svc.name, to, rollback);
+        let weight = to.effective_weight(svc);
+        warn!(event = "rollout-state", service = %svc.name, from = from.name(), to = to.name(), weight = %weight, by = by.as_str(), "{verdict}");
+        self.announce(
+            &svc.name,
+            from,
+            to,
+            &weight.to_string(),
+            by.as_str(),
+            verdict,
         );
-        // A new step (or none) starts a new judgement window.
-        self.windows.remove(service);
-        self.announce(service, &old, &new, &weight.to_string(), actor, &verdict);
-        warn!(event = "rollout-state", service = %service, from = old.name(), to = new.name(), weight = %weight, "{verdict}");
-        self.verdicts.insert(service.to_string(), verdict);
-        self.status(Some(service))
+        self.verdicts.insert(svc.name.clone(), verdict.to_string());
     }
 
     /// The `status` answer.
@@ -727,16 +757,16 @@ impl Agent {
             .filter(|s| only.is_none_or(|n| n == s.name))
         {
             let state = self
-                .states
+                .rollouts
                 .get(&svc.name)
-                .cloned()
+                .map(|r| r.state.clone())
                 .unwrap_or(ServiceState::IDLE);
             let Some(snap) = snapshot.service(&svc.name) else {
                 continue;
             };
             let cohorts = [COHORT_STABLE, COHORT_CANARY].map(|cohort| {
                 let c = snap.cohort_counters(cohort);
-                let failed = c.refused + c.syn_retried + snap.cohort_timeouts(cohort);
+                let failed = snap.failed_connections(cohort);
                 let hist = snap.histograms[usize::from(cohort)].as_ref();
                 let ms = |q| {
                     hist.and_then(|h| quantile(&h.first_byte_ns.buckets, q))
@@ -801,7 +831,7 @@ impl Agent {
             .filter(|s| s.rollout.is_some())
             .filter(|s| {
                 matches!(
-                    self.states.get(&s.name),
+                    self.rollouts.get(&s.name).map(|r| &r.state),
                     Some(
                         ServiceState::Progressing { .. }
                             | ServiceState::AwaitingApproval { .. }
@@ -833,7 +863,7 @@ impl Agent {
             // an agent restart does not start it over. The judge's sample
             // window does start anew: the counts at the step's start were
             // not kept.
-            let step_age = match self.states.get(&svc.name) {
+            let step_age = match self.rollouts.get(&svc.name).map(|r| &r.state) {
                 Some(ServiceState::Progressing { since_unix, .. }) => {
                     let now_unix = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
@@ -849,62 +879,19 @@ impl Agent {
                 .or_insert_with(|| StepWindow {
                     started: now.checked_sub(step_age).unwrap_or(now),
                     base: current.clone(),
-                    fails: 0,
                     due: now,
                 });
             window.due = now + plan.interval;
             let stable = cohort_window(&window.base, current, COHORT_STABLE);
             let canary = cohort_window(&window.base, current, COHORT_CANARY);
-            let verdict = judge(&plan.judge, &stable, &canary);
-            let held = window.started.elapsed();
-            window.fails = if matches!(verdict, Verdict::Fail { .. }) {
-                window.fails + 1
-            } else {
-                0
+            let judgement = Judgement {
+                verdict: judge(&plan.judge, &stable, &canary),
+                held: window.started.elapsed(),
+                canary_connections: canary.connections,
             };
-            let fails = window.fails;
-            let line = verdict.describe();
-            self.verdicts
-                .insert(svc.name.clone(), format!("judge: {line}"));
-            if fails >= plan.fail_after {
-                let detail = format!("{line} ({fails} judgements in a row)");
-                self.transition(&svc.name, "the judge", |_, _| {
-                    Ok(ServiceState::rolled_back(
-                        RollbackReason::Judge,
-                        detail.clone(),
-                    ))
-                });
-                self.verdicts.insert(
-                    svc.name.clone(),
-                    format!("rolled back by the judge: {line}"),
-                );
-                continue;
+            if let Err(e) = self.feed(&svc.name, Event::Judged(judgement)) {
+                warn!(service = %svc.name, error = %e, "the judge's decision was not carried out");
             }
-            let Some(ServiceState::Progressing { step, .. }) = self.states.get(&svc.name).cloned()
-            else {
-                continue;
-            };
-            let step_cfg = &plan.steps[(step as usize).min(plan.steps.len() - 1)];
-            let passed = matches!(verdict, Verdict::Pass { .. })
-                && held >= step_cfg.hold
-                && canary.connections >= step_cfg.min_connections;
-            if !passed {
-                continue;
-            }
-            let next = step + 1;
-            let new = if next as usize >= plan.steps.len() {
-                ServiceState::promoted()
-            } else if plan.steps[next as usize].gate == Gate::Manual {
-                ServiceState::AwaitingApproval { step: next }
-            } else {
-                ServiceState::progressing(next)
-            };
-            info!(event = "judgement", service = %svc.name, step = step + 1, verdict = %line, "step passed");
-            self.transition(&svc.name, "the judge", move |_, _| Ok(new));
-            self.verdicts.insert(
-                svc.name.clone(),
-                format!("step {} passed: {line}", step + 1),
-            );
         }
     }
 
@@ -922,44 +909,15 @@ impl Agent {
                 warn!(svc_id = ev.svc_id, "breaker event for an unknown service");
                 continue;
             };
-            self.record_trip(&name, ev.failures, ev.attempts, ev.at_ns);
+            let event = Event::BreakerTripped {
+                failures: ev.failures,
+                attempts: ev.attempts,
+            };
+            if let Err(e) = self.feed(&name, event) {
+                // The cut-off stands in the kernel; only its record failed.
+                error!(service = %name, tripped_at_ns = ev.at_ns, error = %e, "breaker rollback not persisted: a restart would re-raise the canary");
+            }
         }
-    }
-
-    /// Persists and announces a breaker trip of `name`, unless its canary
-    /// is already off.
-    fn record_trip(&mut self, name: &str, failures: u64, attempts: u64, at_ns: u64) {
-        if self.states.get(name).is_some_and(|s| !s.canary_allowed()) {
-            return;
-        }
-        let detail =
-            format!("{failures} canary failures of {attempts} attempts in one breaker window");
-        let state = ServiceState::rolled_back(RollbackReason::Breaker, detail.clone());
-        if let Err(e) = self.store.save(name, &state) {
-            // The cut-off stands in the kernel; only its persistence failed.
-            error!(service = %name, error = %error_chain(&e), "rollback not persisted: a restart would re-raise the canary");
-        }
-        if let Err(e) = self.dp.set_canary_off(name, true) {
-            error!(service = %name, error = %error_chain(&e), "cannot mark the service rolled back in the data plane");
-        }
-        self.publish_state(name, &state, Some(RollbackReason::Breaker.as_str()));
-        warn!(
-            event = "rollout-state",
-            service = %name,
-            to = "rolled-back",
-            reason = "breaker",
-            failures,
-            attempts,
-            tripped_at_ns = at_ns,
-            "canary rolled back by the data-plane breaker: no new connection goes to canary"
-        );
-        self.verdicts.insert(
-            name.to_string(),
-            format!("rolled back by the breaker: {detail}"),
-        );
-        let old = self.states.get(name).cloned().unwrap_or(ServiceState::IDLE);
-        self.announce(name, &old, &state, "0%", "the breaker", &detail);
-        self.states.insert(name.to_string(), state);
     }
 
     /// Programs the maps from the config and the rollout states, attaches
@@ -967,9 +925,9 @@ impl Agent {
     /// pinned links the config no longer names, and completes any map
     /// migration.
     fn setup(&mut self) -> Result<(), DataplaneError> {
-        let report = self.dp.apply_with_off(
-            &effective(&self.config, &self.states),
-            canary_off(&self.states),
+        let report = self.dp.apply(
+            &effective(&self.config, &self.rollouts),
+            &canary_off(&self.rollouts),
         )?;
         self.publish_states();
         self.log_services(&report);
@@ -984,27 +942,6 @@ impl Agent {
             info!(interface = %interface, hook = %hook, "detached a pinned link the config no longer names");
         }
         Ok(())
-    }
-
-    /// Persists and announces the state changes the config forced, now
-    /// that they are in force.
-    fn persist_forced(&mut self, forced: Vec<Forced>) {
-        for f in forced {
-            if let Err(e) = self.store.save(&f.service, &f.to) {
-                error!(service = %f.service, error = %error_chain(&e), "cannot persist the rollout state");
-            }
-            info!(event = "rollout-state", service = %f.service, from = f.from.name(), to = f.to.name(), why = f.why, "rollout state changed by the config");
-            if f.from != f.to {
-                let weight = self
-                    .config
-                    .services
-                    .iter()
-                    .find(|s| s.name == f.service)
-                    .map(|s| f.to.effective_weight(s).to_string())
-                    .unwrap_or_default();
-                self.announce(&f.service, &f.from, &f.to, &weight, "the config", f.why);
-            }
-        }
     }
 
     /// Re-attaches interfaces that were deleted and created again (a veth
@@ -1050,7 +987,7 @@ impl Agent {
         by: &str,
         detail: &str,
     ) {
-        self.events.send(Event {
+        self.events.send(Notice {
             event: "rollout-state",
             node: self.node.clone(),
             service: service.to_string(),
@@ -1068,8 +1005,8 @@ impl Agent {
 
     /// Exports every service's rollout state.
     fn publish_states(&self) {
-        for (name, state) in &self.states {
-            self.publish_state(name, state, None);
+        for (name, rollout) in &self.rollouts {
+            self.publish_state(name, &rollout.state, None);
         }
     }
 
@@ -1080,7 +1017,7 @@ impl Agent {
     }
 
     fn log_services(&self, report: &ApplyReport) {
-        for svc in effective(&self.config, &self.states) {
+        for svc in effective(&self.config, &self.rollouts) {
             if report.added.contains(&svc.name) || report.changed.contains(&svc.name) {
                 info!(
                     service = %svc.name,
@@ -1128,20 +1065,6 @@ fn hostname() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
-fn new_verb(state: &ServiceState) -> &'static str {
-    match state {
-        ServiceState::Idle {
-            weight_ppm: Some(_),
-        } => "weight set",
-        ServiceState::Idle { weight_ppm: None } => "resumed",
-        ServiceState::Progressing { .. } => "step entered",
-        ServiceState::AwaitingApproval { .. } => "gate reached",
-        ServiceState::Paused { .. } => "paused",
-        ServiceState::Promoted { .. } => "promoted",
-        ServiceState::RolledBack { .. } => "rolled back",
-    }
-}
-
 /// "2/4 (5%)" for a plan-driven service.
 fn plan_step(svc: &ServiceConfig, state: &ServiceState) -> Option<String> {
     let steps = &svc.rollout.as_ref()?.steps;
@@ -1158,9 +1081,7 @@ fn plan_step(svc: &ServiceConfig, state: &ServiceState) -> Option<String> {
 /// What one cohort did between `base` and `now`.
 fn cohort_window(base: &ServiceSnapshot, now: &ServiceSnapshot, cohort: u8) -> CohortWindow {
     let (b, n) = (base.cohort_counters(cohort), now.cohort_counters(cohort));
-    let failures = |s: &ServiceSnapshot, c: &canary_common::stats::BackendCounters| {
-        c.refused + c.syn_retried + c.resets_from_backend + s.cohort_timeouts(cohort)
-    };
+    let failures = |s: &ServiceSnapshot| s.failed_connections(cohort);
     let mut first_byte = Box::new([0u64; canary_common::stats::HIST_BUCKETS]);
     if let Some(h) = &now.histograms[usize::from(cohort)] {
         let old = base.histograms[usize::from(cohort)].as_ref();
@@ -1171,7 +1092,7 @@ fn cohort_window(base: &ServiceSnapshot, now: &ServiceSnapshot, cohort: u8) -> C
     }
     CohortWindow {
         connections: n.connections.saturating_sub(b.connections),
-        failures: failures(now, &n).saturating_sub(failures(base, &b)),
+        failures: failures(now).saturating_sub(failures(base)),
         first_byte,
     }
 }

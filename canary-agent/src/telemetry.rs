@@ -15,8 +15,8 @@ use canary_common::{
     counters::Counter,
     service::{COHORT_CANARY, COHORT_STABLE},
     stats::{
-        BackendCounters, CohortHistograms, HIST_BUCKETS, HIST_SUB_BITS, Histogram,
-        hist_bucket_range, histogram_key,
+        BackendCounters, CohortHistograms, HIST_BUCKETS, HIST_SUB_BITS, HandshakeTimeouts,
+        Histogram, hist_bucket_range, histogram_key,
     },
 };
 use prometheus_client::{
@@ -59,7 +59,7 @@ pub struct StatsSource {
     pub(crate) view: Vec<ServiceView>,
     /// Handshake timeouts per `STATS` slot (`TIMEOUTS`), counted by the
     /// agent's sweep.
-    pub(crate) timeouts: Array<MapData, u64>,
+    pub(crate) timeouts: Array<MapData, HandshakeTimeouts>,
     /// Rollout state and rollbacks per service name, kept by the agent.
     pub(crate) rollout: StdHashMap<String, RolloutView>,
 }
@@ -106,15 +106,18 @@ pub struct BackendSnapshot {
     pub addr: SocketAddrV4,
     /// Kernel counters summed over CPUs.
     pub counters: BackendCounters,
-    /// Handshakes that never completed within the timeout.
-    pub timeouts: u64,
+    /// Handshakes that never completed within the timeout (and how many of
+    /// those were their connection's first failure).
+    pub timeouts: HandshakeTimeouts,
 }
 
 impl BackendSnapshot {
     /// Connections open now. A flow whose handshake timed out is marked
     /// closed without the kernel counting a close, so it is subtracted here.
     pub fn active(&self) -> u64 {
-        self.counters.active().saturating_sub(self.timeouts)
+        self.counters
+            .active()
+            .saturating_sub(self.timeouts.timeouts)
     }
 }
 
@@ -149,7 +152,22 @@ impl ServiceSnapshot {
         self.backends
             .iter()
             .filter(|b| b.cohort == cohort)
-            .map(|b| b.timeouts)
+            .map(|b| b.timeouts.timeouts)
+            .sum()
+    }
+
+    /// Failed connections of one cohort: THE definition, used by the
+    /// judge, `canaryctl status` and documented with the metrics. A
+    /// connection failed if it was refused, its SYN was retried, its
+    /// handshake timed out or the backend reset it; each counts once,
+    /// whatever else went wrong with it. The kernel counts the first three
+    /// kinds it sees (`BackendCounters::failed`); timeouts, which no packet
+    /// announces, are added by the agent's sweep.
+    pub fn failed_connections(&self, cohort: u8) -> u64 {
+        self.backends
+            .iter()
+            .filter(|b| b.cohort == cohort)
+            .map(|b| b.counters.failed + b.timeouts.failed)
             .sum()
     }
 }
@@ -192,7 +210,7 @@ impl StatsSource {
                     cohort: b.cohort,
                     addr: b.addr,
                     counters,
-                    timeouts: self.timeouts.get(&b.slot, 0).unwrap_or(0),
+                    timeouts: self.timeouts.get(&b.slot, 0).unwrap_or_default(),
                 });
             }
             let mut histograms = [None, None];
@@ -436,7 +454,7 @@ impl Collector for StatsCollector {
                 [
                     ("refused", b.counters.refused),
                     ("syn_retry", b.counters.syn_retried),
-                    ("timeout", b.timeouts),
+                    ("timeout", b.timeouts.timeouts),
                 ]
             }),
         )?;

@@ -77,6 +77,10 @@ pub const ST_RST_CLOSE: u64 = 1 << 8;
 /// recorded at that RST; its real close records none (one sample per
 /// connection).
 pub const ST_REVIVED: u64 = 1 << 9;
+/// Forward entry (the reverse one when the forward half was evicted): the
+/// connection's first failure was counted (`BackendCounters::failed`, the
+/// breaker). A connection fails once, whatever else goes wrong with it.
+pub const ST_FAILED: u64 = 1 << 10;
 
 /// A SYN for a tracked flow that comes sooner than this after the flow's
 /// first SYN is a duplicate (a copy in the network, a spoofer), not a

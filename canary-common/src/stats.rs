@@ -32,8 +32,26 @@ pub struct BackendCounters {
     pub packets_from_client: u64,
     /// Packets backend → client.
     pub packets_from_backend: u64,
+    /// Connections that failed, each counted once: refused, SYN retried,
+    /// or reset by the backend. With the agent's handshake timeouts that
+    /// were a connection's first failure, this is the one definition of a
+    /// failed connection (see the README's table).
+    pub failed: u64,
 }
-const _: () = assert!(core::mem::size_of::<BackendCounters>() == 11 * 8);
+const _: () = assert!(core::mem::size_of::<BackendCounters>() == 12 * 8);
+
+/// `TIMEOUTS` value per stats slot: handshakes that got no SYN-ACK within
+/// `handshake_timeout`. Written only by the agent's sweep.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HandshakeTimeouts {
+    /// Every timed-out handshake (`reason="timeout"`).
+    pub timeouts: u64,
+    /// Those that were their connection's first failure (not SYN-retried
+    /// before): they add to [`BackendCounters::failed`].
+    pub failed: u64,
+}
+const _: () = assert!(core::mem::size_of::<HandshakeTimeouts>() == 16);
 
 impl BackendCounters {
     /// Adds `other` into `self` (summing CPUs).
@@ -49,6 +67,7 @@ impl BackendCounters {
         self.bytes_from_backend += o.bytes_from_backend;
         self.packets_from_client += o.packets_from_client;
         self.packets_from_backend += o.packets_from_backend;
+        self.failed += o.failed;
     }
 
     /// Connections open now: opened minus closed.
@@ -204,6 +223,8 @@ pub fn quantile(buckets: &[u64; HIST_BUCKETS], q: f64) -> Option<f64> {
 mod pod {
     // SAFETY: repr(C), u64 fields only, no padding.
     unsafe impl aya::Pod for super::BackendCounters {}
+    // SAFETY: repr(C), u64 fields only.
+    unsafe impl aya::Pod for super::HandshakeTimeouts {}
     // SAFETY: repr(C), u64 arrays and fields only, no padding.
     unsafe impl aya::Pod for super::CohortHistograms {}
 }

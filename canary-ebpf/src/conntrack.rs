@@ -5,8 +5,8 @@ use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, maps::LruHashMap};
 use canary_common::{
     counters::Counter,
     flow::{
-        CT_REOPENED, CT_REVERSE, CtEntry, FlowKey, PendingSyn, ST_CLOSED, ST_HANDSHAKE, ST_REVIVED,
-        ST_RST, ST_RST_CLOSE,
+        CT_REOPENED, CT_REVERSE, CtEntry, FlowKey, PendingSyn, ST_CLOSED, ST_FAILED, ST_HANDSHAKE,
+        ST_REVIVED, ST_RST, ST_RST_CLOSE,
     },
     stats::BackendCounters,
 };
@@ -20,6 +20,13 @@ use crate::{
 /// A tracked entry: a live element of `CONNTRACK` for this program run.
 #[derive(Clone, Copy)]
 pub struct Entry(*mut CtEntry);
+
+/// Marks the connection of `entry` failed; true if this is its first
+/// failure, the one that counts (`failed`, the breaker).
+#[inline(always)]
+pub fn fail_once(entry: Entry) -> bool {
+    entry.set_state(ST_FAILED) & ST_FAILED == 0
+}
 
 impl Entry {
     /// A copy of the entry's fields.

@@ -127,6 +127,7 @@ pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
                 }
             };
             if first {
+                let first_failure = conntrack::fail_once(fwd.unwrap_or(rev_entry));
                 // A RST before the handshake completed refuses the
                 // connection.
                 if let Some(c) = counters {
@@ -135,10 +136,12 @@ pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
                     } else {
                         c.resets_from_backend += 1;
                     }
+                    c.failed += u64::from(first_failure);
                 }
                 // A re-resolved flow was never a canary attempt: its reset
-                // is no breaker failure either.
-                if rev.cohort == COHORT_CANARY && timed {
+                // is no breaker failure either. A connection that failed
+                // before (a SYN retry) is one failure, not two.
+                if rev.cohort == COHORT_CANARY && timed && first_failure {
                     breaker::failure(rev.nat_addr, rev.nat_port, rev.svc_id, now);
                 }
             }

@@ -155,10 +155,12 @@ fn syn_again(entry: Entry, ct: &CtEntry, pkt: &Tcp4) {
     if entry.set_state(ST_SYN_RETRIED) & ST_SYN_RETRIED != 0 {
         return;
     }
+    let first_failure = conntrack::fail_once(entry);
     if let Some(c) = stats::backend(ct.stats_slot) {
         c.syn_retried += 1;
+        c.failed += u64::from(first_failure);
     }
-    if ct.cohort == COHORT_CANARY {
+    if ct.cohort == COHORT_CANARY && first_failure {
         breaker::failure(pkt.key.dst_addr, pkt.key.dst_port, ct.svc_id, now);
     }
 }

@@ -15,12 +15,14 @@ use canary_common::{
     service::{
         DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAX_RULES, RuleKey, ServiceKey, ServiceValue,
     },
-    stats::{BackendCounters, CohortHistograms},
+    stats::{BackendCounters, CohortHistograms, HandshakeTimeouts},
 };
 
-/// VIP → service. Written by the agent (one whole-value update per change),
-/// read for every new flow. Not preallocated, so a replaced value is freed
-/// only after readers are done (RCU): a reader sees old or new, whole.
+/// VIP → service. Written by the agent (one whole-value update per change)
+/// and by the breaker, which sets `FLAG_CANARY_OFF` in place when it trips
+/// (the agent keeps that flag until it resets the breaker); read for every
+/// new flow. Not preallocated, so a replaced value is freed only after
+/// readers are done (RCU): a reader sees old or new, whole.
 #[map(name = "SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::with_max_entries(DEFAULT_MAX_SERVICES, BPF_F_NO_PREALLOC);
@@ -31,7 +33,8 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
 pub static RULES: LpmTrie<RuleKey, u32> = LpmTrie::with_max_entries(MAX_RULES, 0);
 
 /// 5-tuple → flow state, both directions. Written by the programs; the agent
-/// removes flows whose handshake timed out.
+/// marks flows whose handshake timed out closed and failed (its sweep), and
+/// copies every entry into a map of a new capacity (a migration).
 #[map(name = "CONNTRACK")]
 pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
     LruHashMap::with_max_entries(CT_DEFAULT_CAPACITY, 0);
@@ -66,13 +69,15 @@ pub static HISTOGRAMS: HashMap<u32, CohortHistograms> =
     HashMap::with_max_entries(2 * DEFAULT_MAX_SERVICES, BPF_F_NO_PREALLOC);
 
 /// Forward 5-tuple → SYN not yet answered. Inserted on a new flow's SYN,
-/// removed at the SYN-ACK or a refusal; the agent sweeps what times out.
+/// removed at the SYN-ACK or a refusal by the programs, and by the agent's
+/// sweep when the handshake times out.
 #[map(name = "PENDING")]
 pub static PENDING: LruHashMap<FlowKey, PendingSyn> =
     LruHashMap::with_max_entries(PENDING_CAPACITY, 0);
 
-/// Service id → breaker window. Created by the agent per service; updated
-/// by the programs on canary attempts and failures.
+/// Service id → breaker window. Created by the agent per service and reset
+/// by it only on `resume`; updated by the programs on canary attempts and
+/// failures (each failed connection once).
 #[map(name = "BREAKER")]
 pub static BREAKER: HashMap<u32, BreakerState> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 
@@ -85,7 +90,8 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 /// programs; a map rather than agent memory so the count outlives the
 /// agent like every other counter. Sized like `STATS` by the agent.
 #[map(name = "TIMEOUTS")]
-pub static TIMEOUTS: Array<u64> = Array::with_max_entries(DEFAULT_MAX_BACKENDS + 1, 0);
+pub static TIMEOUTS: Array<HandshakeTimeouts> =
+    Array::with_max_entries(DEFAULT_MAX_BACKENDS + 1, 0);
 
 /// Layout version of every map, indexed as `canary_common::layout::MAPS`.
 /// Written by the agent that creates the maps, checked by every agent that

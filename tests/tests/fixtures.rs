@@ -7,6 +7,7 @@
 //! through TC egress.
 
 use std::{
+    collections::BTreeSet,
     net::SocketAddrV4,
     ops::{Deref, DerefMut},
     path::Path,
@@ -77,7 +78,8 @@ fn dataplane(mode: IngressMode, extra: &str) -> Fixture {
         ..Capacity::default()
     })
     .expect("programs load and pass the verifier");
-    dp.apply(&services(extra)).expect("fixture services apply");
+    dp.apply(&services(extra), &BTreeSet::new())
+        .expect("fixture services apply");
     Fixture { dp, mode }
 }
 
@@ -215,8 +217,11 @@ fn next_packet_after_a_weight_change_stays_on_its_backend(m: IngressMode) {
         first.dst
     );
 
-    dp.apply(&services("weight = \"100%\"\ncohort = \"per-connection\""))
-        .expect("weight change applies");
+    dp.apply(
+        &services("weight = \"100%\"\ncohort = \"per-connection\""),
+        &BTreeSet::new(),
+    )
+    .expect("weight change applies");
 
     for seg in [
         Tcp::new(client, addr(VIP), ACK),
@@ -394,8 +399,11 @@ fn a_syn_after_the_clients_fin_is_a_new_connection(m: IngressMode) {
         Dir::Ingress,
         &Tcp::new(client, addr(VIP), FIN | ACK),
     );
-    dp.apply(&services("weight = \"100%\"\ncohort = \"per-connection\""))
-        .unwrap();
+    dp.apply(
+        &services("weight = \"100%\"\ncohort = \"per-connection\""),
+        &BTreeSet::new(),
+    )
+    .unwrap();
     // Late ACK of the closing flow: still the old backend.
     let (_, late) = run(&mut dp, Dir::Ingress, &Tcp::new(client, addr(VIP), ACK));
     assert_eq!(
@@ -477,9 +485,10 @@ fn source_rules_decide_before_the_weight(m: IngressMode) {
 
 fn rule_changes_apply_atomically_and_old_rules_are_removed(m: IngressMode) {
     let mut dp = dataplane(m, "weight = \"0%\"\nalways_canary = [\"10.201.5.0/24\"]");
-    dp.apply(&services(
-        "weight = \"0%\"\nalways_canary = [\"10.201.6.0/24\"]",
-    ))
+    dp.apply(
+        &services("weight = \"0%\"\nalways_canary = [\"10.201.6.0/24\"]"),
+        &BTreeSet::new(),
+    )
     .unwrap();
     let (_, old) = open(&mut dp, addr("10.201.5.1:40000"));
     assert!(
@@ -490,7 +499,7 @@ fn rule_changes_apply_atomically_and_old_rules_are_removed(m: IngressMode) {
     let (_, new) = open(&mut dp, addr("10.201.6.1:40000"));
     assert_eq!(new.dst, addr(CANARY), "the new rule does not apply");
     // Removing the service stops steering; the VIP becomes foreign.
-    dp.apply(&[]).unwrap();
+    dp.apply(&[], &BTreeSet::new()).unwrap();
     let (verdict, _) = open(&mut dp, addr("10.201.9.1:40000"));
     assert_eq!(verdict, V::Ignore, "a removed service must not be steered");
 }
@@ -499,7 +508,7 @@ fn removing_a_service_drains_it_established_flows_finish_new_ones_are_not_steere
     let mut dp = dataplane(m, "weight = \"0%\"");
     let client = addr("10.201.0.20:40010");
     let (_, syn) = open(&mut dp, client);
-    dp.apply(&[]).expect("service removed");
+    dp.apply(&[], &BTreeSet::new()).expect("service removed");
 
     let (verdict, data) = run(
         &mut dp,
@@ -673,7 +682,8 @@ fn refusals_resets_and_syn_retries_are_told_apart(m: IngressMode) {
 }
 
 fn the_breaker_trips_on_canary_refusals_and_stops_steering_there_at_once(m: IngressMode) {
-    let mut dp = dataplane(m, "weight = \"100%\"\ncohort = \"per-connection\"");
+    const TRIP: &str = "weight = \"100%\"\ncohort = \"per-connection\"";
+    let mut dp = dataplane(m, TRIP);
     let mut events = dp.take_events().expect("event ring buffer");
     // Default breaker: 3 failures that are >= 50% of the window's attempts.
     for port in 0..3u16 {
@@ -706,8 +716,18 @@ fn the_breaker_trips_on_canary_refusals_and_stops_steering_there_at_once(m: Ingr
     assert_eq!((ev.failures, ev.attempts), (3, 3), "{ev:?}");
     drop(item);
     assert!(events.next().is_none(), "exactly one event per trip");
-    // Re-enabling (an operator clearing the rollback) resets the breaker.
-    dp.set_canary_off("web", false).unwrap();
+    // The cut-off stands through an apply that does not clear it (the
+    // agent may not have read the trip yet)…
+    dp.apply(&services(TRIP), &BTreeSet::new()).unwrap();
+    let (_, still) = open(&mut dp, addr("10.201.0.42:42000"));
+    assert_ne!(
+        still.dst,
+        addr(CANARY),
+        "an apply cleared a tripped breaker's cut-off"
+    );
+    // …until the breaker is reset (an operator's `resume`).
+    dp.reset_breaker("web").unwrap();
+    dp.apply(&services(TRIP), &BTreeSet::new()).unwrap();
     let (_, again) = open(&mut dp, addr("10.201.0.42:42001"));
     assert_eq!(again.dst, addr(CANARY), "cleared: canary again");
 }
@@ -751,7 +771,12 @@ fn a_rolled_back_service_sends_nothing_new_to_canary_not_even_always_canary(m: I
     let mut dp = dataplane(m, "weight = \"100%\"\nalways_canary = [\"10.201.0.0/16\"]");
     let (_, before) = open(&mut dp, addr("10.201.0.50:40000"));
     assert_eq!(before.dst, addr(CANARY));
-    dp.set_canary_off("web", true).unwrap();
+    let off = BTreeSet::from(["web".to_string()]);
+    dp.apply(
+        &services("weight = \"100%\"\nalways_canary = [\"10.201.0.0/16\"]"),
+        &off,
+    )
+    .unwrap();
     let (_, after) = open(&mut dp, addr("10.201.0.51:40000"));
     assert!(
         STABLE.map(addr).contains(&after.dst),
@@ -770,9 +795,10 @@ fn a_rolled_back_service_sends_nothing_new_to_canary_not_even_always_canary(m: I
         "an established canary connection must not move"
     );
     // A reload keeps the rollback.
-    dp.apply(&services(
-        "weight = \"100%\"\nalways_canary = [\"10.201.0.0/16\"]",
-    ))
+    dp.apply(
+        &services("weight = \"100%\"\nalways_canary = [\"10.201.0.0/16\"]"),
+        &off,
+    )
     .unwrap();
     let (_, reloaded) = open(&mut dp, addr("10.201.0.52:40000"));
     assert!(
@@ -970,8 +996,11 @@ fn a_bare_ack_on_a_miss_reaches_its_backend_untracked_until_the_backend_answers(
     let lost = addr("10.201.2.2:40000");
     let (_, first) = run(&mut dp, Dir::Ingress, &Tcp::new(lost, addr(VIP), ACK));
     assert_eq!(first.dst, addr(CANARY));
-    dp.apply(&services("weight = \"0%\"\ncohort = \"per-connection\""))
-        .expect("weight change applies");
+    dp.apply(
+        &services("weight = \"0%\"\ncohort = \"per-connection\""),
+        &BTreeSet::new(),
+    )
+    .expect("weight change applies");
     let (_, data) = run(
         &mut dp,
         Dir::Ingress,
@@ -1089,8 +1118,11 @@ fn an_ignored_rst_changes_nothing_even_across_a_weight_change(m: IngressMode) {
     assert_closing(&dp, client, backend, "after the forged RST");
     assert_eq!(cohort(&dp, COHORT_STABLE).active(), 0, "closed at the RST");
 
-    dp.apply(&services("weight = \"100%\"\ncohort = \"per-connection\""))
-        .expect("weight change applies");
+    dp.apply(
+        &services("weight = \"100%\"\ncohort = \"per-connection\""),
+        &BTreeSet::new(),
+    )
+    .expect("weight change applies");
     let (verdict, data) = run(
         &mut dp,
         Dir::Ingress,
@@ -1180,8 +1212,11 @@ fn an_accepted_rst_ends_the_flow_and_a_new_syn_reuses_its_entry(m: IngressMode) 
     assert_eq!(counter(&dp, Counter::RstIgnored), 0);
 
     // The port is reused: a new connection, steered at the new weight.
-    dp.apply(&services("weight = \"100%\"\ncohort = \"per-connection\""))
-        .expect("weight change applies");
+    dp.apply(
+        &services("weight = \"100%\"\ncohort = \"per-connection\""),
+        &BTreeSet::new(),
+    )
+    .expect("weight change applies");
     let (_, reuse) = open(&mut dp, client);
     assert_eq!(
         reuse.dst,

@@ -14,7 +14,7 @@ use canary_common::{
     flow::{CtEntry, FlowKey},
     names,
     service::{Backend, COHORT_CANARY, COHORT_STABLE, ServiceKey, ServiceValue},
-    stats::{BackendCounters, CohortHistograms},
+    stats::{BackendCounters, CohortHistograms, HandshakeTimeouts},
 };
 use tracing::info;
 
@@ -164,7 +164,7 @@ impl Dataplane {
                         .map(|v| v.len())
                 }
                 names::TIMEOUTS => {
-                    let old: Array<MapData, u64> = pins::open_pinned(&path, name)?;
+                    let old: Array<MapData, HandshakeTimeouts> = pins::open_pinned(&path, name)?;
                     let mut stats = lock(&self.stats);
                     let n = old.len().min(stats.timeouts.len());
                     (0..n)

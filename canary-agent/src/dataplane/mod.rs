@@ -31,14 +31,14 @@ use canary_common::{
     IPPROTO_TCP,
     breaker::BreakerState,
     counters::Counter,
-    flow::{CtEntry, FlowKey, PendingSyn, ST_CLOSED},
+    flow::{CtEntry, FlowKey, PendingSyn, ST_CLOSED, ST_FAILED},
     layout, names,
     service::{
         Backend, COHORT_CANARY, COHORT_STABLE, FLAG_CANARY_OFF, MAX_BACKENDS, MODE_PER_CONNECTION,
         MODE_STICKY, RULE_ALWAYS_CANARY, RULE_NEVER_CANARY, RULE_SET_BITS, RuleKey, ServiceKey,
         ServiceValue,
     },
-    stats::{BackendCounters, CohortHistograms, histogram_key},
+    stats::{BackendCounters, CohortHistograms, HandshakeTimeouts, histogram_key},
 };
 use tracing::{info, warn};
 
@@ -354,8 +354,6 @@ pub struct Dataplane {
     breaker: HashMap<MapData, u32, BreakerState>,
     /// Breaker trips; taken by the agent's event loop.
     events: Option<RingBuf<MapData>>,
-    /// Services whose canary gets no new connection (rolled back).
-    canary_off: BTreeSet<String>,
     /// Stats maps and labels, shared with the exporter.
     stats: Arc<Mutex<StatsSource>>,
     /// Stats slot of each (service, cohort, backend), stable while the
@@ -484,7 +482,6 @@ impl Dataplane {
             pending: take_map(&mut ebpf, names::PENDING)?,
             breaker: take_map(&mut ebpf, names::BREAKER)?,
             events: Some(take_map(&mut ebpf, names::EVENTS)?),
-            canary_off: BTreeSet::new(),
             stats: Arc::new(Mutex::new(stats)),
             slots: BTreeMap::new(),
             free_slots: VecDeque::new(),
@@ -802,17 +799,15 @@ impl Dataplane {
     ///
     /// Established flows are untouched (conntrack is not written here); only
     /// new flows see the new weights, rules and backends.
-    pub fn apply(&mut self, services: &[ServiceConfig]) -> Result<ApplyReport, DataplaneError> {
-        self.apply_with_off(services, self.canary_off.clone())
-    }
-
-    /// [`Dataplane::apply`] with the services whose canary is cut off
-    /// (rolled back) replaced by `off`, in the same all-or-nothing step: a
-    /// failed apply leaves the flags as they were too.
-    pub fn apply_with_off(
+    ///
+    /// `canary_off` names the services whose canary gets no new connection
+    /// (rolled back): their flag goes in with the rest, so a failed apply
+    /// leaves it as it was too. A flag the kernel's breaker set stays until
+    /// [`Dataplane::reset_breaker`].
+    pub fn apply(
         &mut self,
         services: &[ServiceConfig],
-        off: BTreeSet<String>,
+        canary_off: &BTreeSet<String>,
     ) -> Result<ApplyReport, DataplaneError> {
         let mut report = ApplyReport::default();
         let slots = self.assign_slots(services)?;
@@ -852,7 +847,7 @@ impl Dataplane {
                     svc,
                     svc_id,
                     rule_set,
-                    off.contains(&svc.name),
+                    canary_off.contains(&svc.name),
                     |cohort, addr| {
                         slots
                             .get(&(svc.name.clone(), cohort, addr))
@@ -879,7 +874,7 @@ impl Dataplane {
             .collect();
 
         let mut journal = Vec::new();
-        if let Err(e) = self.write(&wanted, &slots, &mut journal) {
+        if let Err(e) = self.write(&mut wanted, &slots, &mut journal) {
             self.undo(journal);
             return Err(e);
         }
@@ -897,7 +892,6 @@ impl Dataplane {
             }
         }
         self.installed = wanted;
-        self.canary_off = off;
         self.svc_ids.extend(new_ids);
         self.next_svc_id = next_svc_id;
         self.next_rule_set = next_rule_set;
@@ -907,7 +901,7 @@ impl Dataplane {
     /// Writes `wanted` over the installed state, journaling each step.
     fn write(
         &mut self,
-        wanted: &BTreeMap<String, Installed>,
+        wanted: &mut BTreeMap<String, Installed>,
         slots: &BTreeMap<(String, u8, SocketAddrV4), u32>,
         journal: &mut Vec<Undo>,
     ) -> Result<(), DataplaneError> {
@@ -929,11 +923,14 @@ impl Dataplane {
                 stats.stats.set(slot, zeros, 0).map_err(|source| {
                     map_error(names::STATS, format!("zero slot {slot}"), source)
                 })?;
-                stats.timeouts.set(slot, 0, 0).map_err(|source| {
-                    map_error(names::TIMEOUTS, format!("zero slot {slot}"), source)
-                })?;
+                stats
+                    .timeouts
+                    .set(slot, HandshakeTimeouts::default(), 0)
+                    .map_err(|source| {
+                        map_error(names::TIMEOUTS, format!("zero slot {slot}"), source)
+                    })?;
             }
-            for (name, svc) in wanted {
+            for (name, svc) in wanted.iter() {
                 let id = svc.value.svc_id;
                 if self.breaker.get(&id, 0).is_err() {
                     self.breaker
@@ -967,7 +964,7 @@ impl Dataplane {
             }
         }
         // 1. New rule sets, beside the old ones (nothing points at them yet).
-        for (name, svc) in wanted {
+        for (name, svc) in wanted.iter() {
             let reused = self
                 .installed
                 .get(name)
@@ -986,13 +983,27 @@ impl Dataplane {
                 journal.push(Undo::RemoveRule(*key));
             }
         }
-        // 2. Services: one whole-value update each (weight, rules, backends).
-        for (name, svc) in wanted {
-            let previous = self.installed.get(name);
-            if previous.is_some_and(|p| p.key == svc.key && p.value == svc.value) {
+        // 2. Services: one whole-value update each (weight, rules, backends),
+        //    compared with what the kernel holds, which is the truth: the
+        //    breaker sets its flag there.
+        for (name, svc) in wanted.iter_mut() {
+            let before = self.services.get(&svc.key, 0).ok();
+            // A tripped breaker's cut-off stands until the breaker is reset
+            // (`resume`), whatever else changes: the agent may not have
+            // read the trip yet.
+            if let Some(b) = before
+                && b.flags & FLAG_CANARY_OFF != 0
+                && self
+                    .breaker
+                    .get(&svc.value.svc_id, 0)
+                    .is_ok_and(|state| state.tripped != 0)
+            {
+                svc.value.flags |= FLAG_CANARY_OFF;
+            }
+            if before == Some(svc.value) {
                 continue;
             }
-            let before = self.services.get(&svc.key, 0).ok().map(Box::new);
+            let before = before.map(Box::new);
             self.services
                 .insert(svc.key, svc.value, 0)
                 .map_err(|source| {
@@ -1140,38 +1151,6 @@ impl Dataplane {
         }
     }
 
-    /// Sends no new connection of `service` to canary (`off`), or lets the
-    /// configured weight apply again. Clearing also resets the service's
-    /// breaker, which otherwise stays tripped.
-    pub fn set_canary_off(&mut self, service: &str, off: bool) -> Result<(), DataplaneError> {
-        if off {
-            self.canary_off.insert(service.to_string());
-        } else {
-            self.canary_off.remove(service);
-        }
-        if !off {
-            self.reset_breaker(service)?;
-        }
-        let Some(installed) = self.installed.get_mut(service) else {
-            return Ok(());
-        };
-        let mut value = installed.value;
-        value.flags = if off {
-            value.flags | FLAG_CANARY_OFF
-        } else {
-            value.flags & !FLAG_CANARY_OFF
-        };
-        // Written even if unchanged here: the breaker sets the flag in the
-        // kernel's copy without telling this one.
-        self.services
-            .insert(installed.key, value, 0)
-            .map_err(|source| {
-                map_error(names::SERVICES, format!("write service {service}"), source)
-            })?;
-        installed.value = value;
-        Ok(())
-    }
-
     /// Starts `service`'s breaker afresh: no window, not tripped.
     pub fn reset_breaker(&mut self, service: &str) -> Result<(), DataplaneError> {
         let Some(installed) = self.installed.get(service) else {
@@ -1245,17 +1224,23 @@ impl Dataplane {
             if self.pending.remove(&key).is_err() {
                 continue;
             }
+            // A SYN-retried connection already failed: its timeout is
+            // counted as a timeout, not as a second failure.
+            let mut first_failure = true;
             if let Ok(mut fwd) = self.conntrack.get(&key, 0) {
                 // Not atomic with the kernel's ORs: a bit it sets in between
                 // is lost. The flow is stalled, so at worst a SYN retry of
                 // it is counted twice.
-                fwd.state |= ST_CLOSED;
+                first_failure = fwd.state & ST_FAILED == 0;
+                fwd.state |= ST_CLOSED | ST_FAILED;
                 let _ = self.conntrack.insert(key, fwd, BPF_EXIST);
             }
             let mut stats = lock(&self.stats);
-            let count = stats.timeouts.get(&p.stats_slot, 0).unwrap_or(0);
+            let mut count = stats.timeouts.get(&p.stats_slot, 0).unwrap_or_default();
+            count.timeouts += 1;
+            count.failed += u64::from(first_failure);
             // Only this sweep writes TIMEOUTS: no lost update.
-            if let Err(e) = stats.timeouts.set(p.stats_slot, count + 1, 0) {
+            if let Err(e) = stats.timeouts.set(p.stats_slot, count, 0) {
                 warn!(slot = p.stats_slot, error = %e, "cannot count a handshake timeout");
             }
             expired += 1;

@@ -1,0 +1,470 @@
+//! The rollout engine: every decision about a service's rollout, as a pure
+//! function of (its config, its rollout, an event) → (its new rollout, the
+//! effects to carry out). No I/O here: the daemon feeds events in (operator
+//! commands, judgements, breaker trips, config loads) and carries the
+//! effects out (persist, program the data plane, reset the breaker,
+//! announce), in that order.
+//!
+//! Where is rollback decided? In [`decide`]: `Rollback` from an operator,
+//! `fail_after` failing judgements in a row, and a breaker trip (which the
+//! kernel has already enforced; the engine makes it the service's state).
+
+use std::time::Duration;
+
+use super::{RollbackReason, ServiceState};
+use crate::{
+    config::{Gate, ServiceConfig, Weight},
+    judge::Verdict,
+};
+
+/// What an operator asks for (`canaryctl`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// A fixed canary weight, kept until `resume`; stops a running plan.
+    SetWeight(Weight),
+    /// Every new connection to canary.
+    Promote,
+    /// No new connection to canary.
+    Rollback,
+    /// Go on: a paused plan continues; after a rollback or promotion a plan
+    /// starts over, a service without one returns to its configured weight.
+    Resume,
+    /// Hold a progressing plan at its step.
+    Pause,
+    /// Pass a manual gate.
+    Approve,
+}
+
+/// One judgement of a plan-driven service.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Judgement {
+    /// The judge's verdict on the step's window.
+    pub verdict: Verdict,
+    /// How long the service has been at its step.
+    pub held: Duration,
+    /// Canary connections the step's window has seen.
+    pub canary_connections: u64,
+}
+
+/// Something that happened to a service.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// An operator's command.
+    Operator(Command),
+    /// The judge's verdict on the current step.
+    Judged(Judgement),
+    /// The data plane's breaker cut the canary off.
+    BreakerTripped {
+        /// Canary failures in the window that tripped.
+        failures: u64,
+        /// Canary attempts in that window.
+        attempts: u64,
+    },
+    /// The config was (re)loaded, with the state its state file holds now
+    /// (the file wins over memory: deleting it is how an operator resets a
+    /// service by hand).
+    Configured {
+        /// What the state file says.
+        saved: ServiceState,
+    },
+}
+
+/// Who decided, as people read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Actor {
+    /// `canaryctl`.
+    Operator,
+    /// The statistical judge.
+    Judge,
+    /// The data plane's breaker.
+    Breaker,
+    /// The config (or the state file) as loaded.
+    Config,
+}
+
+impl Actor {
+    /// As logs, events and `status` name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Actor::Operator => "canaryctl",
+            Actor::Judge => "the judge",
+            Actor::Breaker => "the breaker",
+            Actor::Config => "the config",
+        }
+    }
+}
+
+/// A service's rollout as the engine sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rollout {
+    /// The persisted state.
+    pub state: ServiceState,
+    /// Failing judgements in a row at the current step (not persisted: a
+    /// restart judges afresh).
+    pub failing: u32,
+}
+
+impl Rollout {
+    /// A rollout in `state` with no failing judgement.
+    pub fn new(state: ServiceState) -> Rollout {
+        Rollout { state, failing: 0 }
+    }
+}
+
+/// What the daemon must do after a decision, in this order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    /// Write the new state to its state file (before anything else: if
+    /// that fails, nothing changes).
+    Persist,
+    /// Start the service's breaker afresh (only when a rolled-back canary
+    /// is let back in).
+    ResetBreaker,
+    /// Program the data plane from the new state: the weight in force and
+    /// whether the canary is cut off.
+    Program,
+    /// The judge's window starts anew (a new step, or none).
+    RestartWindow,
+    /// A state change, for the log, the webhook, metrics and `status`.
+    Announce {
+        /// Who decided.
+        by: Actor,
+        /// The line `status` shows as the last verdict.
+        verdict: String,
+    },
+    /// No state change, but a new last verdict for `status`.
+    Verdict(String),
+}
+
+/// A decision: the rollout after the event and what to do about it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// The rollout after the event.
+    pub to: Rollout,
+    /// What to carry out, in order.
+    pub effects: Vec<Effect>,
+}
+
+/// Why an event was refused; nothing changes.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+/// Decides what `event` does to `current`, the rollout of `svc`, at
+/// `now_unix` (wall-clock seconds, recorded in the new state).
+pub fn decide(
+    svc: &ServiceConfig,
+    current: &Rollout,
+    event: Event,
+    now_unix: u64,
+) -> Result<Decision, Refusal> {
+    match event {
+        Event::Operator(command) => operator(svc, &current.state, command, now_unix),
+        Event::Judged(judgement) => Ok(judged(svc, current, judgement, now_unix)),
+        Event::BreakerTripped { failures, attempts } => {
+            Ok(breaker(current, failures, attempts, now_unix))
+        }
+        Event::Configured { saved } => configured(svc, current, saved, now_unix),
+    }
+}
+
+/// A change of state with the usual effects.
+fn change(
+    from: &ServiceState,
+    to: ServiceState,
+    svc: &ServiceConfig,
+    by: Actor,
+    verdict: Option<String>,
+) -> Decision {
+    let mut effects = vec![Effect::Persist];
+    if !from.canary_allowed() && to.canary_allowed() {
+        effects.push(Effect::ResetBreaker);
+    }
+    let verdict = verdict.unwrap_or_else(|| {
+        format!(
+            "{} by {}: {} → {} (canary weight {})",
+            verb(&to),
+            by.as_str(),
+            from.name(),
+            to.name(),
+            to.effective_weight(svc)
+        )
+    });
+    effects.extend([
+        Effect::Program,
+        Effect::RestartWindow,
+        Effect::Announce { by, verdict },
+    ]);
+    Decision {
+        to: Rollout::new(to),
+        effects,
+    }
+}
+
+fn operator(
+    svc: &ServiceConfig,
+    state: &ServiceState,
+    command: Command,
+    now: u64,
+) -> Result<Decision, Refusal> {
+    let refuse = |why: String| Err(Refusal(format!("service {:?}: {why}", svc.name)));
+    let plan = svc.rollout.as_ref();
+    let to = match command {
+        Command::SetWeight(_) if matches!(state, ServiceState::RolledBack { .. }) => {
+            return refuse("it is rolled back; `canaryctl resume` it first".into());
+        }
+        Command::SetWeight(w) if w.ppm() > 0 && svc.canary.is_empty() => {
+            return refuse("it has no canary backends".into());
+        }
+        Command::SetWeight(w) => ServiceState::Idle {
+            weight_ppm: Some(w.ppm()),
+        },
+        Command::Promote if svc.canary.is_empty() => {
+            return refuse("it has no canary backends to promote".into());
+        }
+        Command::Promote => ServiceState::Promoted { at_unix: now },
+        Command::Rollback if matches!(state, ServiceState::RolledBack { .. }) => {
+            return refuse("it is already rolled back".into());
+        }
+        Command::Rollback => ServiceState::RolledBack {
+            reason: RollbackReason::Operator,
+            at_unix: now,
+            detail: "canaryctl rollback".into(),
+        },
+        Command::Resume => match (state, plan) {
+            (ServiceState::Paused { step, .. }, Some(_)) => progressing(*step, now),
+            (ServiceState::Progressing { .. } | ServiceState::AwaitingApproval { .. }, Some(_)) => {
+                return refuse(format!("its rollout is already {}", state.name()));
+            }
+            // A plan starts over; without one, the configured weight.
+            (_, Some(_)) => progressing(0, now),
+            (_, None) => ServiceState::IDLE,
+        },
+        Command::Pause => match state {
+            ServiceState::Progressing { step, .. } => ServiceState::Paused {
+                step: *step,
+                weight_ppm: state.effective_weight(svc).ppm(),
+            },
+            _ => {
+                return refuse(format!(
+                    "pause holds a progressing rollout; it is {}",
+                    state.name()
+                ));
+            }
+        },
+        Command::Approve => match state {
+            ServiceState::AwaitingApproval { step } => progressing(*step, now),
+            _ => return refuse(format!("nothing awaits approval; it is {}", state.name())),
+        },
+    };
+    Ok(change(state, to, svc, Actor::Operator, None))
+}
+
+fn judged(svc: &ServiceConfig, current: &Rollout, judgement: Judgement, now: u64) -> Decision {
+    let state = &current.state;
+    let unchanged = |failing, line: String| Decision {
+        to: Rollout {
+            state: state.clone(),
+            failing,
+        },
+        effects: vec![Effect::Verdict(line)],
+    };
+    let (Some(plan), true) = (
+        svc.rollout.as_ref(),
+        matches!(
+            state,
+            ServiceState::Progressing { .. }
+                | ServiceState::AwaitingApproval { .. }
+                | ServiceState::Paused { .. }
+        ),
+    ) else {
+        // Judged after it left the plan (a command came first): stale.
+        return Decision {
+            to: current.clone(),
+            effects: Vec::new(),
+        };
+    };
+    let line = judgement.verdict.describe();
+    let failing = if matches!(judgement.verdict, Verdict::Fail { .. }) {
+        current.failing + 1
+    } else {
+        0
+    };
+    // The judge guards every state of a plan, paused and gated included.
+    if failing >= plan.fail_after {
+        let to = ServiceState::RolledBack {
+            reason: RollbackReason::Judge,
+            at_unix: now,
+            detail: format!("{line} ({failing} judgements in a row)"),
+        };
+        return change(
+            state,
+            to,
+            svc,
+            Actor::Judge,
+            Some(format!("rolled back by the judge: {line}")),
+        );
+    }
+    let ServiceState::Progressing { step, .. } = state else {
+        return unchanged(failing, format!("judge: {line}"));
+    };
+    let step = *step as usize;
+    let at = &plan.steps[step.min(plan.steps.len() - 1)];
+    let passed = matches!(judgement.verdict, Verdict::Pass { .. })
+        && judgement.held >= at.hold
+        && judgement.canary_connections >= at.min_connections;
+    if !passed {
+        return unchanged(failing, format!("judge: {line}"));
+    }
+    let next = step + 1;
+    let to = match plan.steps.get(next) {
+        None => ServiceState::Promoted { at_unix: now },
+        Some(s) if s.gate == Gate::Manual => ServiceState::AwaitingApproval { step: next as u32 },
+        Some(_) => progressing(next as u32, now),
+    };
+    change(
+        state,
+        to,
+        svc,
+        Actor::Judge,
+        Some(format!("step {} passed: {line}", step + 1)),
+    )
+}
+
+fn breaker(current: &Rollout, failures: u64, attempts: u64, now: u64) -> Decision {
+    if !current.state.canary_allowed() {
+        // Already off (a trip right after a rollback, or read twice).
+        return Decision {
+            to: current.clone(),
+            effects: Vec::new(),
+        };
+    }
+    let detail = format!("{failures} canary failures of {attempts} attempts in one breaker window");
+    let to = ServiceState::RolledBack {
+        reason: RollbackReason::Breaker,
+        at_unix: now,
+        detail: detail.clone(),
+    };
+    Decision {
+        to: Rollout::new(to),
+        effects: vec![
+            Effect::Persist,
+            Effect::Program,
+            Effect::RestartWindow,
+            Effect::Announce {
+                by: Actor::Breaker,
+                verdict: format!("rolled back by the breaker: {detail}"),
+            },
+        ],
+    }
+}
+
+/// Whether a saved state still fits `svc`: a state that would send new
+/// connections to canary backends the config no longer has ends the
+/// rollout (rather than dropping them as `no_backend`), and so does a plan
+/// step of a service without a plan; a step the new plan does not have is
+/// refused.
+fn fits(svc: &ServiceConfig, state: &ServiceState) -> Result<Option<&'static str>, String> {
+    match state {
+        ServiceState::Progressing { step, .. }
+        | ServiceState::Paused { step, .. }
+        | ServiceState::AwaitingApproval { step } => match &svc.rollout {
+            None => Ok(Some("the config has no rollout plan for it any more")),
+            Some(plan) if *step as usize >= plan.steps.len() => Err(format!(
+                "it is at step {} of its plan and the config's plan has {} steps; \
+                 `canaryctl rollback` or `canaryctl promote` it first, or delete its state file \
+                 to start the plan over",
+                step + 1,
+                plan.steps.len()
+            )),
+            Some(_) => Ok(None),
+        },
+        _ if svc.canary.is_empty() && state.effective_weight(svc).ppm() > 0 => {
+            Ok(Some("the config has no canary backends for it any more"))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn configured(
+    svc: &ServiceConfig,
+    current: &Rollout,
+    saved: ServiceState,
+    now: u64,
+) -> Result<Decision, Refusal> {
+    let ended = fits(svc, &saved).map_err(|detail| {
+        Refusal(format!(
+            "service {:?}: its saved rollout state ({}) does not fit the config: {detail}",
+            svc.name,
+            saved.name()
+        ))
+    })?;
+    let (to, why) = match ended {
+        Some(why) => (ServiceState::IDLE, Some(why)),
+        None => (saved.clone(), None),
+    };
+    // A plan with no state yet starts at its first step.
+    let (to, why) = if svc.rollout.is_some() && to == ServiceState::IDLE {
+        (
+            progressing(0, now),
+            Some(why.unwrap_or("rollout plan started")),
+        )
+    } else {
+        (to, why)
+    };
+    match why {
+        // The config forced a change: persisted and announced like any.
+        Some(why) => Ok(change(
+            &current.state,
+            to,
+            svc,
+            Actor::Config,
+            Some(format!("rollout state changed by the config: {why}")),
+        )),
+        None if to != current.state => {
+            // The state file says something else than memory (edited or
+            // deleted by hand): it wins, without being written back.
+            let mut decision = change(
+                &current.state,
+                to,
+                svc,
+                Actor::Config,
+                Some("rollout state changed by its state file".into()),
+            );
+            decision.effects.retain(|e| *e != Effect::Persist);
+            Ok(decision)
+        }
+        None => Ok(Decision {
+            to: Rollout {
+                state: to,
+                failing: current.failing,
+            },
+            effects: Vec::new(),
+        }),
+    }
+}
+
+fn progressing(step: u32, now: u64) -> ServiceState {
+    ServiceState::Progressing {
+        step,
+        since_unix: now,
+    }
+}
+
+/// How a change to `state` is described.
+fn verb(state: &ServiceState) -> &'static str {
+    match state {
+        ServiceState::Idle {
+            weight_ppm: Some(_),
+        } => "weight set",
+        ServiceState::Idle { weight_ppm: None } => "resumed",
+        ServiceState::Progressing { .. } => "step entered",
+        ServiceState::AwaitingApproval { .. } => "gate reached",
+        ServiceState::Paused { .. } => "paused",
+        ServiceState::Promoted { .. } => "promoted",
+        ServiceState::RolledBack { .. } => "rolled back",
+    }
+}
+
+#[cfg(test)]
+mod tests;
