@@ -447,8 +447,20 @@ impl Collector for StatsCollector {
         )?;
         family(
             e,
+            "canary_connections_failed",
+            "Connections that failed, each once: refused, SYN retried, handshake timed out or reset by the backend (the judge's and canaryctl status's definition).",
+            None,
+            backends().map(|(s, c, a, b)| {
+                (
+                    [("service", s), ("cohort", c), ("backend", &*a)].map(own),
+                    ConstCounter::new(b.counters.failed + b.timeouts.failed),
+                )
+            }),
+        )?;
+        family(
+            e,
             "canary_failed_connections",
-            "Connections that failed: refused (RST answering the SYN), syn_retry (SYN retransmitted), timeout (no SYN-ACK within handshake_timeout).",
+            "Failure events by reason: refused (RST answering the SYN), syn_retry (SYN retransmitted), timeout (no SYN-ACK within handshake_timeout). A connection can count under several.",
             None,
             split(&snapshot, "reason", |b| {
                 [

@@ -228,6 +228,23 @@ fn backend_resets_and_refusals_count_for_the_canary_only() {
         0.0,
         "a refusal is not a reset"
     );
+    // Resets and refusals are both failed connections, each once.
+    assert_eq!(
+        m.sum(
+            "canary_connections_failed_total",
+            &[("service", "resets"), ("cohort", "canary")]
+        ),
+        resets_seen as f64,
+        "reset connections failed"
+    );
+    assert_eq!(
+        m.sum(
+            "canary_connections_failed_total",
+            &[("service", "refusals"), ("cohort", "canary")]
+        ),
+        refusals_seen as f64,
+        "refused connections failed"
+    );
     // Every failed connection is closed: nothing stays active.
     for svc in ["resets", "refusals"] {
         assert_eq!(
@@ -375,6 +392,11 @@ fn handshakes_that_never_complete_count_as_timeouts() {
             &[labels[0], labels[1], ("reason", "syn_retry")]
         ) >= 4.0,
         "each connection retried its SYN"
+    );
+    assert_eq!(
+        m.sum("canary_connections_failed_total", &labels),
+        4.0,
+        "retried and timed out, each connection failed once"
     );
     assert_eq!(
         m.sum("canary_active_connections", &labels),
