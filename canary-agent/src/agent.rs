@@ -29,7 +29,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{Config, ConfigError, Gate, IngressMode, InterfaceConfig, ServiceConfig},
-    control::{self, Access, Command, ControlError, ControlServer, Response, code},
+    control::{self, Access, ControlError, ControlServer, ErrorCode, Request, Response},
     dataplane::{ApplyReport, Dataplane, DataplaneError, decode_breaker_event, error_chain},
     events::{Event, Events},
     http,
@@ -558,22 +558,22 @@ impl Agent {
     }
 
     /// Runs one control command.
-    async fn execute(&mut self, cmd: Command) -> Response {
+    async fn execute(&mut self, cmd: Request) -> Response {
         match cmd {
-            Command::Status { service } => self.status(service.as_deref()),
-            Command::Reload => match self
+            Request::Status { service } => self.status(service.as_deref()),
+            Request::Reload => match self
                 .reload(Config::load_off_thread(&self.opts.config, &self.opts.interfaces).await)
             {
                 Ok(()) => Response::ok(serde_json::json!({ "reloaded": true })),
                 Err(e) => Response::error(
-                    code::CONFLICT,
+                    ErrorCode::Conflict,
                     format!(
                         "reload rejected, the running config stays: {}",
                         error_chain(&e)
                     ),
                 ),
             },
-            Command::SetWeight { service, weight } => {
+            Request::SetWeight { service, weight } => {
                 self.transition(&service, "canaryctl", |svc, state| {
                     if matches!(state, ServiceState::RolledBack { .. }) {
                         return Err("it is rolled back; `canaryctl resume` it first".to_string());
@@ -586,13 +586,13 @@ impl Agent {
                     })
                 })
             }
-            Command::Promote { service } => self.transition(&service, "canaryctl", |svc, _| {
+            Request::Promote { service } => self.transition(&service, "canaryctl", |svc, _| {
                 if svc.canary.is_empty() {
                     return Err("it has no canary backends to promote".to_string());
                 }
                 Ok(ServiceState::promoted())
             }),
-            Command::Rollback { service } => self.transition(&service, "canaryctl", |_, state| {
+            Request::Rollback { service } => self.transition(&service, "canaryctl", |_, state| {
                 if matches!(state, ServiceState::RolledBack { .. }) {
                     return Err("it is already rolled back".to_string());
                 }
@@ -601,7 +601,7 @@ impl Agent {
                     "canaryctl rollback".to_string(),
                 ))
             }),
-            Command::Resume { service } => self.transition(&service, "canaryctl", |svc, state| {
+            Request::Resume { service } => self.transition(&service, "canaryctl", |svc, state| {
                 Ok(match (state, &svc.rollout) {
                     (ServiceState::Paused { step, .. }, Some(_)) => {
                         ServiceState::progressing(*step)
@@ -617,7 +617,7 @@ impl Agent {
                     (_, None) => ServiceState::IDLE,
                 })
             }),
-            Command::Pause { service } => {
+            Request::Pause { service } => {
                 self.transition(&service, "canaryctl", |svc, state| match state {
                     ServiceState::Progressing { step, .. } => Ok(ServiceState::Paused {
                         step: *step,
@@ -629,7 +629,7 @@ impl Agent {
                     )),
                 })
             }
-            Command::Approve { service } => {
+            Request::Approve { service } => {
                 self.transition(&service, "canaryctl", |_, state| match state {
                     ServiceState::AwaitingApproval { step } => Ok(ServiceState::progressing(*step)),
                     _ => Err(format!("nothing awaits approval; it is {}", state.name())),
@@ -655,7 +655,7 @@ impl Agent {
                 .map(|s| s.name.as_str())
                 .collect();
             return Response::error(
-                code::UNKNOWN_SERVICE,
+                ErrorCode::UnknownService,
                 format!("no service {service:?}; configured: {names:?}"),
             );
         };
@@ -667,11 +667,14 @@ impl Agent {
         let new = match decide(svc, &old) {
             Ok(new) => new,
             Err(why) => {
-                return Response::error(code::CONFLICT, format!("service {service:?}: {why}"));
+                return Response::error(ErrorCode::Conflict, format!("service {service:?}: {why}"));
             }
         };
         if let Err(e) = self.store.save(service, &new) {
-            return Response::error(code::INTERNAL, format!("not changed: {}", error_chain(&e)));
+            return Response::error(
+                ErrorCode::Internal,
+                format!("not changed: {}", error_chain(&e)),
+            );
         }
         self.states.insert(service.to_string(), new.clone());
         let applied = self
@@ -683,7 +686,10 @@ impl Agent {
             let _ = self.store.save(service, &old);
             let _ = self.dp.set_canary_off(service, !old.canary_allowed());
             let _ = self.dp.apply(&effective(&self.config, &self.states));
-            return Response::error(code::INTERNAL, format!("not changed: {}", error_chain(&e)));
+            return Response::error(
+                ErrorCode::Internal,
+                format!("not changed: {}", error_chain(&e)),
+            );
         }
         let rollback = match &new {
             ServiceState::RolledBack { reason, .. } => Some(reason.as_str()),
@@ -710,14 +716,14 @@ impl Agent {
         if let Some(name) = only
             && !self.config.services.iter().any(|s| s.name == name)
         {
-            return Response::error(code::UNKNOWN_SERVICE, format!("no service {name:?}"));
+            return Response::error(ErrorCode::UnknownService, format!("no service {name:?}"));
         }
         let snapshot = match self
             .dp
             .snapshot_where(|name| only.is_none_or(|o| o == name))
         {
             Ok(s) => s,
-            Err(e) => return Response::error(code::INTERNAL, error_chain(&e)),
+            Err(e) => return Response::error(ErrorCode::Internal, error_chain(&e)),
         };
         let mut services = Vec::new();
         for svc in self
@@ -786,7 +792,7 @@ impl Agent {
         }
         match serde_json::to_value(StatusReport { services }) {
             Ok(v) => Response::ok(v),
-            Err(e) => Response::error(code::INTERNAL, e.to_string()),
+            Err(e) => Response::error(ErrorCode::Internal, e.to_string()),
         }
     }
 

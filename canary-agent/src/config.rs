@@ -15,11 +15,13 @@ use std::{
 };
 
 use canary_common::{
-    cohort::PPM,
     flow::CT_DEFAULT_CAPACITY,
     service::{DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAX_BACKENDS, MAX_RULES},
 };
 use serde::Deserialize;
+
+pub use crate::units::{Weight, WeightError};
+use crate::units::{duration_secs, show_duration};
 
 /// Default path of the control socket (`canaryctl`).
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/canary/control.sock";
@@ -111,96 +113,6 @@ pub enum ConfigError {
         /// What is wrong, and the fix.
         problem: String,
     },
-}
-
-/// A canary share in parts per million, written `"5%"`, `"0.25%"` or
-/// `"2500ppm"`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
-pub struct Weight(u32);
-
-impl Weight {
-    /// The weight in parts per million (0..=1_000_000).
-    pub const fn ppm(self) -> u32 {
-        self.0
-    }
-
-    /// A weight from parts per million, if in range.
-    pub const fn from_ppm(ppm: u32) -> Option<Weight> {
-        if ppm <= PPM { Some(Weight(ppm)) } else { None }
-    }
-}
-
-impl fmt::Display for Weight {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Exact: 1 ppm = 0.0001 %.
-        let whole = self.0 / 10_000;
-        let frac = self.0 % 10_000;
-        if frac == 0 {
-            write!(f, "{whole}%")
-        } else {
-            let frac = format!("{frac:04}");
-            write!(f, "{whole}.{}%", frac.trim_end_matches('0'))
-        }
-    }
-}
-
-/// Why a weight string was rejected.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "{0}; write a percentage or parts per million between 0 and 100%, \
-     e.g. \"5%\", \"0.25%\" or \"2500ppm\""
-)]
-pub struct WeightError(&'static str);
-
-impl FromStr for Weight {
-    type Err = WeightError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let ppm = if let Some(n) = s.strip_suffix("ppm") {
-            let n = n.trim();
-            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(WeightError("ppm takes a whole number"));
-            }
-            n.parse::<u64>()
-                .map_err(|_| WeightError("the number is too large"))?
-        } else if let Some(p) = s.strip_suffix('%') {
-            parse_percent_as_ppm(p.trim())?
-        } else {
-            return Err(WeightError("missing unit (% or ppm)"));
-        };
-        if ppm > u64::from(PPM) {
-            return Err(WeightError("more than 100%"));
-        }
-        Ok(Weight(ppm as u32))
-    }
-}
-
-/// "12.3456" → 123456 ppm; at most four decimals (1 ppm resolution).
-fn parse_percent_as_ppm(p: &str) -> Result<u64, WeightError> {
-    let (whole, frac) = p.split_once('.').unwrap_or((p, ""));
-    let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
-    if whole.is_empty() && frac.is_empty() || !digits(whole) || !digits(frac) {
-        return Err(WeightError("not a number"));
-    }
-    if p.ends_with('.') {
-        return Err(WeightError("not a number"));
-    }
-    if frac.len() > 4 {
-        return Err(WeightError("finer than 0.0001% (1 ppm)"));
-    }
-    if whole.len() > 3 {
-        return Err(WeightError("more than 100%"));
-    }
-    let whole: u64 = if whole.is_empty() {
-        0
-    } else {
-        whole.parse().map_err(|_| WeightError("not a number"))?
-    };
-    let frac_ppm: u64 = format!("{frac:0<4}")
-        .parse()
-        .map_err(|_| WeightError("not a number"))?;
-    Ok(whole * 10_000 + frac_ppm)
 }
 
 /// How a service assigns clients to cohorts.
@@ -403,7 +315,7 @@ impl Default for BreakerConfig {
             min_failures: DEFAULT_BREAKER_MIN_FAILURES,
             failure_ratio: DEFAULT_BREAKER_FAILURE_RATIO
                 .parse()
-                .unwrap_or(Weight(500_000)),
+                .unwrap_or(Weight::from_ppm_clamped(500_000)),
             window: DEFAULT_BREAKER_WINDOW,
         }
     }
@@ -787,19 +699,6 @@ fn duration_in(
     Duration::try_from_secs_f64(secs).map_err(|_| out_of_range())
 }
 
-/// A bound as written in messages: "100ms", "120s", "10m", "30d".
-fn show_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    match ms {
-        0 => "0s".to_string(),
-        ms if ms % 86_400_000 == 0 => format!("{}d", ms / 86_400_000),
-        ms if ms % 3_600_000 == 0 && ms >= 3_600_000 => format!("{}h", ms / 3_600_000),
-        ms if ms % 60_000 == 0 && ms >= 600_000 => format!("{}m", ms / 60_000),
-        ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
-        ms => format!("{ms}ms"),
-    }
-}
-
 /// A string key's length in bytes, bounded.
 fn length_in(
     section: &str,
@@ -958,7 +857,7 @@ fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
         length_in(S, "control_group", name, MAX_TEXT, "the group name")?;
         // May block on NSS (LDAP and the like): the agent loads configs
         // off its runtime thread (see agent.rs).
-        if crate::control::group_id(name).is_err() {
+        if crate::sys::group_id(name).is_none() {
             return Err(invalid(
                 S,
                 "control_group",
@@ -1115,37 +1014,9 @@ fn file_kind(meta: &std::fs::Metadata) -> &'static str {
     }
 }
 
-/// "500ms", "3s", "1.5m" → seconds: finite and not negative, but not yet
-/// range-checked (see [`duration_in`]).
-fn duration_secs(text: &str) -> Option<f64> {
-    let text = text.trim();
-    let (number, seconds) = if let Some(n) = text.strip_suffix("ms") {
-        // Divided, not multiplied by 1e-3: "100ms" is then exactly the
-        // float of 0.1 s, so range bounds hold exactly.
-        (n, (|v: f64| v / 1000.0) as fn(f64) -> f64)
-    } else if let Some(n) = text.strip_suffix('s') {
-        (n, (|v| v) as fn(f64) -> f64)
-    } else if let Some(n) = text.strip_suffix('m') {
-        (n, (|v| v * 60.0) as fn(f64) -> f64)
-    } else if let Some(n) = text.strip_suffix('h') {
-        (n, (|v| v * 3600.0) as fn(f64) -> f64)
-    } else if let Some(n) = text.strip_suffix('d') {
-        (n, (|v| v * 86_400.0) as fn(f64) -> f64)
-    } else {
-        return None;
-    };
-    let value: f64 = number.trim().parse().ok()?;
-    // NaN and infinities parse as f64 but are no durations.
-    (value.is_finite() && value >= 0.0).then(|| seconds(value))
-}
-
 /// Whether `name` is a network interface in this network namespace.
 fn interface_exists(name: &str) -> bool {
-    let Ok(c) = std::ffi::CString::new(name) else {
-        return false;
-    };
-    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
-    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+    crate::sys::ifindex(name) != 0
 }
 
 fn validate_services(raw: Vec<RawService>) -> Result<Vec<ServiceConfig>, ConfigError> {
@@ -1238,7 +1109,7 @@ fn validate_service(index: usize, raw: RawService) -> Result<ServiceConfig, Conf
 
     let has_weight = raw.weight.is_some();
     let weight = match raw.weight {
-        None => Weight(0),
+        None => Weight::default(),
         Some(RawWeight::Text(t)) => t
             .parse::<Weight>()
             .map_err(|e| invalid(s, "weight", quoted(&t), e.to_string()))?,
@@ -1707,64 +1578,6 @@ never_canary = []
         assert_eq!(s.cohort, CohortMode::Sticky);
         assert_eq!(s.always_canary[0].to_string(), "192.168.10.0/24");
         assert_eq!(s.salt, default_salt("web"));
-    }
-
-    #[test]
-    fn weights_parse_in_percent_and_ppm() {
-        for (text, ppm) in [
-            ("5%", 50_000),
-            ("0.25%", 2_500),
-            ("2500ppm", 2_500),
-            ("100%", 1_000_000),
-            ("0%", 0),
-            ("0.0001%", 1),
-            (" 12.5 % ", 125_000),
-            ("1000000ppm", 1_000_000),
-        ] {
-            assert_eq!(
-                text.parse::<Weight>().map(Weight::ppm),
-                Ok(ppm),
-                "weight {text:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn weights_out_of_range_or_malformed_are_rejected() {
-        for (text, why) in [
-            ("101%", "more than 100%"),
-            ("1000001ppm", "more than 100%"),
-            ("-1%", "not a number"),
-            ("5", "missing unit"),
-            ("0.00001%", "finer than 0.0001%"),
-            ("abc%", "not a number"),
-            ("1.5ppm", "whole number"),
-            ("%", "not a number"),
-            ("5.%", "not a number"),
-        ] {
-            let err = text.parse::<Weight>().expect_err(text).to_string();
-            assert!(
-                err.contains(why),
-                "weight {text:?}: expected {why:?} in {err:?}"
-            );
-            assert!(
-                err.contains("\"2500ppm\""),
-                "weight {text:?}: error lacks the fix: {err:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn weights_display_exactly() {
-        for ppm in [0, 1, 2_500, 50_000, 123_456, 1_000_000] {
-            let w = Weight::from_ppm(ppm).unwrap();
-            assert_eq!(
-                w.to_string().parse::<Weight>(),
-                Ok(w),
-                "round trip of {ppm} ppm via {w}"
-            );
-        }
-        assert_eq!(Weight(2_500).to_string(), "0.25%");
     }
 
     #[test]
