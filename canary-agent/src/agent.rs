@@ -29,7 +29,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{Config, ConfigError, IngressMode, InterfaceConfig, ServiceConfig},
-    control::{self, Access, Command, ControlError, ControlServer, Response, code},
+    control::{self, Access, ControlError, ControlServer, ErrorCode, Request, Response},
     dataplane::{ApplyReport, Dataplane, DataplaneError, decode_breaker_event, error_chain},
     events::{Event as Notice, Events},
     http,
@@ -516,29 +516,29 @@ impl Agent {
     }
 
     /// Runs one control command.
-    async fn execute(&mut self, cmd: Command) -> Response {
+    async fn execute(&mut self, cmd: Request) -> Response {
         match cmd {
-            Command::Status { service } => self.status(service.as_deref()),
-            Command::Reload => match self
+            Request::Status { service } => self.status(service.as_deref()),
+            Request::Reload => match self
                 .reload(Config::load_off_thread(&self.opts.config, &self.opts.interfaces).await)
             {
                 Ok(()) => Response::ok(serde_json::json!({ "reloaded": true })),
                 Err(e) => Response::error(
-                    code::CONFLICT,
+                    ErrorCode::Conflict,
                     format!(
                         "reload rejected, the running config stays: {}",
                         error_chain(&e)
                     ),
                 ),
             },
-            Command::SetWeight { service, weight } => {
+            Request::SetWeight { service, weight } => {
                 self.command(&service, engine::Command::SetWeight(weight))
             }
-            Command::Promote { service } => self.command(&service, engine::Command::Promote),
-            Command::Rollback { service } => self.command(&service, engine::Command::Rollback),
-            Command::Resume { service } => self.command(&service, engine::Command::Resume),
-            Command::Pause { service } => self.command(&service, engine::Command::Pause),
-            Command::Approve { service } => self.command(&service, engine::Command::Approve),
+            Request::Promote { service } => self.command(&service, engine::Command::Promote),
+            Request::Rollback { service } => self.command(&service, engine::Command::Rollback),
+            Request::Resume { service } => self.command(&service, engine::Command::Resume),
+            Request::Pause { service } => self.command(&service, engine::Command::Pause),
+            Request::Approve { service } => self.command(&service, engine::Command::Approve),
         }
     }
 
@@ -555,16 +555,16 @@ impl Agent {
                     .map(|s| s.name.as_str())
                     .collect();
                 Response::error(
-                    code::UNKNOWN_SERVICE,
+                    ErrorCode::UnknownService,
                     format!("no service {service:?}; configured: {names:?}"),
                 )
             }
-            Err(FeedError::Refused(why)) => Response::error(code::CONFLICT, why.0),
+            Err(FeedError::Refused(why)) => Response::error(ErrorCode::Conflict, why.0),
             Err(FeedError::NotPersisted(e)) => {
-                Response::error(code::INTERNAL, format!("not changed: {}", error_chain(&e)))
+                Response::error(ErrorCode::Internal, format!("not changed: {}", error_chain(&e)))
             }
             Err(FeedError::NotApplied(e)) => {
-                Response::error(code::INTERNAL, format!("not changed: {}", error_chain(&e)))
+                Response::error(ErrorCode::Internal, format!("not changed: {}", error_chain(&e)))
             }
         }
     }
@@ -740,14 +740,14 @@ impl Agent {
         if let Some(name) = only
             && !self.config.services.iter().any(|s| s.name == name)
         {
-            return Response::error(code::UNKNOWN_SERVICE, format!("no service {name:?}"));
+            return Response::error(ErrorCode::UnknownService, format!("no service {name:?}"));
         }
         let snapshot = match self
             .dp
             .snapshot_where(|name| only.is_none_or(|o| o == name))
         {
             Ok(s) => s,
-            Err(e) => return Response::error(code::INTERNAL, error_chain(&e)),
+            Err(e) => return Response::error(ErrorCode::Internal, error_chain(&e)),
         };
         let mut services = Vec::new();
         for svc in self
@@ -816,7 +816,7 @@ impl Agent {
         }
         match serde_json::to_value(StatusReport { services }) {
             Ok(v) => Response::ok(v),
-            Err(e) => Response::error(code::INTERNAL, e.to_string()),
+            Err(e) => Response::error(ErrorCode::Internal, e.to_string()),
         }
     }
 

@@ -15,3 +15,4 @@ pub mod status;
 pub mod supervise;
 pub mod sys;
 pub mod telemetry;
+pub mod units;

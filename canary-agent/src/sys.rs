@@ -211,3 +211,70 @@ pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
     }
     Ok((before, want))
 }
+
+/// Size of the buffer NSS fills with a group or user entry's strings. An
+/// entry that does not fit (ERANGE) counts as not found.
+const NSS_BUFFER: usize = 16 * 1024;
+
+/// The gid of the group called `name`, or `None` if there is no such
+/// group. Goes through NSS, which may block on the network (LDAP, sssd):
+/// call it off the runtime thread.
+pub fn group_id(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: libc::group is plain C data (pointers and integers); all
+    // zeroes is a valid (empty) value that getgrnam_r overwrites.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0u8; NSS_BUFFER];
+    let mut out: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; buf outlives it.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut out,
+        )
+    };
+    (rc == 0 && !out.is_null()).then_some(grp.gr_gid)
+}
+
+/// Whether user `uid`, whose primary group is `primary_gid`, is a member
+/// of group `gid` (as primary group or listed). Goes through NSS, which
+/// may block: call it off the runtime thread.
+pub fn user_in_group(uid: u32, primary_gid: u32, gid: u32) -> bool {
+    if primary_gid == gid {
+        return true;
+    }
+    // SAFETY: zeroed plain C data, overwritten by getpwuid_r.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0u8; NSS_BUFFER];
+    let mut out: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; buf outlives it.
+    let rc =
+        unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr().cast(), buf.len(), &mut out) };
+    if rc != 0 || out.is_null() {
+        return false;
+    }
+    let mut groups = vec![0 as libc::gid_t; 256];
+    let mut n = groups.len() as libc::c_int;
+    // SAFETY: pw_name points into buf (alive); groups has room for n.
+    let rc = unsafe { libc::getgrouplist(pw.pw_name, pw.pw_gid, groups.as_mut_ptr(), &mut n) };
+    rc >= 0 && groups[..n.max(0) as usize].contains(&gid)
+}
+
+/// The effective uid of this process.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Gives `path` to group `gid`, keeping its owner.
+pub fn set_group(path: &Path, gid: u32) -> io::Result<()> {
+    let c = c_path(path)?;
+    // SAFETY: `c` is a valid NUL-terminated path; -1 keeps the owner.
+    if unsafe { libc::chown(c.as_ptr(), u32::MAX, gid) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -19,7 +19,7 @@ use std::{
 
 use canary_agent::{
     config::{Config, ConfigError, MAX_SERVICE_NAME},
-    control::{Command, parse_request},
+    control::{Request, Response, parse_request},
 };
 
 /// Inputs per parser; together well over a million.
@@ -528,18 +528,17 @@ fn the_control_decoder_survives_generated_requests() {
         match result {
             Ok(cmd) => {
                 commands += 1;
-                if let Command::SetWeight { weight, .. } = cmd {
+                if let Request::SetWeight { weight, .. } = cmd {
                     assert!(weight.ppm() <= 1_000_000, "weight above 100% from {line:?}");
                 }
             }
             Err(resp) => {
-                let error = resp
-                    .error
-                    .as_ref()
-                    .unwrap_or_else(|| panic!("an error answer without an error for {line:?}"));
+                let Response::Error(error) = &resp else {
+                    panic!("a success answer as the error for {line:?}: {resp:?}");
+                };
                 assert!(
-                    !resp.ok && !error.code.is_empty() && !error.message.is_empty(),
-                    "malformed answer {resp:?} for {line:?}"
+                    !error.message.is_empty(),
+                    "an error answer without a message for {line:?}: {resp:?}"
                 );
                 no_panic("serialising the answer", &line, || {
                     serde_json::to_string(&resp).expect("an answer serialises")

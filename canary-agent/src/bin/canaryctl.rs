@@ -9,8 +9,9 @@ use std::{
 };
 
 use canary_agent::{
-    control::{MAX_RESPONSE, PROTOCOL_VERSION, RawRequest, Response},
+    control::{ErrorCode, MAX_RESPONSE, Request, Response},
     status::StatusReport,
+    units::Weight,
 };
 use clap::{Parser, Subcommand};
 
@@ -37,7 +38,7 @@ struct Cli {
     command: Cmd,
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand, Clone, Debug)]
 enum Cmd {
     /// Show every service (or one): state, weights, observed canary share,
     /// per-cohort connections, failures and first-byte p50/p99, and the
@@ -100,23 +101,12 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (cmd, service, weight) = match &cli.command {
-        Cmd::Status { service, .. } => ("status", service.clone(), None),
-        Cmd::SetWeight { service, weight } => {
-            ("set-weight", Some(service.clone()), Some(weight.clone()))
+    let request = match request(&cli.command) {
+        Ok(request) => request,
+        Err(msg) => {
+            eprintln!("canaryctl: {msg}");
+            return ExitCode::FAILURE;
         }
-        Cmd::Pause { service } => ("pause", Some(service.clone()), None),
-        Cmd::Resume { service } => ("resume", Some(service.clone()), None),
-        Cmd::Approve { service } => ("approve", Some(service.clone()), None),
-        Cmd::Promote { service } => ("promote", Some(service.clone()), None),
-        Cmd::Rollback { service } => ("rollback", Some(service.clone()), None),
-        Cmd::Reload => ("reload", None, None),
-    };
-    let request = RawRequest {
-        v: PROTOCOL_VERSION,
-        cmd: cmd.to_string(),
-        service,
-        weight,
     };
     let result = match &cli.command {
         Cmd::Status {
@@ -142,8 +132,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// The protocol request for a command line. A weight is checked here, as
+/// the agent would check it, because the request carries it typed.
+fn request(cmd: &Cmd) -> Result<Request, String> {
+    Ok(match cmd.clone() {
+        Cmd::Status { service, .. } => Request::Status { service },
+        Cmd::SetWeight { service, weight } => Request::SetWeight {
+            service,
+            // Refused with the agent's words and code, as if it had answered.
+            weight: Weight::parse_argument(&weight)
+                .map_err(|e| format!("{e} ({})", ErrorCode::BadArgument))?,
+        },
+        Cmd::Pause { service } => Request::Pause { service },
+        Cmd::Resume { service } => Request::Resume { service },
+        Cmd::Approve { service } => Request::Approve { service },
+        Cmd::Promote { service } => Request::Promote { service },
+        Cmd::Rollback { service } => Request::Rollback { service },
+        Cmd::Reload => Request::Reload,
+    })
+}
+
 /// Sends one request; the result, or a message saying what went wrong.
-fn call(socket: &Path, request: &RawRequest) -> Result<serde_json::Value, String> {
+fn call(socket: &Path, request: &Request) -> Result<serde_json::Value, String> {
     let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => format!(
             "no agent at {}: is canary-agent running? (set --socket or CANARY_SOCKET)",
@@ -158,10 +168,10 @@ fn call(socket: &Path, request: &RawRequest) -> Result<serde_json::Value, String
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
-    let mut line = serde_json::to_vec(request).map_err(|e| e.to_string())?;
-    line.push(b'\n');
+    let mut line = request.to_line().map_err(|e| e.to_string())?;
+    line.push('\n');
     stream
-        .write_all(&line)
+        .write_all(line.as_bytes())
         .map_err(|e| format!("sending to the agent: {e}"))?;
     let mut reply = Vec::new();
     BufReader::new(stream)
@@ -173,12 +183,9 @@ fn call(socket: &Path, request: &RawRequest) -> Result<serde_json::Value, String
     }
     let response: Response = serde_json::from_slice(&reply)
         .map_err(|e| format!("the agent's answer is not a response: {e}"))?;
-    match (response.ok, response.result, response.error) {
-        (true, Some(result), _) => Ok(result),
-        (true, None, _) => Ok(serde_json::Value::Null),
-        (false, _, Some(err)) => Err(format!("{} ({})", err.message, err.code)),
-        (false, _, None) => Err("the agent refused without saying why".to_string()),
-    }
+    response
+        .into_result()
+        .map_err(|err| format!("{} ({})", err.message, err.code))
 }
 
 fn print_status(value: &serde_json::Value, json: bool) -> Result<(), String> {
@@ -195,7 +202,7 @@ fn print_status(value: &serde_json::Value, json: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn watch(socket: &Path, request: &RawRequest, json: bool, interval: f64) -> Result<(), String> {
+fn watch(socket: &Path, request: &Request, json: bool, interval: f64) -> Result<(), String> {
     let interval = Duration::from_secs_f64(interval.clamp(0.1, 3600.0));
     let tty = std::io::stdout().is_terminal();
     loop {

@@ -11,8 +11,17 @@
 //! Response: `{"v":1,"ok":true,"result":…}` or
 //!           `{"v":1,"ok":false,"error":{"code":"…","message":"…"}}`
 
+//! The control socket server: binding the socket, deciding who may use
+//! it, and serving connections within bounds.
+//!
+//! Connections are accepted and authorised here (peer credentials: root,
+//! the agent's own user, or a member of `control_group`); each request
+//! line is decoded by [`super::protocol`] and handed to the agent's main
+//! loop, which alone touches the data plane. Nothing a client sends can
+//! disturb the agent: malformed, oversized, unknown or unauthorised
+//! requests get a structured error.
+
 use std::{
-    ffi::CString,
     future::Future,
     io,
     os::unix::fs::{FileTypeExt, PermissionsExt},
@@ -21,7 +30,6 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
@@ -29,15 +37,12 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::slots::{Slot, Slots};
+use super::protocol::{ErrorCode, MAX_MESSAGE, Request, Response, parse_request};
+use crate::{
+    slots::{Slot, Slots},
+    sys,
+};
 
-/// Protocol version of requests and responses.
-pub const PROTOCOL_VERSION: u32 = 1;
-/// Largest request or response line, in bytes.
-pub const MAX_MESSAGE: usize = 64 * 1024;
-/// Largest status response (many services): responses may be longer than
-/// requests.
-pub const MAX_RESPONSE: usize = 16 * 1024 * 1024;
 /// A client that sends nothing for this long is disconnected. Meanwhile it
 /// is idle: when every slot is taken, the client idle longest is closed for
 /// a newcomer, so idle clients never keep `canaryctl` out.
@@ -54,194 +59,8 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// than by tokio's pool of 512 blocking threads.
 const MAX_LOOKUPS: usize = 8;
 
-/// A request line as sent.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawRequest {
-    /// Protocol version; must be [`PROTOCOL_VERSION`].
-    pub v: u32,
-    /// `status`, `set-weight`, `pause`, `resume`, `approve`, `promote`,
-    /// `rollback` or `reload`.
-    pub cmd: String,
-    /// The service the command is about.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service: Option<String>,
-    /// For `set-weight`: `"5%"`, `"0.25%"` or `"2500ppm"`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub weight: Option<String>,
-}
-
-/// A validated command.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Command {
-    /// Every service, or one.
-    Status { service: Option<String> },
-    /// Set the canary weight by hand.
-    SetWeight {
-        service: String,
-        weight: crate::config::Weight,
-    },
-    /// Hold a plan-driven rollout.
-    Pause { service: String },
-    /// Back to the configured weight (clears a rollback, promotion or
-    /// manual weight).
-    Resume { service: String },
-    /// Pass a manual gate of a plan.
-    Approve { service: String },
-    /// Everything to canary.
-    Promote { service: String },
-    /// Nothing new to canary.
-    Rollback { service: String },
-    /// Re-read the config file (as SIGHUP).
-    Reload,
-}
-
-/// Error codes of the protocol.
-pub mod code {
-    /// Not JSON, or not a request object.
-    pub const MALFORMED: &str = "malformed";
-    /// Longer than [`super::MAX_MESSAGE`].
-    pub const TOO_LARGE: &str = "too-large";
-    /// A version this agent does not speak.
-    pub const VERSION: &str = "unsupported-version";
-    /// No such command.
-    pub const UNKNOWN_COMMAND: &str = "unknown-command";
-    /// A required argument is missing or invalid.
-    pub const BAD_ARGUMENT: &str = "bad-argument";
-    /// The peer may not use the socket.
-    pub const UNAUTHORIZED: &str = "unauthorized";
-    /// No service of that name.
-    pub const UNKNOWN_SERVICE: &str = "unknown-service";
-    /// The command does not apply in the service's state or config.
-    pub const CONFLICT: &str = "conflict";
-    /// Valid, but this build cannot do it yet.
-    pub const NOT_BUILT: &str = "not-built";
-    /// The agent failed while doing it (see its log).
-    pub const INTERNAL: &str = "internal";
-    /// Every connection slot is busy with a command; retry.
-    pub const BUSY: &str = "busy";
-}
-
-/// An error answer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    /// One of [`code`].
-    pub code: String,
-    /// What went wrong and what to do.
-    pub message: String,
-}
-
-/// A response line.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Response {
-    /// Protocol version.
-    pub v: u32,
-    /// Whether the command succeeded.
-    pub ok: bool,
-    /// The command's result.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<serde_json::Value>,
-    /// Why it failed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<ErrorBody>,
-}
-
-impl Response {
-    /// A success carrying `result`.
-    pub fn ok(result: serde_json::Value) -> Response {
-        Response {
-            v: PROTOCOL_VERSION,
-            ok: true,
-            result: Some(result),
-            error: None,
-        }
-    }
-
-    /// A failure.
-    pub fn error(code: &str, message: impl Into<String>) -> Response {
-        Response {
-            v: PROTOCOL_VERSION,
-            ok: false,
-            result: None,
-            error: Some(ErrorBody {
-                code: code.to_string(),
-                message: message.into(),
-            }),
-        }
-    }
-}
-
-/// Parses one request line into a command, or the error to answer.
-pub fn parse_request(line: &str) -> Result<Command, Response> {
-    let raw: RawRequest = serde_json::from_str(line).map_err(|e| {
-        Response::error(code::MALFORMED, format!("not a request: {e}; send one JSON object per line, e.g. {{\"v\":1,\"cmd\":\"status\"}}"))
-    })?;
-    if raw.v != PROTOCOL_VERSION {
-        return Err(Response::error(
-            code::VERSION,
-            format!(
-                "protocol version {} is not supported; this agent speaks {PROTOCOL_VERSION}",
-                raw.v
-            ),
-        ));
-    }
-    let service = |raw: &RawRequest| {
-        raw.service
-            .clone()
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| {
-                Response::error(
-                    code::BAD_ARGUMENT,
-                    format!("{} needs a \"service\"", raw.cmd),
-                )
-            })
-    };
-    Ok(match raw.cmd.as_str() {
-        "status" => Command::Status {
-            service: raw.service.clone(),
-        },
-        "set-weight" => {
-            let service = service(&raw)?;
-            let text = raw.weight.as_deref().ok_or_else(|| {
-                Response::error(
-                    code::BAD_ARGUMENT,
-                    "set-weight needs a \"weight\", e.g. \"5%\"",
-                )
-            })?;
-            let weight = text.parse().map_err(|e| {
-                Response::error(code::BAD_ARGUMENT, format!("weight {text:?}: {e}"))
-            })?;
-            Command::SetWeight { service, weight }
-        }
-        "pause" => Command::Pause {
-            service: service(&raw)?,
-        },
-        "resume" => Command::Resume {
-            service: service(&raw)?,
-        },
-        "approve" => Command::Approve {
-            service: service(&raw)?,
-        },
-        "promote" => Command::Promote {
-            service: service(&raw)?,
-        },
-        "rollback" => Command::Rollback {
-            service: service(&raw)?,
-        },
-        "reload" => Command::Reload,
-        other => {
-            return Err(Response::error(
-                code::UNKNOWN_COMMAND,
-                format!(
-                    "unknown command {other:?}; one of status, set-weight, pause, resume, approve, promote, rollback, reload"
-                ),
-            ));
-        }
-    })
-}
-
 /// A command on its way to the main loop, with the way back.
-pub type Call = (Command, oneshot::Sender<Response>);
+pub type Call = (Request, oneshot::Sender<Response>);
 
 /// Who may use the socket.
 #[derive(Clone, Debug)]
@@ -276,56 +95,6 @@ pub enum ControlError {
     NoSuchGroup(String),
 }
 
-/// Resolves a group name to its gid.
-pub fn group_id(name: &str) -> Result<u32, ControlError> {
-    let c = CString::new(name).map_err(|_| ControlError::NoSuchGroup(name.to_string()))?;
-    let mut grp: libc::group = unsafe_zeroed_group();
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut out: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call; buf outlives it.
-    let rc = unsafe {
-        libc::getgrnam_r(
-            c.as_ptr(),
-            &mut grp,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut out,
-        )
-    };
-    if rc != 0 || out.is_null() {
-        return Err(ControlError::NoSuchGroup(name.to_string()));
-    }
-    Ok(grp.gr_gid)
-}
-
-fn unsafe_zeroed_group() -> libc::group {
-    // SAFETY: libc::group is plain C data (pointers and integers); all
-    // zeroes is a valid (empty) value that getgrnam_r overwrites.
-    unsafe { std::mem::zeroed() }
-}
-
-/// Whether user `uid` is a member of group `gid` (primary or listed).
-fn in_group(uid: u32, primary_gid: u32, gid: u32) -> bool {
-    if primary_gid == gid {
-        return true;
-    }
-    // SAFETY: zeroed plain C data, overwritten by getpwuid_r.
-    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut out: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call; buf outlives it.
-    let rc =
-        unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr().cast(), buf.len(), &mut out) };
-    if rc != 0 || out.is_null() {
-        return false;
-    }
-    let mut groups = vec![0 as libc::gid_t; 256];
-    let mut n = groups.len() as libc::c_int;
-    // SAFETY: pw_name points into buf (alive); groups has room for n.
-    let rc = unsafe { libc::getgrouplist(pw.pw_name, pw.pw_gid, groups.as_mut_ptr(), &mut n) };
-    rc >= 0 && groups[..n.max(0) as usize].contains(&gid)
-}
-
 impl Access {
     /// Who may use the socket: root, the agent's user (`geteuid`), and the
     /// members of `group`, resolved off the runtime thread (NSS may block on
@@ -335,15 +104,16 @@ impl Access {
             None => None,
             Some(name) => {
                 let owned = name.to_string();
-                let gid = tokio::task::spawn_blocking(move || group_id(&owned))
+                let gid = tokio::task::spawn_blocking(move || sys::group_id(&owned))
                     .await
-                    .map_err(|_| ControlError::NoSuchGroup(name.to_string()))??;
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| ControlError::NoSuchGroup(name.to_string()))?;
                 Some((name.to_string(), gid))
             }
         };
         Ok(Access {
-            // SAFETY: geteuid has no preconditions.
-            owner_uid: unsafe { libc::geteuid() },
+            owner_uid: sys::effective_uid(),
             group,
         })
     }
@@ -354,7 +124,7 @@ impl Access {
         self.allows_at_once(uid, gid).unwrap_or_else(|| {
             self.group
                 .as_ref()
-                .is_some_and(|(_, g)| in_group(uid, gid, *g))
+                .is_some_and(|(_, g)| sys::user_in_group(uid, gid, *g))
         })
     }
 
@@ -396,12 +166,7 @@ pub fn bind(path: &Path, access: &Access) -> Result<UnixListener, ControlError> 
     let listener = UnixListener::bind(path).map_err(io_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io_err)?;
     if let Some((_, gid)) = &access.group {
-        let c = CString::new(path.as_os_str().as_encoded_bytes())
-            .map_err(|e| io_err(io::Error::other(e)))?;
-        // SAFETY: `c` is a valid path string; -1 keeps the owner.
-        if unsafe { libc::chown(c.as_ptr(), u32::MAX, *gid) } != 0 {
-            return Err(io_err(io::Error::last_os_error()));
-        }
+        sys::set_group(path, *gid).map_err(io_err)?;
     }
     Ok(listener)
 }
@@ -468,7 +233,7 @@ impl ControlServer {
 /// Tells a client that every slot is busy, without waiting for it.
 fn busy(stream: &UnixStream) {
     let resp = Response::error(
-        code::BUSY,
+        ErrorCode::Busy,
         format!("the agent is busy with {MAX_CONNECTIONS} other commands; retry"),
     );
     if let Ok(mut bytes) = serde_json::to_vec(&resp) {
@@ -549,7 +314,7 @@ async fn connection(
             }
         };
         let resp = Response::error(
-            code::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
             format!("uid {} may not use this socket: only {who}", cred.uid()),
         );
         return send(&mut write, &resp).await;
@@ -570,13 +335,13 @@ async fn connection(
             Ok(Err(e)) => return Err(e),
             Ok(Ok(LineRead::TooLong)) => {
                 let resp = Response::error(
-                    code::TOO_LARGE,
+                    ErrorCode::TooLarge,
                     format!("request longer than {MAX_MESSAGE} bytes; the connection is closed"),
                 );
                 return send(&mut write, &resp).await;
             }
             Ok(Ok(LineRead::Line)) => match std::str::from_utf8(&line) {
-                Err(_) => Response::error(code::MALFORMED, "request is not UTF-8"),
+                Err(_) => Response::error(ErrorCode::Malformed, "request is not UTF-8"),
                 Ok(text) if text.trim().is_empty() => continue,
                 Ok(text) => match parse_request(text.trim()) {
                     Err(resp) => resp,
@@ -586,7 +351,7 @@ async fn connection(
                             return Ok(()); // shutting down
                         }
                         rx.await.unwrap_or_else(|_| {
-                            Response::error(code::INTERNAL, "the agent is shutting down")
+                            Response::error(ErrorCode::Internal, "the agent is shutting down")
                         })
                     }
                 },
@@ -644,50 +409,6 @@ async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn requests_parse_into_commands() {
-        assert_eq!(
-            parse_request(r#"{"v":1,"cmd":"status"}"#),
-            Ok(Command::Status { service: None })
-        );
-        assert_eq!(
-            parse_request(r#"{"v":1,"cmd":"set-weight","service":"web","weight":"0.25%"}"#),
-            Ok(Command::SetWeight {
-                service: "web".into(),
-                weight: "2500ppm".parse().unwrap()
-            })
-        );
-        assert_eq!(
-            parse_request(r#"{"v":1,"cmd":"reload"}"#),
-            Ok(Command::Reload)
-        );
-        assert_eq!(
-            parse_request(r#"{"v":1,"cmd":"rollback","service":"web"}"#),
-            Ok(Command::Rollback {
-                service: "web".into()
-            })
-        );
-    }
-
-    #[test]
-    fn bad_requests_get_structured_errors() {
-        let err = |line: &str| parse_request(line).unwrap_err().error.unwrap();
-        assert_eq!(err("not json").code, code::MALFORMED);
-        assert_eq!(err(r#"{"v":2,"cmd":"status"}"#).code, code::VERSION);
-        assert_eq!(
-            err(r#"{"v":1,"cmd":"explode"}"#).code,
-            code::UNKNOWN_COMMAND
-        );
-        assert_eq!(
-            err(r#"{"v":1,"cmd":"status","extra":1}"#).code,
-            code::MALFORMED
-        );
-        assert_eq!(err(r#"{"v":1,"cmd":"promote"}"#).code, code::BAD_ARGUMENT);
-        let e = err(r#"{"v":1,"cmd":"set-weight","service":"web","weight":"150%"}"#);
-        assert_eq!(e.code, code::BAD_ARGUMENT);
-        assert!(e.message.contains("more than 100%"), "{}", e.message);
-    }
 
     #[test]
     fn root_and_the_owner_are_always_allowed() {

@@ -1,0 +1,560 @@
+//! A `[[service]]`: its VIP, backends, weight, cohort mode and source
+//! rules; its plan and breaker are validated in `plan.rs` and
+//! `breaker.rs`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    str::FromStr,
+};
+
+use canary_common::service::{MAX_BACKENDS, MAX_RULES};
+
+use super::{
+    BreakerConfig, ConfigError, MAX_SERVICE_NAME, RolloutConfig, Weight,
+    breaker::validate_breaker,
+    check::{int_in, invalid, quoted, shown, truncated},
+    plan::validate_rollout,
+    raw::{RawService, RawWeight},
+};
+
+/// How a service assigns clients to cohorts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CohortMode {
+    /// Keyed on the client address: a client stays in its cohort, and
+    /// raising the weight only adds clients to canary.
+    #[default]
+    Sticky,
+    /// Keyed on the 5-tuple: each connection draws anew.
+    PerConnection,
+}
+
+impl fmt::Display for CohortMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CohortMode::Sticky => "sticky",
+            CohortMode::PerConnection => "per-connection",
+        })
+    }
+}
+
+/// An IPv4 prefix such as `192.168.10.0/24`, host bits zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv4Prefix {
+    /// Network address.
+    pub addr: Ipv4Addr,
+    /// Prefix length, 0..=32.
+    pub len: u8,
+}
+
+impl fmt::Display for Ipv4Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl FromStr for Ipv4Prefix {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: Ipv4Addr = addr.parse().map_err(|_| {
+            if addr.contains(':') {
+                "IPv6 prefixes are not supported yet (IPv4 only)".to_string()
+            } else {
+                "not an IPv4 prefix; write it like \"192.168.10.0/24\"".to_string()
+            }
+        })?;
+        let len: u8 = match len {
+            None => 32,
+            Some(l) => match l.parse() {
+                Ok(l) if l <= 32 => l,
+                _ => return Err("the prefix length must be 0 to 32".to_string()),
+            },
+        };
+        let mask = if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(len))
+        };
+        let network = Ipv4Addr::from(u32::from(addr) & mask);
+        if network != addr {
+            return Err(format!(
+                "host bits are set; did you mean \"{network}/{len}\"?"
+            ));
+        }
+        Ok(Ipv4Prefix { addr, len })
+    }
+}
+
+/// One validated service.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceConfig {
+    /// Unique name (a metric label later).
+    pub name: String,
+    /// Where clients connect.
+    pub vip: SocketAddrV4,
+    /// Stable backends, in order.
+    pub stable: Vec<SocketAddrV4>,
+    /// Canary backends, in order.
+    pub canary: Vec<SocketAddrV4>,
+    /// Share of new connections (or clients, in sticky mode) sent to canary.
+    pub weight: Weight,
+    /// How cohorts are assigned.
+    pub cohort: CohortMode,
+    /// Sources always sent to canary.
+    pub always_canary: Vec<Ipv4Prefix>,
+    /// Sources never sent to canary.
+    pub never_canary: Vec<Ipv4Prefix>,
+    /// Hash salt: decides which clients fall in the canary share.
+    pub salt: u32,
+    /// The data plane's own cut-off.
+    pub breaker: BreakerConfig,
+    /// The plan that drives the weight, if any.
+    pub rollout: Option<RolloutConfig>,
+}
+
+/// Validates every `[[service]]`, and what they must not share: names,
+/// VIPs, and the room for source rules.
+pub(super) fn validate_services(raw: Vec<RawService>) -> Result<Vec<ServiceConfig>, ConfigError> {
+    let mut names = BTreeSet::new();
+    let mut vips: BTreeMap<SocketAddrV4, String> = BTreeMap::new();
+    let mut total_rules = 0usize;
+    let mut services = Vec::with_capacity(raw.len());
+    for (i, raw) in raw.into_iter().enumerate() {
+        let svc = validate_service(i, raw)?;
+        let section = format!("service {:?}", svc.name);
+        if !names.insert(svc.name.clone()) {
+            return Err(invalid(
+                &section,
+                "name",
+                quoted(&svc.name),
+                "used by an earlier service; names must be unique",
+            ));
+        }
+        if let Some(other) = vips.insert(svc.vip, svc.name.clone()) {
+            return Err(invalid(
+                &section,
+                "vip",
+                quoted(&svc.vip.to_string()),
+                format!("already used by service {other:?}; each VIP:port belongs to one service"),
+            ));
+        }
+        total_rules += svc.always_canary.len() + svc.never_canary.len();
+        services.push(svc);
+    }
+    // A reload writes the new rule sets beside the old ones before switching.
+    if total_rules > MAX_RULES as usize / 2 {
+        return Err(invalid(
+            "[[service]]",
+            "always_canary/never_canary",
+            format!("{total_rules} prefixes in all"),
+            format!("at most {} prefixes across all services", MAX_RULES / 2),
+        ));
+    }
+    Ok(services)
+}
+
+pub(super) fn validate_service(
+    index: usize,
+    raw: RawService,
+) -> Result<ServiceConfig, ConfigError> {
+    let name = raw.name.trim().to_string();
+    let unnamed = format!("service #{}", index + 1);
+    if name.len() > MAX_SERVICE_NAME {
+        return Err(invalid(
+            &unnamed,
+            "name",
+            shown(&name),
+            format!(
+                "{} characters long; at most {MAX_SERVICE_NAME} (it names the service's state file)",
+                name.len()
+            ),
+        ));
+    }
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(invalid(
+            &unnamed,
+            "name",
+            quoted(truncated(&raw.name, 60)),
+            "use letters, digits, '-', '_' or '.' (it becomes a metric label)",
+        ));
+    }
+    let section = format!("service {name:?}");
+    let s = section.as_str();
+
+    let vip = parse_endpoint(s, "vip", &raw.vip)?;
+    let stable = parse_backends(s, "stable", &raw.stable)?;
+    let canary = parse_backends(s, "canary", &raw.canary)?;
+    if stable.is_empty() {
+        return Err(invalid(
+            s,
+            "stable",
+            "[]",
+            "a service needs at least one stable backend",
+        ));
+    }
+    if let Some(both) = stable.iter().find(|b| canary.contains(b)) {
+        return Err(invalid(
+            s,
+            "canary",
+            quoted(&both.to_string()),
+            "also listed in stable; a backend belongs to one cohort",
+        ));
+    }
+
+    let has_weight = raw.weight.is_some();
+    let weight = match raw.weight {
+        None => Weight::default(),
+        Some(RawWeight::Text(t)) => t
+            .parse::<Weight>()
+            .map_err(|e| invalid(s, "weight", quoted(&t), e.to_string()))?,
+        Some(RawWeight::Number(n)) => {
+            return Err(invalid(
+                s,
+                "weight",
+                n,
+                "a bare number is ambiguous; quote it with a unit, e.g. \"5%\" or \"2500ppm\"",
+            ));
+        }
+    };
+    if weight.ppm() > 0 && canary.is_empty() {
+        return Err(invalid(
+            s,
+            "weight",
+            quoted(&weight.to_string()),
+            "no canary backends to send traffic to; add `canary = [...]` or set weight = \"0%\"",
+        ));
+    }
+
+    let cohort = match raw.cohort.as_deref() {
+        None | Some("sticky") => CohortMode::Sticky,
+        Some("per-connection") => CohortMode::PerConnection,
+        Some(other) => {
+            return Err(invalid(
+                s,
+                "cohort",
+                quoted(other),
+                "must be \"sticky\" or \"per-connection\"",
+            ));
+        }
+    };
+
+    let always_canary = parse_prefixes(s, "always_canary", &raw.always_canary)?;
+    let never_canary = parse_prefixes(s, "never_canary", &raw.never_canary)?;
+    if !always_canary.is_empty() && canary.is_empty() {
+        return Err(invalid(
+            s,
+            "always_canary",
+            quoted(&always_canary[0].to_string()),
+            "no canary backends to send these clients to; add `canary = [...]`",
+        ));
+    }
+    if let Some(p) = always_canary.iter().find(|p| never_canary.contains(p)) {
+        return Err(invalid(
+            s,
+            "never_canary",
+            quoted(&p.to_string()),
+            "also in always_canary; a prefix can only be in one list",
+        ));
+    }
+
+    let breaker = validate_breaker(s, raw.breaker)?;
+    let rollout = match raw.rollout {
+        None => None,
+        Some(r) => {
+            if has_weight {
+                return Err(invalid(
+                    s,
+                    "weight",
+                    quoted(&weight.to_string()),
+                    "a [service.rollout] plan sets the weight; remove weight or the plan",
+                ));
+            }
+            if canary.is_empty() {
+                return Err(invalid(
+                    s,
+                    "rollout.steps",
+                    "[...]",
+                    "a rollout plan needs canary backends",
+                ));
+            }
+            Some(validate_rollout(s, r)?)
+        }
+    };
+    Ok(ServiceConfig {
+        rollout,
+        breaker,
+        salt: match raw.salt {
+            None => default_salt(&name),
+            Some(n) => int_in(s, "salt", n, 0, u32::MAX.into(), "")?,
+        },
+        name,
+        vip,
+        stable,
+        canary,
+        weight,
+        cohort,
+        always_canary,
+        never_canary,
+    })
+}
+
+/// The salt of a service without an explicit `salt`: a hash of its name, so
+/// every node of a fleet (and every restart) puts a client in the same
+/// cohort.
+pub fn default_salt(name: &str) -> u32 {
+    // FNV-1a, 32 bit.
+    name.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+fn parse_endpoint(
+    section: &str,
+    key: &'static str,
+    text: &str,
+) -> Result<SocketAddrV4, ConfigError> {
+    let addr: SocketAddr = text.parse().map_err(|_| {
+        invalid(
+            section,
+            key,
+            quoted(text),
+            "not an address:port; write it like \"10.96.0.10:80\"",
+        )
+    })?;
+    let SocketAddr::V4(addr) = addr else {
+        return Err(invalid(
+            section,
+            key,
+            quoted(text),
+            "IPv6 is not supported yet (IPv4 only)",
+        ));
+    };
+    if addr.port() == 0 {
+        return Err(invalid(
+            section,
+            key,
+            quoted(text),
+            "port 0 is not a valid service port",
+        ));
+    }
+    if addr.ip().is_unspecified() || addr.ip().is_broadcast() || addr.ip().is_multicast() {
+        return Err(invalid(
+            section,
+            key,
+            quoted(text),
+            "must be a unicast address",
+        ));
+    }
+    Ok(addr)
+}
+
+fn parse_backends(
+    section: &str,
+    key: &'static str,
+    list: &[String],
+) -> Result<Vec<SocketAddrV4>, ConfigError> {
+    if list.len() > MAX_BACKENDS {
+        return Err(invalid(
+            section,
+            key,
+            format!("{} backends", list.len()),
+            format!("at most {MAX_BACKENDS} backends per cohort"),
+        ));
+    }
+    let mut out: Vec<SocketAddrV4> = Vec::with_capacity(list.len());
+    for text in list {
+        let addr = parse_endpoint(section, key, text)?;
+        if out.contains(&addr) {
+            return Err(invalid(
+                section,
+                key,
+                quoted(text),
+                "listed twice; list each backend once",
+            ));
+        }
+        out.push(addr);
+    }
+    Ok(out)
+}
+
+fn parse_prefixes(
+    section: &str,
+    key: &'static str,
+    list: &[String],
+) -> Result<Vec<Ipv4Prefix>, ConfigError> {
+    let mut out: Vec<Ipv4Prefix> = Vec::with_capacity(list.len());
+    for text in list {
+        let p: Ipv4Prefix = text
+            .parse()
+            .map_err(|e: String| invalid(section, key, quoted(text), e))?;
+        if out.contains(&p) {
+            return Err(invalid(section, key, quoted(text), "listed twice"));
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::{error_text, parse, with_service};
+
+    #[test]
+    fn each_semantic_error_names_the_key_value_and_fix() {
+        let base = "name = \"web\"\nvip = \"10.96.0.10:80\"\nstable = [\"10.0.1.10:8080\"]\ncanary = [\"10.0.2.10:8080\"]";
+        let cases: &[(&str, &str)] = &[
+            (
+                "weight = \"150%\"",
+                "service \"web\": weight = \"150%\": more than 100%; write a percentage or parts per million",
+            ),
+            (
+                "weight = 5",
+                "service \"web\": weight = 5: a bare number is ambiguous",
+            ),
+            (
+                "cohort = \"random\"",
+                "service \"web\": cohort = \"random\": must be \"sticky\" or \"per-connection\"",
+            ),
+            (
+                "always_canary = [\"192.168.10.1/24\"]",
+                "service \"web\": always_canary = \"192.168.10.1/24\": host bits are set; did you mean \"192.168.10.0/24\"?",
+            ),
+            (
+                "always_canary = [\"10.1.0.0/16\"]\nnever_canary = [\"10.1.0.0/16\"]",
+                "service \"web\": never_canary = \"10.1.0.0/16\": also in always_canary",
+            ),
+            (
+                "never_canary = [\"fd00::/8\"]",
+                "never_canary = \"fd00::/8\": IPv6 prefixes are not supported yet",
+            ),
+        ];
+        for (extra, expected) in cases {
+            let msg = error_text(&with_service(&format!("{base}\n{extra}")));
+            assert!(
+                msg.contains(expected),
+                "for {extra:?}:\n expected {expected:?}\n got      {msg:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_addresses_are_rejected() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "vip = \"10.96.0.10\"\nstable = [\"10.0.1.10:8080\"]",
+                "vip = \"10.96.0.10\": not an address:port; write it like \"10.96.0.10:80\"",
+            ),
+            (
+                "vip = \"[::1]:80\"\nstable = [\"10.0.1.10:8080\"]",
+                "vip = \"[::1]:80\": IPv6 is not supported yet",
+            ),
+            (
+                "vip = \"10.96.0.10:0\"\nstable = [\"10.0.1.10:8080\"]",
+                "port 0 is not a valid service port",
+            ),
+            (
+                "vip = \"10.96.0.10:80\"\nstable = [\"10.0.1.300:8080\"]",
+                "stable = \"10.0.1.300:8080\": not an address:port",
+            ),
+            (
+                "vip = \"10.96.0.10:80\"\nstable = [\"10.0.1.1:1\", \"10.0.1.1:1\"]",
+                "stable = \"10.0.1.1:1\": listed twice",
+            ),
+            (
+                "vip = \"10.96.0.10:80\"\nstable = []",
+                "stable = []: a service needs at least one stable backend",
+            ),
+            (
+                "vip = \"10.96.0.10:80\"\nstable = [\"10.0.1.1:1\"]\ncanary = [\"10.0.1.1:1\"]",
+                "canary = \"10.0.1.1:1\": also listed in stable",
+            ),
+        ];
+        for (lines, expected) in cases {
+            let msg = error_text(&with_service(&format!("name = \"web\"\n{lines}")));
+            assert!(
+                msg.contains(expected),
+                "for {lines:?}:\n expected {expected:?}\n got      {msg:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_nonzero_weight_needs_canary_backends() {
+        let msg = error_text(&with_service(
+            "name = \"web\"\nvip = \"10.96.0.10:80\"\nstable = [\"10.0.1.10:8080\"]\nweight = \"5%\"",
+        ));
+        assert_eq!(
+            msg,
+            "service \"web\": weight = \"5%\": no canary backends to send traffic to; \
+             add `canary = [...]` or set weight = \"0%\""
+        );
+        let msg = error_text(&with_service(
+            "name = \"web\"\nvip = \"10.96.0.10:80\"\nstable = [\"10.0.1.10:8080\"]\nalways_canary = [\"10.0.0.0/8\"]",
+        ));
+        assert!(
+            msg.contains("always_canary = \"10.0.0.0/8\": no canary backends"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn duplicate_vips_and_names_are_rejected() {
+        let svc = |name: &str, vip: &str| {
+            format!(
+                "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nstable = [\"10.0.1.10:8080\"]\n"
+            )
+        };
+        let head = "[agent]\ninterfaces = [\"lo\"]\n";
+        let msg = error_text(&format!(
+            "{head}{}{}",
+            svc("a", "10.96.0.10:80"),
+            svc("b", "10.96.0.10:80")
+        ));
+        assert_eq!(
+            msg,
+            "service \"b\": vip = \"10.96.0.10:80\": already used by service \"a\"; each VIP:port belongs to one service"
+        );
+        let msg = error_text(&format!(
+            "{head}{}{}",
+            svc("a", "10.96.0.10:80"),
+            svc("a", "10.96.0.11:80")
+        ));
+        assert!(
+            msg.contains("service \"a\": name = \"a\": used by an earlier service"),
+            "{msg}"
+        );
+        // Same address, other port: a different service.
+        parse(&format!(
+            "{head}{}{}",
+            svc("a", "10.96.0.10:80"),
+            svc("b", "10.96.0.10:443")
+        ))
+        .expect("distinct ports");
+    }
+
+    #[test]
+    fn too_many_backends_are_rejected() {
+        let many: Vec<String> = (1..=MAX_BACKENDS + 1)
+            .map(|i| format!("\"10.0.1.{i}:80\""))
+            .collect();
+        let msg = error_text(&with_service(&format!(
+            "name = \"web\"\nvip = \"10.96.0.10:80\"\nstable = [{}]",
+            many.join(", ")
+        )));
+        assert!(
+            msg.contains("stable = 33 backends: at most 32 backends per cohort"),
+            "{msg}"
+        );
+    }
+}
