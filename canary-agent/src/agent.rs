@@ -15,10 +15,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use canary_common::{
-    service::{COHORT_CANARY, COHORT_STABLE},
-    stats::quantile,
-};
+use canary_common::{service::Cohort, stats::quantile};
 use tokio::{
     io::unix::AsyncFd,
     net::TcpListener,
@@ -734,7 +731,7 @@ impl Agent {
             let Some(snap) = snapshot.service(&svc.name) else {
                 continue;
             };
-            let cohorts = [COHORT_STABLE, COHORT_CANARY].map(|cohort| {
+            let cohorts = Cohort::ALL.map(|cohort| {
                 let c = snap.cohort_counters(cohort);
                 let failed = c.refused + c.syn_retried + snap.cohort_timeouts(cohort);
                 let hist = snap.histograms[usize::from(cohort)].as_ref();
@@ -743,12 +740,7 @@ impl Agent {
                         .map(|ns| ns / 1e6)
                 };
                 CohortStatus {
-                    cohort: if cohort == COHORT_CANARY {
-                        "canary"
-                    } else {
-                        "stable"
-                    }
-                    .to_string(),
+                    cohort: cohort.as_str().to_string(),
                     connections: c.connections,
                     active: c.active(),
                     failed,
@@ -853,8 +845,8 @@ impl Agent {
                     due: now,
                 });
             window.due = now + plan.interval;
-            let stable = cohort_window(&window.base, current, COHORT_STABLE);
-            let canary = cohort_window(&window.base, current, COHORT_CANARY);
+            let stable = cohort_window(&window.base, current, Cohort::Stable);
+            let canary = cohort_window(&window.base, current, Cohort::Canary);
             let verdict = judge(&plan.judge, &stable, &canary);
             let held = window.started.elapsed();
             window.fails = if matches!(verdict, Verdict::Fail { .. }) {
@@ -1156,7 +1148,7 @@ fn plan_step(svc: &ServiceConfig, state: &ServiceState) -> Option<String> {
 }
 
 /// What one cohort did between `base` and `now`.
-fn cohort_window(base: &ServiceSnapshot, now: &ServiceSnapshot, cohort: u8) -> CohortWindow {
+fn cohort_window(base: &ServiceSnapshot, now: &ServiceSnapshot, cohort: Cohort) -> CohortWindow {
     let (b, n) = (base.cohort_counters(cohort), now.cohort_counters(cohort));
     let failures = |s: &ServiceSnapshot, c: &canary_common::stats::BackendCounters| {
         c.refused + c.syn_retried + c.resets_from_backend + s.cohort_timeouts(cohort)

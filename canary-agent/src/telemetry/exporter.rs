@@ -1,232 +1,28 @@
-//! Reads the data plane's measurements and exports them to Prometheus.
+//! The Prometheus side: a prometheus-client [`Collector`] that reads a
+//! [`Snapshot`] of the maps at scrape time and encodes it, with typed label
+//! sets, in OpenMetrics or Prometheus text.
 //!
-//! Kernel counters are read at scrape time (a prometheus-client
-//! [`Collector`]), never copied on a timer: a scrape sees the maps as they
-//! are, and nothing runs between scrapes. Per-CPU counters are summed here.
+//! Kernel counters are read at scrape time, never copied on a timer: a
+//! scrape sees the maps as they are, and nothing runs between scrapes.
 
-use std::{
-    collections::HashMap as StdHashMap,
-    net::SocketAddrV4,
-    sync::{Arc, Mutex},
-};
+use std::sync::{Arc, Mutex};
 
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use canary_common::{
     counters::Counter,
-    service::{COHORT_CANARY, COHORT_STABLE},
-    stats::{
-        BackendCounters, CohortHistograms, HIST_BUCKETS, HIST_SUB_BITS, Histogram,
-        hist_bucket_range, histogram_key,
-    },
+    service::Cohort,
+    stats::{CohortHistograms, HIST_BUCKETS, HIST_SUB_BITS, Histogram, hist_bucket_range},
 };
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric},
+    encoding::{
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+    },
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::{Registry, Unit},
 };
 
-/// A backend as the exporter labels it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BackendView {
-    /// `COHORT_STABLE` or `COHORT_CANARY`.
-    pub cohort: u8,
-    /// The backend's address, the `backend` label.
-    pub addr: SocketAddrV4,
-    /// Its `STATS` slot.
-    pub slot: u32,
-}
-
-/// A service as the exporter labels it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ServiceView {
-    /// The `service` label.
-    pub name: String,
-    /// Key of its histograms (with the cohort).
-    pub svc_id: u32,
-    /// Configured canary share, 0..=1.
-    pub weight_ratio: f64,
-    /// Every configured backend of both cohorts.
-    pub backends: Vec<BackendView>,
-}
-
-/// The maps and labels a scrape reads, shared between the data plane (which
-/// keeps them current) and the exporter.
-pub struct StatsSource {
-    pub(crate) stats: PerCpuArray<MapData, BackendCounters>,
-    pub(crate) histograms: HashMap<MapData, u32, CohortHistograms>,
-    pub(crate) counters: PerCpuArray<MapData, u64>,
-    pub(crate) view: Vec<ServiceView>,
-    /// Handshake timeouts per `STATS` slot (`TIMEOUTS`), counted by the
-    /// agent's sweep.
-    pub(crate) timeouts: Array<MapData, u64>,
-    /// Rollout state and rollbacks per service name, kept by the agent.
-    pub(crate) rollout: StdHashMap<String, RolloutView>,
-}
-
-/// What the exporter says of a service's rollout.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RolloutView {
-    /// One of [`crate::rollout::STATES`].
-    pub state: &'static str,
-    /// Rollbacks since the agent started, by reason.
-    pub rollbacks: std::collections::BTreeMap<&'static str, u64>,
-}
-
-impl StatsSource {
-    /// The data-plane counters summed over CPUs, in `Counter::ALL` order.
-    pub fn dataplane_counters(&self) -> Result<Vec<(Counter, u64)>, MapError> {
-        Counter::ALL
-            .iter()
-            .map(|&c| Ok((c, self.counters.get(&(c as u32), 0)?.iter().sum())))
-            .collect()
-    }
-
-    /// Records the rollout state of `service`, and a rollback if `reason`.
-    pub fn set_rollout(
-        &mut self,
-        service: &str,
-        state: &'static str,
-        rollback: Option<&'static str>,
-    ) {
-        let view = self.rollout.entry(service.to_string()).or_default();
-        view.state = state;
-        if let Some(reason) = rollback {
-            *view.rollbacks.entry(reason).or_default() += 1;
-        }
-    }
-}
-
-/// Counters of one backend at one instant.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BackendSnapshot {
-    /// `COHORT_STABLE` or `COHORT_CANARY`.
-    pub cohort: u8,
-    /// The backend.
-    pub addr: SocketAddrV4,
-    /// Kernel counters summed over CPUs.
-    pub counters: BackendCounters,
-    /// Handshakes that never completed within the timeout.
-    pub timeouts: u64,
-}
-
-impl BackendSnapshot {
-    /// Connections open now. A flow whose handshake timed out is marked
-    /// closed without the kernel counting a close, so it is subtracted here.
-    pub fn active(&self) -> u64 {
-        self.counters.active().saturating_sub(self.timeouts)
-    }
-}
-
-/// One service at one instant.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ServiceSnapshot {
-    /// Service name.
-    pub name: String,
-    /// Configured canary share, 0..=1.
-    pub weight_ratio: f64,
-    /// Per backend, both cohorts.
-    pub backends: Vec<BackendSnapshot>,
-    /// Histograms of [stable, canary]; `None` while the cohort has had no
-    /// connection (nothing to export).
-    pub histograms: [Option<Box<CohortHistograms>>; 2],
-    /// Rollout state and rollbacks.
-    pub rollout: RolloutView,
-}
-
-impl ServiceSnapshot {
-    /// The counters of one cohort, summed over its backends.
-    pub fn cohort_counters(&self, cohort: u8) -> BackendCounters {
-        let mut sum = BackendCounters::default();
-        for b in self.backends.iter().filter(|b| b.cohort == cohort) {
-            sum.add(&b.counters);
-        }
-        sum
-    }
-
-    /// Handshake timeouts of one cohort.
-    pub fn cohort_timeouts(&self, cohort: u8) -> u64 {
-        self.backends
-            .iter()
-            .filter(|b| b.cohort == cohort)
-            .map(|b| b.timeouts)
-            .sum()
-    }
-}
-
-/// Everything a scrape exports.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Snapshot {
-    /// Per configured service.
-    pub services: Vec<ServiceSnapshot>,
-    /// Data-plane counters, in `Counter::ALL` order.
-    pub dataplane: Vec<(Counter, u64)>,
-}
-
-impl Snapshot {
-    /// The service named `name`.
-    pub fn service(&self, name: &str) -> Option<&ServiceSnapshot> {
-        self.services.iter().find(|s| s.name == name)
-    }
-}
-
-impl StatsSource {
-    /// Reads every counter and the histograms of cohorts that have seen a
-    /// connection.
-    pub fn snapshot(&self) -> Result<Snapshot, MapError> {
-        self.snapshot_where(|_| true)
-    }
-
-    /// As [`StatsSource::snapshot`], for the services `keep` accepts only:
-    /// the judge and `status SERVICE` need a few, not all.
-    pub fn snapshot_where(&self, keep: impl Fn(&str) -> bool) -> Result<Snapshot, MapError> {
-        let mut services = Vec::new();
-        for svc in self.view.iter().filter(|s| keep(&s.name)) {
-            let mut backends = Vec::with_capacity(svc.backends.len());
-            for b in &svc.backends {
-                let mut counters = BackendCounters::default();
-                for cpu in self.stats.get(&b.slot, 0)?.iter() {
-                    counters.add(cpu);
-                }
-                backends.push(BackendSnapshot {
-                    cohort: b.cohort,
-                    addr: b.addr,
-                    counters,
-                    timeouts: self.timeouts.get(&b.slot, 0).unwrap_or(0),
-                });
-            }
-            let mut histograms = [None, None];
-            for cohort in [COHORT_STABLE, COHORT_CANARY] {
-                let seen = backends.iter().any(|b| {
-                    b.cohort == cohort && b.counters.connections + b.counters.reopened > 0
-                });
-                if seen {
-                    // A missing entry (not yet created) reads as no data.
-                    histograms[usize::from(cohort)] = self
-                        .histograms
-                        .get(&histogram_key(svc.svc_id, cohort), 0)
-                        .ok()
-                        .map(Box::new);
-                }
-            }
-            services.push(ServiceSnapshot {
-                name: svc.name.clone(),
-                weight_ratio: svc.weight_ratio,
-                backends,
-                histograms,
-                rollout: self.rollout.get(&svc.name).cloned().unwrap_or(RolloutView {
-                    state: "idle",
-                    rollbacks: Default::default(),
-                }),
-            });
-        }
-        let dataplane = self.dataplane_counters()?;
-        Ok(Snapshot {
-            services,
-            dataplane,
-        })
-    }
-}
+use super::snapshot::{BackendSnapshot, ServiceSnapshot, Snapshot, StatsSource};
+use crate::rollout::RollbackReason;
 
 /// The exporter: a registry whose one collector reads the maps at scrape
 /// time.
@@ -241,21 +37,29 @@ impl Exporter {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(StatsCollector {
             source,
-            export_every: (1 << HIST_SUB_BITS)
-                / buckets_per_octave.clamp(1, 1 << HIST_SUB_BITS) as usize,
+            export_every: export_every(buckets_per_octave),
         }));
         Exporter { registry }
     }
 
     /// The exposition in `format`.
     pub fn encode(&self, format: Format) -> Result<String, std::fmt::Error> {
-        let mut out = String::with_capacity(64 * 1024);
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
-        Ok(match format {
-            Format::OpenMetrics => out,
-            Format::Text => openmetrics_to_text(&out),
-        })
+        encode_registry(&self.registry, format)
     }
+}
+
+/// Kernel buckets per exported bucket for `buckets_per_octave`.
+fn export_every(buckets_per_octave: u32) -> usize {
+    ((1u32 << HIST_SUB_BITS) / buckets_per_octave.clamp(1, 1 << HIST_SUB_BITS)) as usize
+}
+
+fn encode_registry(registry: &Registry, format: Format) -> Result<String, std::fmt::Error> {
+    let mut out = String::with_capacity(64 * 1024);
+    prometheus_client::encoding::text::encode(&mut out, registry)?;
+    Ok(match format {
+        Format::OpenMetrics => out,
+        Format::Text => openmetrics_to_text(&out),
+    })
 }
 
 /// Exposition formats, chosen by the scraper's `Accept` header.
@@ -322,6 +126,170 @@ fn openmetrics_to_text(om: &str) -> String {
     out
 }
 
+// Label values. Each bounded label is an enum (or a closed set of names
+// owned elsewhere), so a series can only carry a value this file lists.
+
+/// The `cohort` label. A newtype because both the enum (canary-common) and
+/// the trait (prometheus-client) live in other crates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct CohortLabel(Cohort);
+
+impl EncodeLabelValue for CohortLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.0.as_str(), encoder)
+    }
+}
+
+/// The `direction` label: who sent the reset, bytes or packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Direction {
+    FromBackend,
+    FromClient,
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        let name = match self {
+            Direction::FromBackend => "from_backend",
+            Direction::FromClient => "from_client",
+        };
+        EncodeLabelValue::encode(&name, encoder)
+    }
+}
+
+/// The `reason` label of `canary_failed_connections_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum FailureReason {
+    /// A RST answered the SYN.
+    Refused,
+    /// The SYN was retransmitted.
+    SynRetry,
+    /// No SYN-ACK within `handshake_timeout` (the agent's sweep).
+    Timeout,
+}
+
+impl EncodeLabelValue for FailureReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        let name = match self {
+            FailureReason::Refused => "refused",
+            FailureReason::SynRetry => "syn_retry",
+            FailureReason::Timeout => "timeout",
+        };
+        EncodeLabelValue::encode(&name, encoder)
+    }
+}
+
+// Implemented here rather than in `rollout` so that the rollout engine
+// stays free of exporter types; the names are the reason's own.
+impl EncodeLabelValue for RollbackReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
+/// The `state` label: one of [`crate::rollout::STATES`], the only values
+/// the exporter ever builds it from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct RolloutState(&'static str);
+
+impl EncodeLabelValue for RolloutState {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.0, encoder)
+    }
+}
+
+/// The `event` or `reason` label of a data-plane counter: its
+/// [`Counter::name`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct CounterLabel(Counter);
+
+impl EncodeLabelValue for CounterLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.0.name(), encoder)
+    }
+}
+
+// Label sets, in the order their labels appear in the exposition.
+
+/// `{service}`.
+#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+/// `{service, cohort}`: the histograms.
+#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
+struct CohortLabels {
+    service: String,
+    cohort: CohortLabel,
+}
+
+/// `{service, cohort, backend}`: per-backend counters.
+#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    service: String,
+    cohort: CohortLabel,
+    backend: String,
+}
+
+/// `{service, cohort, backend, direction}`.
+#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    #[prometheus(flatten)]
+    backend: BackendLabels,
+    direction: Direction,
+}
+
+/// `{service, cohort, backend, reason}`.
+#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    #[prometheus(flatten)]
+    backend: BackendLabels,
+    reason: FailureReason,
+}
+
+/// `{service, state}`.
+#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    service: String,
+    state: RolloutState,
+}
+
+/// `{service, reason}` of `canary_rollbacks_total`.
+#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
+struct RollbackLabels {
+    service: String,
+    reason: RollbackReason,
+}
+
+/// `{event}`.
+#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: CounterLabel,
+}
+
+/// `{reason}` of `canary_dataplane_errors_total`.
+#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    reason: CounterLabel,
+}
+
+/// `{version}`.
+#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+impl BackendLabels {
+    fn new(service: &ServiceSnapshot, backend: &BackendSnapshot) -> BackendLabels {
+        BackendLabels {
+            service: service.name.clone(),
+            cohort: CohortLabel(backend.cohort),
+            backend: backend.addr.to_string(),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct StatsCollector {
     source: Arc<Mutex<StatsSource>>,
@@ -329,24 +297,19 @@ struct StatsCollector {
     export_every: usize,
 }
 
-// `Debug` for the shared source, required by `Collector`.
-impl std::fmt::Debug for StatsSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StatsSource")
-            .field("services", &self.view.len())
-            .finish()
-    }
-}
-
-fn cohort_name(cohort: u8) -> &'static str {
-    if cohort == COHORT_CANARY {
-        "canary"
-    } else {
-        "stable"
+impl Collector for StatsCollector {
+    fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snapshot = {
+            let source = self.source.lock().unwrap_or_else(|p| p.into_inner());
+            // A failed map read fails the scrape rather than exporting zeros.
+            source.snapshot().map_err(|_| std::fmt::Error)?
+        };
+        encode_snapshot(&snapshot, self.export_every, encoder)
     }
 }
 
 /// Writes one metric family: a descriptor, then one sample per label set.
+/// A family with no sample is left out.
 fn family<L, M>(
     encoder: &mut DescriptorEncoder,
     name: &str,
@@ -355,7 +318,7 @@ fn family<L, M>(
     samples: impl IntoIterator<Item = (L, M)>,
 ) -> Result<(), std::fmt::Error>
 where
-    L: prometheus_client::encoding::EncodeLabelSet,
+    L: EncodeLabelSet,
     M: EncodeMetric,
 {
     let mut samples = samples.into_iter().peekable();
@@ -370,245 +333,260 @@ where
     Ok(())
 }
 
-impl Collector for StatsCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let snapshot = {
-            let source = self.source.lock().unwrap_or_else(|p| p.into_inner());
-            // A failed map read fails the scrape rather than exporting zeros.
-            source.snapshot().map_err(|_| std::fmt::Error)?
-        };
-        let e = &mut encoder;
-        let backends = || {
-            snapshot.services.iter().flat_map(|s| {
-                s.backends.iter().map(move |b| {
-                    (
-                        s.name.as_str(),
-                        cohort_name(b.cohort),
-                        b.addr.to_string(),
-                        b,
-                    )
-                })
-            })
-        };
-
-        family(
-            e,
-            "canary_connections",
-            "New connections (SYNs) steered to the backend.",
-            None,
-            backends().map(|(s, c, a, b)| {
-                (
-                    [("service", s), ("cohort", c), ("backend", &*a)].map(own),
-                    ConstCounter::new(b.counters.connections),
-                )
-            }),
-        )?;
-        family(
-            e,
-            "canary_active_connections",
-            "Connections open now: opened minus closed (FIN both ways, RST, or handshake timeout).",
-            None,
-            backends().map(|(s, c, a, b)| {
-                (
-                    [("service", s), ("cohort", c), ("backend", &*a)].map(own),
-                    ConstGauge::new(b.active() as i64),
-                )
-            }),
-        )?;
-        family(
-            e,
-            "canary_resets",
-            "RSTs on established connections, by who sent them.",
-            None,
-            split(&snapshot, "direction", |b| {
-                [
-                    ("from_backend", b.counters.resets_from_backend),
-                    ("from_client", b.counters.resets_from_client),
-                ]
-            }),
-        )?;
-        family(
-            e,
-            "canary_failed_connections",
-            "Connections that failed: refused (RST answering the SYN), syn_retry (SYN retransmitted), timeout (no SYN-ACK within handshake_timeout).",
-            None,
-            split(&snapshot, "reason", |b| {
-                [
-                    ("refused", b.counters.refused),
-                    ("syn_retry", b.counters.syn_retried),
-                    ("timeout", b.timeouts),
-                ]
-            }),
-        )?;
-        family(
-            e,
-            "canary_bytes",
-            "TCP payload bytes, by who sent them (retransmissions included).",
-            None,
-            split(&snapshot, "direction", |b| {
-                [
-                    ("from_client", b.counters.bytes_from_client),
-                    ("from_backend", b.counters.bytes_from_backend),
-                ]
-            }),
-        )?;
-        family(
-            e,
-            "canary_packets",
-            "TCP packets, by who sent them.",
-            None,
-            split(&snapshot, "direction", |b| {
-                [
-                    ("from_client", b.counters.packets_from_client),
-                    ("from_backend", b.counters.packets_from_backend),
-                ]
-            }),
-        )?;
-
-        let hists = |pick: fn(&CohortHistograms) -> &Histogram, scale: f64| {
-            snapshot.services.iter().flat_map(move |s| {
-                [COHORT_STABLE, COHORT_CANARY]
-                    .into_iter()
-                    .filter_map(move |c| {
-                        let h = s.histograms[usize::from(c)].as_ref()?;
-                        Some((
-                            [("service", s.name.as_str()), ("cohort", cohort_name(c))].map(own),
-                            ExportHistogram::new(pick(h), scale, self.export_every),
-                        ))
-                    })
-            })
-        };
-        family(
-            e,
-            "canary_handshake",
-            "SYN forwarded to the backend → its SYN-ACK back, at the node.",
-            Some(&Unit::Seconds),
-            hists(|h| &h.handshake_ns, 1e-9),
-        )?;
-        family(
-            e,
-            "canary_first_byte",
-            "First client payload → first backend payload after it, at the node.",
-            Some(&Unit::Seconds),
-            hists(|h| &h.first_byte_ns, 1e-9),
-        )?;
-        family(
-            e,
-            "canary_connection_duration",
-            "Connection open (SYN) → close (FIN both ways or RST).",
-            Some(&Unit::Seconds),
-            hists(|h| &h.duration_us, 1e-6),
-        )?;
-
-        family(
-            e,
-            "canary_weight_ratio",
-            "Configured canary share of new connections (0 to 1).",
-            None,
-            snapshot.services.iter().map(|s| {
-                (
-                    [("service", s.name.as_str())].map(own),
-                    ConstGauge::new(s.weight_ratio),
-                )
-            }),
-        )?;
-        family(
-            e,
-            "canary_rollout_state",
-            "1 for the service's current rollout state, 0 for the others.",
-            None,
-            snapshot.services.iter().flat_map(|s| {
-                crate::rollout::STATES.map(|st| {
-                    (
-                        [("service", s.name.as_str()), ("state", st)].map(own),
-                        ConstGauge::new(i64::from(s.rollout.state == st)),
-                    )
-                })
-            }),
-        )?;
-        family(
-            e,
-            "canary_rollbacks",
-            "Rollbacks since the agent started, by what decided: breaker (the data plane's line-rate breaker) or operator.",
-            None,
-            snapshot.services.iter().flat_map(|s| {
-                crate::rollout::RollbackReason::ALL
-                    .map(|r| r.as_str())
-                    .map(|reason| {
-                        (
-                            [("service", s.name.as_str()), ("reason", reason)].map(own),
-                            ConstCounter::new(
-                                s.rollout.rollbacks.get(reason).copied().unwrap_or(0),
-                            ),
-                        )
-                    })
-            }),
-        )?;
-        family(
-            e,
-            "canary_dataplane_events",
-            "Data-plane events (new flows, conntrack misses, SYN retransmits and duplicates, RST closes and ignored RSTs, re-resolved flows confirmed or reset, unattributed measurements).",
-            None,
-            snapshot
-                .dataplane
-                .iter()
-                .filter(|(c, _)| !c.is_error())
-                .map(|(c, v)| ([("event", c.name())].map(own), ConstCounter::new(*v))),
-        )?;
-        family(
-            e,
-            "canary_dataplane_errors",
-            "Data-plane error paths taken, by reason; each has a deliberate verdict.",
-            None,
-            snapshot
-                .dataplane
-                .iter()
-                .filter(|(c, _)| c.is_error())
-                .map(|(c, v)| ([("reason", c.name())].map(own), ConstCounter::new(*v))),
-        )?;
-        family(
-            e,
-            "canary_build_info",
-            "Build of the running agent.",
-            None,
-            [(
-                [("version", env!("CARGO_PKG_VERSION"))].map(own),
-                ConstGauge::new(1i64),
-            )],
-        )?;
-        Ok(())
-    }
-}
-
-/// One counter per backend and value of `key` (a direction, a reason),
-/// labelled service, cohort, backend and `key`.
-fn split<'a, const N: usize>(
-    snapshot: &'a Snapshot,
-    key: &'static str,
-    values: fn(&BackendSnapshot) -> [(&'static str, u64); N],
-) -> impl Iterator<Item = ([(&'static str, String); 4], ConstCounter<u64>)> + 'a {
-    snapshot.services.iter().flat_map(move |s| {
-        s.backends.iter().flat_map(move |b| {
-            let addr = b.addr.to_string();
-            values(b).map(move |(v, n)| {
-                (
-                    [
-                        ("service", s.name.as_str()),
-                        ("cohort", cohort_name(b.cohort)),
-                        ("backend", &*addr),
-                        (key, v),
-                    ]
-                    .map(own),
-                    ConstCounter::new(n),
-                )
-            })
-        })
+/// Every backend of every service with its labels.
+fn backends(snapshot: &Snapshot) -> impl Iterator<Item = (BackendLabels, &BackendSnapshot)> {
+    snapshot.services.iter().flat_map(|s| {
+        s.backends
+            .iter()
+            .map(move |b| (BackendLabels::new(s, b), b))
     })
 }
 
-/// A label pair with owned strings (label values outlive the iterators).
-fn own((k, v): (&'static str, &str)) -> (&'static str, String) {
-    (k, v.to_string())
+/// One counter per backend and value of a split label (a direction, a
+/// reason), in the order `values` gives them.
+fn split<'a, V: Copy + 'a, L: 'a, const N: usize>(
+    snapshot: &'a Snapshot,
+    values: fn(&BackendSnapshot) -> [(V, u64); N],
+    labels: fn(BackendLabels, V) -> L,
+) -> impl Iterator<Item = (L, ConstCounter<u64>)> + 'a {
+    backends(snapshot).flat_map(move |(base, b)| {
+        values(b).map(|(v, n)| (labels(base.clone(), v), ConstCounter::new(n)))
+    })
+}
+
+/// Encodes every family of `snapshot`, histograms with every
+/// `export_every`-th kernel bucket boundary.
+fn encode_snapshot(
+    snapshot: &Snapshot,
+    export_every: usize,
+    mut encoder: DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let e = &mut encoder;
+    family(
+        e,
+        "canary_connections",
+        "New connections (SYNs) steered to the backend.",
+        None,
+        backends(snapshot).map(|(l, b)| (l, ConstCounter::new(b.counters.connections))),
+    )?;
+    family(
+        e,
+        "canary_active_connections",
+        "Connections open now: opened minus closed (FIN both ways, RST, or handshake timeout).",
+        None,
+        backends(snapshot).map(|(l, b)| {
+            (
+                l,
+                ConstGauge::new(i64::try_from(b.active()).unwrap_or(i64::MAX)),
+            )
+        }),
+    )?;
+    let by_direction = |backend, direction| DirectionLabels { backend, direction };
+    family(
+        e,
+        "canary_resets",
+        "RSTs on established connections, by who sent them.",
+        None,
+        split(
+            snapshot,
+            |b| {
+                [
+                    (Direction::FromBackend, b.counters.resets_from_backend),
+                    (Direction::FromClient, b.counters.resets_from_client),
+                ]
+            },
+            by_direction,
+        ),
+    )?;
+    family(
+        e,
+        "canary_failed_connections",
+        "Connections that failed: refused (RST answering the SYN), syn_retry (SYN retransmitted), timeout (no SYN-ACK within handshake_timeout).",
+        None,
+        split(
+            snapshot,
+            |b| {
+                [
+                    (FailureReason::Refused, b.counters.refused),
+                    (FailureReason::SynRetry, b.counters.syn_retried),
+                    (FailureReason::Timeout, b.timeouts),
+                ]
+            },
+            |backend, reason| FailureLabels { backend, reason },
+        ),
+    )?;
+    family(
+        e,
+        "canary_bytes",
+        "TCP payload bytes, by who sent them (retransmissions included).",
+        None,
+        split(
+            snapshot,
+            |b| {
+                [
+                    (Direction::FromClient, b.counters.bytes_from_client),
+                    (Direction::FromBackend, b.counters.bytes_from_backend),
+                ]
+            },
+            by_direction,
+        ),
+    )?;
+    family(
+        e,
+        "canary_packets",
+        "TCP packets, by who sent them.",
+        None,
+        split(
+            snapshot,
+            |b| {
+                [
+                    (Direction::FromClient, b.counters.packets_from_client),
+                    (Direction::FromBackend, b.counters.packets_from_backend),
+                ]
+            },
+            by_direction,
+        ),
+    )?;
+
+    let hists = |pick: fn(&CohortHistograms) -> &Histogram, scale: f64| {
+        snapshot.services.iter().flat_map(move |s| {
+            Cohort::ALL.into_iter().filter_map(move |cohort| {
+                let h = s.histograms_of(cohort)?;
+                Some((
+                    CohortLabels {
+                        service: s.name.clone(),
+                        cohort: CohortLabel(cohort),
+                    },
+                    ExportHistogram::new(pick(h), scale, export_every),
+                ))
+            })
+        })
+    };
+    family(
+        e,
+        "canary_handshake",
+        "SYN forwarded to the backend → its SYN-ACK back, at the node.",
+        Some(&Unit::Seconds),
+        hists(|h| &h.handshake_ns, 1e-9),
+    )?;
+    family(
+        e,
+        "canary_first_byte",
+        "First client payload → first backend payload after it, at the node.",
+        Some(&Unit::Seconds),
+        hists(|h| &h.first_byte_ns, 1e-9),
+    )?;
+    family(
+        e,
+        "canary_connection_duration",
+        "Connection open (SYN) → close (FIN both ways or RST).",
+        Some(&Unit::Seconds),
+        hists(|h| &h.duration_us, 1e-6),
+    )?;
+
+    family(
+        e,
+        "canary_weight_ratio",
+        "Configured canary share of new connections (0 to 1).",
+        None,
+        snapshot.services.iter().map(|s| {
+            (
+                ServiceLabels {
+                    service: s.name.clone(),
+                },
+                ConstGauge::new(s.weight_ratio),
+            )
+        }),
+    )?;
+    family(
+        e,
+        "canary_rollout_state",
+        "1 for the service's current rollout state, 0 for the others.",
+        None,
+        snapshot.services.iter().flat_map(|s| {
+            crate::rollout::STATES.map(|state| {
+                (
+                    StateLabels {
+                        service: s.name.clone(),
+                        state: RolloutState(state),
+                    },
+                    ConstGauge::new(i64::from(s.rollout.state == state)),
+                )
+            })
+        }),
+    )?;
+    family(
+        e,
+        "canary_rollbacks",
+        "Rollbacks since the agent started, by what decided: breaker (the data plane's line-rate breaker) or operator.",
+        None,
+        snapshot.services.iter().flat_map(|s| {
+            RollbackReason::ALL.map(|reason| {
+                (
+                    RollbackLabels {
+                        service: s.name.clone(),
+                        reason,
+                    },
+                    ConstCounter::new(
+                        s.rollout
+                            .rollbacks
+                            .get(reason.as_str())
+                            .copied()
+                            .unwrap_or(0),
+                    ),
+                )
+            })
+        }),
+    )?;
+    family(
+        e,
+        "canary_dataplane_events",
+        "Data-plane events (new flows, conntrack misses, SYN retransmits and duplicates, RST closes and ignored RSTs, re-resolved flows confirmed or reset, unattributed measurements).",
+        None,
+        snapshot
+            .dataplane
+            .iter()
+            .filter(|(c, _)| !c.is_error())
+            .map(|&(c, v)| {
+                (
+                    EventLabels {
+                        event: CounterLabel(c),
+                    },
+                    ConstCounter::new(v),
+                )
+            }),
+    )?;
+    family(
+        e,
+        "canary_dataplane_errors",
+        "Data-plane error paths taken, by reason; each has a deliberate verdict.",
+        None,
+        snapshot
+            .dataplane
+            .iter()
+            .filter(|(c, _)| c.is_error())
+            .map(|&(c, v)| {
+                (
+                    ErrorLabels {
+                        reason: CounterLabel(c),
+                    },
+                    ConstCounter::new(v),
+                )
+            }),
+    )?;
+    family(
+        e,
+        "canary_build_info",
+        "Build of the running agent.",
+        None,
+        [(
+            BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            },
+            ConstGauge::new(1i64),
+        )],
+    )?;
+    Ok(())
 }
 
 /// A kernel histogram as exported: every `export_every`-th bucket boundary
@@ -669,9 +647,137 @@ impl EncodeMetric for ExportHistogram {
 
 #[cfg(test)]
 mod tests {
-    use canary_common::stats::hist_bucket;
+    use canary_common::stats::{BackendCounters, hist_bucket};
 
     use super::*;
+    use crate::telemetry::RolloutView;
+
+    /// A snapshot with every kind of series: two services, several backends
+    /// per cohort, histograms for one or both cohorts, rollbacks, every
+    /// data-plane counter.
+    fn fixture() -> Snapshot {
+        let hist = |values: &[u64]| {
+            let mut h = Histogram::default();
+            for &v in values {
+                h.buckets[hist_bucket(v)] += 1;
+                h.sum += v;
+            }
+            h
+        };
+        let histograms = |k: u64| {
+            Some(Box::new(CohortHistograms {
+                handshake_ns: hist(&[50_000 * k, 120_000, 3_000_000 * k]),
+                first_byte_ns: hist(&[1_000_000 * k, 2_500_000, 40_000_000]),
+                duration_us: hist(&[10_000 * k, 2_000_000]),
+            }))
+        };
+        let counters = |k: u64| BackendCounters {
+            connections: 10 * k,
+            reopened: k,
+            closed: 9 * k,
+            resets_from_backend: 2 * k,
+            resets_from_client: 3 * k,
+            refused: 4 * k,
+            syn_retried: 5 * k,
+            bytes_from_client: 600 * k,
+            bytes_from_backend: 700 * k,
+            packets_from_client: 8 * k,
+            packets_from_backend: 9 * k + 1,
+        };
+        let backend = |cohort, addr: &str, k, timeouts| BackendSnapshot {
+            cohort,
+            addr: addr.parse().expect("address"),
+            counters: counters(k),
+            timeouts,
+        };
+        let web = ServiceSnapshot {
+            name: "web".to_string(),
+            weight_ratio: 0.05,
+            backends: vec![
+                backend(Cohort::Stable, "10.0.1.10:8080", 3, 2),
+                backend(Cohort::Stable, "10.0.1.11:8080", 5, 0),
+                backend(Cohort::Canary, "10.0.2.10:8080", 1, 1),
+            ],
+            histograms: [histograms(1), histograms(3)],
+            rollout: RolloutView {
+                state: "progressing",
+                rollbacks: [("breaker", 1), ("judge", 2)].into_iter().collect(),
+            },
+        };
+        let db = ServiceSnapshot {
+            name: "db".to_string(),
+            weight_ratio: 0.0,
+            backends: vec![
+                backend(Cohort::Stable, "10.0.3.10:5432", 2, 0),
+                backend(Cohort::Canary, "10.0.4.10:5432", 0, 0),
+            ],
+            histograms: [histograms(2), None],
+            rollout: RolloutView {
+                state: "idle",
+                rollbacks: std::collections::BTreeMap::default(),
+            },
+        };
+        Snapshot {
+            services: vec![web, db],
+            dataplane: Counter::ALL
+                .iter()
+                .zip(0u64..)
+                .map(|(&c, i)| (c, i * 7))
+                .collect(),
+        }
+    }
+
+    /// A registry whose collector encodes a fixed snapshot.
+    #[derive(Debug)]
+    struct Fixed(Snapshot, usize);
+
+    impl Collector for Fixed {
+        fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            encode_snapshot(&self.0, self.1, encoder)
+        }
+    }
+
+    fn exposition(format: Format) -> String {
+        let mut registry = Registry::default();
+        // One exported bucket per octave keeps the expected text short.
+        registry.register_collector(Box::new(Fixed(fixture(), 16)));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");
+        match format {
+            Format::OpenMetrics => out,
+            Format::Text => openmetrics_to_text(&out),
+        }
+    }
+
+    /// The exposition of a fixed snapshot, byte for byte. The expected
+    /// texts were produced by the exporter before its label sets were
+    /// typed; any change to a name, label, order or value shows here.
+    #[test]
+    fn exposition_of_a_snapshot_is_exactly_the_expected_text() {
+        let cases = [
+            (
+                Format::OpenMetrics,
+                include_str!("testdata/exposition.openmetrics"),
+            ),
+            (Format::Text, include_str!("testdata/exposition.txt")),
+        ];
+        for (format, expected) in cases {
+            let got = exposition(format);
+            if got != expected {
+                let line = got
+                    .lines()
+                    .zip(expected.lines())
+                    .position(|(g, e)| g != e)
+                    .unwrap_or(got.lines().count().min(expected.lines().count()));
+                panic!(
+                    "{format:?} exposition differs from line {}: got {:?}, expected {:?}",
+                    line + 1,
+                    got.lines().nth(line),
+                    expected.lines().nth(line)
+                );
+            }
+        }
+    }
 
     #[test]
     fn text_format_names_counter_families_with_total_and_drops_openmetrics_lines() {
