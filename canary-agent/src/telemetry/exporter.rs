@@ -8,20 +8,25 @@
 use std::sync::{Arc, Mutex};
 
 use canary_common::{
-    counters::Counter,
     service::Cohort,
-    stats::{CohortHistograms, HIST_BUCKETS, HIST_SUB_BITS, Histogram, hist_bucket_range},
+    stats::{CohortHistograms, HIST_SUB_BITS, Histogram},
 };
 use prometheus_client::{
     collector::Collector,
-    encoding::{
-        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
-    },
-    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
     registry::{Registry, Unit},
 };
 
-use super::snapshot::{BackendSnapshot, ServiceSnapshot, Snapshot, StatsSource};
+use super::{
+    histogram::ExportHistogram,
+    labels::{
+        BackendLabels, BuildLabels, CohortLabel, CohortLabels, CounterLabel, Direction,
+        DirectionLabels, ErrorLabels, EventLabels, FailureLabels, FailureReason, RollbackLabels,
+        RolloutState, ServiceLabels, StateLabels,
+    },
+    snapshot::{BackendSnapshot, Snapshot, StatsSource},
+};
 use crate::rollout::RollbackReason;
 
 /// The exporter: a registry whose one collector reads the maps at scrape
@@ -124,170 +129,6 @@ fn openmetrics_to_text(om: &str) -> String {
         out.push('\n');
     }
     out
-}
-
-// Label values. Each bounded label is an enum (or a closed set of names
-// owned elsewhere), so a series can only carry a value this file lists.
-
-/// The `cohort` label. A newtype because both the enum (canary-common) and
-/// the trait (prometheus-client) live in other crates.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct CohortLabel(Cohort);
-
-impl EncodeLabelValue for CohortLabel {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        EncodeLabelValue::encode(&self.0.as_str(), encoder)
-    }
-}
-
-/// The `direction` label: who sent the reset, bytes or packets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Direction {
-    FromBackend,
-    FromClient,
-}
-
-impl EncodeLabelValue for Direction {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        let name = match self {
-            Direction::FromBackend => "from_backend",
-            Direction::FromClient => "from_client",
-        };
-        EncodeLabelValue::encode(&name, encoder)
-    }
-}
-
-/// The `reason` label of `canary_failed_connections_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum FailureReason {
-    /// A RST answered the SYN.
-    Refused,
-    /// The SYN was retransmitted.
-    SynRetry,
-    /// No SYN-ACK within `handshake_timeout` (the agent's sweep).
-    Timeout,
-}
-
-impl EncodeLabelValue for FailureReason {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        let name = match self {
-            FailureReason::Refused => "refused",
-            FailureReason::SynRetry => "syn_retry",
-            FailureReason::Timeout => "timeout",
-        };
-        EncodeLabelValue::encode(&name, encoder)
-    }
-}
-
-// Implemented here rather than in `rollout` so that the rollout engine
-// stays free of exporter types; the names are the reason's own.
-impl EncodeLabelValue for RollbackReason {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        EncodeLabelValue::encode(&self.as_str(), encoder)
-    }
-}
-
-/// The `state` label: one of [`crate::rollout::STATES`], the only values
-/// the exporter ever builds it from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct RolloutState(&'static str);
-
-impl EncodeLabelValue for RolloutState {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        EncodeLabelValue::encode(&self.0, encoder)
-    }
-}
-
-/// The `event` or `reason` label of a data-plane counter: its
-/// [`Counter::name`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct CounterLabel(Counter);
-
-impl EncodeLabelValue for CounterLabel {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        EncodeLabelValue::encode(&self.0.name(), encoder)
-    }
-}
-
-// Label sets, in the order their labels appear in the exposition.
-
-/// `{service}`.
-#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
-struct ServiceLabels {
-    service: String,
-}
-
-/// `{service, cohort}`: the histograms.
-#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
-struct CohortLabels {
-    service: String,
-    cohort: CohortLabel,
-}
-
-/// `{service, cohort, backend}`: per-backend counters.
-#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
-struct BackendLabels {
-    service: String,
-    cohort: CohortLabel,
-    backend: String,
-}
-
-/// `{service, cohort, backend, direction}`.
-#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
-struct DirectionLabels {
-    #[prometheus(flatten)]
-    backend: BackendLabels,
-    direction: Direction,
-}
-
-/// `{service, cohort, backend, reason}`.
-#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
-struct FailureLabels {
-    #[prometheus(flatten)]
-    backend: BackendLabels,
-    reason: FailureReason,
-}
-
-/// `{service, state}`.
-#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
-struct StateLabels {
-    service: String,
-    state: RolloutState,
-}
-
-/// `{service, reason}` of `canary_rollbacks_total`.
-#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
-struct RollbackLabels {
-    service: String,
-    reason: RollbackReason,
-}
-
-/// `{event}`.
-#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
-struct EventLabels {
-    event: CounterLabel,
-}
-
-/// `{reason}` of `canary_dataplane_errors_total`.
-#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
-struct ErrorLabels {
-    reason: CounterLabel,
-}
-
-/// `{version}`.
-#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
-struct BuildLabels {
-    version: &'static str,
-}
-
-impl BackendLabels {
-    fn new(service: &ServiceSnapshot, backend: &BackendSnapshot) -> BackendLabels {
-        BackendLabels {
-            service: service.name.clone(),
-            cohort: CohortLabel(backend.cohort),
-            backend: backend.addr.to_string(),
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -589,68 +430,15 @@ fn encode_snapshot(
     Ok(())
 }
 
-/// A kernel histogram as exported: every `export_every`-th bucket boundary
-/// (exact sums of the fine buckets below it), scaled to seconds.
-#[derive(Debug)]
-struct ExportHistogram {
-    sum: f64,
-    count: u64,
-    buckets: Vec<(f64, u64)>,
-}
-
-impl ExportHistogram {
-    fn new(h: &Histogram, scale: f64, export_every: usize) -> ExportHistogram {
-        let mut buckets = Vec::with_capacity(HIST_BUCKETS / export_every + 2);
-        let mut acc = 0u64;
-        for (i, &n) in h.buckets.iter().enumerate() {
-            acc += n;
-            let last = i == HIST_BUCKETS - 1;
-            // Boundaries: the end of the underflow bucket, then every
-            // export_every-th fine bucket, then +Inf.
-            let boundary = i == 0 || (!last && i % export_every == 0);
-            if last {
-                buckets.push((f64::INFINITY, acc));
-            } else if boundary {
-                buckets.push((hist_bucket_range(i).1 as f64 * scale, acc));
-                acc = 0;
-            }
-        }
-        ExportHistogram {
-            sum: h.sum as f64 * scale,
-            count: h.buckets.iter().sum(),
-            buckets,
-        }
-    }
-}
-
-impl prometheus_client::metrics::TypedMetric for ExportHistogram {
-    const TYPE: MetricType = MetricType::Histogram;
-}
-
-impl EncodeMetric for ExportHistogram {
-    fn encode(
-        &self,
-        mut encoder: prometheus_client::encoding::MetricEncoder,
-    ) -> Result<(), std::fmt::Error> {
-        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-            self.sum,
-            self.count,
-            &self.buckets,
-            None,
-        )
-    }
-
-    fn metric_type(&self) -> MetricType {
-        MetricType::Histogram
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use canary_common::stats::{BackendCounters, hist_bucket};
+    use canary_common::{
+        counters::Counter,
+        stats::{BackendCounters, hist_bucket},
+    };
 
     use super::*;
-    use crate::telemetry::RolloutView;
+    use crate::telemetry::{RolloutView, ServiceSnapshot};
 
     /// A snapshot with every kind of series: two services, several backends
     /// per cohort, histograms for one or both cohorts, rollbacks, every
@@ -797,55 +585,5 @@ mod tests {
             Format::OpenMetrics
         );
         assert_eq!(Format::from_accept("*/*"), Format::Text);
-    }
-
-    #[test]
-    fn exported_buckets_sum_the_fine_ones_exactly() {
-        let mut h = Histogram::default();
-        for v in [
-            1_000u64,
-            5_000,
-            50_000,
-            50_001,
-            49_000_000,
-            50_100_000,
-            9_000_000_000,
-            1 << 40,
-        ] {
-            h.buckets[hist_bucket(v)] += 1;
-            h.sum += v;
-        }
-        for every in [1usize, 4, 16] {
-            let e = ExportHistogram::new(&h, 1e-9, every);
-            assert_eq!(e.count, 8);
-            assert_eq!(
-                e.buckets.iter().map(|b| b.1).sum::<u64>(),
-                8,
-                "every {every}: counts lost"
-            );
-            assert_eq!(e.buckets.last().unwrap().0, f64::INFINITY);
-            assert!(
-                e.buckets.windows(2).all(|w| w[0].0 < w[1].0),
-                "bounds increase"
-            );
-            // Each value sits in the first exported bucket whose bound is above it.
-            for v in [5_000u64, 50_000, 49_000_000] {
-                let (bound, _) = e
-                    .buckets
-                    .iter()
-                    .find(|(b, _)| *b > v as f64 * 1e-9)
-                    .unwrap();
-                let below: u64 = e
-                    .buckets
-                    .iter()
-                    .filter(|(b, _)| b <= bound)
-                    .map(|b| b.1)
-                    .sum();
-                assert!(below >= 1, "{v} ns not under {bound}");
-            }
-        }
-        // 16 fine buckets per octave exported 4 per octave: 22 octaves.
-        let e = ExportHistogram::new(&h, 1e-9, 4);
-        assert_eq!(e.buckets.len(), 1 + 22 * 4 + 1);
     }
 }
