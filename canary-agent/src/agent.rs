@@ -114,6 +114,9 @@ struct Agent {
     states: BTreeMap<String, ServiceState>,
     /// What last changed each service's state, for `status`.
     verdicts: BTreeMap<String, String>,
+    /// Verdicts the judge gave each service since the agent started, for
+    /// `status` (a soak proves with it that the judge ran).
+    judgements: BTreeMap<String, u64>,
     /// The judge's window of each plan-driven service.
     windows: BTreeMap<String, StepWindow>,
     /// Where state changes are announced.
@@ -189,6 +192,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         store,
         states,
         verdicts: BTreeMap::new(),
+        judgements: BTreeMap::new(),
         windows: BTreeMap::new(),
         events: Events::start(webhook, &mut tasks),
         node: hostname(),
@@ -774,6 +778,7 @@ impl Agent {
                         }
                         _ => None,
                     }),
+                judgements: self.judgements.get(&svc.name).copied().unwrap_or(0),
             });
         }
         match serde_json::to_value(StatusReport { services }) {
@@ -858,6 +863,7 @@ impl Agent {
             let line = verdict.describe();
             self.verdicts
                 .insert(svc.name.clone(), format!("judge: {line}"));
+            *self.judgements.entry(svc.name.clone()).or_default() += 1;
             if fails >= plan.fail_after {
                 let detail = format!("{line} ({fails} judgements in a row)");
                 self.transition(&svc.name, "the judge", |_, _| {
