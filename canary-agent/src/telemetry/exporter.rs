@@ -529,12 +529,7 @@ mod tests {
         let mut registry = Registry::default();
         // One exported bucket per octave keeps the expected text short.
         registry.register_collector(Box::new(Fixed(fixture(), 16)));
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");
-        match format {
-            Format::OpenMetrics => out,
-            Format::Text => openmetrics_to_text(&out),
-        }
+        encode_registry(&registry, format).expect("encode")
     }
 
     /// The exposition of a fixed snapshot, byte for byte. The expected
