@@ -15,10 +15,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use canary_common::{
-    service::{COHORT_CANARY, COHORT_STABLE},
-    stats::quantile,
-};
+use canary_common::{service::Cohort, stats::quantile};
 use tokio::{
     io::unix::AsyncFd,
     net::TcpListener,
@@ -123,6 +120,9 @@ struct Agent {
     rollouts: BTreeMap<String, Rollout>,
     /// What last changed each service's state, for `status`.
     verdicts: BTreeMap<String, String>,
+    /// Verdicts the judge gave each service since the agent started, for
+    /// `status` (a soak proves with it that the judge ran).
+    judgements: BTreeMap<String, u64>,
     /// The judge's window of each plan-driven service.
     windows: BTreeMap<String, StepWindow>,
     /// Where state changes are announced.
@@ -197,6 +197,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         store,
         rollouts,
         verdicts: BTreeMap::new(),
+        judgements: BTreeMap::new(),
         windows: BTreeMap::new(),
         events: Events::start(webhook, &mut tasks),
         node: hostname(),
@@ -560,12 +561,14 @@ impl Agent {
                 )
             }
             Err(FeedError::Refused(why)) => Response::error(ErrorCode::Conflict, why.0),
-            Err(FeedError::NotPersisted(e)) => {
-                Response::error(ErrorCode::Internal, format!("not changed: {}", error_chain(&e)))
-            }
-            Err(FeedError::NotApplied(e)) => {
-                Response::error(ErrorCode::Internal, format!("not changed: {}", error_chain(&e)))
-            }
+            Err(FeedError::NotPersisted(e)) => Response::error(
+                ErrorCode::Internal,
+                format!("not changed: {}", error_chain(&e)),
+            ),
+            Err(FeedError::NotApplied(e)) => Response::error(
+                ErrorCode::Internal,
+                format!("not changed: {}", error_chain(&e)),
+            ),
         }
     }
 
@@ -764,7 +767,7 @@ impl Agent {
             let Some(snap) = snapshot.service(&svc.name) else {
                 continue;
             };
-            let cohorts = [COHORT_STABLE, COHORT_CANARY].map(|cohort| {
+            let cohorts = Cohort::ALL.map(|cohort| {
                 let c = snap.cohort_counters(cohort);
                 let failed = snap.failed_connections(cohort);
                 let hist = snap.histograms[usize::from(cohort)].as_ref();
@@ -773,12 +776,7 @@ impl Agent {
                         .map(|ns| ns / 1e6)
                 };
                 CohortStatus {
-                    cohort: if cohort == COHORT_CANARY {
-                        "canary"
-                    } else {
-                        "stable"
-                    }
-                    .to_string(),
+                    cohort: cohort.as_str().to_string(),
                     connections: c.connections,
                     active: c.active(),
                     failed,
@@ -812,6 +810,7 @@ impl Agent {
                         }
                         _ => None,
                     }),
+                judgements: self.judgements.get(&svc.name).copied().unwrap_or(0),
             });
         }
         match serde_json::to_value(StatusReport { services }) {
@@ -882,13 +881,14 @@ impl Agent {
                     due: now,
                 });
             window.due = now + plan.interval;
-            let stable = cohort_window(&window.base, current, COHORT_STABLE);
-            let canary = cohort_window(&window.base, current, COHORT_CANARY);
+            let stable = cohort_window(&window.base, current, Cohort::Stable);
+            let canary = cohort_window(&window.base, current, Cohort::Canary);
             let judgement = Judgement {
                 verdict: judge(&plan.judge, &stable, &canary),
                 held: window.started.elapsed(),
                 canary_connections: canary.connections,
             };
+            *self.judgements.entry(svc.name.clone()).or_default() += 1;
             if let Err(e) = self.feed(&svc.name, Event::Judged(judgement)) {
                 warn!(service = %svc.name, error = %e, "the judge's decision was not carried out");
             }
@@ -1079,7 +1079,7 @@ fn plan_step(svc: &ServiceConfig, state: &ServiceState) -> Option<String> {
 }
 
 /// What one cohort did between `base` and `now`.
-fn cohort_window(base: &ServiceSnapshot, now: &ServiceSnapshot, cohort: u8) -> CohortWindow {
+fn cohort_window(base: &ServiceSnapshot, now: &ServiceSnapshot, cohort: Cohort) -> CohortWindow {
     let (b, n) = (base.cohort_counters(cohort), now.cohort_counters(cohort));
     let failures = |s: &ServiceSnapshot| s.failed_connections(cohort);
     let mut first_byte = Box::new([0u64; canary_common::stats::HIST_BUCKETS]);

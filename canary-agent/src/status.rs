@@ -29,6 +29,11 @@ pub struct ServiceStatus {
     pub cohorts: Vec<CohortStatus>,
     /// The last decision about this service, with its numbers.
     pub last_verdict: Option<String>,
+    /// Verdicts the judge has given on this service since the agent
+    /// started (pass, fail or insufficient data): how a soak, or an
+    /// operator, tells a quiet judge from one that never ran.
+    #[serde(default)]
+    pub judgements: u64,
 }
 
 /// One cohort of a service, since the agent started.

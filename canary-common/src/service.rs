@@ -19,6 +19,93 @@ pub const COHORT_STABLE: u8 = 0;
 /// See [`COHORT_STABLE`].
 pub const COHORT_CANARY: u8 = 1;
 
+/// The cohort of a connection, backend or measurement, as user space
+/// handles it. Maps store the integers above (no enum inside a Pod type);
+/// user space converts with [`TryFrom<u8>`], so a value that is neither is
+/// an error where it is read, never a silent "stable".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Cohort {
+    /// The release in production ([`COHORT_STABLE`]).
+    Stable,
+    /// The release under test ([`COHORT_CANARY`]).
+    Canary,
+}
+
+impl Cohort {
+    /// Both cohorts, stable first (the order of every per-cohort array and
+    /// of the exported series).
+    pub const ALL: [Cohort; 2] = [Cohort::Stable, Cohort::Canary];
+
+    /// The name operators see: the `cohort` metric label, status output.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Cohort::Stable => "stable",
+            Cohort::Canary => "canary",
+        }
+    }
+
+    /// The number the maps store.
+    pub const fn as_u8(self) -> u8 {
+        match self {
+            Cohort::Stable => COHORT_STABLE,
+            Cohort::Canary => COHORT_CANARY,
+        }
+    }
+}
+
+impl From<Cohort> for u8 {
+    fn from(c: Cohort) -> u8 {
+        c.as_u8()
+    }
+}
+
+/// Index of the cohort in per-cohort arrays (`[stable, canary]`).
+impl From<Cohort> for usize {
+    fn from(c: Cohort) -> usize {
+        usize::from(c.as_u8())
+    }
+}
+
+/// A cohort number that is neither [`COHORT_STABLE`] nor [`COHORT_CANARY`]
+/// (a corrupt or foreign map entry).
+#[cfg(feature = "user")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownCohort(pub u8);
+
+#[cfg(feature = "user")]
+impl core::fmt::Display for UnknownCohort {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "cohort number {} is neither stable (0) nor canary (1)",
+            self.0
+        )
+    }
+}
+
+#[cfg(feature = "user")]
+impl core::error::Error for UnknownCohort {}
+
+#[cfg(feature = "user")]
+impl TryFrom<u8> for Cohort {
+    type Error = UnknownCohort;
+
+    fn try_from(v: u8) -> Result<Cohort, UnknownCohort> {
+        match v {
+            COHORT_STABLE => Ok(Cohort::Stable),
+            COHORT_CANARY => Ok(Cohort::Canary),
+            other => Err(UnknownCohort(other)),
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+impl core::fmt::Display for Cohort {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Cohort keyed on the client address: a client stays in its cohort.
 pub const MODE_STICKY: u8 = 0;
 /// Cohort keyed on the 5-tuple: every connection draws anew.
@@ -119,4 +206,23 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceValue {}
     // SAFETY: repr(C), two u32, no padding.
     unsafe impl aya::Pod for super::RuleKey {}
+}
+
+#[cfg(all(test, feature = "user"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cohort_numbers_round_trip_and_others_are_errors() {
+        for c in Cohort::ALL {
+            assert_eq!(Cohort::try_from(u8::from(c)), Ok(c));
+        }
+        assert_eq!(Cohort::try_from(COHORT_STABLE), Ok(Cohort::Stable));
+        assert_eq!(Cohort::try_from(COHORT_CANARY), Ok(Cohort::Canary));
+        for v in [2u8, 7, u8::MAX] {
+            assert_eq!(Cohort::try_from(v), Err(UnknownCohort(v)));
+        }
+        assert_eq!(Cohort::ALL.map(Cohort::as_str), ["stable", "canary"]);
+        assert_eq!(Cohort::ALL.map(usize::from), [0, 1]);
+    }
 }

@@ -125,8 +125,23 @@ impl Exposition {
     }
 
     /// Sum of the samples named `name` whose labels include `want`.
+    ///
+    /// Panics if no sample matches: a missing series (a renamed metric, a
+    /// label value never exported, a service never configured) is not a
+    /// zero, and an assertion that something is 0 must not pass on it.
     pub fn sum(&self, name: &str, want: &[(&str, &str)]) -> f64 {
-        self.matching(name, want).map(|s| s.value).sum()
+        let mut found = false;
+        let sum = self
+            .matching(name, want)
+            .inspect(|_| found = true)
+            .map(|s| s.value)
+            .sum();
+        assert!(
+            found,
+            "no sample {name} with labels {want:?} in the exposition ({} samples)",
+            self.samples.len()
+        );
+        sum
     }
 
     /// `histogram_quantile(q, …)` over the `{name}_bucket` series matching

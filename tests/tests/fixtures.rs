@@ -21,7 +21,7 @@ use canary_common::{
     cohort::{backend_index, bucket, is_canary, sticky_hash},
     counters::Counter,
     flow::{CT_REOPENED, CT_REVERSE, ST_RST, SYN_RETRY_MIN_NS},
-    service::{COHORT_CANARY, COHORT_STABLE},
+    service::{COHORT_CANARY, COHORT_STABLE, Cohort},
 };
 use canary_tests::{
     packet::{
@@ -350,7 +350,7 @@ fn rst_from_either_side_closes_the_flow_and_keeps_it_closing(m: IngressMode) {
 
     assert_eq!(counter(&dp, Counter::RstClosed), 2, "one close per flow");
     assert_eq!(counter(&dp, Counter::RstIgnored), 0);
-    let k = cohort(&dp, COHORT_STABLE);
+    let k = cohort(&dp, Cohort::Stable);
     assert_eq!(
         (
             k.connections,
@@ -539,7 +539,7 @@ fn removing_a_service_drains_it_established_flows_finish_new_ones_are_not_steere
 }
 
 /// The counters of service "web", cohort `cohort`, summed over backends.
-fn cohort(dp: &Dataplane, cohort: u8) -> canary_common::stats::BackendCounters {
+fn cohort(dp: &Dataplane, cohort: Cohort) -> canary_common::stats::BackendCounters {
     dp.snapshot()
         .expect("snapshot")
         .service("web")
@@ -552,7 +552,7 @@ fn a_whole_connection_is_measured_once_in_its_cohort(m: IngressMode) {
     let client = addr("10.201.0.30:40020");
     let (_, syn) = open(&mut dp, client);
     assert_eq!(syn.dst, addr(CANARY));
-    let c = cohort(&dp, COHORT_CANARY);
+    let c = cohort(&dp, Cohort::Canary);
     assert_eq!(
         (c.connections, c.active(), c.packets_from_client),
         (1, 1, 1),
@@ -585,7 +585,7 @@ fn a_whole_connection_is_measured_once_in_its_cohort(m: IngressMode) {
     }
     let snap = dp.snapshot().unwrap();
     let web = snap.service("web").unwrap();
-    let c = web.cohort_counters(COHORT_CANARY);
+    let c = web.cohort_counters(Cohort::Canary);
     assert_eq!(c.connections, 1, "{c:?}");
     assert_eq!(c.closed, 1, "FIN both ways closes exactly once: {c:?}");
     assert_eq!(c.active(), 0, "{c:?}");
@@ -614,12 +614,12 @@ fn a_whole_connection_is_measured_once_in_its_cohort(m: IngressMode) {
         (0, 0, 0, 0)
     );
     assert_eq!(
-        web.cohort_counters(COHORT_STABLE),
+        web.cohort_counters(Cohort::Stable),
         Default::default(),
         "nothing in stable"
     );
 
-    let h = web.histograms[usize::from(COHORT_CANARY)]
+    let h = web.histograms[usize::from(Cohort::Canary)]
         .as_ref()
         .expect("canary histograms");
     let n = |b: &[u64]| b.iter().sum::<u64>();
@@ -631,7 +631,7 @@ fn a_whole_connection_is_measured_once_in_its_cohort(m: IngressMode) {
     );
     assert_eq!(n(&h.duration_us.buckets), 1, "one duration");
     assert!(
-        web.histograms[usize::from(COHORT_STABLE)].is_none(),
+        web.histograms[usize::from(Cohort::Stable)].is_none(),
         "stable saw no connection"
     );
 }
@@ -657,7 +657,7 @@ fn refusals_resets_and_syn_retries_are_told_apart(m: IngressMode) {
     run(&mut dp, Dir::Egress, &Tcp::new(addr(CANARY), c, SYN | ACK));
     run(&mut dp, Dir::Ingress, &Tcp::new(c, addr(VIP), RST));
 
-    let k = cohort(&dp, COHORT_CANARY);
+    let k = cohort(&dp, Cohort::Canary);
     assert_eq!(k.connections, 3, "{k:?}");
     assert_eq!(k.refused, 1, "{k:?}");
     assert_eq!(k.resets_from_backend, 1, "{k:?}");
@@ -666,7 +666,7 @@ fn refusals_resets_and_syn_retries_are_told_apart(m: IngressMode) {
     assert_eq!(k.closed, 3, "{k:?}");
     assert_eq!(k.active(), 0, "{k:?}");
     let snap = dp.snapshot().unwrap();
-    let h = snap.service("web").unwrap().histograms[usize::from(COHORT_CANARY)]
+    let h = snap.service("web").unwrap().histograms[usize::from(Cohort::Canary)]
         .clone()
         .unwrap();
     assert_eq!(
@@ -940,7 +940,7 @@ fn duplicate_syns_are_not_retries_only_a_late_unanswered_one_is(m: IngressMode) 
     age(&mut dp, answered, 1_000_000_000);
     open(&mut dp, answered);
 
-    let k = cohort(&dp, COHORT_CANARY);
+    let k = cohort(&dp, Cohort::Canary);
     assert_eq!(
         (k.connections, k.syn_retried, k.refused),
         (21, 0, 0),
@@ -960,7 +960,7 @@ fn duplicate_syns_are_not_retries_only_a_late_unanswered_one_is(m: IngressMode) 
     age(&mut dp, unanswered, SYN_RETRY_MIN_NS);
     let (_, retry) = open(&mut dp, unanswered);
     assert_eq!(retry.dst, addr(CANARY));
-    let k = cohort(&dp, COHORT_CANARY);
+    let k = cohort(&dp, Cohort::Canary);
     assert_eq!(
         (k.connections, k.syn_retried),
         (22, 1),
@@ -1026,7 +1026,7 @@ fn a_bare_ack_on_a_miss_reaches_its_backend_untracked_until_the_backend_answers(
     // Its later RST is a reset of an open connection, not a refusal.
     run(&mut dp, Dir::Egress, &Tcp::new(addr(CANARY), lost, RST));
 
-    let k = cohort(&dp, COHORT_CANARY);
+    let k = cohort(&dp, Cohort::Canary);
     assert_eq!(
         (k.connections, k.refused, k.syn_retried, k.reopened),
         (0, 0, 0, 1),
@@ -1084,7 +1084,7 @@ fn stray_acks_from_fresh_ports_cannot_evict_tracked_flows(m: IngressMode) {
         );
     }
     assert_eq!(counter(&dp, Counter::CtMiss), u64::from(STRAYS), "all hit");
-    let connections: u64 = [COHORT_STABLE, COHORT_CANARY]
+    let connections: u64 = Cohort::ALL
         .into_iter()
         .map(|c| cohort(&dp, c).connections)
         .sum();
@@ -1116,7 +1116,7 @@ fn an_ignored_rst_changes_nothing_even_across_a_weight_change(m: IngressMode) {
     let (verdict, out) = run(&mut dp, Dir::Ingress, &forged);
     assert_eq!((verdict, out.dst), (V::Forward, backend));
     assert_closing(&dp, client, backend, "after the forged RST");
-    assert_eq!(cohort(&dp, COHORT_STABLE).active(), 0, "closed at the RST");
+    assert_eq!(cohort(&dp, Cohort::Stable).active(), 0, "closed at the RST");
 
     dp.apply(
         &services("weight = \"100%\"\ncohort = \"per-connection\""),
@@ -1151,7 +1151,7 @@ fn an_ignored_rst_changes_nothing_even_across_a_weight_change(m: IngressMode) {
         (0, 0),
         "closing mark cleared"
     );
-    let k = cohort(&dp, COHORT_STABLE);
+    let k = cohort(&dp, Cohort::Stable);
     assert_eq!(
         (k.connections, k.active(), k.resets_from_client),
         (1, 1, 1),
@@ -1165,10 +1165,10 @@ fn an_ignored_rst_changes_nothing_even_across_a_weight_change(m: IngressMode) {
         &Tcp::new(client, addr(VIP), FIN | ACK),
     );
     run(&mut dp, Dir::Egress, &Tcp::new(backend, client, FIN | ACK));
-    let k = cohort(&dp, COHORT_STABLE);
+    let k = cohort(&dp, Cohort::Stable);
     assert_eq!(k.active(), 0, "{k:?}");
     let snap = dp.snapshot().unwrap();
-    let h = snap.service("web").unwrap().histograms[usize::from(COHORT_STABLE)]
+    let h = snap.service("web").unwrap().histograms[usize::from(Cohort::Stable)]
         .clone()
         .unwrap();
     assert_eq!(
@@ -1198,7 +1198,7 @@ fn an_accepted_rst_ends_the_flow_and_a_new_syn_reuses_its_entry(m: IngressMode) 
     run(&mut dp, Dir::Egress, &Tcp::new(backend, client, RST));
     run(&mut dp, Dir::Ingress, &Tcp::new(client, addr(VIP), RST));
     assert_closing(&dp, client, backend, "after an accepted RST");
-    let k = cohort(&dp, COHORT_STABLE);
+    let k = cohort(&dp, Cohort::Stable);
     assert_eq!(
         (
             k.closed,

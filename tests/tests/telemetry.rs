@@ -540,6 +540,15 @@ fn scraping_1000_services_is_complete_and_timed() {
         m.samples.len(),
         m.text.len()
     );
+    // Prometheus gives a scrape 10 s by default (scrape_timeout); a scrape
+    // of 1000 services must fit well inside that even on a small (2-core)
+    // machine running a debug build, so each one gets half of it.
+    let bound = Duration::from_secs(5);
+    assert!(
+        times[4] <= bound,
+        "slowest of 5 scrapes of 1000 services took {:?}, bound {bound:?} (all: {times:?})",
+        times[4]
+    );
     assert_eq!(services, 1000, "every service is exported");
     assert_eq!(
         m.sum("canary_connections_total", &[]),

@@ -34,9 +34,9 @@ use canary_common::{
     flow::{CtEntry, FlowKey, PendingSyn, ST_CLOSED, ST_FAILED},
     layout, names,
     service::{
-        Backend, COHORT_CANARY, COHORT_STABLE, FLAG_CANARY_OFF, MAX_BACKENDS, MODE_PER_CONNECTION,
-        MODE_STICKY, RULE_ALWAYS_CANARY, RULE_NEVER_CANARY, RULE_SET_BITS, RuleKey, ServiceKey,
-        ServiceValue,
+        Backend, COHORT_CANARY, COHORT_STABLE, Cohort, FLAG_CANARY_OFF, MAX_BACKENDS,
+        MODE_PER_CONNECTION, MODE_STICKY, RULE_ALWAYS_CANARY, RULE_NEVER_CANARY, RULE_SET_BITS,
+        RuleKey, ServiceKey, ServiceValue,
     },
     stats::{BackendCounters, CohortHistograms, HandshakeTimeouts, histogram_key},
 };
@@ -1115,7 +1115,7 @@ impl Dataplane {
         let view = services
             .iter()
             .map(|svc| {
-                let backends = [(COHORT_STABLE, &svc.stable), (COHORT_CANARY, &svc.canary)]
+                let backends = [(Cohort::Stable, &svc.stable), (Cohort::Canary, &svc.canary)]
                     .into_iter()
                     .flat_map(|(cohort, list)| list.iter().map(move |addr| (cohort, *addr)))
                     .map(|(cohort, addr)| BackendView {
@@ -1123,7 +1123,7 @@ impl Dataplane {
                         addr,
                         slot: self
                             .slots
-                            .get(&(svc.name.clone(), cohort, addr))
+                            .get(&(svc.name.clone(), cohort.as_u8(), addr))
                             .copied()
                             .unwrap_or(0),
                     })

@@ -1,0 +1,254 @@
+//! Reading the data plane's measurement maps into plain snapshots: per
+//! backend counters (`STATS`, summed over CPUs), handshake timeouts
+//! (`TIMEOUTS`), per service × cohort histograms (`HISTOGRAMS`) and the
+//! data-plane counters (`COUNTERS`). The exporter, the judge and `status`
+//! all read through here, so they see the same numbers.
+
+use std::{
+    collections::{BTreeMap, HashMap as StdHashMap},
+    net::SocketAddrV4,
+};
+
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use canary_common::{
+    counters::Counter,
+    service::Cohort,
+    stats::{BackendCounters, CohortHistograms, HandshakeTimeouts, histogram_key},
+};
+
+/// A backend as the exporter labels it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendView {
+    /// Which cohort's list the backend is in.
+    pub cohort: Cohort,
+    /// The backend's address, the `backend` label.
+    pub addr: SocketAddrV4,
+    /// Its `STATS` slot.
+    pub slot: u32,
+}
+
+/// A service as the exporter labels it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceView {
+    /// The `service` label.
+    pub name: String,
+    /// Key of its histograms (with the cohort).
+    pub svc_id: u32,
+    /// Configured canary share, 0..=1.
+    pub weight_ratio: f64,
+    /// Every configured backend of both cohorts.
+    pub backends: Vec<BackendView>,
+}
+
+/// The maps and labels a scrape reads, shared between the data plane (which
+/// keeps them current) and the exporter.
+pub struct StatsSource {
+    /// Per backend slot counters (`STATS`).
+    pub(crate) stats: PerCpuArray<MapData, BackendCounters>,
+    /// Per service × cohort histograms (`HISTOGRAMS`).
+    pub(crate) histograms: HashMap<MapData, u32, CohortHistograms>,
+    /// Data-plane counters (`COUNTERS`).
+    pub(crate) counters: PerCpuArray<MapData, u64>,
+    /// The services and backends to read, as the data plane last applied
+    /// them.
+    pub(crate) view: Vec<ServiceView>,
+    /// Handshake timeouts per `STATS` slot (`TIMEOUTS`), counted by the
+    /// agent's sweep.
+    pub(crate) timeouts: Array<MapData, HandshakeTimeouts>,
+    /// Rollout state and rollbacks per service name, kept by the agent.
+    pub(crate) rollout: StdHashMap<String, RolloutView>,
+}
+
+/// What the exporter says of a service's rollout.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RolloutView {
+    /// One of [`crate::rollout::STATES`].
+    pub state: &'static str,
+    /// Rollbacks since the agent started, by reason.
+    pub rollbacks: BTreeMap<&'static str, u64>,
+}
+
+impl StatsSource {
+    /// The data-plane counters summed over CPUs, in `Counter::ALL` order.
+    pub fn dataplane_counters(&self) -> Result<Vec<(Counter, u64)>, MapError> {
+        Counter::ALL
+            .iter()
+            .map(|&c| Ok((c, self.counters.get(&(c as u32), 0)?.iter().sum())))
+            .collect()
+    }
+
+    /// Records the rollout state of `service`, and a rollback if `reason`.
+    pub fn set_rollout(
+        &mut self,
+        service: &str,
+        state: &'static str,
+        rollback: Option<&'static str>,
+    ) {
+        let view = self.rollout.entry(service.to_string()).or_default();
+        view.state = state;
+        if let Some(reason) = rollback {
+            *view.rollbacks.entry(reason).or_default() += 1;
+        }
+    }
+
+    /// Reads every counter and the histograms of cohorts that have seen a
+    /// connection.
+    pub fn snapshot(&self) -> Result<Snapshot, MapError> {
+        self.snapshot_where(|_| true)
+    }
+
+    /// As [`StatsSource::snapshot`], for the services `keep` accepts only:
+    /// the judge and `status SERVICE` need a few, not all.
+    pub fn snapshot_where(&self, keep: impl Fn(&str) -> bool) -> Result<Snapshot, MapError> {
+        let mut services = Vec::new();
+        for svc in self.view.iter().filter(|s| keep(&s.name)) {
+            let mut backends = Vec::with_capacity(svc.backends.len());
+            for b in &svc.backends {
+                let mut counters = BackendCounters::default();
+                for cpu in self.stats.get(&b.slot, 0)?.iter() {
+                    counters.add(cpu);
+                }
+                backends.push(BackendSnapshot {
+                    cohort: b.cohort,
+                    addr: b.addr,
+                    counters,
+                    timeouts: self.timeouts.get(&b.slot, 0).unwrap_or_default(),
+                });
+            }
+            let mut histograms = [None, None];
+            for cohort in Cohort::ALL {
+                let seen = backends.iter().any(|b| {
+                    b.cohort == cohort && b.counters.connections + b.counters.reopened > 0
+                });
+                if seen {
+                    // A missing entry (not yet created) reads as no data.
+                    histograms[usize::from(cohort)] = self
+                        .histograms
+                        .get(&histogram_key(svc.svc_id, cohort.as_u8()), 0)
+                        .ok()
+                        .map(Box::new);
+                }
+            }
+            services.push(ServiceSnapshot {
+                name: svc.name.clone(),
+                weight_ratio: svc.weight_ratio,
+                backends,
+                histograms,
+                rollout: self.rollout.get(&svc.name).cloned().unwrap_or(RolloutView {
+                    state: "idle",
+                    rollbacks: BTreeMap::default(),
+                }),
+            });
+        }
+        let dataplane = self.dataplane_counters()?;
+        Ok(Snapshot {
+            services,
+            dataplane,
+        })
+    }
+}
+
+// `Debug` for the shared source, required by `Collector`.
+impl std::fmt::Debug for StatsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatsSource")
+            .field("services", &self.view.len())
+            .finish()
+    }
+}
+
+/// Counters of one backend at one instant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSnapshot {
+    /// Which cohort's list the backend is in.
+    pub cohort: Cohort,
+    /// The backend.
+    pub addr: SocketAddrV4,
+    /// Kernel counters summed over CPUs.
+    pub counters: BackendCounters,
+    /// Handshakes that never completed within the timeout.
+    pub timeouts: HandshakeTimeouts,
+}
+
+impl BackendSnapshot {
+    /// Connections open now. A flow whose handshake timed out is marked
+    /// closed without the kernel counting a close, so it is subtracted here.
+    pub fn active(&self) -> u64 {
+        self.counters
+            .active()
+            .saturating_sub(self.timeouts.timeouts)
+    }
+}
+
+/// One service at one instant.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceSnapshot {
+    /// Service name.
+    pub name: String,
+    /// Configured canary share, 0..=1.
+    pub weight_ratio: f64,
+    /// Per backend, both cohorts.
+    pub backends: Vec<BackendSnapshot>,
+    /// Histograms of [stable, canary] (index with `usize::from(cohort)`, or
+    /// use [`ServiceSnapshot::histograms_of`]); `None` while the cohort has
+    /// had no connection (nothing to export).
+    pub histograms: [Option<Box<CohortHistograms>>; 2],
+    /// Rollout state and rollbacks.
+    pub rollout: RolloutView,
+}
+
+impl ServiceSnapshot {
+    /// The counters of one cohort, summed over its backends.
+    pub fn cohort_counters(&self, cohort: Cohort) -> BackendCounters {
+        let mut sum = BackendCounters::default();
+        for b in self.backends.iter().filter(|b| b.cohort == cohort) {
+            sum.add(&b.counters);
+        }
+        sum
+    }
+
+    /// Handshake timeouts of one cohort.
+    pub fn cohort_timeouts(&self, cohort: Cohort) -> u64 {
+        self.backends
+            .iter()
+            .filter(|b| b.cohort == cohort)
+            .map(|b| b.timeouts.timeouts)
+            .sum()
+    }
+
+    /// Failed connections of one cohort: THE definition, used by the
+    /// judge, `canaryctl status` and `canary_connections_failed_total`. A
+    /// connection failed if it was refused, its SYN was retried, its
+    /// handshake timed out or the backend reset it; each counts once,
+    /// whatever else went wrong with it. The kernel counts the kinds it
+    /// sees (`BackendCounters::failed`); timeouts, which no packet
+    /// announces, are added by the agent's sweep.
+    pub fn failed_connections(&self, cohort: Cohort) -> u64 {
+        self.backends
+            .iter()
+            .filter(|b| b.cohort == cohort)
+            .map(|b| b.counters.failed + b.timeouts.failed)
+            .sum()
+    }
+
+    /// The histograms of one cohort, if it has had a connection.
+    pub fn histograms_of(&self, cohort: Cohort) -> Option<&CohortHistograms> {
+        self.histograms[usize::from(cohort)].as_deref()
+    }
+}
+
+/// Everything a scrape exports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    /// Per configured service.
+    pub services: Vec<ServiceSnapshot>,
+    /// Data-plane counters, in `Counter::ALL` order.
+    pub dataplane: Vec<(Counter, u64)>,
+}
+
+impl Snapshot {
+    /// The service named `name`.
+    pub fn service(&self, name: &str) -> Option<&ServiceSnapshot> {
+        self.services.iter().find(|s| s.name == name)
+    }
+}
