@@ -1,10 +1,10 @@
 //! canary's node agent as a library. The `canary-agent` binary is a thin
-//! shell around [`agent::run`]; the privileged tests drive [`dataplane`]
+//! shell around [`daemon::run`]; the privileged tests drive [`dataplane`]
 //! directly with the same code the agent uses.
 
-pub mod agent;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod dataplane;
 pub mod events;
 pub mod http;
@@ -16,3 +16,15 @@ pub mod supervise;
 pub mod sys;
 pub mod telemetry;
 pub mod units;
+
+/// `err` and its sources, joined by ": ".
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}

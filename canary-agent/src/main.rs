@@ -6,8 +6,8 @@ use std::{
 };
 
 use canary_agent::{
-    agent::{self, Options},
-    dataplane::error_chain,
+    daemon::{self, Options},
+    error_chain,
 };
 use clap::Parser;
 
@@ -155,7 +155,7 @@ fn main() -> ExitCode {
         interfaces: cli.interfaces,
         detach_on_exit: cli.detach_on_exit,
     };
-    match runtime.block_on(agent::run(opts)) {
+    match runtime.block_on(daemon::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{}", error_chain(&e));

@@ -1,0 +1,144 @@
+//! What the maps hold, computed from the config: service keys and values,
+//! rule keys, flow keys, and the breaker's ring-buffer records decoded.
+//! Addresses and ports are stored in network byte order, as packets carry
+//! them.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use aya::maps::lpm_trie::Key;
+use canary_common::{
+    IPPROTO_TCP,
+    flow::FlowKey,
+    service::{
+        Backend, COHORT_CANARY, COHORT_STABLE, FLAG_CANARY_OFF, MAX_BACKENDS, MODE_PER_CONNECTION,
+        MODE_STICKY, RULE_ALWAYS_CANARY, RULE_NEVER_CANARY, RULE_SET_BITS, RuleKey, ServiceKey,
+        ServiceValue,
+    },
+};
+
+use crate::config::{CohortMode, ServiceConfig};
+
+/// A breaker-trip record from the `EVENTS` ring buffer; `None` if it is too
+/// short to be one.
+pub fn decode_breaker_event(record: &[u8]) -> Option<canary_common::breaker::BreakerEvent> {
+    if record.len() < std::mem::size_of::<canary_common::breaker::BreakerEvent>() {
+        return None;
+    }
+    // SAFETY: the record holds at least a whole BreakerEvent (checked), a
+    // plain-integer repr(C) type for which any bytes are valid; ring records
+    // are only 8-aligned by contract, hence the unaligned read.
+    Some(unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) })
+}
+
+/// The `SERVICES` key of a VIP.
+pub fn service_key(vip: SocketAddrV4) -> ServiceKey {
+    ServiceKey {
+        vip: be_addr(*vip.ip()),
+        port: vip.port().to_be(),
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    }
+}
+
+/// The `SERVICES` value of a service.
+pub fn service_value(
+    svc: &ServiceConfig,
+    svc_id: u32,
+    rule_set: u32,
+    canary_off: bool,
+    slot_of: impl Fn(u8, SocketAddrV4) -> u32,
+) -> ServiceValue {
+    let b = &svc.breaker;
+    let mut value = ServiceValue {
+        svc_id,
+        weight_ppm: svc.weight.ppm(),
+        salt: svc.salt,
+        rule_set,
+        mode: match svc.cohort {
+            CohortMode::Sticky => MODE_STICKY,
+            CohortMode::PerConnection => MODE_PER_CONNECTION,
+        },
+        flags: if canary_off { FLAG_CANARY_OFF } else { 0 },
+        breaker_window_ms: b.window.as_millis().min(u128::from(u32::MAX)) as u32,
+        breaker_min_failures: if b.enabled { b.min_failures } else { 0 },
+        // ppm → permille, rounded up so "0.01%" is not 0.
+        breaker_ratio_permille: b.failure_ratio.ppm().div_ceil(1000) as u16,
+        // Config validation caps both lists at MAX_BACKENDS (<= u8::MAX).
+        n_stable: svc.stable.len().min(MAX_BACKENDS) as u8,
+        n_canary: svc.canary.len().min(MAX_BACKENDS) as u8,
+        stable: [Backend::default(); MAX_BACKENDS],
+        canary: [Backend::default(); MAX_BACKENDS],
+    };
+    for (entry, addr) in value.stable.iter_mut().zip(&svc.stable) {
+        *entry = backend(*addr, slot_of(COHORT_STABLE, *addr));
+    }
+    for (entry, addr) in value.canary.iter_mut().zip(&svc.canary) {
+        *entry = backend(*addr, slot_of(COHORT_CANARY, *addr));
+    }
+    value
+}
+
+pub(super) fn backend(addr: SocketAddrV4, stats_slot: u32) -> Backend {
+    Backend {
+        addr: be_addr(*addr.ip()),
+        port: addr.port().to_be(),
+        _pad: 0,
+        stats_slot,
+    }
+}
+
+/// An address as the data plane reads it from a packet (network order).
+pub fn be_addr(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+/// The conntrack key of a TCP packet from `src` to `dst`.
+pub fn flow_key(src: SocketAddrV4, dst: SocketAddrV4) -> FlowKey {
+    FlowKey {
+        src_addr: be_addr(*src.ip()),
+        dst_addr: be_addr(*dst.ip()),
+        src_port: src.port().to_be(),
+        dst_port: dst.port().to_be(),
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
+/// (prefix length, network-order address, action) of a service's rules.
+pub(super) fn rule_list(svc: &ServiceConfig) -> Vec<(u8, u32, u32)> {
+    let always = svc
+        .always_canary
+        .iter()
+        .map(|p| (p.len, be_addr(p.addr), RULE_ALWAYS_CANARY));
+    let never = svc
+        .never_canary
+        .iter()
+        .map(|p| (p.len, be_addr(p.addr), RULE_NEVER_CANARY));
+    always.chain(never).collect()
+}
+
+pub(super) fn same_rules(installed: &[(Key<RuleKey>, u32)], wanted: &[(u8, u32, u32)]) -> bool {
+    // Order-insensitive: rules read back from the kernel come in trie order.
+    let have: BTreeSet<(u32, u32, u32)> = installed
+        .iter()
+        .map(|(key, action)| (key.prefix_len(), key.data().addr, *action))
+        .collect();
+    let want: BTreeSet<(u32, u32, u32)> = wanted
+        .iter()
+        .map(|(len, addr, action)| (RULE_SET_BITS + u32::from(*len), *addr, *action))
+        .collect();
+    installed.len() == wanted.len() && have == want
+}
+
+pub(super) fn rule_key(rule_set: u32, prefix_len: u8, addr: u32) -> Key<RuleKey> {
+    Key::new(
+        RULE_SET_BITS + u32::from(prefix_len),
+        RuleKey {
+            rule_set_be: rule_set.to_be(),
+            addr,
+        },
+    )
+}
