@@ -28,3 +28,23 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     }
     msg
 }
+
+/// "a regular file", "a directory", "a FIFO", … for messages about a path
+/// that holds the wrong kind of file.
+pub(crate) fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    let t = meta.file_type();
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "a device"
+    }
+}

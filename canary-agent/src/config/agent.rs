@@ -306,7 +306,7 @@ fn validate_control_socket(path: &Path) -> Result<(), ConfigError> {
                     format!(
                         "{} already exists there and is not a socket; the agent only replaces \
                          a stale socket, so choose another path or remove it yourself",
-                        file_kind(&meta)
+                        crate::file_kind(&meta)
                     ),
                 ));
             }
@@ -336,29 +336,10 @@ fn validate_state_dir(path: &Path) -> Result<(), ConfigError> {
             quoted(&text),
             format!(
                 "{} already exists there; state_dir must be a directory",
-                file_kind(&meta)
+                crate::file_kind(&meta)
             ),
         )),
         _ => Ok(()),
-    }
-}
-
-/// "a regular file", "a directory", … for messages.
-fn file_kind(meta: &std::fs::Metadata) -> &'static str {
-    use std::os::unix::fs::FileTypeExt as _;
-    let t = meta.file_type();
-    if t.is_file() {
-        "a regular file"
-    } else if t.is_dir() {
-        "a directory"
-    } else if t.is_symlink() {
-        "a symbolic link"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "a device"
     }
 }
 

@@ -13,7 +13,7 @@ use canary_common::{
     breaker::BreakerState,
     flow::{CtEntry, FlowKey},
     names,
-    service::{Backend, COHORT_CANARY, COHORT_STABLE, ServiceKey, ServiceValue},
+    service::{Backend, Cohort, ServiceKey, ServiceValue},
     stats::{BackendCounters, CohortHistograms, HandshakeTimeouts},
 };
 use tracing::info;
@@ -77,8 +77,8 @@ impl Dataplane {
                 ),
             };
             for (cohort, list, n) in [
-                (COHORT_STABLE, &value.stable, value.n_stable),
-                (COHORT_CANARY, &value.canary, value.n_canary),
+                (Cohort::Stable, &value.stable, value.n_stable),
+                (Cohort::Canary, &value.canary, value.n_canary),
             ] {
                 for b in list.iter().take(usize::from(n)) {
                     self.slots

@@ -3,23 +3,20 @@
 //! failure), with stats slots assigned and released as backends come and
 //! go.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::SocketAddrV4,
-};
+use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{MapError, PerCpuValues, lpm_trie::Key};
 use canary_common::{
     breaker::BreakerState,
     names,
-    service::{COHORT_CANARY, COHORT_STABLE, Cohort},
+    service::Cohort,
     service::{FLAG_CANARY_OFF, RuleKey, ServiceKey, ServiceValue},
     stats::{BackendCounters, CohortHistograms, HandshakeTimeouts, histogram_key},
 };
 use tracing::warn;
 
 use super::{
-    Dataplane, DataplaneError,
+    Dataplane, DataplaneError, SlotKey,
     encode::{rule_key, rule_list, same_rules, service_key, service_value},
     lock, map_error,
 };
@@ -163,7 +160,7 @@ impl Dataplane {
     fn write(
         &mut self,
         wanted: &mut BTreeMap<String, Installed>,
-        slots: &BTreeMap<(String, u8, SocketAddrV4), u32>,
+        slots: &BTreeMap<SlotKey, u32>,
         journal: &mut Vec<Undo>,
     ) -> Result<(), DataplaneError> {
         // 0. Zeroed counters in newly assigned slots (a reused slot must not
@@ -205,8 +202,8 @@ impl Dataplane {
                         })?;
                     journal.push(Undo::RemoveBreaker(id));
                 }
-                for cohort in [COHORT_STABLE, COHORT_CANARY] {
-                    let key = histogram_key(svc.value.svc_id, cohort);
+                for cohort in Cohort::ALL {
+                    let key = histogram_key(svc.value.svc_id, cohort.as_u8());
                     if stats.histograms.get(&key, 0).is_ok() {
                         continue;
                     }
@@ -311,7 +308,7 @@ impl Dataplane {
     fn assign_slots(
         &self,
         services: &[ServiceConfig],
-    ) -> Result<BTreeMap<(String, u8, SocketAddrV4), u32>, DataplaneError> {
+    ) -> Result<BTreeMap<SlotKey, u32>, DataplaneError> {
         let mut assigned = BTreeMap::new();
         let mut free = self.free_slots.clone();
         let mut next = self.next_slot;
@@ -320,7 +317,7 @@ impl Dataplane {
             .map(|s| s.stable.len() + s.canary.len())
             .sum();
         for svc in services {
-            for (cohort, list) in [(COHORT_STABLE, &svc.stable), (COHORT_CANARY, &svc.canary)] {
+            for (cohort, list) in [(Cohort::Stable, &svc.stable), (Cohort::Canary, &svc.canary)] {
                 for addr in list {
                     let key = (svc.name.clone(), cohort, *addr);
                     let slot = match self.slots.get(&key) {
@@ -352,7 +349,7 @@ impl Dataplane {
         &mut self,
         services: &[ServiceConfig],
         wanted: &BTreeMap<String, Installed>,
-        slots: BTreeMap<(String, u8, SocketAddrV4), u32>,
+        slots: BTreeMap<SlotKey, u32>,
     ) {
         let in_use: BTreeSet<u32> = slots.values().copied().collect();
         self.free_slots.retain(|s| !in_use.contains(s));
@@ -377,7 +374,7 @@ impl Dataplane {
                         addr,
                         slot: self
                             .slots
-                            .get(&(svc.name.clone(), cohort.as_u8(), addr))
+                            .get(&(svc.name.clone(), cohort, addr))
                             .copied()
                             .unwrap_or(0),
                     })
@@ -396,10 +393,10 @@ impl Dataplane {
         // `unattributed` from here on.
         for (name, old) in &self.installed {
             if !wanted.contains_key(name) {
-                for cohort in [COHORT_STABLE, COHORT_CANARY] {
+                for cohort in Cohort::ALL {
                     let _ = stats
                         .histograms
-                        .remove(&histogram_key(old.value.svc_id, cohort));
+                        .remove(&histogram_key(old.value.svc_id, cohort.as_u8()));
                 }
             }
         }

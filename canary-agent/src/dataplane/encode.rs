@@ -13,9 +13,8 @@ use canary_common::{
     IPPROTO_TCP,
     flow::FlowKey,
     service::{
-        Backend, COHORT_CANARY, COHORT_STABLE, FLAG_CANARY_OFF, MAX_BACKENDS, MODE_PER_CONNECTION,
-        MODE_STICKY, RULE_ALWAYS_CANARY, RULE_NEVER_CANARY, RULE_SET_BITS, RuleKey, ServiceKey,
-        ServiceValue,
+        Backend, Cohort, FLAG_CANARY_OFF, MAX_BACKENDS, MODE_PER_CONNECTION, MODE_STICKY,
+        RULE_ALWAYS_CANARY, RULE_NEVER_CANARY, RULE_SET_BITS, RuleKey, ServiceKey, ServiceValue,
     },
 };
 
@@ -49,7 +48,7 @@ pub fn service_value(
     svc_id: u32,
     rule_set: u32,
     canary_off: bool,
-    slot_of: impl Fn(u8, SocketAddrV4) -> u32,
+    slot_of: impl Fn(Cohort, SocketAddrV4) -> u32,
 ) -> ServiceValue {
     let b = &svc.breaker;
     let mut value = ServiceValue {
@@ -73,10 +72,10 @@ pub fn service_value(
         canary: [Backend::default(); MAX_BACKENDS],
     };
     for (entry, addr) in value.stable.iter_mut().zip(&svc.stable) {
-        *entry = backend(*addr, slot_of(COHORT_STABLE, *addr));
+        *entry = backend(*addr, slot_of(Cohort::Stable, *addr));
     }
     for (entry, addr) in value.canary.iter_mut().zip(&svc.canary) {
-        *entry = backend(*addr, slot_of(COHORT_CANARY, *addr));
+        *entry = backend(*addr, slot_of(Cohort::Canary, *addr));
     }
     value
 }

@@ -31,6 +31,7 @@ use canary_common::{
     counters::Counter,
     flow::{CtEntry, FlowKey, PendingSyn},
     layout, names,
+    service::Cohort,
     service::{RuleKey, ServiceKey, ServiceValue},
 };
 use tracing::warn;
@@ -285,6 +286,11 @@ impl Program {
     }
 }
 
+/// Whose counters a stats slot holds: a backend of one cohort of one
+/// service (the same address in both cohorts, or in two services, gets two
+/// slots).
+type SlotKey = (String, Cohort, SocketAddrV4);
+
 /// The loaded programs and their maps.
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -299,7 +305,7 @@ pub struct Dataplane {
     stats: Arc<Mutex<StatsSource>>,
     /// Stats slot of each (service, cohort, backend), stable while the
     /// backend stays configured.
-    slots: BTreeMap<(String, u8, SocketAddrV4), u32>,
+    slots: BTreeMap<SlotKey, u32>,
     /// Released slots, reused oldest first (late reuse keeps draining flows'
     /// counts with their old backend as long as possible).
     free_slots: VecDeque<u32>,
@@ -309,6 +315,10 @@ pub struct Dataplane {
     /// Possible CPUs: the length of every per-CPU value.
     ncpus: usize,
     links: BTreeMap<String, Attached>,
+    /// What the last apply wrote for each service: its key (to remove it),
+    /// its rule set (to reuse or free it) and its stats slots. Not a second
+    /// opinion on the weights: the next apply compares with the kernel's
+    /// values, and the rollout states decide what is wanted.
     installed: BTreeMap<String, Installed>,
     svc_ids: BTreeMap<String, u32>,
     next_svc_id: u32,

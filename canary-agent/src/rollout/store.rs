@@ -107,7 +107,7 @@ impl StateStore {
             Err(source) => return Err(StateError::Io { path, source }),
         };
         if !meta.is_file() {
-            let kind = file_kind(&meta);
+            let kind = crate::file_kind(&meta);
             return Err(StateError::NotRegular { path, kind });
         }
         if meta.len() > MAX_STATE_FILE {
@@ -194,23 +194,6 @@ impl StateStore {
                 path: self.dir.clone(),
                 source,
             })
-    }
-}
-
-/// "a directory", "a FIFO", … for messages.
-fn file_kind(meta: &std::fs::Metadata) -> &'static str {
-    use std::os::unix::fs::FileTypeExt as _;
-    let t = meta.file_type();
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_symlink() {
-        "a symbolic link"
-    } else {
-        "a device"
     }
 }
 

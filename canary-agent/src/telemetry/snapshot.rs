@@ -55,7 +55,10 @@ pub struct StatsSource {
     /// Handshake timeouts per `STATS` slot (`TIMEOUTS`), counted by the
     /// agent's sweep.
     pub(crate) timeouts: Array<MapData, HandshakeTimeouts>,
-    /// Rollout state and rollbacks per service name, kept by the agent.
+    /// Rollout state and rollbacks per service name, for the exporter,
+    /// which runs on other tasks. A copy: the daemon's rollouts are the
+    /// truth, and `daemon/rollout.rs` republishes the state on every change
+    /// it announces (and all of them after a start or reload).
     pub(crate) rollout: StdHashMap<String, RolloutView>,
 }
 
