@@ -2,6 +2,9 @@
 //! the object in OUT_DIR, where `dataplane.rs` embeds it.
 use std::path::Path;
 
+// A dependency only so cargo reruns this script when the eBPF crate changes.
+use canary_ebpf as _;
+
 fn main() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../canary-ebpf");
     let root = root

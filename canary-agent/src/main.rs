@@ -1,4 +1,8 @@
 //! `canary-agent`: the per-node daemon.
+#![expect(
+    unused_crate_dependencies,
+    reason = "a thin binary over the canary_agent library, which uses the rest of the package's dependencies"
+)]
 
 use std::{
     path::{Path, PathBuf},

@@ -10,6 +10,10 @@
 //! strings, deep nesting) into valid documents, byte-level mutations of
 //! valid documents, and random text. Each test counts what it ran and
 //! asserts the count, so it cannot pass by running nothing.
+#![expect(
+    unused_crate_dependencies,
+    reason = "cargo gives every test target all of the package's dependencies; each test file uses some"
+)]
 
 use std::{
     panic::{AssertUnwindSafe, catch_unwind},

@@ -8,6 +8,10 @@
 //! network byte order, exactly as they appear in packets, so the data plane
 //! never converts them.
 #![no_std]
+#![expect(
+    clippy::inline_always,
+    reason = "the eBPF programs call these functions per packet; inlined, they cost no BPF-to-BPF call and the verifier sees the bounds in one function"
+)]
 
 pub mod breaker;
 pub mod cohort;

@@ -1,6 +1,18 @@
 //! Helpers for canary's privileged tests: packet building and checking with
 //! checksums computed independently of the data plane, and the privilege
 //! precondition.
+#![expect(
+    clippy::unwrap_used,
+    clippy::missing_panics_doc,
+    reason = "test helpers: a failed precondition or setup step panics, which fails the calling test with its message"
+)]
+#![cfg_attr(
+    test,
+    expect(
+        unused_crate_dependencies,
+        reason = "the unit tests here also get the dev-dependencies, which only the test files use"
+    )
+)]
 
 pub mod load;
 pub mod metrics;

@@ -1,5 +1,9 @@
 //! The line-rate breaker end to end: under load, the canary starts refusing
 //! connections, and the data plane stops sending it new ones by itself.
+#![expect(
+    unused_crate_dependencies,
+    reason = "cargo gives every test target all of the package's dependencies; each test file uses some"
+)]
 
 use std::time::Duration;
 

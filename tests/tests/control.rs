@@ -1,4 +1,8 @@
 //! The control socket and `canaryctl`, end to end with the real agent.
+#![expect(
+    unused_crate_dependencies,
+    reason = "cargo gives every test target all of the package's dependencies; each test file uses some"
+)]
 
 use std::{
     io::{BufRead, BufReader, Write},

@@ -5,6 +5,10 @@
 //! Every fixture runs twice: with client packets through the TC ingress
 //! program (`tc::…`) and through the XDP one (`xdp::…`); replies always go
 //! through TC egress.
+#![expect(
+    unused_crate_dependencies,
+    reason = "cargo gives every test target all of the package's dependencies; each test file uses some"
+)]
 
 use std::{
     collections::BTreeSet,

@@ -2,6 +2,10 @@
 //! refused by `--check` and by SIGHUP while the agent keeps serving, idle
 //! clients cannot keep `canaryctl` or a scrape out, and a damaged or
 //! hostile state file stops the start with an error naming it.
+#![expect(
+    unused_crate_dependencies,
+    reason = "cargo gives every test target all of the package's dependencies; each test file uses some"
+)]
 
 use std::{
     net::TcpStream,

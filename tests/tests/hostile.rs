@@ -3,6 +3,10 @@
 //! through a raw socket (a spoofer, a duplicating network, stray packets).
 //! None of them may roll a healthy canary back, and none may break or move
 //! an established connection.
+#![expect(
+    unused_crate_dependencies,
+    reason = "cargo gives every test target all of the package's dependencies; each test file uses some"
+)]
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},

@@ -7,6 +7,10 @@
 //!
 //! Statistical bounds are two-sided 99.9 % binomial intervals
 //! (z = 3.2905), normal approximation.
+#![expect(
+    unused_crate_dependencies,
+    reason = "cargo gives every test target all of the package's dependencies; each test file uses some"
+)]
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},

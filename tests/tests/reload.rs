@@ -2,6 +2,10 @@
 //! ends the rollout or is refused, never drops connections as
 //! `no_backend`; reloads that replace services or backends at the
 //! configured limits work; a refused reload changes nothing.
+#![expect(
+    unused_crate_dependencies,
+    reason = "cargo gives every test target all of the package's dependencies; each test file uses some"
+)]
 
 use canary_lab::{AgentProcess, Behavior, Lab};
 use canary_tests::{load::drive, metrics::scrape};

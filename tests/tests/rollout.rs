@@ -1,5 +1,9 @@
 //! Plan-driven rollouts end to end: the judge compares canary with stable
 //! on real traffic and moves the rollout on, holds it, or rolls it back.
+#![expect(
+    unused_crate_dependencies,
+    reason = "cargo gives every test target all of the package's dependencies; each test file uses some"
+)]
 
 use std::{
     net::SocketAddrV4,

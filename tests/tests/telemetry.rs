@@ -1,6 +1,10 @@
 //! Per-cohort signals end to end: real backends that are slow, reset or
 //! refuse, the real agent measuring them in the kernel, and its `/metrics`
 //! read as Prometheus reads it (and by a real Prometheus server).
+#![expect(
+    unused_crate_dependencies,
+    reason = "cargo gives every test target all of the package's dependencies; each test file uses some"
+)]
 
 use std::{
     io::ErrorKind,

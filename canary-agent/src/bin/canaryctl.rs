@@ -1,4 +1,8 @@
 //! `canaryctl`: talk to a running canary-agent over its control socket.
+#![expect(
+    unused_crate_dependencies,
+    reason = "a thin binary over the canary_agent library, which uses the rest of the package's dependencies"
+)]
 
 use std::{
     io::{BufRead, BufReader, IsTerminal, Read, Write},
