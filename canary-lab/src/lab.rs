@@ -170,8 +170,11 @@ impl Lab {
         &self.backends[i]
     }
 
-    /// Backend `i`'s server address, 10.200.{i+1}.2:8080. Panics if there
-    /// is no backend `i`.
+    /// Backend `i`'s server address, 10.200.{i+1}.2:8080.
+    ///
+    /// # Panics
+    ///
+    /// If there is no backend `i`.
     pub fn backend_addr(&self, i: usize) -> SocketAddrV4 {
         assert!(
             i < self.backends.len(),

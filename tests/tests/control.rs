@@ -3,6 +3,10 @@
     unused_crate_dependencies,
     reason = "cargo gives every test target all of the package's dependencies; each test file uses some"
 )]
+#![expect(
+    clippy::unwrap_used,
+    reason = "the helpers here are test code too: a failed step panics, which fails the test"
+)]
 
 use std::{
     io::{BufRead, BufReader, Write},
