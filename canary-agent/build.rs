@@ -1,5 +1,5 @@
 //! Compiles `canary-ebpf` for the BPF target (nightly + bpf-linker) and puts
-//! the object in OUT_DIR, where `dataplane.rs` embeds it.
+//! the object in `OUT_DIR`, where `dataplane.rs` embeds it.
 use std::path::Path;
 
 // A dependency only so cargo reruns this script when the eBPF crate changes.

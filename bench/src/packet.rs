@@ -1,4 +1,4 @@
-//! Per-packet cost through BPF_PROG_TEST_RUN, next to empty programs
+//! Per-packet cost through `BPF_PROG_TEST_RUN`, next to empty programs
 //! measured in the same run.
 //!
 //! A test run repeats the program on one copy of the packet, so a rewrite

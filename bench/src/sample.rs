@@ -6,7 +6,7 @@ pub fn median(v: &mut [f64]) -> f64 {
     match v.len() {
         0 => f64::NAN,
         n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        n => f64::midpoint(v[n / 2 - 1], v[n / 2]),
     }
 }
 
@@ -33,7 +33,7 @@ pub fn cpu_seconds(pid: u32) -> f64 {
         / 1e9
 }
 
-/// VmRSS of `pid`, MiB; NaN if unreadable.
+/// `VmRSS` of `pid`, MiB; NaN if unreadable.
 pub fn rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()

@@ -110,10 +110,10 @@ async fn handle(mut stream: TcpStream, exporter: &Exporter, slot: Slot) -> std::
         return Ok(());
     };
     let complete = read.unwrap_or(Ok(false))?;
-    let response = if !complete {
-        reply(400, "text/plain", b"bad or incomplete request\n".to_vec())
-    } else {
+    let response = if complete {
         route(&head, exporter)
+    } else {
+        reply(400, "text/plain", b"bad or incomplete request\n".to_vec())
     };
     tokio::time::timeout(WRITE_TIMEOUT, async {
         stream.write_all(&response).await?;

@@ -29,6 +29,10 @@ use clap::Parser;
 /// config is rejected and the running one stays); SIGINT or SIGTERM stop
 /// the agent (the data plane stays unless --detach-on-exit). Needs root (or
 /// CAP_BPF + CAP_NET_ADMIN) and Linux >= 6.6 (TCX).
+#[expect(
+    clippy::doc_markdown,
+    reason = "doc comments here are the --help text, where backticks would show literally"
+)]
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Cli {

@@ -40,7 +40,9 @@ struct State {
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     // The state stays consistent at every step, so a poisoned lock (a
     // panic elsewhere while holding it) is still safe to use.
-    state.lock().unwrap_or_else(|p| p.into_inner())
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Slots {

@@ -39,7 +39,7 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
     // SAFETY: an all-zero statfs is a valid value to be overwritten.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is NUL-terminated and `st` is writable for its size.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+    if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0 {
         return Err(io::Error::last_os_error());
     }
     // f_type is a signed long; compare the magic's 32 bits whatever the
@@ -97,7 +97,7 @@ pub fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
         libc::syscall(
             libc::SYS_bpf,
             BPF_OBJ_GET,
-            &attr as *const ObjGet,
+            &raw const attr,
             std::mem::size_of::<ObjGet>(),
         )
     };
@@ -148,7 +148,7 @@ pub fn pinned_link_target(path: &Path) -> io::Result<LinkTarget> {
         libc::syscall(
             libc::SYS_bpf,
             BPF_OBJ_GET_INFO_BY_FD,
-            &attr as *const GetInfo,
+            &raw const attr,
             std::mem::size_of::<GetInfo>(),
         )
     };
@@ -197,7 +197,7 @@ pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
         rlim_max: 0,
     };
     // SAFETY: `lim` is a valid, writable rlimit for the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     let before = lim.rlim_cur;
@@ -205,7 +205,7 @@ pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
     if want > before {
         lim.rlim_cur = want;
         // SAFETY: `lim` is a valid rlimit; soft <= hard holds.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
     }
@@ -230,10 +230,10 @@ pub fn group_id(name: &str) -> Option<u32> {
     let rc = unsafe {
         libc::getgrnam_r(
             c.as_ptr(),
-            &mut grp,
+            &raw mut grp,
             buf.as_mut_ptr().cast(),
             buf.len(),
-            &mut out,
+            &raw mut out,
         )
     };
     (rc == 0 && !out.is_null()).then_some(grp.gr_gid)
@@ -251,15 +251,22 @@ pub fn user_in_group(uid: u32, primary_gid: u32, gid: u32) -> bool {
     let mut buf = vec![0u8; NSS_BUFFER];
     let mut out: *mut libc::passwd = std::ptr::null_mut();
     // SAFETY: every pointer is valid for the call; buf outlives it.
-    let rc =
-        unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr().cast(), buf.len(), &mut out) };
+    let rc = unsafe {
+        libc::getpwuid_r(
+            uid,
+            &raw mut pw,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &raw mut out,
+        )
+    };
     if rc != 0 || out.is_null() {
         return false;
     }
     let mut groups = vec![0 as libc::gid_t; 256];
     let mut n = groups.len() as libc::c_int;
     // SAFETY: pw_name points into buf (alive); groups has room for n.
-    let rc = unsafe { libc::getgrouplist(pw.pw_name, pw.pw_gid, groups.as_mut_ptr(), &mut n) };
+    let rc = unsafe { libc::getgrouplist(pw.pw_name, pw.pw_gid, groups.as_mut_ptr(), &raw mut n) };
     rc >= 0 && groups[..n.max(0) as usize].contains(&gid)
 }
 

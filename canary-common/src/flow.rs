@@ -135,7 +135,7 @@ const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PendingSyn {
-    /// `bpf_ktime_get_ns` of the SYN (CLOCK_MONOTONIC).
+    /// `bpf_ktime_get_ns` of the SYN (`CLOCK_MONOTONIC`).
     pub syn_ns: u64,
     /// The backend's `STATS` slot.
     pub stats_slot: u32,

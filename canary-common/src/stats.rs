@@ -156,8 +156,8 @@ const fn log2_floor(mut v: u64) -> u32 {
     r
 }
 
-/// The bucket of `v`: 0 below 2^MIN_OCTAVE, then 16 per octave, the last
-/// from 2^MAX_OCTAVE on. Always `< HIST_BUCKETS`.
+/// The bucket of `v`: 0 below `2^MIN_OCTAVE`, then 16 per octave, the last
+/// from `2^MAX_OCTAVE` on. Always `< HIST_BUCKETS`.
 #[inline(always)]
 pub const fn hist_bucket(v: u64) -> usize {
     if v < 1 << HIST_MIN_OCTAVE {

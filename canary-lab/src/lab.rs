@@ -382,7 +382,7 @@ mod tests {
         // A panicking test poisons the lock; the () behind it is still fine.
         CLEANUP
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn build(spec: LabSpec) -> Lab {
@@ -505,13 +505,13 @@ mod tests {
             elapsed >= delay,
             "slow backend answered after {elapsed:?}, expected >= {delay:?}"
         );
-        let reset_kind = reset.as_ref().map_err(|e| e.kind());
+        let reset_kind = reset.as_ref().map_err(std::io::Error::kind);
         assert_eq!(
             reset_kind,
             Err(ErrorKind::ConnectionReset),
             "reset backend: expected ConnectionReset, got {reset:?}"
         );
-        let closed_kind = closed.as_ref().map_err(|e| e.kind());
+        let closed_kind = closed.as_ref().map_err(std::io::Error::kind);
         assert_eq!(
             closed_kind,
             Err(ErrorKind::ConnectionRefused),

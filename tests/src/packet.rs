@@ -1,4 +1,4 @@
-//! Ethernet/IPv4/TCP frames for BPF_PROG_TEST_RUN, and their inverse; the
+//! Ethernet/IPv4/TCP frames for `BPF_PROG_TEST_RUN`, and their inverse; the
 //! same segments sent through a raw socket for namespace tests.
 
 use std::{
@@ -105,7 +105,7 @@ pub struct RawSender {
 }
 
 impl RawSender {
-    /// An `IPPROTO_RAW` socket (needs CAP_NET_RAW): what is sent is the
+    /// An `IPPROTO_RAW` socket (needs `CAP_NET_RAW`): what is sent is the
     /// whole IP packet.
     pub fn new() -> io::Result<RawSender> {
         // SAFETY: socket has no memory preconditions.

@@ -1,4 +1,4 @@
-//! Packet fixtures: the real programs run through BPF_PROG_TEST_RUN on
+//! Packet fixtures: the real programs run through `BPF_PROG_TEST_RUN` on
 //! hand-built frames, in order, with the agent's own map-writing code.
 //! Checksums are recomputed from scratch on every rewritten frame.
 //!
@@ -103,11 +103,11 @@ enum Dir {
 /// What a program did with a packet, whatever the hook's return codes.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum V {
-    /// Rewritten and delivered (TC_ACT_OK; XDP_PASS with a rewrite).
+    /// Rewritten and delivered (`TC_ACT_OK`; `XDP_PASS` with a rewrite).
     Forward,
-    /// Not ours (TC_ACT_UNSPEC; XDP_PASS untouched).
+    /// Not ours (`TC_ACT_UNSPEC`; `XDP_PASS` untouched).
     Ignore,
-    /// Dropped (V::Drop, XDP_DROP).
+    /// Dropped (`V::Drop`, `XDP_DROP`).
     Drop,
 }
 
@@ -389,7 +389,7 @@ fn assert_closing(dp: &Dataplane, client: SocketAddrV4, backend: SocketAddrV4, w
 }
 
 /// Moves the first SYN of `client`'s flow `ns` into the past, as if the
-/// packets that follow came that much later (BPF_PROG_TEST_RUN runs take
+/// packets that follow came that much later (`BPF_PROG_TEST_RUN` runs take
 /// microseconds; the programs read the clock themselves).
 fn age(dp: &mut Dataplane, client: SocketAddrV4, ns: u64) {
     let key = flow_key(client, addr(VIP));

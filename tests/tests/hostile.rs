@@ -225,10 +225,7 @@ fn duplicate_syns_and_bare_acks_from_canary_clients_leave_a_healthy_canary_alone
     let state = status(&agent.control_socket(), "web")["state"].clone();
     assert_eq!(state, "idle", "rollout state after the hostile packets");
     assert!(
-        std::fs::read_dir(agent.dir().join("state"))
-            .map(|d| d.count())
-            .unwrap_or(0)
-            == 0,
+        std::fs::read_dir(agent.dir().join("state")).map_or(0, std::iter::Iterator::count) == 0,
         "a rollout state was persisted"
     );
 

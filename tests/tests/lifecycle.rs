@@ -92,7 +92,7 @@ fn hold_connections(
             })
             .collect();
         let mut held = Held::default();
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = Instant::now() + Duration::from_mins(2);
         while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
             let round = Instant::now();
             for (i, slot) in conns.iter_mut().enumerate() {

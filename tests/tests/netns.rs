@@ -307,9 +307,9 @@ fn long_lived_connections_survive_weight_changes_on_their_first_backend() {
                         )
                     })
                     .collect();
-                let deadline = Instant::now() + Duration::from_secs(60);
+                let deadline = Instant::now() + Duration::from_mins(1);
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    for (c, h) in conns.iter_mut() {
+                    for (c, h) in &mut conns {
                         match c.ping() {
                             Ok(name) if name == h.first => h.pings += 1,
                             Ok(name) => h.moved.push(name),

@@ -88,7 +88,7 @@ fn a_healthy_canary_goes_1_5_25_50_100_and_is_promoted() {
         }
         if s["state"] == "promoted"
             || s["state"] == "rolled-back"
-            || start.elapsed() > Duration::from_secs(60)
+            || start.elapsed() > Duration::from_mins(1)
         {
             break;
         }

@@ -299,7 +299,7 @@ fn bytes_are_counted_exactly_and_active_connections_return_to_zero() {
     let out = drive(&lab, vip.parse().unwrap(), lab.client_addrs(), 100);
     out.assert_no_errors("one-shot requests");
 
-    let sent = (20 * 7 + 100) as f64 * b"hello\n".len() as f64;
+    let sent = f64::from(20 * 7 + 100) * b"hello\n".len() as f64;
     let received: usize = replies.iter().map(|r| r.len() + 1).sum::<usize>()
         + out
             .by_backend

@@ -125,9 +125,9 @@ fn drive(lab: &Lab, args: &Args, weight: f64) -> anyhow::Result<()> {
                             *tally
                                 .by_backend
                                 .lock()
-                                .unwrap_or_else(|p| p.into_inner())
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
                                 .entry(name)
-                                .or_default() += 1
+                                .or_default() += 1;
                         }
                         Err(_) => {
                             tally.errors.fetch_add(1, Ordering::Relaxed);
@@ -178,7 +178,7 @@ fn status_line(elapsed: Duration, tally: &Tally, weight: f64) -> String {
     let by = tally
         .by_backend
         .lock()
-        .unwrap_or_else(|p| p.into_inner())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
     let total: u64 = by.values().sum();
     let canary: u64 = by

@@ -22,6 +22,10 @@ struct Cli {
     command: Cmd,
 }
 
+#[expect(
+    clippy::doc_markdown,
+    reason = "doc comments here are the --help text, where backticks would show literally"
+)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Install the prerequisites (idempotent): rust-src for nightly,
@@ -79,9 +83,7 @@ fn workspace() -> &'static Path {
 
 /// Where cargo puts build output.
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace().join("target"), PathBuf::from)
 }
 
 /// eBPF and network namespaces need root; say so before doing anything.

@@ -303,7 +303,7 @@ impl Dataplane {
                     pruned.push((interface, hook));
                 }
                 Err(e) => {
-                    warn!(path = %path.display(), error = %e, "cannot remove a stale link pin")
+                    warn!(path = %path.display(), error = %e, "cannot remove a stale link pin");
                 }
             }
         }
