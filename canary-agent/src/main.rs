@@ -5,6 +5,7 @@
 )]
 
 use std::{
+    io::IsTerminal as _,
     path::{Path, PathBuf},
     process::ExitCode,
 };
@@ -115,7 +116,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    use std::io::IsTerminal as _;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -73,7 +73,6 @@ pub fn mount_bpffs(target: &Path) -> io::Result<()> {
 
 /// `BPF_OBJ_GET`: a new descriptor for the object pinned at `path`.
 pub fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
-    let c = c_path(path)?;
     #[repr(C)]
     struct ObjGet {
         pathname: u64,
@@ -84,6 +83,7 @@ pub fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
         // field it knows are not zero, and implicit padding is garbage.
         _pad: u32,
     }
+    let c = c_path(path)?;
     let attr = ObjGet {
         pathname: c.as_ptr() as u64,
         bpf_fd: 0,
@@ -124,6 +124,12 @@ pub struct LinkTarget {
 /// The interface (and hook) the link pinned at `path` is attached to.
 pub fn pinned_link_target(path: &Path) -> io::Result<LinkTarget> {
     use std::os::fd::AsRawFd as _;
+    #[repr(C)]
+    struct GetInfo {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
     let fd =
         bpf_obj_get(path).map_err(|e| io::Error::new(e.kind(), format!("BPF_OBJ_GET: {e}")))?;
     // struct bpf_link_info: type, id, prog_id, then a union aligned to 8
@@ -131,15 +137,9 @@ pub fn pinned_link_target(path: &Path) -> io::Result<LinkTarget> {
     // attach type). The rest of the buffer takes whatever else the kernel
     // writes.
     let mut info = [0u32; 32];
-    #[repr(C)]
-    struct GetInfo {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
     let attr = GetInfo {
         bpf_fd: u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::other("negative fd"))?,
-        info_len: std::mem::size_of_val(&info) as u32,
+        info_len: u32::try_from(std::mem::size_of_val(&info)).map_err(io::Error::other)?,
         info: info.as_mut_ptr() as u64,
     };
     // SAFETY: `attr` is a valid bpf_attr prefix for BPF_OBJ_GET_INFO_BY_FD;
@@ -263,11 +263,11 @@ pub fn user_in_group(uid: u32, primary_gid: u32, gid: u32) -> bool {
     if rc != 0 || out.is_null() {
         return false;
     }
+    let mut n: libc::c_int = 256;
     let mut groups = vec![0 as libc::gid_t; 256];
-    let mut n = groups.len() as libc::c_int;
     // SAFETY: pw_name points into buf (alive); groups has room for n.
     let rc = unsafe { libc::getgrouplist(pw.pw_name, pw.pw_gid, groups.as_mut_ptr(), &raw mut n) };
-    rc >= 0 && groups[..n.max(0) as usize].contains(&gid)
+    rc >= 0 && groups[..usize::try_from(n).unwrap_or(0)].contains(&gid)
 }
 
 /// The effective uid of this process.

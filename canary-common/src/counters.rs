@@ -70,6 +70,7 @@ impl Counter {
     ];
 
     /// Number of slots in the `COUNTERS` map.
+    #[expect(clippy::cast_possible_truncation, reason = "a few dozen counters")]
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
     /// Stable `snake_case` name (log fields, metric labels).

@@ -19,6 +19,7 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 impl FlowKey {
     /// The key of the same flow seen in the other direction.
     #[inline(always)]
+    #[must_use]
     pub const fn reversed(&self) -> Self {
         Self {
             src_addr: self.dst_addr,

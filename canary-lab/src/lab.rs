@@ -87,7 +87,7 @@ impl Lab {
     ///
     /// First removes namespaces left by dead processes ([`cleanup_stale`]).
     /// Needs root. On error, everything created so far is removed again.
-    pub fn build(spec: LabSpec) -> anyhow::Result<Lab> {
+    pub fn build(spec: &LabSpec) -> anyhow::Result<Lab> {
         ensure!(
             spec.backends.len() <= Self::MAX_BACKENDS,
             "{} backends requested, at most {} are supported",
@@ -385,10 +385,9 @@ mod tests {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn build(spec: LabSpec) -> Lab {
+    fn build(spec: &LabSpec) -> Lab {
         let _turn = cleanup_lock();
-        Lab::build(spec.clone())
-            .unwrap_or_else(|error| panic!("building a lab from {spec:?}: {error:#}"))
+        Lab::build(spec).unwrap_or_else(|error| panic!("building a lab from {spec:?}: {error:#}"))
     }
 
     /// The tests create namespaces; without root they must fail, loudly.
@@ -430,7 +429,7 @@ mod tests {
     #[test]
     fn client_reaches_each_backend_directly_through_router() {
         require_root();
-        let lab = build(LabSpec {
+        let lab = build(&LabSpec {
             backends: vec![
                 backend("stable", Behavior::Reply),
                 backend("canary", Behavior::Reply),
@@ -466,7 +465,7 @@ mod tests {
     fn behaviors_reply_delay_reset_and_refuse() {
         require_root();
         let delay = Duration::from_millis(300);
-        let lab = build(LabSpec {
+        let lab = build(&LabSpec {
             backends: vec![
                 backend("reply", Behavior::Reply),
                 backend("slow", Behavior::FirstByteDelay(delay)),
@@ -522,7 +521,7 @@ mod tests {
     #[test]
     fn dropping_lab_deletes_its_namespaces() {
         require_root();
-        let lab = build(LabSpec {
+        let lab = build(&LabSpec {
             backends: vec![
                 backend("a", Behavior::Reply),
                 backend("b", Behavior::Closed),

@@ -197,6 +197,10 @@ fn wait_readable(listener: &TcpListener, timeout: Duration) -> bool {
 }
 
 /// Serves one connection until EOF, an error, idleness or stop.
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "owns the connection: returning closes it, with a RST after linger 0 for Behavior::Reset"
+)]
 fn serve(stream: TcpStream, handler: &Handler) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_nodelay(true)?;

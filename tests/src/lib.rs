@@ -24,7 +24,7 @@ pub mod scenarios;
 /// fails the test unless it runs as root.
 pub fn lab(backends: &[(&str, canary_lab::Behavior)], clients: u32) -> canary_lab::Lab {
     require_root();
-    canary_lab::Lab::build(canary_lab::LabSpec {
+    canary_lab::Lab::build(&canary_lab::LabSpec {
         backends: backends
             .iter()
             .map(|(name, behavior)| canary_lab::BackendSpec {

@@ -58,7 +58,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     unsafe { libc::signal(libc::SIGINT, handler as libc::sighandler_t) };
 
     println!("building the lab: client, router, stable-1, stable-2, canary-1 (network namespaces)");
-    let lab = Lab::build(LabSpec {
+    let lab = Lab::build(&LabSpec {
         backends: ["stable-1", "stable-2", "canary-1"]
             .iter()
             .map(|n| BackendSpec {

@@ -61,7 +61,7 @@ impl Dataplane {
         }
         let mut adopted = Adopted {
             services: entries.len(),
-            flows: self.conntrack.keys().filter(Result::is_ok).count(),
+            flows: self.conntrack.keys().flatten().count(),
             tripped: Vec::new(),
         };
         let mut max_id = 0;
