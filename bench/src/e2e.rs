@@ -297,7 +297,7 @@ fn keepalive(lab: &Lab, target: SocketAddrV4, secs: f64) -> (Vec<f64>, u64, f64)
                 while Instant::now() < until {
                     let t0 = Instant::now();
                     if conn.ping().is_ok() {
-                        lat.push(t0.elapsed().as_secs_f64() * 1e6)
+                        lat.push(t0.elapsed().as_secs_f64() * 1e6);
                     } else {
                         err += 1;
                         conn = Conn::open(src, target, TIMEOUT)?;

@@ -11,6 +11,11 @@ pub fn median(v: &mut [f64]) -> f64 {
 }
 
 /// The `p` quantile (nearest rank) of `sorted`; NaN if empty.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "p is in [0, 1], so the rank indexes `sorted`"
+)]
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;

@@ -623,7 +623,7 @@ fn a_whole_connection_is_measured_once_in_its_cohort(m: IngressMode) {
     );
     assert_eq!(
         web.cohort_counters(Cohort::Stable),
-        Default::default(),
+        canary_common::stats::BackendCounters::default(),
         "nothing in stable"
     );
 
@@ -644,6 +644,10 @@ fn a_whole_connection_is_measured_once_in_its_cohort(m: IngressMode) {
     );
 }
 
+#[expect(
+    clippy::many_single_char_names,
+    reason = "a to f are the connections, in the order the test opens them"
+)]
 fn refusals_resets_and_syn_retries_are_told_apart(m: IngressMode) {
     let mut dp = dataplane(m, "weight = \"100%\"");
     // Refused: RST answering the SYN.
@@ -816,6 +820,10 @@ fn a_rolled_back_service_sends_nothing_new_to_canary_not_even_always_canary(m: I
     );
 }
 
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "a random byte is the low 8 bits of the generator"
+)]
 fn truncated_and_garbage_packets_are_counted_not_crashed_on(m: IngressMode) {
     let mut dp = dataplane(m, "weight = \"5%\"");
     let syn = Tcp::new(addr("10.201.0.1:40000"), addr(VIP), SYN).frame();
@@ -1054,6 +1062,7 @@ fn a_bare_ack_on_a_miss_reaches_its_backend_untracked_until_the_backend_answers(
     assert_eq!(counter(&dp, Counter::NewFlow), 0);
 }
 
+#[expect(clippy::cast_possible_truncation, reason = "ports 10000 to 59999")]
 fn stray_acks_from_fresh_ports_cannot_evict_tracked_flows(m: IngressMode) {
     // The fixture's conntrack holds 4096 entries; 6000 strays would have
     // evicted every tracked flow if they were tracked.

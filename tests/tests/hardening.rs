@@ -559,6 +559,7 @@ fn two_thousand_idle_connections_keep_neither_canaryctl_nor_a_scrape_out() {
 
 #[test]
 fn truncated_or_hostile_state_files_stop_the_start_naming_the_file() {
+    type Plant = Box<dyn Fn(&Path)>;
     let lab = canary_tests::lab(
         &[("stable-1", Behavior::Reply), ("canary-1", Behavior::Reply)],
         4,
@@ -576,7 +577,6 @@ fn truncated_or_hostile_state_files_stop_the_start_naming_the_file() {
     let file = state.join("web.json");
     let target = scratch.0.join("elsewhere.json");
     std::fs::write(&target, "{\"state\":\"idle\"}").unwrap();
-    type Plant = Box<dyn Fn(&Path)>;
     let cases: Vec<(&str, Plant, &str)> = vec![
         (
             "truncated",

@@ -278,7 +278,7 @@ struct LongLived {
 fn long_lived_connections_survive_weight_changes_on_their_first_backend() {
     const CONNS: usize = 50;
     const THREADS: usize = 5;
-    let lab = lab(CONNS as u32);
+    let lab = lab(u32::try_from(CONNS).unwrap());
     let mut agent = start(&lab, "weight = \"5%\"\ncohort = \"per-connection\"");
     let stop = Arc::new(AtomicBool::new(false));
     let results: Arc<Mutex<Vec<LongLived>>> = Arc::default();

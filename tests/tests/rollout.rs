@@ -150,6 +150,11 @@ fn the_judge_rolls_back_a_canary_twice_as_slow_within_5_seconds() {
 }
 
 #[test]
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "connection counts and durations of a few hundred, positive"
+)]
 fn identical_canaries_are_not_rolled_back_in_60_seconds() {
     const SERVICES: usize = 6;
     let lab = lab(Behavior::Reply, Behavior::Reply);

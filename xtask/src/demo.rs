@@ -221,5 +221,5 @@ fn weight_fraction(w: &str) -> anyhow::Result<f64> {
 }
 
 fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("    {l}\n")).collect()
+    text.lines().flat_map(|l| ["    ", l, "\n"]).collect()
 }
