@@ -28,12 +28,12 @@ struct Cli {
 )]
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install the prerequisites (idempotent): rust-src for nightly,
-    /// bpf-linker 0.10.4, and the Debian packages the tests use.
+    /// Install the prerequisites (idempotent): rust-src for nightly, clippy
+    /// for stable, bpf-linker 0.10.4, and the Debian packages the tests use.
     Prereqs,
-    /// Build everything and run every test: unit tests, packet fixtures
-    /// through BPF_PROG_TEST_RUN, and network-namespace integration with the
-    /// real agent. Arguments after `--` go to the test binaries (e.g. a
+    /// Build everything, run clippy (warnings fail) and every test: unit
+    /// tests, packet fixtures through BPF_PROG_TEST_RUN, and
+    /// network-namespace integration with the real agent. Arguments after `--` go to the test binaries (e.g. a
     /// test-name filter).
     Test {
         /// Passed to the test binaries.
