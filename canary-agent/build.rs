@@ -1,6 +1,9 @@
 //! Compiles `canary-ebpf` for the BPF target (nightly + bpf-linker) and puts
-//! the object in OUT_DIR, where `dataplane.rs` embeds it.
+//! the object in `OUT_DIR`, where `dataplane.rs` embeds it.
 use std::path::Path;
+
+// A dependency only so cargo reruns this script when the eBPF crate changes.
+use canary_ebpf as _;
 
 fn main() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../canary-ebpf");

@@ -296,12 +296,11 @@ fn keepalive(lab: &Lab, target: SocketAddrV4, secs: f64) -> (Vec<f64>, u64, f64)
                 let mut conn = Conn::open(src, target, TIMEOUT)?;
                 while Instant::now() < until {
                     let t0 = Instant::now();
-                    match conn.ping() {
-                        Ok(_) => lat.push(t0.elapsed().as_secs_f64() * 1e6),
-                        Err(_) => {
-                            err += 1;
-                            conn = Conn::open(src, target, TIMEOUT)?;
-                        }
+                    if conn.ping().is_ok() {
+                        lat.push(t0.elapsed().as_secs_f64() * 1e6);
+                    } else {
+                        err += 1;
+                        conn = Conn::open(src, target, TIMEOUT)?;
                     }
                 }
                 Ok::<_, std::io::Error>((lat, err))

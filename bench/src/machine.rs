@@ -49,7 +49,5 @@ impl Machine {
 }
 
 fn read_trim(path: &str) -> String {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
+    std::fs::read_to_string(path).map_or_else(|_| "unknown".into(), |s| s.trim().to_string())
 }

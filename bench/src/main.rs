@@ -15,6 +15,10 @@ use std::path::PathBuf;
 use clap::Parser;
 
 /// Measures canary and writes the results as JSON and Markdown.
+#[expect(
+    clippy::doc_markdown,
+    reason = "doc comments here are the --help text, where backticks would show literally"
+)]
 #[derive(Parser)]
 #[command(about, long_about)]
 struct Cli {

@@ -1,4 +1,4 @@
-//! Per-packet cost through BPF_PROG_TEST_RUN, next to empty programs
+//! Per-packet cost through `BPF_PROG_TEST_RUN`, next to empty programs
 //! measured in the same run.
 //!
 //! A test run repeats the program on one copy of the packet, so a rewrite
@@ -219,7 +219,7 @@ impl Bench {
 /// Fails unless `program` returned `verdict`.
 fn check_verdict(program: Program, got: u32, verdict: i32) -> anyhow::Result<()> {
     ensure!(
-        got as i32 == verdict,
+        got.cast_signed() == verdict,
         "{program:?}: verdict {got} instead of {verdict}"
     );
     Ok(())
@@ -285,7 +285,7 @@ pub fn measure(bench_services: u32, flows_list: &[u32]) -> anyhow::Result<Vec<Pa
                 samples[i].push(b.repeat(program, frame, verdict)?);
             }
         }
-        let salt = series as u32 * 4;
+        let salt = u32::try_from(series)? * 4;
         let tc_empty_single =
             b.single(Program::BenchTcEmpty, new_syns(b.vip, salt), TC_ACT_UNSPEC)?;
         let xdp_empty_single =

@@ -16,7 +16,7 @@ use crate::{
 /// A part of the benchmark.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Section {
-    /// Per-packet cost through BPF_PROG_TEST_RUN.
+    /// Per-packet cost through `BPF_PROG_TEST_RUN`.
     Packet,
     /// End to end in network namespaces against the alternatives.
     E2e,

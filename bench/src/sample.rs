@@ -6,11 +6,16 @@ pub fn median(v: &mut [f64]) -> f64 {
     match v.len() {
         0 => f64::NAN,
         n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        n => f64::midpoint(v[n / 2 - 1], v[n / 2]),
     }
 }
 
 /// The `p` quantile (nearest rank) of `sorted`; NaN if empty.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "p is in [0, 1], so the rank indexes `sorted`"
+)]
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -33,7 +38,7 @@ pub fn cpu_seconds(pid: u32) -> f64 {
         / 1e9
 }
 
-/// VmRSS of `pid`, MiB; NaN if unreadable.
+/// `VmRSS` of `pid`, MiB; NaN if unreadable.
 pub fn rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()

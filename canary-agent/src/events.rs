@@ -134,7 +134,7 @@ async fn deliver(hook: Webhook, rx: Arc<Mutex<mpsc::Receiver<Event>>>) {
                     break;
                 }
                 Err(e) if attempt < ATTEMPTS => {
-                    warn!(service = %event.service, attempt, error = %e, retry_in_ms = delay.as_millis() as u64, "webhook failed, retrying");
+                    warn!(service = %event.service, attempt, error = %e, retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "webhook failed, retrying");
                     tokio::time::sleep(delay).await;
                     delay *= 2;
                 }

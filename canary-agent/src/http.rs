@@ -110,10 +110,10 @@ async fn handle(mut stream: TcpStream, exporter: &Exporter, slot: Slot) -> std::
         return Ok(());
     };
     let complete = read.unwrap_or(Ok(false))?;
-    let response = if !complete {
-        reply(400, "text/plain", b"bad or incomplete request\n".to_vec())
-    } else {
+    let response = if complete {
         route(&head, exporter)
+    } else {
+        reply(400, "text/plain", b"bad or incomplete request\n")
     };
     tokio::time::timeout(WRITE_TIMEOUT, async {
         stream.write_all(&response).await?;
@@ -135,25 +135,17 @@ fn route(head: &[u8], exporter: &Exporter) -> Vec<u8> {
         (b"GET", b"/metrics") => {
             let format = Format::from_accept(&header(head, "accept").unwrap_or_default());
             match exporter.encode(format) {
-                Ok(body) => reply(200, format.content_type(), body.into_bytes()),
+                Ok(body) => reply(200, format.content_type(), body.as_bytes()),
                 Err(_) => reply(
                     500,
                     "text/plain",
-                    b"reading the data-plane maps failed; see the agent log\n".to_vec(),
+                    b"reading the data-plane maps failed; see the agent log\n",
                 ),
             }
         }
-        (b"GET", b"/") => reply(
-            200,
-            "text/plain",
-            b"canary-agent: metrics at /metrics\n".to_vec(),
-        ),
-        (b"GET", _) => reply(
-            404,
-            "text/plain",
-            b"not found; metrics are at /metrics\n".to_vec(),
-        ),
-        _ => reply(405, "text/plain", b"only GET is supported\n".to_vec()),
+        (b"GET", b"/") => reply(200, "text/plain", b"canary-agent: metrics at /metrics\n"),
+        (b"GET", _) => reply(404, "text/plain", b"not found; metrics are at /metrics\n"),
+        _ => reply(405, "text/plain", b"only GET is supported\n"),
     }
 }
 
@@ -170,7 +162,7 @@ fn header(head: &[u8], name: &str) -> Option<String> {
         })
 }
 
-fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Vec<u8> {
+fn reply(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
@@ -183,6 +175,6 @@ fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Vec<u8> {
         body.len()
     )
     .into_bytes();
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     out
 }

@@ -17,6 +17,12 @@ pub mod sys;
 pub mod telemetry;
 pub mod units;
 
+// Dependencies of the binaries only (command line and log output in
+// `main.rs` and `bin/canaryctl.rs`): cargo has no per-binary dependencies,
+// and `unused_crate_dependencies` checks each target on its own.
+use clap as _;
+use tracing_subscriber as _;
+
 /// `err` and its sources, joined by ": ".
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut msg = err.to_string();

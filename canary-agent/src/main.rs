@@ -1,6 +1,11 @@
 //! `canary-agent`: the per-node daemon.
+#![expect(
+    unused_crate_dependencies,
+    reason = "a thin binary over the canary_agent library, which uses the rest of the package's dependencies"
+)]
 
 use std::{
+    io::IsTerminal as _,
     path::{Path, PathBuf},
     process::ExitCode,
 };
@@ -25,6 +30,10 @@ use clap::Parser;
 /// config is rejected and the running one stays); SIGINT or SIGTERM stop
 /// the agent (the data plane stays unless --detach-on-exit). Needs root (or
 /// CAP_BPF + CAP_NET_ADMIN) and Linux >= 6.6 (TCX).
+#[expect(
+    clippy::doc_markdown,
+    reason = "doc comments here are the --help text, where backticks would show literally"
+)]
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -107,7 +116,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    use std::io::IsTerminal as _;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -40,7 +40,9 @@ struct State {
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     // The state stays consistent at every step, so a poisoned lock (a
     // panic elsewhere while holding it) is still safe to use.
-    state.lock().unwrap_or_else(|p| p.into_inner())
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Slots {
@@ -105,6 +107,13 @@ impl Slot {
     /// the slot meanwhile, `wait` is dropped and `None` returned, and the
     /// caller closes the connection. `Some` with `wait`'s output otherwise.
     pub async fn idle<F: Future>(&self, wait: F) -> Option<F::Output> {
+        /// Removes the slot's idle entry when dropped.
+        struct Busy<'a>(&'a Mutex<State>, u64);
+        impl Drop for Busy<'_> {
+            fn drop(&mut self) {
+                lock(self.0).idle.remove(&self.1);
+            }
+        }
         let seq = {
             let mut st = lock(&self.state);
             if !st.live.contains(&self.id) {
@@ -116,12 +125,6 @@ impl Slot {
             seq
         };
         // Busy again however this ends, also when the caller drops us.
-        struct Busy<'a>(&'a Mutex<State>, u64);
-        impl Drop for Busy<'_> {
-            fn drop(&mut self) {
-                lock(self.0).idle.remove(&self.1);
-            }
-        }
         let _busy = Busy(&self.state, seq);
         tokio::select! {
             // An eviction wins over data that arrived in the same instant:

@@ -39,7 +39,7 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
     // SAFETY: an all-zero statfs is a valid value to be overwritten.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is NUL-terminated and `st` is writable for its size.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+    if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0 {
         return Err(io::Error::last_os_error());
     }
     // f_type is a signed long; compare the magic's 32 bits whatever the
@@ -73,7 +73,6 @@ pub fn mount_bpffs(target: &Path) -> io::Result<()> {
 
 /// `BPF_OBJ_GET`: a new descriptor for the object pinned at `path`.
 pub fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
-    let c = c_path(path)?;
     #[repr(C)]
     struct ObjGet {
         pathname: u64,
@@ -84,6 +83,7 @@ pub fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
         // field it knows are not zero, and implicit padding is garbage.
         _pad: u32,
     }
+    let c = c_path(path)?;
     let attr = ObjGet {
         pathname: c.as_ptr() as u64,
         bpf_fd: 0,
@@ -97,7 +97,7 @@ pub fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
         libc::syscall(
             libc::SYS_bpf,
             BPF_OBJ_GET,
-            &attr as *const ObjGet,
+            &raw const attr,
             std::mem::size_of::<ObjGet>(),
         )
     };
@@ -124,6 +124,12 @@ pub struct LinkTarget {
 /// The interface (and hook) the link pinned at `path` is attached to.
 pub fn pinned_link_target(path: &Path) -> io::Result<LinkTarget> {
     use std::os::fd::AsRawFd as _;
+    #[repr(C)]
+    struct GetInfo {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
     let fd =
         bpf_obj_get(path).map_err(|e| io::Error::new(e.kind(), format!("BPF_OBJ_GET: {e}")))?;
     // struct bpf_link_info: type, id, prog_id, then a union aligned to 8
@@ -131,15 +137,9 @@ pub fn pinned_link_target(path: &Path) -> io::Result<LinkTarget> {
     // attach type). The rest of the buffer takes whatever else the kernel
     // writes.
     let mut info = [0u32; 32];
-    #[repr(C)]
-    struct GetInfo {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
     let attr = GetInfo {
         bpf_fd: u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::other("negative fd"))?,
-        info_len: std::mem::size_of_val(&info) as u32,
+        info_len: u32::try_from(std::mem::size_of_val(&info)).map_err(io::Error::other)?,
         info: info.as_mut_ptr() as u64,
     };
     // SAFETY: `attr` is a valid bpf_attr prefix for BPF_OBJ_GET_INFO_BY_FD;
@@ -148,7 +148,7 @@ pub fn pinned_link_target(path: &Path) -> io::Result<LinkTarget> {
         libc::syscall(
             libc::SYS_bpf,
             BPF_OBJ_GET_INFO_BY_FD,
-            &attr as *const GetInfo,
+            &raw const attr,
             std::mem::size_of::<GetInfo>(),
         )
     };
@@ -197,7 +197,7 @@ pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
         rlim_max: 0,
     };
     // SAFETY: `lim` is a valid, writable rlimit for the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     let before = lim.rlim_cur;
@@ -205,7 +205,7 @@ pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
     if want > before {
         lim.rlim_cur = want;
         // SAFETY: `lim` is a valid rlimit; soft <= hard holds.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
     }
@@ -230,10 +230,10 @@ pub fn group_id(name: &str) -> Option<u32> {
     let rc = unsafe {
         libc::getgrnam_r(
             c.as_ptr(),
-            &mut grp,
+            &raw mut grp,
             buf.as_mut_ptr().cast(),
             buf.len(),
-            &mut out,
+            &raw mut out,
         )
     };
     (rc == 0 && !out.is_null()).then_some(grp.gr_gid)
@@ -251,16 +251,23 @@ pub fn user_in_group(uid: u32, primary_gid: u32, gid: u32) -> bool {
     let mut buf = vec![0u8; NSS_BUFFER];
     let mut out: *mut libc::passwd = std::ptr::null_mut();
     // SAFETY: every pointer is valid for the call; buf outlives it.
-    let rc =
-        unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr().cast(), buf.len(), &mut out) };
+    let rc = unsafe {
+        libc::getpwuid_r(
+            uid,
+            &raw mut pw,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &raw mut out,
+        )
+    };
     if rc != 0 || out.is_null() {
         return false;
     }
+    let mut n: libc::c_int = 256;
     let mut groups = vec![0 as libc::gid_t; 256];
-    let mut n = groups.len() as libc::c_int;
     // SAFETY: pw_name points into buf (alive); groups has room for n.
-    let rc = unsafe { libc::getgrouplist(pw.pw_name, pw.pw_gid, groups.as_mut_ptr(), &mut n) };
-    rc >= 0 && groups[..n.max(0) as usize].contains(&gid)
+    let rc = unsafe { libc::getgrouplist(pw.pw_name, pw.pw_gid, groups.as_mut_ptr(), &raw mut n) };
+    rc >= 0 && groups[..usize::try_from(n).unwrap_or(0)].contains(&gid)
 }
 
 /// The effective uid of this process.

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub struct Weight(u32);
 
 impl Weight {
-    /// The weight in parts per million (0..=1_000_000).
+    /// The weight in parts per million (`0..=1_000_000`).
     pub const fn ppm(self) -> u32 {
         self.0
     }

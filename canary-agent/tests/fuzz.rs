@@ -10,6 +10,10 @@
 //! strings, deep nesting) into valid documents, byte-level mutations of
 //! valid documents, and random text. Each test counts what it ran and
 //! asserts the count, so it cannot pass by running nothing.
+#![expect(
+    unused_crate_dependencies,
+    reason = "cargo gives every test target all of the package's dependencies; each test file uses some"
+)]
 
 use std::{
     panic::{AssertUnwindSafe, catch_unwind},
@@ -38,6 +42,10 @@ impl Rng {
         z ^ (z >> 31)
     }
 
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "a remainder modulo a usize fits usize"
+    )]
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
@@ -154,6 +162,11 @@ const OTHERS: &[&str] = &[
 
 /// A hostile value for a key whose valid value is `good`: mostly of the
 /// same TOML type (so it reaches validation), now and then any type.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    reason = "exponents in -20..20, and random bits read as an i64 on purpose"
+)]
 fn hostile_value(rng: &mut Rng, good: &str) -> String {
     if rng.chance(200) {
         // Rare, because large inputs are slow to generate and parse.
@@ -298,6 +311,10 @@ fn structured_config(rng: &mut Rng) -> String {
 }
 
 /// A valid document, then damaged at the byte level.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "a random byte is the low 8 bits of the generator"
+)]
 fn mutated(rng: &mut Rng, valid: &str) -> String {
     const TOKENS: &[&str] = &[
         "[",
@@ -345,6 +362,10 @@ fn mutated(rng: &mut Rng, valid: &str) -> String {
 }
 
 /// Random text from an alphabet heavy in TOML and JSON syntax.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "a random code point from the low 32 bits of the generator"
+)]
 fn random_text(rng: &mut Rng) -> String {
     const ALPHABET: &[u8] = b"[]{}=\",.:#\n\\ 0123456789abcdeflmnorstuvwxyz-+_%eE";
     (0..rng.below(200))
@@ -360,10 +381,8 @@ fn random_text(rng: &mut Rng) -> String {
 
 /// Runs `f(input)`; a panic fails the test with the input that caused it.
 fn no_panic<T>(what: &str, input: &str, f: impl FnOnce() -> T) -> T {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(out) => out,
-        Err(_) => panic!("{what} panicked on input {input:?}"),
-    }
+    catch_unwind(AssertUnwindSafe(f))
+        .unwrap_or_else(|_| panic!("{what} panicked on input {input:?}"))
 }
 
 #[test]

@@ -34,7 +34,7 @@ const _: () = assert!(core::mem::size_of::<BreakerState>() == 48);
 pub struct BreakerEvent {
     pub svc_id: u32,
     pub _pad: u32,
-    /// `bpf_ktime_get_ns` of the trip (CLOCK_MONOTONIC).
+    /// `bpf_ktime_get_ns` of the trip (`CLOCK_MONOTONIC`).
     pub at_ns: u64,
     /// Failures in the window that tripped.
     pub failures: u64,

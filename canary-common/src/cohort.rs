@@ -45,6 +45,10 @@ pub const fn flow_hash(
 /// below the weight, so raising the weight only ever adds buckets to canary
 /// (monotonic), and the bucket does not depend on the weight at all.
 #[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "a remainder modulo PPM (10^6) fits u32"
+)]
 pub const fn bucket(hash: u64) -> u32 {
     (hash % PPM as u64) as u32
 }
@@ -59,6 +63,10 @@ pub const fn is_canary(bucket: u32, weight_ppm: u32) -> bool {
 /// Re-mixed so the choice is independent of the cohort bucket: the canary
 /// cohort (low buckets) still spreads evenly over its backends.
 #[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "a remainder modulo a u32 fits u32"
+)]
 pub const fn backend_index(hash: u64, count: u32) -> u32 {
     (mix64(hash ^ 0x5bd1_e995_c0ff_ee00) % count as u64) as u32
 }

@@ -70,9 +70,10 @@ impl Counter {
     ];
 
     /// Number of slots in the `COUNTERS` map.
+    #[expect(clippy::cast_possible_truncation, reason = "a few dozen counters")]
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
-    /// Stable snake_case name (log fields, metric labels).
+    /// Stable `snake_case` name (log fields, metric labels).
     pub const fn name(self) -> &'static str {
         match self {
             Counter::NewFlow => "new_flow",

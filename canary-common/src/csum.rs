@@ -10,6 +10,10 @@
 /// are always enough for the sums formed here (a handful of words), and
 /// being loop-free keeps the verifier's work constant.
 #[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "three folds of a sum of a handful of words leave 16 bits"
+)]
 const fn fold(sum: u64) -> u16 {
     let sum = (sum & 0xffff) + (sum >> 16);
     let sum = (sum & 0xffff) + (sum >> 16);
@@ -50,6 +54,10 @@ mod tests {
     }
 
     /// A deterministic word stream (xorshift), so failures reproduce.
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "a random word is the low 16 bits of the generator state"
+    )]
     fn words(seed: u64, n: usize) -> Vec<u16> {
         let mut x = seed | 1;
         (0..n)
@@ -93,6 +101,10 @@ mod tests {
     }
 
     #[test]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "splits a u32 into its 16-bit words; the seed is below 500"
+    )]
     fn a_checksum_verifies_after_the_update() {
         // Summing data and checksum gives 0xffff for a valid packet.
         for seed in 0..500u64 {

@@ -19,6 +19,7 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 impl FlowKey {
     /// The key of the same flow seen in the other direction.
     #[inline(always)]
+    #[must_use]
     pub const fn reversed(&self) -> Self {
         Self {
             src_addr: self.dst_addr,
@@ -135,7 +136,7 @@ const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PendingSyn {
-    /// `bpf_ktime_get_ns` of the SYN (CLOCK_MONOTONIC).
+    /// `bpf_ktime_get_ns` of the SYN (`CLOCK_MONOTONIC`).
     pub syn_ns: u64,
     /// The backend's `STATS` slot.
     pub stats_slot: u32,

@@ -8,6 +8,14 @@
 //! network byte order, exactly as they appear in packets, so the data plane
 //! never converts them.
 #![no_std]
+#![expect(
+    clippy::pub_underscore_fields,
+    reason = "map types spell out their padding as `_pad` fields, which both sides must zero"
+)]
+#![expect(
+    clippy::inline_always,
+    reason = "the eBPF programs call these functions per packet; inlined, they cost no BPF-to-BPF call and the verifier sees the bounds in one function"
+)]
 
 pub mod breaker;
 pub mod cohort;

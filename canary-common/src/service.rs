@@ -155,7 +155,7 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 16_383;
 pub struct ServiceValue {
     /// Stable identifier the agent assigns per service name.
     pub svc_id: u32,
-    /// Canary share of new flows, 0..=1_000_000.
+    /// Canary share of new flows, `0..=1_000_000`.
     pub weight_ppm: u32,
     /// Per-service hash salt.
     pub salt: u32,

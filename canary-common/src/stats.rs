@@ -85,6 +85,7 @@ pub const HIST_MIN_OCTAVE: u32 = 12;
 /// Values of 2^34 units or more share the last bucket.
 pub const HIST_MAX_OCTAVE: u32 = 34;
 /// Buckets per histogram: underflow, 16 per octave, overflow.
+#[expect(clippy::cast_possible_truncation, reason = "22 octaves of 16 buckets")]
 pub const HIST_BUCKETS: usize = 2 + ((HIST_MAX_OCTAVE - HIST_MIN_OCTAVE) as usize) * SUBS as usize;
 
 /// A log-linear histogram. In nanoseconds, the fine range is 4.1 µs to
@@ -156,9 +157,13 @@ const fn log2_floor(mut v: u64) -> u32 {
     r
 }
 
-/// The bucket of `v`: 0 below 2^MIN_OCTAVE, then 16 per octave, the last
-/// from 2^MAX_OCTAVE on. Always `< HIST_BUCKETS`.
+/// The bucket of `v`: 0 below `2^MIN_OCTAVE`, then 16 per octave, the last
+/// from `2^MAX_OCTAVE` on. Always `< HIST_BUCKETS`.
 #[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "octave offsets below 22 and sub-buckets below 16"
+)]
 pub const fn hist_bucket(v: u64) -> usize {
     if v < 1 << HIST_MIN_OCTAVE {
         return 0;
@@ -173,6 +178,10 @@ pub const fn hist_bucket(v: u64) -> usize {
 
 /// The value range `[lo, hi)` of bucket `i` (the last bucket's `hi` is
 /// `u64::MAX`).
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "`i` is below HIST_BUCKETS here, so its octave and sub-bucket are small"
+)]
 pub const fn hist_bucket_range(i: usize) -> (u64, u64) {
     if i == 0 {
         return (0, 1 << HIST_MIN_OCTAVE);
@@ -190,6 +199,11 @@ pub const fn hist_bucket_range(i: usize) -> (u64, u64) {
 /// The `q`-quantile (0 < q <= 1) of a histogram, in its unit: the bucket
 /// holding the rank-`ceil(q·n)` value, interpolated linearly inside it.
 /// `None` if the histogram is empty.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "`exact` is in 0..=total, a u64"
+)]
 pub fn quantile(buckets: &[u64; HIST_BUCKETS], q: f64) -> Option<f64> {
     let total: u64 = buckets.iter().sum();
     if total == 0 {
@@ -264,6 +278,11 @@ mod tests {
     }
 
     /// Deterministic samples spread over `[lo, hi)` with a skewed density.
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "samples lie in [lo, hi), positive and far below u64::MAX"
+    )]
     fn samples(lo: f64, hi: f64, n: usize, seed: u64) -> std::vec::Vec<u64> {
         let mut state = seed;
         (0..n)
@@ -278,6 +297,11 @@ mod tests {
             .collect()
     }
 
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "the rank is in 1..=len"
+    )]
     fn true_quantile(sorted: &[u64], q: f64) -> f64 {
         let rank = ((q * sorted.len() as f64).ceil() as usize).max(1);
         sorted[rank - 1] as f64

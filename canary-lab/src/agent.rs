@@ -27,11 +27,10 @@ pub const RELOAD_REJECTED: &str = "config reload rejected";
 /// Path of the agent binary: `$CANARY_AGENT_BIN`, else the workspace's
 /// debug build (what `cargo xtask test` builds).
 pub fn agent_binary() -> PathBuf {
-    std::env::var_os("CANARY_AGENT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/canary-agent")
-        })
+    std::env::var_os("CANARY_AGENT_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/canary-agent"),
+        PathBuf::from,
+    )
 }
 
 /// Path of `canaryctl`: beside the agent binary.
@@ -202,8 +201,7 @@ impl AgentProcess {
         // leftover rollback from an earlier run must not apply here.
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
+            .map_or(0, |d| d.subsec_nanos());
         let name = format!(
             "canary-agent-{}-{}-{nanos}",
             std::process::id(),
@@ -273,7 +271,11 @@ impl AgentProcess {
 
     /// Every log line so far.
     pub fn log(&self) -> Vec<String> {
-        self.log.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.log
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// How many log lines so far contain `needle`.
@@ -290,7 +292,9 @@ impl AgentProcess {
     ) -> anyhow::Result<String> {
         let deadline = Instant::now() + timeout;
         let (lines, cv) = &*self.log;
-        let mut guard = lines.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         loop {
             if let Some(line) = guard.iter().filter(|l| l.contains(needle)).nth(seen) {
                 return Ok(line.clone());
@@ -305,7 +309,7 @@ impl AgentProcess {
             let wait = (deadline - now).min(Duration::from_millis(100));
             guard = cv
                 .wait_timeout(guard, wait)
-                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .0;
         }
     }
@@ -427,7 +431,10 @@ fn launch(
                 eprintln!("  agent | {line}");
             }
             let (lines, cv) = &*sink;
-            lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            lines
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(line);
             cv.notify_all();
         }
     });
@@ -445,7 +452,7 @@ pub fn lab_bpffs() -> anyhow::Result<PathBuf> {
     // SAFETY: an all-zero statfs is a valid value to be overwritten.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is NUL-terminated and `st` is writable for its size.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+    if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0 {
         return Err(std::io::Error::last_os_error()).context("statfs /run/canary-lab/bpffs");
     }
     #[expect(clippy::cast_sign_loss, reason = "bit pattern comparison")]

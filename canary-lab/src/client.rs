@@ -84,9 +84,13 @@ impl Conn {
 
 /// Sets `IP_BIND_ADDRESS_NO_PORT`: `bind(src, 0)` then leaves the port
 /// choice to `connect`, which only needs the full 4-tuple to be unique and
-/// may reuse TIME_WAIT ports (`tcp_tw_reuse`). Without it every connection
-/// from one source address holds a port of its own for the whole TIME_WAIT,
+/// may reuse `TIME_WAIT` ports (`tcp_tw_reuse`). Without it every connection
+/// from one source address holds a port of its own for the whole `TIME_WAIT`,
 /// and a busy client runs out of ports. socket2 0.5 has no setter for it.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the size of a c_int fits socklen_t"
+)]
 fn bind_address_no_port(socket: &Socket) -> io::Result<()> {
     let on: libc::c_int = 1;
     // SAFETY: the descriptor is open (borrowed from `socket`), and the option

@@ -87,7 +87,7 @@ impl Lab {
     ///
     /// First removes namespaces left by dead processes ([`cleanup_stale`]).
     /// Needs root. On error, everything created so far is removed again.
-    pub fn build(spec: LabSpec) -> anyhow::Result<Lab> {
+    pub fn build(spec: &LabSpec) -> anyhow::Result<Lab> {
         ensure!(
             spec.backends.len() <= Self::MAX_BACKENDS,
             "{} backends requested, at most {} are supported",
@@ -170,8 +170,11 @@ impl Lab {
         &self.backends[i]
     }
 
-    /// Backend `i`'s server address, 10.200.{i+1}.2:8080. Panics if there
-    /// is no backend `i`.
+    /// Backend `i`'s server address, 10.200.{i+1}.2:8080.
+    ///
+    /// # Panics
+    ///
+    /// If there is no backend `i`.
     pub fn backend_addr(&self, i: usize) -> SocketAddrV4 {
         assert!(
             i < self.backends.len(),
@@ -379,13 +382,12 @@ mod tests {
         // A panicking test poisons the lock; the () behind it is still fine.
         CLEANUP
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn build(spec: LabSpec) -> Lab {
+    fn build(spec: &LabSpec) -> Lab {
         let _turn = cleanup_lock();
-        Lab::build(spec.clone())
-            .unwrap_or_else(|error| panic!("building a lab from {spec:?}: {error:#}"))
+        Lab::build(spec).unwrap_or_else(|error| panic!("building a lab from {spec:?}: {error:#}"))
     }
 
     /// The tests create namespaces; without root they must fail, loudly.
@@ -427,7 +429,7 @@ mod tests {
     #[test]
     fn client_reaches_each_backend_directly_through_router() {
         require_root();
-        let lab = build(LabSpec {
+        let lab = build(&LabSpec {
             backends: vec![
                 backend("stable", Behavior::Reply),
                 backend("canary", Behavior::Reply),
@@ -463,7 +465,7 @@ mod tests {
     fn behaviors_reply_delay_reset_and_refuse() {
         require_root();
         let delay = Duration::from_millis(300);
-        let lab = build(LabSpec {
+        let lab = build(&LabSpec {
             backends: vec![
                 backend("reply", Behavior::Reply),
                 backend("slow", Behavior::FirstByteDelay(delay)),
@@ -502,13 +504,13 @@ mod tests {
             elapsed >= delay,
             "slow backend answered after {elapsed:?}, expected >= {delay:?}"
         );
-        let reset_kind = reset.as_ref().map_err(|e| e.kind());
+        let reset_kind = reset.as_ref().map_err(std::io::Error::kind);
         assert_eq!(
             reset_kind,
             Err(ErrorKind::ConnectionReset),
             "reset backend: expected ConnectionReset, got {reset:?}"
         );
-        let closed_kind = closed.as_ref().map_err(|e| e.kind());
+        let closed_kind = closed.as_ref().map_err(std::io::Error::kind);
         assert_eq!(
             closed_kind,
             Err(ErrorKind::ConnectionRefused),
@@ -519,7 +521,7 @@ mod tests {
     #[test]
     fn dropping_lab_deletes_its_namespaces() {
         require_root();
-        let lab = build(LabSpec {
+        let lab = build(&LabSpec {
             backends: vec![
                 backend("a", Behavior::Reply),
                 backend("b", Behavior::Closed),

@@ -7,7 +7,7 @@
 //! use canary_lab::{BackendSpec, Behavior, Lab, LabSpec, request_once};
 //! use std::time::Duration;
 //!
-//! let lab = Lab::build(LabSpec {
+//! let lab = Lab::build(&LabSpec {
 //!     backends: vec![BackendSpec { name: "stable".into(), behavior: Behavior::Reply }],
 //!     n_client_addrs: 10,
 //! })?;

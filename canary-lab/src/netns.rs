@@ -110,6 +110,10 @@ impl Netns {
     /// Runs `f` on a new thread that first [enters](Netns::enter) this
     /// namespace. The handle yields the entering error if there was one,
     /// otherwise `f`'s result.
+    ///
+    /// # Panics
+    ///
+    /// If the system cannot create a thread.
     pub fn spawn<F, T>(&self, f: F) -> JoinHandle<std::io::Result<T>>
     where
         F: FnOnce() -> T + Send + 'static,

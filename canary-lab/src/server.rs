@@ -192,11 +192,15 @@ fn wait_readable(listener: &TcpListener, timeout: Duration) -> bool {
     let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
     // SAFETY: `fds` is one valid, writable pollfd and the count says one;
     // the descriptor stays open because `listener` is borrowed.
-    let ready = unsafe { libc::poll(&mut fds, 1, timeout_ms) };
+    let ready = unsafe { libc::poll(&raw mut fds, 1, timeout_ms) };
     ready > 0
 }
 
 /// Serves one connection until EOF, an error, idleness or stop.
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "owns the connection: returning closes it, with a RST after linger 0 for Behavior::Reset"
+)]
 fn serve(stream: TcpStream, handler: &Handler) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_nodelay(true)?;

@@ -1,6 +1,18 @@
 //! Helpers for canary's privileged tests: packet building and checking with
 //! checksums computed independently of the data plane, and the privilege
 //! precondition.
+#![expect(
+    clippy::unwrap_used,
+    clippy::missing_panics_doc,
+    reason = "test helpers: a failed precondition or setup step panics, which fails the calling test with its message"
+)]
+#![cfg_attr(
+    test,
+    expect(
+        unused_crate_dependencies,
+        reason = "the unit tests here also get the dev-dependencies, which only the test files use"
+    )
+)]
 
 pub mod load;
 pub mod metrics;
@@ -12,7 +24,7 @@ pub mod scenarios;
 /// fails the test unless it runs as root.
 pub fn lab(backends: &[(&str, canary_lab::Behavior)], clients: u32) -> canary_lab::Lab {
     require_root();
-    canary_lab::Lab::build(canary_lab::LabSpec {
+    canary_lab::Lab::build(&canary_lab::LabSpec {
         backends: backends
             .iter()
             .map(|(name, behavior)| canary_lab::BackendSpec {

@@ -84,7 +84,7 @@ pub fn drive_paced(
     const THREADS: usize = 4;
     let sources = Arc::new(sources.to_vec());
     let start = Instant::now();
-    let deadline = start + Duration::from_secs(180);
+    let deadline = start + Duration::from_mins(3);
     let handles: Vec<_> = (0..THREADS)
         .map(|t| {
             let sources = Arc::clone(&sources);
@@ -160,7 +160,7 @@ pub fn spawn_timed(
     const THREADS: usize = 4;
     let sources = Arc::new(sources.to_vec());
     let start = Instant::now();
-    let deadline = start + Duration::from_secs(180);
+    let deadline = start + Duration::from_mins(3);
     (0..THREADS)
         .map(|t| {
             let sources = Arc::clone(&sources);

@@ -1,4 +1,4 @@
-//! Ethernet/IPv4/TCP frames for BPF_PROG_TEST_RUN, and their inverse; the
+//! Ethernet/IPv4/TCP frames for `BPF_PROG_TEST_RUN`, and their inverse; the
 //! same segments sent through a raw socket for namespace tests.
 
 use std::{
@@ -56,6 +56,7 @@ impl Tcp {
     }
 
     /// The same segment with a payload.
+    #[must_use]
     pub fn with_payload(mut self, payload: &[u8]) -> Tcp {
         self.payload = payload.to_vec();
         self
@@ -71,7 +72,11 @@ impl Tcp {
         f.extend_from_slice(&0x0800u16.to_be_bytes());
         // IPv4: version 4, IHL 5, DF, TTL 64, TCP.
         f.extend_from_slice(&[0x45, 0]);
-        f.extend_from_slice(&(total as u16).to_be_bytes());
+        f.extend_from_slice(
+            &u16::try_from(total)
+                .expect("an IPv4 packet is at most 65535 bytes")
+                .to_be_bytes(),
+        );
         f.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, 6, 0, 0]);
         f.extend_from_slice(&self.src.ip().octets());
         f.extend_from_slice(&self.dst.ip().octets());
@@ -105,7 +110,7 @@ pub struct RawSender {
 }
 
 impl RawSender {
-    /// An `IPPROTO_RAW` socket (needs CAP_NET_RAW): what is sent is the
+    /// An `IPPROTO_RAW` socket (needs `CAP_NET_RAW`): what is sent is the
     /// whole IP packet.
     pub fn new() -> io::Result<RawSender> {
         // SAFETY: socket has no memory preconditions.
@@ -125,6 +130,10 @@ impl RawSender {
     }
 
     /// Sends `seg` (its IP packet, checksums included) towards `seg.dst`.
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "AF_INET and the size of a sockaddr_in fit their C types"
+    )]
     pub fn send(&self, seg: &Tcp) -> io::Result<()> {
         let frame = seg.frame();
         let packet = &frame[ETH_HLEN..];
@@ -203,11 +212,18 @@ fn pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, tcp_len: usize) -> u32 {
         let o = a.octets();
         u32::from(u16::from_be_bytes([o[0], o[1]])) + u32::from(u16::from_be_bytes([o[2], o[3]]))
     };
-    words(src) + words(dst) + 6 + tcp_len as u32
+    words(src)
+        + words(dst)
+        + 6
+        + u32::try_from(tcp_len).expect("a TCP segment is at most 65535 bytes")
 }
 
 /// The Internet checksum of `data` plus `initial`; 0 when verifying a
 /// region that contains a correct checksum.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the loop above folds the sum into 16 bits"
+)]
 pub fn checksum(data: &[u8], initial: u32) -> u16 {
     let mut sum = u64::from(initial);
     for chunk in data.chunks(2) {

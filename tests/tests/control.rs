@@ -1,4 +1,16 @@
 //! The control socket and `canaryctl`, end to end with the real agent.
+#![expect(
+    unused_crate_dependencies,
+    reason = "cargo gives every test target all of the package's dependencies; each test file uses some"
+)]
+#![expect(
+    clippy::float_cmp,
+    reason = "the values compared are counts, or shares of all or none (0 or 1): exact in f64"
+)]
+#![expect(
+    clippy::unwrap_used,
+    reason = "the helpers here are test code too: a failed step panics, which fails the test"
+)]
 
 use std::{
     io::{BufRead, BufReader, Write},

@@ -1,10 +1,18 @@
-//! Packet fixtures: the real programs run through BPF_PROG_TEST_RUN on
+//! Packet fixtures: the real programs run through `BPF_PROG_TEST_RUN` on
 //! hand-built frames, in order, with the agent's own map-writing code.
 //! Checksums are recomputed from scratch on every rewritten frame.
 //!
 //! Every fixture runs twice: with client packets through the TC ingress
 //! program (`tc::…`) and through the XDP one (`xdp::…`); replies always go
 //! through TC egress.
+#![expect(
+    unused_crate_dependencies,
+    reason = "cargo gives every test target all of the package's dependencies; each test file uses some"
+)]
+#![expect(
+    clippy::unwrap_used,
+    reason = "the helpers here are test code too: a failed step panics, which fails the test"
+)]
 
 use std::{
     collections::BTreeSet,
@@ -95,11 +103,11 @@ enum Dir {
 /// What a program did with a packet, whatever the hook's return codes.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum V {
-    /// Rewritten and delivered (TC_ACT_OK; XDP_PASS with a rewrite).
+    /// Rewritten and delivered (`TC_ACT_OK`; `XDP_PASS` with a rewrite).
     Forward,
-    /// Not ours (TC_ACT_UNSPEC; XDP_PASS untouched).
+    /// Not ours (`TC_ACT_UNSPEC`; `XDP_PASS` untouched).
     Ignore,
-    /// Dropped (V::Drop, XDP_DROP).
+    /// Dropped (`V::Drop`, `XDP_DROP`).
     Drop,
 }
 
@@ -381,7 +389,7 @@ fn assert_closing(dp: &Dataplane, client: SocketAddrV4, backend: SocketAddrV4, w
 }
 
 /// Moves the first SYN of `client`'s flow `ns` into the past, as if the
-/// packets that follow came that much later (BPF_PROG_TEST_RUN runs take
+/// packets that follow came that much later (`BPF_PROG_TEST_RUN` runs take
 /// microseconds; the programs read the clock themselves).
 fn age(dp: &mut Dataplane, client: SocketAddrV4, ns: u64) {
     let key = flow_key(client, addr(VIP));
@@ -615,7 +623,7 @@ fn a_whole_connection_is_measured_once_in_its_cohort(m: IngressMode) {
     );
     assert_eq!(
         web.cohort_counters(Cohort::Stable),
-        Default::default(),
+        canary_common::stats::BackendCounters::default(),
         "nothing in stable"
     );
 
@@ -636,6 +644,10 @@ fn a_whole_connection_is_measured_once_in_its_cohort(m: IngressMode) {
     );
 }
 
+#[expect(
+    clippy::many_single_char_names,
+    reason = "a to f are the connections, in the order the test opens them"
+)]
 fn refusals_resets_and_syn_retries_are_told_apart(m: IngressMode) {
     let mut dp = dataplane(m, "weight = \"100%\"");
     // Refused: RST answering the SYN.
@@ -808,6 +820,10 @@ fn a_rolled_back_service_sends_nothing_new_to_canary_not_even_always_canary(m: I
     );
 }
 
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "a random byte is the low 8 bits of the generator"
+)]
 fn truncated_and_garbage_packets_are_counted_not_crashed_on(m: IngressMode) {
     let mut dp = dataplane(m, "weight = \"5%\"");
     let syn = Tcp::new(addr("10.201.0.1:40000"), addr(VIP), SYN).frame();
@@ -1046,6 +1062,7 @@ fn a_bare_ack_on_a_miss_reaches_its_backend_untracked_until_the_backend_answers(
     assert_eq!(counter(&dp, Counter::NewFlow), 0);
 }
 
+#[expect(clippy::cast_possible_truncation, reason = "ports 10000 to 59999")]
 fn stray_acks_from_fresh_ports_cannot_evict_tracked_flows(m: IngressMode) {
     // The fixture's conntrack holds 4096 entries; 6000 strays would have
     // evicted every tracked flow if they were tracked.

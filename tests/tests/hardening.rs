@@ -2,6 +2,10 @@
 //! refused by `--check` and by SIGHUP while the agent keeps serving, idle
 //! clients cannot keep `canaryctl` or a scrape out, and a damaged or
 //! hostile state file stops the start with an error naming it.
+#![expect(
+    unused_crate_dependencies,
+    reason = "cargo gives every test target all of the package's dependencies; each test file uses some"
+)]
 
 use std::{
     net::TcpStream,
@@ -433,14 +437,15 @@ fn raise_nofile_limit(want: u64) {
         rlim_max: 0,
     };
     // SAFETY: `lim` is a valid, writable rlimit for the call.
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) };
+    assert_eq!(rc, 0);
     if lim.rlim_cur >= want {
         return;
     }
     lim.rlim_cur = want;
     lim.rlim_max = lim.rlim_max.max(want);
     // SAFETY: `lim` is a valid rlimit; as root the hard limit may rise.
-    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) };
     assert_eq!(
         rc,
         0,
@@ -451,9 +456,10 @@ fn raise_nofile_limit(want: u64) {
 
 /// Open descriptors of process `pid`.
 fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or_else(|e| panic!("read /proc/{pid}/fd: {e}"))
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or_else(
+        |e| panic!("read /proc/{pid}/fd: {e}"),
+        std::iter::Iterator::count,
+    )
 }
 
 #[test]
@@ -501,7 +507,7 @@ fn two_thousand_idle_connections_keep_neither_canaryctl_nor_a_scrape_out() {
     eprintln!(
         "{IDLE} idle metrics connections opened in {tcp_opened:.1?}, {IDLE} idle control \
          connections in {:.1?}",
-        started.elapsed() - tcp_opened
+        started.elapsed().saturating_sub(tcp_opened)
     );
     // Let the agent accept them all.
     std::thread::sleep(Duration::from_millis(300));
@@ -553,6 +559,7 @@ fn two_thousand_idle_connections_keep_neither_canaryctl_nor_a_scrape_out() {
 
 #[test]
 fn truncated_or_hostile_state_files_stop_the_start_naming_the_file() {
+    type Plant = Box<dyn Fn(&Path)>;
     let lab = canary_tests::lab(
         &[("stable-1", Behavior::Reply), ("canary-1", Behavior::Reply)],
         4,
@@ -570,7 +577,6 @@ fn truncated_or_hostile_state_files_stop_the_start_naming_the_file() {
     let file = state.join("web.json");
     let target = scratch.0.join("elsewhere.json");
     std::fs::write(&target, "{\"state\":\"idle\"}").unwrap();
-    type Plant = Box<dyn Fn(&Path)>;
     let cases: Vec<(&str, Plant, &str)> = vec![
         (
             "truncated",
@@ -579,7 +585,7 @@ fn truncated_or_hostile_state_files_stop_the_start_naming_the_file() {
                     f,
                     "{\"state\":\"rolled-back\",\"reason\":\"breaker\",\"at_unix\":17",
                 )
-                .unwrap()
+                .unwrap();
             }),
             "is not valid (truncated or edited?)",
         ),

@@ -3,6 +3,14 @@
 //! through a raw socket (a spoofer, a duplicating network, stray packets).
 //! None of them may roll a healthy canary back, and none may break or move
 //! an established connection.
+#![expect(
+    unused_crate_dependencies,
+    reason = "cargo gives every test target all of the package's dependencies; each test file uses some"
+)]
+#![expect(
+    clippy::float_cmp,
+    reason = "the values compared are counts, or shares of all or none (0 or 1): exact in f64"
+)]
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -31,6 +39,10 @@ fn vip() -> SocketAddrV4 {
 struct Random(u64);
 
 impl Random {
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "any 64 bits of the clock make a seed"
+    )]
     fn new() -> Random {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -38,6 +50,10 @@ impl Random {
         Random(nanos | 1)
     }
 
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "xorshift output: the middle 32 bits of the state"
+    )]
     fn next(&mut self) -> u32 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
@@ -221,10 +237,7 @@ fn duplicate_syns_and_bare_acks_from_canary_clients_leave_a_healthy_canary_alone
     let state = status(&agent.control_socket(), "web")["state"].clone();
     assert_eq!(state, "idle", "rollout state after the hostile packets");
     assert!(
-        std::fs::read_dir(agent.dir().join("state"))
-            .map(|d| d.count())
-            .unwrap_or(0)
-            == 0,
+        std::fs::read_dir(agent.dir().join("state")).map_or(0, std::iter::Iterator::count) == 0,
         "a rollout state was persisted"
     );
 
@@ -259,7 +272,7 @@ fn forged_rsts_then_a_weight_change_break_no_connection() {
             ("stable-2", Behavior::Reply),
             ("canary-1", Behavior::Reply),
         ],
-        CONNS as u32,
+        u32::try_from(CONNS).unwrap(),
     );
     let config = format!(
         "[agent]\ninterfaces = [\"{IFACE}\"]\n\n[[service]]\nname = \"web\"\nvip = \"{VIP}\"\n\
@@ -282,7 +295,7 @@ fn forged_rsts_then_a_weight_change_break_no_connection() {
                 let first = c.ping().expect("first ping");
                 let local = match c.local_addr().expect("local address") {
                     std::net::SocketAddr::V4(a) => a,
-                    other => panic!("IPv4 expected, got {other}"),
+                    std::net::SocketAddr::V6(other) => panic!("IPv4 expected, got {other}"),
                 };
                 (c, first, local)
             })

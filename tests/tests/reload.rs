@@ -2,6 +2,14 @@
 //! ends the rollout or is refused, never drops connections as
 //! `no_backend`; reloads that replace services or backends at the
 //! configured limits work; a refused reload changes nothing.
+#![expect(
+    unused_crate_dependencies,
+    reason = "cargo gives every test target all of the package's dependencies; each test file uses some"
+)]
+#![expect(
+    clippy::float_cmp,
+    reason = "the values compared are counts, or shares of all or none (0 or 1): exact in f64"
+)]
 
 use canary_lab::{AgentProcess, Behavior, Lab};
 use canary_tests::{load::drive, metrics::scrape};

@@ -1,5 +1,13 @@
 //! Plan-driven rollouts end to end: the judge compares canary with stable
 //! on real traffic and moves the rollout on, holds it, or rolls it back.
+#![expect(
+    unused_crate_dependencies,
+    reason = "cargo gives every test target all of the package's dependencies; each test file uses some"
+)]
+#![expect(
+    clippy::unwrap_used,
+    reason = "the helpers here are test code too: a failed step panics, which fails the test"
+)]
 
 use std::{
     net::SocketAddrV4,
@@ -80,7 +88,7 @@ fn a_healthy_canary_goes_1_5_25_50_100_and_is_promoted() {
         }
         if s["state"] == "promoted"
             || s["state"] == "rolled-back"
-            || start.elapsed() > Duration::from_secs(60)
+            || start.elapsed() > Duration::from_mins(1)
         {
             break;
         }
@@ -142,6 +150,11 @@ fn the_judge_rolls_back_a_canary_twice_as_slow_within_5_seconds() {
 }
 
 #[test]
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "connection counts and durations of a few hundred, positive"
+)]
 fn identical_canaries_are_not_rolled_back_in_60_seconds() {
     const SERVICES: usize = 6;
     let lab = lab(Behavior::Reply, Behavior::Reply);

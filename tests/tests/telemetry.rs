@@ -1,6 +1,14 @@
 //! Per-cohort signals end to end: real backends that are slow, reset or
 //! refuse, the real agent measuring them in the kernel, and its `/metrics`
 //! read as Prometheus reads it (and by a real Prometheus server).
+#![expect(
+    unused_crate_dependencies,
+    reason = "cargo gives every test target all of the package's dependencies; each test file uses some"
+)]
+#![expect(
+    clippy::float_cmp,
+    reason = "the values compared are counts, or shares of all or none (0 or 1): exact in f64"
+)]
 
 use std::{
     io::ErrorKind,
@@ -295,12 +303,12 @@ fn bytes_are_counted_exactly_and_active_connections_return_to_zero() {
     let out = drive(&lab, vip.parse().unwrap(), lab.client_addrs(), 100);
     out.assert_no_errors("one-shot requests");
 
-    let sent = (20 * 7 + 100) as f64 * b"hello\n".len() as f64;
+    let sent = f64::from(20 * 7 + 100) * b"hello\n".len() as f64;
     let received: usize = replies.iter().map(|r| r.len() + 1).sum::<usize>()
         + out
             .by_backend
             .iter()
-            .map(|(name, n)| (name.len() + 1) * *n as usize)
+            .map(|(name, n)| (name.len() + 1) * usize::try_from(*n).unwrap())
             .sum::<usize>();
     let deadline = Instant::now() + Duration::from_secs(5);
     let m = loop {

@@ -58,7 +58,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     unsafe { libc::signal(libc::SIGINT, handler as libc::sighandler_t) };
 
     println!("building the lab: client, router, stable-1, stable-2, canary-1 (network namespaces)");
-    let lab = Lab::build(LabSpec {
+    let lab = Lab::build(&LabSpec {
         backends: ["stable-1", "stable-2", "canary-1"]
             .iter()
             .map(|n| BackendSpec {
@@ -125,9 +125,9 @@ fn drive(lab: &Lab, args: &Args, weight: f64) -> anyhow::Result<()> {
                             *tally
                                 .by_backend
                                 .lock()
-                                .unwrap_or_else(|p| p.into_inner())
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
                                 .entry(name)
-                                .or_default() += 1
+                                .or_default() += 1;
                         }
                         Err(_) => {
                             tally.errors.fetch_add(1, Ordering::Relaxed);
@@ -178,7 +178,7 @@ fn status_line(elapsed: Duration, tally: &Tally, weight: f64) -> String {
     let by = tally
         .by_backend
         .lock()
-        .unwrap_or_else(|p| p.into_inner())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
     let total: u64 = by.values().sum();
     let canary: u64 = by
@@ -221,5 +221,5 @@ fn weight_fraction(w: &str) -> anyhow::Result<f64> {
 }
 
 fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("    {l}\n")).collect()
+    text.lines().flat_map(|l| ["    ", l, "\n"]).collect()
 }

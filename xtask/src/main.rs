@@ -22,14 +22,18 @@ struct Cli {
     command: Cmd,
 }
 
+#[expect(
+    clippy::doc_markdown,
+    reason = "doc comments here are the --help text, where backticks would show literally"
+)]
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install the prerequisites (idempotent): rust-src for nightly,
-    /// bpf-linker 0.10.4, and the Debian packages the tests use.
+    /// Install the prerequisites (idempotent): rust-src for nightly, clippy
+    /// for stable, bpf-linker 0.10.4, and the Debian packages the tests use.
     Prereqs,
-    /// Build everything and run every test: unit tests, packet fixtures
-    /// through BPF_PROG_TEST_RUN, and network-namespace integration with the
-    /// real agent. Arguments after `--` go to the test binaries (e.g. a
+    /// Build everything, run clippy (warnings fail) and every test: unit
+    /// tests, packet fixtures through BPF_PROG_TEST_RUN, and
+    /// network-namespace integration with the real agent. Arguments after `--` go to the test binaries (e.g. a
     /// test-name filter).
     Test {
         /// Passed to the test binaries.
@@ -79,9 +83,7 @@ fn workspace() -> &'static Path {
 
 /// Where cargo puts build output.
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace().join("target"), PathBuf::from)
 }
 
 /// eBPF and network namespaces need root; say so before doing anything.

@@ -33,6 +33,8 @@ pub fn ensure_with(extra: &[(&str, &str)]) -> anyhow::Result<()> {
     // rustup skips the download when the component is present.
     exec(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
         .context("rust-src for the nightly toolchain (builds core for the BPF target)")?;
+    exec(Command::new("rustup").args(["component", "add", "clippy", "--toolchain", "stable"]))
+        .context("clippy for the stable toolchain (`cargo xtask test` lints the workspace)")?;
 
     let installed = Command::new("bpf-linker")
         .arg("--version")

@@ -2,11 +2,12 @@
 
 use crate::{build_agent, cargo, exec, prereqs, require_root};
 
-/// Installs prerequisites, builds the agent, runs all tests.
+/// Installs prerequisites, builds the agent, runs clippy, runs all tests.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     require_root()?;
     prereqs::ensure()?;
     let agent = build_agent()?;
+    clippy()?;
     let variant = build_upgrade_variant()?;
     exec(
         cargo()
@@ -27,6 +28,23 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             .env("CANARY_AGENT_BIN", agent)
             .env(UPGRADE_VARIANT_ENV, variant),
     )
+}
+
+/// Clippy over every host crate and target under the workspace lints
+/// (Cargo.toml); any warning fails the run. canary-ebpf is left out: its
+/// code only exists for the BPF target.
+fn clippy() -> anyhow::Result<()> {
+    exec(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "canary-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .map_err(|e| e.context("clippy found warnings (workspace lints in Cargo.toml)"))
 }
 
 /// Where the tests find the upgrade-test object.

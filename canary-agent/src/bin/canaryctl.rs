@@ -1,4 +1,8 @@
 //! `canaryctl`: talk to a running canary-agent over its control socket.
+#![expect(
+    unused_crate_dependencies,
+    reason = "a thin binary over the canary_agent library, which uses the rest of the package's dependencies"
+)]
 
 use std::{
     io::{BufRead, BufReader, IsTerminal, Read, Write},
@@ -22,6 +26,10 @@ use clap::{Parser, Subcommand};
 /// or a member of its control_group). Exit status: 0 on success, 1 when the
 /// agent refused or could not be reached (the message says why), 2 on a
 /// usage error.
+#[expect(
+    clippy::doc_markdown,
+    reason = "doc comments here are the --help text, where backticks would show literally"
+)]
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -249,8 +257,7 @@ fn table(report: &StatusReport) -> String {
         };
         let observed = s
             .observed_canary_share
-            .map(|v| format!("{:.2}%", v * 100.0))
-            .unwrap_or_else(|| "-".into());
+            .map_or_else(|| "-".into(), |v| format!("{:.2}%", v * 100.0));
         for (i, c) in s.cohorts.iter().enumerate() {
             let (name, state, weight, observed) = if i == 0 {
                 (

@@ -47,7 +47,7 @@ pub struct AgentConfig {
     /// Where rollbacks are persisted, so a restart never re-raises a
     /// rolled-back canary.
     pub state_dir: PathBuf,
-    /// Where rollout state changes are POSTed as JSON, if anywhere.
+    /// Where rollout state changes are sent as JSON (HTTP POST), if anywhere.
     pub webhook: Option<crate::events::Webhook>,
     /// The bpffs directory where maps and links are pinned, so the data
     /// plane outlives the agent.
@@ -234,7 +234,7 @@ pub(super) fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> 
             S,
             "handshake_timeout",
             text,
-            (Duration::from_millis(100), Duration::from_secs(120)),
+            (Duration::from_millis(100), Duration::from_mins(2)),
             "3s",
         )?,
     };

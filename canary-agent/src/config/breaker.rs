@@ -81,7 +81,7 @@ pub(super) fn validate_breaker(
             section,
             "breaker.window",
             &text,
-            (Duration::from_millis(10), Duration::from_secs(60)),
+            (Duration::from_millis(10), Duration::from_mins(1)),
             "1s",
         )?;
     }

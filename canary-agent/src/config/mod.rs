@@ -65,7 +65,7 @@ pub const MAX_MAX_SERVICES: u32 = 1 << 20;
 pub const MAX_MAX_BACKENDS: u32 = 1 << 22;
 /// Longest service name. State files are `<name>.json` beside a temporary
 /// `.<name>.json.tmp`, so with this bound every name fits a file name
-/// (NAME_MAX is 255 bytes) and a metric label stays readable.
+/// (`NAME_MAX` is 255 bytes) and a metric label stays readable.
 pub const MAX_SERVICE_NAME: usize = 64;
 /// Longest interface name (the kernel's IFNAMSIZ is 16 with the NUL).
 pub const MAX_INTERFACE_NAME: usize = 15;
@@ -75,14 +75,14 @@ pub const MAX_INTERFACES: usize = 256;
 /// with the NUL.
 pub const MAX_SOCKET_PATH: usize = 107;
 /// Longest `state_dir` path, so that every state file path under it stays
-/// far below PATH_MAX.
+/// far below `PATH_MAX`.
 pub const MAX_STATE_DIR: usize = 1024;
 /// Longest `webhook_url` or `control_group`.
 pub const MAX_TEXT: usize = 2048;
 /// Most steps of a rollout plan.
 pub const MAX_STEPS: usize = 100;
 /// Longest `hold` of a rollout step.
-pub const MAX_HOLD: Duration = Duration::from_secs(30 * 86_400);
+pub const MAX_HOLD: Duration = Duration::from_hours(30 * 24);
 /// Upper bound of the connection and sample counts in a plan
 /// (`min_connections`, `judge.min_samples`): a trillion.
 pub const MAX_COUNT: i64 = 1_000_000_000_000;

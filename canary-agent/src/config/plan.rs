@@ -123,7 +123,7 @@ pub(super) fn validate_rollout(
             section,
             "rollout.interval",
             text,
-            (Duration::from_millis(100), Duration::from_secs(600)),
+            (Duration::from_millis(100), Duration::from_mins(10)),
             "1s",
         )?,
     };
@@ -169,7 +169,7 @@ pub(super) fn validate_rollout(
                     section,
                     key,
                     &text,
-                    (Duration::ZERO, Duration::from_secs(60)),
+                    (Duration::ZERO, Duration::from_mins(1)),
                     "1ms",
                 )?;
                 // At most 6e10 ns: exact in an f64.
@@ -246,11 +246,11 @@ mod tests {
                 r.steps[0].hold,
                 r.steps[0].min_connections
             ),
-            (10_000, Duration::from_secs(600), 100)
+            (10_000, Duration::from_mins(10), 100)
         );
         assert_eq!(
             (r.steps[1].gate, r.steps[1].hold),
-            (Gate::Manual, Duration::from_secs(3600))
+            (Gate::Manual, Duration::from_hours(1))
         );
         assert_eq!(
             (r.interval, r.fail_after, r.judge.alpha),

@@ -367,7 +367,7 @@ enum LineRead {
     TooLong,
 }
 
-/// Reads one `\n`-terminated line of at most MAX_MESSAGE bytes.
+/// Reads one `\n`-terminated line of at most `MAX_MESSAGE` bytes.
 async fn read_line<R: AsyncBufReadExt + Unpin>(
     reader: &mut R,
     line: &mut Vec<u8>,

@@ -41,7 +41,7 @@ pub(super) fn cohort_window(
         let old = base.histograms[usize::from(cohort)].as_ref();
         for (i, slot) in first_byte.iter_mut().enumerate() {
             *slot = h.first_byte_ns.buckets[i]
-                .saturating_sub(old.map(|o| o.first_byte_ns.buckets[i]).unwrap_or(0));
+                .saturating_sub(old.map_or(0, |o| o.first_byte_ns.buckets[i]));
         }
     }
     CohortWindow {
@@ -99,8 +99,7 @@ impl Agent {
                 Some(ServiceState::Progressing { since_unix, .. }) => {
                     let now_unix = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_secs())
-                        .unwrap_or(0);
+                        .map_or(0, |d| d.as_secs());
                     Duration::from_secs(now_unix.saturating_sub(*since_unix))
                 }
                 _ => Duration::ZERO,

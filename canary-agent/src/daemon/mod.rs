@@ -453,7 +453,7 @@ impl Agent {
                     info!(interface = %name, mode = mode.as_str(), "interface is back; re-attached");
                 }
                 Err(e) => {
-                    error!(interface = %name, error = %error_chain(&e), "interface is back but cannot be re-attached; retrying every second")
+                    error!(interface = %name, error = %error_chain(&e), "interface is back but cannot be re-attached; retrying every second");
                 }
             }
         }

@@ -126,7 +126,7 @@ impl Agent {
             match before {
                 None => info!(interface = %iface.name, mode = iface.mode.as_str(), "attached"),
                 Some(old) => {
-                    info!(interface = %iface.name, from = old.as_str(), to = iface.mode.as_str(), "ingress mode changed")
+                    info!(interface = %iface.name, from = old.as_str(), to = iface.mode.as_str(), "ingress mode changed");
                 }
             }
         }

@@ -248,8 +248,7 @@ impl Agent {
             detail: detail.to_string(),
             at_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+                .map_or(0, |d| d.as_secs()),
         });
     }
 
@@ -267,7 +266,9 @@ impl Agent {
         rollback: Option<&'static str>,
     ) {
         let source = self.dp.stats_source();
-        let mut source = source.lock().unwrap_or_else(|p| p.into_inner());
+        let mut source = source
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         source.set_rollout(name, state.name(), rollback);
     }
 }

@@ -50,8 +50,7 @@ impl Agent {
             let state = self
                 .rollouts
                 .get(&svc.name)
-                .map(|r| r.state.clone())
-                .unwrap_or(ServiceState::IDLE);
+                .map_or(ServiceState::IDLE, |r| r.state.clone());
             let Some(snap) = snapshot.service(&svc.name) else {
                 continue;
             };

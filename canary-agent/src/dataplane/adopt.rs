@@ -51,7 +51,7 @@ impl Dataplane {
             .map_err(|source| map_error(names::SERVICES, "read".to_string(), source))?;
         let mut rules: BTreeMap<u32, Vec<(Key<canary_common::service::RuleKey>, u32)>> =
             BTreeMap::new();
-        for entry in self.rules.iter() {
+        for entry in &self.rules {
             let (key, action) =
                 entry.map_err(|source| map_error(names::RULES, "read".to_string(), source))?;
             rules
@@ -61,7 +61,7 @@ impl Dataplane {
         }
         let mut adopted = Adopted {
             services: entries.len(),
-            flows: self.conntrack.keys().filter(Result::is_ok).count(),
+            flows: self.conntrack.keys().flatten().count(),
             tripped: Vec::new(),
         };
         let mut max_id = 0;
@@ -247,7 +247,7 @@ fn copy_hash<K: aya::Pod, V: aya::Pod>(
     flags: u64,
 ) -> Result<usize, MapError> {
     let mut copied = 0;
-    for entry in from.iter() {
+    for entry in from {
         // An entry deleted while we walk is simply not copied.
         let Ok((key, value)) = entry else { continue };
         match to.insert(key, value, flags) {

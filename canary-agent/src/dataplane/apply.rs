@@ -74,14 +74,13 @@ impl Dataplane {
         let mut next_rule_set = self.next_rule_set;
         let mut new_ids = Vec::new();
         for svc in services {
-            let svc_id = match self.svc_ids.get(&svc.name) {
-                Some(&id) => id,
-                None => {
-                    let id = next_svc_id;
-                    next_svc_id += 1;
-                    new_ids.push((svc.name.clone(), id));
-                    id
-                }
+            let svc_id = if let Some(&id) = self.svc_ids.get(&svc.name) {
+                id
+            } else {
+                let id = next_svc_id;
+                next_svc_id += 1;
+                new_ids.push((svc.name.clone(), id));
+                id
             };
             let old = self.installed.get(&svc.name);
             let rule_list = rule_list(svc);
@@ -118,7 +117,7 @@ impl Dataplane {
             match old {
                 None => report.added.push(svc.name.clone()),
                 Some(old) if old.key != installed.key || old.value != installed.value => {
-                    report.changed.push(svc.name.clone())
+                    report.changed.push(svc.name.clone());
                 }
                 Some(_) => {}
             }
@@ -381,7 +380,7 @@ impl Dataplane {
                     .collect();
                 ServiceView {
                     name: svc.name.clone(),
-                    svc_id: wanted.get(&svc.name).map(|i| i.value.svc_id).unwrap_or(0),
+                    svc_id: wanted.get(&svc.name).map_or(0, |i| i.value.svc_id),
                     weight_ratio: f64::from(svc.weight.ppm()) / 1e6,
                     backends,
                 }

@@ -69,6 +69,10 @@ impl Dataplane {
     /// the first to see a packet steers it and the second sees a packet to a
     /// backend, not a VIP, and lets it pass: no packet is lost or steered
     /// twice. Returns the mode the interface had before, if any.
+    #[expect(
+        clippy::missing_panics_doc,
+        reason = "cannot panic: the one `expect` is on an entry looked up just above"
+    )]
     pub fn attach(
         &mut self,
         interface: &str,
@@ -299,7 +303,7 @@ impl Dataplane {
                     pruned.push((interface, hook));
                 }
                 Err(e) => {
-                    warn!(path = %path.display(), error = %e, "cannot remove a stale link pin")
+                    warn!(path = %path.display(), error = %e, "cannot remove a stale link pin");
                 }
             }
         }

@@ -61,13 +61,14 @@ pub fn service_value(
             CohortMode::PerConnection => MODE_PER_CONNECTION,
         },
         flags: if canary_off { FLAG_CANARY_OFF } else { 0 },
-        breaker_window_ms: b.window.as_millis().min(u128::from(u32::MAX)) as u32,
+        breaker_window_ms: u32::try_from(b.window.as_millis()).unwrap_or(u32::MAX),
         breaker_min_failures: if b.enabled { b.min_failures } else { 0 },
         // ppm → permille, rounded up so "0.01%" is not 0.
-        breaker_ratio_permille: b.failure_ratio.ppm().div_ceil(1000) as u16,
+        breaker_ratio_permille: u16::try_from(b.failure_ratio.ppm().div_ceil(1000))
+            .unwrap_or(u16::MAX),
         // Config validation caps both lists at MAX_BACKENDS (<= u8::MAX).
-        n_stable: svc.stable.len().min(MAX_BACKENDS) as u8,
-        n_canary: svc.canary.len().min(MAX_BACKENDS) as u8,
+        n_stable: u8::try_from(svc.stable.len().min(MAX_BACKENDS)).unwrap_or(u8::MAX),
+        n_canary: u8::try_from(svc.canary.len().min(MAX_BACKENDS)).unwrap_or(u8::MAX),
         stable: [Backend::default(); MAX_BACKENDS],
         canary: [Backend::default(); MAX_BACKENDS],
     };

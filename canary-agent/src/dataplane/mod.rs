@@ -187,7 +187,7 @@ impl Default for Capacity {
 }
 
 impl Capacity {
-    /// max_entries of each resized map.
+    /// `max_entries` of each resized map.
     ///
     /// The service and backend maps hold twice the configured maximum: an
     /// apply writes the new entries beside the old ones before it removes
@@ -594,7 +594,9 @@ fn map_error(map: &'static str, action: String, source: MapError) -> DataplaneEr
 fn lock(stats: &Mutex<StatsSource>) -> MutexGuard<'_, StatsSource> {
     // A panic while holding the lock cannot leave the maps inconsistent
     // (they live in the kernel), so a poisoned lock is still usable.
-    stats.lock().unwrap_or_else(|p| p.into_inner())
+    stats
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Map update flag: only add a new element.

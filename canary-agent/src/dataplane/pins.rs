@@ -149,7 +149,7 @@ impl Pins {
     }
 
     /// Decides, for every map of `object`, whether to create, reuse or
-    /// migrate it. `capacity` holds the max_entries this agent asks for,
+    /// migrate it. `capacity` holds the `max_entries` this agent asks for,
     /// by map name. Refuses incompatible pins.
     pub fn plan(
         &self,

@@ -18,7 +18,7 @@ impl Dataplane {
 
     /// Number of conntrack entries (walks the map; for tests and tools).
     pub fn conntrack_len(&self) -> usize {
-        self.conntrack.keys().filter(Result::is_ok).count()
+        self.conntrack.keys().flatten().count()
     }
 
     /// Loads the benchmark's empty baseline programs (the agent never does).
@@ -47,7 +47,7 @@ impl Dataplane {
         let mut out = vec![0u8; packet.len() + 256];
         let result = self.test_run_repeat(program, packet, 1, Some(&mut out))?;
         out.truncate(result.data_size_out as usize);
-        Ok((result.return_value as i32, out))
+        Ok((result.return_value.cast_signed(), out))
     }
 
     /// Runs `program` `repeat` times on one copy of `packet` (a rewrite by

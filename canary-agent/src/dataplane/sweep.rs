@@ -9,14 +9,15 @@ use tracing::warn;
 
 use super::{BPF_EXIST, Dataplane, DataplaneError, lock};
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
+#[expect(clippy::cast_sign_loss, reason = "CLOCK_MONOTONIC is never negative")]
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `ts` is a valid, writable timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
@@ -27,7 +28,7 @@ impl Dataplane {
     /// still a retry, not a new connection. Returns how many timed out.
     pub fn sweep_pending(&mut self, timeout: Duration) -> Result<u64, DataplaneError> {
         let now = monotonic_ns();
-        let limit = timeout.as_nanos() as u64;
+        let limit = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
         let keys: Vec<FlowKey> = self.pending.keys().filter_map(Result::ok).collect();
         let mut expired = 0;
         for key in keys {

@@ -160,11 +160,11 @@ pub fn decide(
 ) -> Result<Decision, Refusal> {
     match event {
         Event::Operator(command) => operator(svc, &current.state, command, now_unix),
-        Event::Judged(judgement) => Ok(judged(svc, current, judgement, now_unix)),
+        Event::Judged(judgement) => Ok(judged(svc, current, &judgement, now_unix)),
         Event::BreakerTripped { failures, attempts } => {
             Ok(breaker(current, failures, attempts, now_unix))
         }
-        Event::Configured { saved } => configured(svc, current, saved, now_unix),
+        Event::Configured { saved } => configured(svc, current, &saved, now_unix),
     }
 }
 
@@ -260,7 +260,7 @@ fn operator(
     Ok(change(state, to, svc, Actor::Operator, None))
 }
 
-fn judged(svc: &ServiceConfig, current: &Rollout, judgement: Judgement, now: u64) -> Decision {
+fn judged(svc: &ServiceConfig, current: &Rollout, judgement: &Judgement, now: u64) -> Decision {
     let state = &current.state;
     let unchanged = |failing, line: String| Decision {
         to: Rollout {
@@ -308,6 +308,7 @@ fn judged(svc: &ServiceConfig, current: &Rollout, judgement: Judgement, now: u64
     let ServiceState::Progressing { step, .. } = state else {
         return unchanged(failing, format!("judge: {line}"));
     };
+    let next = step.saturating_add(1);
     let step = *step as usize;
     let at = &plan.steps[step.min(plan.steps.len() - 1)];
     let passed = matches!(judgement.verdict, Verdict::Pass { .. })
@@ -316,11 +317,10 @@ fn judged(svc: &ServiceConfig, current: &Rollout, judgement: Judgement, now: u64
     if !passed {
         return unchanged(failing, format!("judge: {line}"));
     }
-    let next = step + 1;
-    let to = match plan.steps.get(next) {
+    let to = match plan.steps.get(step + 1) {
         None => ServiceState::Promoted { at_unix: now },
-        Some(s) if s.gate == Gate::Manual => ServiceState::AwaitingApproval { step: next as u32 },
-        Some(_) => progressing(next as u32, now),
+        Some(s) if s.gate == Gate::Manual => ServiceState::AwaitingApproval { step: next },
+        Some(_) => progressing(next, now),
     };
     change(
         state,
@@ -389,10 +389,10 @@ fn fits(svc: &ServiceConfig, state: &ServiceState) -> Result<Option<&'static str
 fn configured(
     svc: &ServiceConfig,
     current: &Rollout,
-    saved: ServiceState,
+    saved: &ServiceState,
     now: u64,
 ) -> Result<Decision, Refusal> {
-    let ended = fits(svc, &saved).map_err(|detail| {
+    let ended = fits(svc, saved).map_err(|detail| {
         Refusal(format!(
             "service {:?}: its saved rollout state ({}) does not fit the config: {detail}",
             svc.name,

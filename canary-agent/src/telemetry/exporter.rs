@@ -119,7 +119,7 @@ fn openmetrics_to_text(om: &str) -> String {
                 name.to_string()
             };
             if let Some(h) = help.take() {
-                let text = h.split_once(' ').map(|(_, t)| t).unwrap_or("");
+                let text = h.split_once(' ').map_or("", |(_, t)| t);
                 out.push_str(&format!("# HELP {name} {text}\n"));
             }
             out.push_str(&format!("# TYPE {name} {kind}\n"));
@@ -141,7 +141,10 @@ struct StatsCollector {
 impl Collector for StatsCollector {
     fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snapshot = {
-            let source = self.source.lock().unwrap_or_else(|p| p.into_inner());
+            let source = self
+                .source
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             // A failed map read fails the scrape rather than exporting zeros.
             source.snapshot().map_err(|_| std::fmt::Error)?
         };

@@ -156,7 +156,7 @@ impl std::fmt::Debug for StatsSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StatsSource")
             .field("services", &self.view.len())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
