@@ -6,8 +6,8 @@ use aya_ebpf::programs::TcContext;
 use canary_common::{
     counters::Counter,
     flow::{
-        CT_REOPENED, CT_REVERSE, FlowKey, ST_BACKEND_FIN, ST_CLIENT_FIN, ST_HANDSHAKE, ST_REQUEST,
-        ST_RESPONSE, ST_RST,
+        CT_REOPENED, CT_REVERSE, CtEntry, FlowKey, ST_BACKEND_FIN, ST_CLIENT_FIN, ST_HANDSHAKE,
+        ST_REQUEST, ST_RESPONSE, ST_RST,
     },
     service::COHORT_CANARY,
 };
@@ -44,14 +44,7 @@ pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
     let response = pkt.payload_len > 0 && rev.state & ST_RESPONSE == 0;
     let closing = rev.state & ST_RST != 0;
     if syn_ack || response || closing || pkt.has(TCP_FIN) || pkt.has(TCP_RST) {
-        let fwd_key = FlowKey {
-            src_addr: pkt.key.dst_addr,
-            dst_addr: rev.nat_addr,
-            src_port: pkt.key.dst_port,
-            dst_port: rev.nat_port,
-            proto: pkt.key.proto,
-            _pad: [0; 3],
-        };
+        let fwd_key = forward_key(&pkt.key, &rev);
         let fwd = conntrack::lookup(&fwd_key);
         if closing && !pkt.has(TCP_RST) {
             // The backend still talks on a flow a RST closed: it ignored
@@ -163,14 +156,7 @@ fn unconfirmed(ctx: &TcContext, pkt: &Tcp4) -> Result<Action, Counter> {
     if rev.flags & CT_REVERSE == 0 {
         return Ok(Action::Ignore);
     }
-    let fwd_key = FlowKey {
-        src_addr: pkt.key.dst_addr,
-        dst_addr: rev.nat_addr,
-        src_port: pkt.key.dst_port,
-        dst_port: rev.nat_port,
-        proto: pkt.key.proto,
-        _pad: [0; 3],
-    };
+    let fwd_key = forward_key(&pkt.key, &rev);
     let mut counters = stats::backend(rev.stats_slot);
     if let Some(c) = counters.as_deref_mut() {
         c.packets_from_backend += 1;
@@ -179,4 +165,19 @@ fn unconfirmed(ctx: &TcContext, pkt: &Tcp4) -> Result<Action, Counter> {
     conntrack::confirm(&fwd_key, &pkt.key, &rev, pkt.has(TCP_RST), counters);
     ctx.rewrite(pkt, End::Src, rev.nat_addr, rev.nat_port)?;
     Ok(Action::Forward)
+}
+
+/// The forward (client → VIP) key of the flow a reply (`reply`, backend →
+/// client) belongs to: the client from the reply's destination, the VIP
+/// the reverse entry recorded.
+#[inline(always)]
+fn forward_key(reply: &FlowKey, rev: &CtEntry) -> FlowKey {
+    FlowKey {
+        src_addr: reply.dst_addr,
+        dst_addr: rev.nat_addr,
+        src_port: reply.dst_port,
+        dst_port: rev.nat_port,
+        proto: reply.proto,
+        _pad: [0; 3],
+    }
 }
