@@ -71,9 +71,16 @@ pub static HISTOGRAMS: HashMap<u32, CohortHistograms> =
 /// Forward 5-tuple → SYN not yet answered. Inserted on a new flow's SYN,
 /// removed at the SYN-ACK or a refusal by the programs, and by the agent's
 /// sweep when the handshake times out.
+#[cfg(not(feature = "upgrade-test"))]
 #[map(name = "PENDING")]
 pub static PENDING: LruHashMap<FlowKey, PendingSyn> =
     LruHashMap::with_max_entries(PENDING_CAPACITY, 0);
+
+/// The upgrade-test build's `PENDING`: another map type, so the upgrade
+/// test also takes the path where a transient map's layout changed.
+#[cfg(feature = "upgrade-test")]
+#[map(name = "PENDING")]
+pub static PENDING: HashMap<FlowKey, PendingSyn> = HashMap::with_max_entries(PENDING_CAPACITY, 0);
 
 /// Service id → breaker window. Created by the agent per service and reset
 /// by it only on `resume`; updated by the programs on canary attempts and

@@ -290,6 +290,14 @@ fn an_upgrade_to_different_programs_breaks_and_moves_no_connection() {
             assert_ne!(id0, id1, "the program on the link was replaced");
             assert_ne!(tag0, tag1, "the new program's code differs");
         }
+        assert!(
+            agent
+                .log()
+                .iter()
+                .any(|l| l.contains("starts empty") && l.contains("PENDING")),
+            "the variant's PENDING has another map type: it must be recreated, not refused; log:\n{}",
+            agent.log().join("\n")
+        );
     });
 }
 

@@ -124,7 +124,8 @@ impl Dataplane {
     }
 
     /// Copies every migrating map's pinned entries into its replacement,
-    /// before any program uses the replacement.
+    /// before any program uses the replacement (a recreated map starts
+    /// empty).
     pub(super) fn copy_migrating(&mut self) -> Result<(), DataplaneError> {
         let Some(pins) = self.pins.clone() else {
             return Ok(());
@@ -175,7 +176,9 @@ impl Dataplane {
                         .collect::<Result<Vec<()>, MapError>>()
                         .map(|v| v.len())
                 }
-                _ => Ok(0),
+                // Recreated empty (a transient map in a new layout): nothing
+                // to copy.
+                _ => continue,
             }
             .map_err(|source| {
                 map_error(

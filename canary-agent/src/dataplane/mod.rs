@@ -383,7 +383,7 @@ impl Dataplane {
                     MapAction::Create | MapAction::Reuse => {
                         loader.map_pin_path(name, pins.map_path(name));
                     }
-                    MapAction::Migrate => migrating.push(name),
+                    MapAction::Migrate | MapAction::Recreate => migrating.push(name),
                 }
             }
         }

@@ -35,6 +35,10 @@ pub enum MapAction {
     /// A pin that differs only in capacity: create a new map, copy the
     /// entries over, and replace the pin once the new programs run.
     Migrate,
+    /// A pin of a map whose contents are transient, in any other layout:
+    /// create a new, empty map and replace the pin once the new programs
+    /// run.
+    Recreate,
 }
 
 /// The maps whose capacity is a config knob, so a pin may differ from the
@@ -47,6 +51,12 @@ const RESIZABLE: [&str; 6] = [
     names::STATS,
     names::TIMEOUTS,
 ];
+
+/// Maps whose entries live for a handshake or until a backend answers:
+/// when a new version changes their layout, they start empty rather than
+/// refusing the start. What is lost: handshakes in flight are not timed
+/// out by the sweep, and flows waiting to be confirmed are re-resolved.
+const TRANSIENT: [&str; 2] = [names::PENDING, names::UNCONFIRMED];
 
 /// The pin directory of one data plane.
 #[derive(Clone, Debug)]
@@ -183,62 +193,43 @@ impl Pins {
             let info = MapInfo::from_pin(&path).map_err(|e| {
                 incompatible(format!("cannot read the pin {}: {e}", path.display()))
             })?;
-            let found_type = info
-                .map_type()
-                .map(|t| t as u32)
-                .map_err(|e| incompatible(format!("unknown map type: {e}")))?;
-            // aya creates ring buffers with value size 0 whatever the object
-            // says.
-            let want_value =
-                if found_type == aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32 {
-                    0
-                } else {
-                    def.value_size()
-                };
-            for (what, want, found) in [
-                ("map type", def.map_type(), found_type),
-                ("key size", def.key_size(), info.key_size()),
-                ("value size", want_value, info.value_size()),
-                ("flags", def.map_flags(), info.map_flags()),
-            ] {
-                if want != found {
+            let want_entries = capacity.get(name).copied().unwrap_or(def.max_entries());
+            let difference = layout_difference(
+                def,
+                &info,
+                version.map(|v| (v, index)),
+                recorded.as_deref(),
+                any_pinned,
+            );
+            let action = match difference {
+                Ok(Some(reason)) if TRANSIENT.contains(&name) => {
+                    info!(map = name, difference = %reason, "pinned map has another layout; its contents are transient, so it starts empty");
+                    MapAction::Recreate
+                }
+                Err(reason) | Ok(Some(reason)) => return Err(incompatible(reason)),
+                Ok(None) if info.max_entries() == want_entries => MapAction::Reuse,
+                Ok(None) if RESIZABLE.contains(&name) => {
+                    info!(
+                        map = name,
+                        from = info.max_entries(),
+                        to = want_entries,
+                        "pinned map has another capacity; it will be migrated"
+                    );
+                    MapAction::Migrate
+                }
+                Ok(None) if TRANSIENT.contains(&name) => {
+                    info!(
+                        map = name,
+                        "pinned map has another capacity; its contents are transient, so it starts empty"
+                    );
+                    MapAction::Recreate
+                }
+                Ok(None) => {
                     return Err(incompatible(format!(
-                        "its {what} is {found}, this agent needs {want}"
+                        "its capacity is {} entries, this agent needs {want_entries}",
+                        info.max_entries()
                     )));
                 }
-            }
-            if let Some(version) = version {
-                match recorded.as_ref().map(|r| r.get(index).copied()) {
-                    None if any_pinned => {
-                        return Err(incompatible(format!(
-                            "no {} map records its layout version",
-                            names::LAYOUT
-                        )));
-                    }
-                    Some(Some(found)) if found != version => {
-                        return Err(incompatible(format!(
-                            "its layout version is {found}, this agent uses {version} and has no migration from it"
-                        )));
-                    }
-                    _ => {}
-                }
-            }
-            let want_entries = capacity.get(name).copied().unwrap_or(def.max_entries());
-            let action = if info.max_entries() == want_entries {
-                MapAction::Reuse
-            } else if RESIZABLE.contains(&name) {
-                info!(
-                    map = name,
-                    from = info.max_entries(),
-                    to = want_entries,
-                    "pinned map has another capacity; it will be migrated"
-                );
-                MapAction::Migrate
-            } else {
-                return Err(incompatible(format!(
-                    "its capacity is {} entries, this agent needs {want_entries}",
-                    info.max_entries()
-                )));
             };
             plan.insert(name, action);
         }
@@ -336,4 +327,55 @@ where
     let data = MapData::from_pin(path).map_err(failed)?;
     let map = Map::from_map_data(data).map_err(failed)?;
     T::try_from(map).map_err(failed)
+}
+
+/// How a pinned map's layout differs from what the object defines: `None`
+/// if only its capacity may differ, `Some(reason)` if its type, key,
+/// value, flags or layout version differ, `Err(reason)` if its layout
+/// cannot be told at all. `version` is this build's layout version of the
+/// map and its index in `LAYOUT` (none for `LAYOUT` itself); `recorded`
+/// the pinned `LAYOUT`'s versions, if there is one.
+fn layout_difference(
+    def: &aya_obj::Map,
+    info: &MapInfo,
+    version: Option<(u32, usize)>,
+    recorded: Option<&[u32]>,
+    any_pinned: bool,
+) -> Result<Option<String>, String> {
+    let found_type = info
+        .map_type()
+        .map(|t| t as u32)
+        .map_err(|e| format!("unknown map type: {e}"))?;
+    // aya creates ring buffers with value size 0 whatever the object says.
+    let want_value = if found_type == aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32
+    {
+        0
+    } else {
+        def.value_size()
+    };
+    for (what, want, found) in [
+        ("map type", def.map_type(), found_type),
+        ("key size", def.key_size(), info.key_size()),
+        ("value size", want_value, info.value_size()),
+        ("flags", def.map_flags(), info.map_flags()),
+    ] {
+        if want != found {
+            return Ok(Some(format!(
+                "its {what} is {found}, this agent needs {want}"
+            )));
+        }
+    }
+    let Some((version, index)) = version else {
+        return Ok(None);
+    };
+    Ok(match recorded.map(|r| r.get(index).copied()) {
+        None if any_pinned => Some(format!(
+            "no {} map records its layout version",
+            names::LAYOUT
+        )),
+        Some(Some(found)) if found != version => Some(format!(
+            "its layout version is {found}, this agent uses {version} and has no migration from it"
+        )),
+        _ => None,
+    })
 }
