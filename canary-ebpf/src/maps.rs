@@ -51,8 +51,15 @@ pub static UNCONFIRMED: LruHashMap<FlowKey, CtEntry> =
 
 /// Per-CPU counters indexed by [`Counter`]. Written by the programs, summed
 /// by the agent.
+#[cfg(not(feature = "upgrade-test"))]
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+/// The upgrade-test build's `COUNTERS`: one spare entry, as a version that
+/// counts a new event would have, so the upgrade test also migrates it.
+#[cfg(feature = "upgrade-test")]
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT + 1, 0);
 
 /// Per-CPU counters per backend slot (service × cohort × backend), bumped on
 /// every packet. Slots are assigned by the agent; summed at scrape time.

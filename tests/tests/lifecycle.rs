@@ -298,6 +298,14 @@ fn an_upgrade_to_different_programs_breaks_and_moves_no_connection() {
             "the variant's PENDING has another map type: it must be recreated, not refused; log:\n{}",
             agent.log().join("\n")
         );
+        assert!(
+            agent
+                .log()
+                .iter()
+                .any(|l| l.contains("migrated the pinned map") && l.contains("COUNTERS")),
+            "the variant counts one more event: COUNTERS must be migrated; log:\n{}",
+            agent.log().join("\n")
+        );
     });
 }
 

@@ -164,6 +164,18 @@ impl Dataplane {
                         .collect::<Result<Vec<()>, MapError>>()
                         .map(|v| v.len())
                 }
+                names::COUNTERS => {
+                    let old: PerCpuArray<MapData, u64> = pins::open_pinned(&path, name)?;
+                    let mut stats = lock(&self.stats);
+                    let n = old.len().min(stats.counters.len());
+                    (0..n)
+                        .map(|i| {
+                            let values = old.get(&i, 0)?;
+                            stats.counters.set(i, values, 0)
+                        })
+                        .collect::<Result<Vec<()>, MapError>>()
+                        .map(|v| v.len())
+                }
                 names::TIMEOUTS => {
                     let old: Array<MapData, HandshakeTimeouts> = pins::open_pinned(&path, name)?;
                     let mut stats = lock(&self.stats);

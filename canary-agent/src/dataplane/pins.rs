@@ -41,9 +41,11 @@ pub enum MapAction {
     Recreate,
 }
 
-/// The maps whose capacity is a config knob, so a pin may differ from the
-/// config in size and be migrated.
-const RESIZABLE: [&str; 6] = [
+/// The maps whose capacity is a config knob (or, for `COUNTERS`, grows
+/// when a new version counts more events), so a pin may differ in size
+/// and be migrated.
+const RESIZABLE: [&str; 7] = [
+    names::COUNTERS,
     names::CONNTRACK,
     names::SERVICES,
     names::BREAKER,
