@@ -97,10 +97,7 @@ impl Agent {
             // not kept.
             let step_age = match self.rollouts.get(&svc.name).map(|r| &r.state) {
                 Some(ServiceState::Progressing { since_unix, .. }) => {
-                    let now_unix = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs());
-                    Duration::from_secs(now_unix.saturating_sub(*since_unix))
+                    Duration::from_secs(crate::rollout::now_unix().saturating_sub(*since_unix))
                 }
                 _ => Duration::ZERO,
             };

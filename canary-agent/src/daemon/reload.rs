@@ -34,7 +34,7 @@ pub(super) enum ChangeError {
 /// services (at start and on reload); the rest of its effects follow it.
 pub(super) struct Pending {
     pub(super) service: String,
-    pub(super) from: ServiceState,
+    pub(super) from: Rollout,
     pub(super) decision: Decision,
 }
 
@@ -65,7 +65,7 @@ pub(super) fn configure(
         if !decision.effects.is_empty() {
             pending.push(Pending {
                 service: svc.name.clone(),
-                from: before.state,
+                from: before,
                 decision,
             });
         }

@@ -78,7 +78,7 @@ impl Agent {
             .unwrap_or_else(|| Rollout::new(ServiceState::IDLE));
         let decision = engine::decide(&svc, &current, event, crate::rollout::now_unix())
             .map_err(FeedError::Refused)?;
-        self.carry_out(&svc, &current, decision)
+        self.carry_out(&svc, &current, decision, false)
     }
 
     /// The engine's decision for a trip found at start, before the data
@@ -91,39 +91,43 @@ impl Agent {
             .insert(service.to_string(), decision.to.clone());
         Some(Pending {
             service: service.to_string(),
-            from: current.state,
+            from: current,
             decision,
         })
     }
 
-    /// Carries out `decision` for `svc`, whose rollout was `current`.
+    /// Carries out `decision` for `svc`, whose rollout was `current`, in
+    /// the order the engine gave. `programmed`: the data plane already holds
+    /// the decision (a start's or a reload's one apply), so `Program` has
+    /// nothing left to do and a failed `Persist` can only be reported.
+    /// Otherwise a failed `Persist` changes nothing, and a failed
+    /// `Program` restores the old state on disk and in the data plane.
     pub(super) fn carry_out(
         &mut self,
         svc: &ServiceConfig,
         current: &Rollout,
         decision: Decision,
+        programmed: bool,
     ) -> Result<(), FeedError> {
         let name = svc.name.clone();
         for effect in &decision.effects {
             match effect {
-                Effect::Persist => self
-                    .store
-                    .save(&name, &decision.to.state)
-                    .map_err(FeedError::NotPersisted)?,
+                Effect::Persist => {
+                    if let Err(e) = self.store.save(&name, &decision.to.state) {
+                        if !programmed {
+                            return Err(FeedError::NotPersisted(e));
+                        }
+                        error!(service = %name, error = %error_chain(&e), "cannot persist the rollout state: a restart would not find it");
+                    }
+                }
                 Effect::ResetBreaker => self.reset_breaker(&name),
+                Effect::Program if programmed => {}
                 Effect::Program => {
                     self.rollouts.insert(name.clone(), decision.to.clone());
-                    let applied = self.dp.apply(
-                        &effective(&self.config, &self.rollouts),
-                        &canary_off(&self.rollouts),
-                    );
-                    if let Err(e) = applied {
+                    if let Err(e) = self.program() {
                         self.rollouts.insert(name.clone(), current.clone());
                         let _ = self.store.save(&name, &current.state);
-                        let _ = self.dp.apply(
-                            &effective(&self.config, &self.rollouts),
-                            &canary_off(&self.rollouts),
-                        );
+                        let _ = self.program();
                         return Err(FeedError::NotApplied(e));
                     }
                 }
@@ -131,7 +135,7 @@ impl Agent {
                     self.windows.remove(&name);
                 }
                 Effect::Announce { by, verdict } => {
-                    self.announce_change(svc, &current.state, &decision.to.state, *by, verdict);
+                    self.announce(svc, &current.state, &decision.to.state, *by, verdict);
                 }
                 Effect::Verdict(line) => {
                     self.verdicts.insert(name.clone(), line.clone());
@@ -140,6 +144,17 @@ impl Agent {
         }
         self.rollouts.insert(name, decision.to);
         Ok(())
+    }
+
+    /// Programs the data plane from the configured services and their
+    /// rollouts.
+    fn program(&mut self) -> Result<(), DataplaneError> {
+        self.dp
+            .apply(
+                &effective(&self.config, &self.rollouts),
+                &canary_off(&self.rollouts),
+            )
+            .map(drop)
     }
 
     /// Carries out decisions whose data plane is already programmed (by the
@@ -156,38 +171,13 @@ impl Agent {
             else {
                 continue;
             };
-            for effect in &p.decision.effects {
-                match effect {
-                    Effect::Persist => {
-                        if let Err(e) = self.store.save(&p.service, &p.decision.to.state) {
-                            error!(service = %p.service, error = %error_chain(&e), "cannot persist the rollout state: a restart would not find it");
-                        }
-                    }
-                    Effect::ResetBreaker => {
-                        self.reset_breaker(&p.service);
-                        reset = true;
-                    }
-                    Effect::Program => {}
-                    Effect::RestartWindow => {
-                        self.windows.remove(&p.service);
-                    }
-                    Effect::Announce { by, verdict } => {
-                        self.announce_change(&svc, &p.from, &p.decision.to.state, *by, verdict);
-                    }
-                    Effect::Verdict(line) => {
-                        self.verdicts.insert(p.service.clone(), line.clone());
-                    }
-                }
-            }
+            reset |= p.decision.effects.contains(&Effect::ResetBreaker);
+            // Cannot fail when programmed: a failed save is reported.
+            let _ = self.carry_out(&svc, &p.from, p.decision, true);
         }
         // The apply kept a tripped breaker's cut-off; with the breaker
         // reset, the canary the state lets in is let in now.
-        if reset
-            && let Err(e) = self.dp.apply(
-                &effective(&self.config, &self.rollouts),
-                &canary_off(&self.rollouts),
-            )
-        {
+        if reset && let Err(e) = self.program() {
             error!(error = %error_chain(&e), "cannot let the resumed canary back in; `canaryctl resume` it");
         }
     }
@@ -200,7 +190,7 @@ impl Agent {
 
     /// A state change, told everywhere: metrics, the log, the webhook and
     /// `status`.
-    pub(super) fn announce_change(
+    pub(super) fn announce(
         &mut self,
         svc: &ServiceConfig,
         from: &ServiceState,
@@ -215,41 +205,18 @@ impl Agent {
         self.publish_state(&svc.name, to, rollback);
         let weight = to.effective_weight(svc);
         warn!(event = "rollout-state", service = %svc.name, from = from.name(), to = to.name(), weight = %weight, by = by.as_str(), "{verdict}");
-        self.announce(
-            &svc.name,
-            from,
-            to,
-            &weight.to_string(),
-            by.as_str(),
-            verdict,
-        );
-        self.verdicts.insert(svc.name.clone(), verdict.to_string());
-    }
-
-    /// Tells people: one event per state change (the log line is written
-    /// by the caller).
-    pub(super) fn announce(
-        &self,
-        service: &str,
-        from: &ServiceState,
-        to: &ServiceState,
-        weight: &str,
-        by: &str,
-        detail: &str,
-    ) {
         self.events.send(Notice {
             event: "rollout-state",
             node: self.node.clone(),
-            service: service.to_string(),
+            service: svc.name.clone(),
             from: from.name().to_string(),
             to: to.name().to_string(),
             weight: weight.to_string(),
-            by: by.to_string(),
-            detail: detail.to_string(),
-            at_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            by: by.as_str().to_string(),
+            detail: verdict.to_string(),
+            at_unix: crate::rollout::now_unix(),
         });
+        self.verdicts.insert(svc.name.clone(), verdict.to_string());
     }
 
     /// Exports every service's rollout state.

@@ -156,37 +156,19 @@ impl Dataplane {
                         pins::open_pinned(&path, name)?;
                     let mut stats = lock(&self.stats);
                     let n = old.len().min(stats.stats.len());
-                    (0..n)
-                        .map(|i| {
-                            let values = old.get(&i, 0)?;
-                            stats.stats.set(i, values, 0)
-                        })
-                        .collect::<Result<Vec<()>, MapError>>()
-                        .map(|v| v.len())
+                    copy_indices(n, |i| stats.stats.set(i, old.get(&i, 0)?, 0))
                 }
                 names::COUNTERS => {
                     let old: PerCpuArray<MapData, u64> = pins::open_pinned(&path, name)?;
                     let mut stats = lock(&self.stats);
                     let n = old.len().min(stats.counters.len());
-                    (0..n)
-                        .map(|i| {
-                            let values = old.get(&i, 0)?;
-                            stats.counters.set(i, values, 0)
-                        })
-                        .collect::<Result<Vec<()>, MapError>>()
-                        .map(|v| v.len())
+                    copy_indices(n, |i| stats.counters.set(i, old.get(&i, 0)?, 0))
                 }
                 names::TIMEOUTS => {
                     let old: Array<MapData, HandshakeTimeouts> = pins::open_pinned(&path, name)?;
                     let mut stats = lock(&self.stats);
                     let n = old.len().min(stats.timeouts.len());
-                    (0..n)
-                        .map(|i| {
-                            let count = old.get(&i, 0)?;
-                            stats.timeouts.set(i, count, 0)
-                        })
-                        .collect::<Result<Vec<()>, MapError>>()
-                        .map(|v| v.len())
+                    copy_indices(n, |i| stats.timeouts.set(i, old.get(&i, 0)?, 0))
                 }
                 // Recreated empty (a transient map in a new layout): nothing
                 // to copy.
@@ -251,6 +233,18 @@ impl Dataplane {
         }
         Ok(())
     }
+}
+
+/// Runs `copy` for the array indices below `n`; returns how many were
+/// copied (all of them, or the first error).
+fn copy_indices(
+    n: u32,
+    mut copy: impl FnMut(u32) -> Result<(), MapError>,
+) -> Result<usize, MapError> {
+    for i in 0..n {
+        copy(i)?;
+    }
+    Ok(n as usize)
 }
 
 /// Copies every entry of `from` into `to` with update `flags`; an entry
