@@ -18,7 +18,8 @@ pub enum Counter {
     RstClosed,
     /// Packet shorter than an Ethernet header.
     TruncatedEth,
-    /// IPv4 packet shorter than its IP header, or IHL < 5.
+    /// IP packet shorter than its IP header (or an IPv6 extension header),
+    /// or IHL < 5.
     BadIpHeader,
     /// TCP packet to a VIP shorter than its TCP header, or data offset < 5.
     BadTcpHeader,
@@ -46,11 +47,15 @@ pub enum Counter {
     /// The backend answered a re-resolved flow with a RST: it had no such
     /// connection (a stray or forged packet). Not a refusal, not a failure.
     ReopenReset,
+    /// IPv6 packet with extension headers (hop-by-hop, routing,
+    /// fragment, destination options, authentication) before its
+    /// transport header: passed unsteered, never parsed.
+    Ipv6ExtHeader,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 16] = [
+    pub const ALL: [Counter; 17] = [
         Counter::NewFlow,
         Counter::CtMiss,
         Counter::SynRetransmit,
@@ -67,6 +72,7 @@ impl Counter {
         Counter::RstIgnored,
         Counter::ReopenConfirmed,
         Counter::ReopenReset,
+        Counter::Ipv6ExtHeader,
     ];
 
     /// Number of slots in the `COUNTERS` map.
@@ -92,6 +98,7 @@ impl Counter {
             Counter::RstIgnored => "rst_ignored",
             Counter::ReopenConfirmed => "reopen_confirmed",
             Counter::ReopenReset => "reopen_reset",
+            Counter::Ipv6ExtHeader => "ipv6_ext_header",
         }
     }
 
@@ -108,6 +115,7 @@ impl Counter {
                 | Counter::RstIgnored
                 | Counter::ReopenConfirmed
                 | Counter::ReopenReset
+                | Counter::Ipv6ExtHeader
         )
     }
 }

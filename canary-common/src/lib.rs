@@ -17,6 +17,7 @@
     reason = "the eBPF programs call these functions per packet; inlined, they cost no BPF-to-BPF call and the verifier sees the bounds in one function"
 )]
 
+pub mod addr;
 pub mod breaker;
 pub mod cohort;
 pub mod counters;
@@ -68,3 +69,5 @@ pub mod names {
 
 /// IANA protocol number of TCP.
 pub const IPPROTO_TCP: u8 = 6;
+/// IANA protocol number of UDP.
+pub const IPPROTO_UDP: u8 = 17;

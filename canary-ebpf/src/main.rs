@@ -13,6 +13,8 @@
 // Atomic fetch-or and add on map memory, see atomic.rs.
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
+// Packet pointers loaded by an instruction of their own, see packet.rs.
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 // The library target exists only for canary-agent's build dependency.
 use canary_ebpf as _;

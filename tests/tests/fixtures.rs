@@ -16,14 +16,14 @@
 
 use std::{
     collections::BTreeSet,
-    net::SocketAddrV4,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     ops::{Deref, DerefMut},
     path::Path,
 };
 
 use canary_agent::{
     config::{Config, IngressMode, ServiceConfig},
-    dataplane::{Capacity, Dataplane, Program, be_addr, flow_key},
+    dataplane::{Capacity, Dataplane, Program, flow_key},
 };
 use canary_common::{
     cohort::{backend_index, bucket, is_canary, sticky_hash},
@@ -43,7 +43,7 @@ const VIP: &str = "10.96.0.10:80";
 const STABLE: [&str; 2] = ["10.0.1.10:8080", "10.0.1.11:8080"];
 const CANARY: &str = "10.0.2.10:8080";
 
-fn addr(s: &str) -> SocketAddrV4 {
+fn addr(s: &str) -> SocketAddr {
     s.parse().expect("test address")
 }
 
@@ -143,7 +143,7 @@ fn run(dp: &mut Fixture, dir: Dir, seg: &Tcp) -> (V, Parsed) {
 }
 
 /// Sends a SYN from `client` to the VIP through ingress.
-fn open(dp: &mut Fixture, client: SocketAddrV4) -> (V, Parsed) {
+fn open(dp: &mut Fixture, client: SocketAddr) -> (V, Parsed) {
     run(dp, Dir::Ingress, &Tcp::new(client, addr(VIP), SYN))
 }
 
@@ -197,7 +197,7 @@ fn syn_to_vip_is_dnated_with_valid_checksums_and_tracked(m: IngressMode) {
             fwd.cohort,
             fwd.flags & CT_REVERSE
         ),
-        (be_addr(*out.dst.ip()), out.dst.port(), COHORT_STABLE, 0),
+        (canary_common::addr::Addr::from(out.dst.ip()), out.dst.port(), COHORT_STABLE, 0),
         "forward entry names the chosen backend"
     );
     let rev = dp
@@ -209,7 +209,7 @@ fn syn_to_vip_is_dnated_with_valid_checksums_and_tracked(m: IngressMode) {
             u16::from_be(rev.nat_port),
             rev.flags & CT_REVERSE
         ),
-        (be_addr(*addr(VIP).ip()), 80, CT_REVERSE),
+        (canary_common::addr::Addr::from(addr(VIP).ip()), 80, CT_REVERSE),
         "reverse entry names the VIP to restore"
     );
     assert_eq!(counter(&dp, Counter::NewFlow), 1);
@@ -375,7 +375,7 @@ fn rst_from_either_side_closes_the_flow_and_keeps_it_closing(m: IngressMode) {
 
 /// Both entries of the flow `client` → VIP served by `backend` are there
 /// and marked closing.
-fn assert_closing(dp: &Dataplane, client: SocketAddrV4, backend: SocketAddrV4, what: &str) {
+fn assert_closing(dp: &Dataplane, client: SocketAddr, backend: SocketAddr, what: &str) {
     let fwd = dp
         .conntrack_entry(&flow_key(client, addr(VIP)))
         .unwrap_or_else(|| panic!("{what}: the forward entry is gone"));
@@ -391,7 +391,7 @@ fn assert_closing(dp: &Dataplane, client: SocketAddrV4, backend: SocketAddrV4, w
 /// Moves the first SYN of `client`'s flow `ns` into the past, as if the
 /// packets that follow came that much later (`BPF_PROG_TEST_RUN` runs take
 /// microseconds; the programs read the clock themselves).
-fn age(dp: &mut Dataplane, client: SocketAddrV4, ns: u64) {
+fn age(dp: &mut Dataplane, client: SocketAddr, ns: u64) {
     let key = flow_key(client, addr(VIP));
     let mut fwd = dp.conntrack_entry(&key).expect("a tracked flow to age");
     fwd.created_ns -= ns;
@@ -428,9 +428,9 @@ fn conntrack_miss_reresolves_to_the_same_cohort_and_backend(m: IngressMode) {
     let salt = canary_agent::config::default_salt("web");
     let mut canary_seen = 0;
     for i in 1..=200u32 {
-        let client = SocketAddrV4::new(std::net::Ipv4Addr::from(0x0ac9_0000 + i), 40_000);
+        let client = std::net::SocketAddrV4::new(std::net::Ipv4Addr::from(0x0ac9_0000 + i), 40_000);
         // The cohort the host-side function predicts for this client.
-        let h = sticky_hash(be_addr(*client.ip()), salt);
+        let h = sticky_hash(u32::from_ne_bytes(client.ip().octets()), salt);
         let expected = if is_canary(bucket(h), 300_000) {
             canary_seen += 1;
             addr(CANARY)
@@ -699,7 +699,7 @@ fn the_breaker_trips_on_canary_refusals_and_stops_steering_there_at_once(m: Ingr
     let mut events = dp.take_events().expect("event ring buffer");
     // Default breaker: 3 failures that are >= 50% of the window's attempts.
     for port in 0..3u16 {
-        let client = SocketAddrV4::new("10.201.0.40".parse().unwrap(), 41_000 + port);
+        let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 201, 0, 40)), 41_000 + port);
         let (_, syn) = open(&mut dp, client);
         assert_eq!(
             syn.dst,
@@ -747,7 +747,7 @@ fn the_breaker_trips_on_canary_refusals_and_stops_steering_there_at_once(m: Ingr
 fn stable_failures_and_a_disabled_breaker_do_not_trip(m: IngressMode) {
     let mut dp = dataplane(m, "weight = \"0%\"\ncohort = \"per-connection\"");
     for port in 0..10u16 {
-        let client = SocketAddrV4::new("10.201.0.43".parse().unwrap(), 41_000 + port);
+        let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 201, 0, 43)), 41_000 + port);
         let (_, syn) = open(&mut dp, client);
         run(&mut dp, Dir::Egress, &Tcp::new(syn.dst, client, RST | ACK));
     }
@@ -762,7 +762,7 @@ fn stable_failures_and_a_disabled_breaker_do_not_trip(m: IngressMode) {
         "weight = \"100%\"\ncohort = \"per-connection\"\n[service.breaker]\nenabled = false",
     );
     for port in 0..10u16 {
-        let client = SocketAddrV4::new("10.201.0.44".parse().unwrap(), 41_000 + port);
+        let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 201, 0, 44)), 41_000 + port);
         open(&mut dp, client);
         run(
             &mut dp,
@@ -935,7 +935,7 @@ fn duplicate_syns_are_not_retries_only_a_late_unanswered_one_is(m: IngressMode) 
     // 20 pairs of back-to-back identical SYNs (a copy in the network, a
     // spoofer): far more than the breaker's 3 failures in a row.
     for port in 0..20u16 {
-        let client = SocketAddrV4::new("10.201.1.1".parse().unwrap(), 41_000 + port);
+        let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 201, 1, 1)), 41_000 + port);
         let (_, first) = open(&mut dp, client);
         let (verdict, copy) = open(&mut dp, client);
         assert_eq!(
@@ -1032,7 +1032,7 @@ fn a_bare_ack_on_a_miss_reaches_its_backend_untracked_until_the_backend_answers(
         .expect("tracked once the backend answered");
     assert_eq!(
         (fwd.nat_addr, fwd.cohort, fwd.flags & CT_REOPENED),
-        (be_addr(*addr(CANARY).ip()), COHORT_CANARY, CT_REOPENED),
+        (canary_common::addr::Addr::from(addr(CANARY).ip()), COHORT_CANARY, CT_REOPENED),
         "{fwd:?}"
     );
     assert!(
@@ -1069,9 +1069,9 @@ fn stray_acks_from_fresh_ports_cannot_evict_tracked_flows(m: IngressMode) {
     const TRACKED: u16 = 100;
     const STRAYS: u32 = 6000;
     let mut dp = dataplane(m, "weight = \"20%\"\ncohort = \"per-connection\"");
-    let tracked: Vec<(SocketAddrV4, SocketAddrV4)> = (0..TRACKED)
+    let tracked: Vec<(SocketAddr, SocketAddr)> = (0..TRACKED)
         .map(|port| {
-            let client = SocketAddrV4::new("10.201.3.1".parse().unwrap(), 30_000 + port);
+            let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 201, 3, 1)), 30_000 + port);
             let (_, syn) = open(&mut dp, client);
             (client, syn.dst)
         })
@@ -1079,8 +1079,8 @@ fn stray_acks_from_fresh_ports_cannot_evict_tracked_flows(m: IngressMode) {
     let before = dp.conntrack_len();
     assert_eq!(before, 2 * usize::from(TRACKED));
     for i in 0..STRAYS {
-        let stray = SocketAddrV4::new(
-            std::net::Ipv4Addr::from(0x0aca_0000 + i / 50_000),
+        let stray = SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::from(0x0aca_0000 + i / 50_000)),
             (10_000 + i % 50_000) as u16,
         );
         let (verdict, _) = run(&mut dp, Dir::Ingress, &Tcp::new(stray, addr(VIP), ACK));
@@ -1113,7 +1113,7 @@ fn stray_acks_from_fresh_ports_cannot_evict_tracked_flows(m: IngressMode) {
 }
 
 /// SYN, SYN-ACK and ACK of `client`'s connection; returns its backend.
-fn handshake(dp: &mut Fixture, client: SocketAddrV4) -> SocketAddrV4 {
+fn handshake(dp: &mut Fixture, client: SocketAddr) -> SocketAddr {
     let (_, syn) = open(dp, client);
     run(dp, Dir::Egress, &Tcp::new(syn.dst, client, SYN | ACK));
     run(dp, Dir::Ingress, &Tcp::new(client, addr(VIP), ACK));

@@ -16,7 +16,7 @@ mod sweep;
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap, VecDeque},
-    net::SocketAddrV4,
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
 };
@@ -39,7 +39,7 @@ use tracing::warn;
 pub use self::{
     adopt::Adopted,
     apply::ApplyReport,
-    encode::{be_addr, decode_breaker_event, flow_key, service_key, service_value},
+    encode::{decode_breaker_event, flow_key, service_key, service_value},
 };
 use self::{
     apply::Installed,
@@ -289,7 +289,7 @@ impl Program {
 /// Whose counters a stats slot holds: a backend of one cohort of one
 /// service (the same address in both cohorts, or in two services, gets two
 /// slots).
-type SlotKey = (String, Cohort, SocketAddrV4);
+type SlotKey = (String, Cohort, SocketAddr);
 
 /// The loaded programs and their maps.
 pub struct Dataplane {
@@ -329,6 +329,12 @@ pub struct Dataplane {
     /// Maps created to replace a pin of another capacity: their pins are
     /// replaced once the new programs run (see [`Dataplane::finish_migration`]).
     migrating: Vec<&'static str>,
+    /// The maps of `migrating` whose entries are converted from an older
+    /// layout rather than copied.
+    converting: Vec<&'static str>,
+    /// The layout versions of the pinned maps; the versions of migrating
+    /// maps are written once their pins are replaced.
+    layout: Array<MapData, u32>,
     /// Whether this agent created the pinned data plane (nothing was
     /// pinned before): a failed start then removes it again.
     fresh: bool,
@@ -375,6 +381,7 @@ impl Dataplane {
             loader.map_max_entries(name, entries);
         }
         let mut migrating = Vec::new();
+        let mut converting = Vec::new();
         if let Some((pins, plan)) = &pinned {
             for (&name, &action) in plan {
                 match action {
@@ -384,6 +391,10 @@ impl Dataplane {
                         loader.map_pin_path(name, pins.map_path(name));
                     }
                     MapAction::Migrate | MapAction::Recreate => migrating.push(name),
+                    MapAction::Convert => {
+                        migrating.push(name);
+                        converting.push(name);
+                    }
                 }
             }
         }
@@ -409,15 +420,9 @@ impl Dataplane {
             load_program(&mut ebpf, program)?;
         }
         let mut layout_map: Array<MapData, u32> = take_map(&mut ebpf, names::LAYOUT)?;
-        for (index, map) in (0u32..).zip(layout::MAPS) {
-            layout_map.set(index, map.version, 0).map_err(|source| {
-                map_error(
-                    names::LAYOUT,
-                    "record the layout versions".to_string(),
-                    source,
-                )
-            })?;
-        }
+        // A migrating map's pin keeps the old layout until it is replaced:
+        // recorded then, so a crash in between leaves a true record.
+        record_layout(&mut layout_map, |name| !migrating.contains(&name))?;
         let stats = StatsSource {
             stats: take_map(&mut ebpf, names::STATS)?,
             histograms: take_map(&mut ebpf, names::HISTOGRAMS)?,
@@ -450,6 +455,8 @@ impl Dataplane {
                 .is_some_and(|(_, plan)| plan.values().all(|a| *a == MapAction::Create)),
             pins: pinned.map(|(pins, _)| pins),
             migrating,
+            converting,
+            layout: layout_map,
         };
         dp.copy_migrating()?;
         Ok(dp)
@@ -571,6 +578,27 @@ fn load_program(ebpf: &mut Ebpf, program: Program) -> Result<(), DataplaneError>
 
 fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
     typed_program(ebpf, name, "is not an XDP program")
+}
+
+/// Writes this build's layout version of every map `which` selects into
+/// `LAYOUT`.
+fn record_layout(
+    layout_map: &mut Array<MapData, u32>,
+    which: impl Fn(&'static str) -> bool,
+) -> Result<(), DataplaneError> {
+    for (index, map) in (0u32..).zip(layout::MAPS) {
+        if !which(map.name) {
+            continue;
+        }
+        layout_map.set(index, map.version, 0).map_err(|source| {
+            map_error(
+                names::LAYOUT,
+                "record the layout versions".to_string(),
+                source,
+            )
+        })?;
+    }
+    Ok(())
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
