@@ -1245,6 +1245,104 @@ fn an_accepted_rst_ends_the_flow_and_a_new_syn_reuses_its_entry(m: IngressMode) 
     assert_eq!(counter(&dp, Counter::NewFlow), 2);
 }
 
+const VIP6: &str = "[fd00:96::10]:80";
+const STABLE6: &str = "[fd00:1::10]:8080";
+const CANARY6: &str = "[fd00:2::10]:8080";
+
+/// The IPv4 test service beside an IPv6 one on the same port, whose body
+/// gets `extra`.
+fn dual_stack(m: IngressMode, extra: &str) -> Fixture {
+    require_root();
+    let text = format!(
+        "[agent]\ninterfaces = [\"lo\"]\n[[service]]\nname = \"web\"\nvip = \"{VIP}\"\n\
+         stable = [\"{}\"]\ncanary = [\"{CANARY}\"]\n\
+         [[service]]\nname = \"web6\"\nvip = \"{VIP6}\"\nstable = [\"{STABLE6}\"]\n\
+         canary = [\"{CANARY6}\"]\n{extra}\n",
+        STABLE[0]
+    );
+    let services = Config::parse(&text, Path::new("fixture.toml"), &[])
+        .expect("dual-stack fixture config is valid")
+        .services;
+    let mut dp = Dataplane::load(Capacity {
+        conntrack: 4096,
+        ..Capacity::default()
+    })
+    .expect("programs load and pass the verifier");
+    dp.apply(&services, &BTreeSet::new())
+        .expect("fixture services apply");
+    Fixture { dp, mode: m }
+}
+
+fn an_ipv6_connection_is_steered_reverse_natted_and_tracked(m: IngressMode) {
+    let mut dp = dual_stack(m, "weight = \"100%\"\ncohort = \"per-connection\"");
+    let client = addr("[fd00:201::7]:40000");
+    let (verdict, out) = run(&mut dp, Dir::Ingress, &Tcp::new(client, addr(VIP6), SYN));
+    assert_eq!(verdict, V::Forward, "a SYN to the IPv6 VIP is ours");
+    assert_eq!(out.dst, addr(CANARY6), "100 % canary: DNAT to the canary backend");
+    assert_eq!(out.src, client, "the client address is preserved");
+    assert_checksums(&out, "IPv6 DNAT");
+    let fwd = dp
+        .conntrack_entry(&flow_key(client, addr(VIP6)))
+        .expect("the IPv6 flow is tracked");
+    assert_eq!(fwd.cohort, COHORT_CANARY);
+    for (flags, payload) in [(SYN | ACK, &b""[..]), (ACK | PSH, &b"hello over IPv6"[..])] {
+        let reply = Tcp::new(addr(CANARY6), client, flags).with_payload(payload);
+        let (verdict, out) = run(&mut dp, Dir::Egress, &reply);
+        assert_eq!(verdict, V::Forward);
+        assert_eq!(out.src, addr(VIP6), "reply source must be the IPv6 VIP");
+        assert_eq!(out.dst, client);
+        assert_eq!(out.payload, payload);
+        assert_checksums(&out, "IPv6 reverse NAT");
+    }
+    let (verdict, out) = run(
+        &mut dp,
+        Dir::Ingress,
+        &Tcp::new(client, addr(VIP6), ACK | PSH).with_payload(b"GET /"),
+    );
+    assert_eq!((verdict, out.dst), (V::Forward, addr(CANARY6)), "the flow stays put");
+    assert_checksums(&out, "IPv6 DNAT of data");
+    assert_eq!(counter(&dp, Counter::NewFlow), 1);
+}
+
+fn ipv6_extension_headers_are_passed_untouched_and_counted(m: IngressMode) {
+    let mut dp = dual_stack(m, "weight = \"100%\"");
+    let client = addr("[fd00:201::8]:40000");
+    for ext in [
+        canary_tests::packet::EXT_HOP_BY_HOP,
+        canary_tests::packet::EXT_DEST_OPTS,
+        canary_tests::packet::EXT_FRAGMENT,
+    ] {
+        let frame = Tcp::new(client, addr(VIP6), SYN).with_ext(ext, 8).frame();
+        let (verdict, out) = test_run(&mut dp, Dir::Ingress, &frame).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(verdict, V::Ignore, "extension header {ext}: passed to the stack");
+        assert_eq!(out, frame, "extension header {ext}: untouched");
+    }
+    assert_eq!(counter(&dp, Counter::Ipv6ExtHeader), 3);
+    assert_eq!(dp.conntrack_len(), 0, "nothing tracked");
+}
+
+fn ipv6_rules_match_ipv6_prefixes_and_families_never_meet(m: IngressMode) {
+    let mut dp = dual_stack(
+        m,
+        "weight = \"100%\"\ncohort = \"per-connection\"\nnever_canary = [\"fd00:99::/64\"]",
+    );
+    let excluded = addr("[fd00:99::1234]:40001");
+    let (_, out) = run(&mut dp, Dir::Ingress, &Tcp::new(excluded, addr(VIP6), SYN));
+    assert_eq!(out.dst, addr(STABLE6), "never_canary decides before the weight");
+    let neighbour = addr("[fd00:98::1]:40001");
+    let (_, out) = run(&mut dp, Dir::Ingress, &Tcp::new(neighbour, addr(VIP6), SYN));
+    assert_eq!(out.dst, addr(CANARY6), "outside the prefix the weight decides");
+    // An IPv6 packet to the IPv4-mapped spelling of the IPv4 VIP is not
+    // the IPv4 service: keys carry the family.
+    let mapped = addr("[::ffff:10.96.0.10]:80");
+    let frame = Tcp::new(addr("[fd00:201::9]:40002"), mapped, SYN).frame();
+    let (verdict, out) = test_run(&mut dp, Dir::Ingress, &frame).expect("BPF_PROG_TEST_RUN");
+    assert_eq!((verdict, &out), (V::Ignore, &frame), "no IPv4 service for IPv6 packets");
+    // And the IPv4 service on the same port still works beside it.
+    let (verdict, out) = open(&mut dp, addr("10.201.0.9:40003"));
+    assert_eq!((verdict, out.dst), (V::Forward, addr(STABLE[0])), "IPv4 weight is 0");
+}
+
 /// Each fixture, once per ingress hook.
 macro_rules! in_both_modes {
     ($($name:ident),* $(,)?) => {
@@ -1279,4 +1377,7 @@ in_both_modes!(
     stray_acks_from_fresh_ports_cannot_evict_tracked_flows,
     an_ignored_rst_changes_nothing_even_across_a_weight_change,
     an_accepted_rst_ends_the_flow_and_a_new_syn_reuses_its_entry,
+    an_ipv6_connection_is_steered_reverse_natted_and_tracked,
+    ipv6_extension_headers_are_passed_untouched_and_counted,
+    ipv6_rules_match_ipv6_prefixes_and_families_never_meet,
 );
