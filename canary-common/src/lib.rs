@@ -61,6 +61,8 @@ pub mod names {
     /// XDP program for packets arriving from clients on interfaces in `xdp`
     /// mode (instead of the TC ingress program).
     pub const PROG_XDP_INGRESS: &str = "canary_xdp_ingress";
+    /// Kernel probe for `BPF_F_IPV6`, run by the agent, never attached.
+    pub const PROG_PROBE_IPV6_CSUM: &str = "canary_probe_ipv6_csum";
     /// Empty TC program: the benchmark's baseline.
     pub const PROG_BENCH_TC_EMPTY: &str = "canary_bench_tc_empty";
     /// Empty XDP program: the benchmark's baseline.

@@ -79,7 +79,7 @@ impl Tcp {
     #[must_use]
     pub fn with_ext(mut self, kind: u8, len: usize) -> Tcp {
         assert!(
-            len >= 8 && len % 8 == 0 && self.src.is_ipv6(),
+            len >= 8 && len.is_multiple_of(8) && self.src.is_ipv6(),
             "IPv6 only, length a multiple of 8"
         );
         self.ext.push((kind, len));

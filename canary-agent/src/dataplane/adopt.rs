@@ -250,7 +250,7 @@ impl Dataplane {
             names::RULES => {
                 let old: LpmTrie<MapData, v1::RuleKey, u32> = map.try_into()?;
                 let mut converted = 0;
-                for entry in old.iter() {
+                for entry in &old {
                     let Ok((key, action)) = entry else { continue };
                     let (len, data) = v1::rule(key.prefix_len(), key.data());
                     self.rules.insert(&Key::new(len, data), action, flags)?;

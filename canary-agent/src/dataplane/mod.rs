@@ -128,6 +128,11 @@ pub enum DataplaneError {
     /// The embedded object could not be parsed.
     #[error("cannot parse the embedded eBPF object: {0}")]
     Object(String),
+    /// An IPv6 service on a kernel whose checksum helper cannot NAT IPv6.
+    #[error(
+        "service {service:?} has an IPv6 VIP, but this kernel's bpf_l4_csum_replace does not take BPF_F_IPV6 (Linux 6.16 or later): IPv6 cannot be NATed at TC here; upgrade the kernel or remove the service"
+    )]
+    Ipv6Unsupported { service: String },
     /// A pinned map that this agent cannot use or migrate.
     #[error(
         "pinned map {map} in {dir} cannot be adopted: {reason}; `canary-agent uninstall --bpffs-dir {dir}` removes the old data plane (its connections through the VIPs break) so the agent can start fresh",
@@ -232,6 +237,9 @@ pub enum Program {
     XdpIngress,
     /// Backend → client at TC egress of the same interface.
     TcEgress,
+    /// Kernel probe for the IPv6 checksum flag (test-run once, never
+    /// attached).
+    ProbeIpv6Csum,
     /// Empty TC program, the benchmark's baseline (loaded on request).
     BenchTcEmpty,
     /// Empty XDP program, the benchmark's baseline (loaded on request).
@@ -240,7 +248,12 @@ pub enum Program {
 
 impl Program {
     /// What the agent loads.
-    const DATAPLANE: [Program; 3] = [Program::TcIngress, Program::XdpIngress, Program::TcEgress];
+    const DATAPLANE: [Program; 4] = [
+        Program::TcIngress,
+        Program::XdpIngress,
+        Program::TcEgress,
+        Program::ProbeIpv6Csum,
+    ];
 
     /// The program's name in the object.
     pub fn name(self) -> &'static str {
@@ -248,6 +261,7 @@ impl Program {
             Program::TcIngress => names::PROG_TC_INGRESS,
             Program::XdpIngress => names::PROG_XDP_INGRESS,
             Program::TcEgress => names::PROG_TC_EGRESS,
+            Program::ProbeIpv6Csum => names::PROG_PROBE_IPV6_CSUM,
             Program::BenchTcEmpty => names::PROG_BENCH_TC_EMPTY,
             Program::BenchXdpEmpty => names::PROG_BENCH_XDP_EMPTY,
         }
@@ -271,6 +285,7 @@ impl Program {
             Program::TcIngress => "tc_ingress",
             Program::XdpIngress => "xdp",
             Program::TcEgress => "tc_egress",
+            Program::ProbeIpv6Csum => "probe_ipv6_csum",
             Program::BenchTcEmpty => "bench_tc",
             Program::BenchXdpEmpty => "bench_xdp",
         }
@@ -281,7 +296,7 @@ impl Program {
             Program::TcIngress => "TC ingress",
             Program::XdpIngress | Program::BenchXdpEmpty => "XDP",
             Program::TcEgress => "TC egress",
-            Program::BenchTcEmpty => "TC",
+            Program::BenchTcEmpty | Program::ProbeIpv6Csum => "TC",
         }
     }
 }
@@ -335,6 +350,9 @@ pub struct Dataplane {
     /// The layout versions of the pinned maps; the versions of migrating
     /// maps are written once their pins are replaced.
     layout: Array<MapData, u32>,
+    /// Whether the kernel's checksum helper takes `BPF_F_IPV6` (probed at
+    /// load): without it IPv6 services cannot be rewritten at TC.
+    ipv6_nat: bool,
     /// Whether this agent created the pinned data plane (nothing was
     /// pinned before): a failed start then removes it again.
     fresh: bool,
@@ -457,8 +475,10 @@ impl Dataplane {
             migrating,
             converting,
             layout: layout_map,
+            ipv6_nat: false,
         };
         dp.copy_migrating()?;
+        dp.ipv6_nat = dp.probe_ipv6_csum()?;
         Ok(dp)
     }
 
@@ -578,6 +598,26 @@ fn load_program(ebpf: &mut Ebpf, program: Program) -> Result<(), DataplaneError>
 
 fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
     typed_program(ebpf, name, "is not an XDP program")
+}
+
+impl Dataplane {
+    /// Runs the `BPF_F_IPV6` probe program once on an Ethernet/IPv6/TCP
+    /// frame: whether the kernel accepted the flag.
+    fn probe_ipv6_csum(&mut self) -> Result<bool, DataplaneError> {
+        let mut frame = vec![0u8; 14 + 40 + 20];
+        frame[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+        frame[14] = 0x60;
+        frame[14 + 5] = 20; // payload length
+        frame[14 + 6] = canary_common::IPPROTO_TCP;
+        frame[14 + 40 + 12] = 0x50;
+        let (verdict, _) = self.test_run(Program::ProbeIpv6Csum, &frame)?;
+        Ok(verdict == 0)
+    }
+
+    /// Whether IPv6 services can be steered here (see `ipv6_nat`).
+    pub fn supports_ipv6(&self) -> bool {
+        self.ipv6_nat
+    }
 }
 
 /// Writes this build's layout version of every map `which` selects into
