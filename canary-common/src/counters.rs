@@ -5,7 +5,7 @@
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// New flow steered (a SYN).
+    /// New flow steered (a SYN, or the first datagram of a UDP flow).
     NewFlow = 0,
     /// Non-SYN packet to a VIP with no conntrack entry: forwarded to the
     /// backend its flow re-resolves to (deterministically the same while
@@ -51,11 +51,28 @@ pub enum Counter {
     /// fragment, destination options, authentication) before its
     /// transport header: passed unsteered, never parsed.
     Ipv6ExtHeader,
+    /// UDP datagram shorter than its UDP header (or whose length field
+    /// says so): passed unsteered.
+    BadUdpHeader,
+    /// UDP over IPv6 with checksum 0, which IPv6 forbids (RFC 8200):
+    /// passed unsteered (the receiving stack drops it).
+    Udp6ZeroChecksum,
+    /// A UDP flow idle past its service's `udp_idle_timeout` ended: its
+    /// close was counted, by its next datagram (which starts a new flow)
+    /// or by the agent's sweep (which removes it).
+    UdpExpired,
+    /// An ICMP error from a backend (or a router on its path) about a
+    /// steered flow was reverse-NATed on its way to the client.
+    IcmpErrorNatted,
+    /// An ICMP error quoting a steered flow in a form canary does not
+    /// rewrite (IPv4 options or IPv6 extension headers in the quoted
+    /// header, or a quote too short for its ports): passed unrewritten.
+    IcmpQuoteUnsupported,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 17] = [
+    pub const ALL: [Counter; 22] = [
         Counter::NewFlow,
         Counter::CtMiss,
         Counter::SynRetransmit,
@@ -73,6 +90,11 @@ impl Counter {
         Counter::ReopenConfirmed,
         Counter::ReopenReset,
         Counter::Ipv6ExtHeader,
+        Counter::BadUdpHeader,
+        Counter::Udp6ZeroChecksum,
+        Counter::UdpExpired,
+        Counter::IcmpErrorNatted,
+        Counter::IcmpQuoteUnsupported,
     ];
 
     /// Number of slots in the `COUNTERS` map.
@@ -99,6 +121,11 @@ impl Counter {
             Counter::ReopenConfirmed => "reopen_confirmed",
             Counter::ReopenReset => "reopen_reset",
             Counter::Ipv6ExtHeader => "ipv6_ext_header",
+            Counter::BadUdpHeader => "bad_udp_header",
+            Counter::Udp6ZeroChecksum => "udp6_zero_checksum",
+            Counter::UdpExpired => "udp_expired",
+            Counter::IcmpErrorNatted => "icmp_error_natted",
+            Counter::IcmpQuoteUnsupported => "icmp_quote_unsupported",
         }
     }
 
@@ -116,6 +143,8 @@ impl Counter {
                 | Counter::ReopenConfirmed
                 | Counter::ReopenReset
                 | Counter::Ipv6ExtHeader
+                | Counter::UdpExpired
+                | Counter::IcmpErrorNatted
         )
     }
 }

@@ -1,5 +1,6 @@
 //! Incremental Internet checksum updates (RFC 1624), for the XDP path, which
-//! has no skb and so no `bpf_l3/l4_csum_replace`.
+//! has no skb and so no `bpf_l3/l4_csum_replace`; and UDP's zero rule,
+//! which the kernel helpers apply at TC under `BPF_F_MARK_MANGLED_0`.
 //!
 //! Values are the raw words as loaded from the packet: one's complement
 //! addition commutes with byte swapping, so no byte-order conversion is
@@ -56,6 +57,27 @@ pub const fn replace16(check: u16, from: &[u32; 4], to: &[u32; 4]) -> u16 {
         i += 1;
     }
     !fold(sum)
+}
+
+/// UDP's zero rule, the same at XDP as `BPF_F_MARK_MANGLED_0` at TC.
+///
+/// A UDP checksum of 0 means "none" over IPv4 (RFC 768): it stays 0
+/// whatever changes (`keep`). A recomputed UDP checksum that comes out 0
+/// is sent as its other one's-complement spelling, 0xFFFF (`mangled`), so
+/// it is not taken for "none". (UDP over IPv6 with checksum 0 is invalid,
+/// RFC 8200; the programs pass it unsteered and never update it.)
+pub mod udp {
+    /// Whether a UDP checksum field holding `check` is left as it is.
+    #[inline(always)]
+    pub const fn keep(check: u16) -> bool {
+        check == 0
+    }
+
+    /// The value to store for an updated UDP checksum `check`.
+    #[inline(always)]
+    pub const fn mangled(check: u16) -> u16 {
+        if check == 0 { 0xffff } else { check }
+    }
 }
 
 #[cfg(test)]
@@ -157,5 +179,60 @@ mod tests {
             let total: u64 = data.iter().map(|&w| u64::from(w)).sum::<u64>() + u64::from(check);
             assert_eq!(fold(total), 0xffff, "seed {seed}");
         }
+    }
+
+    /// A UDP/IPv4 checksum of 0 ("none") stays 0 through any rewrite,
+    /// and an update that folds to 0 is stored as 0xFFFF, which still
+    /// verifies; as `BPF_F_MARK_MANGLED_0` does at TC.
+    #[test]
+    fn udp_zero_checksums_stay_zero_and_a_result_of_zero_becomes_ffff() {
+        // "none" is kept: no update is computed at all.
+        assert!(udp::keep(0));
+        assert!(!udp::keep(0xffff) && !udp::keep(0x1234));
+        // Find rewrites whose incremental result is exactly 0.
+        let mut found = 0;
+        for seed in 0..4000u64 {
+            let mut data = words(seed, 10);
+            let check = full(&data);
+            let from = u32::from(data[0]) | (u32::from(data[1]) << 16);
+            // Pick the new low word so that the updated sum is all ones:
+            // then the checksum comes out 0x0000.
+            let high = words(seed ^ 0x5555, 1)[0];
+            let partial = replace4(check, from, u32::from(high) << 16);
+            // Adding `x` to the sum lowers the checksum by `x`.
+            let low = partial;
+            let to = u32::from(low) | (u32::from(high) << 16);
+            let updated = replace4(check, from, to);
+            if updated != 0 {
+                continue;
+            }
+            found += 1;
+            let stored = udp::mangled(updated);
+            assert_eq!(
+                stored, 0xffff,
+                "seed {seed}: a zero result is stored as 0xFFFF"
+            );
+            data[0] = low;
+            data[1] = high;
+            let total: u64 = data.iter().map(|&w| u64::from(w)).sum::<u64>() + u64::from(stored);
+            assert_eq!(fold(total), 0xffff, "seed {seed}: 0xFFFF verifies");
+        }
+        assert!(found > 100, "the search found only {found} zero results");
+        // Other results are stored as they are.
+        assert_eq!(udp::mangled(0x1234), 0x1234);
+    }
+
+    #[test]
+    fn a_udp_flow_expires_after_its_idle_timeout_not_before() {
+        use crate::flow::udp_expired;
+        let s = 1_000_000_000u64;
+        assert!(!udp_expired(10 * s, 10 * s, 30_000));
+        assert!(!udp_expired(10 * s, 39 * s, 30_000), "29 s idle of 30");
+        assert!(udp_expired(10 * s, 40 * s, 30_000), "30 s idle");
+        assert!(
+            !udp_expired(10 * s, 9 * s, 30_000),
+            "a clock behind the entry is no expiry"
+        );
+        assert!(udp_expired(0, u64::MAX, u32::MAX), "no overflow");
     }
 }

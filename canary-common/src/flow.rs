@@ -1,6 +1,8 @@
-//! Connection tracking: one global LRU hash holds, for every steered flow, a
-//! forward entry (client → VIP, says which backend) and a reverse entry
-//! (backend → client, says which VIP to restore on replies).
+//! Connection tracking: for every steered flow, a forward entry (client →
+//! VIP, says which backend) and a reverse entry (backend → client, says
+//! which VIP to restore on replies). TCP flows live in `CONNTRACK`, UDP
+//! flows in `CT_UDP`: two LRU tables, so a burst of short UDP flows (a DNS
+//! storm) can only evict other UDP flows, never a TCP connection.
 
 use crate::{addr::Addr, service::ServiceKey};
 
@@ -53,6 +55,11 @@ impl FlowKey {
 /// `conntrack_capacity` setting overrides it at load time.
 pub const CT_DEFAULT_CAPACITY: u32 = 262_144;
 
+/// Default capacity of the UDP conntrack (`CT_UDP`), in entries (two per
+/// flow): 32 768 UDP flows idle for less than their service's
+/// `udp_idle_timeout`. The agent's `udp_conntrack_capacity` overrides it.
+pub const CT_UDP_DEFAULT_CAPACITY: u32 = 65_536;
+
 /// Static entry flag: the entry is the reverse (reply) half of a flow.
 pub const CT_REVERSE: u8 = 1 << 0;
 /// Static entry flag: the flow was re-resolved after a conntrack miss, so
@@ -60,6 +67,10 @@ pub const CT_REVERSE: u8 = 1 << 0;
 /// it was never a connection attempt, so nothing it does is a refusal or a
 /// breaker failure.
 pub const CT_REOPENED: u8 = 1 << 1;
+/// Static entry flag, UDP: the flow's service had no response timeout
+/// when the flow began (a one-way service): its first reply is timed, but
+/// no reply is no failure.
+pub const CT_UNTIMED: u8 = 1 << 2;
 
 /// `state` bits, set with atomic ORs (cleared with atomic ANDs only when an
 /// ignored RST revives a flow). The forward entry holds the
@@ -100,6 +111,30 @@ pub const ST_REVIVED: u64 = 1 << 9;
 /// breaker). A connection fails once, whatever else goes wrong with it.
 pub const ST_FAILED: u64 = 1 << 10;
 
+/// UDP forward entry: the service's `udp_response_timeout` passed with no
+/// reply from the backend; counted once (`UDP_TIMEOUTS`), by whoever saw
+/// it first: the client's next datagram, a late reply, or the agent's sweep.
+pub const ST_TIMED_OUT: u64 = 1 << 11;
+/// UDP forward entry: the backend answered with an ICMP port unreachable;
+/// counted once as refused. The flow is closed with it, so the client's
+/// next datagram on the 5-tuple is a new flow (steered afresh).
+pub const ST_REFUSED: u64 = 1 << 12;
+
+/// Refresh granularity of a UDP entry's last-seen time: a packet rewrites
+/// it only when it is at least this old, so a busy flow does not write
+/// its entry (a cache line other CPUs read) on every datagram. Idle
+/// timeouts are therefore this coarse.
+pub const UDP_REFRESH_NS: u64 = 1_000_000_000;
+
+/// Whether a UDP entry last seen at `last_seen_ns` counts as absent at
+/// `now_ns` with an idle timeout of `idle_ms`: older than the timeout. An
+/// expired flow's next datagram starts a new flow (a fresh cohort choice),
+/// whether or not the agent's sweep has removed the entry yet.
+#[inline(always)]
+pub const fn udp_expired(last_seen_ns: u64, now_ns: u64, idle_ms: u32) -> bool {
+    now_ns.saturating_sub(last_seen_ns) >= idle_ms as u64 * 1_000_000
+}
+
 /// A SYN for a tracked flow that comes sooner than this after the flow's
 /// first SYN is a duplicate (a copy in the network, a spoofer), not a
 /// retransmission. Linux retries a SYN after its initial RTO of 1 s
@@ -119,10 +154,14 @@ pub const fn is_syn_retry(state: u64, since_first_ns: u64) -> bool {
     state & ST_HANDSHAKE == 0 && since_first_ns >= SYN_RETRY_MIN_NS
 }
 
-/// Conntrack value.
+/// Conntrack value, TCP (`CONNTRACK`) and UDP (`CT_UDP`) alike.
 ///
 /// Forward entry (key: client → VIP): `nat_addr:nat_port` is the backend.
 /// Reverse entry (key: backend → client): `nat_addr:nat_port` is the VIP.
+///
+/// A UDP flow has no handshake: its first datagram is its request, so
+/// `created_ns` is the request time, and `request_ns` is the last time a
+/// datagram of the entry's direction was seen (see [`UDP_REFRESH_NS`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtEntry {
@@ -138,11 +177,17 @@ pub struct CtEntry {
     pub svc_id: u32,
     /// The backend's `STATS` slot.
     pub stats_slot: u32,
-    pub _pad: u32,
+    /// UDP: the service's `udp_idle_timeout` in milliseconds when the flow
+    /// began (a reload changes it for new flows only). TCP: 0.
+    pub idle_ms: u32,
     /// `bpf_ktime_get_ns` at the flow's first SYN (or at re-resolution);
-    /// a later SYN is a retry only [`SYN_RETRY_MIN_NS`] after it.
+    /// a later SYN is a retry only [`SYN_RETRY_MIN_NS`] after it. UDP: at
+    /// the flow's first datagram.
     pub created_ns: u64,
-    /// `bpf_ktime_get_ns` of the first client payload (forward entry).
+    /// TCP: `bpf_ktime_get_ns` of the first client payload (forward
+    /// entry). UDP: when a datagram of this entry's direction was last
+    /// seen (`bpf_ktime_get_coarse_ns`, refreshed every
+    /// [`UDP_REFRESH_NS`]).
     pub request_ns: u64,
     /// `ST_*` bits (a 64-bit word: see the eBPF crate's atomic.rs).
     pub state: u64,
@@ -175,8 +220,44 @@ pub const PENDING_CAPACITY: u32 = 65_536;
 /// re-resolved again by its next packet.
 pub const UNCONFIRMED_CAPACITY: u32 = 8_192;
 
+/// `UDP_CONFIG` value, per service id of a UDP service: the timeouts the
+/// programs apply to its flows. Written by the agent with the service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct UdpConfig {
+    /// A flow idle this long is over; its next datagram is a new flow.
+    pub idle_ms: u32,
+    /// A flow whose backend has not replied this long after its first
+    /// datagram failed (`reason="timeout"`); 0 = never (one-way services).
+    pub response_ms: u32,
+}
+const _: () = assert!(core::mem::size_of::<UdpConfig>() == 8);
+
+/// The UDP idle timeout of flows whose service has no `UDP_CONFIG` entry
+/// (never the case for a configured service): 30 s, as Linux's
+/// `nf_conntrack_udp_timeout`.
+pub const UDP_DEFAULT_IDLE_MS: u32 = 30_000;
+
+/// What the UDP sweep program (`canary_udp_sweep`, run by the agent
+/// through `BPF_PROG_TEST_RUN` on a frame carrying one forward `FlowKey`
+/// after the Ethernet header) did, as bits of its return value.
+pub mod sweep {
+    /// The flow was idle past its timeout: its close was counted (once)
+    /// and both entries removed.
+    pub const EXPIRED: i32 = 1 << 0;
+    /// The flow's response timeout passed with no reply: counted now.
+    pub const TIMED_OUT: i32 = 1 << 1;
+    /// The key was no forward UDP entry (gone, or a reverse entry).
+    pub const NOT_FOUND: i32 = 1 << 2;
+    /// Offset of the `FlowKey` in the frame: right after an Ethernet
+    /// header, which `BPF_PROG_TEST_RUN` requires.
+    pub const KEY_OFFSET: usize = 14;
+}
+
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: repr(C), two u32, no padding.
+    unsafe impl aya::Pod for super::UdpConfig {}
     // SAFETY: repr(C), no padding (explicit `_pad`), every bit pattern valid.
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: repr(C), no implicit padding (sizes asserted), integers only.

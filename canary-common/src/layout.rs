@@ -15,6 +15,10 @@
 //!   version-1 `SERVICES`, `RULES` and `CONNTRACK` pins (see [`v1`] and
 //!   [`CONVERTIBLE`]), so live connections survive the upgrade; the
 //!   transient maps start empty.
+//! - `CT_UDP`, `UDP_CONFIG`, `UDP_TIMEOUTS` appear at version 1 (UDP
+//!   services). The `CtEntry` field that was padding in `CONNTRACK` holds
+//!   a UDP flow's idle timeout; TCP entries keep it 0, so `CONNTRACK`'s
+//!   version is unchanged.
 
 use crate::names;
 
@@ -28,7 +32,7 @@ pub struct MapLayout {
 }
 
 /// Every map of the object except `LAYOUT` itself, in `LAYOUT` index order.
-pub const MAPS: [MapLayout; 11] = [
+pub const MAPS: [MapLayout; 14] = [
     MapLayout {
         name: names::SERVICES,
         version: 2,
@@ -71,6 +75,18 @@ pub const MAPS: [MapLayout; 11] = [
     },
     MapLayout {
         name: names::TIMEOUTS,
+        version: 1,
+    },
+    MapLayout {
+        name: names::CT_UDP,
+        version: 1,
+    },
+    MapLayout {
+        name: names::UDP_CONFIG,
+        version: 1,
+    },
+    MapLayout {
+        name: names::UDP_TIMEOUTS,
         version: 1,
     },
 ];
@@ -202,7 +218,7 @@ pub mod v1 {
                 flags: e.flags,
                 svc_id: e.svc_id,
                 stats_slot: e.stats_slot,
-                _pad: 0,
+                idle_ms: 0,
                 created_ns: e.created_ns,
                 request_ns: e.request_ns,
                 state: e.state,

@@ -54,6 +54,13 @@ pub mod names {
     pub const TIMEOUTS: &str = "TIMEOUTS";
     /// Layout version of every pinned map, see [`crate::layout`].
     pub const LAYOUT: &str = "LAYOUT";
+    /// UDP connection tracking, see [`crate::flow::CT_UDP_DEFAULT_CAPACITY`].
+    pub const CT_UDP: &str = "CT_UDP";
+    /// UDP timeouts per service, see [`crate::flow::UdpConfig`].
+    pub const UDP_CONFIG: &str = "UDP_CONFIG";
+    /// UDP flows that got no reply within their response timeout, per
+    /// stats slot, per CPU (counted by the programs).
+    pub const UDP_TIMEOUTS: &str = "UDP_TIMEOUTS";
     /// TC program for packets arriving from clients.
     pub const PROG_TC_INGRESS: &str = "canary_tc_ingress";
     /// TC program for replies leaving towards clients.
@@ -61,6 +68,9 @@ pub mod names {
     /// XDP program for packets arriving from clients on interfaces in `xdp`
     /// mode (instead of the TC ingress program).
     pub const PROG_XDP_INGRESS: &str = "canary_xdp_ingress";
+    /// The UDP sweep, run by the agent through `BPF_PROG_TEST_RUN` on one
+    /// flow at a time, never attached: see [`crate::flow::sweep`].
+    pub const PROG_UDP_SWEEP: &str = "canary_udp_sweep";
     /// Kernel probe for `BPF_F_IPV6`, run by the agent, never attached.
     pub const PROG_PROBE_IPV6_CSUM: &str = "canary_probe_ipv6_csum";
     /// Empty TC program: the benchmark's baseline.
@@ -73,3 +83,7 @@ pub mod names {
 pub const IPPROTO_TCP: u8 = 6;
 /// IANA protocol number of UDP.
 pub const IPPROTO_UDP: u8 = 17;
+/// IANA protocol number of ICMP.
+pub const IPPROTO_ICMP: u8 = 1;
+/// IANA protocol number of ICMPv6.
+pub const IPPROTO_ICMPV6: u8 = 58;

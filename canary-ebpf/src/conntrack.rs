@@ -1,24 +1,30 @@
 //! Flow state: creation on the first packet, atomic state bits, and the
 //! once-per-flow close.
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, maps::LruHashMap};
+use aya_ebpf::{
+    bindings::BPF_ANY,
+    helpers::{bpf_ktime_get_ns, generated::bpf_ktime_get_coarse_ns},
+    maps::LruHashMap,
+};
 use canary_common::{
+    IPPROTO_UDP,
     addr::Addr,
     counters::Counter,
     flow::{
-        CT_REOPENED, CT_REVERSE, CtEntry, FlowKey, PendingSyn, ST_CLOSED, ST_FAILED, ST_HANDSHAKE,
-        ST_REVIVED, ST_RST, ST_RST_CLOSE,
+        CT_REOPENED, CT_REVERSE, CT_UNTIMED, CtEntry, FlowKey, PendingSyn, ST_CLOSED, ST_FAILED, ST_HANDSHAKE,
+        ST_REVIVED, ST_RST, ST_RST_CLOSE, UdpConfig,
     },
     stats::BackendCounters,
 };
 
 use crate::{
-    maps::{CONNTRACK, PENDING, UNCONFIRMED},
+    maps::{CONNTRACK, CT_UDP, PENDING, UNCONFIRMED},
     stats::{self, Latency, count},
     steer::Choice,
 };
 
-/// A tracked entry: a live element of `CONNTRACK` for this program run.
+/// A tracked entry: a live element of `CONNTRACK` or `CT_UDP` for this
+/// program run.
 #[derive(Clone, Copy)]
 pub struct Entry(*mut CtEntry);
 
@@ -53,19 +59,42 @@ impl Entry {
         unsafe { crate::atomic::and(core::ptr::addr_of_mut!((*self.0).state), !bits) }
     }
 
-    /// Records the time of the first client payload.
+    /// Records the time of the first client payload (TCP) or of the
+    /// latest datagram (UDP, see `UDP_REFRESH_NS`).
     #[inline(always)]
     pub fn set_request_ns(self, ns: u64) {
-        // SAFETY: as in `read`; only the ingress program writes this field,
-        // once per flow (guarded by the ST_REQUEST bit).
+        // SAFETY: as in `read`. TCP: only the ingress program writes this
+        // field, once per flow (guarded by the ST_REQUEST bit). UDP: each
+        // direction's program refreshes its own entry's last-seen time;
+        // racing stores of two nearby times leave one of them, either fine.
         unsafe { (*self.0).request_ns = ns };
+    }
+
+    /// UDP: when a datagram of the entry's direction was last seen.
+    #[inline(always)]
+    pub fn last_seen(self) -> u64 {
+        // SAFETY: as in `read`; one aligned u64 field.
+        unsafe { (*self.0).request_ns }
     }
 }
 
-/// The flow state for `key`, if tracked.
+/// The conntrack table of a protocol: UDP flows have their own, so they
+/// never evict TCP connections.
+#[inline(always)]
+fn table(proto: u8) -> &'static LruHashMap<FlowKey, CtEntry> {
+    if proto == IPPROTO_UDP { &CT_UDP } else { &CONNTRACK }
+}
+
+/// The flow state for `key`, if tracked (in its protocol's table).
 #[inline(always)]
 pub fn lookup(key: &FlowKey) -> Option<Entry> {
-    CONNTRACK.get_ptr_mut(key).map(Entry)
+    table(key.proto).get_ptr_mut(key).map(Entry)
+}
+
+/// Removes the entry of `key` from its protocol's table.
+#[inline(always)]
+pub fn remove(key: &FlowKey) {
+    let _ = table(key.proto).remove(key);
 }
 
 /// `bpf_ktime_get_ns`. Called only where a timestamp is used, never once per
@@ -75,6 +104,16 @@ pub fn lookup(key: &FlowKey) -> Option<Entry> {
 pub fn now() -> u64 {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     unsafe { bpf_ktime_get_ns() }
+}
+
+/// `bpf_ktime_get_coarse_ns`: the same clock as [`now`] (`CLOCK_MONOTONIC`)
+/// at tick resolution (a few ms), read without touching the clock source.
+/// The UDP path reads it once per datagram for idle timeouts, which are
+/// seconds long.
+#[inline(always)]
+pub fn coarse_now() -> u64 {
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// The reverse (reply) key of forward flow `fwd` served by `addr:port`.
@@ -91,18 +130,38 @@ pub fn reverse_key(fwd: &FlowKey, backend_addr: Addr, backend_port: u16) -> Flow
     }
 }
 
+/// The forward (client → VIP) key of the flow a reply (`reply`, backend →
+/// client) belongs to: the client from the reply's destination, the VIP
+/// the reverse entry recorded.
+#[inline(always)]
+pub fn forward_key(reply: &FlowKey, rev: &CtEntry) -> FlowKey {
+    FlowKey {
+        src_addr: reply.dst_addr,
+        dst_addr: rev.nat_addr,
+        src_port: reply.dst_port,
+        dst_port: rev.nat_port,
+        proto: reply.proto,
+        family: reply.family,
+        _pad: 0,
+    }
+}
+
 /// Inserts both fresh halves of flow `fwd` (client → VIP) steered by
-/// `choice` into `map`, with `flags` (besides `CT_REVERSE`); a failure is
-/// counted. One entry value is built and turned into the other, so the
+/// `choice` into `map`, with `flags` (besides `CT_REVERSE`), and for UDP
+/// the idle timeout `idle_ms` and last-seen time `request_ns` (0 for
+/// TCP); a failure is counted. One entry value is built and turned into the other, so the
 /// stack holds one 56-byte value, not two.
 #[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "one entry's fields, spelled out")]
 fn insert_flow(
     map: &LruHashMap<FlowKey, CtEntry>,
     fwd: &FlowKey,
     svc_id: u32,
     choice: &Choice,
     flags: u8,
+    idle_ms: u32,
     now: u64,
+    request_ns: u64,
 ) {
     let mut entry = CtEntry {
         nat_addr: choice.backend.addr,
@@ -111,9 +170,9 @@ fn insert_flow(
         flags,
         svc_id,
         stats_slot: choice.backend.stats_slot,
-        _pad: 0,
+        idle_ms,
         created_ns: now,
-        request_ns: 0,
+        request_ns,
         state: 0,
     };
     if map.insert(fwd, &entry, BPF_ANY as u64).is_err() {
@@ -153,7 +212,7 @@ fn insert_pair(
 // not fit the caller's 512-byte stack frame beside everything else.
 #[inline(never)]
 pub fn create(fwd: &FlowKey, svc_id: u32, choice: &Choice, now: u64) {
-    insert_flow(&CONNTRACK, fwd, svc_id, choice, 0, now);
+    insert_flow(&CONNTRACK, fwd, svc_id, choice, 0, 0, now, 0);
     let pending = PendingSyn {
         syn_ns: now,
         stats_slot: choice.backend.stats_slot,
@@ -170,7 +229,22 @@ pub fn create(fwd: &FlowKey, svc_id: u32, choice: &Choice, now: u64) {
 // not fit the caller's 512-byte stack frame beside everything else.
 #[inline(never)]
 pub fn create_unconfirmed(fwd: &FlowKey, svc_id: u32, choice: &Choice, now: u64) {
-    insert_flow(&UNCONFIRMED, fwd, svc_id, choice, CT_REOPENED, now);
+    insert_flow(&UNCONFIRMED, fwd, svc_id, choice, CT_REOPENED, 0, now, 0);
+}
+
+/// Records a new UDP flow `fwd` (client → VIP, its first datagram at
+/// `now`) steered by `choice` in `CT_UDP`, both halves, with its service's
+/// timeouts `cfg`; either half replaces what was there (an expired or
+/// refused flow of the same 5-tuple). A failed insert is counted; the
+/// datagrams still go where the flow re-resolves.
+// A call of its own, as `create` (and at most five arguments: BPF calls
+// pass no more in registers).
+#[inline(never)]
+pub fn create_udp(fwd: &FlowKey, svc_id: u32, choice: &Choice, cfg: &UdpConfig, now: u64) {
+    // A service without a response timeout (one-way) never fails for
+    // want of a reply.
+    let flags = if cfg.response_ms == 0 { CT_UNTIMED } else { 0 };
+    insert_flow(&CT_UDP, fwd, svc_id, choice, flags, cfg.idle_ms, now, now);
 }
 
 /// The unconfirmed entry for `key` (either direction), copied.
@@ -241,7 +315,9 @@ pub fn close(fwd: Entry, duration: bool, now: u64) -> bool {
             ct.svc_id,
             ct.cohort,
             Latency::Duration,
-            (now - ct.created_ns) / 1000,
+            // The coarse clock of a UDP flow's last datagram may lag its
+            // precise start by a tick.
+            now.saturating_sub(ct.created_ns) / 1000,
         );
     }
     true

@@ -1,32 +1,56 @@
 //! Backend → client replies: source back to VIP:port, and the backend's
 //! side of the measurements (handshake and first-byte times, refusals,
-//! resets, close).
+//! resets, close). UDP replies are measured in udp.rs, ICMP errors about
+//! steered flows rewritten in icmp.rs.
 
 use aya_ebpf::programs::TcContext;
 use canary_common::{
     counters::Counter,
     flow::{
-        CT_REOPENED, CT_REVERSE, CtEntry, FlowKey, ST_BACKEND_FIN, ST_CLIENT_FIN, ST_HANDSHAKE,
+        CT_REOPENED, CT_REVERSE, ST_BACKEND_FIN, ST_CLIENT_FIN, ST_HANDSHAKE,
         ST_REQUEST, ST_RESPONSE, ST_RST,
     },
     service::COHORT_CANARY,
 };
 
 use crate::{
-    breaker, conntrack,
+    breaker, conntrack, icmp,
     maps::PENDING,
     nat::{End, Rewrite},
     packet::{self, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    stats::{self, Action, Latency, count},
+    stats::{self, Action, Latency, Outcome, count},
+    udp,
 };
 
+/// The parser, ICMP errors and flows are calls of their own, as in
+/// ingress.rs.
 #[inline(always)]
-pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
-    let Some(pkt) = packet::parse(ctx)? else {
-        return Ok(Action::Ignore);
-    };
+pub fn handle(ctx: &TcContext) -> Outcome {
+    let mut pkt = Packet::EMPTY;
+    match packet::parse(ctx, &mut pkt) {
+        Outcome::Forward => {}
+        other => return other,
+    }
+    if pkt.is_icmp() {
+        return icmp::egress(ctx, &pkt);
+    }
+    flow(ctx, &pkt)
+}
+
+/// A TCP segment or UDP datagram `pkt` from a backend.
+#[inline(never)]
+fn flow(ctx: &TcContext, pkt: &Packet) -> Outcome {
+    stats::settle(from_backend(ctx, pkt))
+}
+
+#[inline(always)]
+fn from_backend(ctx: &TcContext, pkt: &Packet) -> Result<Action, Counter> {
     let Some(rev_entry) = conntrack::lookup(&pkt.key) else {
-        return unconfirmed(ctx, &pkt);
+        // UDP has no unconfirmed flows: any datagram may start one.
+        if pkt.is_udp() {
+            return Ok(Action::Ignore);
+        }
+        return unconfirmed(ctx, pkt);
     };
     let rev = rev_entry.read();
     if rev.flags & CT_REVERSE == 0 {
@@ -38,13 +62,19 @@ pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
         c.bytes_from_backend += u64::from(pkt.payload_len);
     }
 
+    if pkt.is_udp() {
+        udp::reply(pkt, rev_entry, &rev);
+        ctx.rewrite(pkt, End::Src, rev.nat_addr, rev.nat_port)?;
+        return Ok(Action::Forward);
+    }
+
     // The forward entry holds the flow's state; read it only on the events
     // that need it (the reverse entry mirrors the bits checked per packet).
     let syn_ack = pkt.has(TCP_SYN) && pkt.has(TCP_ACK) && rev.state & ST_HANDSHAKE == 0;
     let response = pkt.payload_len > 0 && rev.state & ST_RESPONSE == 0;
     let closing = rev.state & ST_RST != 0;
     if syn_ack || response || closing || pkt.has(TCP_FIN) || pkt.has(TCP_RST) {
-        let fwd_key = forward_key(&pkt.key, &rev);
+        let fwd_key = conntrack::forward_key(&pkt.key, &rev);
         let fwd = conntrack::lookup(&fwd_key);
         if closing && !pkt.has(TCP_RST) {
             // The backend still talks on a flow a RST closed: it ignored
@@ -140,7 +170,7 @@ pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
             }
         }
     }
-    ctx.rewrite(&pkt, End::Src, rev.nat_addr, rev.nat_port)?;
+    ctx.rewrite(pkt, End::Src, rev.nat_addr, rev.nat_port)?;
     Ok(Action::Forward)
 }
 
@@ -156,7 +186,7 @@ fn unconfirmed(ctx: &TcContext, pkt: &Packet) -> Result<Action, Counter> {
     if rev.flags & CT_REVERSE == 0 {
         return Ok(Action::Ignore);
     }
-    let fwd_key = forward_key(&pkt.key, &rev);
+    let fwd_key = conntrack::forward_key(&pkt.key, &rev);
     let mut counters = stats::backend(rev.stats_slot);
     if let Some(c) = counters.as_deref_mut() {
         c.packets_from_backend += 1;
@@ -165,20 +195,4 @@ fn unconfirmed(ctx: &TcContext, pkt: &Packet) -> Result<Action, Counter> {
     conntrack::confirm(&fwd_key, &pkt.key, &rev, pkt.has(TCP_RST), counters);
     ctx.rewrite(pkt, End::Src, rev.nat_addr, rev.nat_port)?;
     Ok(Action::Forward)
-}
-
-/// The forward (client → VIP) key of the flow a reply (`reply`, backend →
-/// client) belongs to: the client from the reply's destination, the VIP
-/// the reverse entry recorded.
-#[inline(always)]
-fn forward_key(reply: &FlowKey, rev: &CtEntry) -> FlowKey {
-    FlowKey {
-        src_addr: reply.dst_addr,
-        dst_addr: rev.nat_addr,
-        src_port: reply.dst_port,
-        dst_port: rev.nat_port,
-        proto: reply.proto,
-        family: reply.family,
-        _pad: 0,
-    }
 }

@@ -1,5 +1,6 @@
 //! Client → VIP: steer new flows, DNAT every packet of a flow, and measure
-//! the client's side of it.
+//! the client's side of it. TCP here; UDP datagrams go to udp.rs after the
+//! shared parse.
 
 use canary_common::{
     addr::Addr,
@@ -17,17 +18,39 @@ use crate::{
     maps::SERVICES,
     nat::{End, Rewrite},
     packet::{self, Packet, TCP_FIN, TCP_RST},
-    stats::{self, Action, count},
-    steer,
+    stats::{self, Action, Outcome, count},
+    steer, udp,
 };
 
 /// Runs at TC ingress or XDP: the same logic on either kind of frame.
+///
+/// The parser and each protocol's handler are calls of their own: the
+/// eBPF stack is 512 bytes for a whole chain of calls, and each handler
+/// then spends only its own share beside the parsed packet.
 #[inline(always)]
-pub fn handle<F: Rewrite>(ctx: &F) -> Result<Action, Counter> {
-    let Some(pkt) = packet::parse(ctx)? else {
-        return Ok(Action::Ignore);
-    };
+pub fn handle<F: Rewrite>(ctx: &F) -> Outcome {
+    let mut pkt = Packet::EMPTY;
+    match packet::parse(ctx, &mut pkt) {
+        Outcome::Forward => {}
+        other => return other,
+    }
+    if pkt.is_udp() {
+        return udp::ingress(ctx, &pkt);
+    }
+    if !pkt.is_tcp() {
+        return Outcome::Ignore;
+    }
+    tcp(ctx, &pkt)
+}
 
+/// A TCP segment `pkt` from a client.
+#[inline(never)]
+fn tcp<F: Rewrite>(ctx: &F, pkt: &Packet) -> Outcome {
+    stats::settle(segment(ctx, pkt))
+}
+
+#[inline(always)]
+fn segment<F: Rewrite>(ctx: &F, pkt: &Packet) -> Result<Action, Counter> {
     // An existing flow keeps its backend, whatever the service says now (or
     // if it is gone: removing a service drains it). A SYN after the client's
     // FIN, or after a RST, reuses the 5-tuple for a new connection.
@@ -41,7 +64,7 @@ pub fn handle<F: Rewrite>(ctx: &F) -> Result<Action, Counter> {
                 return Err(Counter::Fragment);
             }
             if pkt.is_syn() {
-                syn_again(entry, &ct, &pkt);
+                syn_again(entry, &ct, pkt);
             }
             if pkt.payload_len > 0
                 && ct.state & ST_REQUEST == 0
@@ -114,7 +137,7 @@ pub fn handle<F: Rewrite>(ctx: &F) -> Result<Action, Counter> {
         }
     }
 
-    ctx.rewrite(&pkt, End::Dst, backend_addr, backend_port)?;
+    ctx.rewrite(pkt, End::Dst, backend_addr, backend_port)?;
     if pkt.has(TCP_RST)
         && let Some(entry) = entry
     {

@@ -5,7 +5,10 @@
 //! - `canary_xdp_ingress` (XDP of a client-facing interface, instead of TC
 //!   ingress): the same handler, earlier, without an skb.
 //! - `canary_tc_egress` (TC egress of the same interface): replies from
-//!   backends; reverse NAT back to VIP:port.
+//!   backends; reverse NAT back to VIP:port, of ICMP errors too.
+//! - `canary_udp_sweep`: run by the agent through `BPF_PROG_TEST_RUN`, one
+//!   UDP flow at a time, never attached: ends idle flows and counts
+//!   unanswered ones.
 //! - `canary_bench_*_empty`: empty programs, the benchmark's baselines;
 //!   never loaded by the agent.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -28,6 +31,8 @@ mod conntrack;
 #[cfg(target_arch = "bpf")]
 mod egress;
 #[cfg(target_arch = "bpf")]
+mod icmp;
+#[cfg(target_arch = "bpf")]
 mod ingress;
 #[cfg(target_arch = "bpf")]
 mod maps;
@@ -39,6 +44,8 @@ mod packet;
 mod stats;
 #[cfg(target_arch = "bpf")]
 mod steer;
+#[cfg(target_arch = "bpf")]
+mod udp;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
@@ -47,7 +54,7 @@ mod programs {
         programs::{TcContext, XdpContext},
     };
 
-    use crate::{egress, ingress, stats};
+    use crate::{egress, ingress, stats, udp};
 
     /// Client → VIP packets: steer new flows, DNAT every packet of a flow.
     #[classifier]
@@ -69,6 +76,24 @@ mod programs {
     pub fn canary_tc_egress(ctx: TcContext) -> i32 {
         upgrade_test_variant();
         stats::tc_verdict(egress::handle(&ctx))
+    }
+
+    /// The UDP sweep of one flow: the frame carries a `CT_UDP` key after
+    /// its Ethernet header (`canary_common::flow::sweep`); the return value
+    /// says what was done. Run by the agent's sweep, never attached.
+    #[classifier]
+    pub fn canary_udp_sweep(ctx: TcContext) -> i32 {
+        use canary_common::flow::{FlowKey, sweep};
+        let Some(key) = crate::packet::ptr_at::<FlowKey, _>(&ctx, sweep::KEY_OFFSET) else {
+            return sweep::NOT_FOUND;
+        };
+        // SAFETY: bounds-checked against data_end by ptr_at; copied out at
+        // once (the frame need not be aligned).
+        let key = unsafe { key.read_unaligned() };
+        if key.proto != canary_common::IPPROTO_UDP {
+            return sweep::NOT_FOUND;
+        }
+        udp::sweep(&key)
     }
 
     /// In the `upgrade-test` build only: a clock read whose result is

@@ -9,7 +9,8 @@ use canary_common::{
     breaker::{BreakerState, EVENTS_BYTES},
     counters::Counter,
     flow::{
-        CT_DEFAULT_CAPACITY, CtEntry, FlowKey, PENDING_CAPACITY, PendingSyn, UNCONFIRMED_CAPACITY,
+        CT_DEFAULT_CAPACITY, CT_UDP_DEFAULT_CAPACITY, CtEntry, FlowKey, PENDING_CAPACITY,
+        PendingSyn, UNCONFIRMED_CAPACITY, UdpConfig,
     },
     layout::LAYOUT_ENTRIES,
     service::{
@@ -112,3 +113,30 @@ pub static TIMEOUTS: Array<HandshakeTimeouts> =
 /// adopts them; never read by the programs.
 #[map(name = "LAYOUT")]
 pub static LAYOUT: Array<u32> = Array::with_max_entries(LAYOUT_ENTRIES, 0);
+
+/// UDP 5-tuple → flow state, both directions, like `CONNTRACK` for TCP but
+/// a table of its own, so a burst of UDP flows never evicts a TCP
+/// connection. Written by the programs (a flow's first datagram inserts,
+/// each direction refreshes its entry's last-seen time); expired flows
+/// are closed and removed by the `canary_udp_sweep` program, which the
+/// agent's sweep runs. Sized by the agent (`udp_conntrack_capacity`).
+#[map(name = "CT_UDP")]
+pub static CT_UDP: LruHashMap<FlowKey, CtEntry> =
+    LruHashMap::with_max_entries(CT_UDP_DEFAULT_CAPACITY, 0);
+
+/// Service id → UDP timeouts of a UDP service. Written by the agent with
+/// the service; read by the programs when a UDP flow begins (its idle
+/// timeout is copied into the flow) and while a flow waits for its first
+/// reply.
+#[map(name = "UDP_CONFIG")]
+pub static UDP_CONFIG: HashMap<u32, UdpConfig> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// Stats slot → UDP flows whose backend did not reply within the
+/// service's `udp_response_timeout`, per CPU: counted by the programs
+/// (whichever sees the deadline pass first: the client's next datagram,
+/// a late reply, the sweep program). The agent adds them to the exported
+/// timeouts. Sized like `STATS` by the agent.
+#[map(name = "UDP_TIMEOUTS")]
+pub static UDP_TIMEOUTS: PerCpuArray<HandshakeTimeouts> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS + 1, 0);

@@ -1,7 +1,10 @@
 //! Address and port rewrites with incremental checksum updates, one NAT
-//! for both families: IPv4 updates the IP header checksum and the TCP
-//! pseudo-header sum; IPv6 has no header checksum, so only the TCP one
-//! changes, by the difference of the 16-byte addresses.
+//! for both families and both transports: IPv4 updates the IP header
+//! checksum and the transport pseudo-header sum; IPv6 has no header
+//! checksum, so only the transport one changes, by the difference of the
+//! 16-byte addresses. TCP and UDP differ only in where the checksum is and
+//! in UDP's zero rule (`csum::udp`): 0 over IPv4 means "none" and stays 0,
+//! and a result of 0 is written 0xFFFF.
 //!
 //! At TC the kernel's csum helpers handle every `ip_summed` state (including
 //! CHECKSUM_PARTIAL from a local sender over veth, and CHECKSUM_COMPLETE,
@@ -11,13 +14,13 @@
 //! wire, updated here by RFC 1624 arithmetic.
 
 use aya_ebpf::{
-    bindings::BPF_F_PSEUDO_HDR,
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::bpf_csum_diff,
     programs::{TcContext, XdpContext},
 };
 use canary_common::{addr::Addr, counters::Counter, csum};
 
-use crate::packet::{Frame, IP_CSUM, Packet, TCP_CSUM, TCP_DPORT, TCP_SPORT, ptr_at};
+use crate::packet::{Frame, IP_CSUM, L3, L4_DPORT, L4_SPORT, Packet, ptr_at};
 
 /// `bpf_l4_csum_replace` flag (Linux 6.16): the pseudo-header change is an
 /// IPv6 address change, so `skb->csum` of a CHECKSUM_COMPLETE packet must
@@ -42,13 +45,13 @@ fn fields(pkt: &Packet, end: End) -> (Addr, u16, usize, usize) {
             pkt.key.dst_addr,
             pkt.key.dst_port,
             pkt.addr_offset(false),
-            pkt.l4 + TCP_DPORT,
+            pkt.l4 + L4_DPORT,
         ),
         End::Src => (
             pkt.key.src_addr,
             pkt.key.src_port,
             pkt.addr_offset(true),
-            pkt.l4 + TCP_SPORT,
+            pkt.l4 + L4_SPORT,
         ),
     }
 }
@@ -67,7 +70,14 @@ impl Rewrite for TcContext {
     #[inline(always)]
     fn rewrite(&self, pkt: &Packet, end: End, addr: Addr, port: u16) -> Result<(), Counter> {
         let (old_addr, old_port, addr_off, port_off) = fields(pkt, end);
-        let l4_csum = pkt.l4 + TCP_CSUM;
+        let l4_csum = pkt.csum;
+        // UDP: the helper leaves a checksum of 0 alone and writes a result
+        // of 0 as 0xFFFF (`csum::udp` at XDP).
+        let mangled = if pkt.is_udp() {
+            u64::from(BPF_F_MARK_MANGLED_0)
+        } else {
+            0
+        };
         if old_addr != addr {
             if pkt.is_v6() {
                 let field = field::<Addr, _>(self, addr_off)?;
@@ -89,7 +99,7 @@ impl Rewrite for TcContext {
                     l4_csum,
                     0,
                     diff as u64,
-                    u64::from(BPF_F_PSEUDO_HDR) | BPF_F_IPV6,
+                    u64::from(BPF_F_PSEUDO_HDR) | BPF_F_IPV6 | mangled,
                 )
                 .map_err(|_| Counter::RewriteFailed)?;
             } else {
@@ -101,10 +111,10 @@ impl Rewrite for TcContext {
                     l4_csum,
                     u64::from(old),
                     u64::from(new),
-                    u64::from(BPF_F_PSEUDO_HDR | 4),
+                    u64::from(BPF_F_PSEUDO_HDR | 4) | mangled,
                 )
                 .map_err(|_| Counter::RewriteFailed)?;
-                self.l3_csum_replace(pkt.l3 + IP_CSUM, u64::from(old), u64::from(new), 4)
+                self.l3_csum_replace(L3 + IP_CSUM, u64::from(old), u64::from(new), 4)
                     .map_err(|_| Counter::RewriteFailed)?;
             }
         }
@@ -114,7 +124,7 @@ impl Rewrite for TcContext {
             let field = field::<u16, _>(self, port_off)?;
             // SAFETY: as above.
             unsafe { field.write_unaligned(port) };
-            self.l4_csum_replace(l4_csum, u64::from(old_port), u64::from(port), 2)
+            self.l4_csum_replace(l4_csum, u64::from(old_port), u64::from(port), 2 | mangled)
                 .map_err(|_| Counter::RewriteFailed)?;
         }
         Ok(())
@@ -134,34 +144,40 @@ impl Rewrite for XdpContext {
         if old_addr == addr && old_port == port {
             return Ok(());
         }
-        let tcp_csum = field::<u16, _>(self, pkt.l4 + TCP_CSUM)?;
-        let tcp_port = field::<u16, _>(self, port_off)?;
+        let l4_csum = field::<u16, _>(self, pkt.csum)?;
+        let l4_port = field::<u16, _>(self, port_off)?;
+        let udp = pkt.is_udp();
         if pkt.is_v6() {
             let ip_addr = field::<Addr, _>(self, addr_off)?;
             // SAFETY: each pointer was bounds-checked against data_end
             // above; packet fields need not be aligned.
             unsafe {
-                let tcp = csum::replace16(tcp_csum.read_unaligned(), &old_addr.0, &addr.0);
-                let tcp = csum::replace2(tcp, old_port, port);
+                let check = csum::replace16(l4_csum.read_unaligned(), &old_addr.0, &addr.0);
+                let check = csum::replace2(check, old_port, port);
                 ip_addr.write_unaligned(addr);
-                tcp_csum.write_unaligned(tcp);
-                tcp_port.write_unaligned(port);
+                // IPv6 UDP with checksum 0 never gets here (passed
+                // unsteered), so a 0 is never kept.
+                l4_csum.write_unaligned(if udp { csum::udp::mangled(check) } else { check });
+                l4_port.write_unaligned(port);
             }
         } else {
-            let ip_csum = field::<u16, _>(self, pkt.l3 + IP_CSUM)?;
+            let ip_csum = field::<u16, _>(self, L3 + IP_CSUM)?;
             let ip_addr = field::<u32, _>(self, addr_off)?;
             let (old, new) = (old_addr.v4(), addr.v4());
             // SAFETY: as above.
             unsafe {
-                // The address is in the TCP pseudo-header as well as the IP
-                // header.
+                // The address is in the transport pseudo-header as well as
+                // the IP header.
                 let ip = csum::replace4(ip_csum.read_unaligned(), old, new);
-                let tcp = csum::replace4(tcp_csum.read_unaligned(), old, new);
-                let tcp = csum::replace2(tcp, old_port, port);
+                let before = l4_csum.read_unaligned();
                 ip_csum.write_unaligned(ip);
                 ip_addr.write_unaligned(new);
-                tcp_csum.write_unaligned(tcp);
-                tcp_port.write_unaligned(port);
+                l4_port.write_unaligned(port);
+                if !(udp && csum::udp::keep(before)) {
+                    let check = csum::replace4(before, old, new);
+                    let check = csum::replace2(check, old_port, port);
+                    l4_csum.write_unaligned(if udp { csum::udp::mangled(check) } else { check });
+                }
             }
         }
         Ok(())

@@ -85,10 +85,20 @@ pub enum Action {
     Forward,
 }
 
-/// What an error does to the packet.
+/// What became of a packet, once its error (if any) is counted: the
+/// handlers' result as one plain integer. Handlers that are calls of their
+/// own return this rather than a `Result`: a `Result` comes back packed in
+/// a register whose unused half the compiler leaves unset, and the
+/// verifier refuses to read an unset register.
 #[derive(Clone, Copy)]
-enum Fate {
-    /// Not provably ours: the stack decides (and drops it if it is garbage).
+#[repr(u32)]
+pub enum Outcome {
+    /// Not ours: the next program or the stack decides.
+    Ignore,
+    /// Ours, rewritten: deliver it.
+    Forward,
+    /// Not provably ours (malformed): the stack decides (and drops it if
+    /// it is garbage).
     Stack,
     /// Ours but not steerable correctly: dropped rather than delivered to
     /// the wrong place or leaked un-NATed.
@@ -97,35 +107,42 @@ enum Fate {
 
 /// Counts the error, if there is one, and says what becomes of the packet.
 #[inline(always)]
-fn settle(result: Result<Action, Counter>) -> Result<Action, Fate> {
-    result.map_err(|counter| {
-        count(counter);
-        match counter {
-            Counter::TruncatedEth
-            | Counter::BadIpHeader
-            | Counter::BadTcpHeader
-            | Counter::Ipv6ExtHeader => Fate::Stack,
-            _ => Fate::Drop,
+pub fn settle(result: Result<Action, Counter>) -> Outcome {
+    match result {
+        Ok(Action::Ignore) => Outcome::Ignore,
+        Ok(Action::Forward) => Outcome::Forward,
+        Err(counter) => {
+            count(counter);
+            match counter {
+                Counter::TruncatedEth
+                | Counter::BadIpHeader
+                | Counter::BadTcpHeader
+                | Counter::BadUdpHeader
+                | Counter::Ipv6ExtHeader
+                | Counter::Udp6ZeroChecksum
+                | Counter::IcmpQuoteUnsupported => Outcome::Stack,
+                _ => Outcome::Drop,
+            }
         }
-    })
-}
-
-/// A handler's result as a TC return code.
-#[inline(always)]
-pub fn tc_verdict(result: Result<Action, Counter>) -> i32 {
-    match settle(result) {
-        Ok(Action::Forward) => TC_ACT_OK,
-        Ok(Action::Ignore) | Err(Fate::Stack) => TC_ACT_UNSPEC,
-        Err(Fate::Drop) => TC_ACT_SHOT as i32,
     }
 }
 
-/// A handler's result as an XDP return code. XDP has no "next program"
-/// verdict: whatever is not dropped goes on up to TC and the stack.
+/// An outcome as a TC return code.
 #[inline(always)]
-pub fn xdp_verdict(result: Result<Action, Counter>) -> u32 {
-    match settle(result) {
-        Ok(_) | Err(Fate::Stack) => xdp_action::XDP_PASS,
-        Err(Fate::Drop) => xdp_action::XDP_DROP,
+pub fn tc_verdict(outcome: Outcome) -> i32 {
+    match outcome {
+        Outcome::Forward => TC_ACT_OK,
+        Outcome::Ignore | Outcome::Stack => TC_ACT_UNSPEC,
+        Outcome::Drop => TC_ACT_SHOT as i32,
+    }
+}
+
+/// An outcome as an XDP return code. XDP has no "next program" verdict:
+/// whatever is not dropped goes on up to TC and the stack.
+#[inline(always)]
+pub fn xdp_verdict(outcome: Outcome) -> u32 {
+    match outcome {
+        Outcome::Forward | Outcome::Ignore | Outcome::Stack => xdp_action::XDP_PASS,
+        Outcome::Drop => xdp_action::XDP_DROP,
     }
 }
