@@ -212,6 +212,7 @@ const AGENT_KEYS: &[(&str, &str)] = &[
     ("metrics_addr", "\"127.0.0.1:9477\""),
     ("metrics_buckets_per_octave", "4"),
     ("conntrack_capacity", "262144"),
+    ("udp_conntrack_capacity", "65536"),
     ("max_services", "16384"),
     ("max_backends", "16383"),
     ("handshake_timeout", "\"3s\""),
@@ -227,6 +228,9 @@ const SERVICE_KEYS: &[(&str, &str)] = &[
     ("always_canary", "[\"192.168.10.0/24\"]"),
     ("never_canary", "[]"),
     ("salt", "7"),
+    ("protocol", "\"udp\""),
+    ("udp_idle_timeout", "\"30s\""),
+    ("udp_response_timeout", "\"3s\""),
 ];
 const ROLLOUT_KEYS: &[(&str, &str)] = &[("interval", "\"1s\""), ("fail_after", "2")];
 const STEP_KEYS: &[(&str, &str)] = &[

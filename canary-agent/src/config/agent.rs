@@ -8,7 +8,7 @@ use std::{
 };
 
 use canary_common::{
-    flow::CT_DEFAULT_CAPACITY,
+    flow::{CT_DEFAULT_CAPACITY, CT_UDP_DEFAULT_CAPACITY},
     service::{DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES},
 };
 
@@ -37,6 +37,9 @@ pub struct AgentConfig {
     pub metrics_buckets_per_octave: u32,
     /// Conntrack capacity in entries (two per flow).
     pub conntrack_capacity: u32,
+    /// UDP conntrack capacity in entries (two per flow), a table of its
+    /// own so that UDP flows never evict TCP connections.
+    pub udp_conntrack_capacity: u32,
     /// Most services the maps hold.
     pub max_services: u32,
     /// Most backends across all services (each service × cohort × backend
@@ -173,6 +176,17 @@ pub(super) fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> 
             " entries (two per tracked connection)",
         )?,
     };
+    let udp_conntrack_capacity = match raw.udp_conntrack_capacity {
+        None => CT_UDP_DEFAULT_CAPACITY,
+        Some(n) => int_in(
+            S,
+            "udp_conntrack_capacity",
+            n,
+            MIN_CONNTRACK_CAPACITY.into(),
+            MAX_CONNTRACK_CAPACITY.into(),
+            " entries (two per UDP flow)",
+        )?,
+    };
     let max_services = match raw.max_services {
         None => DEFAULT_MAX_SERVICES,
         Some(n) => int_in(S, "max_services", n, 1, MAX_MAX_SERVICES.into(), "")?,
@@ -271,6 +285,7 @@ pub(super) fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> 
         metrics_addr,
         metrics_buckets_per_octave,
         conntrack_capacity,
+        udp_conntrack_capacity,
         max_services,
         max_backends,
         handshake_timeout,
@@ -477,6 +492,18 @@ mod tests {
         assert!(
             msg.contains("[agent]: conntrack_capacity = 10: must be between 1024"),
             "{msg}"
+        );
+        let msg = error_text(&GOOD.replace("[agent]", "[agent]\nudp_conntrack_capacity = 0"));
+        assert!(
+            msg.contains("[agent]: udp_conntrack_capacity = 0: must be between 1024"),
+            "{msg}"
+        );
+        let c = parse(&GOOD.replace("[agent]", "[agent]\nudp_conntrack_capacity = 4096")).unwrap();
+        assert_eq!(c.agent.udp_conntrack_capacity, 4096);
+        assert_eq!(
+            parse(GOOD).unwrap().agent.udp_conntrack_capacity,
+            CT_UDP_DEFAULT_CAPACITY,
+            "default: its own table of 65536 entries"
         );
     }
 

@@ -29,7 +29,7 @@ pub use agent::{AgentConfig, IngressMode, InterfaceConfig};
 pub use breaker::BreakerConfig;
 pub use plan::{Gate, RolloutConfig, StepConfig};
 use service::validate_services;
-pub use service::{CohortMode, IpPrefix, ServiceConfig, default_salt};
+pub use service::{CohortMode, IpPrefix, Protocol, ServiceConfig, UdpTimeouts, default_salt};
 
 pub use crate::units::{Weight, WeightError};
 use check::invalid;
@@ -42,6 +42,14 @@ pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
 /// Default time a SYN may wait for its SYN-ACK before the connection counts
 /// as failed (`reason="timeout"`). The client's first SYN retry comes at 1 s.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default idle timeout of a UDP flow (`udp_idle_timeout`): 30 s, as
+/// Linux's `nf_conntrack_udp_timeout`. A flow with no datagram either way
+/// for this long is over; the client's next datagram is a new flow.
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a UDP flow may wait for its backend's first reply before it
+/// counts as failed (`udp_response_timeout`, `reason="timeout"`), as
+/// `handshake_timeout` for TCP.
+pub const DEFAULT_UDP_RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Default directory of the agent's persisted state (rollbacks).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/canary";
 /// Default bpffs directory of the pinned maps and links.

@@ -27,6 +27,7 @@ pub(super) struct RawAgent {
     // and its range rather than serde's "expected u32".
     pub(super) metrics_buckets_per_octave: Option<i64>,
     pub(super) conntrack_capacity: Option<i64>,
+    pub(super) udp_conntrack_capacity: Option<i64>,
     pub(super) max_services: Option<i64>,
     pub(super) max_backends: Option<i64>,
     pub(super) handshake_timeout: Option<String>,
@@ -110,6 +111,12 @@ pub(super) struct RawService {
     #[serde(default)]
     pub(super) never_canary: Vec<String>,
     pub(super) salt: Option<i64>,
+    #[serde(default)]
+    pub(super) protocol: Option<String>,
+    #[serde(default)]
+    pub(super) udp_idle_timeout: Option<String>,
+    #[serde(default)]
+    pub(super) udp_response_timeout: Option<String>,
     #[serde(default)]
     pub(super) breaker: Option<RawBreaker>,
     #[serde(default)]

@@ -7,17 +7,80 @@ use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     str::FromStr,
+    time::Duration,
 };
 
-use canary_common::service::{MAX_BACKENDS, MAX_RULES};
+use canary_common::{
+    IPPROTO_TCP, IPPROTO_UDP,
+    service::{MAX_BACKENDS, MAX_RULES},
+};
 
 use super::{
-    BreakerConfig, ConfigError, MAX_SERVICE_NAME, RolloutConfig, Weight,
+    BreakerConfig, ConfigError, DEFAULT_UDP_IDLE_TIMEOUT, DEFAULT_UDP_RESPONSE_TIMEOUT,
+    MAX_SERVICE_NAME, RolloutConfig, Weight,
     breaker::validate_breaker,
-    check::{int_in, invalid, quoted, shown, truncated},
+    check::{duration_in, int_in, invalid, quoted, shown, truncated},
     plan::validate_rollout,
     raw::{RawService, RawWeight},
 };
+
+/// The transport protocol of a service. A TCP and a UDP service may share
+/// a VIP:port: they are two services.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Protocol {
+    /// Steered per connection, on its SYN.
+    #[default]
+    Tcp,
+    /// Steered per flow (a 5-tuple), on its first datagram; see
+    /// [`UdpTimeouts`].
+    Udp,
+}
+
+impl Protocol {
+    /// The name used in config, logs and labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
+    /// The IP protocol number the data plane keys services by.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How long a UDP service's flows live and wait (unused for TCP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpTimeouts {
+    /// A flow with no datagram either way for this long is over, like
+    /// Linux's `nf_conntrack_udp_timeout` (default 30 s): the client's
+    /// next datagram is a new flow with a fresh cohort choice.
+    pub idle: Duration,
+    /// A flow whose backend has not replied this long after its first
+    /// datagram failed (`reason="timeout"`); `None` (`"off"`) for one-way
+    /// services, whose backends never reply.
+    pub response: Option<Duration>,
+}
+
+impl Default for UdpTimeouts {
+    fn default() -> UdpTimeouts {
+        UdpTimeouts {
+            idle: DEFAULT_UDP_IDLE_TIMEOUT,
+            response: Some(DEFAULT_UDP_RESPONSE_TIMEOUT),
+        }
+    }
+}
 
 /// How a service assigns clients to cohorts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -100,6 +163,11 @@ pub struct ServiceConfig {
     pub name: String,
     /// Where clients connect.
     pub vip: SocketAddr,
+    /// TCP or UDP: with the VIP, what the data plane matches.
+    pub protocol: Protocol,
+    /// UDP flow timeouts (defaults for a TCP service, where they are
+    /// unused).
+    pub udp: UdpTimeouts,
     /// Stable backends, in order (the VIP's family).
     pub stable: Vec<SocketAddr>,
     /// Canary backends, in order (the VIP's family).
@@ -124,7 +192,7 @@ pub struct ServiceConfig {
 /// VIPs, and the room for source rules.
 pub(super) fn validate_services(raw: Vec<RawService>) -> Result<Vec<ServiceConfig>, ConfigError> {
     let mut names = BTreeSet::new();
-    let mut vips: BTreeMap<SocketAddr, String> = BTreeMap::new();
+    let mut vips: BTreeMap<(SocketAddr, Protocol), String> = BTreeMap::new();
     let mut total_rules = 0usize;
     let mut services = Vec::with_capacity(raw.len());
     for (i, raw) in raw.into_iter().enumerate() {
@@ -138,12 +206,15 @@ pub(super) fn validate_services(raw: Vec<RawService>) -> Result<Vec<ServiceConfi
                 "used by an earlier service; names must be unique",
             ));
         }
-        if let Some(other) = vips.insert(svc.vip, svc.name.clone()) {
+        if let Some(other) = vips.insert((svc.vip, svc.protocol), svc.name.clone()) {
             return Err(invalid(
                 &section,
                 "vip",
                 quoted(&svc.vip.to_string()),
-                format!("already used by service {other:?}; each VIP:port belongs to one service"),
+                format!(
+                    "already used by service {other:?} for {}; each VIP:port belongs to one service per protocol",
+                    svc.protocol
+                ),
             ));
         }
         total_rules += svc.always_canary.len() + svc.never_canary.len();
@@ -275,7 +346,10 @@ pub(super) fn validate_service(
             "no canary backends to send these clients to; add `canary = [...]`",
         ));
     }
-    for (key, list) in [("always_canary", &always_canary), ("never_canary", &never_canary)] {
+    for (key, list) in [
+        ("always_canary", &always_canary),
+        ("never_canary", &never_canary),
+    ] {
         if let Some(p) = list.iter().find(|p| p.addr.is_ipv4() != vip.is_ipv4()) {
             return Err(invalid(
                 s,
@@ -298,6 +372,12 @@ pub(super) fn validate_service(
         ));
     }
 
+    let (protocol, udp) = validate_protocol(
+        s,
+        raw.protocol.as_deref(),
+        raw.udp_idle_timeout.as_deref(),
+        raw.udp_response_timeout.as_deref(),
+    )?;
     let breaker = validate_breaker(s, raw.breaker)?;
     let rollout = match raw.rollout {
         None => None,
@@ -330,6 +410,8 @@ pub(super) fn validate_service(
         },
         name,
         vip,
+        protocol,
+        udp,
         stable,
         canary,
         weight,
@@ -337,6 +419,90 @@ pub(super) fn validate_service(
         always_canary,
         never_canary,
     })
+}
+
+/// Longest `udp_idle_timeout`: a day.
+const MAX_UDP_IDLE: Duration = Duration::from_hours(24);
+/// Shortest `udp_idle_timeout`: the data plane refreshes a flow's
+/// last-seen time once a second, so a shorter timeout would end busy
+/// flows.
+const MIN_UDP_IDLE: Duration = Duration::from_secs(2);
+/// Shortest `udp_response_timeout`.
+const MIN_UDP_RESPONSE: Duration = Duration::from_millis(10);
+
+/// `protocol` and, for UDP, its timeouts (`udp_idle_timeout`,
+/// `udp_response_timeout`).
+fn validate_protocol(
+    s: &str,
+    protocol: Option<&str>,
+    idle: Option<&str>,
+    response: Option<&str>,
+) -> Result<(Protocol, UdpTimeouts), ConfigError> {
+    let protocol = match protocol {
+        None | Some("tcp") => Protocol::Tcp,
+        Some("udp") => Protocol::Udp,
+        Some(other) => {
+            return Err(invalid(
+                s,
+                "protocol",
+                quoted(other),
+                "must be \"tcp\" or \"udp\"",
+            ));
+        }
+    };
+    if protocol == Protocol::Tcp {
+        for (key, value) in [
+            ("udp_idle_timeout", idle),
+            ("udp_response_timeout", response),
+        ] {
+            if let Some(v) = value {
+                return Err(invalid(
+                    s,
+                    key,
+                    quoted(v),
+                    "applies to UDP services only; add protocol = \"udp\" or remove it",
+                ));
+            }
+        }
+        return Ok((protocol, UdpTimeouts::default()));
+    }
+    let text_response = response;
+    let idle = match idle {
+        None => DEFAULT_UDP_IDLE_TIMEOUT,
+        Some(text) => duration_in(
+            s,
+            "udp_idle_timeout",
+            text,
+            (MIN_UDP_IDLE, MAX_UDP_IDLE),
+            "30s",
+        )?,
+    };
+    let response = match text_response {
+        None => Some(DEFAULT_UDP_RESPONSE_TIMEOUT.min(idle)),
+        Some("off") => None,
+        Some(text) => {
+            let d = duration_in(
+                s,
+                "udp_response_timeout",
+                text,
+                (MIN_UDP_RESPONSE, MAX_UDP_IDLE),
+                "3s",
+            )?;
+            if d > idle {
+                return Err(invalid(
+                    s,
+                    "udp_response_timeout",
+                    quoted(text),
+                    format!(
+                        "longer than udp_idle_timeout ({}): a flow ends before its deadline; shorten it or raise udp_idle_timeout",
+                        crate::units::show_duration(idle)
+                    ),
+                ));
+            }
+            Some(d)
+        }
+    };
+    Ok((protocol, UdpTimeouts { idle, response }))
 }
 
 /// The salt of a service without an explicit `salt`: a hash of its name, so
@@ -349,11 +515,7 @@ pub fn default_salt(name: &str) -> u32 {
     })
 }
 
-fn parse_endpoint(
-    section: &str,
-    key: &'static str,
-    text: &str,
-) -> Result<SocketAddr, ConfigError> {
+fn parse_endpoint(section: &str, key: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
     let addr: SocketAddr = text.parse().map_err(|_| {
         invalid(
             section,
@@ -472,8 +634,24 @@ mod tests {
                 "never_canary = \"fd00::/8\": an IPv6 prefix never matches a client of an IPv4 VIP",
             ),
             (
-                "canary = [\"[fd00::2]:80\"]",
-                "canary = \"[fd00::2]:80\": an IPv6 backend for an IPv4 VIP; a service's VIP and backends share a family",
+                "protocol = \"sctp\"",
+                "service \"web\": protocol = \"sctp\": must be \"tcp\" or \"udp\"",
+            ),
+            (
+                "udp_idle_timeout = \"60s\"",
+                "service \"web\": udp_idle_timeout = \"60s\": applies to UDP services only; add protocol = \"udp\" or remove it",
+            ),
+            (
+                "protocol = \"udp\"\nudp_idle_timeout = \"1s\"",
+                "service \"web\": udp_idle_timeout = \"1s\": must be a duration between 2s and 1d",
+            ),
+            (
+                "protocol = \"udp\"\nudp_response_timeout = \"soon\"",
+                "service \"web\": udp_response_timeout = \"soon\": not a duration",
+            ),
+            (
+                "protocol = \"udp\"\nudp_idle_timeout = \"5s\"\nudp_response_timeout = \"10s\"",
+                "service \"web\": udp_response_timeout = \"10s\": longer than udp_idle_timeout (5s): a flow ends before its deadline",
             ),
         ];
         for (extra, expected) in cases {
@@ -520,6 +698,10 @@ mod tests {
                 "vip = \"10.96.0.10:80\"\nstable = [\"10.0.1.1:1\"]\ncanary = [\"10.0.1.1:1\"]",
                 "canary = \"10.0.1.1:1\": also listed in stable",
             ),
+            (
+                "vip = \"10.96.0.10:80\"\nstable = [\"10.0.1.1:1\"]\ncanary = [\"[fd00::2]:80\"]",
+                "canary = \"[fd00::2]:80\": an IPv6 backend for an IPv4 VIP; a service's VIP and backends share a family",
+            ),
         ];
         for (lines, expected) in cases {
             let msg = error_text(&with_service(&format!("name = \"web\"\n{lines}")));
@@ -564,7 +746,7 @@ mod tests {
         ));
         assert_eq!(
             msg,
-            "service \"b\": vip = \"10.96.0.10:80\": already used by service \"a\"; each VIP:port belongs to one service"
+            "service \"b\": vip = \"10.96.0.10:80\": already used by service \"a\" for tcp; each VIP:port belongs to one service per protocol"
         );
         let msg = error_text(&format!(
             "{head}{}{}",
@@ -582,6 +764,65 @@ mod tests {
             svc("b", "10.96.0.10:443")
         ))
         .expect("distinct ports");
+    }
+
+    #[test]
+    fn a_tcp_and_a_udp_service_may_share_a_vip_port_with_udp_timeouts_defaulted() {
+        let head = "[agent]\ninterfaces = [\"lo\"]\n";
+        let svc = |name: &str, extra: &str| {
+            format!(
+                "[[service]]\nname = \"{name}\"\nvip = \"10.96.0.10:53\"\nstable = [\"10.0.1.10:53\"]\n{extra}\n"
+            )
+        };
+        let c = parse(&format!(
+            "{head}{}{}",
+            svc("dns-tcp", ""),
+            svc("dns", "protocol = \"udp\"")
+        ))
+        .expect("one VIP:port, two protocols");
+        assert_eq!(c.services[0].protocol, Protocol::Tcp, "tcp is the default");
+        assert_eq!(c.services[1].protocol, Protocol::Udp);
+        assert_eq!(
+            c.services[1].udp,
+            UdpTimeouts {
+                idle: Duration::from_secs(30),
+                response: Some(Duration::from_secs(3)),
+            },
+            "defaults: 30 s idle (nf_conntrack_udp_timeout), 3 s to the first reply"
+        );
+        // Two UDP services on one VIP:port are one too many.
+        let msg = error_text(&format!(
+            "{head}{}{}",
+            svc("a", "protocol = \"udp\""),
+            svc("b", "protocol = \"udp\"")
+        ));
+        assert!(
+            msg.contains("already used by service \"a\" for udp"),
+            "{msg}"
+        );
+        // "off": a one-way service whose backends never reply; a short idle
+        // timeout caps the default response timeout.
+        let c = parse(&format!(
+            "{head}{}",
+            svc(
+                "log",
+                "protocol = \"udp\"\nudp_response_timeout = \"off\"\nudp_idle_timeout = \"2m\""
+            )
+        ))
+        .expect("off");
+        assert_eq!(
+            c.services[0].udp,
+            UdpTimeouts {
+                idle: Duration::from_mins(2),
+                response: None,
+            }
+        );
+        let c = parse(&format!(
+            "{head}{}",
+            svc("fast", "protocol = \"udp\"\nudp_idle_timeout = \"2s\"")
+        ))
+        .expect("short idle");
+        assert_eq!(c.services[0].udp.response, Some(Duration::from_secs(2)));
     }
 
     #[test]

@@ -37,7 +37,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     config::{Config, ConfigError, IngressMode, ServiceConfig},
@@ -280,6 +280,11 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
                     Ok(0) => {}
                     Ok(n) => info!(timed_out = n, "handshakes timed out"),
                     Err(e) => warn!(error = %error_chain(&e), "handshake sweep failed"),
+                }
+                match agent.dp.sweep_udp() {
+                    Ok(s) if s == crate::dataplane::UdpSwept::default() => {}
+                    Ok(s) => debug!(expired = s.expired, unanswered = s.timed_out, "UDP flows swept"),
+                    Err(e) => warn!(error = %error_chain(&e), "UDP sweep failed"),
                 }
             }
             _ = int.recv() => { info!("SIGINT received, shutting down"); break; }

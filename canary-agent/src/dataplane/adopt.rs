@@ -11,7 +11,7 @@ use std::{
 use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key};
 use canary_common::{
     breaker::BreakerState,
-    flow::{CtEntry, FlowKey},
+    flow::{CtEntry, FlowKey, UdpConfig},
     layout::v1,
     names,
     service::{Backend, Cohort, ServiceKey, ServiceValue},
@@ -43,7 +43,7 @@ impl Dataplane {
     pub fn adopt(&mut self, services: &[ServiceConfig]) -> Result<Adopted, DataplaneError> {
         let by_key: std::collections::HashMap<ServiceKey, &str> = services
             .iter()
-            .map(|s| (super::service_key(s.vip), s.name.as_str()))
+            .map(|s| (super::service_key(s.vip, s.protocol), s.name.as_str()))
             .collect();
         let entries: Vec<(ServiceKey, ServiceValue)> = self
             .services
@@ -62,7 +62,7 @@ impl Dataplane {
         }
         let mut adopted = Adopted {
             services: entries.len(),
-            flows: self.conntrack.keys().flatten().count(),
+            flows: self.conntrack.keys().flatten().count() + self.ct_udp.keys().flatten().count(),
             tripped: Vec::new(),
         };
         let mut max_id = 0;
@@ -71,7 +71,13 @@ impl Dataplane {
             // (names have no ':'), so the apply removes it.
             let name = match by_key.get(&key) {
                 Some(name) => (*name).to_string(),
-                None => SocketAddr::new(IpAddr::from(key.vip), u16::from_be(key.port)).to_string(),
+                // With the protocol: a TCP and a UDP service of one VIP:port
+                // are two entries.
+                None => format!(
+                    "{}/{}",
+                    SocketAddr::new(IpAddr::from(key.vip), u16::from_be(key.port)),
+                    key.proto
+                ),
             };
             for (cohort, list, n) in [
                 (Cohort::Stable, &value.stable, value.n_stable),
@@ -97,6 +103,7 @@ impl Dataplane {
                     key,
                     value,
                     rules: rules.remove(&value.rule_set).unwrap_or_default(),
+                    udp: self.udp_config.get(&value.svc_id, 0).ok(),
                 },
             );
         }
@@ -148,6 +155,21 @@ impl Dataplane {
                 names::CONNTRACK => {
                     let old: HashMap<MapData, FlowKey, CtEntry> = pins::open_pinned(&path, name)?;
                     copy_hash(&old, &mut self.conntrack, 0)
+                }
+                names::CT_UDP => {
+                    let old: HashMap<MapData, FlowKey, CtEntry> = pins::open_pinned(&path, name)?;
+                    copy_hash(&old, &mut self.ct_udp, 0)
+                }
+                names::UDP_CONFIG => {
+                    let old: HashMap<MapData, u32, UdpConfig> = pins::open_pinned(&path, name)?;
+                    copy_hash(&old, &mut self.udp_config, 0)
+                }
+                names::UDP_TIMEOUTS => {
+                    let old: PerCpuArray<MapData, HandshakeTimeouts> =
+                        pins::open_pinned(&path, name)?;
+                    let mut stats = lock(&self.stats);
+                    let n = old.len().min(stats.udp_timeouts.len());
+                    copy_indices(n, |i| stats.udp_timeouts.set(i, old.get(&i, 0)?, 0))
                 }
                 names::SERVICES => {
                     let old: HashMap<MapData, ServiceKey, ServiceValue> =
@@ -211,19 +233,29 @@ impl Dataplane {
         let Some(pins) = &self.pins else {
             return Ok(0);
         };
+        let mut late = 0;
+        if self.migrating.contains(&names::CT_UDP) {
+            let path = pins.map_path(names::CT_UDP);
+            let old: HashMap<MapData, FlowKey, CtEntry> = pins::open_pinned(&path, names::CT_UDP)?;
+            late += copy_hash(&old, &mut self.ct_udp, BPF_NOEXIST).map_err(|source| {
+                map_error(names::CT_UDP, "copy late entries".to_string(), source)
+            })?;
+        }
         if !self.migrating.contains(&names::CONNTRACK) {
-            return Ok(0);
+            return Ok(late);
         }
         let path = pins.map_path(names::CONNTRACK);
         if self.converting.contains(&names::CONNTRACK) {
             return self
                 .convert(names::CONNTRACK, &path, BPF_NOEXIST)
+                .map(|n| n + late)
                 .map_err(|source| {
                     map_error(names::CONNTRACK, "convert late entries".to_string(), source)
                 });
         }
         let old: HashMap<MapData, FlowKey, CtEntry> = pins::open_pinned(&path, names::CONNTRACK)?;
         copy_hash(&old, &mut self.conntrack, BPF_NOEXIST)
+            .map(|n| n + late)
             .map_err(|source| map_error(names::CONNTRACK, "copy late entries".to_string(), source))
     }
 

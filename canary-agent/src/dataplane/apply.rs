@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use aya::maps::{MapError, PerCpuValues, lpm_trie::Key};
 use canary_common::{
     breaker::BreakerState,
+    flow::UdpConfig,
     names,
     service::Cohort,
     service::{FLAG_CANARY_OFF, RuleKey, ServiceKey, ServiceValue},
@@ -17,11 +18,11 @@ use tracing::warn;
 
 use super::{
     Dataplane, DataplaneError, SlotKey,
-    encode::{rule_key, rule_list, same_rules, service_key, service_value},
+    encode::{rule_key, rule_list, same_rules, service_key, service_value, udp_config},
     lock, map_error,
 };
 use crate::{
-    config::ServiceConfig,
+    config::{Protocol, ServiceConfig},
     telemetry::{BackendView, ServiceView},
 };
 
@@ -31,6 +32,8 @@ pub(super) struct Installed {
     pub(super) key: ServiceKey,
     pub(super) value: ServiceValue,
     pub(super) rules: Vec<(Key<RuleKey>, u32)>,
+    /// What is in `UDP_CONFIG` for it, if it is a UDP service.
+    pub(super) udp: Option<UdpConfig>,
 }
 
 /// One undoable step of an apply.
@@ -38,6 +41,7 @@ enum Undo {
     RemoveRule(Key<RuleKey>),
     RemoveHistograms(u32),
     RemoveBreaker(u32),
+    RestoreUdpConfig(u32, Option<UdpConfig>),
     RestoreService(ServiceKey, Option<Box<ServiceValue>>),
 }
 
@@ -106,7 +110,7 @@ impl Dataplane {
                 .map(|(prefix_len, addr, action)| (rule_key(rule_set, prefix_len, addr), action))
                 .collect();
             let installed = Installed {
-                key: service_key(svc.vip),
+                key: service_key(svc.vip, svc.protocol),
                 value: service_value(
                     svc,
                     svc_id,
@@ -120,10 +124,15 @@ impl Dataplane {
                     },
                 ),
                 rules,
+                udp: (svc.protocol == Protocol::Udp).then(|| udp_config(svc)),
             };
             match old {
                 None => report.added.push(svc.name.clone()),
-                Some(old) if old.key != installed.key || old.value != installed.value => {
+                Some(old)
+                    if old.key != installed.key
+                        || old.value != installed.value
+                        || old.udp != installed.udp =>
+                {
                     report.changed.push(svc.name.clone());
                 }
                 Some(_) => {}
@@ -193,6 +202,17 @@ impl Dataplane {
                     .map_err(|source| {
                         map_error(names::TIMEOUTS, format!("zero slot {slot}"), source)
                     })?;
+                let zeros = PerCpuValues::try_from(vec![HandshakeTimeouts::default(); self.ncpus])
+                    .map_err(|e| {
+                        map_error(
+                            names::UDP_TIMEOUTS,
+                            "zero a slot".to_string(),
+                            MapError::IoError(e),
+                        )
+                    })?;
+                stats.udp_timeouts.set(slot, zeros, 0).map_err(|source| {
+                    map_error(names::UDP_TIMEOUTS, format!("zero slot {slot}"), source)
+                })?;
             }
             for (name, svc) in wanted.iter() {
                 let id = svc.value.svc_id;
@@ -207,6 +227,21 @@ impl Dataplane {
                             )
                         })?;
                     journal.push(Undo::RemoveBreaker(id));
+                }
+                // A UDP service's timeouts, before its service entry
+                // exists (or changes): a flow never starts without them.
+                if let Some(cfg) = svc.udp {
+                    let before = self.udp_config.get(&id, 0).ok();
+                    if before != Some(cfg) {
+                        self.udp_config.insert(id, cfg, 0).map_err(|source| {
+                            map_error(
+                                names::UDP_CONFIG,
+                                format!("write the UDP timeouts of service {name}"),
+                                source,
+                            )
+                        })?;
+                        journal.push(Undo::RestoreUdpConfig(id, before));
+                    }
                 }
                 for cohort in Cohort::ALL {
                     let key = histogram_key(svc.value.svc_id, cohort.as_u8());
@@ -299,6 +334,8 @@ impl Dataplane {
                 Undo::RemoveRule(key) => self.rules.remove(&key),
                 Undo::RemoveHistograms(key) => lock(&self.stats).histograms.remove(&key),
                 Undo::RemoveBreaker(id) => self.breaker.remove(&id),
+                Undo::RestoreUdpConfig(id, Some(cfg)) => self.udp_config.insert(id, cfg, 0),
+                Undo::RestoreUdpConfig(id, None) => self.udp_config.remove(&id),
                 Undo::RestoreService(key, Some(value)) => self.services.insert(key, *value, 0),
                 Undo::RestoreService(key, None) => self.services.remove(&key),
             };
@@ -404,6 +441,15 @@ impl Dataplane {
                         .histograms
                         .remove(&histogram_key(old.value.svc_id, cohort.as_u8()));
                 }
+            }
+        }
+        drop(stats);
+        // UDP timeouts of services that are gone or no longer UDP: their
+        // draining flows keep the idle timeout they began with, and count
+        // no more response timeouts.
+        for (name, old) in &self.installed {
+            if old.udp.is_some() && wanted.get(name).is_none_or(|w| w.udp.is_none()) {
+                let _ = self.udp_config.remove(&old.value.svc_id);
             }
         }
     }

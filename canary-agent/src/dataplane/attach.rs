@@ -149,7 +149,11 @@ impl Dataplane {
                 let link = prog.take_link(id).map_err(attach_failed)?;
                 FdLink::try_from(link).map_err(|e| link_failed("take the new link", e.into()))?
             }
-            Program::TcIngress | Program::TcEgress | Program::BenchTcEmpty | Program::ProbeIpv6Csum => {
+            Program::TcIngress
+            | Program::TcEgress
+            | Program::BenchTcEmpty
+            | Program::ProbeIpv6Csum
+            | Program::UdpSweep => {
                 let direction = if program == Program::TcEgress {
                     TcAttachType::Egress
                 } else {
@@ -206,9 +210,10 @@ impl Dataplane {
         let (link_type, attach_type) = match program {
             Program::XdpIngress | Program::BenchXdpEmpty => (sys::BPF_LINK_TYPE_XDP, 0),
             Program::TcEgress => (sys::BPF_LINK_TYPE_TCX, sys::BPF_TCX_EGRESS),
-            Program::TcIngress | Program::BenchTcEmpty | Program::ProbeIpv6Csum => {
-                (sys::BPF_LINK_TYPE_TCX, sys::BPF_TCX_INGRESS)
-            }
+            Program::TcIngress
+            | Program::BenchTcEmpty
+            | Program::ProbeIpv6Csum
+            | Program::UdpSweep => (sys::BPF_LINK_TYPE_TCX, sys::BPF_TCX_INGRESS),
         };
         let live = target.ifindex != 0 && target.ifindex == sys::ifindex(interface);
         if !live || target.link_type != link_type || target.attach_type != attach_type {
@@ -243,7 +248,11 @@ impl Dataplane {
                 let link = prog.take_link(id).map_err(|e| update_failed(e.into()))?;
                 FdLink::try_from(link).map_err(|e| update_failed(e.into()))?
             }
-            Program::TcIngress | Program::TcEgress | Program::BenchTcEmpty | Program::ProbeIpv6Csum => {
+            Program::TcIngress
+            | Program::TcEgress
+            | Program::BenchTcEmpty
+            | Program::ProbeIpv6Csum
+            | Program::UdpSweep => {
                 let prog = classifier(&mut self.ebpf, program.name())?;
                 let link =
                     SchedClassifierLink::try_from(link).map_err(|e| update_failed(e.into()))?;

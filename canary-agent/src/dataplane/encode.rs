@@ -10,9 +10,8 @@ use std::{
 
 use aya::maps::lpm_trie::Key;
 use canary_common::{
-    IPPROTO_TCP,
     addr::Addr,
-    flow::FlowKey,
+    flow::{FlowKey, UdpConfig},
     service::{
         Backend, Cohort, FLAG_CANARY_OFF, MAX_BACKENDS, MODE_PER_CONNECTION, MODE_STICKY,
         RULE_ALWAYS_CANARY, RULE_NEVER_CANARY, RULE_SET_BITS, RuleKey, ServiceKey, ServiceValue,
@@ -20,7 +19,7 @@ use canary_common::{
     },
 };
 
-use crate::config::{CohortMode, ServiceConfig};
+use crate::config::{CohortMode, Protocol, ServiceConfig};
 
 /// A breaker-trip record from the `EVENTS` ring buffer; `None` if it is too
 /// short to be one.
@@ -34,14 +33,24 @@ pub fn decode_breaker_event(record: &[u8]) -> Option<canary_common::breaker::Bre
     Some(unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) })
 }
 
-/// The `SERVICES` key of a VIP.
-pub fn service_key(vip: SocketAddr) -> ServiceKey {
+/// The `SERVICES` key of a VIP and protocol.
+pub fn service_key(vip: SocketAddr, protocol: Protocol) -> ServiceKey {
     let vip_addr = Addr::from(vip.ip());
     ServiceKey {
         vip: vip_addr,
         port: vip.port().to_be(),
-        proto: IPPROTO_TCP,
+        proto: protocol.number(),
         family: vip_addr.family(),
+    }
+}
+
+/// The `UDP_CONFIG` value of a UDP service: its timeouts in milliseconds
+/// (config validation bounds both to a day, far below `u32::MAX` ms).
+pub fn udp_config(svc: &ServiceConfig) -> UdpConfig {
+    let ms = |d: std::time::Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+    UdpConfig {
+        idle_ms: ms(svc.udp.idle),
+        response_ms: svc.udp.response.map_or(0, ms),
     }
 }
 
@@ -95,6 +104,16 @@ pub(super) fn backend(addr: SocketAddr, stats_slot: u32) -> Backend {
 
 /// The conntrack key of a TCP packet from `src` to `dst` (one family).
 pub fn flow_key(src: impl Into<SocketAddr>, dst: impl Into<SocketAddr>) -> FlowKey {
+    flow_key_of(Protocol::Tcp, src, dst)
+}
+
+/// The conntrack key of a `protocol` packet from `src` to `dst` (one
+/// family).
+pub fn flow_key_of(
+    protocol: Protocol,
+    src: impl Into<SocketAddr>,
+    dst: impl Into<SocketAddr>,
+) -> FlowKey {
     let (src, dst) = (src.into(), dst.into());
     let src_addr = Addr::from(src.ip());
     FlowKey {
@@ -102,7 +121,7 @@ pub fn flow_key(src: impl Into<SocketAddr>, dst: impl Into<SocketAddr>) -> FlowK
         dst_addr: Addr::from(dst.ip()),
         src_port: src.port().to_be(),
         dst_port: dst.port().to_be(),
-        proto: IPPROTO_TCP,
+        proto: protocol.number(),
         family: src_addr.family(),
         _pad: 0,
     }

@@ -29,7 +29,7 @@ use aya::{
 use canary_common::{
     breaker::BreakerState,
     counters::Counter,
-    flow::{CtEntry, FlowKey, PendingSyn},
+    flow::{CtEntry, FlowKey, PendingSyn, UdpConfig},
     layout, names,
     service::Cohort,
     service::{RuleKey, ServiceKey, ServiceValue},
@@ -39,7 +39,8 @@ use tracing::warn;
 pub use self::{
     adopt::Adopted,
     apply::ApplyReport,
-    encode::{decode_breaker_event, flow_key, service_key, service_value},
+    encode::{decode_breaker_event, flow_key, flow_key_of, service_key, service_value, udp_config},
+    sweep::UdpSwept,
 };
 use self::{
     apply::Installed,
@@ -175,6 +176,8 @@ pub enum DataplaneError {
 pub struct Capacity {
     /// Conntrack entries (two per flow).
     pub conntrack: u32,
+    /// UDP conntrack entries (two per flow).
+    pub udp_conntrack: u32,
     /// Services.
     pub services: u32,
     /// Backends across all services, counted per service and cohort.
@@ -185,6 +188,7 @@ impl Default for Capacity {
     fn default() -> Capacity {
         Capacity {
             conntrack: canary_common::flow::CT_DEFAULT_CAPACITY,
+            udp_conntrack: canary_common::flow::CT_UDP_DEFAULT_CAPACITY,
             services: canary_common::service::DEFAULT_MAX_SERVICES,
             backends: canary_common::service::DEFAULT_MAX_BACKENDS,
         }
@@ -203,11 +207,14 @@ impl Capacity {
     pub fn by_map(&self) -> BTreeMap<&'static str, u32> {
         BTreeMap::from([
             (names::CONNTRACK, self.conntrack),
+            (names::CT_UDP, self.udp_conntrack),
             (names::SERVICES, 2 * self.services),
+            (names::UDP_CONFIG, 2 * self.services),
             (names::BREAKER, 2 * self.services),
             (names::HISTOGRAMS, 4 * self.services),
             (names::STATS, self.stats_slots() + 1),
             (names::TIMEOUTS, self.stats_slots() + 1),
+            (names::UDP_TIMEOUTS, self.stats_slots() + 1),
         ])
     }
 
@@ -222,6 +229,7 @@ impl From<&crate::config::AgentConfig> for Capacity {
     fn from(agent: &crate::config::AgentConfig) -> Capacity {
         Capacity {
             conntrack: agent.conntrack_capacity,
+            udp_conntrack: agent.udp_conntrack_capacity,
             services: agent.max_services,
             backends: agent.max_backends,
         }
@@ -240,6 +248,9 @@ pub enum Program {
     /// Kernel probe for the IPv6 checksum flag (test-run once, never
     /// attached).
     ProbeIpv6Csum,
+    /// The UDP sweep of one flow (test-run by the agent's sweep, never
+    /// attached).
+    UdpSweep,
     /// Empty TC program, the benchmark's baseline (loaded on request).
     BenchTcEmpty,
     /// Empty XDP program, the benchmark's baseline (loaded on request).
@@ -248,11 +259,12 @@ pub enum Program {
 
 impl Program {
     /// What the agent loads.
-    const DATAPLANE: [Program; 4] = [
+    const DATAPLANE: [Program; 5] = [
         Program::TcIngress,
         Program::XdpIngress,
         Program::TcEgress,
         Program::ProbeIpv6Csum,
+        Program::UdpSweep,
     ];
 
     /// The program's name in the object.
@@ -262,6 +274,7 @@ impl Program {
             Program::XdpIngress => names::PROG_XDP_INGRESS,
             Program::TcEgress => names::PROG_TC_EGRESS,
             Program::ProbeIpv6Csum => names::PROG_PROBE_IPV6_CSUM,
+            Program::UdpSweep => names::PROG_UDP_SWEEP,
             Program::BenchTcEmpty => names::PROG_BENCH_TC_EMPTY,
             Program::BenchXdpEmpty => names::PROG_BENCH_XDP_EMPTY,
         }
@@ -286,6 +299,7 @@ impl Program {
             Program::XdpIngress => "xdp",
             Program::TcEgress => "tc_egress",
             Program::ProbeIpv6Csum => "probe_ipv6_csum",
+            Program::UdpSweep => "udp_sweep",
             Program::BenchTcEmpty => "bench_tc",
             Program::BenchXdpEmpty => "bench_xdp",
         }
@@ -296,7 +310,7 @@ impl Program {
             Program::TcIngress => "TC ingress",
             Program::XdpIngress | Program::BenchXdpEmpty => "XDP",
             Program::TcEgress => "TC egress",
-            Program::BenchTcEmpty | Program::ProbeIpv6Csum => "TC",
+            Program::BenchTcEmpty | Program::ProbeIpv6Csum | Program::UdpSweep => "TC",
         }
     }
 }
@@ -312,6 +326,10 @@ pub struct Dataplane {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     rules: LpmTrie<MapData, RuleKey, u32>,
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    /// UDP flows (`CT_UDP`); the sweep walks it.
+    ct_udp: HashMap<MapData, FlowKey, CtEntry>,
+    /// UDP services' timeouts (`UDP_CONFIG`), by service id.
+    udp_config: HashMap<MapData, u32, UdpConfig>,
     pending: HashMap<MapData, FlowKey, PendingSyn>,
     breaker: HashMap<MapData, u32, BreakerState>,
     /// Breaker trips; taken by the agent's event loop.
@@ -447,12 +465,15 @@ impl Dataplane {
             counters: take_map(&mut ebpf, names::COUNTERS)?,
             view: Vec::new(),
             timeouts: take_map(&mut ebpf, names::TIMEOUTS)?,
+            udp_timeouts: take_map(&mut ebpf, names::UDP_TIMEOUTS)?,
             rollout: StdHashMap::new(),
         };
         let mut dp = Dataplane {
             services: take_map(&mut ebpf, names::SERVICES)?,
             rules: take_map(&mut ebpf, names::RULES)?,
             conntrack: take_map(&mut ebpf, names::CONNTRACK)?,
+            ct_udp: take_map(&mut ebpf, names::CT_UDP)?,
+            udp_config: take_map(&mut ebpf, names::UDP_CONFIG)?,
             pending: take_map(&mut ebpf, names::PENDING)?,
             breaker: take_map(&mut ebpf, names::BREAKER)?,
             events: Some(take_map(&mut ebpf, names::EVENTS)?),

@@ -48,9 +48,12 @@ pub enum MapAction {
 /// The maps whose capacity is a config knob (or, for `COUNTERS`, grows
 /// when a new version counts more events), so a pin may differ in size
 /// and be migrated.
-const RESIZABLE: [&str; 7] = [
+const RESIZABLE: [&str; 10] = [
     names::COUNTERS,
     names::CONNTRACK,
+    names::CT_UDP,
+    names::UDP_CONFIG,
+    names::UDP_TIMEOUTS,
     names::SERVICES,
     names::BREAKER,
     names::HISTOGRAMS,

@@ -4,6 +4,7 @@
 
 use aya::programs::{TestRun, TestRunOptions};
 use canary_common::{
+    IPPROTO_UDP,
     flow::{CtEntry, FlowKey},
     names,
 };
@@ -11,14 +12,19 @@ use canary_common::{
 use super::{Dataplane, DataplaneError, Program, classifier, load_program, map_error, xdp};
 
 impl Dataplane {
-    /// The conntrack entry for `key`, if any.
+    /// The conntrack entry for `key` (in its protocol's table), if any.
     pub fn conntrack_entry(&self, key: &FlowKey) -> Option<CtEntry> {
-        self.conntrack.get(key, 0).ok()
+        if key.proto == IPPROTO_UDP {
+            self.ct_udp.get(key, 0).ok()
+        } else {
+            self.conntrack.get(key, 0).ok()
+        }
     }
 
-    /// Number of conntrack entries (walks the map; for tests and tools).
+    /// Number of conntrack entries, TCP and UDP (walks the maps; for tests
+    /// and tools).
     pub fn conntrack_len(&self) -> usize {
-        self.conntrack.keys().flatten().count()
+        self.conntrack.keys().flatten().count() + self.ct_udp.keys().flatten().count()
     }
 
     /// Loads the benchmark's empty baseline programs (the agent never does).
@@ -32,6 +38,12 @@ impl Dataplane {
     /// Writes one conntrack entry as the programs would (for tools: the
     /// benchmark fills the table and builds steady-state flows with it).
     pub fn conntrack_insert(&mut self, key: FlowKey, entry: CtEntry) -> Result<(), DataplaneError> {
+        if key.proto == IPPROTO_UDP {
+            return self
+                .ct_udp
+                .insert(key, entry, 0)
+                .map_err(|source| map_error(names::CT_UDP, "insert".to_string(), source));
+        }
         self.conntrack
             .insert(key, entry, 0)
             .map_err(|source| map_error(names::CONNTRACK, "insert".to_string(), source))

@@ -1,13 +1,16 @@
-//! The handshake-timeout sweep: a SYN the backend never answered is a
-//! failure no packet announces, so the agent finds it by age, once a
-//! second.
+//! The sweeps, once a second: a SYN the backend never answered is a
+//! failure no packet announces, and so are a UDP flow that went quiet and
+//! one whose backend never replied; the agent finds them by age.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
-use canary_common::flow::{FlowKey, ST_CLOSED, ST_FAILED};
+use canary_common::flow::{
+    CT_REVERSE, CT_UNTIMED, CtEntry, FlowKey, ST_CLOSED, ST_FAILED, ST_REFUSED, ST_RESPONSE,
+    ST_TIMED_OUT, sweep, udp_expired,
+};
 use tracing::warn;
 
-use super::{BPF_EXIST, Dataplane, DataplaneError, lock};
+use super::{BPF_EXIST, Dataplane, DataplaneError, Program, lock};
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
 #[expect(clippy::cast_sign_loss, reason = "CLOCK_MONOTONIC is never negative")]
@@ -66,4 +69,69 @@ impl Dataplane {
         }
         Ok(expired)
     }
+}
+
+/// What one UDP sweep did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpSwept {
+    /// Flows closed (idle past their `udp_idle_timeout`) and removed, and
+    /// reverse halves left behind by a flow that moved, removed.
+    pub expired: u64,
+    /// Flows counted as unanswered (`udp_response_timeout` passed).
+    pub timed_out: u64,
+}
+
+impl Dataplane {
+    /// Ends UDP flows idle past their idle timeout and counts flows whose
+    /// backend has not replied within their service's response timeout.
+    ///
+    /// The agent only picks the candidates; each is handed to the
+    /// `canary_udp_sweep` program (one `BPF_PROG_TEST_RUN` per flow), which
+    /// re-checks it and does the counting with the programs' own atomics
+    /// and per-CPU counters: the close, its duration and the timeout land
+    /// in the maps the datagram path also writes, each once, and no
+    /// read-modify-write from here can lose a concurrent kernel update.
+    pub fn sweep_udp(&mut self) -> Result<UdpSwept, DataplaneError> {
+        let now = monotonic_ns();
+        let entries: Vec<(FlowKey, CtEntry)> = self.ct_udp.iter().filter_map(Result::ok).collect();
+        let mut response_ms: BTreeMap<u32, u32> = BTreeMap::new();
+        let mut swept = UdpSwept::default();
+        for (key, ct) in entries {
+            let idle = udp_expired(ct.request_ns, now, ct.idle_ms);
+            let due = ct.flags & (CT_REVERSE | CT_UNTIMED) == 0
+                && ct.state & (ST_RESPONSE | ST_TIMED_OUT | ST_REFUSED) == 0
+                && {
+                    let ms = *response_ms.entry(ct.svc_id).or_insert_with(|| {
+                        self.udp_config
+                            .get(&ct.svc_id, 0)
+                            .map_or(0, |c| c.response_ms)
+                    });
+                    ms != 0 && now.saturating_sub(ct.created_ns) >= u64::from(ms) * 1_000_000
+                };
+            if !idle && !due {
+                continue;
+            }
+            let (code, _) = self.test_run(Program::UdpSweep, &sweep_frame(&key))?;
+            if code & sweep::EXPIRED != 0 {
+                swept.expired += 1;
+            }
+            if code & sweep::TIMED_OUT != 0 {
+                swept.timed_out += 1;
+            }
+        }
+        Ok(swept)
+    }
+}
+
+/// The frame `canary_udp_sweep` reads: an Ethernet header's worth of
+/// zeros (`BPF_PROG_TEST_RUN` wants one), then the flow's key.
+fn sweep_frame(key: &FlowKey) -> Vec<u8> {
+    let mut frame = vec![0u8; sweep::KEY_OFFSET];
+    // SAFETY: FlowKey is repr(C) with explicit padding (no uninitialised
+    // bytes), so its memory is `size_of` initialised bytes.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(std::ptr::from_ref(key).cast::<u8>(), size_of::<FlowKey>())
+    };
+    frame.extend_from_slice(bytes);
+    frame
 }

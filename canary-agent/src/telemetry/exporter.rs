@@ -209,14 +209,14 @@ fn encode_snapshot(
     family(
         e,
         "canary_connections",
-        "New connections (SYNs) steered to the backend.",
+        "New connections steered to the backend: TCP SYNs; UDP flows (a 5-tuple's first datagram, or its first after udp_idle_timeout).",
         None,
         backends(snapshot).map(|(l, b)| (l, ConstCounter::new(b.counters.connections))),
     )?;
     family(
         e,
         "canary_active_connections",
-        "Connections open now: opened minus closed (FIN both ways, RST, or handshake timeout).",
+        "Connections open now: opened minus closed (TCP: FIN both ways, RST, or handshake timeout; UDP: idle for udp_idle_timeout, or refused).",
         None,
         backends(snapshot).map(|(l, b)| {
             (
@@ -229,7 +229,7 @@ fn encode_snapshot(
     family(
         e,
         "canary_resets",
-        "RSTs on established connections, by who sent them.",
+        "RSTs on established TCP connections, by who sent them.",
         None,
         split(
             snapshot,
@@ -245,15 +245,14 @@ fn encode_snapshot(
     family(
         e,
         "canary_connections_failed",
-        "Connections that failed, each once: refused, SYN retried, handshake timed out or reset by the backend (the judge's and canaryctl status's definition).",
+        "Connections that failed, each once: TCP refused, SYN retried, handshake timed out or reset by the backend; UDP refused (ICMP port unreachable) or unanswered within udp_response_timeout (the judge's and canaryctl status's definition).",
         None,
-        backends(snapshot)
-            .map(|(l, b)| (l, ConstCounter::new(b.counters.failed + b.timeouts.failed))),
+        backends(snapshot).map(|(l, b)| (l, ConstCounter::new(b.failed()))),
     )?;
     family(
         e,
         "canary_failed_connections",
-        "Failure events by reason: refused (RST answering the SYN), syn_retry (SYN retransmitted), timeout (no SYN-ACK within handshake_timeout). A connection can count under several.",
+        "Failure events by reason: refused (TCP: RST answering the SYN; UDP: ICMP port unreachable from the backend), syn_retry (TCP SYN retransmitted), timeout (TCP: no SYN-ACK within handshake_timeout; UDP: no reply within udp_response_timeout). A connection can count under several.",
         None,
         split(
             snapshot,
@@ -261,7 +260,7 @@ fn encode_snapshot(
                 [
                     (FailureReason::Refused, b.counters.refused),
                     (FailureReason::SynRetry, b.counters.syn_retried),
-                    (FailureReason::Timeout, b.timeouts.timeouts),
+                    (FailureReason::Timeout, b.all_timeouts()),
                 ]
             },
             |backend, reason| FailureLabels { backend, reason },
@@ -270,7 +269,7 @@ fn encode_snapshot(
     family(
         e,
         "canary_bytes",
-        "TCP payload bytes, by who sent them (retransmissions included).",
+        "Payload bytes (TCP payload, retransmissions included; UDP payload), by who sent them.",
         None,
         split(
             snapshot,
@@ -286,7 +285,7 @@ fn encode_snapshot(
     family(
         e,
         "canary_packets",
-        "TCP packets, by who sent them.",
+        "TCP segments and UDP datagrams, by who sent them.",
         None,
         split(
             snapshot,
@@ -317,21 +316,21 @@ fn encode_snapshot(
     family(
         e,
         "canary_handshake",
-        "SYN forwarded to the backend → its SYN-ACK back, at the node.",
+        "TCP: SYN forwarded to the backend → its SYN-ACK back, at the node (UDP has none).",
         Some(&Unit::Seconds),
         hists(|h| &h.handshake_ns, 1e-9),
     )?;
     family(
         e,
         "canary_first_byte",
-        "First client payload → first backend payload after it, at the node.",
+        "TCP: first client payload → first backend payload after it; UDP: a flow's first datagram → the backend's first reply; at the node.",
         Some(&Unit::Seconds),
         hists(|h| &h.first_byte_ns, 1e-9),
     )?;
     family(
         e,
         "canary_connection_duration",
-        "Connection open (SYN) → close (FIN both ways or RST).",
+        "TCP: connection open (SYN) → close (FIN both ways or RST); UDP: a flow's first datagram → its last, once idle for udp_idle_timeout.",
         Some(&Unit::Seconds),
         hists(|h| &h.duration_us, 1e-6),
     )?;
@@ -491,6 +490,10 @@ mod tests {
             timeouts: HandshakeTimeouts {
                 timeouts,
                 failed: timeouts / 2,
+            },
+            response_timeouts: HandshakeTimeouts {
+                timeouts: timeouts * 3,
+                failed: timeouts,
             },
         };
         let web = ServiceSnapshot {

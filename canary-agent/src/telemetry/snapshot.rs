@@ -55,6 +55,9 @@ pub struct StatsSource {
     /// Handshake timeouts per `STATS` slot (`TIMEOUTS`), counted by the
     /// agent's sweep.
     pub(crate) timeouts: Array<MapData, HandshakeTimeouts>,
+    /// Unanswered UDP flows per `STATS` slot (`UDP_TIMEOUTS`, per CPU),
+    /// counted by the programs.
+    pub(crate) udp_timeouts: PerCpuArray<MapData, HandshakeTimeouts>,
     /// Rollout state and rollbacks per service name, for the exporter,
     /// which runs on other tasks. A copy: the daemon's rollouts are the
     /// truth, and `daemon/rollout.rs` republishes the state on every change
@@ -111,11 +114,20 @@ impl StatsSource {
                 for cpu in self.stats.get(&b.slot, 0)?.iter() {
                     counters.add(cpu);
                 }
+                let mut response_timeouts = HandshakeTimeouts::default();
+                // A slot beyond the map (none is) reads as no timeouts.
+                if let Ok(cpus) = self.udp_timeouts.get(&b.slot, 0) {
+                    for cpu in cpus.iter() {
+                        response_timeouts.timeouts += cpu.timeouts;
+                        response_timeouts.failed += cpu.failed;
+                    }
+                }
                 backends.push(BackendSnapshot {
                     cohort: b.cohort,
                     addr: b.addr,
                     counters,
                     timeouts: self.timeouts.get(&b.slot, 0).unwrap_or_default(),
+                    response_timeouts,
                 });
             }
             let mut histograms = [None, None];
@@ -171,15 +183,31 @@ pub struct BackendSnapshot {
     pub counters: BackendCounters,
     /// Handshakes that never completed within the timeout.
     pub timeouts: HandshakeTimeouts,
+    /// UDP flows with no reply within `udp_response_timeout`.
+    pub response_timeouts: HandshakeTimeouts,
 }
 
 impl BackendSnapshot {
     /// Connections open now. A flow whose handshake timed out is marked
-    /// closed without the kernel counting a close, so it is subtracted here.
+    /// closed without the kernel counting a close, so it is subtracted
+    /// here. (An unanswered UDP flow stays open until it is idle; the
+    /// kernel counts that close.)
     pub fn active(&self) -> u64 {
         self.counters
             .active()
             .saturating_sub(self.timeouts.timeouts)
+    }
+
+    /// Every `reason="timeout"` event: TCP handshakes and UDP flows whose
+    /// backend did not answer in time.
+    pub fn all_timeouts(&self) -> u64 {
+        self.timeouts.timeouts + self.response_timeouts.timeouts
+    }
+
+    /// Failed connections (TCP) and flows (UDP), each once: the kernel's
+    /// count, plus timeouts that were a connection's first failure.
+    pub fn failed(&self) -> u64 {
+        self.counters.failed + self.timeouts.failed + self.response_timeouts.failed
     }
 }
 
@@ -210,27 +238,29 @@ impl ServiceSnapshot {
         sum
     }
 
-    /// Handshake timeouts of one cohort.
+    /// Timeouts of one cohort (TCP handshakes, unanswered UDP flows).
     pub fn cohort_timeouts(&self, cohort: Cohort) -> u64 {
         self.backends
             .iter()
             .filter(|b| b.cohort == cohort)
-            .map(|b| b.timeouts.timeouts)
+            .map(BackendSnapshot::all_timeouts)
             .sum()
     }
 
     /// Failed connections of one cohort: THE definition, used by the
     /// judge, `canaryctl status` and `canary_connections_failed_total`. A
     /// connection failed if it was refused, its SYN was retried, its
-    /// handshake timed out or the backend reset it; each counts once,
-    /// whatever else went wrong with it. The kernel counts the kinds it
-    /// sees (`BackendCounters::failed`); timeouts, which no packet
-    /// announces, are added by the agent's sweep.
+    /// handshake timed out or the backend reset it; a UDP flow failed if
+    /// its backend refused it (ICMP port unreachable) or did not reply
+    /// within `udp_response_timeout`; each counts once, whatever else went
+    /// wrong with it. The kernel counts the kinds it sees
+    /// (`BackendCounters::failed`, `UDP_TIMEOUTS`); TCP handshake
+    /// timeouts, which no packet announces, are added by the agent's sweep.
     pub fn failed_connections(&self, cohort: Cohort) -> u64 {
         self.backends
             .iter()
             .filter(|b| b.cohort == cohort)
-            .map(|b| b.counters.failed + b.timeouts.failed)
+            .map(BackendSnapshot::failed)
             .sum()
     }
 
