@@ -1,6 +1,7 @@
-//! Ethernet/IPv4 or IPv6/TCP frames for `BPF_PROG_TEST_RUN`, and their
-//! inverse; the same segments sent through a raw socket for namespace
-//! tests.
+//! Ethernet/IPv4 or IPv6 frames carrying TCP, UDP or an ICMP error for
+//! `BPF_PROG_TEST_RUN`, and their inverse, every checksum computed (and
+//! verified) from scratch; TCP segments sent through a raw socket for
+//! namespace tests.
 
 use std::{
     io,
@@ -152,7 +153,10 @@ impl Tcp {
         f.extend_from_slice(&self.ack.to_be_bytes());
         f.extend_from_slice(&[0x50, self.flags, 0xfa, 0xf0, 0, 0, 0, 0]);
         f.extend_from_slice(&self.payload);
-        let csum = checksum(&f[l4..], pseudo_sum(self.src.ip(), self.dst.ip(), tcp_len));
+        let csum = checksum(
+            &f[l4..],
+            pseudo_sum(self.src.ip(), self.dst.ip(), 6, tcp_len),
+        );
         f[l4 + 16..l4 + 18].copy_from_slice(&csum.to_be_bytes());
         f
     }
@@ -272,7 +276,11 @@ pub fn parse(f: &[u8]) -> Option<Parsed> {
             let mut next = *ip.get(6)?;
             let mut off = 40;
             while matches!(next, 0 | 43 | 44 | 60) {
-                let len = if next == 44 { 8 } else { (usize::from(*ip.get(off + 1)?) + 1) * 8 };
+                let len = if next == 44 {
+                    8
+                } else {
+                    (usize::from(*ip.get(off + 1)?) + 1) * 8
+                };
                 next = *ip.get(off)?;
                 off += len;
             }
@@ -290,12 +298,13 @@ pub fn parse(f: &[u8]) -> Option<Parsed> {
         flags: tcp[13],
         payload: tcp[doff..].to_vec(),
         ip_csum_ok,
-        tcp_csum_ok: checksum(tcp, pseudo_sum(src_ip, dst_ip, tcp.len())) == 0,
+        tcp_csum_ok: checksum(tcp, pseudo_sum(src_ip, dst_ip, 6, tcp.len())) == 0,
     })
 }
 
-/// Sum of the TCP pseudo-header (either family), unfolded.
-fn pseudo_sum(src: IpAddr, dst: IpAddr, tcp_len: usize) -> u32 {
+/// Sum of the pseudo-header of a `proto` transport (either family),
+/// unfolded.
+fn pseudo_sum(src: IpAddr, dst: IpAddr, proto: u8, l4_len: usize) -> u32 {
     let words = |a: IpAddr| -> u32 {
         let bytes = match a {
             IpAddr::V4(a) => a.octets().to_vec(),
@@ -308,8 +317,298 @@ fn pseudo_sum(src: IpAddr, dst: IpAddr, tcp_len: usize) -> u32 {
     };
     words(src)
         + words(dst)
-        + 6
-        + u32::try_from(tcp_len).expect("a TCP segment is at most 65535 bytes")
+        + u32::from(proto)
+        + u32::try_from(l4_len).expect("a transport segment is at most 65535 bytes")
+}
+
+/// IP protocol numbers.
+pub const PROTO_UDP: u8 = 17;
+/// See [`PROTO_UDP`].
+pub const PROTO_ICMP: u8 = 1;
+/// See [`PROTO_UDP`].
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// An Ethernet frame: the IP header (IPv4 without options, IPv6 without
+/// extension headers) for `proto` from `src` to `dst`, then `l4`. The IPv4
+/// header checksum is computed; `l4`'s own checksum is the caller's.
+fn ip_frame(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(ETH_HLEN + 40 + l4.len());
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02]);
+    match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            f.extend_from_slice(&0x0800u16.to_be_bytes());
+            let total =
+                u16::try_from(20 + l4.len()).expect("an IPv4 packet is at most 65535 bytes");
+            f.extend_from_slice(&[0x45, 0]);
+            f.extend_from_slice(&total.to_be_bytes());
+            f.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, proto, 0, 0]);
+            f.extend_from_slice(&src.octets());
+            f.extend_from_slice(&dst.octets());
+            let ip_csum = checksum(&f[ETH_HLEN..ETH_HLEN + 20], 0);
+            f[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&ip_csum.to_be_bytes());
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            f.extend_from_slice(&0x86ddu16.to_be_bytes());
+            f.extend_from_slice(&[0x60, 0, 0, 0]);
+            let len = u16::try_from(l4.len()).expect("no jumbograms");
+            f.extend_from_slice(&len.to_be_bytes());
+            f.extend_from_slice(&[proto, 64]);
+            f.extend_from_slice(&src.octets());
+            f.extend_from_slice(&dst.octets());
+        }
+        _ => panic!("one family per packet: {src} -> {dst}"),
+    }
+    f.extend_from_slice(l4);
+    f
+}
+
+/// A UDP datagram to build.
+#[derive(Clone, Debug)]
+pub struct Udp {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub payload: Vec<u8>,
+    /// The checksum field as sent: `None` computes it (a computed 0 is
+    /// sent as 0xFFFF, RFC 768); `Some(c)` sends `c` (0: "none").
+    pub checksum: Option<u16>,
+}
+
+impl Udp {
+    /// A datagram with a computed checksum (both addresses of one family).
+    pub fn new(src: impl Into<SocketAddr>, dst: impl Into<SocketAddr>, payload: &[u8]) -> Udp {
+        let (src, dst) = (src.into(), dst.into());
+        assert_eq!(
+            src.is_ipv4(),
+            dst.is_ipv4(),
+            "one family per datagram: {src} -> {dst}"
+        );
+        Udp {
+            src,
+            dst,
+            payload: payload.to_vec(),
+            checksum: None,
+        }
+    }
+
+    /// The same datagram with checksum field `c` as sent (0: "none").
+    #[must_use]
+    pub fn with_checksum(mut self, c: u16) -> Udp {
+        self.checksum = Some(c);
+        self
+    }
+
+    /// The UDP header and payload, checksum as configured.
+    pub fn segment(&self) -> Vec<u8> {
+        let len = 8 + self.payload.len();
+        let mut u = Vec::with_capacity(len);
+        u.extend_from_slice(&self.src.port().to_be_bytes());
+        u.extend_from_slice(&self.dst.port().to_be_bytes());
+        u.extend_from_slice(
+            &u16::try_from(len)
+                .expect("a UDP datagram is at most 65535 bytes")
+                .to_be_bytes(),
+        );
+        u.extend_from_slice(&[0, 0]);
+        u.extend_from_slice(&self.payload);
+        let c = self.checksum.unwrap_or_else(|| {
+            match checksum(&u, pseudo_sum(self.src.ip(), self.dst.ip(), PROTO_UDP, len)) {
+                0 => 0xffff,
+                c => c,
+            }
+        });
+        u[6..8].copy_from_slice(&c.to_be_bytes());
+        u
+    }
+
+    /// The full Ethernet frame.
+    pub fn frame(&self) -> Vec<u8> {
+        ip_frame(self.src.ip(), self.dst.ip(), PROTO_UDP, &self.segment())
+    }
+
+    /// The IP packet (what an ICMP error quotes).
+    pub fn ip_packet(&self) -> Vec<u8> {
+        self.frame()[ETH_HLEN..].to_vec()
+    }
+}
+
+/// What a UDP frame says, with checksums verified from scratch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParsedUdp {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub payload: Vec<u8>,
+    /// The IPv4 header checksum is correct (always true for IPv6).
+    pub ip_csum_ok: bool,
+    /// The checksum field as it is.
+    pub checksum: u16,
+    /// The checksum verifies (false for a 0: "none" verifies nothing).
+    pub udp_csum_ok: bool,
+}
+
+/// The IP header of `ip` (no options or extension headers): source,
+/// destination, protocol, header length, IPv4 checksum correct, and the
+/// bytes after the header up to the IP length (or the end of `ip`, for a
+/// quoted packet cut short).
+fn ip_header(ip: &[u8]) -> Option<(IpAddr, IpAddr, u8, bool, &[u8])> {
+    match ip.first()? >> 4 {
+        4 => {
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
+            let end = total.min(ip.len());
+            Some((
+                IpAddr::V4(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15])),
+                IpAddr::V4(Ipv4Addr::new(*ip.get(16)?, ip[17], ip[18], *ip.get(19)?)),
+                ip[9],
+                checksum(ip.get(..ihl)?, 0) == 0,
+                ip.get(ihl..end)?,
+            ))
+        }
+        6 => {
+            let payload = usize::from(u16::from_be_bytes([*ip.get(4)?, *ip.get(5)?]));
+            let addr = |at: usize| -> Option<IpAddr> {
+                let o: [u8; 16] = ip.get(at..at + 16)?.try_into().ok()?;
+                Some(IpAddr::V6(Ipv6Addr::from(o)))
+            };
+            let end = (40 + payload).min(ip.len());
+            Some((addr(8)?, addr(24)?, ip[6], true, ip.get(40..end)?))
+        }
+        _ => None,
+    }
+}
+
+/// Parses an Ethernet/IPv4 or IPv6/UDP frame; `None` if it is not one.
+pub fn parse_udp(f: &[u8]) -> Option<ParsedUdp> {
+    let (src, dst, proto, ip_csum_ok, udp) = ip_header(f.get(ETH_HLEN..)?)?;
+    if proto != PROTO_UDP || udp.len() < 8 {
+        return None;
+    }
+    let c = u16::from_be_bytes([udp[6], udp[7]]);
+    Some(ParsedUdp {
+        src: SocketAddr::new(src, u16::from_be_bytes([udp[0], udp[1]])),
+        dst: SocketAddr::new(dst, u16::from_be_bytes([udp[2], udp[3]])),
+        payload: udp[8..].to_vec(),
+        ip_csum_ok,
+        checksum: c,
+        udp_csum_ok: c != 0 && checksum(udp, pseudo_sum(src, dst, PROTO_UDP, udp.len())) == 0,
+    })
+}
+
+/// An ICMP or ICMPv6 error to build: `kind`/`code` from `src` to `dst`,
+/// quoting `quote` (an IP packet, possibly cut short).
+#[derive(Clone, Debug)]
+pub struct IcmpError {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub kind: u8,
+    pub code: u8,
+    pub quote: Vec<u8>,
+}
+
+impl IcmpError {
+    /// "Port unreachable" (ICMP 3/3, ICMPv6 1/4) from `src` about the IP
+    /// packet `quote`, sent back to its source.
+    pub fn port_unreachable(src: IpAddr, quote: &[u8]) -> IcmpError {
+        let (inner_src, ..) = ip_header(quote).expect("the quote is an IP packet");
+        let (kind, code) = if src.is_ipv4() { (3, 3) } else { (1, 4) };
+        IcmpError {
+            src,
+            dst: inner_src,
+            kind,
+            code,
+            quote: quote.to_vec(),
+        }
+    }
+
+    /// The full Ethernet frame with correct IP and ICMP checksums (ICMPv6:
+    /// with its pseudo-header).
+    pub fn frame(&self) -> Vec<u8> {
+        let mut m = vec![self.kind, self.code, 0, 0, 0, 0, 0, 0];
+        m.extend_from_slice(&self.quote);
+        let (proto, initial) = if self.src.is_ipv4() {
+            (PROTO_ICMP, 0)
+        } else {
+            (
+                PROTO_ICMPV6,
+                pseudo_sum(self.src, self.dst, PROTO_ICMPV6, m.len()),
+            )
+        };
+        let c = checksum(&m, initial);
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+        ip_frame(self.src, self.dst, proto, &m)
+    }
+}
+
+/// What an ICMP error frame says, checksums verified from scratch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParsedIcmp {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub kind: u8,
+    pub code: u8,
+    /// The outer IPv4 header checksum is correct (true for IPv6).
+    pub ip_csum_ok: bool,
+    /// The ICMP checksum (ICMPv6: with the pseudo-header) is correct.
+    pub icmp_csum_ok: bool,
+    /// The quoted packet.
+    pub quote: Quoted,
+}
+
+/// A packet quoted by an ICMP error.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quoted {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub proto: u8,
+    /// The quoted IPv4 header checksum is correct (true for IPv6).
+    pub ip_csum_ok: bool,
+    /// The quoted UDP or TCP checksum is correct, if the whole segment is
+    /// quoted (`None` if cut short, or a UDP checksum of 0).
+    pub l4_csum_ok: Option<bool>,
+    /// The quoted transport checksum field, if quoted.
+    pub l4_checksum: Option<u16>,
+}
+
+/// Parses an Ethernet/IP/ICMP(v6) error frame; `None` if it is not one.
+pub fn parse_icmp(f: &[u8]) -> Option<ParsedIcmp> {
+    let (src, dst, proto, ip_csum_ok, m) = ip_header(f.get(ETH_HLEN..)?)?;
+    let initial = match proto {
+        PROTO_ICMP => 0,
+        PROTO_ICMPV6 => pseudo_sum(src, dst, PROTO_ICMPV6, m.len()),
+        _ => return None,
+    };
+    let q = m.get(8..)?;
+    let (isrc, idst, iproto, iip_ok, l4) = ip_header(q)?;
+    let csum_at = if iproto == PROTO_UDP { 6 } else { 16 };
+    let l4_checksum = l4
+        .get(csum_at..csum_at + 2)
+        .map(|b| u16::from_be_bytes([b[0], b[1]]));
+    // Whole when the quote holds the segment's full length.
+    let whole = if iproto == PROTO_UDP {
+        l4.len() >= 8 && usize::from(u16::from_be_bytes([l4[4], l4[5]])) == l4.len()
+    } else {
+        false
+    };
+    let l4_csum_ok = match l4_checksum {
+        Some(0) if iproto == PROTO_UDP => None,
+        Some(_) if whole => Some(checksum(l4, pseudo_sum(isrc, idst, iproto, l4.len())) == 0),
+        _ => None,
+    };
+    Some(ParsedIcmp {
+        src,
+        dst,
+        kind: m[0],
+        code: m[1],
+        ip_csum_ok,
+        icmp_csum_ok: checksum(m, initial) == 0,
+        quote: Quoted {
+            src: SocketAddr::new(isrc, u16::from_be_bytes([*l4.first()?, *l4.get(1)?])),
+            dst: SocketAddr::new(idst, u16::from_be_bytes([*l4.get(2)?, *l4.get(3)?])),
+            proto: iproto,
+            ip_csum_ok: iip_ok,
+            l4_csum_ok,
+            l4_checksum,
+        },
+    })
 }
 
 /// The Internet checksum of `data` plus `initial`; 0 when verifying a
@@ -339,6 +638,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn udp_and_icmp_frames_parse_back_with_valid_checksums() {
+        for (client, server) in [
+            ("10.201.0.1:5353", "10.96.0.10:53"),
+            ("[fd00::2]:5353", "[fd00::10]:53"),
+        ] {
+            let client: SocketAddr = client.parse().unwrap();
+            let server: SocketAddr = server.parse().unwrap();
+            let datagram = Udp::new(client, server, b"query");
+            let p = parse_udp(&datagram.frame()).expect("a UDP frame");
+            assert_eq!(
+                (p.src, p.dst, p.payload.as_slice()),
+                (client, server, &b"query"[..])
+            );
+            assert!(p.ip_csum_ok && p.udp_csum_ok, "{p:?}");
+            let zero = parse_udp(&datagram.clone().with_checksum(0).frame()).unwrap();
+            assert_eq!((zero.checksum, zero.udp_csum_ok), (0, false));
+            let error = IcmpError::port_unreachable(server.ip(), &datagram.ip_packet());
+            let p = parse_icmp(&error.frame()).expect("an ICMP error");
+            assert_eq!((p.src, p.dst), (server.ip(), client.ip()));
+            assert!(p.ip_csum_ok && p.icmp_csum_ok, "{p:?}");
+            assert_eq!(
+                (p.quote.src, p.quote.dst, p.quote.proto),
+                (client, server, PROTO_UDP)
+            );
+            assert_eq!((p.quote.ip_csum_ok, p.quote.l4_csum_ok), (true, Some(true)));
+            let mut broken = error.frame();
+            let last = broken.len() - 1;
+            broken[last] ^= 1;
+            assert!(
+                !parse_icmp(&broken).unwrap().icmp_csum_ok,
+                "a flipped quote bit breaks it"
+            );
+        }
+    }
+
+    #[test]
     fn ipv6_frames_with_extension_headers_parse_back_with_valid_checksums() {
         let t = Tcp::new(
             "[fd00::2]:1234".parse::<SocketAddr>().unwrap(),
@@ -354,7 +689,10 @@ mod tests {
         assert_eq!(p.payload, b"odd");
         let mut broken = t.frame();
         broken[ETH_HLEN + 24 + 15] ^= 1;
-        assert!(!parse(&broken).unwrap().tcp_csum_ok, "a flipped address bit breaks it");
+        assert!(
+            !parse(&broken).unwrap().tcp_csum_ok,
+            "a flipped address bit breaks it"
+        );
     }
 
     #[test]

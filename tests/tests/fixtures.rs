@@ -14,16 +14,17 @@
     reason = "the helpers here are test code too: a failed step panics, which fails the test"
 )]
 
+mod fixture;
+
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    ops::{Deref, DerefMut},
     path::Path,
 };
 
 use canary_agent::{
     config::{Config, IngressMode, ServiceConfig},
-    dataplane::{Capacity, Dataplane, Program, flow_key},
+    dataplane::{Capacity, Dataplane, flow_key},
 };
 use canary_common::{
     cohort::{backend_index, bucket, is_canary, sticky_hash},
@@ -32,20 +33,14 @@ use canary_common::{
     service::{COHORT_CANARY, COHORT_STABLE, Cohort},
 };
 use canary_tests::{
-    packet::{
-        ACK, FIN, PSH, Parsed, RST, SYN, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, Tcp, XDP_DROP,
-        XDP_PASS, parse,
-    },
+    packet::{ACK, FIN, PSH, Parsed, RST, SYN, Tcp, parse},
     require_root,
 };
+use fixture::{Dir, Fixture, V, addr, counter, test_run};
 
 const VIP: &str = "10.96.0.10:80";
 const STABLE: [&str; 2] = ["10.0.1.10:8080", "10.0.1.11:8080"];
 const CANARY: &str = "10.0.2.10:8080";
-
-fn addr(s: &str) -> SocketAddr {
-    s.parse().expect("test address")
-}
 
 /// Services from a `[[service]]` body (the test VIP and backends unless the
 /// body says otherwise).
@@ -60,25 +55,6 @@ fn services(extra: &str) -> Vec<ServiceConfig> {
         .services
 }
 
-/// A loaded data plane and the hook client packets take.
-struct Fixture {
-    dp: Dataplane,
-    mode: IngressMode,
-}
-
-impl Deref for Fixture {
-    type Target = Dataplane;
-    fn deref(&self) -> &Dataplane {
-        &self.dp
-    }
-}
-
-impl DerefMut for Fixture {
-    fn deref_mut(&mut self) -> &mut Dataplane {
-        &mut self.dp
-    }
-}
-
 fn dataplane(mode: IngressMode, extra: &str) -> Fixture {
     require_root();
     let mut dp = Dataplane::load(Capacity {
@@ -89,49 +65,6 @@ fn dataplane(mode: IngressMode, extra: &str) -> Fixture {
     dp.apply(&services(extra), &BTreeSet::new())
         .expect("fixture services apply");
     Fixture { dp, mode }
-}
-
-/// Which way a packet goes.
-#[derive(Clone, Copy, Debug)]
-enum Dir {
-    /// Client → VIP: TC ingress or XDP, by the fixture's mode.
-    Ingress,
-    /// Backend → client: TC egress.
-    Egress,
-}
-
-/// What a program did with a packet, whatever the hook's return codes.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum V {
-    /// Rewritten and delivered (`TC_ACT_OK`; `XDP_PASS` with a rewrite).
-    Forward,
-    /// Not ours (`TC_ACT_UNSPEC`; `XDP_PASS` untouched).
-    Ignore,
-    /// Dropped (`V::Drop`, `XDP_DROP`).
-    Drop,
-}
-
-/// Runs the program for `dir` on `frame`: its verdict and output frame.
-fn test_run(fx: &mut Fixture, dir: Dir, frame: &[u8]) -> Result<(V, Vec<u8>), String> {
-    let program = match dir {
-        Dir::Ingress => Program::ingress(fx.mode),
-        Dir::Egress => Program::TcEgress,
-    };
-    let (code, out) = fx
-        .dp
-        .test_run(program, frame)
-        .map_err(|e| format!("{program:?}: {e:?}"))?;
-    let verdict = match (program, code) {
-        (Program::XdpIngress, XDP_PASS) if out != frame => V::Forward,
-        (Program::XdpIngress, XDP_PASS) => V::Ignore,
-        (Program::XdpIngress, XDP_DROP) => V::Drop,
-        (Program::XdpIngress, _) => return Err(format!("XDP verdict {code} is not PASS or DROP")),
-        (_, TC_ACT_OK) => V::Forward,
-        (_, TC_ACT_UNSPEC) => V::Ignore,
-        (_, TC_ACT_SHOT) => V::Drop,
-        (_, _) => return Err(format!("TC verdict {code} is not OK, UNSPEC or SHOT")),
-    };
-    Ok((verdict, out))
 }
 
 /// Runs `dir` on `seg` and returns the verdict and the parsed output frame.
@@ -156,15 +89,6 @@ fn assert_checksums(p: &Parsed, what: &str) {
         p.tcp_csum_ok,
         "{what}: TCP checksum wrong after rewrite: {p:?}"
     );
-}
-
-fn counter(dp: &Dataplane, c: Counter) -> u64 {
-    dp.counters()
-        .expect("counters readable")
-        .into_iter()
-        .find(|(k, _)| *k == c)
-        .map(|(_, v)| v)
-        .expect("every counter is reported")
 }
 
 fn syn_to_vip_is_dnated_with_valid_checksums_and_tracked(m: IngressMode) {
@@ -197,7 +121,12 @@ fn syn_to_vip_is_dnated_with_valid_checksums_and_tracked(m: IngressMode) {
             fwd.cohort,
             fwd.flags & CT_REVERSE
         ),
-        (canary_common::addr::Addr::from(out.dst.ip()), out.dst.port(), COHORT_STABLE, 0),
+        (
+            canary_common::addr::Addr::from(out.dst.ip()),
+            out.dst.port(),
+            COHORT_STABLE,
+            0
+        ),
         "forward entry names the chosen backend"
     );
     let rev = dp
@@ -209,7 +138,11 @@ fn syn_to_vip_is_dnated_with_valid_checksums_and_tracked(m: IngressMode) {
             u16::from_be(rev.nat_port),
             rev.flags & CT_REVERSE
         ),
-        (canary_common::addr::Addr::from(addr(VIP).ip()), 80, CT_REVERSE),
+        (
+            canary_common::addr::Addr::from(addr(VIP).ip()),
+            80,
+            CT_REVERSE
+        ),
         "reverse entry names the VIP to restore"
     );
     assert_eq!(counter(&dp, Counter::NewFlow), 1);
@@ -1032,7 +965,11 @@ fn a_bare_ack_on_a_miss_reaches_its_backend_untracked_until_the_backend_answers(
         .expect("tracked once the backend answered");
     assert_eq!(
         (fwd.nat_addr, fwd.cohort, fwd.flags & CT_REOPENED),
-        (canary_common::addr::Addr::from(addr(CANARY).ip()), COHORT_CANARY, CT_REOPENED),
+        (
+            canary_common::addr::Addr::from(addr(CANARY).ip()),
+            COHORT_CANARY,
+            CT_REOPENED
+        ),
         "{fwd:?}"
     );
     assert!(
@@ -1278,7 +1215,11 @@ fn an_ipv6_connection_is_steered_reverse_natted_and_tracked(m: IngressMode) {
     let client = addr("[fd00:201::7]:40000");
     let (verdict, out) = run(&mut dp, Dir::Ingress, &Tcp::new(client, addr(VIP6), SYN));
     assert_eq!(verdict, V::Forward, "a SYN to the IPv6 VIP is ours");
-    assert_eq!(out.dst, addr(CANARY6), "100 % canary: DNAT to the canary backend");
+    assert_eq!(
+        out.dst,
+        addr(CANARY6),
+        "100 % canary: DNAT to the canary backend"
+    );
     assert_eq!(out.src, client, "the client address is preserved");
     assert_checksums(&out, "IPv6 DNAT");
     let fwd = dp
@@ -1299,7 +1240,11 @@ fn an_ipv6_connection_is_steered_reverse_natted_and_tracked(m: IngressMode) {
         Dir::Ingress,
         &Tcp::new(client, addr(VIP6), ACK | PSH).with_payload(b"GET /"),
     );
-    assert_eq!((verdict, out.dst), (V::Forward, addr(CANARY6)), "the flow stays put");
+    assert_eq!(
+        (verdict, out.dst),
+        (V::Forward, addr(CANARY6)),
+        "the flow stays put"
+    );
     assert_checksums(&out, "IPv6 DNAT of data");
     assert_eq!(counter(&dp, Counter::NewFlow), 1);
 }
@@ -1314,7 +1259,11 @@ fn ipv6_extension_headers_are_passed_untouched_and_counted(m: IngressMode) {
     ] {
         let frame = Tcp::new(client, addr(VIP6), SYN).with_ext(ext, 8).frame();
         let (verdict, out) = test_run(&mut dp, Dir::Ingress, &frame).expect("BPF_PROG_TEST_RUN");
-        assert_eq!(verdict, V::Ignore, "extension header {ext}: passed to the stack");
+        assert_eq!(
+            verdict,
+            V::Ignore,
+            "extension header {ext}: passed to the stack"
+        );
         assert_eq!(out, frame, "extension header {ext}: untouched");
     }
     assert_eq!(counter(&dp, Counter::Ipv6ExtHeader), 3);
@@ -1328,31 +1277,35 @@ fn ipv6_rules_match_ipv6_prefixes_and_families_never_meet(m: IngressMode) {
     );
     let excluded = addr("[fd00:99::1234]:40001");
     let (_, out) = run(&mut dp, Dir::Ingress, &Tcp::new(excluded, addr(VIP6), SYN));
-    assert_eq!(out.dst, addr(STABLE6), "never_canary decides before the weight");
+    assert_eq!(
+        out.dst,
+        addr(STABLE6),
+        "never_canary decides before the weight"
+    );
     let neighbour = addr("[fd00:98::1]:40001");
     let (_, out) = run(&mut dp, Dir::Ingress, &Tcp::new(neighbour, addr(VIP6), SYN));
-    assert_eq!(out.dst, addr(CANARY6), "outside the prefix the weight decides");
+    assert_eq!(
+        out.dst,
+        addr(CANARY6),
+        "outside the prefix the weight decides"
+    );
     // An IPv6 packet to the IPv4-mapped spelling of the IPv4 VIP is not
     // the IPv4 service: keys carry the family.
     let mapped = addr("[::ffff:10.96.0.10]:80");
     let frame = Tcp::new(addr("[fd00:201::9]:40002"), mapped, SYN).frame();
     let (verdict, out) = test_run(&mut dp, Dir::Ingress, &frame).expect("BPF_PROG_TEST_RUN");
-    assert_eq!((verdict, &out), (V::Ignore, &frame), "no IPv4 service for IPv6 packets");
+    assert_eq!(
+        (verdict, &out),
+        (V::Ignore, &frame),
+        "no IPv4 service for IPv6 packets"
+    );
     // And the IPv4 service on the same port still works beside it.
     let (verdict, out) = open(&mut dp, addr("10.201.0.9:40003"));
-    assert_eq!((verdict, out.dst), (V::Forward, addr(STABLE[0])), "IPv4 weight is 0");
-}
-
-/// Each fixture, once per ingress hook.
-macro_rules! in_both_modes {
-    ($($name:ident),* $(,)?) => {
-        mod tc {
-            $(#[test] fn $name() { super::$name(canary_agent::config::IngressMode::Tc) })*
-        }
-        mod xdp {
-            $(#[test] fn $name() { super::$name(canary_agent::config::IngressMode::Xdp) })*
-        }
-    };
+    assert_eq!(
+        (verdict, out.dst),
+        (V::Forward, addr(STABLE[0])),
+        "IPv4 weight is 0"
+    );
 }
 
 in_both_modes!(

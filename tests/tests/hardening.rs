@@ -133,6 +133,21 @@ fn bad_configs_are_refused_by_check_and_by_sighup_and_the_agent_keeps_serving() 
             "must be between 1024 and 67108864",
         ),
         row(
+            agent_row("udp_conntrack_capacity = -1"),
+            "[agent]: udp_conntrack_capacity = ",
+            "must be between 1024 and 67108864",
+        ),
+        row(
+            service_row("weight = \"5%\"\nprotocol = \"udp\"\nudp_idle_timeout = \"1e20s\""),
+            "service \"web\": udp_idle_timeout = ",
+            "must be a duration between 2s and 1d",
+        ),
+        row(
+            service_row("weight = \"5%\"\nudp_response_timeout = \"1s\""),
+            "service \"web\": udp_response_timeout = ",
+            "applies to UDP services only",
+        ),
+        row(
             agent_row("max_services = 0"),
             "[agent]: max_services = ",
             "must be between 1 and 1048576",
