@@ -1,5 +1,5 @@
 //! The lab topology: router, client and backend namespaces joined by veths,
-//! with one server per backend.
+//! with one TCP and one UDP server per backend.
 //!
 //! ```text
 //!  client ns                    router ns                  backend ns b{i}
@@ -22,6 +22,7 @@ use anyhow::{Context, ensure};
 use crate::Netns;
 use crate::netns::run;
 use crate::server::{Behavior, Server};
+use crate::udp::UdpServer;
 
 /// Every namespace a lab creates is named `cnry-{pid}-{seq}-{role}`.
 const NETNS_PREFIX: &str = "cnry-";
@@ -55,6 +56,8 @@ pub struct Lab {
     /// Declared first: dropped before the namespaces they live in.
     /// One per backend, `None` for `Behavior::Closed` or a stopped server.
     servers: Vec<Option<Server>>,
+    /// The UDP servers on the same port, likewise.
+    udp_servers: Vec<Option<UdpServer>>,
     backends: Vec<Netns>,
     backend_names: Vec<String>,
     client_addrs: Vec<Ipv4Addr>,
@@ -75,15 +78,16 @@ impl Lab {
     pub const VIP_NET: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 0);
     /// Prefix length of the VIP range.
     pub const VIP_PREFIX_LEN: u8 = 16;
-    /// Port every backend server listens on.
+    /// Port every backend server listens on, TCP and UDP.
     pub const BACKEND_PORT: u16 = 8080;
     /// Most backends a lab can have (one /24 each under 10.200.0.0/16).
     pub const MAX_BACKENDS: usize = 50;
     /// Most extra client addresses a lab can have.
     pub const MAX_CLIENT_ADDRS: u32 = 4000;
 
-    /// Builds the topology and starts a server on 0.0.0.0:8080 in every
-    /// backend namespace (none for [`Behavior::Closed`]).
+    /// Builds the topology and starts a TCP and a UDP server on
+    /// 0.0.0.0:8080 in every backend namespace (none for
+    /// [`Behavior::Closed`]).
     ///
     /// First removes namespaces left by dead processes ([`cleanup_stale`]).
     /// Needs root. On error, everything created so far is removed again.
@@ -132,6 +136,7 @@ impl Lab {
 
         let mut lab = Lab {
             servers: Vec::new(),
+            udp_servers: Vec::new(),
             backends,
             backend_names: spec.backends.iter().map(|b| b.name.clone()).collect(),
             client_addrs,
@@ -141,10 +146,17 @@ impl Lab {
         for (i, backend) in spec.backends.iter().enumerate() {
             if backend.behavior == Behavior::Closed {
                 lab.servers.push(None);
+                lab.udp_servers.push(None);
                 continue;
             }
             let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, Self::BACKEND_PORT);
             lab.servers.push(Some(Server::start(
+                &lab.backends[i],
+                addr,
+                &backend.name,
+                backend.behavior,
+            )?));
+            lab.udp_servers.push(Some(UdpServer::start(
                 &lab.backends[i],
                 addr,
                 &backend.name,
@@ -190,12 +202,24 @@ impl Lab {
         &self.client_addrs
     }
 
-    /// Stops backend `i`'s server: its listener closes, so new connections
+    /// Stops backend `i`'s servers: its listener closes, so new connections
     /// are refused (RST answering the SYN) from here on, as when a canary
-    /// process dies. Connections already open finish on their own.
+    /// process dies; connections already open finish on their own. Its UDP
+    /// socket closes too: datagrams get ICMP port unreachable.
     pub fn stop_backend(&mut self, i: usize) {
         if let Some(server) = self.servers.get_mut(i).and_then(Option::take) {
             drop(server);
+        }
+        if let Some(server) = self.udp_servers.get_mut(i).and_then(Option::take) {
+            drop(server);
+        }
+    }
+
+    /// Backend `i`'s UDP server goes on reading datagrams but answers none:
+    /// a hung process (no reply, and no ICMP error either).
+    pub fn silence_udp_backend(&self, i: usize) {
+        if let Some(Some(server)) = self.udp_servers.get(i) {
+            server.silence();
         }
     }
 
@@ -221,7 +245,11 @@ impl Drop for Lab {
         for server in self.servers.iter().flatten() {
             server.signal_stop();
         }
+        for server in self.udp_servers.iter().flatten() {
+            server.signal_stop();
+        }
         self.servers.clear();
+        self.udp_servers.clear();
         // Netns drops delete the namespaces (and log, never panic, on error).
         self.backends.clear();
         // `client` and `router` are deleted as the fields drop.
@@ -307,6 +335,10 @@ fn configure_client(client: &Netns, addrs: &[Ipv4Addr]) -> anyhow::Result<()> {
 }
 
 /// Addresses backend `i` and routes everything back through the router.
+/// ICMP errors are not rate limited there: a stopped backend answers every
+/// datagram to its closed port with a port unreachable, as a test of
+/// refusals expects (the default limit lets a few through per second and
+/// client address).
 fn configure_backend(ns: &Netns, i: usize) -> anyhow::Result<()> {
     ns.ip_batch(&format!(
         "link set lo up\n\
@@ -315,7 +347,8 @@ fn configure_backend(ns: &Netns, i: usize) -> anyhow::Result<()> {
          route add default via {gw}\n",
         ip = backend_ip(i, 2),
         gw = backend_ip(i, 1),
-    ))
+    ))?;
+    sysctl(ns, &["net.ipv4.icmp_ratelimit=0"])
 }
 
 /// Sets `key=value` sysctls inside `ns`.
@@ -515,6 +548,47 @@ mod tests {
             closed_kind,
             Err(ErrorKind::ConnectionRefused),
             "closed backend: expected ConnectionRefused, got {closed:?}"
+        );
+    }
+
+    #[test]
+    fn udp_backends_answer_fall_silent_and_refuse_once_stopped() {
+        require_root();
+        let mut lab = build(&LabSpec {
+            backends: vec![
+                backend("one", Behavior::Reply),
+                backend("two", Behavior::Reply),
+            ],
+            n_client_addrs: 1,
+        });
+        let src = lab.client_addrs()[0];
+        let (one, two) = (lab.backend_addr(0), lab.backend_addr(1));
+        let ask = |lab: &Lab, dst| {
+            lab.client()
+                .spawn(move || {
+                    crate::UdpConn::open(src, dst, Duration::from_millis(300))
+                        .and_then(|mut c| c.ping())
+                        .map_err(|e| e.kind())
+                })
+                .join()
+                .expect("client thread panicked")
+                .expect("entering the client namespace")
+        };
+        assert_eq!(ask(&lab, one), Ok("one".to_owned()));
+        assert_eq!(ask(&lab, two), Ok("two".to_owned()));
+        lab.silence_udp_backend(0);
+        assert!(
+            matches!(
+                ask(&lab, one),
+                Err(ErrorKind::WouldBlock | ErrorKind::TimedOut)
+            ),
+            "a silenced backend answers nothing"
+        );
+        lab.stop_backend(1);
+        assert_eq!(
+            ask(&lab, two),
+            Err(ErrorKind::ConnectionRefused),
+            "a stopped backend's port unreachable reaches the connected socket"
         );
     }
 

@@ -1,6 +1,6 @@
 //! A network-namespace lab for canary: a router namespace between one
-//! client namespace and N backend namespaces, real TCP servers in the
-//! backends and client helpers to drive them. Used by `cargo xtask demo`
+//! client namespace and N backend namespaces, real TCP and UDP servers in
+//! the backends and client helpers to drive them. Used by `cargo xtask demo`
 //! and by the privileged integration tests. Everything here needs root.
 //!
 //! ```no_run
@@ -26,6 +26,7 @@ mod client;
 mod lab;
 mod netns;
 mod server;
+mod udp;
 
 pub use agent::{
     AgentProcess, READY, RELOAD_REJECTED, RELOADED, Stop, agent_binary, canaryctl_binary, lab_bpffs,
@@ -34,3 +35,4 @@ pub use client::{Conn, request_once};
 pub use lab::{BackendSpec, Lab, LabSpec, cleanup_stale};
 pub use netns::Netns;
 pub use server::Behavior;
+pub use udp::{UdpConn, udp_request_once};

@@ -8,7 +8,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use canary_lab::{Lab, request_once};
+use canary_lab::{Lab, request_once, udp_request_once};
+
+/// One request to a VIP from a source address: a TCP connection or a UDP
+/// flow (its first datagram), returning the answering backend's name.
+pub type Request = fn(Ipv4Addr, SocketAddrV4, Duration) -> std::io::Result<String>;
 
 /// Per-connection connect/read timeout.
 pub const TIMEOUT: Duration = Duration::from_secs(3);
@@ -70,7 +74,13 @@ impl Outcome {
 /// `n` one-request connections to `vip`, cycling through `sources`, from
 /// four threads in the client namespace. Bounded: at most 180 s.
 pub fn drive(lab: &Lab, vip: SocketAddrV4, sources: &[Ipv4Addr], n: usize) -> Outcome {
-    drive_paced(lab, vip, sources, n, None)
+    drive_with(lab, vip, sources, n, None, request_once)
+}
+
+/// As [`drive`] over UDP: `n` flows of one request each (a fresh socket
+/// per request, so a new source port: a new flow).
+pub fn drive_udp(lab: &Lab, vip: SocketAddrV4, sources: &[Ipv4Addr], n: usize) -> Outcome {
+    drive_with(lab, vip, sources, n, None, udp_request_once)
 }
 
 /// As [`drive`], at most `rate` connections per second in all when given.
@@ -80,6 +90,18 @@ pub fn drive_paced(
     sources: &[Ipv4Addr],
     n: usize,
     rate: Option<f64>,
+) -> Outcome {
+    drive_with(lab, vip, sources, n, rate, request_once)
+}
+
+/// [`drive_paced`] with `request` for each connection or flow.
+pub fn drive_with(
+    lab: &Lab,
+    vip: SocketAddrV4,
+    sources: &[Ipv4Addr],
+    n: usize,
+    rate: Option<f64>,
+    request: Request,
 ) -> Outcome {
     const THREADS: usize = 4;
     let sources = Arc::new(sources.to_vec());
@@ -107,7 +129,7 @@ pub fn drive_paced(
                         break;
                     }
                     let src = sources[i % sources.len()];
-                    match request_once(src, vip, TIMEOUT) {
+                    match request(src, vip, TIMEOUT) {
                         Ok(name) => {
                             *out.by_backend.entry(name.clone()).or_default() += 1;
                             out.by_source.entry(src).or_default().insert(name);
