@@ -9,6 +9,7 @@ mod packet;
 mod reaction;
 mod report;
 mod sample;
+mod udp;
 
 use std::path::PathBuf;
 
@@ -25,7 +26,7 @@ struct Cli {
     /// Directory for results.json and results.md.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
-    /// Sections to run (default: all): packet, e2e, agent, reaction.
+    /// Sections to run (default: all): packet, e2e, agent, reaction, udp.
     #[arg(long, value_delimiter = ',')]
     only: Vec<report::Section>,
     /// Smaller sizes and shorter runs, to check that everything works.
@@ -62,6 +63,10 @@ fn main() -> anyhow::Result<()> {
         let (rows, load) = e2e::measure(rounds, secs)?;
         report.e2e = rows;
         report.agent_load = Some(load);
+    }
+    if run(report::Section::Udp) {
+        let (rounds, secs) = if cli.quick { (1, 1.0) } else { (5, 3.0) };
+        report.udp = udp::measure(rounds, secs)?;
     }
     if run(report::Section::Agent) {
         let (services, traffic, scrapes) = if cli.quick {

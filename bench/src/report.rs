@@ -11,6 +11,7 @@ use crate::{
     machine::Machine,
     packet::PacketRow,
     reaction::Reactions,
+    udp::{UdpContender, UdpRow},
 };
 
 /// A part of the benchmark.
@@ -24,6 +25,8 @@ pub enum Section {
     Agent,
     /// Breaker and judge reaction times.
     Reaction,
+    /// UDP end to end against iptables DNAT.
+    Udp,
 }
 
 /// Everything one run measured.
@@ -39,6 +42,8 @@ pub struct Report {
     pub packet: Vec<PacketRow>,
     /// End-to-end rows, one per contender.
     pub e2e: Vec<E2eRow>,
+    /// UDP end-to-end rows, one per contender.
+    pub udp: Vec<UdpRow>,
     /// The agent's cost during the canary TC rounds.
     pub agent_load: Option<AgentLoad>,
     /// Scrape time.
@@ -58,6 +63,7 @@ impl Report {
             quick,
             packet: Vec::new(),
             e2e: Vec::new(),
+            udp: Vec::new(),
             agent_load: None,
             scrape: None,
             reactions: None,
@@ -104,6 +110,9 @@ impl Report {
         }
         if !self.e2e.is_empty() {
             s.push_str(&e2e_table(&self.e2e));
+        }
+        if !self.udp.is_empty() {
+            s.push_str(&udp_table(&self.udp));
         }
         if let Some(l) = &self.agent_load {
             let _ = writeln!(
@@ -225,6 +234,40 @@ fn e2e_table(rows: &[E2eRow]) -> String {
             r.p50_us,
             r.p99_us,
             if r.contender == Contender::Direct {
+                "–".to_string()
+            } else {
+                format!("{:.1} %", r.canary_pct)
+            },
+            r.errors,
+        );
+    }
+    s
+}
+
+fn udp_table(rows: &[UdpRow]) -> String {
+    let direct = rows.iter().find(|r| r.contender == UdpContender::Direct);
+    let iptables = rows.iter().find(|r| r.contender == UdpContender::Iptables);
+    let rel = |v: f64, f: fn(&UdpRow) -> f64| {
+        let to = |r: Option<&UdpRow>| r.map_or("–".to_string(), |r| ratio(v, f(r)));
+        format!(" ({} / {})", to(direct), to(iptables))
+    };
+    let mut s = String::from(
+        "\n### UDP end to end (network namespaces, 5 % canary, medians of interleaved rounds; ratio to direct / to iptables)\n\n\
+         | steering | new flows/s | long-lived req/s | p50 | p99 | canary share | errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {:.0}{} | {:.0}{} | {:.0} µs | {:.0} µs | {} | {} |",
+            r.contender.label(),
+            r.flows_per_s,
+            rel(r.flows_per_s, |d| d.flows_per_s),
+            r.requests_per_s,
+            rel(r.requests_per_s, |d| d.requests_per_s),
+            r.p50_us,
+            r.p99_us,
+            if r.contender == UdpContender::Direct {
                 "–".to_string()
             } else {
                 format!("{:.1} %", r.canary_pct)
