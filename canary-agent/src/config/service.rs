@@ -471,10 +471,6 @@ mod tests {
                 "never_canary = [\"fd00::/8\"]",
                 "never_canary = \"fd00::/8\": an IPv6 prefix never matches a client of an IPv4 VIP",
             ),
-            (
-                "canary = [\"[fd00::2]:80\"]",
-                "canary = \"[fd00::2]:80\": an IPv6 backend for an IPv4 VIP; a service's VIP and backends share a family",
-            ),
         ];
         for (extra, expected) in cases {
             let msg = error_text(&with_service(&format!("{base}\n{extra}")));
@@ -499,6 +495,10 @@ mod tests {
             (
                 "vip = \"[fd00::10]:80\"\nstable = [\"[fd00::1]:8080\"]\nalways_canary = [\"fd00:1::1/64\"]\ncanary = [\"[fd00::2]:8080\"]",
                 "always_canary = \"fd00:1::1/64\": host bits are set; did you mean \"fd00:1::/64\"?",
+            ),
+            (
+                "vip = \"10.96.0.10:80\"\nstable = [\"[fd00::1]:8080\"]",
+                "stable = \"[fd00::1]:8080\": an IPv6 backend for an IPv4 VIP; a service's VIP and backends share a family",
             ),
             (
                 "vip = \"10.96.0.10:0\"\nstable = [\"10.0.1.10:8080\"]",
