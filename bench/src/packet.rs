@@ -12,7 +12,11 @@
 //! retransmission), so new-flow SYNs are timed one run per call, each with
 //! its own 5-tuple, next to the empty programs timed the same way.
 
-use std::{net::{SocketAddr, SocketAddrV4}, path::Path, time::Instant};
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    path::Path,
+    time::Instant,
+};
 
 use anyhow::{Context, ensure};
 use canary_agent::{

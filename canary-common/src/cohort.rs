@@ -266,12 +266,22 @@ mod tests {
             sticky[(bucket(sticky_hash_addr(&client6(i), 1)) / 10_000) as usize] += 1;
             #[expect(clippy::cast_possible_truncation, reason = "i % 50000 fits u16")]
             let port = (1024 + i % 50_000) as u16;
-            let h = flow_hash_addr(&client6(i / 50_000), &vip, port.to_be(), 80u16.to_be(), 6, 3);
+            let h = flow_hash_addr(
+                &client6(i / 50_000),
+                &vip,
+                port.to_be(),
+                80u16.to_be(),
+                6,
+                3,
+            );
             flows[(bucket(h) / 10_000) as usize] += 1;
         }
         for (what, bins) in [("sticky", &sticky), ("per-connection", &flows)] {
             let c = chi2(bins, 200_000);
-            assert!(c < 148.2, "{what}: chi-square {c:.1} >= 148.2 (99.9 %, 99 dof): {bins:?}");
+            assert!(
+                c < 148.2,
+                "{what}: chi-square {c:.1} >= 148.2 (99.9 %, 99 dof): {bins:?}"
+            );
         }
     }
 

@@ -78,9 +78,7 @@ impl Rewrite for TcContext {
                 let mut to = addr.0;
                 // SAFETY: both buffers are 16 readable stack bytes, as the
                 // sizes passed say.
-                let diff = unsafe {
-                    bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0)
-                };
+                let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
                 if diff < 0 {
                     return Err(Counter::RewriteFailed);
                 }

@@ -272,7 +272,11 @@ pub fn parse(f: &[u8]) -> Option<Parsed> {
             let mut next = *ip.get(6)?;
             let mut off = 40;
             while matches!(next, 0 | 43 | 44 | 60) {
-                let len = if next == 44 { 8 } else { (usize::from(*ip.get(off + 1)?) + 1) * 8 };
+                let len = if next == 44 {
+                    8
+                } else {
+                    (usize::from(*ip.get(off + 1)?) + 1) * 8
+                };
                 next = *ip.get(off)?;
                 off += len;
             }
@@ -354,7 +358,10 @@ mod tests {
         assert_eq!(p.payload, b"odd");
         let mut broken = t.frame();
         broken[ETH_HLEN + 24 + 15] ^= 1;
-        assert!(!parse(&broken).unwrap().tcp_csum_ok, "a flipped address bit breaks it");
+        assert!(
+            !parse(&broken).unwrap().tcp_csum_ok,
+            "a flipped address bit breaks it"
+        );
     }
 
     #[test]

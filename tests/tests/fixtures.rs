@@ -197,7 +197,12 @@ fn syn_to_vip_is_dnated_with_valid_checksums_and_tracked(m: IngressMode) {
             fwd.cohort,
             fwd.flags & CT_REVERSE
         ),
-        (canary_common::addr::Addr::from(out.dst.ip()), out.dst.port(), COHORT_STABLE, 0),
+        (
+            canary_common::addr::Addr::from(out.dst.ip()),
+            out.dst.port(),
+            COHORT_STABLE,
+            0
+        ),
         "forward entry names the chosen backend"
     );
     let rev = dp
@@ -209,7 +214,11 @@ fn syn_to_vip_is_dnated_with_valid_checksums_and_tracked(m: IngressMode) {
             u16::from_be(rev.nat_port),
             rev.flags & CT_REVERSE
         ),
-        (canary_common::addr::Addr::from(addr(VIP).ip()), 80, CT_REVERSE),
+        (
+            canary_common::addr::Addr::from(addr(VIP).ip()),
+            80,
+            CT_REVERSE
+        ),
         "reverse entry names the VIP to restore"
     );
     assert_eq!(counter(&dp, Counter::NewFlow), 1);
@@ -1032,7 +1041,11 @@ fn a_bare_ack_on_a_miss_reaches_its_backend_untracked_until_the_backend_answers(
         .expect("tracked once the backend answered");
     assert_eq!(
         (fwd.nat_addr, fwd.cohort, fwd.flags & CT_REOPENED),
-        (canary_common::addr::Addr::from(addr(CANARY).ip()), COHORT_CANARY, CT_REOPENED),
+        (
+            canary_common::addr::Addr::from(addr(CANARY).ip()),
+            COHORT_CANARY,
+            CT_REOPENED
+        ),
         "{fwd:?}"
     );
     assert!(
@@ -1278,7 +1291,11 @@ fn an_ipv6_connection_is_steered_reverse_natted_and_tracked(m: IngressMode) {
     let client = addr("[fd00:201::7]:40000");
     let (verdict, out) = run(&mut dp, Dir::Ingress, &Tcp::new(client, addr(VIP6), SYN));
     assert_eq!(verdict, V::Forward, "a SYN to the IPv6 VIP is ours");
-    assert_eq!(out.dst, addr(CANARY6), "100 % canary: DNAT to the canary backend");
+    assert_eq!(
+        out.dst,
+        addr(CANARY6),
+        "100 % canary: DNAT to the canary backend"
+    );
     assert_eq!(out.src, client, "the client address is preserved");
     assert_checksums(&out, "IPv6 DNAT");
     let fwd = dp
@@ -1299,7 +1316,11 @@ fn an_ipv6_connection_is_steered_reverse_natted_and_tracked(m: IngressMode) {
         Dir::Ingress,
         &Tcp::new(client, addr(VIP6), ACK | PSH).with_payload(b"GET /"),
     );
-    assert_eq!((verdict, out.dst), (V::Forward, addr(CANARY6)), "the flow stays put");
+    assert_eq!(
+        (verdict, out.dst),
+        (V::Forward, addr(CANARY6)),
+        "the flow stays put"
+    );
     assert_checksums(&out, "IPv6 DNAT of data");
     assert_eq!(counter(&dp, Counter::NewFlow), 1);
 }
@@ -1314,7 +1335,11 @@ fn ipv6_extension_headers_are_passed_untouched_and_counted(m: IngressMode) {
     ] {
         let frame = Tcp::new(client, addr(VIP6), SYN).with_ext(ext, 8).frame();
         let (verdict, out) = test_run(&mut dp, Dir::Ingress, &frame).expect("BPF_PROG_TEST_RUN");
-        assert_eq!(verdict, V::Ignore, "extension header {ext}: passed to the stack");
+        assert_eq!(
+            verdict,
+            V::Ignore,
+            "extension header {ext}: passed to the stack"
+        );
         assert_eq!(out, frame, "extension header {ext}: untouched");
     }
     assert_eq!(counter(&dp, Counter::Ipv6ExtHeader), 3);
@@ -1328,19 +1353,35 @@ fn ipv6_rules_match_ipv6_prefixes_and_families_never_meet(m: IngressMode) {
     );
     let excluded = addr("[fd00:99::1234]:40001");
     let (_, out) = run(&mut dp, Dir::Ingress, &Tcp::new(excluded, addr(VIP6), SYN));
-    assert_eq!(out.dst, addr(STABLE6), "never_canary decides before the weight");
+    assert_eq!(
+        out.dst,
+        addr(STABLE6),
+        "never_canary decides before the weight"
+    );
     let neighbour = addr("[fd00:98::1]:40001");
     let (_, out) = run(&mut dp, Dir::Ingress, &Tcp::new(neighbour, addr(VIP6), SYN));
-    assert_eq!(out.dst, addr(CANARY6), "outside the prefix the weight decides");
+    assert_eq!(
+        out.dst,
+        addr(CANARY6),
+        "outside the prefix the weight decides"
+    );
     // An IPv6 packet to the IPv4-mapped spelling of the IPv4 VIP is not
     // the IPv4 service: keys carry the family.
     let mapped = addr("[::ffff:10.96.0.10]:80");
     let frame = Tcp::new(addr("[fd00:201::9]:40002"), mapped, SYN).frame();
     let (verdict, out) = test_run(&mut dp, Dir::Ingress, &frame).expect("BPF_PROG_TEST_RUN");
-    assert_eq!((verdict, &out), (V::Ignore, &frame), "no IPv4 service for IPv6 packets");
+    assert_eq!(
+        (verdict, &out),
+        (V::Ignore, &frame),
+        "no IPv4 service for IPv6 packets"
+    );
     // And the IPv4 service on the same port still works beside it.
     let (verdict, out) = open(&mut dp, addr("10.201.0.9:40003"));
-    assert_eq!((verdict, out.dst), (V::Forward, addr(STABLE[0])), "IPv4 weight is 0");
+    assert_eq!(
+        (verdict, out.dst),
+        (V::Forward, addr(STABLE[0])),
+        "IPv4 weight is 0"
+    );
 }
 
 /// Each fixture, once per ingress hook.

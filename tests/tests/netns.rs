@@ -192,7 +192,12 @@ fn sticky_clients_keep_their_cohort_and_rising_weight_only_adds_canary_clients()
         let predicted: BTreeSet<Ipv4Addr> = clients
             .iter()
             .copied()
-            .filter(|a| is_canary(bucket(sticky_hash(u32::from_ne_bytes(a.octets()), salt)), ppm))
+            .filter(|a| {
+                is_canary(
+                    bucket(sticky_hash(u32::from_ne_bytes(a.octets()), salt)),
+                    ppm,
+                )
+            })
             .collect();
         assert_eq!(
             canary, predicted,

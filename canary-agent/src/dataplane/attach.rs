@@ -149,7 +149,10 @@ impl Dataplane {
                 let link = prog.take_link(id).map_err(attach_failed)?;
                 FdLink::try_from(link).map_err(|e| link_failed("take the new link", e.into()))?
             }
-            Program::TcIngress | Program::TcEgress | Program::BenchTcEmpty | Program::ProbeIpv6Csum => {
+            Program::TcIngress
+            | Program::TcEgress
+            | Program::BenchTcEmpty
+            | Program::ProbeIpv6Csum => {
                 let direction = if program == Program::TcEgress {
                     TcAttachType::Egress
                 } else {
@@ -243,7 +246,10 @@ impl Dataplane {
                 let link = prog.take_link(id).map_err(|e| update_failed(e.into()))?;
                 FdLink::try_from(link).map_err(|e| update_failed(e.into()))?
             }
-            Program::TcIngress | Program::TcEgress | Program::BenchTcEmpty | Program::ProbeIpv6Csum => {
+            Program::TcIngress
+            | Program::TcEgress
+            | Program::BenchTcEmpty
+            | Program::ProbeIpv6Csum => {
                 let prog = classifier(&mut self.ebpf, program.name())?;
                 let link =
                     SchedClassifierLink::try_from(link).map_err(|e| update_failed(e.into()))?;
