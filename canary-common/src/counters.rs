@@ -46,11 +46,22 @@ pub enum Counter {
     /// The backend answered a re-resolved flow with a RST: it had no such
     /// connection (a stray or forged packet). Not a refusal, not a failure.
     ReopenReset,
+    /// A `connect()` from a process in the socket-LB cgroup to a VIP was
+    /// steered at the socket (the TC programs never rewrite it).
+    SockSteered,
+    /// A socket-steered connection of a service with source rules had no
+    /// known source address (its socket was not bound to one): the rules
+    /// cannot tell whether it is excluded, so it went to stable.
+    SockSourceUnknown,
+    /// A socket-steered connection could not be tagged (socket storage
+    /// allocation failed): it is steered and `getpeername` works, but none
+    /// of its signals are counted.
+    SockTagFailed,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 16] = [
+    pub const ALL: [Counter; 19] = [
         Counter::NewFlow,
         Counter::CtMiss,
         Counter::SynRetransmit,
@@ -67,6 +78,9 @@ impl Counter {
         Counter::RstIgnored,
         Counter::ReopenConfirmed,
         Counter::ReopenReset,
+        Counter::SockSteered,
+        Counter::SockSourceUnknown,
+        Counter::SockTagFailed,
     ];
 
     /// Number of slots in the `COUNTERS` map.
@@ -92,6 +106,9 @@ impl Counter {
             Counter::RstIgnored => "rst_ignored",
             Counter::ReopenConfirmed => "reopen_confirmed",
             Counter::ReopenReset => "reopen_reset",
+            Counter::SockSteered => "sock_steered",
+            Counter::SockSourceUnknown => "sock_source_unknown",
+            Counter::SockTagFailed => "sock_tag_failed",
         }
     }
 
@@ -108,6 +125,8 @@ impl Counter {
                 | Counter::RstIgnored
                 | Counter::ReopenConfirmed
                 | Counter::ReopenReset
+                | Counter::SockSteered
+                | Counter::SockSourceUnknown
         )
     }
 }
