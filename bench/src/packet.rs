@@ -12,12 +12,16 @@
 //! retransmission), so new-flow SYNs are timed one run per call, each with
 //! its own 5-tuple, next to the empty programs timed the same way.
 
-use std::{net::SocketAddrV4, path::Path, time::Instant};
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    path::Path,
+    time::Instant,
+};
 
 use anyhow::{Context, ensure};
 use canary_agent::{
     config::Config,
-    dataplane::{Capacity, Dataplane, Program, be_addr, flow_key},
+    dataplane::{Capacity, Dataplane, Program, flow_key},
 };
 use canary_common::flow::{CT_REVERSE, CtEntry};
 use canary_tests::packet::{ACK, PSH, SYN, TC_ACT_OK, TC_ACT_UNSPEC, Tcp, XDP_PASS, parse};
@@ -92,9 +96,9 @@ fn services(n: u32) -> anyhow::Result<Config> {
 /// A loaded data plane with `n` services, ready to measure.
 struct Bench {
     dp: Dataplane,
-    vip: SocketAddrV4,
+    vip: SocketAddr,
     /// The backend the measured flow was steered to.
-    backend: SocketAddrV4,
+    backend: SocketAddr,
 }
 
 impl Bench {
@@ -140,7 +144,7 @@ impl Bench {
         dp.conntrack_insert(
             flow_key(client, backend),
             CtEntry {
-                nat_addr: be_addr(*vip.ip()),
+                nat_addr: vip.ip().into(),
                 nat_port: vip.port().to_be(),
                 ..fwd
             },
@@ -148,7 +152,7 @@ impl Bench {
         dp.conntrack_insert(
             flow_key(vip, client),
             CtEntry {
-                nat_addr: be_addr(*backend.ip()),
+                nat_addr: backend.ip().into(),
                 nat_port: backend.port().to_be(),
                 ..rev
             },
@@ -172,7 +176,7 @@ impl Bench {
             self.dp.conntrack_insert(
                 flow_key(self.backend, client),
                 CtEntry {
-                    nat_addr: be_addr(*self.vip.ip()),
+                    nat_addr: self.vip.ip().into(),
                     nat_port: self.vip.port().to_be(),
                     flags: CT_REVERSE,
                     ..template
@@ -227,12 +231,12 @@ fn check_verdict(program: Program, got: u32, verdict: i32) -> anyhow::Result<()>
 
 /// SYNs from distinct 5-tuples (10.203.0.0/16) to `vip`, `salt` keeping
 /// series apart.
-fn new_syns(vip: SocketAddrV4, salt: u32) -> impl Iterator<Item = Vec<u8>> {
+fn new_syns(vip: SocketAddr, salt: u32) -> impl Iterator<Item = Vec<u8>> {
     syns(vip, salt * NEW_FLOWS, NEW_FLOWS)
 }
 
 /// `count` SYNs to `vip` from distinct 5-tuples, the `first`-th on.
-fn syns(vip: SocketAddrV4, first: u32, count: u32) -> impl Iterator<Item = Vec<u8>> {
+fn syns(vip: SocketAddr, first: u32, count: u32) -> impl Iterator<Item = Vec<u8>> {
     (0..count).map(move |i| {
         let n = first + i;
         let src = SocketAddrV4::new((0x0acb_0000 + (n >> 8)).into(), 30_000 + (n & 255) as u16);

@@ -3,6 +3,8 @@
 //! answer, and a flow whose conntrack entry was lost re-resolves to the same
 //! place.
 
+use crate::addr::Addr;
+
 /// Weights are parts per million: 1 ppm = 0.0001 %.
 pub const PPM: u32 = 1_000_000;
 
@@ -53,6 +55,43 @@ pub const fn flow_hash(
     salt: u32,
 ) -> u64 {
     let addrs = mix64(((src_addr as u64) << 32) | dst_addr as u64);
+    let rest = ((src_port as u64) << 48) | ((dst_port as u64) << 32) | ((proto as u64) << 24);
+    mix64(addrs ^ rest ^ salt as u64)
+}
+
+/// Folds a 16-byte address into 64 mixed bits.
+#[inline(always)]
+const fn fold_addr(a: &Addr) -> u64 {
+    mix64(((a.0[0] as u64) << 32) | a.0[1] as u64) ^ (((a.0[2] as u64) << 32) | a.0[3] as u64)
+}
+
+/// [`sticky_hash`] for a client of either family. An IPv4 client hashes
+/// exactly as [`sticky_hash`] of its IPv4 address, so clients keep their
+/// buckets (and cohorts) across the change to 16-byte addresses.
+#[inline(always)]
+pub const fn sticky_hash_addr(client: &Addr, salt: u32) -> u64 {
+    if client.is_v4() {
+        sticky_hash(client.v4(), salt)
+    } else {
+        mix64(mix64(fold_addr(client)) ^ salt as u64)
+    }
+}
+
+/// [`flow_hash`] for a flow of either family; an IPv4 flow hashes exactly
+/// as [`flow_hash`] of its IPv4 addresses.
+#[inline(always)]
+pub const fn flow_hash_addr(
+    src: &Addr,
+    dst: &Addr,
+    src_port: u16,
+    dst_port: u16,
+    proto: u8,
+    salt: u32,
+) -> u64 {
+    if src.is_v4() && dst.is_v4() {
+        return flow_hash(src.v4(), dst.v4(), src_port, dst_port, proto, salt);
+    }
+    let addrs = mix64(fold_addr(src) ^ fold_addr(dst).rotate_left(32));
     let rest = ((src_port as u64) << 48) | ((dst_port as u64) << 32) | ((proto as u64) << 24);
     mix64(addrs ^ rest ^ salt as u64)
 }
@@ -269,6 +308,59 @@ mod tests {
             flow_hash(client(1), client(2), 1234u16.to_be(), 80u16.to_be(), 6, 7),
             FLOW_1_2
         );
+    }
+
+    fn client6(i: u32) -> Addr {
+        // fd00::/64 with a sequential interface id.
+        Addr([0xfd00_0000_u32.to_be(), 0, 0, i.to_be()])
+    }
+
+    #[test]
+    fn ipv4_clients_hash_as_before_the_16_byte_layout() {
+        for i in 0..10_000 {
+            let a = Addr::from_v4(client(i));
+            assert_eq!(sticky_hash_addr(&a, 42), sticky_hash(client(i), 42));
+            let b = Addr::from_v4(client(99));
+            assert_eq!(
+                flow_hash_addr(&a, &b, 1234u16.to_be(), 80u16.to_be(), 6, 3),
+                flow_hash(client(i), client(99), 1234u16.to_be(), 80u16.to_be(), 6, 3)
+            );
+        }
+    }
+
+    /// Chi-square as above, for sequential IPv6 clients and ports.
+    #[test]
+    fn ipv6_buckets_are_uniform_for_sequential_clients_and_ports() {
+        let chi2 = |bins: &[u32; 100], n: u32| -> f64 {
+            let expected = f64::from(n) / 100.0;
+            bins.iter()
+                .map(|&o| (f64::from(o) - expected).powi(2) / expected)
+                .sum()
+        };
+        let mut sticky = [0u32; 100];
+        let mut flows = [0u32; 100];
+        let vip = client6(0xffff);
+        for i in 0..200_000u32 {
+            sticky[(bucket(sticky_hash_addr(&client6(i), 1)) / 10_000) as usize] += 1;
+            #[expect(clippy::cast_possible_truncation, reason = "i % 50000 fits u16")]
+            let port = (1024 + i % 50_000) as u16;
+            let h = flow_hash_addr(
+                &client6(i / 50_000),
+                &vip,
+                port.to_be(),
+                80u16.to_be(),
+                6,
+                3,
+            );
+            flows[(bucket(h) / 10_000) as usize] += 1;
+        }
+        for (what, bins) in [("sticky", &sticky), ("per-connection", &flows)] {
+            let c = chi2(bins, 200_000);
+            assert!(
+                c < 148.2,
+                "{what}: chi-square {c:.1} >= 148.2 (99.9 %, 99 dof): {bins:?}"
+            );
+        }
     }
 
     #[test]

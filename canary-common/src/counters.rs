@@ -18,7 +18,8 @@ pub enum Counter {
     RstClosed,
     /// Packet shorter than an Ethernet header.
     TruncatedEth,
-    /// IPv4 packet shorter than its IP header, or IHL < 5.
+    /// IP packet shorter than its IP header (or an IPv6 extension header),
+    /// or IHL < 5.
     BadIpHeader,
     /// TCP packet to a VIP shorter than its TCP header, or data offset < 5.
     BadTcpHeader,
@@ -46,6 +47,10 @@ pub enum Counter {
     /// The backend answered a re-resolved flow with a RST: it had no such
     /// connection (a stray or forged packet). Not a refusal, not a failure.
     ReopenReset,
+    /// IPv6 packet with extension headers (hop-by-hop, routing,
+    /// fragment, destination options, authentication) before its
+    /// transport header: passed unsteered, never parsed.
+    Ipv6ExtHeader,
     /// A `connect()` from a process in the socket-LB cgroup to a VIP was
     /// steered at the socket (the TC programs never rewrite it).
     SockSteered,
@@ -61,7 +66,7 @@ pub enum Counter {
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 19] = [
+    pub const ALL: [Counter; 20] = [
         Counter::NewFlow,
         Counter::CtMiss,
         Counter::SynRetransmit,
@@ -78,6 +83,7 @@ impl Counter {
         Counter::RstIgnored,
         Counter::ReopenConfirmed,
         Counter::ReopenReset,
+        Counter::Ipv6ExtHeader,
         Counter::SockSteered,
         Counter::SockSourceUnknown,
         Counter::SockTagFailed,
@@ -106,6 +112,7 @@ impl Counter {
             Counter::RstIgnored => "rst_ignored",
             Counter::ReopenConfirmed => "reopen_confirmed",
             Counter::ReopenReset => "reopen_reset",
+            Counter::Ipv6ExtHeader => "ipv6_ext_header",
             Counter::SockSteered => "sock_steered",
             Counter::SockSourceUnknown => "sock_source_unknown",
             Counter::SockTagFailed => "sock_tag_failed",
@@ -125,6 +132,7 @@ impl Counter {
                 | Counter::RstIgnored
                 | Counter::ReopenConfirmed
                 | Counter::ReopenReset
+                | Counter::Ipv6ExtHeader
                 | Counter::SockSteered
                 | Counter::SockSourceUnknown
         )

@@ -41,6 +41,23 @@ pub const fn replace2(check: u16, from: u16, to: u16) -> u16 {
     !fold(sum)
 }
 
+/// The checksum `check` after a 16-byte field (an IPv6 address, as four
+/// words loaded the same way as the checksum) changes from `from` to `to`.
+#[inline(always)]
+pub const fn replace16(check: u16, from: &[u32; 4], to: &[u32; 4]) -> u16 {
+    let mut sum = (!check) as u64;
+    let mut i = 0;
+    while i < 4 {
+        let nfrom = !from[i];
+        sum += (nfrom & 0xffff) as u64
+            + (nfrom >> 16) as u64
+            + (to[i] & 0xffff) as u64
+            + (to[i] >> 16) as u64;
+        i += 1;
+    }
+    !fold(sum)
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -92,6 +109,28 @@ mod tests {
             let check = replace2(check, data[4], new[2]);
             data[4] = new[2];
             // Equal as one's complement numbers (0x0000 and 0xffff are both zero).
+            let expect = full(&data);
+            assert!(
+                check == expect || (check | expect == 0xffff && check & expect == 0),
+                "seed {seed}: incremental {check:#06x}, full {expect:#06x}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_16_byte_update_equals_a_full_recomputation() {
+        let word32 = |w: &[u16]| u32::from(w[0]) | (u32::from(w[1]) << 16);
+        for seed in 0..2000u64 {
+            let mut data = words(seed, 24);
+            if seed % 5 == 0 {
+                data[2..10].fill(0xffff);
+            }
+            let check = full(&data);
+            let new = words(seed ^ 0x1234_5678, 8);
+            let from = [0, 1, 2, 3].map(|i| word32(&data[2 + 2 * i..]));
+            let to = [0, 1, 2, 3].map(|i| word32(&new[2 * i..]));
+            let check = replace16(check, &from, &to);
+            data[2..10].copy_from_slice(&new);
             let expect = full(&data);
             assert!(
                 check == expect || (check | expect == 0xffff && check & expect == 0),

@@ -2,19 +2,23 @@
 //! forward entry (client → VIP, says which backend) and a reverse entry
 //! (backend → client, says which VIP to restore on replies).
 
-/// A TCP/IP 5-tuple as seen in one direction. Addresses and ports are in
-/// network byte order.
+use crate::{addr::Addr, service::ServiceKey};
+
+/// A 5-tuple as seen in one direction, either family. Addresses and ports
+/// are in network byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
-    pub src_addr: u32,
-    pub dst_addr: u32,
+    pub src_addr: Addr,
+    pub dst_addr: Addr,
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// [`crate::addr::FAMILY_V4`] or [`crate::addr::FAMILY_V6`].
+    pub family: u8,
+    pub _pad: u16,
 }
-const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
 impl FlowKey {
     /// The key of the same flow seen in the other direction.
@@ -27,7 +31,20 @@ impl FlowKey {
             src_port: self.dst_port,
             dst_port: self.src_port,
             proto: self.proto,
-            _pad: [0; 3],
+            family: self.family,
+            _pad: 0,
+        }
+    }
+
+    /// The `SERVICES` key a forward flow (client → VIP) addresses.
+    #[inline(always)]
+    #[must_use]
+    pub const fn service(&self) -> ServiceKey {
+        ServiceKey {
+            vip: self.dst_addr,
+            port: self.dst_port,
+            proto: self.proto,
+            family: self.family,
         }
     }
 }
@@ -110,7 +127,7 @@ pub const fn is_syn_retry(state: u64, since_first_ns: u64) -> bool {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtEntry {
     /// Network byte order.
-    pub nat_addr: u32,
+    pub nat_addr: Addr,
     /// Network byte order.
     pub nat_port: u16,
     /// [`crate::service::COHORT_STABLE`] or [`crate::service::COHORT_CANARY`].
@@ -121,6 +138,7 @@ pub struct CtEntry {
     pub svc_id: u32,
     /// The backend's `STATS` slot.
     pub stats_slot: u32,
+    pub _pad: u32,
     /// `bpf_ktime_get_ns` at the flow's first SYN (or at re-resolution);
     /// a later SYN is a retry only [`SYN_RETRY_MIN_NS`] after it.
     pub created_ns: u64,
@@ -129,7 +147,7 @@ pub struct CtEntry {
     /// `ST_*` bits (a 64-bit word: see the eBPF crate's atomic.rs).
     pub state: u64,
 }
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 56);
 
 /// `PENDING` value: a SYN forwarded and not yet answered. The agent counts
 /// entries older than the handshake timeout as timed out and removes them.

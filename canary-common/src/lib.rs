@@ -17,6 +17,7 @@
     reason = "the eBPF programs call these functions per packet; inlined, they cost no BPF-to-BPF call and the verifier sees the bounds in one function"
 )]
 
+pub mod addr;
 pub mod breaker;
 pub mod cohort;
 pub mod counters;
@@ -76,6 +77,8 @@ pub mod names {
     /// XDP program for packets arriving from clients on interfaces in `xdp`
     /// mode (instead of the TC ingress program).
     pub const PROG_XDP_INGRESS: &str = "canary_xdp_ingress";
+    /// Kernel probe for `BPF_F_IPV6`, run by the agent, never attached.
+    pub const PROG_PROBE_IPV6_CSUM: &str = "canary_probe_ipv6_csum";
     /// cgroup `connect4`: steers IPv4 `connect()` to a VIP.
     pub const PROG_CONNECT4: &str = "canary_connect4";
     /// cgroup `connect6`: steers IPv6 `connect()` (v4-mapped VIPs today).
@@ -105,3 +108,5 @@ pub mod names {
 
 /// IANA protocol number of TCP.
 pub const IPPROTO_TCP: u8 = 6;
+/// IANA protocol number of UDP.
+pub const IPPROTO_UDP: u8 = 17;

@@ -1,6 +1,8 @@
 //! The service table and the source-prefix rules, written by the agent and
 //! read by the data plane on every new flow.
 
+use crate::addr::Addr;
+
 /// Most backends one cohort of a service can hold. Backends live inline in
 /// the service value so that one map update replaces weight, rules and both
 /// backend lists at once.
@@ -122,27 +124,30 @@ pub const RULE_NEVER_CANARY: u32 = 2;
 pub const FLAG_CANARY_OFF: u8 = 1 << 0;
 
 /// `SERVICES` key: the VIP as packets address it (network byte order).
+/// The protocol is part of the key, so one VIP:port may have a TCP and a
+/// UDP service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ServiceKey {
-    pub vip: u32,
+    pub vip: Addr,
     pub port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// [`crate::addr::FAMILY_V4`] or [`crate::addr::FAMILY_V6`].
+    pub family: u8,
 }
-const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 
-/// One backend (network byte order).
+/// One backend (network byte order), of the service's family.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Backend {
-    pub addr: u32,
+    pub addr: Addr,
     pub port: u16,
     pub _pad: u16,
     /// Index into `STATS` where this backend's counters live.
     pub stats_slot: u32,
 }
-const _: () = assert!(core::mem::size_of::<Backend>() == 12);
+const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 
 /// Default number of backend stats slots (one per service × cohort ×
 /// backend); the agent resizes `STATS` at load from `[agent] max_backends`.
@@ -179,7 +184,7 @@ pub struct ServiceValue {
     pub stable: [Backend; MAX_BACKENDS],
     pub canary: [Backend; MAX_BACKENDS],
 }
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 28 + 2 * 12 * MAX_BACKENDS);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 28 + 2 * 24 * MAX_BACKENDS);
 
 /// Data part of a `RULES` LPM key. The rule set id takes the first 32 bits
 /// and is always matched in full (prefix length = 32 + source prefix), so
@@ -190,13 +195,18 @@ const _: () = assert!(core::mem::size_of::<ServiceValue>() == 28 + 2 * 12 * MAX_
 pub struct RuleKey {
     /// Big-endian, so the trie's byte-wise match sees its bits first.
     pub rule_set_be: u32,
-    /// Source address, network byte order.
-    pub addr: u32,
+    /// Source address, network byte order (IPv4: mapped, so an IPv4 /n
+    /// prefix is a /96+n prefix of the mapped address).
+    pub addr: Addr,
 }
-const _: () = assert!(core::mem::size_of::<RuleKey>() == 8);
+const _: () = assert!(core::mem::size_of::<RuleKey>() == 20);
 
 /// Bits of a `RULES` key before the source prefix starts.
 pub const RULE_SET_BITS: u32 = 32;
+/// Bits of a `RULES` key with the whole source address.
+pub const RULE_KEY_BITS: u32 = RULE_SET_BITS + 128;
+/// Bits of an IPv4-mapped address before the IPv4 address starts.
+pub const V4_MAPPED_BITS: u32 = 96;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -204,8 +214,10 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceKey {}
     // SAFETY: repr(C), no implicit padding (size asserted), integers only.
     unsafe impl aya::Pod for super::ServiceValue {}
-    // SAFETY: repr(C), two u32, no padding.
+    // SAFETY: repr(C), a u32 and an Addr, no padding.
     unsafe impl aya::Pod for super::RuleKey {}
+    // SAFETY: repr(C), no implicit padding (size asserted), integers only.
+    unsafe impl aya::Pod for super::Backend {}
 }
 
 #[cfg(all(test, feature = "user"))]

@@ -11,46 +11,27 @@
 //! [`SockRevKey`] → [`SockRevValue`] entry lets `getpeername()` return the
 //! VIP the application dialled.
 //!
-//! Addresses here are 16 bytes in network byte order: IPv6 as is, IPv4
-//! v4-mapped (`::ffff:a.b.c.d`), so one type serves both families.
+//! Addresses are [`Addr`]s (16 bytes, IPv4 mapped) and families the
+//! [`crate::addr`] family numbers, as in every other map.
 
-/// `AF_INET`, as `family` fields store it.
-pub const AF_INET: u8 = 2;
-/// `AF_INET6`, as `family` fields store it.
-pub const AF_INET6: u8 = 10;
-
-/// Word 2 of a v4-mapped address (`::ffff:0:0/96`) in network byte order.
-const V4_MAPPED_WORD: u32 = 0x0000_ffff_u32.to_be();
-
-/// `addr` (IPv4, network byte order) as a v4-mapped 16-byte address.
-#[inline(always)]
-pub const fn v4_mapped(addr: u32) -> [u32; 4] {
-    [0, 0, V4_MAPPED_WORD, addr]
-}
-
-/// Whether a 16-byte address is v4-mapped (`::ffff:a.b.c.d`): an IPv4
-/// destination reached through a dual-stack IPv6 socket.
-#[inline(always)]
-pub const fn is_v4_mapped(addr: &[u32; 4]) -> bool {
-    addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD
-}
+use crate::addr::Addr;
 
 /// `SOCK_TAGS` value (socket storage): what a steered socket is, written
 /// once by `connect4/6` and then only changed in `state`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockTag {
-    /// The VIP the application dialled, 16-byte form.
-    pub vip: [u32; 4],
-    /// The backend the connection went to, 16-byte form.
-    pub backend: [u32; 4],
+    /// The VIP the application dialled.
+    pub vip: Addr,
+    /// The backend the connection went to.
+    pub backend: Addr,
     /// The VIP's port, network byte order.
     pub vip_port: u16,
     /// The backend's port, network byte order.
     pub backend_port: u16,
     /// [`crate::service::COHORT_STABLE`] or [`crate::service::COHORT_CANARY`].
     pub cohort: u8,
-    /// [`AF_INET`] or [`AF_INET6`]: the service's family.
+    /// The service's family ([`crate::addr::FAMILY_V4`] or `FAMILY_V6`).
     pub family: u8,
     /// The socket's IP protocol (TCP or UDP).
     pub proto: u8,
@@ -134,11 +115,11 @@ pub const fn sock_end(state: u64) -> SockEnd {
 pub struct SockRevKey {
     /// `bpf_get_socket_cookie`.
     pub cookie: u64,
-    /// The backend, 16-byte form.
-    pub addr: [u32; 4],
+    /// The backend.
+    pub addr: Addr,
     /// The backend's port, network byte order.
     pub port: u16,
-    /// [`AF_INET`] or [`AF_INET6`].
+    /// Its family ([`crate::addr::FAMILY_V4`] or `FAMILY_V6`).
     pub family: u8,
     pub _pad: [u8; 5],
 }
@@ -148,11 +129,11 @@ const _: () = assert!(core::mem::size_of::<SockRevKey>() == 32);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockRevValue {
-    /// The VIP, 16-byte form.
-    pub vip: [u32; 4],
+    /// The VIP.
+    pub vip: Addr,
     /// The VIP's port, network byte order.
     pub port: u16,
-    /// [`AF_INET`] or [`AF_INET6`].
+    /// Its family ([`crate::addr::FAMILY_V4`] or `FAMILY_V6`).
     pub family: u8,
     pub _pad: u8,
     /// The service.
@@ -178,26 +159,6 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn v4_mapped_addresses_round_trip() {
-        let a = u32::from_be_bytes([10, 96, 0, 10]).to_be();
-        let m = v4_mapped(a);
-        assert!(is_v4_mapped(&m));
-        assert_eq!(m[3], a);
-        // ::ffff:10.96.0.10 as bytes.
-        let bytes: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 96, 0, 10];
-        let mut words = [0u32; 4];
-        for (w, chunk) in words.iter_mut().zip(bytes.chunks(4)) {
-            *w = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-        }
-        assert_eq!(words, m, "network order in memory");
-        assert!(!is_v4_mapped(&[0xfd00_u32.to_be(), 0, 0, 0x10_u32.to_be()]));
-        assert!(
-            !is_v4_mapped(&[0, 0, 0, 1_u32.to_be()]),
-            "::1 is not mapped"
-        );
-    }
 
     #[test]
     fn a_socket_ends_as_its_state_says() {

@@ -3,7 +3,6 @@
 //! tell the agent. No user-space round trip.
 
 use canary_common::{
-    IPPROTO_TCP,
     breaker::{BreakerEvent, BreakerState, trips},
     service::{FLAG_CANARY_OFF, ServiceKey, ServiceValue},
 };
@@ -35,18 +34,12 @@ pub fn allow_canary(svc: &ServiceValue, now: u64, attempt: bool) -> bool {
     true
 }
 
-/// Counts a canary failure of the flow steered for `svc_id` through `vip`
-/// (network byte order) and trips the breaker when the window crosses the
+/// Counts a canary failure of the flow steered for `svc_id` through the
+/// service at `key` and trips the breaker when the window crosses the
 /// service's limit.
 #[inline(always)]
-pub fn failure(vip: u32, port: u16, svc_id: u32, now: u64) {
-    let key = ServiceKey {
-        vip,
-        port,
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    };
-    let Some(svc) = SERVICES.get_ptr_mut(&key) else {
+pub fn failure(key: &ServiceKey, svc_id: u32, now: u64) {
+    let Some(svc) = SERVICES.get_ptr_mut(key) else {
         return;
     };
     let Some(b) = BREAKER.get_ptr_mut(&svc_id) else {

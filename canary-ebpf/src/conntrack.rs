@@ -3,6 +3,7 @@
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns, maps::LruHashMap};
 use canary_common::{
+    addr::Addr,
     counters::Counter,
     flow::{
         CT_REOPENED, CT_REVERSE, CtEntry, FlowKey, PendingSyn, ST_CLOSED, ST_FAILED, ST_HANDSHAKE,
@@ -78,49 +79,54 @@ pub fn now() -> u64 {
 
 /// The reverse (reply) key of forward flow `fwd` served by `addr:port`.
 #[inline(always)]
-pub fn reverse_key(fwd: &FlowKey, backend_addr: u32, backend_port: u16) -> FlowKey {
+pub fn reverse_key(fwd: &FlowKey, backend_addr: Addr, backend_port: u16) -> FlowKey {
     FlowKey {
         src_addr: backend_addr,
         dst_addr: fwd.src_addr,
         src_port: backend_port,
         dst_port: fwd.src_port,
         proto: fwd.proto,
-        _pad: [0; 3],
+        family: fwd.family,
+        _pad: 0,
     }
 }
 
-/// The two fresh entries of flow `fwd` (client → VIP) steered by `choice`,
-/// with `flags` (besides `CT_REVERSE`), and the reverse key.
+/// Inserts both fresh halves of flow `fwd` (client → VIP) steered by
+/// `choice` into `map`, with `flags` (besides `CT_REVERSE`); a failure is
+/// counted. One entry value is built and turned into the other, so the
+/// stack holds one 56-byte value, not two.
 #[inline(always)]
-fn entries(
+fn insert_flow(
+    map: &LruHashMap<FlowKey, CtEntry>,
     fwd: &FlowKey,
     svc_id: u32,
     choice: &Choice,
     flags: u8,
     now: u64,
-) -> (CtEntry, FlowKey, CtEntry) {
-    let forward = CtEntry {
+) {
+    let mut entry = CtEntry {
         nat_addr: choice.backend.addr,
         nat_port: choice.backend.port,
         cohort: choice.cohort,
         flags,
         svc_id,
         stats_slot: choice.backend.stats_slot,
+        _pad: 0,
         created_ns: now,
         request_ns: 0,
         state: 0,
     };
-    let reverse = CtEntry {
-        nat_addr: fwd.dst_addr,
-        nat_port: fwd.dst_port,
-        flags: flags | CT_REVERSE,
-        ..forward
-    };
-    (
-        forward,
-        reverse_key(fwd, choice.backend.addr, choice.backend.port),
-        reverse,
-    )
+    if map.insert(fwd, &entry, BPF_ANY as u64).is_err() {
+        count(Counter::CtInsertFailed);
+        return;
+    }
+    let rev = reverse_key(fwd, choice.backend.addr, choice.backend.port);
+    entry.nat_addr = fwd.dst_addr;
+    entry.nat_port = fwd.dst_port;
+    entry.flags = flags | CT_REVERSE;
+    if map.insert(&rev, &entry, BPF_ANY as u64).is_err() {
+        count(Counter::CtInsertFailed);
+    }
 }
 
 /// Inserts both halves of a flow into `map`; a failure is counted.
@@ -143,10 +149,11 @@ fn insert_pair(
 /// `choice`: the forward entry, the reverse one for replies, and the
 /// pending handshake. A failed insert is counted; the flow still works
 /// because every later packet re-resolves the same way.
-#[inline(always)]
+// A call of its own: with 16-byte addresses the entries built here do
+// not fit the caller's 512-byte stack frame beside everything else.
+#[inline(never)]
 pub fn create(fwd: &FlowKey, svc_id: u32, choice: &Choice, now: u64) {
-    let (forward, rev, reverse) = entries(fwd, svc_id, choice, 0, now);
-    insert_pair(&CONNTRACK, fwd, &forward, &rev, &reverse);
+    insert_flow(&CONNTRACK, fwd, svc_id, choice, 0, now);
     let pending = PendingSyn {
         syn_ns: now,
         stats_slot: choice.backend.stats_slot,
@@ -159,10 +166,11 @@ pub fn create(fwd: &FlowKey, svc_id: u32, choice: &Choice, now: u64) {
 /// Records a flow re-resolved after a conntrack miss (a non-SYN packet) in
 /// `UNCONFIRMED` only: nothing enters `CONNTRACK`, and nothing is counted
 /// as a connection, until the backend answers.
-#[inline(always)]
+// A call of its own: with 16-byte addresses the entries built here do
+// not fit the caller's 512-byte stack frame beside everything else.
+#[inline(never)]
 pub fn create_unconfirmed(fwd: &FlowKey, svc_id: u32, choice: &Choice, now: u64) {
-    let (forward, rev, reverse) = entries(fwd, svc_id, choice, CT_REOPENED, now);
-    insert_pair(&UNCONFIRMED, fwd, &forward, &rev, &reverse);
+    insert_flow(&UNCONFIRMED, fwd, svc_id, choice, CT_REOPENED, now);
 }
 
 /// The unconfirmed entry for `key` (either direction), copied.

@@ -16,13 +16,13 @@ use crate::{
     breaker, conntrack,
     maps::PENDING,
     nat::{End, Rewrite},
-    packet::{self, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tcp4},
+    packet::{self, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::{self, Action, Latency, count},
 };
 
 #[inline(always)]
 pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
-    let Some(pkt) = packet::parse_tcp4(ctx)? else {
+    let Some(pkt) = packet::parse(ctx)? else {
         return Ok(Action::Ignore);
     };
     let Some(rev_entry) = conntrack::lookup(&pkt.key) else {
@@ -135,7 +135,7 @@ pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
                 // is no breaker failure either. A connection that failed
                 // before (a SYN retry) is one failure, not two.
                 if rev.cohort == COHORT_CANARY && timed && first_failure {
-                    breaker::failure(rev.nat_addr, rev.nat_port, rev.svc_id, now);
+                    breaker::failure(&fwd_key.service(), rev.svc_id, now);
                 }
             }
         }
@@ -149,7 +149,7 @@ pub fn handle(ctx: &TcContext) -> Result<Action, Counter> {
 /// [`conntrack::confirm`]) and the reply is reverse-NATed like any other;
 /// otherwise it is not ours.
 #[inline(always)]
-fn unconfirmed(ctx: &TcContext, pkt: &Tcp4) -> Result<Action, Counter> {
+fn unconfirmed(ctx: &TcContext, pkt: &Packet) -> Result<Action, Counter> {
     let Some(rev) = conntrack::unconfirmed(&pkt.key) else {
         return Ok(Action::Ignore);
     };
@@ -178,6 +178,7 @@ fn forward_key(reply: &FlowKey, rev: &CtEntry) -> FlowKey {
         src_port: reply.dst_port,
         dst_port: rev.nat_port,
         proto: reply.proto,
-        _pad: [0; 3],
+        family: reply.family,
+        _pad: 0,
     }
 }

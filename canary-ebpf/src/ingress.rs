@@ -2,13 +2,13 @@
 //! the client's side of it.
 
 use canary_common::{
-    IPPROTO_TCP,
+    addr::Addr,
     counters::Counter,
     flow::{
         CT_REVERSE, CtEntry, ST_BACKEND_FIN, ST_CLIENT_FIN, ST_REQUEST, ST_RST, ST_SYN_RETRIED,
         is_syn_retry,
     },
-    service::{COHORT_CANARY, ServiceKey},
+    service::COHORT_CANARY,
 };
 
 use crate::{
@@ -16,7 +16,7 @@ use crate::{
     conntrack::{self, Entry},
     maps::SERVICES,
     nat::{End, Rewrite},
-    packet::{self, TCP_FIN, TCP_RST, Tcp4},
+    packet::{self, Packet, TCP_FIN, TCP_RST},
     stats::{self, Action, count},
     steer,
 };
@@ -24,7 +24,7 @@ use crate::{
 /// Runs at TC ingress or XDP: the same logic on either kind of frame.
 #[inline(always)]
 pub fn handle<F: Rewrite>(ctx: &F) -> Result<Action, Counter> {
-    let Some(pkt) = packet::parse_tcp4(ctx)? else {
+    let Some(pkt) = packet::parse(ctx)? else {
         return Ok(Action::Ignore);
     };
 
@@ -35,7 +35,7 @@ pub fn handle<F: Rewrite>(ctx: &F) -> Result<Action, Counter> {
         .map(|e| (e, e.read()))
         .filter(|(_, ct)| ct.flags & CT_REVERSE == 0)
         .filter(|(_, ct)| !(pkt.is_syn() && ct.state & (ST_CLIENT_FIN | ST_RST) != 0));
-    let (entry, backend_addr, backend_port, slot): (Option<Entry>, u32, u16, u32) = match tracked {
+    let (entry, backend_addr, backend_port, slot): (Option<Entry>, Addr, u16, u32) = match tracked {
         Some((entry, ct)) => {
             if pkt.first_fragment {
                 return Err(Counter::Fragment);
@@ -56,13 +56,7 @@ pub fn handle<F: Rewrite>(ctx: &F) -> Result<Action, Counter> {
         }
         None => {
             // Only new flows (and conntrack misses) consult the service.
-            let svc_key = ServiceKey {
-                vip: pkt.key.dst_addr,
-                port: pkt.key.dst_port,
-                proto: IPPROTO_TCP,
-                _pad: 0,
-            };
-            let Some(svc) = SERVICES.get_ptr(&svc_key) else {
+            let Some(svc) = SERVICES.get_ptr(&pkt.key.service()) else {
                 return Ok(Action::Ignore);
             };
             if pkt.first_fragment {
@@ -145,7 +139,7 @@ pub fn handle<F: Rewrite>(ctx: &F) -> Result<Action, Counter> {
 /// has not answered and it comes late enough for a real retransmission;
 /// back-to-back copies and SYNs after the SYN-ACK are duplicates.
 #[inline(always)]
-fn syn_again(entry: Entry, ct: &CtEntry, pkt: &Tcp4) {
+fn syn_again(entry: Entry, ct: &CtEntry, pkt: &Packet) {
     count(Counter::SynRetransmit);
     let now = conntrack::now();
     if !is_syn_retry(ct.state, now.saturating_sub(ct.created_ns)) {
@@ -161,6 +155,6 @@ fn syn_again(entry: Entry, ct: &CtEntry, pkt: &Tcp4) {
         c.failed += u64::from(first_failure);
     }
     if ct.cohort == COHORT_CANARY && first_failure {
-        breaker::failure(pkt.key.dst_addr, pkt.key.dst_port, ct.svc_id, now);
+        breaker::failure(&pkt.key.service(), ct.svc_id, now);
     }
 }

@@ -19,6 +19,8 @@
 // Atomic fetch-or and add on map memory, see atomic.rs.
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
+// Packet pointers loaded by an instruction of their own, see packet.rs.
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 // The library target exists only for canary-agent's build dependency.
 use canary_ebpf as _;
@@ -163,6 +165,16 @@ mod programs {
         #[cfg(feature = "upgrade-test")]
         // SAFETY: bpf_ktime_get_ns has no preconditions.
         let _ = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    }
+
+    /// Kernel probe, run once by the agent through `BPF_PROG_TEST_RUN` on an
+    /// IPv6/TCP frame, never attached: 0 if `bpf_l4_csum_replace` takes
+    /// `BPF_F_IPV6` (Linux 6.16+), which the IPv6 NAT needs at TC.
+    #[classifier]
+    pub fn canary_probe_ipv6_csum(ctx: TcContext) -> i32 {
+        // The TCP checksum of an Ethernet/IPv6/TCP frame, "changed" by 0.
+        let flags = u64::from(aya_ebpf::bindings::BPF_F_PSEUDO_HDR) | crate::nat::BPF_F_IPV6;
+        i32::from(ctx.l4_csum_replace(14 + 40 + 16, 0, 0, flags).is_err())
     }
 
     /// Baseline for `cargo xtask bench`: a TC program that does nothing.

@@ -15,9 +15,9 @@
 //! and its replacement, both attached for a moment during an upgrade,
 //! never count one event twice).
 //!
-//! Service lookup ([`service_for`]) and the backend rewrite
-//! ([`write_backend`]) are the only places that know the map layout's
-//! address form.
+//! IPv4 and IPv6 alike: addresses are `Addr`s (IPv4 mapped), and a
+//! dual-stack IPv6 socket dialling a v4-mapped VIP reaches the IPv4
+//! service and is sent to the backend's v4-mapped address.
 
 use core::{
     ffi::c_void,
@@ -32,13 +32,14 @@ use aya_ebpf::{
 };
 use canary_common::{
     IPPROTO_TCP,
+    addr::Addr,
     cohort::sticky_hash64,
     counters::Counter,
-    service::{Backend, COHORT_CANARY, MODE_PER_CONNECTION, ServiceKey, ServiceValue},
+    service::{Backend, COHORT_CANARY, MODE_PER_CONNECTION, ServiceKey},
     sock::{
-        AF_INET, AF_INET6, SK_CLOSED, SK_ESTABLISHED, SK_FAILED, SK_OPENED, SK_REQUEST,
-        SK_RESPONSE, SK_RST_FROM_BACKEND, SK_RST_FROM_CLIENT, SK_SYN_RETRIED, SockEnd, SockRevKey,
-        SockRevValue, SockTag, is_v4_mapped, sock_end, v4_mapped,
+        SK_CLOSED, SK_ESTABLISHED, SK_FAILED, SK_OPENED, SK_REQUEST, SK_RESPONSE,
+        SK_RST_FROM_BACKEND, SK_RST_FROM_CLIENT, SK_SYN_RETRIED, SockEnd, SockRevKey, SockRevValue,
+        SockTag, sock_end,
     },
     stats::BackendCounters,
 };
@@ -66,34 +67,16 @@ pub enum Hook {
     V6,
 }
 
-/// The service a `connect()` to `addr:port` (16-byte form, network byte
-/// order) over `proto` reaches, if any.
-///
-/// Map layout v1 holds IPv4 services only, keyed by the 4-byte address: a
-/// real IPv6 destination has no service yet.
+/// The `SERVICES` key of `addr:port` (network byte order) over `proto`:
+/// a v4-mapped destination is the IPv4 service.
 #[inline(always)]
-pub fn service_for(
-    family: u8,
-    addr: &[u32; 4],
-    port: u16,
-    proto: u8,
-) -> Option<*const ServiceValue> {
-    if family != AF_INET {
-        return None;
-    }
-    let key = ServiceKey {
-        vip: addr[3],
+fn service_key(addr: &Addr, port: u16, proto: u8) -> ServiceKey {
+    ServiceKey {
+        vip: *addr,
         port,
         proto,
-        _pad: 0,
-    };
-    SERVICES.get_ptr(&key)
-}
-
-/// A backend's address in the 16-byte form (layout v1 stores IPv4 only).
-#[inline(always)]
-fn backend_addr(b: &Backend) -> [u32; 4] {
-    v4_mapped(b.addr)
+        family: addr.family(),
+    }
 }
 
 /// Makes the socket connect to `backend` instead of the VIP it dialled.
@@ -101,15 +84,15 @@ fn backend_addr(b: &Backend) -> [u32; 4] {
 #[inline(always)]
 pub fn write_backend(ctx: &SockAddrContext, hook: Hook, backend: &Backend) {
     let sa = ctx.sock_addr;
-    let addr = backend_addr(backend);
+    let addr = backend.addr;
     // SAFETY: `sa` is this program's context; connect4/6 may store 4 bytes
     // at a time into `user_ip4`/`user_ip6[i]` and `user_port` (volatile:
     // the verifier refuses merged wider stores).
     unsafe {
         match hook {
-            Hook::V4 => write_volatile(addr_of_mut!((*sa).user_ip4), addr[3]),
+            Hook::V4 => write_volatile(addr_of_mut!((*sa).user_ip4), addr.v4()),
             Hook::V6 => {
-                for (i, word) in addr.iter().enumerate() {
+                for (i, word) in addr.0.iter().enumerate() {
                     write_volatile(addr_of_mut!((*sa).user_ip6[i]), *word);
                 }
             }
@@ -118,54 +101,55 @@ pub fn write_backend(ctx: &SockAddrContext, hook: Hook, backend: &Backend) {
     }
 }
 
-/// The destination (`user_ip4/6`, `user_port`) of a sock_addr context, in
-/// the 16-byte form, with its family and port (network byte order).
+/// The destination (`user_ip4/6`, `user_port`) of a sock_addr context and
+/// its port (network byte order).
 #[inline(always)]
-fn user_addr(ctx: &SockAddrContext, hook: Hook) -> ([u32; 4], u8, u16) {
+fn user_addr(ctx: &SockAddrContext, hook: Hook) -> (Addr, u16) {
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is this program's context; every hook may read these
     // fields 4 bytes at a time (volatile, so no load is merged wider).
     let (addr, port) = unsafe {
         let addr = match hook {
-            Hook::V4 => v4_mapped(read_volatile(addr_of!((*sa).user_ip4))),
-            Hook::V6 => [
+            Hook::V4 => Addr::from_v4(read_volatile(addr_of!((*sa).user_ip4))),
+            Hook::V6 => Addr([
                 read_volatile(addr_of!((*sa).user_ip6[0])),
                 read_volatile(addr_of!((*sa).user_ip6[1])),
                 read_volatile(addr_of!((*sa).user_ip6[2])),
                 read_volatile(addr_of!((*sa).user_ip6[3])),
-            ],
+            ]),
         };
         (addr, read_volatile(addr_of!((*sa).user_port)))
     };
-    let family = if is_v4_mapped(&addr) {
-        AF_INET
-    } else {
-        AF_INET6
-    };
     // The port is a big-endian u16 in the low half of the word.
     #[expect(clippy::cast_possible_truncation, reason = "user_port holds a u16")]
-    (addr, family, port as u16)
+    (addr, port as u16)
 }
 
 /// The socket's own address, if it was bound to one (`bind()` before
 /// `connect()`); the kernel picks it only after this hook otherwise.
 #[inline(always)]
-fn source_addr(ctx: &SockAddrContext, hook: Hook) -> Option<u32> {
+fn source_addr(ctx: &SockAddrContext, hook: Hook) -> Option<Addr> {
     // SAFETY: `sk` of a sock_addr context is a valid socket for the run;
     // `src_ip4`/`src_ip6[i]` are readable 4 bytes at a time.
-    unsafe {
+    let addr = unsafe {
         let sk: *mut bpf_sock = read_volatile(addr_of!((*ctx.sock_addr).__bindgen_anon_1.sk));
-        let addr = match hook {
-            Hook::V4 => v4_mapped(read_volatile(addr_of!((*sk).src_ip4))),
-            Hook::V6 => [
+        match hook {
+            Hook::V4 => Addr::from_v4(read_volatile(addr_of!((*sk).src_ip4))),
+            Hook::V6 => Addr([
                 read_volatile(addr_of!((*sk).src_ip6[0])),
                 read_volatile(addr_of!((*sk).src_ip6[1])),
                 read_volatile(addr_of!((*sk).src_ip6[2])),
                 read_volatile(addr_of!((*sk).src_ip6[3])),
-            ],
-        };
-        (is_v4_mapped(&addr) && addr[3] != 0).then_some(addr[3])
-    }
+            ]),
+        }
+    };
+    // Unbound: 0.0.0.0 (or ::ffff:0.0.0.0), or ::.
+    let unbound = if addr.is_v4() {
+        addr.v4() == 0
+    } else {
+        addr.0 == [0; 4]
+    };
+    (!unbound).then_some(addr)
 }
 
 /// `connect4`/`connect6`: steers a connection to a VIP. A destination that
@@ -173,11 +157,11 @@ fn source_addr(ctx: &SockAddrContext, hook: Hook) -> Option<u32> {
 /// left alone.
 #[inline(always)]
 pub fn connect(ctx: &SockAddrContext, hook: Hook) {
-    let (addr, family, port) = user_addr(ctx, hook);
+    let (addr, port) = user_addr(ctx, hook);
     // SAFETY: `protocol` is readable in every sock_addr hook.
     #[expect(clippy::cast_possible_truncation, reason = "an IP protocol number")]
     let proto = unsafe { read_volatile(addr_of!((*ctx.sock_addr).protocol)) } as u8;
-    let Some(svc) = service_for(family, &addr, port, proto) else {
+    let Some(svc) = SERVICES.get_ptr(&service_key(&addr, port, proto)) else {
         forget(ctx);
         return;
     };
@@ -212,10 +196,10 @@ pub fn connect(ctx: &SockAddrContext, hook: Hook) {
     };
     write_backend(ctx, hook, &choice.backend);
     count(Counter::SockSteered);
-    let backend = backend_addr(&choice.backend);
+    let family = addr.family();
     let tag = SockTag {
         vip: addr,
-        backend,
+        backend: choice.backend.addr,
         vip_port: port,
         backend_port: choice.backend.port,
         cohort: choice.cohort,
@@ -292,7 +276,8 @@ fn rev_key(tag: &SockTag) -> SockRevKey {
 /// application dialled, not the backend.
 #[inline(always)]
 pub fn getpeername(ctx: &SockAddrContext, hook: Hook) {
-    let (addr, family, port) = user_addr(ctx, hook);
+    let (addr, port) = user_addr(ctx, hook);
+    let family = addr.family();
     // SAFETY: get_socket_cookie takes the sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = SockRevKey {
@@ -311,9 +296,9 @@ pub fn getpeername(ctx: &SockAddrContext, hook: Hook) {
     // address and port.
     unsafe {
         match hook {
-            Hook::V4 => write_volatile(addr_of_mut!((*sa).user_ip4), vip.vip[3]),
+            Hook::V4 => write_volatile(addr_of_mut!((*sa).user_ip4), vip.vip.v4()),
             Hook::V6 => {
-                for (i, word) in vip.vip.iter().enumerate() {
+                for (i, word) in vip.vip.0.iter().enumerate() {
                     write_volatile(addr_of_mut!((*sa).user_ip6[i]), *word);
                 }
             }
@@ -419,8 +404,11 @@ fn count(counter: Counter) {
 fn fail(t: Tag, tag: &SockTag, now: u64) -> bool {
     let first = t.first(SK_FAILED);
     if first && tag.cohort == COHORT_CANARY {
-        // Layout v1: the breaker finds the service by its IPv4 key.
-        breaker::failure(tag.vip[3], tag.vip_port, tag.svc_id, now);
+        breaker::failure(
+            &service_key(&tag.vip, tag.vip_port, tag.proto),
+            tag.svc_id,
+            now,
+        );
     }
     first
 }

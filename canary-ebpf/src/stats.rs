@@ -101,7 +101,10 @@ fn settle(result: Result<Action, Counter>) -> Result<Action, Fate> {
     result.map_err(|counter| {
         count(counter);
         match counter {
-            Counter::TruncatedEth | Counter::BadIpHeader | Counter::BadTcpHeader => Fate::Stack,
+            Counter::TruncatedEth
+            | Counter::BadIpHeader
+            | Counter::BadTcpHeader
+            | Counter::Ipv6ExtHeader => Fate::Stack,
             _ => Fate::Drop,
         }
     })

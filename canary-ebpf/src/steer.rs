@@ -2,12 +2,13 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use canary_common::{
-    cohort::{backend_index, bucket, flow_hash, is_canary, sticky_hash},
+    addr::Addr,
+    cohort::{backend_index, bucket, flow_hash_addr, is_canary, sticky_hash_addr},
     counters::Counter,
     flow::FlowKey,
     service::{
         Backend, COHORT_CANARY, COHORT_STABLE, MAX_BACKENDS, MODE_PER_CONNECTION,
-        RULE_ALWAYS_CANARY, RULE_NEVER_CANARY, RULE_SET_BITS, RuleKey, ServiceValue,
+        RULE_ALWAYS_CANARY, RULE_KEY_BITS, RULE_NEVER_CANARY, RuleKey, ServiceValue,
     },
 };
 
@@ -34,16 +35,16 @@ pub fn choose(
     new_connection: bool,
 ) -> Result<Choice, Counter> {
     let hash = if svc.mode == MODE_PER_CONNECTION {
-        flow_hash(
-            key.src_addr,
-            key.dst_addr,
+        flow_hash_addr(
+            &key.src_addr,
+            &key.dst_addr,
             key.src_port,
             key.dst_port,
             key.proto,
             svc.salt,
         )
     } else {
-        sticky_hash(key.src_addr, svc.salt)
+        sticky_hash_addr(&key.src_addr, svc.salt)
     };
     choose_hashed(svc, hash, Some(key.src_addr), now, new_connection)
 }
@@ -60,7 +61,7 @@ pub fn choose(
 pub fn choose_hashed(
     svc: &ServiceValue,
     hash: u64,
-    src: Option<u32>,
+    src: Option<Addr>,
     now: u64,
     new_connection: bool,
 ) -> Result<Choice, Counter> {
@@ -103,12 +104,12 @@ pub fn choose_hashed(
 
 /// The action of the longest source prefix in `rule_set` matching `addr`.
 #[inline(always)]
-fn rule_for(rule_set: u32, addr: u32) -> Option<u32> {
+fn rule_for(rule_set: u32, addr: Addr) -> Option<u32> {
     if rule_set == 0 {
         return None;
     }
     let key = Key::new(
-        RULE_SET_BITS + 32,
+        RULE_KEY_BITS,
         RuleKey {
             rule_set_be: rule_set.to_be(),
             addr,

@@ -16,14 +16,14 @@
 
 use std::{
     collections::BTreeSet,
-    net::SocketAddrV4,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     ops::{Deref, DerefMut},
     path::Path,
 };
 
 use canary_agent::{
     config::{Config, IngressMode, ServiceConfig},
-    dataplane::{Capacity, Dataplane, Program, be_addr, flow_key},
+    dataplane::{Capacity, Dataplane, Program, flow_key},
 };
 use canary_common::{
     cohort::{backend_index, bucket, is_canary, sticky_hash},
@@ -43,7 +43,7 @@ const VIP: &str = "10.96.0.10:80";
 const STABLE: [&str; 2] = ["10.0.1.10:8080", "10.0.1.11:8080"];
 const CANARY: &str = "10.0.2.10:8080";
 
-fn addr(s: &str) -> SocketAddrV4 {
+fn addr(s: &str) -> SocketAddr {
     s.parse().expect("test address")
 }
 
@@ -143,7 +143,7 @@ fn run(dp: &mut Fixture, dir: Dir, seg: &Tcp) -> (V, Parsed) {
 }
 
 /// Sends a SYN from `client` to the VIP through ingress.
-fn open(dp: &mut Fixture, client: SocketAddrV4) -> (V, Parsed) {
+fn open(dp: &mut Fixture, client: SocketAddr) -> (V, Parsed) {
     run(dp, Dir::Ingress, &Tcp::new(client, addr(VIP), SYN))
 }
 
@@ -197,7 +197,12 @@ fn syn_to_vip_is_dnated_with_valid_checksums_and_tracked(m: IngressMode) {
             fwd.cohort,
             fwd.flags & CT_REVERSE
         ),
-        (be_addr(*out.dst.ip()), out.dst.port(), COHORT_STABLE, 0),
+        (
+            canary_common::addr::Addr::from(out.dst.ip()),
+            out.dst.port(),
+            COHORT_STABLE,
+            0
+        ),
         "forward entry names the chosen backend"
     );
     let rev = dp
@@ -209,7 +214,11 @@ fn syn_to_vip_is_dnated_with_valid_checksums_and_tracked(m: IngressMode) {
             u16::from_be(rev.nat_port),
             rev.flags & CT_REVERSE
         ),
-        (be_addr(*addr(VIP).ip()), 80, CT_REVERSE),
+        (
+            canary_common::addr::Addr::from(addr(VIP).ip()),
+            80,
+            CT_REVERSE
+        ),
         "reverse entry names the VIP to restore"
     );
     assert_eq!(counter(&dp, Counter::NewFlow), 1);
@@ -375,7 +384,7 @@ fn rst_from_either_side_closes_the_flow_and_keeps_it_closing(m: IngressMode) {
 
 /// Both entries of the flow `client` → VIP served by `backend` are there
 /// and marked closing.
-fn assert_closing(dp: &Dataplane, client: SocketAddrV4, backend: SocketAddrV4, what: &str) {
+fn assert_closing(dp: &Dataplane, client: SocketAddr, backend: SocketAddr, what: &str) {
     let fwd = dp
         .conntrack_entry(&flow_key(client, addr(VIP)))
         .unwrap_or_else(|| panic!("{what}: the forward entry is gone"));
@@ -391,7 +400,7 @@ fn assert_closing(dp: &Dataplane, client: SocketAddrV4, backend: SocketAddrV4, w
 /// Moves the first SYN of `client`'s flow `ns` into the past, as if the
 /// packets that follow came that much later (`BPF_PROG_TEST_RUN` runs take
 /// microseconds; the programs read the clock themselves).
-fn age(dp: &mut Dataplane, client: SocketAddrV4, ns: u64) {
+fn age(dp: &mut Dataplane, client: SocketAddr, ns: u64) {
     let key = flow_key(client, addr(VIP));
     let mut fwd = dp.conntrack_entry(&key).expect("a tracked flow to age");
     fwd.created_ns -= ns;
@@ -428,9 +437,9 @@ fn conntrack_miss_reresolves_to_the_same_cohort_and_backend(m: IngressMode) {
     let salt = canary_agent::config::default_salt("web");
     let mut canary_seen = 0;
     for i in 1..=200u32 {
-        let client = SocketAddrV4::new(std::net::Ipv4Addr::from(0x0ac9_0000 + i), 40_000);
+        let client = std::net::SocketAddrV4::new(std::net::Ipv4Addr::from(0x0ac9_0000 + i), 40_000);
         // The cohort the host-side function predicts for this client.
-        let h = sticky_hash(be_addr(*client.ip()), salt);
+        let h = sticky_hash(u32::from_ne_bytes(client.ip().octets()), salt);
         let expected = if is_canary(bucket(h), 300_000) {
             canary_seen += 1;
             addr(CANARY)
@@ -699,7 +708,7 @@ fn the_breaker_trips_on_canary_refusals_and_stops_steering_there_at_once(m: Ingr
     let mut events = dp.take_events().expect("event ring buffer");
     // Default breaker: 3 failures that are >= 50% of the window's attempts.
     for port in 0..3u16 {
-        let client = SocketAddrV4::new("10.201.0.40".parse().unwrap(), 41_000 + port);
+        let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 201, 0, 40)), 41_000 + port);
         let (_, syn) = open(&mut dp, client);
         assert_eq!(
             syn.dst,
@@ -747,7 +756,7 @@ fn the_breaker_trips_on_canary_refusals_and_stops_steering_there_at_once(m: Ingr
 fn stable_failures_and_a_disabled_breaker_do_not_trip(m: IngressMode) {
     let mut dp = dataplane(m, "weight = \"0%\"\ncohort = \"per-connection\"");
     for port in 0..10u16 {
-        let client = SocketAddrV4::new("10.201.0.43".parse().unwrap(), 41_000 + port);
+        let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 201, 0, 43)), 41_000 + port);
         let (_, syn) = open(&mut dp, client);
         run(&mut dp, Dir::Egress, &Tcp::new(syn.dst, client, RST | ACK));
     }
@@ -762,7 +771,7 @@ fn stable_failures_and_a_disabled_breaker_do_not_trip(m: IngressMode) {
         "weight = \"100%\"\ncohort = \"per-connection\"\n[service.breaker]\nenabled = false",
     );
     for port in 0..10u16 {
-        let client = SocketAddrV4::new("10.201.0.44".parse().unwrap(), 41_000 + port);
+        let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 201, 0, 44)), 41_000 + port);
         open(&mut dp, client);
         run(
             &mut dp,
@@ -935,7 +944,7 @@ fn duplicate_syns_are_not_retries_only_a_late_unanswered_one_is(m: IngressMode) 
     // 20 pairs of back-to-back identical SYNs (a copy in the network, a
     // spoofer): far more than the breaker's 3 failures in a row.
     for port in 0..20u16 {
-        let client = SocketAddrV4::new("10.201.1.1".parse().unwrap(), 41_000 + port);
+        let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 201, 1, 1)), 41_000 + port);
         let (_, first) = open(&mut dp, client);
         let (verdict, copy) = open(&mut dp, client);
         assert_eq!(
@@ -1032,7 +1041,11 @@ fn a_bare_ack_on_a_miss_reaches_its_backend_untracked_until_the_backend_answers(
         .expect("tracked once the backend answered");
     assert_eq!(
         (fwd.nat_addr, fwd.cohort, fwd.flags & CT_REOPENED),
-        (be_addr(*addr(CANARY).ip()), COHORT_CANARY, CT_REOPENED),
+        (
+            canary_common::addr::Addr::from(addr(CANARY).ip()),
+            COHORT_CANARY,
+            CT_REOPENED
+        ),
         "{fwd:?}"
     );
     assert!(
@@ -1069,9 +1082,9 @@ fn stray_acks_from_fresh_ports_cannot_evict_tracked_flows(m: IngressMode) {
     const TRACKED: u16 = 100;
     const STRAYS: u32 = 6000;
     let mut dp = dataplane(m, "weight = \"20%\"\ncohort = \"per-connection\"");
-    let tracked: Vec<(SocketAddrV4, SocketAddrV4)> = (0..TRACKED)
+    let tracked: Vec<(SocketAddr, SocketAddr)> = (0..TRACKED)
         .map(|port| {
-            let client = SocketAddrV4::new("10.201.3.1".parse().unwrap(), 30_000 + port);
+            let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 201, 3, 1)), 30_000 + port);
             let (_, syn) = open(&mut dp, client);
             (client, syn.dst)
         })
@@ -1079,8 +1092,8 @@ fn stray_acks_from_fresh_ports_cannot_evict_tracked_flows(m: IngressMode) {
     let before = dp.conntrack_len();
     assert_eq!(before, 2 * usize::from(TRACKED));
     for i in 0..STRAYS {
-        let stray = SocketAddrV4::new(
-            std::net::Ipv4Addr::from(0x0aca_0000 + i / 50_000),
+        let stray = SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::from(0x0aca_0000 + i / 50_000)),
             (10_000 + i % 50_000) as u16,
         );
         let (verdict, _) = run(&mut dp, Dir::Ingress, &Tcp::new(stray, addr(VIP), ACK));
@@ -1113,7 +1126,7 @@ fn stray_acks_from_fresh_ports_cannot_evict_tracked_flows(m: IngressMode) {
 }
 
 /// SYN, SYN-ACK and ACK of `client`'s connection; returns its backend.
-fn handshake(dp: &mut Fixture, client: SocketAddrV4) -> SocketAddrV4 {
+fn handshake(dp: &mut Fixture, client: SocketAddr) -> SocketAddr {
     let (_, syn) = open(dp, client);
     run(dp, Dir::Egress, &Tcp::new(syn.dst, client, SYN | ACK));
     run(dp, Dir::Ingress, &Tcp::new(client, addr(VIP), ACK));
@@ -1245,6 +1258,132 @@ fn an_accepted_rst_ends_the_flow_and_a_new_syn_reuses_its_entry(m: IngressMode) 
     assert_eq!(counter(&dp, Counter::NewFlow), 2);
 }
 
+const VIP6: &str = "[fd00:96::10]:80";
+const STABLE6: &str = "[fd00:1::10]:8080";
+const CANARY6: &str = "[fd00:2::10]:8080";
+
+/// The IPv4 test service beside an IPv6 one on the same port, whose body
+/// gets `extra`.
+fn dual_stack(m: IngressMode, extra: &str) -> Fixture {
+    require_root();
+    let text = format!(
+        "[agent]\ninterfaces = [\"lo\"]\n[[service]]\nname = \"web\"\nvip = \"{VIP}\"\n\
+         stable = [\"{}\"]\ncanary = [\"{CANARY}\"]\n\
+         [[service]]\nname = \"web6\"\nvip = \"{VIP6}\"\nstable = [\"{STABLE6}\"]\n\
+         canary = [\"{CANARY6}\"]\n{extra}\n",
+        STABLE[0]
+    );
+    let services = Config::parse(&text, Path::new("fixture.toml"), &[])
+        .expect("dual-stack fixture config is valid")
+        .services;
+    let mut dp = Dataplane::load(Capacity {
+        conntrack: 4096,
+        ..Capacity::default()
+    })
+    .expect("programs load and pass the verifier");
+    dp.apply(&services, &BTreeSet::new())
+        .expect("fixture services apply");
+    Fixture { dp, mode: m }
+}
+
+fn an_ipv6_connection_is_steered_reverse_natted_and_tracked(m: IngressMode) {
+    let mut dp = dual_stack(m, "weight = \"100%\"\ncohort = \"per-connection\"");
+    let client = addr("[fd00:201::7]:40000");
+    let (verdict, out) = run(&mut dp, Dir::Ingress, &Tcp::new(client, addr(VIP6), SYN));
+    assert_eq!(verdict, V::Forward, "a SYN to the IPv6 VIP is ours");
+    assert_eq!(
+        out.dst,
+        addr(CANARY6),
+        "100 % canary: DNAT to the canary backend"
+    );
+    assert_eq!(out.src, client, "the client address is preserved");
+    assert_checksums(&out, "IPv6 DNAT");
+    let fwd = dp
+        .conntrack_entry(&flow_key(client, addr(VIP6)))
+        .expect("the IPv6 flow is tracked");
+    assert_eq!(fwd.cohort, COHORT_CANARY);
+    for (flags, payload) in [(SYN | ACK, &b""[..]), (ACK | PSH, &b"hello over IPv6"[..])] {
+        let reply = Tcp::new(addr(CANARY6), client, flags).with_payload(payload);
+        let (verdict, out) = run(&mut dp, Dir::Egress, &reply);
+        assert_eq!(verdict, V::Forward);
+        assert_eq!(out.src, addr(VIP6), "reply source must be the IPv6 VIP");
+        assert_eq!(out.dst, client);
+        assert_eq!(out.payload, payload);
+        assert_checksums(&out, "IPv6 reverse NAT");
+    }
+    let (verdict, out) = run(
+        &mut dp,
+        Dir::Ingress,
+        &Tcp::new(client, addr(VIP6), ACK | PSH).with_payload(b"GET /"),
+    );
+    assert_eq!(
+        (verdict, out.dst),
+        (V::Forward, addr(CANARY6)),
+        "the flow stays put"
+    );
+    assert_checksums(&out, "IPv6 DNAT of data");
+    assert_eq!(counter(&dp, Counter::NewFlow), 1);
+}
+
+fn ipv6_extension_headers_are_passed_untouched_and_counted(m: IngressMode) {
+    let mut dp = dual_stack(m, "weight = \"100%\"");
+    let client = addr("[fd00:201::8]:40000");
+    for ext in [
+        canary_tests::packet::EXT_HOP_BY_HOP,
+        canary_tests::packet::EXT_DEST_OPTS,
+        canary_tests::packet::EXT_FRAGMENT,
+    ] {
+        let frame = Tcp::new(client, addr(VIP6), SYN).with_ext(ext, 8).frame();
+        let (verdict, out) = test_run(&mut dp, Dir::Ingress, &frame).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(
+            verdict,
+            V::Ignore,
+            "extension header {ext}: passed to the stack"
+        );
+        assert_eq!(out, frame, "extension header {ext}: untouched");
+    }
+    assert_eq!(counter(&dp, Counter::Ipv6ExtHeader), 3);
+    assert_eq!(dp.conntrack_len(), 0, "nothing tracked");
+}
+
+fn ipv6_rules_match_ipv6_prefixes_and_families_never_meet(m: IngressMode) {
+    let mut dp = dual_stack(
+        m,
+        "weight = \"100%\"\ncohort = \"per-connection\"\nnever_canary = [\"fd00:99::/64\"]",
+    );
+    let excluded = addr("[fd00:99::1234]:40001");
+    let (_, out) = run(&mut dp, Dir::Ingress, &Tcp::new(excluded, addr(VIP6), SYN));
+    assert_eq!(
+        out.dst,
+        addr(STABLE6),
+        "never_canary decides before the weight"
+    );
+    let neighbour = addr("[fd00:98::1]:40001");
+    let (_, out) = run(&mut dp, Dir::Ingress, &Tcp::new(neighbour, addr(VIP6), SYN));
+    assert_eq!(
+        out.dst,
+        addr(CANARY6),
+        "outside the prefix the weight decides"
+    );
+    // An IPv6 packet to the IPv4-mapped spelling of the IPv4 VIP is not
+    // the IPv4 service: keys carry the family.
+    let mapped = addr("[::ffff:10.96.0.10]:80");
+    let frame = Tcp::new(addr("[fd00:201::9]:40002"), mapped, SYN).frame();
+    let (verdict, out) = test_run(&mut dp, Dir::Ingress, &frame).expect("BPF_PROG_TEST_RUN");
+    assert_eq!(
+        (verdict, &out),
+        (V::Ignore, &frame),
+        "no IPv4 service for IPv6 packets"
+    );
+    // And the IPv4 service on the same port still works beside it.
+    let (verdict, out) = open(&mut dp, addr("10.201.0.9:40003"));
+    assert_eq!(
+        (verdict, out.dst),
+        (V::Forward, addr(STABLE[0])),
+        "IPv4 weight is 0"
+    );
+}
+
 /// Each fixture, once per ingress hook.
 macro_rules! in_both_modes {
     ($($name:ident),* $(,)?) => {
@@ -1279,4 +1418,7 @@ in_both_modes!(
     stray_acks_from_fresh_ports_cannot_evict_tracked_flows,
     an_ignored_rst_changes_nothing_even_across_a_weight_change,
     an_accepted_rst_ends_the_flow_and_a_new_syn_reuses_its_entry,
+    an_ipv6_connection_is_steered_reverse_natted_and_tracked,
+    ipv6_extension_headers_are_passed_untouched_and_counted,
+    ipv6_rules_match_ipv6_prefixes_and_families_never_meet,
 );

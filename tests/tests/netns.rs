@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use canary_agent::{config::default_salt, dataplane::be_addr};
+use canary_agent::config::default_salt;
 use canary_common::cohort::{bucket, is_canary, sticky_hash};
 use canary_lab::{AgentProcess, Behavior, Conn, Lab};
 use canary_tests::{
@@ -192,7 +192,12 @@ fn sticky_clients_keep_their_cohort_and_rising_weight_only_adds_canary_clients()
         let predicted: BTreeSet<Ipv4Addr> = clients
             .iter()
             .copied()
-            .filter(|a| is_canary(bucket(sticky_hash(be_addr(*a), salt)), ppm))
+            .filter(|a| {
+                is_canary(
+                    bucket(sticky_hash(u32::from_ne_bytes(a.octets()), salt)),
+                    ppm,
+                )
+            })
             .collect();
         assert_eq!(
             canary, predicted,

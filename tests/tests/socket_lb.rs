@@ -43,6 +43,64 @@ use canary_tests::{
 };
 
 const VIP: &str = "10.96.0.10:80";
+const VIP6: &str = "[fd00::10]:80";
+const V6_BACKEND: &str = "[::1]:18080";
+
+/// A line server on a loopback address inside a namespace, answering
+/// every line with its name; stopped on drop.
+struct LoopbackServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LoopbackServer {
+    fn start(ns: &canary_lab::Netns, addr: &str, name: &'static str) -> LoopbackServer {
+        use std::io::{BufRead as _, Write as _};
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        let listener = ns
+            .spawn(move || std::net::TcpListener::bind(addr))
+            .join()
+            .unwrap()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("listen on {addr}: {e}"));
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                std::thread::spawn(move || {
+                    stream.set_nonblocking(false).unwrap();
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(5)))
+                        .unwrap();
+                    let mut writer = stream.try_clone().unwrap();
+                    for line in std::io::BufReader::new(stream).lines() {
+                        if line.is_err() || writeln!(writer, "{name}").is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        LoopbackServer {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for LoopbackServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
 const Z999: f64 = 3.2905;
 
 /// The agent config: TC on the router's client-facing interface and the
@@ -158,7 +216,12 @@ fn a_local_client_is_steered_once_at_the_socket_and_never_nated_at_tc() {
         &addrs(&lab, &[2]),
         "weight = \"20%\"\ncohort = \"per-connection\"",
     );
-    let agent = AgentProcess::start(lab.router(), &config(&cg, &web), false).expect("agent starts");
+    // An IPv6 service whose backend listens on the client namespace's
+    // loopback: the socket LB needs no route to a VIP.
+    let web6 = service("web6", VIP6, &[V6_BACKEND.to_string()], &[], "");
+    let _v6_backend = LoopbackServer::start(lab.client(), V6_BACKEND, "v6-backend");
+    let agent = AgentProcess::start(lab.router(), &config(&cg, &format!("{web}{web6}")), false)
+        .expect("agent starts");
     assert_eq!(
         programs_at(cg.path(), sys::BPF_CGROUP_INET4_CONNECT).len(),
         1,
@@ -274,6 +337,20 @@ fn a_local_client_is_steered_once_at_the_socket_and_never_nated_at_tc() {
         "v4-mapped connect6/getpeername6: {v6:?}"
     );
 
+    // A real IPv6 VIP, through connect6 and getpeername6.
+    let v6 = run_client(&cg, &client_ns, &["--connect", VIP6, "--count", "10"]);
+    assert!(
+        v6.iter()
+            .all(|r| r.result.as_deref() == Ok("v6-backend") && r.peer == VIP6),
+        "IPv6 VIP steered at the socket: {v6:?}"
+    );
+    let m = scrape(lab.router());
+    assert_eq!(
+        m.sum("canary_connections_total", &[("service", "web6")]),
+        10.0
+    );
+    assert_eq!(event(&m, "sock_steered"), nf + 30.0);
+
     // A client outside the cgroup reaches the same VIP through TC.
     let client_ip = lab.client_addrs()[0];
     let vip = VIP.parse().unwrap();
@@ -290,7 +367,7 @@ fn a_local_client_is_steered_once_at_the_socket_and_never_nated_at_tc() {
     assert!(outside.iter().all(Result::is_ok), "TC path: {outside:?}");
     let m = scrape(lab.router());
     assert_eq!(event(&m, "new_flow"), 10.0, "TC steered the outside client");
-    assert_eq!(event(&m, "sock_steered"), nf + 20.0);
+    assert_eq!(event(&m, "sock_steered"), nf + 30.0);
     assert!(tracked(&agent).0 > 0, "TC tracks its flows");
 
     // (f) Long-lived socket-steered connections stay where they are while

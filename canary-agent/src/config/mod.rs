@@ -29,7 +29,7 @@ pub use agent::{AgentConfig, IngressMode, InterfaceConfig};
 pub use breaker::BreakerConfig;
 pub use plan::{Gate, RolloutConfig, StepConfig};
 use service::validate_services;
-pub use service::{CohortMode, Ipv4Prefix, ServiceConfig, default_salt};
+pub use service::{CohortMode, IpPrefix, ServiceConfig, default_salt};
 
 pub use crate::units::{Weight, WeightError};
 use check::invalid;

@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     str::FromStr,
 };
 
@@ -39,22 +39,23 @@ impl fmt::Display for CohortMode {
     }
 }
 
-/// An IPv4 prefix such as `192.168.10.0/24`, host bits zero.
+/// An IPv4 or IPv6 prefix such as `192.168.10.0/24` or `fd00:1::/64`,
+/// host bits zero.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Ipv4Prefix {
+pub struct IpPrefix {
     /// Network address.
-    pub addr: Ipv4Addr,
-    /// Prefix length, 0..=32.
+    pub addr: IpAddr,
+    /// Prefix length, 0..=32 (IPv4) or 0..=128 (IPv6).
     pub len: u8,
 }
 
-impl fmt::Display for Ipv4Prefix {
+impl fmt::Display for IpPrefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)
     }
 }
 
-impl FromStr for Ipv4Prefix {
+impl FromStr for IpPrefix {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -62,32 +63,33 @@ impl FromStr for Ipv4Prefix {
             Some((a, l)) => (a, Some(l)),
             None => (s, None),
         };
-        let addr: Ipv4Addr = addr.parse().map_err(|_| {
-            if addr.contains(':') {
-                "IPv6 prefixes are not supported yet (IPv4 only)".to_string()
-            } else {
-                "not an IPv4 prefix; write it like \"192.168.10.0/24\"".to_string()
-            }
+        let addr: IpAddr = addr.parse().map_err(|_| {
+            "not an IP prefix; write it like \"192.168.10.0/24\" or \"fd00:1::/64\"".to_string()
         })?;
+        let bits: u8 = if addr.is_ipv4() { 32 } else { 128 };
         let len: u8 = match len {
-            None => 32,
+            None => bits,
             Some(l) => match l.parse() {
-                Ok(l) if l <= 32 => l,
-                _ => return Err("the prefix length must be 0 to 32".to_string()),
+                Ok(l) if l <= bits => l,
+                _ => return Err(format!("the prefix length must be 0 to {bits}")),
             },
         };
-        let mask = if len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(len))
+        let network = match addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+            }
         };
-        let network = Ipv4Addr::from(u32::from(addr) & mask);
         if network != addr {
             return Err(format!(
                 "host bits are set; did you mean \"{network}/{len}\"?"
             ));
         }
-        Ok(Ipv4Prefix { addr, len })
+        Ok(IpPrefix { addr, len })
     }
 }
 
@@ -97,19 +99,19 @@ pub struct ServiceConfig {
     /// Unique name (a metric label later).
     pub name: String,
     /// Where clients connect.
-    pub vip: SocketAddrV4,
-    /// Stable backends, in order.
-    pub stable: Vec<SocketAddrV4>,
-    /// Canary backends, in order.
-    pub canary: Vec<SocketAddrV4>,
+    pub vip: SocketAddr,
+    /// Stable backends, in order (the VIP's family).
+    pub stable: Vec<SocketAddr>,
+    /// Canary backends, in order (the VIP's family).
+    pub canary: Vec<SocketAddr>,
     /// Share of new connections (or clients, in sticky mode) sent to canary.
     pub weight: Weight,
     /// How cohorts are assigned.
     pub cohort: CohortMode,
     /// Sources always sent to canary.
-    pub always_canary: Vec<Ipv4Prefix>,
+    pub always_canary: Vec<IpPrefix>,
     /// Sources never sent to canary.
-    pub never_canary: Vec<Ipv4Prefix>,
+    pub never_canary: Vec<IpPrefix>,
     /// Hash salt: decides which clients fall in the canary share.
     pub salt: u32,
     /// The data plane's own cut-off.
@@ -122,7 +124,7 @@ pub struct ServiceConfig {
 /// VIPs, and the room for source rules.
 pub(super) fn validate_services(raw: Vec<RawService>) -> Result<Vec<ServiceConfig>, ConfigError> {
     let mut names = BTreeSet::new();
-    let mut vips: BTreeMap<SocketAddrV4, String> = BTreeMap::new();
+    let mut vips: BTreeMap<SocketAddr, String> = BTreeMap::new();
     let mut total_rules = 0usize;
     let mut services = Vec::with_capacity(raw.len());
     for (i, raw) in raw.into_iter().enumerate() {
@@ -202,6 +204,21 @@ pub(super) fn validate_service(
             "a service needs at least one stable backend",
         ));
     }
+    let family = |a: &SocketAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
+    for (key, list) in [("stable", &stable), ("canary", &canary)] {
+        if let Some(other) = list.iter().find(|b| b.is_ipv4() != vip.is_ipv4()) {
+            return Err(invalid(
+                s,
+                key,
+                quoted(&other.to_string()),
+                format!(
+                    "an {} backend for an {} VIP; a service's VIP and backends share a family (make a second service for the other family)",
+                    family(other),
+                    family(&vip)
+                ),
+            ));
+        }
+    }
     if let Some(both) = stable.iter().find(|b| canary.contains(b)) {
         return Err(invalid(
             s,
@@ -257,6 +274,23 @@ pub(super) fn validate_service(
             quoted(&always_canary[0].to_string()),
             "no canary backends to send these clients to; add `canary = [...]`",
         ));
+    }
+    for (key, list) in [
+        ("always_canary", &always_canary),
+        ("never_canary", &never_canary),
+    ] {
+        if let Some(p) = list.iter().find(|p| p.addr.is_ipv4() != vip.is_ipv4()) {
+            return Err(invalid(
+                s,
+                key,
+                quoted(&p.to_string()),
+                format!(
+                    "an {} prefix never matches a client of an {} VIP; list prefixes of the VIP's family",
+                    if p.addr.is_ipv4() { "IPv4" } else { "IPv6" },
+                    family(&vip)
+                ),
+            ));
+        }
     }
     if let Some(p) = always_canary.iter().find(|p| never_canary.contains(p)) {
         return Err(invalid(
@@ -318,26 +352,23 @@ pub fn default_salt(name: &str) -> u32 {
     })
 }
 
-fn parse_endpoint(
-    section: &str,
-    key: &'static str,
-    text: &str,
-) -> Result<SocketAddrV4, ConfigError> {
+fn parse_endpoint(section: &str, key: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
     let addr: SocketAddr = text.parse().map_err(|_| {
         invalid(
             section,
             key,
             quoted(text),
-            "not an address:port; write it like \"10.96.0.10:80\"",
+            "not an address:port; write it like \"10.96.0.10:80\" or \"[fd00::10]:80\"",
         )
     })?;
-    let SocketAddr::V4(addr) = addr else {
-        return Err(invalid(
-            section,
-            key,
-            quoted(text),
-            "IPv6 is not supported yet (IPv4 only)",
-        ));
+    // `[::ffff:10.0.0.1]:80` is the IPv4 address: the data plane stores
+    // IPv4 mapped, so the two would be one key.
+    let addr = match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
     };
     if addr.port() == 0 {
         return Err(invalid(
@@ -347,7 +378,8 @@ fn parse_endpoint(
             "port 0 is not a valid service port",
         ));
     }
-    if addr.ip().is_unspecified() || addr.ip().is_broadcast() || addr.ip().is_multicast() {
+    let broadcast = matches!(addr.ip(), IpAddr::V4(v4) if v4.is_broadcast());
+    if addr.ip().is_unspecified() || broadcast || addr.ip().is_multicast() {
         return Err(invalid(
             section,
             key,
@@ -362,7 +394,7 @@ fn parse_backends(
     section: &str,
     key: &'static str,
     list: &[String],
-) -> Result<Vec<SocketAddrV4>, ConfigError> {
+) -> Result<Vec<SocketAddr>, ConfigError> {
     if list.len() > MAX_BACKENDS {
         return Err(invalid(
             section,
@@ -371,7 +403,7 @@ fn parse_backends(
             format!("at most {MAX_BACKENDS} backends per cohort"),
         ));
     }
-    let mut out: Vec<SocketAddrV4> = Vec::with_capacity(list.len());
+    let mut out: Vec<SocketAddr> = Vec::with_capacity(list.len());
     for text in list {
         let addr = parse_endpoint(section, key, text)?;
         if out.contains(&addr) {
@@ -391,10 +423,10 @@ fn parse_prefixes(
     section: &str,
     key: &'static str,
     list: &[String],
-) -> Result<Vec<Ipv4Prefix>, ConfigError> {
-    let mut out: Vec<Ipv4Prefix> = Vec::with_capacity(list.len());
+) -> Result<Vec<IpPrefix>, ConfigError> {
+    let mut out: Vec<IpPrefix> = Vec::with_capacity(list.len());
     for text in list {
-        let p: Ipv4Prefix = text
+        let p: IpPrefix = text
             .parse()
             .map_err(|e: String| invalid(section, key, quoted(text), e))?;
         if out.contains(&p) {
@@ -436,10 +468,21 @@ mod tests {
             ),
             (
                 "never_canary = [\"fd00::/8\"]",
-                "never_canary = \"fd00::/8\": IPv6 prefixes are not supported yet",
+                "never_canary = \"fd00::/8\": an IPv6 prefix never matches a client of an IPv4 VIP",
+            ),
+            (
+                "canary = [\"[fd00::2]:80\"]",
+                "canary = \"[fd00::2]:80\": an IPv6 backend for an IPv4 VIP; a service's VIP and backends share a family",
             ),
         ];
         for (extra, expected) in cases {
+            // A case that sets `canary` replaces the base's list (TOML
+            // refuses a key twice).
+            let base = if extra.starts_with("canary = ") {
+                base.replace("\ncanary = [\"10.0.2.10:8080\"]", "")
+            } else {
+                base.to_string()
+            };
             let msg = error_text(&with_service(&format!("{base}\n{extra}")));
             assert!(
                 msg.contains(expected),
@@ -456,8 +499,12 @@ mod tests {
                 "vip = \"10.96.0.10\": not an address:port; write it like \"10.96.0.10:80\"",
             ),
             (
-                "vip = \"[::1]:80\"\nstable = [\"10.0.1.10:8080\"]",
-                "vip = \"[::1]:80\": IPv6 is not supported yet",
+                "vip = \"[fd00::10]:80\"\nstable = [\"10.0.1.10:8080\"]",
+                "stable = \"10.0.1.10:8080\": an IPv4 backend for an IPv6 VIP",
+            ),
+            (
+                "vip = \"[fd00::10]:80\"\nstable = [\"[fd00::1]:8080\"]\nalways_canary = [\"fd00:1::1/64\"]\ncanary = [\"[fd00::2]:8080\"]",
+                "always_canary = \"fd00:1::1/64\": host bits are set; did you mean \"fd00:1::/64\"?",
             ),
             (
                 "vip = \"10.96.0.10:0\"\nstable = [\"10.0.1.10:8080\"]",

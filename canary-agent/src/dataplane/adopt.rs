@@ -5,13 +5,14 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
 };
 
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, lpm_trie::Key};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key};
 use canary_common::{
     breaker::BreakerState,
     flow::{CtEntry, FlowKey},
+    layout::v1,
     names,
     service::{Backend, Cohort, ServiceKey, ServiceValue},
     stats::{BackendCounters, CohortHistograms, HandshakeTimeouts},
@@ -70,11 +71,7 @@ impl Dataplane {
             // (names have no ':'), so the apply removes it.
             let name = match by_key.get(&key) {
                 Some(name) => (*name).to_string(),
-                None => format!(
-                    "{}:{}",
-                    Ipv4Addr::from(key.vip.to_ne_bytes()),
-                    u16::from_be(key.port)
-                ),
+                None => SocketAddr::new(IpAddr::from(key.vip), u16::from_be(key.port)).to_string(),
             };
             for (cohort, list, n) in [
                 (Cohort::Stable, &value.stable, value.n_stable),
@@ -132,6 +129,21 @@ impl Dataplane {
         };
         for &name in &self.migrating.clone() {
             let path = pins.map_path(name);
+            if self.converting.contains(&name) {
+                let converted = self.convert(name, &path, 0).map_err(|source| {
+                    map_error(
+                        name,
+                        "convert the entries of the pinned map into the new layout".to_string(),
+                        source,
+                    )
+                })?;
+                info!(
+                    map = name,
+                    entries = converted,
+                    "converted the pinned map's entries into the new layout"
+                );
+                continue;
+            }
             let copied = match name {
                 names::CONNTRACK => {
                     let old: HashMap<MapData, FlowKey, CtEntry> = pins::open_pinned(&path, name)?;
@@ -210,9 +222,51 @@ impl Dataplane {
             return Ok(0);
         }
         let path = pins.map_path(names::CONNTRACK);
+        if self.converting.contains(&names::CONNTRACK) {
+            return self
+                .convert(names::CONNTRACK, &path, BPF_NOEXIST)
+                .map_err(|source| {
+                    map_error(names::CONNTRACK, "convert late entries".to_string(), source)
+                });
+        }
         let old: HashMap<MapData, FlowKey, CtEntry> = pins::open_pinned(&path, names::CONNTRACK)?;
         copy_hash(&old, &mut self.conntrack, BPF_NOEXIST)
             .map_err(|source| map_error(names::CONNTRACK, "copy late entries".to_string(), source))
+    }
+
+    /// Converts the entries of `name`, pinned at `path` in an older layout
+    /// (see `layout::CONVERTIBLE`), into this build's map, with update
+    /// `flags`. Returns how many were written.
+    fn convert(
+        &mut self,
+        name: &'static str,
+        path: &std::path::Path,
+        flags: u64,
+    ) -> Result<usize, MapError> {
+        let data = MapData::from_pin(path)?;
+        let map = aya::maps::Map::from_map_data(data)?;
+        match name {
+            names::CONNTRACK => {
+                let old: HashMap<MapData, v1::FlowKey, v1::CtEntry> = map.try_into()?;
+                convert_hash(&old, &mut self.conntrack, flags)
+            }
+            names::SERVICES => {
+                let old: HashMap<MapData, v1::ServiceKey, v1::ServiceValue> = map.try_into()?;
+                convert_hash(&old, &mut self.services, flags)
+            }
+            names::RULES => {
+                let old: LpmTrie<MapData, v1::RuleKey, u32> = map.try_into()?;
+                let mut converted = 0;
+                for entry in &old {
+                    let Ok((key, action)) = entry else { continue };
+                    let (len, data) = v1::rule(key.prefix_len(), key.data());
+                    self.rules.insert(&Key::new(len, data), action, flags)?;
+                    converted += 1;
+                }
+                Ok(converted)
+            }
+            _ => Ok(0),
+        }
     }
 
     /// Once the new programs run on every link: a last catch-up copy, then
@@ -229,6 +283,7 @@ impl Dataplane {
         let Some(pins) = self.pins.clone() else {
             return Ok(());
         };
+        self.converting.clear();
         for name in std::mem::take(&mut self.migrating) {
             std::fs::rename(pins.staged_map_path(name), pins.map_path(name)).map_err(|source| {
                 DataplaneError::Bpffs {
@@ -238,8 +293,34 @@ impl Dataplane {
                 }
             })?;
         }
-        Ok(())
+        super::record_layout(&mut self.layout, |_| true)
     }
+}
+
+/// Converts every entry of `from` (an older layout) into `to` with update
+/// `flags`; an entry that exists already is skipped under `BPF_NOEXIST`.
+/// Returns how many were written.
+fn convert_hash<K, V, K2, V2>(
+    from: &HashMap<MapData, K, V>,
+    to: &mut HashMap<MapData, K2, V2>,
+    flags: u64,
+) -> Result<usize, MapError>
+where
+    K: aya::Pod,
+    V: aya::Pod,
+    K2: aya::Pod + From<K>,
+    V2: aya::Pod + From<V>,
+{
+    let mut converted = 0;
+    for entry in from {
+        let Ok((key, value)) = entry else { continue };
+        match to.insert(K2::from(key), V2::from(value), flags) {
+            Ok(()) => converted += 1,
+            Err(_) if flags == BPF_NOEXIST => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(converted)
 }
 
 /// Runs `copy` for the array indices below `n`; returns how many were
@@ -275,6 +356,6 @@ fn copy_hash<K: aya::Pod, V: aya::Pod>(
     Ok(copied)
 }
 
-fn backend_addr(b: &Backend) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(b.addr.to_ne_bytes()), u16::from_be(b.port))
+fn backend_addr(b: &Backend) -> SocketAddr {
+    SocketAddr::new(IpAddr::from(b.addr), u16::from_be(b.port))
 }

@@ -67,6 +67,13 @@ impl Dataplane {
         services: &[ServiceConfig],
         canary_off: &BTreeSet<String>,
     ) -> Result<ApplyReport, DataplaneError> {
+        if !self.ipv6_nat
+            && let Some(svc) = services.iter().find(|s| s.vip.is_ipv6())
+        {
+            return Err(DataplaneError::Ipv6Unsupported {
+                service: svc.name.clone(),
+            });
+        }
         let mut report = ApplyReport::default();
         let slots = self.assign_slots(services)?;
         let mut wanted: BTreeMap<String, Installed> = BTreeMap::new();

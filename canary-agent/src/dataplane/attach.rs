@@ -149,7 +149,10 @@ impl Dataplane {
                 let link = prog.take_link(id).map_err(attach_failed)?;
                 FdLink::try_from(link).map_err(|e| link_failed("take the new link", e.into()))?
             }
-            Program::TcIngress | Program::TcEgress | Program::BenchTcEmpty => {
+            Program::TcIngress
+            | Program::TcEgress
+            | Program::BenchTcEmpty
+            | Program::ProbeIpv6Csum => {
                 let direction = if program == Program::TcEgress {
                     TcAttachType::Egress
                 } else {
@@ -206,7 +209,7 @@ impl Dataplane {
         let (link_type, attach_type) = match program {
             Program::XdpIngress | Program::BenchXdpEmpty => (sys::BPF_LINK_TYPE_XDP, 0),
             Program::TcEgress => (sys::BPF_LINK_TYPE_TCX, sys::BPF_TCX_EGRESS),
-            Program::TcIngress | Program::BenchTcEmpty => {
+            Program::TcIngress | Program::BenchTcEmpty | Program::ProbeIpv6Csum => {
                 (sys::BPF_LINK_TYPE_TCX, sys::BPF_TCX_INGRESS)
             }
         };
@@ -243,7 +246,10 @@ impl Dataplane {
                 let link = prog.take_link(id).map_err(|e| update_failed(e.into()))?;
                 FdLink::try_from(link).map_err(|e| update_failed(e.into()))?
             }
-            Program::TcIngress | Program::TcEgress | Program::BenchTcEmpty => {
+            Program::TcIngress
+            | Program::TcEgress
+            | Program::BenchTcEmpty
+            | Program::ProbeIpv6Csum => {
                 let prog = classifier(&mut self.ebpf, program.name())?;
                 let link =
                     SchedClassifierLink::try_from(link).map_err(|e| update_failed(e.into()))?;

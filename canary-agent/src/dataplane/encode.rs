@@ -5,16 +5,18 @@
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
 };
 
 use aya::maps::lpm_trie::Key;
 use canary_common::{
     IPPROTO_TCP,
+    addr::Addr,
     flow::FlowKey,
     service::{
         Backend, Cohort, FLAG_CANARY_OFF, MAX_BACKENDS, MODE_PER_CONNECTION, MODE_STICKY,
         RULE_ALWAYS_CANARY, RULE_NEVER_CANARY, RULE_SET_BITS, RuleKey, ServiceKey, ServiceValue,
+        V4_MAPPED_BITS,
     },
 };
 
@@ -33,12 +35,13 @@ pub fn decode_breaker_event(record: &[u8]) -> Option<canary_common::breaker::Bre
 }
 
 /// The `SERVICES` key of a VIP.
-pub fn service_key(vip: SocketAddrV4) -> ServiceKey {
+pub fn service_key(vip: SocketAddr) -> ServiceKey {
+    let vip_addr = Addr::from(vip.ip());
     ServiceKey {
-        vip: be_addr(*vip.ip()),
+        vip: vip_addr,
         port: vip.port().to_be(),
         proto: IPPROTO_TCP,
-        _pad: 0,
+        family: vip_addr.family(),
     }
 }
 
@@ -48,7 +51,7 @@ pub fn service_value(
     svc_id: u32,
     rule_set: u32,
     canary_off: bool,
-    slot_of: impl Fn(Cohort, SocketAddrV4) -> u32,
+    slot_of: impl Fn(Cohort, SocketAddr) -> u32,
 ) -> ServiceValue {
     let b = &svc.breaker;
     let mut value = ServiceValue {
@@ -81,61 +84,65 @@ pub fn service_value(
     value
 }
 
-pub(super) fn backend(addr: SocketAddrV4, stats_slot: u32) -> Backend {
+pub(super) fn backend(addr: SocketAddr, stats_slot: u32) -> Backend {
     Backend {
-        addr: be_addr(*addr.ip()),
+        addr: Addr::from(addr.ip()),
         port: addr.port().to_be(),
         _pad: 0,
         stats_slot,
     }
 }
 
-/// An address as the data plane reads it from a packet (network order).
-pub fn be_addr(addr: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(addr.octets())
-}
-
-/// The conntrack key of a TCP packet from `src` to `dst`.
-pub fn flow_key(src: SocketAddrV4, dst: SocketAddrV4) -> FlowKey {
+/// The conntrack key of a TCP packet from `src` to `dst` (one family).
+pub fn flow_key(src: impl Into<SocketAddr>, dst: impl Into<SocketAddr>) -> FlowKey {
+    let (src, dst) = (src.into(), dst.into());
+    let src_addr = Addr::from(src.ip());
     FlowKey {
-        src_addr: be_addr(*src.ip()),
-        dst_addr: be_addr(*dst.ip()),
+        src_addr,
+        dst_addr: Addr::from(dst.ip()),
         src_port: src.port().to_be(),
         dst_port: dst.port().to_be(),
         proto: IPPROTO_TCP,
-        _pad: [0; 3],
+        family: src_addr.family(),
+        _pad: 0,
     }
 }
 
-/// (prefix length, network-order address, action) of a service's rules.
-pub(super) fn rule_list(svc: &ServiceConfig) -> Vec<(u8, u32, u32)> {
+/// (trie prefix length of the address, address, action) of a service's
+/// rules. An IPv4 /n is a /96+n of the mapped address.
+pub(super) fn rule_list(svc: &ServiceConfig) -> Vec<(u32, Addr, u32)> {
+    let entry = |p: &crate::config::IpPrefix, action| {
+        let len = u32::from(p.len);
+        let len = match p.addr {
+            IpAddr::V4(_) => V4_MAPPED_BITS + len,
+            IpAddr::V6(_) => len,
+        };
+        (len, Addr::from(p.addr), action)
+    };
     let always = svc
         .always_canary
         .iter()
-        .map(|p| (p.len, be_addr(p.addr), RULE_ALWAYS_CANARY));
-    let never = svc
-        .never_canary
-        .iter()
-        .map(|p| (p.len, be_addr(p.addr), RULE_NEVER_CANARY));
+        .map(|p| entry(p, RULE_ALWAYS_CANARY));
+    let never = svc.never_canary.iter().map(|p| entry(p, RULE_NEVER_CANARY));
     always.chain(never).collect()
 }
 
-pub(super) fn same_rules(installed: &[(Key<RuleKey>, u32)], wanted: &[(u8, u32, u32)]) -> bool {
+pub(super) fn same_rules(installed: &[(Key<RuleKey>, u32)], wanted: &[(u32, Addr, u32)]) -> bool {
     // Order-insensitive: rules read back from the kernel come in trie order.
-    let have: BTreeSet<(u32, u32, u32)> = installed
+    let have: BTreeSet<(u32, Addr, u32)> = installed
         .iter()
         .map(|(key, action)| (key.prefix_len(), key.data().addr, *action))
         .collect();
-    let want: BTreeSet<(u32, u32, u32)> = wanted
+    let want: BTreeSet<(u32, Addr, u32)> = wanted
         .iter()
-        .map(|(len, addr, action)| (RULE_SET_BITS + u32::from(*len), *addr, *action))
+        .map(|(len, addr, action)| (RULE_SET_BITS + *len, *addr, *action))
         .collect();
     installed.len() == wanted.len() && have == want
 }
 
-pub(super) fn rule_key(rule_set: u32, prefix_len: u8, addr: u32) -> Key<RuleKey> {
+pub(super) fn rule_key(rule_set: u32, prefix_len: u32, addr: Addr) -> Key<RuleKey> {
     Key::new(
-        RULE_SET_BITS + u32::from(prefix_len),
+        RULE_SET_BITS + prefix_len,
         RuleKey {
             rule_set_be: rule_set.to_be(),
             addr,

@@ -18,7 +18,7 @@ mod sweep;
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap, VecDeque},
-    net::SocketAddrV4,
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
 };
@@ -42,7 +42,7 @@ pub use self::{
     adopt::Adopted,
     apply::ApplyReport,
     cgroup::SockProgram,
-    encode::{be_addr, decode_breaker_event, flow_key, service_key, service_value},
+    encode::{decode_breaker_event, flow_key, service_key, service_value},
 };
 use self::{
     apply::Installed,
@@ -132,6 +132,11 @@ pub enum DataplaneError {
     /// The embedded object could not be parsed.
     #[error("cannot parse the embedded eBPF object: {0}")]
     Object(String),
+    /// An IPv6 service on a kernel whose checksum helper cannot NAT IPv6.
+    #[error(
+        "service {service:?} has an IPv6 VIP, but this kernel's bpf_l4_csum_replace does not take BPF_F_IPV6 (Linux 6.16 or later): IPv6 cannot be NATed at TC here; upgrade the kernel or remove the service"
+    )]
+    Ipv6Unsupported { service: String },
     /// A pinned map that this agent cannot use or migrate.
     #[error(
         "pinned map {map} in {dir} cannot be adopted: {reason}; `canary-agent uninstall --bpffs-dir {dir}` removes the old data plane (its connections through the VIPs break) so the agent can start fresh",
@@ -251,6 +256,9 @@ pub enum Program {
     XdpIngress,
     /// Backend → client at TC egress of the same interface.
     TcEgress,
+    /// Kernel probe for the IPv6 checksum flag (test-run once, never
+    /// attached).
+    ProbeIpv6Csum,
     /// Empty TC program, the benchmark's baseline (loaded on request).
     BenchTcEmpty,
     /// Empty XDP program, the benchmark's baseline (loaded on request).
@@ -259,7 +267,12 @@ pub enum Program {
 
 impl Program {
     /// What the agent loads.
-    const DATAPLANE: [Program; 3] = [Program::TcIngress, Program::XdpIngress, Program::TcEgress];
+    const DATAPLANE: [Program; 4] = [
+        Program::TcIngress,
+        Program::XdpIngress,
+        Program::TcEgress,
+        Program::ProbeIpv6Csum,
+    ];
 
     /// The program's name in the object.
     pub fn name(self) -> &'static str {
@@ -267,6 +280,7 @@ impl Program {
             Program::TcIngress => names::PROG_TC_INGRESS,
             Program::XdpIngress => names::PROG_XDP_INGRESS,
             Program::TcEgress => names::PROG_TC_EGRESS,
+            Program::ProbeIpv6Csum => names::PROG_PROBE_IPV6_CSUM,
             Program::BenchTcEmpty => names::PROG_BENCH_TC_EMPTY,
             Program::BenchXdpEmpty => names::PROG_BENCH_XDP_EMPTY,
         }
@@ -290,6 +304,7 @@ impl Program {
             Program::TcIngress => "tc_ingress",
             Program::XdpIngress => "xdp",
             Program::TcEgress => "tc_egress",
+            Program::ProbeIpv6Csum => "probe_ipv6_csum",
             Program::BenchTcEmpty => "bench_tc",
             Program::BenchXdpEmpty => "bench_xdp",
         }
@@ -300,7 +315,7 @@ impl Program {
             Program::TcIngress => "TC ingress",
             Program::XdpIngress | Program::BenchXdpEmpty => "XDP",
             Program::TcEgress => "TC egress",
-            Program::BenchTcEmpty => "TC",
+            Program::BenchTcEmpty | Program::ProbeIpv6Csum => "TC",
         }
     }
 }
@@ -308,7 +323,7 @@ impl Program {
 /// Whose counters a stats slot holds: a backend of one cohort of one
 /// service (the same address in both cohorts, or in two services, gets two
 /// slots).
-type SlotKey = (String, Cohort, SocketAddrV4);
+type SlotKey = (String, Cohort, SocketAddr);
 
 /// The loaded programs and their maps.
 pub struct Dataplane {
@@ -356,6 +371,15 @@ pub struct Dataplane {
     /// Maps created to replace a pin of another capacity: their pins are
     /// replaced once the new programs run (see [`Dataplane::finish_migration`]).
     migrating: Vec<&'static str>,
+    /// The maps of `migrating` whose entries are converted from an older
+    /// layout rather than copied.
+    converting: Vec<&'static str>,
+    /// The layout versions of the pinned maps; the versions of migrating
+    /// maps are written once their pins are replaced.
+    layout: Array<MapData, u32>,
+    /// Whether the kernel's checksum helper takes `BPF_F_IPV6` (probed at
+    /// load): without it IPv6 services cannot be rewritten at TC.
+    ipv6_nat: bool,
     /// Whether this agent created the pinned data plane (nothing was
     /// pinned before): a failed start then removes it again.
     fresh: bool,
@@ -406,6 +430,7 @@ impl Dataplane {
             loader.map_max_entries(name, entries);
         }
         let mut migrating = Vec::new();
+        let mut converting = Vec::new();
         if let Some((pins, plan)) = &pinned {
             for (&name, &action) in plan {
                 match action {
@@ -415,6 +440,10 @@ impl Dataplane {
                         loader.map_pin_path(name, pins.map_path(name));
                     }
                     MapAction::Migrate | MapAction::Recreate => migrating.push(name),
+                    MapAction::Convert => {
+                        migrating.push(name);
+                        converting.push(name);
+                    }
                 }
             }
         }
@@ -440,15 +469,9 @@ impl Dataplane {
             load_program(&mut ebpf, program)?;
         }
         let mut layout_map: Array<MapData, u32> = take_map(&mut ebpf, names::LAYOUT)?;
-        for (index, map) in (0u32..).zip(layout::MAPS) {
-            layout_map.set(index, map.version, 0).map_err(|source| {
-                map_error(
-                    names::LAYOUT,
-                    "record the layout versions".to_string(),
-                    source,
-                )
-            })?;
-        }
+        // A migrating map's pin keeps the old layout until it is replaced:
+        // recorded then, so a crash in between leaves a true record.
+        record_layout(&mut layout_map, |name| !migrating.contains(&name))?;
         let stats = StatsSource {
             stats: take_map(&mut ebpf, names::STATS)?,
             histograms: take_map(&mut ebpf, names::HISTOGRAMS)?,
@@ -487,8 +510,12 @@ impl Dataplane {
                 .is_some_and(|(_, plan)| plan.values().all(|a| *a == MapAction::Create)),
             pins: pinned.map(|(pins, _)| pins),
             migrating,
+            converting,
+            layout: layout_map,
+            ipv6_nat: false,
         };
         dp.copy_migrating()?;
+        dp.ipv6_nat = dp.probe_ipv6_csum()?;
         Ok(dp)
     }
 
@@ -608,6 +635,47 @@ fn load_program(ebpf: &mut Ebpf, program: Program) -> Result<(), DataplaneError>
 
 fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
     typed_program(ebpf, name, "is not an XDP program")
+}
+
+impl Dataplane {
+    /// Runs the `BPF_F_IPV6` probe program once on an Ethernet/IPv6/TCP
+    /// frame: whether the kernel accepted the flag.
+    fn probe_ipv6_csum(&mut self) -> Result<bool, DataplaneError> {
+        let mut frame = vec![0u8; 14 + 40 + 20];
+        frame[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+        frame[14] = 0x60;
+        frame[14 + 5] = 20; // payload length
+        frame[14 + 6] = canary_common::IPPROTO_TCP;
+        frame[14 + 40 + 12] = 0x50;
+        let (verdict, _) = self.test_run(Program::ProbeIpv6Csum, &frame)?;
+        Ok(verdict == 0)
+    }
+
+    /// Whether IPv6 services can be steered here (see `ipv6_nat`).
+    pub fn supports_ipv6(&self) -> bool {
+        self.ipv6_nat
+    }
+}
+
+/// Writes this build's layout version of every map `which` selects into
+/// `LAYOUT`.
+fn record_layout(
+    layout_map: &mut Array<MapData, u32>,
+    which: impl Fn(&'static str) -> bool,
+) -> Result<(), DataplaneError> {
+    for (index, map) in (0u32..).zip(layout::MAPS) {
+        if !which(map.name) {
+            continue;
+        }
+        layout_map.set(index, map.version, 0).map_err(|source| {
+            map_error(
+                names::LAYOUT,
+                "record the layout versions".to_string(),
+                source,
+            )
+        })?;
+    }
+    Ok(())
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>

@@ -41,6 +41,10 @@ pub enum MapAction {
     /// create a new, empty map and replace the pin once the new programs
     /// run.
     Recreate,
+    /// A pin in an older layout version this agent converts from (see
+    /// `layout::CONVERTIBLE`): create a new map, convert every entry, and
+    /// replace the pin once the new programs run.
+    Convert,
 }
 
 /// The maps whose capacity is a config knob (or, for `COUNTERS`, grows
@@ -219,6 +223,20 @@ impl Pins {
                 incompatible(format!("cannot read the pin {}: {e}", path.display()))
             })?;
             let want_entries = capacity.get(name).copied().unwrap_or(def.max_entries());
+            let found_version = recorded.as_deref().and_then(|r| r.get(index).copied());
+            if let (Some(version), Some(found)) = (version, found_version)
+                && found != version
+                && layout::CONVERTIBLE.contains(&(name, found))
+            {
+                info!(
+                    map = name,
+                    from = found,
+                    to = version,
+                    "pinned map has an older layout; its entries will be converted"
+                );
+                plan.insert(name, MapAction::Convert);
+                continue;
+            }
             let difference = layout_difference(
                 def,
                 &info,

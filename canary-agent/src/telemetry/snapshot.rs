@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap},
-    net::SocketAddrV4,
+    net::SocketAddr,
 };
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
@@ -22,7 +22,7 @@ pub struct BackendView {
     /// Which cohort's list the backend is in.
     pub cohort: Cohort,
     /// The backend's address, the `backend` label.
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     /// Its `STATS` slot.
     pub slot: u32,
 }
@@ -177,7 +177,7 @@ pub struct BackendSnapshot {
     /// Which cohort's list the backend is in.
     pub cohort: Cohort,
     /// The backend.
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     /// Kernel counters summed over CPUs.
     pub counters: BackendCounters,
     /// Handshakes that never completed within the timeout.

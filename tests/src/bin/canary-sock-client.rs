@@ -8,8 +8,8 @@
 //! ```
 //!
 //! It enters the network namespace `NAME`, then opens `N` connections to
-//! `IP:PORT` (through an IPv6 socket to the v4-mapped address with
-//! `--v6`), each from `--bind IP` if given, and on each writes `hello\n`
+//! `IP:PORT` (IPv4 or `[IPv6]:PORT`; an IPv4 one through an IPv6 socket to
+//! the v4-mapped address with `--v6`), each from `--bind IP` if given, and on each writes `hello\n`
 //! and reads one reply line (the lab backends answer with their name).
 //! One line per connection on stdout: `ok PEER REPLY` (PEER is what
 //! `getpeername()` says) or `err KIND PEER`. Without `--hold` each
@@ -49,11 +49,7 @@ fn parse() -> Result<Args, String> {
         match arg.as_str() {
             "--netns" => netns = Some(value()?),
             "--connect" => {
-                connect = Some(
-                    value()?
-                        .parse::<std::net::SocketAddrV4>()
-                        .map_err(|e| e.to_string())?,
-                );
+                connect = Some(value()?.parse::<SocketAddr>().map_err(|e| e.to_string())?);
             }
             "--bind" => bind = Some(value()?.parse::<Ipv4Addr>().map_err(|e| e.to_string())?),
             "--count" => count = value()?.parse().map_err(|e| format!("--count: {e}"))?,
@@ -66,13 +62,12 @@ fn parse() -> Result<Args, String> {
         }
     }
     let connect = connect.ok_or("--connect is required")?;
-    let (connect, bind) = if v6 {
-        (
-            SocketAddr::new(IpAddr::V6(connect.ip().to_ipv6_mapped()), connect.port()),
+    let (connect, bind) = match connect {
+        SocketAddr::V4(c) if v6 => (
+            SocketAddr::new(IpAddr::V6(c.ip().to_ipv6_mapped()), c.port()),
             bind.map(|b| IpAddr::V6(b.to_ipv6_mapped())),
-        )
-    } else {
-        (SocketAddr::V4(connect), bind.map(IpAddr::V4))
+        ),
+        c => (c, bind.map(IpAddr::V4)),
     };
     Ok(Args {
         netns: netns.ok_or("--netns is required")?,
