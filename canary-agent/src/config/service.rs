@@ -275,7 +275,10 @@ pub(super) fn validate_service(
             "no canary backends to send these clients to; add `canary = [...]`",
         ));
     }
-    for (key, list) in [("always_canary", &always_canary), ("never_canary", &never_canary)] {
+    for (key, list) in [
+        ("always_canary", &always_canary),
+        ("never_canary", &never_canary),
+    ] {
         if let Some(p) = list.iter().find(|p| p.addr.is_ipv4() != vip.is_ipv4()) {
             return Err(invalid(
                 s,
@@ -349,11 +352,7 @@ pub fn default_salt(name: &str) -> u32 {
     })
 }
 
-fn parse_endpoint(
-    section: &str,
-    key: &'static str,
-    text: &str,
-) -> Result<SocketAddr, ConfigError> {
+fn parse_endpoint(section: &str, key: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
     let addr: SocketAddr = text.parse().map_err(|_| {
         invalid(
             section,
