@@ -14,7 +14,7 @@
 //! Addresses are [`Addr`]s (16 bytes, IPv4 mapped) and families the
 //! [`crate::addr`] family numbers, as in every other map.
 
-use crate::addr::Addr;
+use crate::{addr::Addr, flow::SYN_RETRY_MIN_NS};
 
 /// `SOCK_TAGS` value (socket storage): what a steered socket is, written
 /// once by `connect4/6` and then only changed in `state`.
@@ -79,10 +79,11 @@ pub enum SockEnd {
     /// It never reached `SYN_SENT` (a local error in `connect()`): it was
     /// never counted as a connection, so its end is not counted either.
     Uncounted,
-    /// It left `SYN_SENT` with neither a SYN-ACK nor a RST: the kernel gave
-    /// up after its SYN retries, an ICMP error ended it, or the application
-    /// stopped waiting. A handshake timeout, as the agent's sweep counts
-    /// one on the packet path (`TIMEOUTS`, not `closed`).
+    /// It left `SYN_SENT` with neither a SYN-ACK nor a RST, after at least
+    /// [`SYN_RETRY_MIN_NS`]: the kernel gave up after its SYN retries, an
+    /// ICMP error ended it, or the application stopped waiting. A
+    /// handshake timeout, as the agent's sweep counts one on the packet
+    /// path (`TIMEOUTS`, not `closed`).
     TimedOut,
     /// A close (`closed`), with a duration sample if it was established
     /// (a refused connection never opened).
@@ -92,14 +93,21 @@ pub enum SockEnd {
     },
 }
 
-/// How a socket whose tag holds `state` ends.
+/// How a socket whose tag holds `state` ends, `since_connect_ns` after
+/// its `connect()`.
+///
+/// A connect abandoned sooner than [`SYN_RETRY_MIN_NS`] without an answer
+/// (the loser of a Happy Eyeballs race, a client that gave up at once) is
+/// closed, not timed out: no retransmission timer could have fired yet,
+/// so the backend was never judged. Timeouts can be undercounted, never
+/// invented, as on the packet path.
 #[inline(always)]
-pub const fn sock_end(state: u64) -> SockEnd {
+pub const fn sock_end(state: u64, since_connect_ns: u64) -> SockEnd {
     if state & SK_OPENED == 0 {
         SockEnd::Uncounted
     } else if state & SK_ESTABLISHED != 0 {
         SockEnd::Closed { duration: true }
-    } else if state & SK_RST_FROM_BACKEND != 0 {
+    } else if state & SK_RST_FROM_BACKEND != 0 || since_connect_ns < SYN_RETRY_MIN_NS {
         SockEnd::Closed { duration: false }
     } else {
         SockEnd::TimedOut
@@ -162,22 +170,33 @@ mod tests {
 
     #[test]
     fn a_socket_ends_as_its_state_says() {
-        assert_eq!(sock_end(0), SockEnd::Uncounted);
-        assert_eq!(sock_end(SK_FAILED), SockEnd::Uncounted);
+        let s = 1_000_000_000;
+        assert_eq!(sock_end(0, s), SockEnd::Uncounted);
+        assert_eq!(sock_end(SK_FAILED, s), SockEnd::Uncounted);
         assert_eq!(
-            sock_end(SK_OPENED | SK_ESTABLISHED | SK_RST_FROM_BACKEND),
+            sock_end(SK_OPENED | SK_ESTABLISHED | SK_RST_FROM_BACKEND, s),
             SockEnd::Closed { duration: true },
             "reset after the handshake: a close with a duration"
         );
         assert_eq!(
-            sock_end(SK_OPENED | SK_RST_FROM_BACKEND | SK_FAILED),
+            sock_end(SK_OPENED | SK_RST_FROM_BACKEND | SK_FAILED, s),
             SockEnd::Closed { duration: false },
             "refused: closed, never opened"
         );
         assert_eq!(
-            sock_end(SK_OPENED | SK_SYN_RETRIED | SK_FAILED),
+            sock_end(SK_OPENED | SK_SYN_RETRIED | SK_FAILED, s),
             SockEnd::TimedOut,
             "no answer at all: a timeout"
+        );
+        assert_eq!(
+            sock_end(SK_OPENED, SYN_RETRY_MIN_NS),
+            SockEnd::TimedOut,
+            "abandoned after the floor of a retry"
+        );
+        assert_eq!(
+            sock_end(SK_OPENED, SYN_RETRY_MIN_NS - 1),
+            SockEnd::Closed { duration: false },
+            "abandoned at once (a Happy Eyeballs loser): closed, no failure"
         );
     }
 }

@@ -444,7 +444,7 @@ pub fn state(ctx: &BtfTracePointContext) {
             if before & SK_CLOSED != 0 {
                 return;
             }
-            match sock_end(before) {
+            match sock_end(before, now().saturating_sub(tag.connect_ns)) {
                 SockEnd::Uncounted => {}
                 SockEnd::TimedOut => {
                     let first = t.first(SK_FAILED);

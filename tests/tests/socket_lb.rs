@@ -519,6 +519,20 @@ fn a_sticky_namespace_stays_in_its_cohort_and_rules_need_a_known_source() {
         10.0,
         "unknown sources counted"
     );
+
+    // A second socket LB at the same cgroup is warned about.
+    let second = AgentProcess::start(
+        lab.router(),
+        &config(&cg, &services).replace("[agent]", "[agent]\nmetrics_addr = \"127.0.0.1:9478\""),
+        false,
+    )
+    .expect("a second agent starts");
+    assert_eq!(
+        second.count("other programs run at this cgroup's connect hook"),
+        2,
+        "one warning per connect hook (4 and 6); log:\n{}",
+        second.log().join("\n")
+    );
 }
 
 /// (e) Failures of socket-steered connections land in the canary cohort
