@@ -262,10 +262,20 @@ pub mod v1 {
                 breaker_window_ms: v.breaker_window_ms,
                 breaker_min_failures: v.breaker_min_failures,
                 breaker_ratio_permille: v.breaker_ratio_permille,
-                stable: v.stable.map(service::Backend::from),
-                canary: v.canary.map(service::Backend::from),
+                stable: used(&v.stable, v.n_stable),
+                canary: used(&v.canary, v.n_canary),
             }
         }
+    }
+
+    /// The first `n` backends converted, the unused rest zero as the agent
+    /// writes it (a mapped 0.0.0.0 would differ from what it writes).
+    fn used(list: &[Backend; MAX_BACKENDS], n: u8) -> [service::Backend; MAX_BACKENDS] {
+        let mut out = [service::Backend::default(); MAX_BACKENDS];
+        for (to, from) in out.iter_mut().zip(list).take(usize::from(n)) {
+            *to = service::Backend::from(*from);
+        }
+        out
     }
 
     /// A version-1 rule (trie prefix length and key) in the current layout:

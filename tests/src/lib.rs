@@ -28,6 +28,15 @@ pub mod scenarios;
 /// A lab with `backends` (name, behaviour) and `clients` client addresses;
 /// fails the test unless it runs as root.
 pub fn lab(backends: &[(&str, canary_lab::Behavior)], clients: u32) -> canary_lab::Lab {
+    lab_dual_stack(backends, clients, 0)
+}
+
+/// [`lab`] with `clients6` extra IPv6 client addresses as well.
+pub fn lab_dual_stack(
+    backends: &[(&str, canary_lab::Behavior)],
+    clients: u32,
+    clients6: u32,
+) -> canary_lab::Lab {
     require_root();
     canary_lab::Lab::build(&canary_lab::LabSpec {
         backends: backends
@@ -38,6 +47,7 @@ pub fn lab(backends: &[(&str, canary_lab::Behavior)], clients: u32) -> canary_la
             })
             .collect(),
         n_client_addrs: clients,
+        n_client_addrs6: clients6,
     })
     .expect("lab builds")
 }
