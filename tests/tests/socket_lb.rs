@@ -370,7 +370,7 @@ fn a_local_client_is_steered_once_at_the_socket_and_never_nated_at_tc() {
 
     // A client outside the cgroup reaches the same VIP through TC.
     let client_ip = lab.client_addrs()[0];
-    let vip = VIP.parse().unwrap();
+    let vip: std::net::SocketAddr = VIP.parse().unwrap();
     let outside: Vec<_> = lab
         .client()
         .spawn(move || {
