@@ -28,7 +28,7 @@ pub struct MapLayout {
 }
 
 /// Every map of the object except `LAYOUT` itself, in `LAYOUT` index order.
-pub const MAPS: [MapLayout; 11] = [
+pub const MAPS: [MapLayout; 15] = [
     MapLayout {
         name: names::SERVICES,
         version: 2,
@@ -71,6 +71,22 @@ pub const MAPS: [MapLayout; 11] = [
     },
     MapLayout {
         name: names::TIMEOUTS,
+        version: 1,
+    },
+    MapLayout {
+        name: names::SOCK_REVNAT,
+        version: 1,
+    },
+    MapLayout {
+        name: names::SOCK_TAGS,
+        version: 1,
+    },
+    MapLayout {
+        name: names::SOCK_TIMEOUTS,
+        version: 1,
+    },
+    MapLayout {
+        name: names::SOCK_ACTIVE,
         version: 1,
     },
 ];

@@ -14,6 +14,11 @@
     )
 )]
 
+// The socket-LB test client's dependency (src/bin/canary-sock-client.rs):
+// cargo has no per-binary dependencies.
+use socket2 as _;
+
+pub mod cgroup;
 pub mod load;
 pub mod metrics;
 pub mod packet;

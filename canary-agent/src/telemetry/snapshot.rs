@@ -1,6 +1,6 @@
 //! Reading the data plane's measurement maps into plain snapshots: per
 //! backend counters (`STATS`, summed over CPUs), handshake timeouts
-//! (`TIMEOUTS`), per service × cohort histograms (`HISTOGRAMS`) and the
+//! (`TIMEOUTS` from the sweep, `SOCK_TIMEOUTS` from the socket path), per service × cohort histograms (`HISTOGRAMS`) and the
 //! data-plane counters (`COUNTERS`). The exporter, the judge and `status`
 //! all read through here, so they see the same numbers.
 
@@ -55,6 +55,10 @@ pub struct StatsSource {
     /// Handshake timeouts per `STATS` slot (`TIMEOUTS`), counted by the
     /// agent's sweep.
     pub(crate) timeouts: Array<MapData, HandshakeTimeouts>,
+    /// Handshake timeouts of socket-steered connections per `STATS` slot
+    /// and CPU (`SOCK_TIMEOUTS`), counted by the programs; exported as
+    /// part of the same `timeouts`.
+    pub(crate) sock_timeouts: PerCpuArray<MapData, HandshakeTimeouts>,
     /// Rollout state and rollbacks per service name, for the exporter,
     /// which runs on other tasks. A copy: the daemon's rollouts are the
     /// truth, and `daemon/rollout.rs` republishes the state on every change
@@ -111,11 +115,18 @@ impl StatsSource {
                 for cpu in self.stats.get(&b.slot, 0)?.iter() {
                     counters.add(cpu);
                 }
+                let mut timeouts = self.timeouts.get(&b.slot, 0).unwrap_or_default();
+                if let Ok(per_cpu) = self.sock_timeouts.get(&b.slot, 0) {
+                    for cpu in per_cpu.iter() {
+                        timeouts.timeouts += cpu.timeouts;
+                        timeouts.failed += cpu.failed;
+                    }
+                }
                 backends.push(BackendSnapshot {
                     cohort: b.cohort,
                     addr: b.addr,
                     counters,
-                    timeouts: self.timeouts.get(&b.slot, 0).unwrap_or_default(),
+                    timeouts,
                 });
             }
             let mut histograms = [None, None];
