@@ -37,6 +37,10 @@ const ROUNDS: usize = 7;
 const NEW_FLOWS: u32 = 20_000;
 /// The client of the measured flows.
 const CLIENT: &str = "10.201.0.1:40000";
+/// The client of the measured IPv6 flow.
+const CLIENT6: &str = "[fd00:201::1]:40000";
+/// The IPv6 service measured beside the IPv4 ones.
+const VIP6: &str = "[fd00:96::1]:80";
 
 /// One configuration's numbers, in ns per packet.
 #[derive(Clone, Debug, Serialize)]
@@ -67,9 +71,26 @@ pub struct PacketRow {
     pub tc_new_flow: f64,
     /// New-flow SYN, XDP, one run per call (median).
     pub xdp_new_flow: f64,
+    /// The same cases for an IPv6 flow through an IPv6 service.
+    pub ipv6: FamilyRow,
 }
 
-fn addr(s: &str) -> SocketAddrV4 {
+/// The per-packet cases of one address family, in ns per packet.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FamilyRow {
+    /// Established data packet, TC ingress.
+    pub tc_established: f64,
+    /// Established data packet, XDP.
+    pub xdp_established: f64,
+    /// Reply reverse-NAT, TC egress.
+    pub tc_reply: f64,
+    /// New-flow SYN, TC ingress, one run per call (median).
+    pub tc_new_flow: f64,
+    /// New-flow SYN, XDP, one run per call (median).
+    pub xdp_new_flow: f64,
+}
+
+fn addr(s: &str) -> SocketAddr {
     s.parse().expect("bench address")
 }
 
@@ -78,8 +99,8 @@ fn addr(s: &str) -> SocketAddrV4 {
 fn services(n: u32) -> anyhow::Result<Config> {
     let mut text = format!(
         "[agent]\ninterfaces = [\"lo\"]\nmax_services = {}\nmax_backends = {}\n",
-        n.max(1),
-        2 * n.max(1)
+        n + 1,
+        2 * (n + 1)
     );
     for i in 0..n {
         let vip = std::net::Ipv4Addr::from(0x0a60_0001 + i);
@@ -90,6 +111,10 @@ fn services(n: u32) -> anyhow::Result<Config> {
              canary = [\"{canary}:8080\"]\nweight = \"5%\"\ncohort = \"per-connection\"\n"
         ));
     }
+    text.push_str(&format!(
+        "[[service]]\nname = \"v6\"\nvip = \"{VIP6}\"\nstable = [\"[fd00:64::1]:8080\"]\n\
+         canary = [\"[fd00:65::1]:8080\"]\nweight = \"5%\"\ncohort = \"per-connection\"\n"
+    ));
     Config::parse(&text, Path::new("bench.toml"), &[]).context("bench config")
 }
 
@@ -99,6 +124,9 @@ struct Bench {
     vip: SocketAddr,
     /// The backend the measured flow was steered to.
     backend: SocketAddr,
+    /// The measured IPv6 flow: its VIP and backend.
+    vip6: SocketAddr,
+    backend6: SocketAddr,
 }
 
 impl Bench {
@@ -113,54 +141,74 @@ impl Bench {
         dp.apply(&config.services, &std::collections::BTreeSet::new())?;
         dp.load_baselines()?;
         let vip = config.services[0].vip;
-        let client = addr(CLIENT);
-
-        // A real flow through the programs: handshake, request, response.
-        let syn = dp.test_run(Program::TcIngress, &Tcp::new(client, vip, SYN).frame())?;
-        let backend = parse(&syn.1).context("SYN output")?.dst;
-        ensure!(backend != vip, "the bench SYN was not steered");
-        for (program, seg) in [
-            (Program::TcEgress, Tcp::new(backend, client, SYN | ACK)),
-            (Program::TcIngress, Tcp::new(client, vip, ACK)),
-            (
-                Program::TcIngress,
-                Tcp::new(client, vip, ACK | PSH).with_payload(&[b'q'; 64]),
-            ),
-            (
-                Program::TcEgress,
-                Tcp::new(backend, client, ACK | PSH).with_payload(&[b'r'; 64]),
-            ),
-        ] {
-            dp.test_run(program, &seg.frame())?;
-        }
-        // Its mirror: client → backend tracked with the VIP as backend, and
-        // VIP → client as the reply half to rewrite to the backend.
-        let fwd = dp
-            .conntrack_entry(&flow_key(client, vip))
-            .context("forward entry of the bench flow")?;
-        let rev = dp
-            .conntrack_entry(&flow_key(backend, client))
-            .context("reverse entry of the bench flow")?;
-        ensure!(rev.flags & CT_REVERSE != 0, "reverse entry not marked");
-        dp.conntrack_insert(
-            flow_key(client, backend),
-            CtEntry {
-                nat_addr: vip.ip().into(),
-                nat_port: vip.port().to_be(),
-                ..fwd
-            },
-        )?;
-        dp.conntrack_insert(
-            flow_key(vip, client),
-            CtEntry {
-                nat_addr: backend.ip().into(),
-                nat_port: backend.port().to_be(),
-                ..rev
-            },
-        )?;
-        Ok(Bench { dp, vip, backend })
+        let backend = measured_flow(&mut dp, addr(CLIENT), vip)?;
+        let vip6 = addr(VIP6);
+        let backend6 = measured_flow(&mut dp, addr(CLIENT6), vip6)?;
+        Ok(Bench {
+            dp,
+            vip,
+            backend,
+            vip6,
+            backend6,
+        })
     }
+}
 
+/// A real flow from `client` to `vip` through the programs (handshake,
+/// request, response) and its mirror, so a repeated packet flips between
+/// the two and ends where it started; returns the backend it was steered
+/// to.
+fn measured_flow(
+    dp: &mut Dataplane,
+    client: SocketAddr,
+    vip: SocketAddr,
+) -> anyhow::Result<SocketAddr> {
+    let syn = dp.test_run(Program::TcIngress, &Tcp::new(client, vip, SYN).frame())?;
+    let backend = parse(&syn.1).context("SYN output")?.dst;
+    ensure!(backend != vip, "the bench SYN was not steered");
+    for (program, seg) in [
+        (Program::TcEgress, Tcp::new(backend, client, SYN | ACK)),
+        (Program::TcIngress, Tcp::new(client, vip, ACK)),
+        (
+            Program::TcIngress,
+            Tcp::new(client, vip, ACK | PSH).with_payload(&[b'q'; 64]),
+        ),
+        (
+            Program::TcEgress,
+            Tcp::new(backend, client, ACK | PSH).with_payload(&[b'r'; 64]),
+        ),
+    ] {
+        dp.test_run(program, &seg.frame())?;
+    }
+    // Its mirror: client → backend tracked with the VIP as backend, and
+    // VIP → client as the reply half to rewrite to the backend.
+    let fwd = dp
+        .conntrack_entry(&flow_key(client, vip))
+        .context("forward entry of the bench flow")?;
+    let rev = dp
+        .conntrack_entry(&flow_key(backend, client))
+        .context("reverse entry of the bench flow")?;
+    ensure!(rev.flags & CT_REVERSE != 0, "reverse entry not marked");
+    dp.conntrack_insert(
+        flow_key(client, backend),
+        CtEntry {
+            nat_addr: vip.ip().into(),
+            nat_port: vip.port().to_be(),
+            ..fwd
+        },
+    )?;
+    dp.conntrack_insert(
+        flow_key(vip, client),
+        CtEntry {
+            nat_addr: backend.ip().into(),
+            nat_port: backend.port().to_be(),
+            ..rev
+        },
+    )?;
+    Ok(backend)
+}
+
+impl Bench {
     /// Adds `flows` established flows (two entries each) that are not
     /// measured: the table the measured lookups search.
     fn fill(&mut self, flows: u32) -> anyhow::Result<()> {
@@ -240,7 +288,16 @@ fn new_syns(vip: SocketAddr, salt: u32) -> impl Iterator<Item = Vec<u8>> {
 fn syns(vip: SocketAddr, first: u32, count: u32) -> impl Iterator<Item = Vec<u8>> {
     (0..count).map(move |i| {
         let n = first + i;
-        let src = SocketAddrV4::new((0x0acb_0000 + (n >> 8)).into(), 30_000 + (n & 255) as u16);
+        let port = 30_000 + (n & 255) as u16;
+        let src = if vip.is_ipv4() {
+            SocketAddr::new(
+                std::net::Ipv4Addr::from(0x0acb_0000 + (n >> 8)).into(),
+                port,
+            )
+        } else {
+            let host = 0xfd00_0203_u128 << 96 | u128::from(n >> 8);
+            SocketAddr::new(std::net::Ipv6Addr::from(host).into(), port)
+        };
         Tcp::new(src, vip, SYN).frame()
     })
 }
@@ -263,6 +320,13 @@ pub fn measure(bench_services: u32, flows_list: &[u32]) -> anyhow::Result<Vec<Pa
     let foreign = Tcp::new(client, addr("10.95.0.1:80"), ACK | PSH)
         .with_payload(&[b'q'; 64])
         .frame();
+    let client6 = addr(CLIENT6);
+    let established6 = Tcp::new(client6, b.vip6, ACK | PSH)
+        .with_payload(&[b'q'; 64])
+        .frame();
+    let reply6 = Tcp::new(b.backend6, client6, ACK | PSH)
+        .with_payload(&[b'r'; 64])
+        .frame();
 
     let mut rows = Vec::new();
     let mut filled = 0;
@@ -275,9 +339,9 @@ pub fn measure(bench_services: u32, flows_list: &[u32]) -> anyhow::Result<Vec<Pa
             t.elapsed().as_secs_f64()
         );
         // Rounds interleave the cases, so a slow moment hits all of them.
-        let mut samples: [Vec<f64>; 7] = Default::default();
+        let mut samples: [Vec<f64>; 10] = Default::default();
         for _ in 0..ROUNDS {
-            let cases: [(Program, &[u8], i32); 7] = [
+            let cases: [(Program, &[u8], i32); 10] = [
                 (Program::BenchTcEmpty, &established, TC_ACT_UNSPEC),
                 (Program::BenchXdpEmpty, &established, XDP_PASS),
                 (Program::TcIngress, &established, TC_ACT_OK),
@@ -285,6 +349,9 @@ pub fn measure(bench_services: u32, flows_list: &[u32]) -> anyhow::Result<Vec<Pa
                 (Program::TcEgress, &reply, TC_ACT_OK),
                 (Program::TcIngress, &foreign, TC_ACT_UNSPEC),
                 (Program::XdpIngress, &foreign, XDP_PASS),
+                (Program::TcIngress, &established6, TC_ACT_OK),
+                (Program::XdpIngress, &established6, XDP_PASS),
+                (Program::TcEgress, &reply6, TC_ACT_OK),
             ];
             for (i, (program, frame, verdict)) in cases.into_iter().enumerate() {
                 samples[i].push(b.repeat(program, frame, verdict)?);
@@ -297,6 +364,8 @@ pub fn measure(bench_services: u32, flows_list: &[u32]) -> anyhow::Result<Vec<Pa
             b.single(Program::BenchXdpEmpty, new_syns(b.vip, salt + 1), XDP_PASS)?;
         let tc_new_flow = b.single(Program::TcIngress, new_syns(b.vip, salt + 2), TC_ACT_OK)?;
         let xdp_new_flow = b.single(Program::XdpIngress, new_syns(b.vip, salt + 3), XDP_PASS)?;
+        let tc_new_flow6 = b.single(Program::TcIngress, new_syns(b.vip6, salt + 2), TC_ACT_OK)?;
+        let xdp_new_flow6 = b.single(Program::XdpIngress, new_syns(b.vip6, salt + 3), XDP_PASS)?;
         let [
             tc_empty,
             xdp_empty,
@@ -305,6 +374,9 @@ pub fn measure(bench_services: u32, flows_list: &[u32]) -> anyhow::Result<Vec<Pa
             tc_reply,
             tc_foreign,
             xdp_foreign,
+            tc_established6,
+            xdp_established6,
+            tc_reply6,
         ] = samples.map(|mut s| median(&mut s));
         let row = PacketRow {
             services: bench_services,
@@ -320,6 +392,13 @@ pub fn measure(bench_services: u32, flows_list: &[u32]) -> anyhow::Result<Vec<Pa
             xdp_foreign,
             tc_new_flow,
             xdp_new_flow,
+            ipv6: FamilyRow {
+                tc_established: tc_established6,
+                xdp_established: xdp_established6,
+                tc_reply: tc_reply6,
+                tc_new_flow: tc_new_flow6,
+                xdp_new_flow: xdp_new_flow6,
+            },
         };
         eprintln!("bench: packet: {row:?}");
         rows.push(row);

@@ -209,6 +209,25 @@ fn packet_tables(rows: &[PacketRow]) -> String {
             ratio(r.xdp_new_flow, r.xdp_empty_single),
         );
     }
+    s.push_str(
+        "\n### IPv6 against IPv4 (same runs, ns per packet; target: IPv6 within 10 % of IPv4)\n\n\
+         | services | extra flows | established TC v4 / v6 | established XDP v4 / v6 | reply TC v4 / v6 | new flow TC v4 / v6 | new flow XDP v4 / v6 |\n\
+         |---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let pair = |v4: f64, v6: f64| format!("{v4:.0} / {v6:.0} ({})", ratio(v6, v4));
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.services,
+            r.flows,
+            pair(r.tc_established, r.ipv6.tc_established),
+            pair(r.xdp_established, r.ipv6.xdp_established),
+            pair(r.tc_reply, r.ipv6.tc_reply),
+            pair(r.tc_new_flow, r.ipv6.tc_new_flow),
+            pair(r.xdp_new_flow, r.ipv6.xdp_new_flow),
+        );
+    }
     s
 }
 

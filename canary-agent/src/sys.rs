@@ -1,12 +1,13 @@
 //! The system calls the agent makes that neither aya nor the standard
-//! library wrap: process limits, bpffs detection and mounting, and reading
-//! a pinned link's attachment.
+//! library wrap: process limits, bpffs detection and mounting, reading a
+//! pinned link's attachment, replacing a link's program, and asking which
+//! programs run at a cgroup.
 
 use std::{
     ffi::CString,
     io,
     os::{
-        fd::{FromRawFd as _, OwnedFd, RawFd},
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
         unix::ffi::OsStrExt as _,
     },
     path::Path,
@@ -18,23 +19,42 @@ const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 /// `bpf()` commands used here (uapi/linux/bpf.h).
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// `BPF_PROG_QUERY` flag: the programs that run for the cgroup, its
+/// ancestors' included, not only those attached at it.
+const BPF_F_QUERY_EFFECTIVE: u32 = 1;
+
+/// `statfs.f_type` of a cgroup v2 file system.
+const CGROUP2_SUPER_MAGIC: u64 = 0x6367_7270;
 
 /// `bpf_link_type` values (uapi/linux/bpf.h).
 pub const BPF_LINK_TYPE_XDP: u32 = 6;
+/// A cgroup link (cgroup `sock_addr`, `sock_ops`, …).
+pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
 /// A TCX link (Linux 6.6+).
 pub const BPF_LINK_TYPE_TCX: u32 = 11;
 /// `bpf_attach_type` of TCX ingress.
 pub const BPF_TCX_INGRESS: u32 = 46;
 /// `bpf_attach_type` of TCX egress.
 pub const BPF_TCX_EGRESS: u32 = 47;
+/// `bpf_attach_type` of cgroup `connect4`.
+pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+/// `bpf_attach_type` of cgroup `connect6`.
+pub const BPF_CGROUP_INET6_CONNECT: u32 = 11;
+/// `bpf_attach_type` of cgroup `getpeername4`.
+pub const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
+/// `bpf_attach_type` of cgroup `getpeername6`.
+pub const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
 
 fn c_path(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
 }
 
-/// Whether `path` lies on a bpf file system.
-pub fn is_bpffs(path: &Path) -> io::Result<bool> {
+/// The magic number of the file system `path` lies on.
+fn fs_magic(path: &Path) -> io::Result<u64> {
     let c = c_path(path)?;
     // SAFETY: an all-zero statfs is a valid value to be overwritten.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
@@ -45,8 +65,12 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
     // f_type is a signed long; compare the magic's 32 bits whatever the
     // sign extension.
     #[expect(clippy::cast_sign_loss, reason = "bit pattern comparison")]
-    let magic = st.f_type as u64 & 0xffff_ffff;
-    Ok(magic == BPF_FS_MAGIC)
+    Ok(st.f_type as u64 & 0xffff_ffff)
+}
+
+/// Whether `path` lies on a bpf file system.
+pub fn is_bpffs(path: &Path) -> io::Result<bool> {
+    Ok(fs_magic(path)? == BPF_FS_MAGIC)
 }
 
 /// Mounts a fresh bpf file system at `target` (mode 0700).
@@ -115,15 +139,19 @@ pub fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
 pub struct LinkTarget {
     /// `BPF_LINK_TYPE_*`.
     pub link_type: u32,
-    /// The interface; 0 once the interface is gone (the link is defunct).
+    /// The interface of a TCX or XDP link; 0 once the interface is gone
+    /// (the link is defunct), and for other link types.
     pub ifindex: u32,
-    /// `BPF_TCX_INGRESS`/`BPF_TCX_EGRESS` for TCX links, 0 otherwise.
+    /// `BPF_TCX_*` for TCX links, `BPF_CGROUP_*` for cgroup links, 0
+    /// otherwise.
     pub attach_type: u32,
+    /// The cgroup of a cgroup link (the inode number of its directory on
+    /// cgroup v2); 0 once the cgroup is gone, and for other link types.
+    pub cgroup_id: u64,
 }
 
 /// The interface (and hook) the link pinned at `path` is attached to.
 pub fn pinned_link_target(path: &Path) -> io::Result<LinkTarget> {
-    use std::os::fd::AsRawFd as _;
     #[repr(C)]
     struct GetInfo {
         bpf_fd: u32,
@@ -133,9 +161,10 @@ pub fn pinned_link_target(path: &Path) -> io::Result<LinkTarget> {
     let fd =
         bpf_obj_get(path).map_err(|e| io::Error::new(e.kind(), format!("BPF_OBJ_GET: {e}")))?;
     // struct bpf_link_info: type, id, prog_id, then a union aligned to 8
-    // whose tcx and xdp members start with the ifindex (tcx: then its
-    // attach type). The rest of the buffer takes whatever else the kernel
-    // writes.
+    // (index 4) whose tcx and xdp members start with the ifindex (tcx:
+    // then its attach type) and whose cgroup member is a u64 cgroup id
+    // then the attach type. The rest of the buffer takes whatever else the
+    // kernel writes.
     let mut info = [0u32; 32];
     let attr = GetInfo {
         bpf_fd: u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::other("negative fd"))?,
@@ -160,15 +189,107 @@ pub fn pinned_link_target(path: &Path) -> io::Result<LinkTarget> {
         ));
     }
     let link_type = info[0];
-    Ok(LinkTarget {
-        link_type,
-        ifindex: info[4],
-        attach_type: if link_type == BPF_LINK_TYPE_TCX {
-            info[5]
-        } else {
-            0
+    Ok(match link_type {
+        BPF_LINK_TYPE_CGROUP => LinkTarget {
+            link_type,
+            ifindex: 0,
+            attach_type: info[6],
+            cgroup_id: u64::from(info[4]) | (u64::from(info[5]) << 32),
+        },
+        _ => LinkTarget {
+            link_type,
+            ifindex: info[4],
+            attach_type: if link_type == BPF_LINK_TYPE_TCX {
+                info[5]
+            } else {
+                0
+            },
+            cgroup_id: 0,
         },
     })
+}
+
+/// `BPF_LINK_UPDATE`: the link `link` runs the program `prog` from now on,
+/// atomically (no call sees neither). aya 0.14 offers this for TC and XDP
+/// links only; cgroup links take it the same way.
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let fd = |f: BorrowedFd<'_>| {
+        u32::try_from(f.as_raw_fd()).map_err(|_| io::Error::other("negative fd"))
+    };
+    let attr = LinkUpdate {
+        link_fd: fd(link)?,
+        new_prog_fd: fd(prog)?,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for BPF_LINK_UPDATE; the
+    // descriptors are borrowed, so open for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &raw const attr,
+            std::mem::size_of::<LinkUpdate>(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Ids of the programs that run for the cgroup `cgroup` (a directory
+/// descriptor) at `attach_type`, its ancestors' included.
+pub fn cgroup_programs(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u32>> {
+    #[repr(C)]
+    struct ProgQuery {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+    }
+    // A cgroup runs at most 64 programs per hook (BPF_CGROUP_MAX_PROGS).
+    let mut ids = [0u32; 64];
+    let mut attr = ProgQuery {
+        target_fd: u32::try_from(cgroup.as_raw_fd())
+            .map_err(|_| io::Error::other("negative fd"))?,
+        attach_type,
+        query_flags: BPF_F_QUERY_EFFECTIVE,
+        attach_flags: 0,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: u32::try_from(ids.len()).map_err(io::Error::other)?,
+        _pad: 0,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for BPF_PROG_QUERY whose
+    // prog_ids points at `prog_cnt` writable u32s for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &raw mut attr,
+            std::mem::size_of::<ProgQuery>(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = usize::try_from(attr.prog_cnt).map_or(ids.len(), |n| n.min(ids.len()));
+    Ok(ids[..n].to_vec())
+}
+
+/// Whether `path` lies on a cgroup v2 file system.
+pub fn is_cgroup2(path: &Path) -> io::Result<bool> {
+    Ok(fs_magic(path)? == CGROUP2_SUPER_MAGIC)
 }
 
 /// The index of interface `name` in this network namespace; 0 if it does

@@ -115,7 +115,11 @@ mod tests {
         assert_eq!(a.family(), FAMILY_V4);
         assert_eq!(a.v4(), u32::from_ne_bytes([10, 0, 0, 10]), "packet order");
         let mapped: Ipv6Addr = ip.to_ipv6_mapped();
-        assert_eq!(Addr::from(mapped), a, "::ffff:10.0.0.10 is the same address");
+        assert_eq!(
+            Addr::from(mapped),
+            a,
+            "::ffff:10.0.0.10 is the same address"
+        );
         assert_eq!(IpAddr::from(a), IpAddr::V4(ip));
     }
 
@@ -128,7 +132,13 @@ mod tests {
         assert_eq!(IpAddr::from(a), IpAddr::V6(ip));
         // The words are the header's bytes, in order.
         let bytes: [u8; 16] = ip.octets();
-        assert_eq!(a.0[0].to_ne_bytes(), [bytes[0], bytes[1], bytes[2], bytes[3]]);
-        assert_eq!(a.0[3].to_ne_bytes(), [bytes[12], bytes[13], bytes[14], bytes[15]]);
+        assert_eq!(
+            a.0[0].to_ne_bytes(),
+            [bytes[0], bytes[1], bytes[2], bytes[3]]
+        );
+        assert_eq!(
+            a.0[3].to_ne_bytes(),
+            [bytes[12], bytes[13], bytes[14], bytes[15]]
+        );
     }
 }

@@ -27,6 +27,22 @@ pub const fn sticky_hash(client_addr: u32, salt: u32) -> u64 {
     mix64(((salt as u64) << 32) | client_addr as u64)
 }
 
+/// Hash of a 64-bit client identity, salted per service: what the socket
+/// path (cgroup `connect4/6`) keys cohorts on, since no packet (and so no
+/// source address) exists yet when it decides. The identity is the
+/// client's network-namespace cookie in sticky mode (a pod, or the whole
+/// host network namespace) and the socket cookie in per-connection mode.
+/// For a fixed salt it is a bijection of `id` (two mixes around a salted
+/// XOR), so distinct clients never collide more than chance says.
+#[inline(always)]
+pub const fn sticky_hash64(id: u64, salt: u32) -> u64 {
+    mix64(mix64(id) ^ mix64(SALT64_TAG | salt as u64))
+}
+
+/// Domain tag of [`sticky_hash64`]'s salt, so its salted constant differs
+/// from anything [`sticky_hash`] feeds `mix64`.
+const SALT64_TAG: u64 = 0x736f_636b_0000_0000;
+
 /// Hash for per-connection mode: the whole 5-tuple (addresses and ports in
 /// network byte order), salted per service.
 #[inline(always)]
@@ -117,9 +133,29 @@ mod tests {
 
     use super::*;
 
+    /// `sticky_hash(client(1), 42)` and `flow_hash(client(1), client(2),
+    /// 1234, 80, TCP, 7)` as the data plane has computed them since v1.
+    const STICKY_1_42: u64 = 0x1d2c_e7e2_7c38_e5c2;
+    const FLOW_1_2: u64 = 0x3011_999c_84cf_1360;
+
     fn client(i: u32) -> u32 {
         // 10.0.0.0/8 in network byte order, as the data plane reads it.
         (0x0a00_0000 | i).to_be()
+    }
+
+    /// Chi-square over 100 equal bucket ranges: with 99 degrees of freedom
+    /// the 99.9 % critical value is 148.2.
+    fn assert_uniform(bins: &[u32; 100], what: &str) {
+        let n: u32 = bins.iter().sum();
+        let expected = f64::from(n) / 100.0;
+        let chi2: f64 = bins
+            .iter()
+            .map(|&o| (f64::from(o) - expected).powi(2) / expected)
+            .sum();
+        assert!(
+            chi2 < 148.2,
+            "{what} chi-square {chi2:.1} >= 148.2 (99.9 %, 99 dof): {bins:?}"
+        );
     }
 
     #[test]
@@ -159,38 +195,20 @@ mod tests {
         for i in 0..n {
             bins[(bucket(sticky_hash(client(i), 1)) / 10_000) as usize] += 1;
         }
-        let expected = f64::from(n) / 100.0;
-        let chi2: f64 = bins
-            .iter()
-            .map(|&o| (f64::from(o) - expected).powi(2) / expected)
-            .sum();
-        assert!(
-            chi2 < 148.2,
-            "chi-square {chi2:.1} >= 148.2 (99.9 %, 99 dof): {bins:?}"
-        );
+        assert_uniform(&bins, "buckets:");
     }
 
     /// Same test for per-connection mode: one client, sequential source ports.
     #[test]
     fn flow_buckets_are_uniform_for_sequential_ports() {
         let mut bins = [0u32; 100];
-        let mut n = 0u32;
         for src in 0..4u32 {
             for port in 1024..51_024u16 {
                 let h = flow_hash(client(src), client(99), port.to_be(), 80u16.to_be(), 6, 3);
                 bins[(bucket(h) / 10_000) as usize] += 1;
-                n += 1;
             }
         }
-        let expected = f64::from(n) / 100.0;
-        let chi2: f64 = bins
-            .iter()
-            .map(|&o| (f64::from(o) - expected).powi(2) / expected)
-            .sum();
-        assert!(
-            chi2 < 148.2,
-            "chi-square {chi2:.1} >= 148.2 (99.9 %, 99 dof): {bins:?}"
-        );
+        assert_uniform(&bins, "buckets:");
     }
 
     /// At 5 % over 100 000 sequential clients the canary share must lie in the
@@ -232,6 +250,55 @@ mod tests {
         }
     }
 
+    /// Network-namespace and socket cookies are small sequential
+    /// integers: the worst case for a weak hash. Chi-square over 100
+    /// equal bucket ranges, 99 degrees of freedom, 99.9 % critical value
+    /// 148.2.
+    #[test]
+    fn sticky_hash64_buckets_are_uniform_for_sequential_cookies() {
+        let n = 200_000u64;
+        let mut bins = [0u32; 100];
+        for id in 1..=n {
+            bins[(bucket(sticky_hash64(id, 1)) / 10_000) as usize] += 1;
+        }
+        assert_uniform(&bins, "buckets:");
+    }
+
+    #[test]
+    fn sticky_hash64_is_monotonic_in_the_weight_and_salted() {
+        let weights = [0, 1, 10_000, 200_000, 500_000, 999_999, PPM];
+        let mut agree = 0;
+        for id in 1..10_001u64 {
+            let b = bucket(sticky_hash64(id, 42));
+            let verdicts: Vec<bool> = weights.iter().map(|&w| is_canary(b, w)).collect();
+            if let Some(first) = verdicts.iter().position(|&c| c) {
+                assert!(
+                    verdicts[first..].iter().all(|&c| c),
+                    "cookie {id} (bucket {b}) left canary as the weight rose"
+                );
+            }
+            let other = bucket(sticky_hash64(id, 43));
+            agree += usize::from(is_canary(b, 500_000) == is_canary(other, 500_000));
+        }
+        // Independent halves agree about half the time (99.9 %: 5000 ± 165).
+        assert!(
+            (4835..=5165).contains(&agree),
+            "{agree} of 10000 agree across salts"
+        );
+    }
+
+    /// The 32-bit sticky hash and the flow hash are what the TC path has
+    /// always computed: pinned values, so adding the socket path's hash
+    /// changes neither (an upgrade mid-rollout moves no client).
+    #[test]
+    fn the_packet_path_hashes_are_unchanged() {
+        assert_eq!(sticky_hash(client(1), 42), STICKY_1_42);
+        assert_eq!(
+            flow_hash(client(1), client(2), 1234u16.to_be(), 80u16.to_be(), 6, 7),
+            FLOW_1_2
+        );
+    }
+
     fn client6(i: u32) -> Addr {
         // fd00::/64 with a sequential interface id.
         Addr([0xfd00_0000_u32.to_be(), 0, 0, i.to_be()])
@@ -253,12 +320,6 @@ mod tests {
     /// Chi-square as above, for sequential IPv6 clients and ports.
     #[test]
     fn ipv6_buckets_are_uniform_for_sequential_clients_and_ports() {
-        let chi2 = |bins: &[u32; 100], n: u32| -> f64 {
-            let expected = f64::from(n) / 100.0;
-            bins.iter()
-                .map(|&o| (f64::from(o) - expected).powi(2) / expected)
-                .sum()
-        };
         let mut sticky = [0u32; 100];
         let mut flows = [0u32; 100];
         let vip = client6(0xffff);
@@ -266,13 +327,18 @@ mod tests {
             sticky[(bucket(sticky_hash_addr(&client6(i), 1)) / 10_000) as usize] += 1;
             #[expect(clippy::cast_possible_truncation, reason = "i % 50000 fits u16")]
             let port = (1024 + i % 50_000) as u16;
-            let h = flow_hash_addr(&client6(i / 50_000), &vip, port.to_be(), 80u16.to_be(), 6, 3);
+            let h = flow_hash_addr(
+                &client6(i / 50_000),
+                &vip,
+                port.to_be(),
+                80u16.to_be(),
+                6,
+                3,
+            );
             flows[(bucket(h) / 10_000) as usize] += 1;
         }
-        for (what, bins) in [("sticky", &sticky), ("per-connection", &flows)] {
-            let c = chi2(bins, 200_000);
-            assert!(c < 148.2, "{what}: chi-square {c:.1} >= 148.2 (99.9 %, 99 dof): {bins:?}");
-        }
+        assert_uniform(&sticky, "sticky");
+        assert_uniform(&flows, "per-connection");
     }
 
     #[test]

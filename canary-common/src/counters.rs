@@ -51,6 +51,17 @@ pub enum Counter {
     /// fragment, destination options, authentication) before its
     /// transport header: passed unsteered, never parsed.
     Ipv6ExtHeader,
+    /// A `connect()` from a process in the socket-LB cgroup to a VIP was
+    /// steered at the socket (the TC programs never rewrite it).
+    SockSteered,
+    /// A socket-steered connection of a service with source rules had no
+    /// known source address (its socket was not bound to one): the rules
+    /// cannot tell whether it is excluded, so it went to stable.
+    SockSourceUnknown,
+    /// A socket-steered connection could not be tagged (socket storage
+    /// allocation failed): it is steered and `getpeername` works, but none
+    /// of its signals are counted.
+    SockTagFailed,
     /// UDP datagram shorter than its UDP header (or whose length field
     /// says so): passed unsteered.
     BadUdpHeader,
@@ -72,7 +83,7 @@ pub enum Counter {
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 22] = [
+    pub const ALL: [Counter; 25] = [
         Counter::NewFlow,
         Counter::CtMiss,
         Counter::SynRetransmit,
@@ -90,6 +101,9 @@ impl Counter {
         Counter::ReopenConfirmed,
         Counter::ReopenReset,
         Counter::Ipv6ExtHeader,
+        Counter::SockSteered,
+        Counter::SockSourceUnknown,
+        Counter::SockTagFailed,
         Counter::BadUdpHeader,
         Counter::Udp6ZeroChecksum,
         Counter::UdpExpired,
@@ -121,6 +135,9 @@ impl Counter {
             Counter::ReopenConfirmed => "reopen_confirmed",
             Counter::ReopenReset => "reopen_reset",
             Counter::Ipv6ExtHeader => "ipv6_ext_header",
+            Counter::SockSteered => "sock_steered",
+            Counter::SockSourceUnknown => "sock_source_unknown",
+            Counter::SockTagFailed => "sock_tag_failed",
             Counter::BadUdpHeader => "bad_udp_header",
             Counter::Udp6ZeroChecksum => "udp6_zero_checksum",
             Counter::UdpExpired => "udp_expired",
@@ -143,6 +160,8 @@ impl Counter {
                 | Counter::ReopenConfirmed
                 | Counter::ReopenReset
                 | Counter::Ipv6ExtHeader
+                | Counter::SockSteered
+                | Counter::SockSourceUnknown
                 | Counter::UdpExpired
                 | Counter::IcmpErrorNatted
         )

@@ -59,6 +59,26 @@ pub const fn replace16(check: u16, from: &[u32; 4], to: &[u32; 4]) -> u16 {
     !fold(sum)
 }
 
+/// The 32-bit one's complement difference of a 16-byte field changing
+/// from `from` to `to` (words as loaded): what `bpf_csum_diff` returns, for
+/// `bpf_l4_csum_replace` with size 0, computed without a helper call.
+#[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "two folds of a sum of eight 32-bit words leave 32 bits"
+)]
+pub const fn diff16(from: &[u32; 4], to: &[u32; 4]) -> u32 {
+    let mut sum = 0u64;
+    let mut i = 0;
+    while i < 4 {
+        sum += (!from[i]) as u64 + to[i] as u64;
+        i += 1;
+    }
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum as u32
+}
+
 /// UDP's zero rule, the same at XDP as `BPF_F_MARK_MANGLED_0` at TC.
 ///
 /// A UDP checksum of 0 means "none" over IPv4 (RFC 768): it stays 0
@@ -135,6 +155,27 @@ mod tests {
             assert!(
                 check == expect || (check | expect == 0xffff && check & expect == 0),
                 "seed {seed}: incremental {check:#06x}, full {expect:#06x}"
+            );
+        }
+    }
+
+    /// Adding the 32-bit difference to a checksum, as the kernel does with
+    /// `bpf_l4_csum_replace(size 0)`, equals the 16-bit update.
+    #[test]
+    fn the_16_byte_difference_updates_like_replace16() {
+        for seed in 0..2000u64 {
+            let w = words(seed, 17);
+            let word32 = |i: usize| u32::from(w[2 * i]) | (u32::from(w[2 * i + 1]) << 16);
+            let from = [word32(0), word32(1), word32(2), word32(3)];
+            let to = [word32(4), word32(5), word32(6), word32(7)];
+            let check = w[16];
+            let diff = diff16(&from, &to);
+            // csum_replace_by_diff: ~csum_fold(csum_add(~check, diff)).
+            let via_diff = !fold(u64::from(!check) + u64::from(diff));
+            let expect = replace16(check, &from, &to);
+            assert!(
+                via_diff == expect || (via_diff | expect == 0xffff && via_diff & expect == 0),
+                "seed {seed}: via diff {via_diff:#06x}, replace16 {expect:#06x}"
             );
         }
     }

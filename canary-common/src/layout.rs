@@ -32,7 +32,7 @@ pub struct MapLayout {
 }
 
 /// Every map of the object except `LAYOUT` itself, in `LAYOUT` index order.
-pub const MAPS: [MapLayout; 14] = [
+pub const MAPS: [MapLayout; 18] = [
     MapLayout {
         name: names::SERVICES,
         version: 2,
@@ -75,6 +75,22 @@ pub const MAPS: [MapLayout; 14] = [
     },
     MapLayout {
         name: names::TIMEOUTS,
+        version: 1,
+    },
+    MapLayout {
+        name: names::SOCK_REVNAT,
+        version: 1,
+    },
+    MapLayout {
+        name: names::SOCK_TAGS,
+        version: 1,
+    },
+    MapLayout {
+        name: names::SOCK_TIMEOUTS,
+        version: 1,
+    },
+    MapLayout {
+        name: names::SOCK_ACTIVE,
         version: 1,
     },
     MapLayout {
@@ -262,10 +278,20 @@ pub mod v1 {
                 breaker_window_ms: v.breaker_window_ms,
                 breaker_min_failures: v.breaker_min_failures,
                 breaker_ratio_permille: v.breaker_ratio_permille,
-                stable: v.stable.map(service::Backend::from),
-                canary: v.canary.map(service::Backend::from),
+                stable: used(&v.stable, v.n_stable),
+                canary: used(&v.canary, v.n_canary),
             }
         }
+    }
+
+    /// The first `n` backends converted, the unused rest zero as the agent
+    /// writes it (a mapped 0.0.0.0 would differ from what it writes).
+    fn used(list: &[Backend; MAX_BACKENDS], n: u8) -> [service::Backend; MAX_BACKENDS] {
+        let mut out = [service::Backend::default(); MAX_BACKENDS];
+        for (to, from) in out.iter_mut().zip(list).take(usize::from(n)) {
+            *to = service::Backend::from(*from);
+        }
+        out
     }
 
     /// A version-1 rule (trie prefix length and key) in the current layout:
@@ -317,7 +343,10 @@ pub mod v1 {
                 IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))
             );
             assert_eq!(new.family, FAMILY_V4);
-            assert_eq!((new.src_port, new.dst_port, new.proto), (key.src_port, key.dst_port, 6));
+            assert_eq!(
+                (new.src_port, new.dst_port, new.proto),
+                (key.src_port, key.dst_port, 6)
+            );
             let entry = CtEntry {
                 nat_addr: ip(10, 0, 1, 1),
                 nat_port: 8080u16.to_be(),
@@ -330,9 +359,21 @@ pub mod v1 {
                 state: 13,
             };
             let e = flow::CtEntry::from(entry);
-            assert_eq!(IpAddr::from(e.nat_addr), IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1)));
             assert_eq!(
-                (e.nat_port, e.cohort, e.flags, e.svc_id, e.stats_slot, e.created_ns, e.request_ns, e.state),
+                IpAddr::from(e.nat_addr),
+                IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1))
+            );
+            assert_eq!(
+                (
+                    e.nat_port,
+                    e.cohort,
+                    e.flags,
+                    e.svc_id,
+                    e.stats_slot,
+                    e.created_ns,
+                    e.request_ns,
+                    e.state
+                ),
                 (entry.nat_port, 1, 3, 7, 9, 11, 12, 13)
             );
         }
@@ -348,7 +389,10 @@ pub mod v1 {
             );
             assert_eq!(len, 32 + 96 + 24);
             assert_eq!(key.rule_set_be, 5u32.to_be());
-            assert_eq!(IpAddr::from(key.addr), IpAddr::V4(Ipv4Addr::new(192, 168, 7, 0)));
+            assert_eq!(
+                IpAddr::from(key.addr),
+                IpAddr::V4(Ipv4Addr::new(192, 168, 7, 0))
+            );
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod csum;
 pub mod flow;
 pub mod layout;
 pub mod service;
+pub mod sock;
 pub mod stats;
 
 /// Names of the eBPF maps and programs, as they appear in the object file.
@@ -54,6 +55,21 @@ pub mod names {
     pub const TIMEOUTS: &str = "TIMEOUTS";
     /// Layout version of every pinned map, see [`crate::layout`].
     pub const LAYOUT: &str = "LAYOUT";
+    /// Socket-steering reverse map, see [`crate::sock::SockRevKey`].
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    /// Socket storage of steered sockets, see [`crate::sock::SockTag`].
+    pub const SOCK_TAGS: &str = "SOCK_TAGS";
+    /// Handshake timeouts of socket-steered connections per stats slot,
+    /// per CPU (counted by the programs; `TIMEOUTS` is the sweep's).
+    pub const SOCK_TIMEOUTS: &str = "SOCK_TIMEOUTS";
+    /// The generation of socket tracepoint programs that counts, see
+    /// [`SOCK_GENERATION`].
+    pub const SOCK_ACTIVE: &str = "SOCK_ACTIVE";
+    /// Global variable of the object, set by the agent at load: its
+    /// socket tracepoint programs count only while `SOCK_ACTIVE` holds
+    /// this value, so an agent replacing them (tracing links cannot be
+    /// updated in place) hands counting over in one map write.
+    pub const SOCK_GENERATION: &str = "SOCK_GENERATION";
     /// UDP connection tracking, see [`crate::flow::CT_UDP_DEFAULT_CAPACITY`].
     pub const CT_UDP: &str = "CT_UDP";
     /// UDP timeouts per service, see [`crate::flow::UdpConfig`].
@@ -73,6 +89,27 @@ pub mod names {
     pub const PROG_UDP_SWEEP: &str = "canary_udp_sweep";
     /// Kernel probe for `BPF_F_IPV6`, run by the agent, never attached.
     pub const PROG_PROBE_IPV6_CSUM: &str = "canary_probe_ipv6_csum";
+    /// cgroup `connect4`: steers IPv4 `connect()` to a VIP.
+    pub const PROG_CONNECT4: &str = "canary_connect4";
+    /// cgroup `connect6`: steers IPv6 `connect()` (v4-mapped VIPs today).
+    pub const PROG_CONNECT6: &str = "canary_connect6";
+    /// cgroup `getpeername4`: shows the VIP instead of the backend.
+    pub const PROG_GETPEERNAME4: &str = "canary_getpeername4";
+    /// cgroup `getpeername6`: shows the VIP instead of the backend.
+    pub const PROG_GETPEERNAME6: &str = "canary_getpeername6";
+    /// BTF tracepoint `inet_sock_set_state`: connections, handshakes, closes and
+    /// timeouts of steered sockets.
+    pub const PROG_SOCK_STATE: &str = "canary_sock_state";
+    /// BTF tracepoint `tcp_receive_reset`: refusals and resets by the backend.
+    pub const PROG_SOCK_RST_RX: &str = "canary_sock_rst_rx";
+    /// BTF tracepoint `tcp_send_reset`: resets by the client.
+    pub const PROG_SOCK_RST_TX: &str = "canary_sock_rst_tx";
+    /// BTF tracepoint `tcp_retransmit_skb`: SYN retries.
+    pub const PROG_SOCK_RETRANSMIT: &str = "canary_sock_retransmit";
+    /// BTF tracepoint `sock_send_length`: bytes sent and the first request.
+    pub const PROG_SOCK_SEND: &str = "canary_sock_send";
+    /// BTF tracepoint `sock_recv_length`: bytes received and the first response.
+    pub const PROG_SOCK_RECV: &str = "canary_sock_recv";
     /// Empty TC program: the benchmark's baseline.
     pub const PROG_BENCH_TC_EMPTY: &str = "canary_bench_tc_empty";
     /// Empty XDP program: the benchmark's baseline.

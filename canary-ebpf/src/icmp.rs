@@ -11,11 +11,7 @@
 //! ICMP checksum (ICMPv6's also covers the outer addresses). A port
 //! unreachable from the backend of a UDP flow refuses the flow.
 
-use aya_ebpf::{
-    bindings::BPF_F_PSEUDO_HDR,
-    helpers::bpf_csum_diff,
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, programs::TcContext};
 use canary_common::{IPPROTO_UDP, addr::Addr, counters::Counter, csum, flow::CT_REVERSE};
 
 use crate::{
@@ -74,18 +70,6 @@ fn fold(ctx: &TcContext, at: usize, from: u32, to: u32, size: u64) -> Result<(),
         .map_err(|_| Counter::RewriteFailed)
 }
 
-/// `bpf_csum_diff` of two 16-byte addresses.
-#[inline(always)]
-fn diff16(from: Addr, to: Addr) -> Result<u64, Counter> {
-    let (mut from, mut to) = (from.0, to.0);
-    // SAFETY: both buffers are 16 readable stack bytes, as the sizes say.
-    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
-    if diff < 0 {
-        return Err(Counter::RewriteFailed);
-    }
-    Ok(diff as u64)
-}
-
 /// Rewrites the error `q` to speak of `vip:vport` instead of the backend;
 /// the outer source too if `outer_src` (the backend sent it).
 #[inline(always)]
@@ -116,8 +100,8 @@ fn rewrite(
         // SAFETY: bounds-checked against data_end just above; packet
         // fields need not be aligned.
         unsafe { p.write_unaligned(vip) };
-        let diff = diff16(backend, vip)?;
         // Size 0: `to` is a difference.
+        let diff = u64::from(csum::diff16(&backend.0, &vip.0));
         ctx.l4_csum_replace(at, 0, diff, 0)
             .map_err(|_| Counter::RewriteFailed)?;
     } else {
@@ -172,7 +156,7 @@ fn rewrite(
             let p = field::<Addr>(ctx, src_at)?;
             // SAFETY: as above.
             unsafe { p.write_unaligned(vip) };
-            let diff = diff16(backend, vip)?;
+            let diff = u64::from(csum::diff16(&backend.0, &vip.0));
             ctx.l4_csum_replace(at, 0, diff, u64::from(BPF_F_PSEUDO_HDR) | BPF_F_IPV6)
                 .map_err(|_| Counter::RewriteFailed)?;
         } else {

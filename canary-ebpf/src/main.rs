@@ -9,6 +9,12 @@
 //! - `canary_udp_sweep`: run by the agent through `BPF_PROG_TEST_RUN`, one
 //!   UDP flow at a time, never attached: ends idle flows and counts
 //!   unanswered ones.
+//! - `canary_connect4/6` (cgroup, the socket-LB cgroup): steer a
+//!   `connect()` to a VIP once, by rewriting its destination; its packets
+//!   are never NATed.
+//! - `canary_getpeername4/6` (cgroup): a steered socket's peer is the VIP.
+//! - `canary_sock_*` (BTF tracepoints): the signals of socket-steered
+//!   connections, into the same counters and histograms as the TC path.
 //! - `canary_bench_*_empty`: empty programs, the benchmark's baselines;
 //!   never loaded by the agent.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -41,6 +47,8 @@ mod nat;
 #[cfg(target_arch = "bpf")]
 mod packet;
 #[cfg(target_arch = "bpf")]
+mod sock;
+#[cfg(target_arch = "bpf")]
 mod stats;
 #[cfg(target_arch = "bpf")]
 mod steer;
@@ -50,11 +58,15 @@ mod udp;
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        macros::{classifier, xdp},
-        programs::{TcContext, XdpContext},
+        macros::{btf_tracepoint, cgroup_sock_addr, classifier, xdp},
+        programs::{BtfTracePointContext, SockAddrContext, TcContext, XdpContext},
     };
 
-    use crate::{egress, ingress, stats, udp};
+    use crate::{
+        egress, ingress,
+        sock::{self, Hook},
+        stats, udp,
+    };
 
     /// Client → VIP packets: steer new flows, DNAT every packet of a flow.
     #[classifier]
@@ -94,6 +106,80 @@ mod programs {
             return sweep::NOT_FOUND;
         }
         udp::sweep(&key)
+    }
+
+    /// IPv4 `connect()` from the socket-LB cgroup: a VIP becomes a backend.
+    /// Never refuses a connect (1 = proceed).
+    #[cgroup_sock_addr(connect4)]
+    pub fn canary_connect4(ctx: SockAddrContext) -> i32 {
+        upgrade_test_variant();
+        sock::connect(&ctx, Hook::V4);
+        1
+    }
+
+    /// IPv6 `connect()`: v4-mapped VIPs of dual-stack sockets map to the
+    /// IPv4 service.
+    #[cgroup_sock_addr(connect6)]
+    pub fn canary_connect6(ctx: SockAddrContext) -> i32 {
+        upgrade_test_variant();
+        sock::connect(&ctx, Hook::V6);
+        1
+    }
+
+    /// IPv4 `getpeername()`: the VIP the application dialled. Must return 1.
+    #[cgroup_sock_addr(getpeername4)]
+    pub fn canary_getpeername4(ctx: SockAddrContext) -> i32 {
+        sock::getpeername(&ctx, Hook::V4);
+        1
+    }
+
+    /// IPv6 `getpeername()`: the (v4-mapped) VIP. Must return 1.
+    #[cgroup_sock_addr(getpeername6)]
+    pub fn canary_getpeername6(ctx: SockAddrContext) -> i32 {
+        sock::getpeername(&ctx, Hook::V6);
+        1
+    }
+
+    /// A TCP state change: connection counted, handshake timed, end counted.
+    #[btf_tracepoint(function = "inet_sock_set_state")]
+    pub fn canary_sock_state(ctx: BtfTracePointContext) -> i32 {
+        sock::state(&ctx);
+        0
+    }
+
+    /// A RST received: refused or reset by the backend.
+    #[btf_tracepoint(function = "tcp_receive_reset")]
+    pub fn canary_sock_rst_rx(ctx: BtfTracePointContext) -> i32 {
+        sock::rst_from_backend(&ctx);
+        0
+    }
+
+    /// A RST sent: reset by the client.
+    #[btf_tracepoint(function = "tcp_send_reset")]
+    pub fn canary_sock_rst_tx(ctx: BtfTracePointContext) -> i32 {
+        sock::rst_from_client(&ctx);
+        0
+    }
+
+    /// A retransmission: a SYN retry while connecting.
+    #[btf_tracepoint(function = "tcp_retransmit_skb")]
+    pub fn canary_sock_retransmit(ctx: BtfTracePointContext) -> i32 {
+        sock::retransmit(&ctx);
+        0
+    }
+
+    /// A `sendmsg` result: bytes from the client, its first request.
+    #[btf_tracepoint(function = "sock_send_length")]
+    pub fn canary_sock_send(ctx: BtfTracePointContext) -> i32 {
+        sock::send(&ctx);
+        0
+    }
+
+    /// A `recvmsg` result: bytes from the backend, its first response.
+    #[btf_tracepoint(function = "sock_recv_length")]
+    pub fn canary_sock_recv(ctx: BtfTracePointContext) -> i32 {
+        sock::recv(&ctx);
+        0
     }
 
     /// In the `upgrade-test` build only: a clock read whose result is

@@ -2,7 +2,8 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use canary_common::{
@@ -16,6 +17,7 @@ use canary_common::{
     service::{
         DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAX_RULES, RuleKey, ServiceKey, ServiceValue,
     },
+    sock::{SOCK_REVNAT_CAPACITY, SockRevKey, SockRevValue, SockTag},
     stats::{BackendCounters, CohortHistograms, HandshakeTimeouts},
 };
 
@@ -113,6 +115,36 @@ pub static TIMEOUTS: Array<HandshakeTimeouts> =
 /// adopts them; never read by the programs.
 #[map(name = "LAYOUT")]
 pub static LAYOUT: Array<u32> = Array::with_max_entries(LAYOUT_ENTRIES, 0);
+
+/// {socket cookie, backend} → the VIP its application dialled. Written by
+/// `connect4/6` when they steer a socket, read by `getpeername4/6`, removed
+/// when the socket closes (`inet_sock_set_state`).
+#[map(name = "SOCK_REVNAT")]
+pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
+    LruHashMap::with_max_entries(SOCK_REVNAT_CAPACITY, 0);
+
+/// Socket storage: the tag of every socket steered by `connect4/6`
+/// (service, cohort, stats slot, timestamps, once-only bits), freed with
+/// the socket. Written by `connect4/6`; the socket tracepoint programs
+/// count only sockets that have one. A BTF map (socket storage needs BTF);
+/// its name is the static's.
+#[btf_map]
+pub static SOCK_TAGS: SkStorage<SockTag> = SkStorage::new();
+
+/// Stats slot → handshake timeouts of socket-steered connections, per
+/// CPU: counted by the programs when a socket leaves `SYN_SENT` without an
+/// answer. The agent adds them to the sweep's `TIMEOUTS` (a separate map:
+/// the sweep's read-modify-write of `TIMEOUTS` would lose concurrent
+/// kernel increments). Sized like `STATS` by the agent.
+#[map(name = "SOCK_TIMEOUTS")]
+pub static SOCK_TIMEOUTS: PerCpuArray<HandshakeTimeouts> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS + 1, 0);
+
+/// Index 0: the generation (`SOCK_GENERATION` of an object) whose socket
+/// tracepoint programs count. Written by the agent once its own are
+/// attached; read by those programs for every tagged socket's event.
+#[map(name = "SOCK_ACTIVE")]
+pub static SOCK_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 
 /// UDP 5-tuple → flow state, both directions, like `CONNTRACK` for TCP but
 /// a table of its own, so a burst of UDP flows never evicts a TCP

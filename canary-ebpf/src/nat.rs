@@ -15,7 +15,6 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::bpf_csum_diff,
     programs::{TcContext, XdpContext},
 };
 use canary_common::{addr::Addr, counters::Counter, csum};
@@ -84,29 +83,28 @@ impl Rewrite for TcContext {
                 // SAFETY: bounds-checked against data_end just above;
                 // packet fields need not be aligned.
                 unsafe { field.write_unaligned(addr) };
-                let mut from = old_addr.0;
-                let mut to = addr.0;
-                // SAFETY: both buffers are 16 readable stack bytes, as the
-                // sizes passed say.
-                let diff = unsafe {
-                    bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0)
-                };
-                if diff < 0 {
-                    return Err(Counter::RewriteFailed);
-                }
-                // Size 0: `to` is a difference, not a field.
+                // Size 0: `to` is a difference, not a field. Computed here
+                // rather than by `bpf_csum_diff`: one helper call less.
                 self.l4_csum_replace(
                     l4_csum,
                     0,
-                    diff as u64,
+                    u64::from(csum::diff16(&old_addr.0, &addr.0)),
                     u64::from(BPF_F_PSEUDO_HDR) | BPF_F_IPV6 | mangled,
                 )
                 .map_err(|_| Counter::RewriteFailed)?;
             } else {
                 let (old, new) = (old_addr.v4(), addr.v4());
-                let field = field::<u32, _>(self, addr_off)?;
-                // SAFETY: as above.
-                unsafe { field.write_unaligned(new) };
+                let ip_csum = field::<u16, _>(self, L3 + IP_CSUM)?;
+                let ip_addr = field::<u32, _>(self, addr_off)?;
+                // SAFETY: as above. The IP header checksum is updated here
+                // rather than by `bpf_l3_csum_replace`, which does the same
+                // RFC 1624 update whatever the skb's checksum state (the
+                // header is outside every partial or complete L4 sum), for
+                // one helper call less per packet.
+                unsafe {
+                    ip_addr.write_unaligned(new);
+                    ip_csum.write_unaligned(csum::replace4(ip_csum.read_unaligned(), old, new));
+                }
                 self.l4_csum_replace(
                     l4_csum,
                     u64::from(old),
@@ -114,8 +112,6 @@ impl Rewrite for TcContext {
                     u64::from(BPF_F_PSEUDO_HDR | 4) | mangled,
                 )
                 .map_err(|_| Counter::RewriteFailed)?;
-                self.l3_csum_replace(L3 + IP_CSUM, u64::from(old), u64::from(new), 4)
-                    .map_err(|_| Counter::RewriteFailed)?;
             }
         }
         if old_port != port {

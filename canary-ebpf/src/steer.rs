@@ -46,7 +46,34 @@ pub fn choose(
     } else {
         sticky_hash_addr(&key.src_addr, svc.salt)
     };
-    let cohort = match rule_for(svc.rule_set, key.src_addr) {
+    choose_hashed(svc, hash, Some(key.src_addr), now, new_connection)
+}
+
+/// [`choose`] for a flow whose hash is already known: the socket path
+/// hashes other inputs (a network-namespace or socket cookie) and may not
+/// know the client's address yet (`src` is `None`).
+///
+/// Without a source address the rules cannot be evaluated; a service that
+/// has rules then sends the connection to stable (counted as
+/// `SockSourceUnknown`), so a client that `never_canary` excludes never
+/// lands on canary because its address was not known.
+#[inline(always)]
+pub fn choose_hashed(
+    svc: &ServiceValue,
+    hash: u64,
+    src: Option<Addr>,
+    now: u64,
+    new_connection: bool,
+) -> Result<Choice, Counter> {
+    let rule = match src {
+        Some(addr) => rule_for(svc.rule_set, addr),
+        None if svc.rule_set != 0 => {
+            crate::stats::count(Counter::SockSourceUnknown);
+            Some(RULE_NEVER_CANARY)
+        }
+        None => None,
+    };
+    let cohort = match rule {
         Some(RULE_ALWAYS_CANARY) => COHORT_CANARY,
         Some(RULE_NEVER_CANARY) => COHORT_STABLE,
         _ if is_canary(bucket(hash), svc.weight_ppm) => COHORT_CANARY,

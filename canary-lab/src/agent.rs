@@ -480,16 +480,23 @@ pub fn lab_bpffs() -> anyhow::Result<PathBuf> {
 /// Gives an agent a state directory, a control socket and a bpffs
 /// directory of its own (under `dir` and `bpffs`) unless the config names
 /// them: rollbacks persist there, and one lab's must not leak into the next
-/// (or into the host's `/var/lib/canary` and `/sys/fs/bpf/canary`).
+/// (or into the host's `/var/lib/canary` and `/sys/fs/bpf/canary`). The
+/// socket LB is off unless the config names `socket_lb`: on by default it
+/// would attach at the host's cgroup v2 root and steer every process on
+/// the machine (a socket-LB test names its own cgroup).
 fn with_private_paths(config: &str, dir: &Path, bpffs: &Path) -> String {
     let mut config = config.to_string();
-    for (key, path) in [
-        ("state_dir", dir.join("state")),
-        ("control_socket", dir.join("control.sock")),
-        ("bpffs_dir", bpffs.to_path_buf()),
+    for (key, value) in [
+        ("state_dir", format!("\"{}\"", dir.join("state").display())),
+        (
+            "control_socket",
+            format!("\"{}\"", dir.join("control.sock").display()),
+        ),
+        ("bpffs_dir", format!("\"{}\"", bpffs.display())),
+        ("socket_lb", "false".to_string()),
     ] {
         if !config.contains(key) {
-            let line = format!("{key} = \"{}\"", path.display());
+            let line = format!("{key} = {value}");
             config = config.replacen("[agent]", &format!("[agent]\n{line}"), 1);
         }
     }
@@ -507,9 +514,9 @@ mod tests {
         let out = with_private_paths("[agent]\ninterfaces = [\"cli0\"]\n", dir, bpf);
         assert_eq!(
             out,
-            "[agent]\nbpffs_dir = \"/run/b/x\"\ncontrol_socket = \"/tmp/x/control.sock\"\nstate_dir = \"/tmp/x/state\"\ninterfaces = [\"cli0\"]\n"
+            "[agent]\nsocket_lb = false\nbpffs_dir = \"/run/b/x\"\ncontrol_socket = \"/tmp/x/control.sock\"\nstate_dir = \"/tmp/x/state\"\ninterfaces = [\"cli0\"]\n"
         );
-        let own = "[agent]\nstate_dir = \"/s\"\ncontrol_socket = \"/c\"\nbpffs_dir = \"/b\"\n";
+        let own = "[agent]\nstate_dir = \"/s\"\ncontrol_socket = \"/c\"\nbpffs_dir = \"/b\"\nsocket_lb = true\n";
         assert_eq!(with_private_paths(own, dir, bpf), own);
     }
 }

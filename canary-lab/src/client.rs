@@ -7,7 +7,7 @@
 //! `AddrNotAvailable`.
 
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
@@ -27,7 +27,11 @@ const MAX_REPLY: u64 = 1024;
 /// docs). Failures keep their `io::ErrorKind`: `ConnectionRefused` for a
 /// closed port, `ConnectionReset` for a backend that resets, `TimedOut` /
 /// `WouldBlock` for no answer within `timeout`.
-pub fn request_once(src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> io::Result<String> {
+pub fn request_once(
+    src: impl Into<IpAddr>,
+    dst: impl Into<SocketAddr>,
+    timeout: Duration,
+) -> io::Result<String> {
     Conn::open(src, dst, timeout)?.ping()
 }
 
@@ -44,11 +48,16 @@ impl Conn {
     ///
     /// Must be called on a thread inside the client namespace (see the
     /// module docs).
-    pub fn open(src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> io::Result<Conn> {
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    pub fn open(
+        src: impl Into<IpAddr>,
+        dst: impl Into<SocketAddr>,
+        timeout: Duration,
+    ) -> io::Result<Conn> {
+        let (src, dst) = (src.into(), dst.into());
+        let socket = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
         bind_address_no_port(&socket)?;
-        socket.bind(&SocketAddr::from(SocketAddrV4::new(src, 0)).into())?;
-        socket.connect_timeout(&SocketAddr::V4(dst).into(), timeout)?;
+        socket.bind(&SocketAddr::new(src, 0).into())?;
+        socket.connect_timeout(&dst.into(), timeout)?;
         socket.set_read_timeout(Some(timeout))?;
         socket.set_write_timeout(Some(timeout))?;
         // One small write per request: send it now, don't wait for an ACK.

@@ -11,8 +11,14 @@
 //! The client sends the VIP range (10.96.0.0/16) and the backend subnets to
 //! the router, which sends 10.201.0.0/16 back via 10.200.0.2. The router forwards between its interfaces but has no default
 //! route, so a VIP packet that nothing steered dies there.
+//!
+//! Every link is dual-stack: the same topology in IPv6 is `fd00:200::/64`
+//! between client and router, `fd00:200:{i+1}::/64` to backend `i`, the
+//! VIP range `fd00:96::/64` and extra client addresses `fd00:201::1`
+//! upwards (all added `nodad`, so they work at once). Servers listen on `[::]:8080` for
+//! both families.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -38,6 +44,8 @@ pub struct LabSpec {
     pub backends: Vec<BackendSpec>,
     /// How many extra client source addresses (10.201.0.1 upwards) to add.
     pub n_client_addrs: u32,
+    /// How many extra IPv6 client source addresses (`fd00:201::1` upwards).
+    pub n_client_addrs6: u32,
 }
 
 /// One backend.
@@ -61,6 +69,7 @@ pub struct Lab {
     backends: Vec<Netns>,
     backend_names: Vec<String>,
     client_addrs: Vec<Ipv4Addr>,
+    client_addrs6: Vec<Ipv6Addr>,
     client: Netns,
     router: Netns,
 }
@@ -74,6 +83,14 @@ impl Lab {
     pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
     /// First of the extra client addresses ([`Lab::client_addrs`]).
     pub const FIRST_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
+    /// The router's IPv6 address on [`Lab::ROUTER_CLIENT_IFACE`].
+    pub const ROUTER_CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1);
+    /// The client's IPv6 address on `eth0`.
+    pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 2);
+    /// First of the extra IPv6 client addresses ([`Lab::client_addrs6`]).
+    pub const FIRST_CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 1);
+    /// The IPv6 VIP range (a /64) the client routes to the router.
+    pub const VIP6_NET: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0);
     /// Start of the VIP range the client routes to the router.
     pub const VIP_NET: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 0);
     /// Prefix length of the VIP range.
@@ -111,6 +128,12 @@ impl Lab {
                 backend.name
             );
         }
+        ensure!(
+            spec.n_client_addrs6 <= Self::MAX_CLIENT_ADDRS,
+            "{} IPv6 client addresses requested, at most {} are supported",
+            spec.n_client_addrs6,
+            Self::MAX_CLIENT_ADDRS
+        );
         cleanup_stale().context("removing stale lab namespaces")?;
 
         let prefix = format!(
@@ -128,8 +151,11 @@ impl Lab {
             .map(|k| Ipv4Addr::from(u32::from(Self::FIRST_CLIENT_ADDR) + k))
             .collect();
 
+        let client_addrs6: Vec<Ipv6Addr> = (0..spec.n_client_addrs6)
+            .map(|k| Ipv6Addr::from(u128::from(Self::FIRST_CLIENT_ADDR6) + u128::from(k)))
+            .collect();
         configure_router(&router, &client, &backends)?;
-        configure_client(&client, &client_addrs)?;
+        configure_client(&client, &client_addrs, &client_addrs6)?;
         for (i, ns) in backends.iter().enumerate() {
             configure_backend(ns, i)?;
         }
@@ -140,6 +166,7 @@ impl Lab {
             backends,
             backend_names: spec.backends.iter().map(|b| b.name.clone()).collect(),
             client_addrs,
+            client_addrs6,
             client,
             router,
         };
@@ -149,7 +176,7 @@ impl Lab {
                 lab.udp_servers.push(None);
                 continue;
             }
-            let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, Self::BACKEND_PORT);
+            let addr = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), Self::BACKEND_PORT);
             lab.servers.push(Some(Server::start(
                 &lab.backends[i],
                 addr,
@@ -200,6 +227,25 @@ impl Lab {
     /// The extra client source addresses, 10.201.0.1 upwards.
     pub fn client_addrs(&self) -> &[Ipv4Addr] {
         &self.client_addrs
+    }
+
+    /// The extra IPv6 client source addresses, `fd00:201::1` upwards.
+    pub fn client_addrs6(&self) -> &[Ipv6Addr] {
+        &self.client_addrs6
+    }
+
+    /// Backend `i`'s server address over IPv6, `[fd00:200:{i+1}::2]:8080`.
+    ///
+    /// # Panics
+    ///
+    /// If there is no backend `i`.
+    pub fn backend_addr6(&self, i: usize) -> SocketAddr {
+        assert!(
+            i < self.backends.len(),
+            "backend {i} requested, the lab has {}",
+            self.backends.len()
+        );
+        SocketAddr::new(IpAddr::V6(backend_ip6(i, 2)), Self::BACKEND_PORT)
     }
 
     /// Stops backend `i`'s servers: its listener closes, so new connections
@@ -262,6 +308,12 @@ fn backend_ip(i: usize, host: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 200, octet, host)
 }
 
+/// Address `host` in backend `i`'s IPv6 subnet `fd00:200:{i+1}::/64`.
+fn backend_ip6(i: usize, host: u16) -> Ipv6Addr {
+    let net = u16::try_from(i + 1).expect("at most MAX_BACKENDS backends");
+    Ipv6Addr::new(0xfd00, 0x200, net, 0, 0, 0, 0, host)
+}
+
 /// Creates every veth from inside the router namespace (peers go straight
 /// into their namespaces, nothing touches the root namespace), addresses the
 /// router side, and turns on forwarding.
@@ -277,19 +329,25 @@ fn configure_router(router: &Netns, client: &Netns, backends: &[Netns]) -> anyho
         "link set lo up\n\
          link add {iface} type veth peer name eth0 netns {client}\n\
          addr add {ip}/24 dev {iface}\n\
+         addr add {ip6}/64 dev {iface} nodad\n\
          link set {iface} up\n\
-         route add 10.201.0.0/16 via {client_ip} dev {iface}\n",
+         route add 10.201.0.0/16 via {client_ip} dev {iface}\n\
+         route add fd00:201::/64 via {client_ip6} dev {iface}\n",
         client = client.name(),
         ip = Lab::ROUTER_CLIENT_IP,
+        ip6 = Lab::ROUTER_CLIENT_IP6,
         client_ip = Lab::CLIENT_IP,
+        client_ip6 = Lab::CLIENT_IP6,
     );
     for (i, ns) in backends.iter().enumerate() {
         batch += &format!(
             "link add b{i} type veth peer name eth0 netns {ns}\n\
              addr add {ip}/24 dev b{i}\n\
+             addr add {ip6}/64 dev b{i} nodad\n\
              link set b{i} up\n",
             ns = ns.name(),
             ip = backend_ip(i, 1),
+            ip6 = backend_ip6(i, 1),
         );
     }
     router.ip_batch(&batch)?;
@@ -299,6 +357,7 @@ fn configure_router(router: &Netns, client: &Netns, backends: &[Netns]) -> anyho
         router,
         &[
             "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
             "net.ipv4.conf.all.rp_filter=0",
             "net.ipv4.conf.default.rp_filter=0",
         ],
@@ -307,20 +366,29 @@ fn configure_router(router: &Netns, client: &Netns, backends: &[Netns]) -> anyho
 
 /// Addresses the client side, adds the extra source addresses in one `ip`
 /// process, and routes VIPs and backend subnets to the router.
-fn configure_client(client: &Netns, addrs: &[Ipv4Addr]) -> anyhow::Result<()> {
+fn configure_client(client: &Netns, addrs: &[Ipv4Addr], addrs6: &[Ipv6Addr]) -> anyhow::Result<()> {
     let mut batch = format!(
         "link set lo up\n\
          addr add {ip}/24 dev eth0\n\
+         addr add {ip6}/64 dev eth0 nodad\n\
          link set eth0 up\n\
          route add {vip}/{len} via {gw}\n\
-         route add 10.200.0.0/16 via {gw}\n",
+         route add 10.200.0.0/16 via {gw}\n\
+         route add {vip6}/64 via {gw6}\n\
+         route add fd00:200::/48 via {gw6}\n",
         ip = Lab::CLIENT_IP,
+        ip6 = Lab::CLIENT_IP6,
         vip = Lab::VIP_NET,
         len = Lab::VIP_PREFIX_LEN,
         gw = Lab::ROUTER_CLIENT_IP,
+        vip6 = Lab::VIP6_NET,
+        gw6 = Lab::ROUTER_CLIENT_IP6,
     );
     for addr in addrs {
         batch += &format!("addr add {addr}/32 dev eth0\n");
+    }
+    for addr in addrs6 {
+        batch += &format!("addr add {addr}/128 dev eth0 nodad\n");
     }
     client.ip_batch(&batch)?;
     // Many short connections: a wide port range and TIME_WAIT reuse keep
@@ -343,12 +411,16 @@ fn configure_backend(ns: &Netns, i: usize) -> anyhow::Result<()> {
     ns.ip_batch(&format!(
         "link set lo up\n\
          addr add {ip}/24 dev eth0\n\
+         addr add {ip6}/64 dev eth0 nodad\n\
          link set eth0 up\n\
-         route add default via {gw}\n",
+         route add default via {gw}\n\
+         route add default via {gw6}\n",
         ip = backend_ip(i, 2),
+        ip6 = backend_ip6(i, 2),
         gw = backend_ip(i, 1),
+        gw6 = backend_ip6(i, 1),
     ))?;
-    sysctl(ns, &["net.ipv4.icmp_ratelimit=0"])
+    sysctl(ns, &["net.ipv4.icmp_ratelimit=0", "net.ipv6.icmp.ratelimit=0"])
 }
 
 /// Sets `key=value` sysctls inside `ns`.
@@ -468,6 +540,7 @@ mod tests {
                 backend("canary", Behavior::Reply),
             ],
             n_client_addrs: 3,
+            n_client_addrs6: 0,
         });
         assert_eq!(
             lab.client_addrs(),
@@ -506,6 +579,7 @@ mod tests {
                 backend("closed", Behavior::Closed),
             ],
             n_client_addrs: 1,
+            n_client_addrs6: 0,
         });
         let src = lab.client_addrs()[0];
         let dsts: Vec<_> = (0..4).map(|i| lab.backend_addr(i)).collect();
@@ -560,6 +634,7 @@ mod tests {
                 backend("two", Behavior::Reply),
             ],
             n_client_addrs: 1,
+            n_client_addrs6: 0,
         });
         let src = lab.client_addrs()[0];
         let (one, two) = (lab.backend_addr(0), lab.backend_addr(1));
@@ -601,6 +676,7 @@ mod tests {
                 backend("b", Behavior::Closed),
             ],
             n_client_addrs: 0,
+            n_client_addrs6: 0,
         });
         let names = lab.netns_names();
         let before = netns_list();

@@ -10,6 +10,7 @@
 //! let lab = Lab::build(&LabSpec {
 //!     backends: vec![BackendSpec { name: "stable".into(), behavior: Behavior::Reply }],
 //!     n_client_addrs: 10,
+//!     n_client_addrs6: 0,
 //! })?;
 //! let (src, dst) = (lab.client_addrs()[0], lab.backend_addr(0));
 //! // Client sockets must be created inside the client namespace.

@@ -3,7 +3,7 @@
 //! name.
 
 use std::io::{self, BufRead, BufReader, ErrorKind, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -57,7 +57,7 @@ impl Server {
     /// with `name`. `Behavior::Closed` must not get here.
     pub(crate) fn start(
         ns: &Netns,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         name: &str,
         behavior: Behavior,
     ) -> anyhow::Result<Server> {
@@ -117,11 +117,15 @@ impl Drop for Server {
     }
 }
 
-/// Binds a listening socket with `SO_REUSEADDR` and a large backlog.
-fn listen(addr: SocketAddrV4) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+/// Binds a listening socket with `SO_REUSEADDR` and a large backlog; an
+/// IPv6 address listens for both families (`IPV6_V6ONLY` off).
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
-    socket.bind(&SocketAddr::V4(addr).into())?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     // Non-blocking so that an accept after a spurious wake-up (the peer
     // reset before we got to it) cannot block past the stop flag.

@@ -5,7 +5,7 @@
 
 use std::{
     io::{self, ErrorKind},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    net::{IpAddr, SocketAddr, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -15,6 +15,7 @@ use std::{
 };
 
 use anyhow::Context;
+use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{Behavior, Netns};
 
@@ -35,16 +36,17 @@ pub(crate) struct UdpServer {
 }
 
 impl UdpServer {
-    /// Binds `addr` inside `ns` and answers every datagram with
-    /// `{name}\n` (after the delay of [`Behavior::FirstByteDelay`]).
+    /// Binds `addr` inside `ns` (`[::]` takes IPv4 too) and answers every
+    /// datagram with `{name}\n` (after the delay of
+    /// [`Behavior::FirstByteDelay`]).
     pub(crate) fn start(
         ns: &Netns,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         name: &str,
         behavior: Behavior,
     ) -> anyhow::Result<UdpServer> {
         let socket = ns
-            .spawn(move || UdpSocket::bind(addr))
+            .spawn(move || bind(addr))
             .join()
             .expect("UDP bind thread panicked")
             .and_then(|bound| bound)
@@ -94,6 +96,16 @@ impl Drop for UdpServer {
     }
 }
 
+/// A UDP socket bound to `addr`; an IPv6 wildcard takes IPv4 too.
+fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// Answers until stopped. Bounded per round by the read timeout.
 fn serve(
     socket: &UdpSocket,
@@ -131,10 +143,16 @@ pub struct UdpConn {
 }
 
 impl UdpConn {
-    /// Opens a flow from `src` to `dst`; each receive waits at most
-    /// `timeout`. Must be called on a thread inside the client namespace.
-    pub fn open(src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> io::Result<UdpConn> {
-        let socket = UdpSocket::bind(SocketAddrV4::new(src, 0))?;
+    /// Opens a flow from `src` to `dst` (one family); each receive waits at
+    /// most `timeout`. Must be called on a thread inside the client
+    /// namespace.
+    pub fn open(
+        src: impl Into<IpAddr>,
+        dst: impl Into<SocketAddr>,
+        timeout: Duration,
+    ) -> io::Result<UdpConn> {
+        let dst = dst.into();
+        let socket = UdpSocket::bind(SocketAddr::new(src.into(), 0))?;
         socket.connect(dst)?;
         socket.set_read_timeout(Some(timeout))?;
         Ok(UdpConn { socket })
@@ -179,6 +197,10 @@ impl UdpConn {
 /// One request on a fresh socket (a new flow) from `src` to `dst`: the
 /// reply line without its newline (the backend's name). Must be called on
 /// a thread inside the client namespace.
-pub fn udp_request_once(src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> io::Result<String> {
+pub fn udp_request_once(
+    src: impl Into<IpAddr>,
+    dst: impl Into<SocketAddr>,
+    timeout: Duration,
+) -> io::Result<String> {
     UdpConn::open(src, dst, timeout)?.ping()
 }

@@ -14,6 +14,11 @@
     )
 )]
 
+// The socket-LB test client's dependency (src/bin/canary-sock-client.rs):
+// cargo has no per-binary dependencies.
+use socket2 as _;
+
+pub mod cgroup;
 pub mod load;
 pub mod metrics;
 pub mod packet;
@@ -23,6 +28,15 @@ pub mod scenarios;
 /// A lab with `backends` (name, behaviour) and `clients` client addresses;
 /// fails the test unless it runs as root.
 pub fn lab(backends: &[(&str, canary_lab::Behavior)], clients: u32) -> canary_lab::Lab {
+    lab_dual_stack(backends, clients, 0)
+}
+
+/// [`lab`] with `clients6` extra IPv6 client addresses as well.
+pub fn lab_dual_stack(
+    backends: &[(&str, canary_lab::Behavior)],
+    clients: u32,
+    clients6: u32,
+) -> canary_lab::Lab {
     require_root();
     canary_lab::Lab::build(&canary_lab::LabSpec {
         backends: backends
@@ -33,6 +47,7 @@ pub fn lab(backends: &[(&str, canary_lab::Behavior)], clients: u32) -> canary_la
             })
             .collect(),
         n_client_addrs: clients,
+        n_client_addrs6: clients6,
     })
     .expect("lab builds")
 }

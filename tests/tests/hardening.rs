@@ -62,9 +62,16 @@ fn bad_configs_are_refused_by_check_and_by_sighup_and_the_agent_keeps_serving() 
     let scratch = Scratch::new("bad-configs");
     let iface = Lab::ROUTER_CLIENT_IFACE;
     let (stable, canary) = (lab.backend_addr(0), lab.backend_addr(1));
+    // The socket LB stays off (it would attach at the host's cgroup root)
+    // unless a row sets it itself.
     let doc = |agent: &str, service: &str, tail: &str| {
+        let socket_lb = if agent.contains("socket_lb") {
+            ""
+        } else {
+            "socket_lb = false\n"
+        };
         format!(
-            "[agent]\ninterfaces = [\"{iface}\"]\n{agent}\n\n[[service]]\nname = \"web\"\n\
+            "[agent]\ninterfaces = [\"{iface}\"]\n{socket_lb}{agent}\n\n[[service]]\nname = \"web\"\n\
              vip = \"{VIP}\"\nstable = [\"{stable}\"]\ncanary = [\"{canary}\"]\n{service}\n{tail}"
         )
     };
@@ -202,6 +209,34 @@ fn bad_configs_are_refused_by_check_and_by_sighup_and_the_agent_keeps_serving() 
             ),
             "[agent]: interfaces = ",
             "no such network interface",
+        ),
+        row(
+            agent_row("").replace(
+                &format!("interfaces = [\"{iface}\"]"),
+                "interfaces = [\"cgroup\"]",
+            ),
+            "[agent]: interfaces = ",
+            "this name is reserved",
+        ),
+        row(
+            agent_row("socket_lb = true\ncgroup = \"sys/fs/cgroup\""),
+            "[agent]: cgroup = ",
+            "must be an absolute path",
+        ),
+        row(
+            agent_row("socket_lb = true\ncgroup = \"/proc\""),
+            "[agent]: cgroup = ",
+            "not on a cgroup v2 file system",
+        ),
+        row(
+            agent_row("socket_lb = false\ncgroup = \"/run\""),
+            "[agent]: cgroup = ",
+            "only used with socket_lb = true",
+        ),
+        row(
+            agent_row("socket_lb = \"on\""),
+            "socket_lb",
+            "expected a boolean",
         ),
         row(
             doc(

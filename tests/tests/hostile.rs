@@ -113,7 +113,12 @@ fn duplicate_syns_and_bare_acks_from_canary_clients_leave_a_healthy_canary_alone
         .client_addrs()
         .iter()
         .copied()
-        .filter(|a| is_canary(bucket(sticky_hash(u32::from_ne_bytes(a.octets()), salt)), 200_000))
+        .filter(|a| {
+            is_canary(
+                bucket(sticky_hash(u32::from_ne_bytes(a.octets()), salt)),
+                200_000,
+            )
+        })
         .collect();
     assert!(
         canary_clients.len() >= 10,
@@ -139,7 +144,12 @@ fn duplicate_syns_and_bare_acks_from_canary_clients_leave_a_healthy_canary_alone
     // dies and the copy meets its flow: a duplicate.
     let spoofed: Vec<Ipv4Addr> = (1..=254u8)
         .map(|h| Ipv4Addr::new(10, 201, 4, h))
-        .filter(|a| is_canary(bucket(sticky_hash(u32::from_ne_bytes(a.octets()), salt)), 200_000))
+        .filter(|a| {
+            is_canary(
+                bucket(sticky_hash(u32::from_ne_bytes(a.octets()), salt)),
+                200_000,
+            )
+        })
         .collect();
     assert!(
         !spoofed.is_empty(),

@@ -192,7 +192,12 @@ fn sticky_clients_keep_their_cohort_and_rising_weight_only_adds_canary_clients()
         let predicted: BTreeSet<Ipv4Addr> = clients
             .iter()
             .copied()
-            .filter(|a| is_canary(bucket(sticky_hash(u32::from_ne_bytes(a.octets()), salt)), ppm))
+            .filter(|a| {
+                is_canary(
+                    bucket(sticky_hash(u32::from_ne_bytes(a.octets()), salt)),
+                    ppm,
+                )
+            })
             .collect();
         assert_eq!(
             canary, predicted,
@@ -553,6 +558,164 @@ fn xdp_mode_steers_like_tc_and_reloads_switch_modes_without_breaking_connections
             .unwrap();
         assert_no_errors(&drive(&lab, lab.client_addrs(), 300), mode);
     }
+    drop(conns);
+    stop_and_assert_detached(&lab, agent);
+}
+
+const VIP6: &str = "[fd00:96::10]:80";
+
+/// Replies by backend name, and the errors.
+type Replies = (std::collections::BTreeMap<String, u64>, Vec<String>);
+
+/// `n` one-request connections to `vip` from `sources` (IPv6 or IPv4),
+/// eight threads in the client namespace: replies by backend name, and
+/// the errors.
+fn drive_any(
+    lab: &Lab,
+    vip: std::net::SocketAddr,
+    sources: &[std::net::IpAddr],
+    n: usize,
+) -> Replies {
+    const THREADS: usize = 8;
+    let replies: Arc<Mutex<Replies>> = Arc::default();
+    let threads: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let replies = Arc::clone(&replies);
+            let sources = sources.to_vec();
+            lab.client().spawn(move || {
+                for k in (t..n).step_by(THREADS) {
+                    let src = sources[k % sources.len()];
+                    let reply = canary_lab::request_once(src, vip, TIMEOUT);
+                    let mut r = replies.lock().unwrap();
+                    match reply {
+                        Ok(name) => *r.0.entry(name).or_default() += 1,
+                        Err(e) => r.1.push(format!("{src}: {e}")),
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join()
+            .expect("client thread")
+            .expect("enter client namespace");
+    }
+    let r = replies.lock().unwrap();
+    (r.0.clone(), r.1.clone())
+}
+
+/// The IPv6 service over the lab's IPv6 backends, with extra keys.
+fn config6(lab: &Lab, extra: &str) -> String {
+    format!(
+        "[agent]\ninterfaces = [\"{IFACE}\"]\n\n[[service]]\nname = \"web6\"\nvip = \"{VIP6}\"\n\
+         stable = [\"{}\", \"{}\"]\ncanary = [\"{}\"]\n{extra}\n",
+        lab.backend_addr6(0),
+        lab.backend_addr6(1),
+        lab.backend_addr6(2),
+    )
+}
+
+#[test]
+fn ipv6_clients_split_in_the_binomial_interval_and_long_lived_ones_never_move() {
+    let reply = Behavior::Reply;
+    let lab = canary_tests::lab_dual_stack(
+        &[
+            ("stable-1", reply),
+            ("stable-2", reply),
+            (CANARY_NAME, reply),
+        ],
+        0,
+        16,
+    );
+    let per_conn = "cohort = \"per-connection\"";
+    let mut agent = AgentProcess::start(
+        lab.router(),
+        &config6(&lab, &format!("weight = \"20%\"\n{per_conn}")),
+        false,
+    )
+    .expect("agent starts with an IPv6 service");
+    let vip6: std::net::SocketAddr = VIP6.parse().unwrap();
+    let sources: Vec<std::net::IpAddr> = lab.client_addrs6().iter().map(|a| (*a).into()).collect();
+
+    // Long-lived IPv6 connections, opened at 20 %.
+    let mut conns: Vec<(Conn, String)> = lab
+        .client()
+        .spawn({
+            let sources = sources.clone();
+            move || {
+                sources
+                    .iter()
+                    .map(|src| {
+                        let mut c = Conn::open(*src, vip6, TIMEOUT).expect("open over IPv6");
+                        let first = c.ping().expect("first ping over IPv6");
+                        (c, first)
+                    })
+                    .collect::<Vec<_>>()
+            }
+        })
+        .join()
+        .expect("client thread")
+        .expect("enter client namespace");
+
+    let n = 2000;
+    let (by_backend, errors) = drive_any(&lab, vip6, &sources, n);
+    assert!(
+        errors.is_empty(),
+        "{} IPv6 requests failed: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    let total: u64 = by_backend.values().sum();
+    assert_eq!(
+        total, n as u64,
+        "every IPv6 request answered: {by_backend:?}"
+    );
+    let p = 0.2;
+    let (mean, half) = (n as f64 * p, Z999 * (n as f64 * p * (1.0 - p)).sqrt());
+    let canary = by_backend.get(CANARY_NAME).copied().unwrap_or(0) as f64;
+    eprintln!(
+        "IPv6 20% of {n}: canary {canary}, 99.9% interval [{:.0}, {:.0}], backends {by_backend:?}",
+        mean - half,
+        mean + half
+    );
+    assert!(
+        (canary - mean).abs() <= half,
+        "IPv6 canary count {canary} outside {mean} ± {half:.0}: {by_backend:?}"
+    );
+
+    // Weight changes move no long-lived connection.
+    let mut pings = 0;
+    for weight in ["100%", "0%", "50%"] {
+        agent
+            .reload(&config6(
+                &lab,
+                &format!("weight = \"{weight}\"\n{per_conn}"),
+            ))
+            .expect("weight change");
+        conns = lab
+            .client()
+            .spawn(move || {
+                for (c, first) in &mut conns {
+                    for _ in 0..10 {
+                        let now = c.ping().expect("a long-lived IPv6 connection broke");
+                        assert_eq!(
+                            &now, first,
+                            "a long-lived IPv6 connection moved at {weight}"
+                        );
+                    }
+                }
+                conns
+            })
+            .join()
+            .expect("client thread")
+            .expect("enter client namespace");
+        pings += 10 * conns.len();
+    }
+    eprintln!(
+        "IPv6 long-lived: {} connections, {pings} pings across 100% → 0% → 50%, 0 broken, 0 moved",
+        conns.len()
+    );
+    assert_eq!(conns.len(), 16);
     drop(conns);
     stop_and_assert_detached(&lab, agent);
 }

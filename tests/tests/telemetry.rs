@@ -280,8 +280,12 @@ fn bytes_are_counted_exactly_and_active_connections_return_to_zero() {
             let mut conns = Vec::new();
             let mut replies: Vec<String> = Vec::new();
             for i in 0..20 {
-                let mut c = Conn::open(sources[i % sources.len()], vip.parse().unwrap(), TIMEOUT)
-                    .expect("open");
+                let mut c = Conn::open(
+                    sources[i % sources.len()],
+                    vip.parse::<std::net::SocketAddr>().unwrap(),
+                    TIMEOUT,
+                )
+                .expect("open");
                 for _ in 0..7 {
                     replies.push(c.ping().expect("ping"));
                 }

@@ -67,6 +67,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             })
             .collect(),
         n_client_addrs: 256,
+        n_client_addrs6: 0,
     })?;
     let config = format!(
         "[agent]\ninterfaces = [\"{iface}\"]\n\n[[service]]\nname = \"web\"\nvip = \"{VIP}\"\n\

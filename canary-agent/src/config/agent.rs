@@ -55,7 +55,16 @@ pub struct AgentConfig {
     /// The bpffs directory where maps and links are pinned, so the data
     /// plane outlives the agent.
     pub bpffs_dir: PathBuf,
+    /// The cgroup v2 directory where socket-level steering is attached
+    /// (`[agent] cgroup`); `None` when `socket_lb = false`. Every process
+    /// in it or below it is a client steered at `connect()`.
+    pub socket_lb: Option<PathBuf>,
 }
+
+/// Names of the link-pin directories the socket LB uses under
+/// `<bpffs_dir>/links/`, beside one directory per interface: interfaces
+/// cannot have these names.
+pub const RESERVED_LINK_DIRS: [&str; 2] = ["cgroup", "tracing"];
 
 /// Where client packets enter the data plane on an interface.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -98,12 +107,14 @@ pub struct InterfaceConfig {
 /// `control_group` exist on this host.
 pub(super) fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> {
     const S: &str = "[agent]";
-    if raw.interfaces.is_empty() {
+    let socket_lb = validate_socket_lb(raw.socket_lb, raw.cgroup)?;
+    if raw.interfaces.is_empty() && socket_lb.is_none() {
         return Err(invalid(
             S,
             "interfaces",
             "[]",
-            "name at least one client-facing interface, e.g. [\"eth0\"]",
+            "name at least one client-facing interface, e.g. [\"eth0\"], or set \
+             socket_lb = true to steer the clients on this node",
         ));
     }
     if raw.interfaces.len() > MAX_INTERFACES {
@@ -135,6 +146,15 @@ pub(super) fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> 
             MAX_INTERFACE_NAME,
             "an interface name",
         )?;
+        if RESERVED_LINK_DIRS.contains(&iface.name.as_str()) {
+            return Err(invalid(
+                S,
+                "interfaces",
+                quoted(&iface.name),
+                "this name is reserved: the socket LB pins its links in \
+                 <bpffs_dir>/links/cgroup and links/tracing; rename the interface",
+            ));
+        }
         if !seen.insert(iface.name.clone()) {
             return Err(invalid(
                 S,
@@ -292,7 +312,123 @@ pub(super) fn validate_agent(raw: RawAgent) -> Result<AgentConfig, ConfigError> 
         state_dir,
         webhook,
         bpffs_dir,
+        socket_lb,
     })
+}
+
+/// `socket_lb` (default on) and `cgroup` (default: the cgroup v2 mount):
+/// the cgroup to attach the socket LB at, or `None`.
+fn validate_socket_lb(
+    socket_lb: Option<bool>,
+    cgroup: Option<PathBuf>,
+) -> Result<Option<PathBuf>, ConfigError> {
+    const S: &str = "[agent]";
+    if socket_lb == Some(false) {
+        if let Some(path) = cgroup {
+            return Err(invalid(
+                S,
+                "cgroup",
+                quoted(&path.display().to_string()),
+                "only used with socket_lb = true; remove it, or set socket_lb = true",
+            ));
+        }
+        return Ok(None);
+    }
+    let Some(path) = cgroup else {
+        return default_cgroup().map(Some).ok_or_else(|| {
+            invalid(
+                S,
+                "cgroup",
+                "(unset)",
+                "no cgroup v2 file system is mounted (/proc/self/mountinfo lists none), so \
+                 socket_lb has nowhere to attach; mount one (mount -t cgroup2 none \
+                 /sys/fs/cgroup) and set cgroup, or set socket_lb = false",
+            )
+        });
+    };
+    let text = path.display().to_string();
+    length_in(S, "cgroup", &text, MAX_STATE_DIR, "the path")?;
+    if !path.is_absolute() {
+        return Err(invalid(
+            S,
+            "cgroup",
+            quoted(&text),
+            "must be an absolute path, e.g. \"/sys/fs/cgroup\"",
+        ));
+    }
+    if !path.is_dir() {
+        return Err(invalid(
+            S,
+            "cgroup",
+            quoted(&text),
+            "no such directory; name a cgroup v2 directory (its mount point covers every \
+             process on the node), or set socket_lb = false",
+        ));
+    }
+    match crate::sys::is_cgroup2(&path) {
+        Ok(true) => Ok(Some(path)),
+        Ok(false) => Err(invalid(
+            S,
+            "cgroup",
+            quoted(&text),
+            "not on a cgroup v2 file system (cgroup v1 has no socket hooks); \
+             `grep cgroup2 /proc/self/mountinfo` shows where v2 is mounted",
+        )),
+        Err(e) => Err(invalid(
+            S,
+            "cgroup",
+            quoted(&text),
+            format!("cannot inspect it: {e}"),
+        )),
+    }
+}
+
+/// The first cgroup v2 mount point in this process's mount table. Read
+/// once per process: `socket_lb` and `cgroup` take effect at start only.
+fn default_cgroup() -> Option<PathBuf> {
+    static FOUND: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            std::fs::read_to_string("/proc/self/mountinfo")
+                .ok()
+                .and_then(|table| cgroup2_mount(&table))
+        })
+        .clone()
+}
+
+/// The mount point of the first `cgroup2` file system in a
+/// `/proc/self/mountinfo` table (`proc(5)`: the fifth field is the mount
+/// point, with space, tab, newline and backslash escaped in octal; the
+/// file-system type follows the ` - ` separator).
+fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (mount, rest) = line.split_once(" - ")?;
+        let fstype = rest.split(' ').next()?;
+        let point = mount.split(' ').nth(4)?;
+        (fstype == "cgroup2").then(|| PathBuf::from(unescape_octal(point)))
+    })
+}
+
+/// `\040`-style octal escapes of mountinfo, decoded.
+fn unescape_octal(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && let Some(code) = bytes
+                .get(i + 1..i + 4)
+                .and_then(|d| std::str::from_utf8(d).ok())
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
+        {
+            out.push(code);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A socket path fits a Unix socket address, and names either nothing or
@@ -372,6 +508,103 @@ mod tests {
     };
 
     #[test]
+    fn the_cgroup2_mount_point_is_found_in_mountinfo() {
+        let table = "\
+25 30 0:23 / /sys rw,nosuid shared:7 - sysfs sysfs rw
+33 25 0:28 / /sys/fs/cgroup ro,nosuid shared:9 - tmpfs tmpfs ro,mode=755
+34 33 0:29 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw
+35 33 0:30 / /sys/fs/cgroup/systemd rw,nosuid shared:11 - cgroup cgroup rw,name=systemd
+";
+        assert_eq!(
+            cgroup2_mount(table),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let escaped = "40 30 0:50 / /run/my\\040cgroups rw - cgroup2 none rw\n";
+        assert_eq!(
+            cgroup2_mount(escaped),
+            Some(PathBuf::from("/run/my cgroups"))
+        );
+        assert_eq!(cgroup2_mount(&table.replace("cgroup2", "cgroup")), None);
+        assert_eq!(cgroup2_mount("garbage\n\n - \n"), None);
+    }
+
+    #[test]
+    fn socket_lb_is_on_by_default_at_the_cgroup2_mount_and_can_replace_interfaces() {
+        let Some(mount) = default_cgroup() else {
+            // Nothing to attach to on this machine: the error says so.
+            let msg = error_text(GOOD);
+            assert!(
+                msg.contains("[agent]: cgroup = (unset): no cgroup v2"),
+                "{msg}"
+            );
+            return;
+        };
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.agent.socket_lb, Some(mount.clone()));
+        let c = parse(&GOOD.replace("[\"lo\"]", "[]")).expect("socket LB alone is enough");
+        assert!(c.agent.interfaces.is_empty());
+        let c =
+            parse(&GOOD.replace("interfaces = [\"lo\"]", "")).expect("interfaces may be left out");
+        assert!(c.agent.interfaces.is_empty());
+        let c = parse(&GOOD.replace(
+            "[agent]",
+            &format!("[agent]\ncgroup = \"{}\"", mount.display()),
+        ))
+        .unwrap();
+        assert_eq!(c.agent.socket_lb, Some(mount));
+        let c = parse(&GOOD.replace("[agent]", "[agent]\nsocket_lb = false")).unwrap();
+        assert_eq!(c.agent.socket_lb, None);
+    }
+
+    #[test]
+    fn socket_lb_settings_are_validated() {
+        let msg = error_text(
+            &GOOD
+                .replace("[\"lo\"]", "[]")
+                .replace("[agent]", "[agent]\nsocket_lb = false"),
+        );
+        assert!(
+            msg.contains("[agent]: interfaces = []: name at least one client-facing interface")
+                && msg.contains("or set socket_lb = true"),
+            "{msg}"
+        );
+        let agent = |line: &str| GOOD.replace("[agent]", &format!("[agent]\n{line}"));
+        for (line, expected) in [
+            (
+                "cgroup = \"sys/fs/cgroup\"",
+                "[agent]: cgroup = \"sys/fs/cgroup\": must be an absolute path",
+            ),
+            (
+                "cgroup = \"/nonexistent/canary-cgroup\"",
+                "[agent]: cgroup = \"/nonexistent/canary-cgroup\": no such directory",
+            ),
+            (
+                "cgroup = \"/proc\"",
+                "[agent]: cgroup = \"/proc\": not on a cgroup v2 file system",
+            ),
+            (
+                "socket_lb = false\ncgroup = \"/sys/fs/cgroup\"",
+                "[agent]: cgroup = \"/sys/fs/cgroup\": only used with socket_lb = true",
+            ),
+            (
+                "socket_lb = \"yes\"",
+                "invalid type: string \"yes\", expected a boolean",
+            ),
+        ] {
+            let msg = error_text(&agent(line));
+            assert!(
+                msg.contains(expected),
+                "{line}: expected {expected:?}\n got {msg:?}"
+            );
+        }
+        let msg = error_text(&GOOD.replace("[\"lo\"]", "[\"cgroup\"]"));
+        assert!(
+            msg.contains("[agent]: interfaces = \"cgroup\": this name is reserved"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn missing_interfaces_are_named() {
         let msg = error_text(&GOOD.replace("[\"lo\"]", "[\"lo\", \"canary-nope0\"]"));
         assert_eq!(
@@ -379,7 +612,11 @@ mod tests {
             "[agent]: interfaces = \"canary-nope0\": no such network interface in this network \
              namespace; `ip link` lists the names"
         );
-        let msg = error_text(&GOOD.replace("[\"lo\"]", "[]"));
+        let msg = error_text(
+            &GOOD
+                .replace("[\"lo\"]", "[]")
+                .replace("[agent]", "[agent]\nsocket_lb = false"),
+        );
         assert!(
             msg.contains("[agent]: interfaces = []: name at least one"),
             "{msg}"

@@ -18,6 +18,7 @@ pub(super) struct RawConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAgent {
+    #[serde(default)]
     pub(super) interfaces: Vec<RawInterface>,
     pub(super) control_socket: Option<PathBuf>,
     pub(super) control_group: Option<String>,
@@ -34,6 +35,8 @@ pub(super) struct RawAgent {
     pub(super) state_dir: Option<PathBuf>,
     pub(super) webhook_url: Option<String>,
     pub(super) bpffs_dir: Option<PathBuf>,
+    pub(super) socket_lb: Option<bool>,
+    pub(super) cgroup: Option<PathBuf>,
 }
 
 /// An `interfaces` entry: `"eth0"` (TC) or `{ name = "eth0", mode = "xdp" }`.

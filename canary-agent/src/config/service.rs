@@ -679,6 +679,10 @@ mod tests {
                 "always_canary = \"fd00:1::1/64\": host bits are set; did you mean \"fd00:1::/64\"?",
             ),
             (
+                "vip = \"10.96.0.10:80\"\nstable = [\"[fd00::1]:8080\"]",
+                "stable = \"[fd00::1]:8080\": an IPv6 backend for an IPv4 VIP; a service's VIP and backends share a family",
+            ),
+            (
                 "vip = \"10.96.0.10:0\"\nstable = [\"10.0.1.10:8080\"]",
                 "port 0 is not a valid service port",
             ),

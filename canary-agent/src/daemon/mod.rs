@@ -301,7 +301,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         .collect();
     if agent.opts.detach_on_exit {
         let removed = agent.dp.uninstall()?;
-        info!(interfaces = ?interfaces, pins = removed, "detached and removed the pinned data plane (--detach-on-exit); canary-agent stopped");
+        info!(interfaces = ?interfaces, socket_lb = ?agent.config.agent.socket_lb, pins = removed, "detached and removed the pinned data plane (--detach-on-exit); canary-agent stopped");
     } else {
         // Also after a failed task: the data plane goes on, as after a crash.
         info!(
@@ -424,6 +424,15 @@ impl Agent {
         for iface in self.config.agent.interfaces.clone() {
             self.dp.attach(&iface.name, iface.mode)?;
             info!(interface = %iface.name, mode = iface.mode.as_str(), "attached");
+        }
+        if let Some(cgroup) = self.config.agent.socket_lb.clone() {
+            self.dp.attach_socket_lb(&cgroup)?;
+            info!(cgroup = %cgroup.display(), "socket LB attached: connect() to a VIP from this cgroup is steered at the socket");
+        } else {
+            let removed = self.dp.detach_socket_lb();
+            if removed > 0 {
+                info!(links = removed, "socket LB detached (socket_lb = false)");
+            }
         }
         self.dp.finish_migration()?;
         for (interface, hook) in self.dp.prune_links() {

@@ -151,13 +151,14 @@ impl Agent {
                 Capacity::from(&c.agent),
                 c.agent.state_dir.clone(),
                 c.agent.bpffs_dir.clone(),
+                c.agent.socket_lb.clone(),
             )
         };
         if restart_only(&self.config) != restart_only(&new) {
             warn!(
                 "control_socket, control_group, metrics_addr, metrics_buckets_per_octave, conntrack_capacity, \
-                 max_services, max_backends, state_dir \
-                 and bpffs_dir changes take effect at the next restart"
+                 max_services, max_backends, state_dir, \
+                 bpffs_dir, socket_lb and cgroup changes take effect at the next restart"
             );
         }
         self.lost_interfaces

@@ -204,6 +204,13 @@ impl Dataplane {
                     let n = old.len().min(stats.timeouts.len());
                     copy_indices(n, |i| stats.timeouts.set(i, old.get(&i, 0)?, 0))
                 }
+                names::SOCK_TIMEOUTS => {
+                    let old: PerCpuArray<MapData, HandshakeTimeouts> =
+                        pins::open_pinned(&path, name)?;
+                    let mut stats = lock(&self.stats);
+                    let n = old.len().min(stats.sock_timeouts.len());
+                    copy_indices(n, |i| stats.sock_timeouts.set(i, old.get(&i, 0)?, 0))
+                }
                 // Recreated empty (a transient map in a new layout): nothing
                 // to copy.
                 _ => continue,

@@ -20,13 +20,13 @@ use crate::{config::IngressMode, sys};
 /// An attachment. Pinned, it stays attached when the agent exits, until
 /// the pin is removed; unpinned, it ends when the link is dropped.
 pub(super) struct OwnedLink {
-    link: FdLink,
-    pin: Option<PathBuf>,
+    pub(super) link: FdLink,
+    pub(super) pin: Option<PathBuf>,
 }
 
 impl OwnedLink {
     /// Detaches: removes the pin, then drops the last descriptor.
-    fn detach(self) -> std::io::Result<()> {
+    pub(super) fn detach(self) -> std::io::Result<()> {
         if let Some(pin) = &self.pin {
             match std::fs::remove_file(pin) {
                 Ok(()) => {}
@@ -332,9 +332,10 @@ impl Dataplane {
             .collect()
     }
 
-    /// Detaches from every interface and removes every pin: the data plane
-    /// ends when this agent exits (`--detach-on-exit`).
+    /// Detaches from every interface and the cgroup, and removes every
+    /// pin: the data plane ends when this agent exits (`--detach-on-exit`).
     pub fn uninstall(&mut self) -> Result<usize, DataplaneError> {
+        self.detach_socket_lb();
         self.detach_all();
         let Some(pins) = self.pins.take() else {
             return Ok(0);

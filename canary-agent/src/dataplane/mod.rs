@@ -1,5 +1,6 @@
-//! Loads the eBPF programs, attaches them to interfaces, and is the only
-//! writer of the `SERVICES` and `RULES` maps.
+//! Loads the eBPF programs, attaches them to interfaces and (the socket
+//! LB) to a cgroup, and is the only writer of the `SERVICES` and `RULES`
+//! maps.
 //!
 //! A config is applied all or nothing: new rule sets are written beside the
 //! old ones, each service value (weight, salt, rule set, both backend lists)
@@ -9,6 +10,7 @@
 mod adopt;
 mod apply;
 mod attach;
+mod cgroup;
 mod encode;
 pub mod pins;
 mod probe;
@@ -39,12 +41,14 @@ use tracing::warn;
 pub use self::{
     adopt::Adopted,
     apply::ApplyReport,
+    cgroup::SockProgram,
     encode::{decode_breaker_event, flow_key, flow_key_of, service_key, service_value, udp_config},
     sweep::UdpSwept,
 };
 use self::{
     apply::Installed,
     attach::Attached,
+    cgroup::SocketLb,
     pins::{MapAction, Pins},
 };
 use crate::{
@@ -161,6 +165,20 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    /// The kernel's BTF (needed by the socket LB's tracepoint programs)
+    /// could not be read.
+    #[error(
+        "cannot read the kernel's BTF (/sys/kernel/btf/vmlinux), which the socket LB needs; set [agent] socket_lb = false on a kernel without it"
+    )]
+    Btf(#[source] Box<aya::BtfError>),
+    /// The socket LB's cgroup could not be used.
+    #[error("cgroup {path} ([agent] cgroup): cannot {action}", path = path.display())]
+    Cgroup {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     /// A map operation failed.
     #[error("map {map}: {action}")]
     Map {
@@ -214,6 +232,7 @@ impl Capacity {
             (names::HISTOGRAMS, 4 * self.services),
             (names::STATS, self.stats_slots() + 1),
             (names::TIMEOUTS, self.stats_slots() + 1),
+            (names::SOCK_TIMEOUTS, self.stats_slots() + 1),
             (names::UDP_TIMEOUTS, self.stats_slots() + 1),
         ])
     }
@@ -348,6 +367,14 @@ pub struct Dataplane {
     /// Possible CPUs: the length of every per-CPU value.
     ncpus: usize,
     links: BTreeMap<String, Attached>,
+    /// The socket LB's links, if attached.
+    socket_lb: Option<SocketLb>,
+    /// Whether the socket LB's programs are loaded (on first attach).
+    socket_programs_loaded: bool,
+    /// `SOCK_ACTIVE`: which object's socket tracepoint programs count.
+    sock_active: Array<MapData, u32>,
+    /// This object's `SOCK_GENERATION`.
+    generation: u32,
     /// What the last apply wrote for each service: its key (to remove it),
     /// its rule set (to reuse or free it) and its stats slots. Not a second
     /// opinion on the weights: the next apply compares with the kernel's
@@ -412,7 +439,11 @@ impl Dataplane {
         pinned: Option<(Pins, BTreeMap<&'static str, MapAction>)>,
         object: &[u8],
     ) -> Result<Dataplane, DataplaneError> {
+        // Distinct for every load, so this object's socket tracepoint
+        // programs can be told from the previous agent's (cgroup.rs).
+        let generation = sock_generation();
         let mut loader = EbpfLoader::new();
+        loader.override_global(names::SOCK_GENERATION, &generation, true);
         for (name, entries) in capacity.by_map() {
             loader.map_max_entries(name, entries);
         }
@@ -465,9 +496,11 @@ impl Dataplane {
             counters: take_map(&mut ebpf, names::COUNTERS)?,
             view: Vec::new(),
             timeouts: take_map(&mut ebpf, names::TIMEOUTS)?,
+            sock_timeouts: take_map(&mut ebpf, names::SOCK_TIMEOUTS)?,
             udp_timeouts: take_map(&mut ebpf, names::UDP_TIMEOUTS)?,
             rollout: StdHashMap::new(),
         };
+        let sock_active = take_map(&mut ebpf, names::SOCK_ACTIVE)?;
         let mut dp = Dataplane {
             services: take_map(&mut ebpf, names::SERVICES)?,
             rules: take_map(&mut ebpf, names::RULES)?,
@@ -485,6 +518,10 @@ impl Dataplane {
             ncpus: aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?,
             ebpf,
             links: BTreeMap::new(),
+            socket_lb: None,
+            socket_programs_loaded: false,
+            sock_active,
+            generation,
             installed: BTreeMap::new(),
             svc_ids: BTreeMap::new(),
             next_svc_id: 1,
@@ -686,6 +723,21 @@ fn lock(stats: &Mutex<StatsSource>) -> MutexGuard<'_, StatsSource> {
     stats
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A `SOCK_GENERATION` for this load: non-zero (a fresh `SOCK_ACTIVE`
+/// holds 0, which no object counts under) and, with the clock and the pid
+/// mixed in, different from the previous agent's.
+fn sock_generation() -> u32 {
+    let clock = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| {
+            d.as_secs() ^ u64::from(d.subsec_nanos()).rotate_left(32)
+        });
+    let mixed = canary_common::cohort::mix64((u64::from(std::process::id()) << 32) ^ clock);
+    #[expect(clippy::cast_possible_truncation, reason = "any 32 bits of the mix")]
+    let generation = mixed as u32;
+    generation | 1
 }
 
 /// Map update flag: only add a new element.

@@ -3,6 +3,8 @@
 //! ```text
 //! <bpffs_dir>/maps/<MAP>                     every map of the object
 //! <bpffs_dir>/links/<iface>/<hook>           tc_ingress, tc_egress or xdp
+//! <bpffs_dir>/links/cgroup/<program>         the socket LB's cgroup hooks
+//! <bpffs_dir>/links/tracing/<program>        and its socket tracepoints
 //! ```
 //!
 //! An agent that finds pins adopts them. Each pinned map is checked against
@@ -48,7 +50,8 @@ pub enum MapAction {
 /// The maps whose capacity is a config knob (or, for `COUNTERS`, grows
 /// when a new version counts more events), so a pin may differ in size
 /// and be migrated.
-const RESIZABLE: [&str; 10] = [
+const RESIZABLE: [&str; 11] = [
+    names::SOCK_TIMEOUTS,
     names::COUNTERS,
     names::CONNTRACK,
     names::CT_UDP,
@@ -61,11 +64,19 @@ const RESIZABLE: [&str; 10] = [
     names::TIMEOUTS,
 ];
 
-/// Maps whose entries live for a handshake or until a backend answers:
-/// when a new version changes their layout, they start empty rather than
-/// refusing the start. What is lost: handshakes in flight are not timed
-/// out by the sweep, and flows waiting to be confirmed are re-resolved.
-const TRANSIENT: [&str; 2] = [names::PENDING, names::UNCONFIRMED];
+/// Maps whose entries live for a handshake, until a backend answers, or for
+/// one socket: when a new version changes their layout, they start empty
+/// rather than refusing the start. What is lost: handshakes in flight are
+/// not timed out by the sweep, flows waiting to be confirmed are
+/// re-resolved, and sockets steered before the upgrade are not measured
+/// any more (`SOCK_TAGS`) and show their backend to `getpeername`
+/// (`SOCK_REVNAT`); they keep their backend.
+const TRANSIENT: [&str; 4] = [
+    names::PENDING,
+    names::UNCONFIRMED,
+    names::SOCK_TAGS,
+    names::SOCK_REVNAT,
+];
 
 /// The pin directory of one data plane.
 #[derive(Clone, Debug)]
@@ -74,6 +85,11 @@ pub struct Pins {
 }
 
 impl Pins {
+    /// `links/` subdirectory of the socket LB's cgroup links.
+    pub const CGROUP_LINKS: &str = "cgroup";
+    /// `links/` subdirectory of the socket LB's tracepoint links.
+    pub const TRACING_LINKS: &str = "tracing";
+
     /// Makes `root` usable for pins: mounts a bpf file system where none is
     /// (and logs it), creates `maps/` and `links/`.
     pub fn prepare(root: &Path) -> Result<Pins, DataplaneError> {
@@ -144,13 +160,20 @@ impl Pins {
         layout::MAPS.iter().any(|m| self.map_path(m.name).exists())
     }
 
-    /// Every pinned link, as (interface, hook, path).
+    /// Every link pinned on an interface, as (interface, hook, path).
     pub fn pinned_links(&self) -> Vec<(String, String, PathBuf)> {
         let mut out = Vec::new();
         let Ok(dirs) = std::fs::read_dir(self.root.join("links")) else {
             return out;
         };
         for dir in dirs.flatten() {
+            // The socket LB's (config refuses interfaces of these names).
+            if [Self::CGROUP_LINKS, Self::TRACING_LINKS]
+                .iter()
+                .any(|d| dir.file_name() == *d)
+            {
+                continue;
+            }
             let interface = dir
                 .file_name()
                 .to_string_lossy()

@@ -392,7 +392,7 @@ fn encode_snapshot(
     family(
         e,
         "canary_dataplane_events",
-        "Data-plane events (new flows, conntrack misses, SYN retransmits and duplicates, RST closes and ignored RSTs, re-resolved flows confirmed or reset, unattributed measurements).",
+        "Data-plane events (new flows, conntrack misses, SYN retransmits and duplicates, RST closes and ignored RSTs, re-resolved flows confirmed or reset, unattributed measurements, connections steered at the socket and those of them with no known source for the rules).",
         None,
         snapshot
             .dataplane

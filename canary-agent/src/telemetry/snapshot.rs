@@ -1,6 +1,6 @@
 //! Reading the data plane's measurement maps into plain snapshots: per
 //! backend counters (`STATS`, summed over CPUs), handshake timeouts
-//! (`TIMEOUTS`), per service × cohort histograms (`HISTOGRAMS`) and the
+//! (`TIMEOUTS` from the sweep, `SOCK_TIMEOUTS` from the socket path), per service × cohort histograms (`HISTOGRAMS`) and the
 //! data-plane counters (`COUNTERS`). The exporter, the judge and `status`
 //! all read through here, so they see the same numbers.
 
@@ -55,6 +55,10 @@ pub struct StatsSource {
     /// Handshake timeouts per `STATS` slot (`TIMEOUTS`), counted by the
     /// agent's sweep.
     pub(crate) timeouts: Array<MapData, HandshakeTimeouts>,
+    /// Handshake timeouts of socket-steered connections per `STATS` slot
+    /// and CPU (`SOCK_TIMEOUTS`), counted by the programs; exported as
+    /// part of the same `timeouts`.
+    pub(crate) sock_timeouts: PerCpuArray<MapData, HandshakeTimeouts>,
     /// Unanswered UDP flows per `STATS` slot (`UDP_TIMEOUTS`, per CPU),
     /// counted by the programs.
     pub(crate) udp_timeouts: PerCpuArray<MapData, HandshakeTimeouts>,
@@ -114,10 +118,16 @@ impl StatsSource {
                 for cpu in self.stats.get(&b.slot, 0)?.iter() {
                     counters.add(cpu);
                 }
+                let mut timeouts = self.timeouts.get(&b.slot, 0).unwrap_or_default();
+                if let Ok(per_cpu) = self.sock_timeouts.get(&b.slot, 0) {
+                    for cpu in per_cpu.iter() {
+                        timeouts.timeouts += cpu.timeouts;
+                        timeouts.failed += cpu.failed;
+                    }
+                }
                 let mut response_timeouts = HandshakeTimeouts::default();
-                // A slot beyond the map (none is) reads as no timeouts.
-                if let Ok(cpus) = self.udp_timeouts.get(&b.slot, 0) {
-                    for cpu in cpus.iter() {
+                if let Ok(per_cpu) = self.udp_timeouts.get(&b.slot, 0) {
+                    for cpu in per_cpu.iter() {
                         response_timeouts.timeouts += cpu.timeouts;
                         response_timeouts.failed += cpu.failed;
                     }
@@ -126,7 +136,7 @@ impl StatsSource {
                     cohort: b.cohort,
                     addr: b.addr,
                     counters,
-                    timeouts: self.timeouts.get(&b.slot, 0).unwrap_or_default(),
+                    timeouts,
                     response_timeouts,
                 });
             }

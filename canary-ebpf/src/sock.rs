@@ -1,0 +1,601 @@
+//! Socket-level steering for clients on the node (cgroup `connect4/6`,
+//! `getpeername4/6`) and the per-socket signals of the connections it
+//! steers (BTF tracepoints).
+//!
+//! A `connect()` to a VIP from a process in the socket-LB cgroup is steered
+//! once, before the kernel sends anything: the cohort and backend are chosen
+//! as on the packet path ([`steer::choose_hashed`]), the destination is
+//! rewritten to the backend, and the socket is tagged ([`SockTag`] in
+//! `SOCK_TAGS`). Its packets then carry the backend's address, so the TC
+//! programs never see a VIP and never NAT them. The tracepoints count each
+//! tagged socket's connection, handshake, first byte, bytes, resets,
+//! failures and close into the same `STATS` slot and `HISTOGRAMS` entry as
+//! the packet path, and feed the same breaker. Every per-connection event
+//! counts once: an atomic bit in the tag decides (so a tracepoint program
+//! and its replacement, both attached for a moment during an upgrade,
+//! never count one event twice).
+//!
+//! IPv4 and IPv6 alike: addresses are `Addr`s (IPv4 mapped), and a
+//! dual-stack IPv6 socket dialling a v4-mapped VIP reaches the IPv4
+//! service and is sent to the backend's v4-mapped address.
+
+use core::{
+    ffi::c_void,
+    ptr::{addr_of, addr_of_mut, null_mut, read_volatile, write_volatile},
+};
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_ANY, bpf_sock},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, generated::bpf_sk_storage_get},
+    programs::{BtfTracePointContext, SockAddrContext},
+};
+use canary_common::{
+    IPPROTO_TCP,
+    addr::Addr,
+    cohort::sticky_hash64,
+    counters::Counter,
+    service::{Backend, COHORT_CANARY, MODE_PER_CONNECTION, ServiceKey},
+    sock::{
+        SK_CLOSED, SK_ESTABLISHED, SK_FAILED, SK_OPENED, SK_REQUEST, SK_RESPONSE,
+        SK_RST_FROM_BACKEND, SK_RST_FROM_CLIENT, SK_SYN_RETRIED, SockEnd, SockRevKey, SockRevValue,
+        SockTag, sock_end,
+    },
+    stats::BackendCounters,
+};
+
+use crate::{
+    atomic, breaker,
+    conntrack::now,
+    maps::{COUNTERS, SERVICES, SOCK_ACTIVE, SOCK_REVNAT, SOCK_TAGS, SOCK_TIMEOUTS, STATS},
+    stats::{Latency, observe},
+    steer,
+};
+
+/// TCP states (`include/net/tcp_states.h`).
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_CLOSE: i32 = 7;
+/// `recvmsg` flag: the data stays queued (a peek is no response yet).
+const MSG_PEEK: i32 = 2;
+
+/// Which family of hook runs: `connect4`/`getpeername4` see an IPv4
+/// socket address, the `6` hooks an IPv6 one (which may be v4-mapped).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    V4,
+    V6,
+}
+
+/// The `SERVICES` key of `addr:port` (network byte order) over `proto`:
+/// a v4-mapped destination is the IPv4 service.
+#[inline(always)]
+fn service_key(addr: &Addr, port: u16, proto: u8) -> ServiceKey {
+    ServiceKey {
+        vip: *addr,
+        port,
+        proto,
+        family: addr.family(),
+    }
+}
+
+/// Makes the socket connect to `backend` instead of the VIP it dialled.
+/// An IPv6 socket reaches an IPv4 backend at its v4-mapped address.
+#[inline(always)]
+pub fn write_backend(ctx: &SockAddrContext, hook: Hook, backend: &Backend) {
+    let sa = ctx.sock_addr;
+    let addr = backend.addr;
+    // SAFETY: `sa` is this program's context; connect4/6 may store 4 bytes
+    // at a time into `user_ip4`/`user_ip6[i]` and `user_port` (volatile:
+    // the verifier refuses merged wider stores).
+    unsafe {
+        match hook {
+            Hook::V4 => write_volatile(addr_of_mut!((*sa).user_ip4), addr.v4()),
+            Hook::V6 => {
+                for (i, word) in addr.0.iter().enumerate() {
+                    write_volatile(addr_of_mut!((*sa).user_ip6[i]), *word);
+                }
+            }
+        }
+        write_volatile(addr_of_mut!((*sa).user_port), u32::from(backend.port));
+    }
+}
+
+/// The destination (`user_ip4/6`, `user_port`) of a sock_addr context and
+/// its port (network byte order).
+#[inline(always)]
+fn user_addr(ctx: &SockAddrContext, hook: Hook) -> (Addr, u16) {
+    let sa = ctx.sock_addr;
+    // SAFETY: `sa` is this program's context; every hook may read these
+    // fields 4 bytes at a time (volatile, so no load is merged wider).
+    let (addr, port) = unsafe {
+        let addr = match hook {
+            Hook::V4 => Addr::from_v4(read_volatile(addr_of!((*sa).user_ip4))),
+            Hook::V6 => Addr([
+                read_volatile(addr_of!((*sa).user_ip6[0])),
+                read_volatile(addr_of!((*sa).user_ip6[1])),
+                read_volatile(addr_of!((*sa).user_ip6[2])),
+                read_volatile(addr_of!((*sa).user_ip6[3])),
+            ]),
+        };
+        (addr, read_volatile(addr_of!((*sa).user_port)))
+    };
+    // The port is a big-endian u16 in the low half of the word.
+    #[expect(clippy::cast_possible_truncation, reason = "user_port holds a u16")]
+    (addr, port as u16)
+}
+
+/// The socket's own address, if it was bound to one (`bind()` before
+/// `connect()`); the kernel picks it only after this hook otherwise.
+#[inline(always)]
+fn source_addr(ctx: &SockAddrContext, hook: Hook) -> Option<Addr> {
+    // SAFETY: `sk` of a sock_addr context is a valid socket for the run;
+    // `src_ip4`/`src_ip6[i]` are readable 4 bytes at a time.
+    let addr = unsafe {
+        let sk: *mut bpf_sock = read_volatile(addr_of!((*ctx.sock_addr).__bindgen_anon_1.sk));
+        match hook {
+            Hook::V4 => Addr::from_v4(read_volatile(addr_of!((*sk).src_ip4))),
+            Hook::V6 => Addr([
+                read_volatile(addr_of!((*sk).src_ip6[0])),
+                read_volatile(addr_of!((*sk).src_ip6[1])),
+                read_volatile(addr_of!((*sk).src_ip6[2])),
+                read_volatile(addr_of!((*sk).src_ip6[3])),
+            ]),
+        }
+    };
+    // Unbound: 0.0.0.0 (or ::ffff:0.0.0.0), or ::.
+    let unbound = if addr.is_v4() {
+        addr.v4() == 0
+    } else {
+        addr.0 == [0; 4]
+    };
+    (!unbound).then_some(addr)
+}
+
+/// `connect4`/`connect6`: steers a connection to a VIP. A destination that
+/// is no VIP costs one hash lookup (and a socket-storage check) and is
+/// left alone.
+#[inline(always)]
+pub fn connect(ctx: &SockAddrContext, hook: Hook) {
+    let (addr, port) = user_addr(ctx, hook);
+    // SAFETY: `protocol` is readable in every sock_addr hook.
+    #[expect(clippy::cast_possible_truncation, reason = "an IP protocol number")]
+    let proto = unsafe { read_volatile(addr_of!((*ctx.sock_addr).protocol)) } as u8;
+    let Some(svc) = SERVICES.get_ptr(&service_key(&addr, port, proto)) else {
+        forget(ctx);
+        return;
+    };
+    // SAFETY: a live SERVICES element for this run (not preallocated: a
+    // concurrent update frees the old value only after this run).
+    let svc = unsafe { &*svc };
+    // SAFETY: get_socket_cookie takes the sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // The client's identity: no packet exists yet, so no source port, and
+    // usually no source address. Sticky: the network namespace (a pod; all
+    // of the host's processes are one client). Per connection: the socket.
+    let id = if svc.mode == MODE_PER_CONNECTION {
+        cookie
+    } else {
+        // SAFETY: get_netns_cookie takes the sock_addr context.
+        unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+    };
+    let now = now();
+    let choice = match steer::choose_hashed(
+        svc,
+        sticky_hash64(id, svc.salt),
+        source_addr(ctx, hook),
+        now,
+        true,
+    ) {
+        Ok(c) => c,
+        Err(counter) => {
+            // Left as dialled: the VIP reaches no one, as at TC.
+            count(counter);
+            return;
+        }
+    };
+    write_backend(ctx, hook, &choice.backend);
+    count(Counter::SockSteered);
+    let family = addr.family();
+    let tag = SockTag {
+        vip: addr,
+        backend: choice.backend.addr,
+        vip_port: port,
+        backend_port: choice.backend.port,
+        cohort: choice.cohort,
+        family,
+        proto,
+        _pad: 0,
+        svc_id: svc.svc_id,
+        stats_slot: choice.backend.stats_slot,
+        cookie,
+        connect_ns: now,
+        request_ns: 0,
+        state: 0,
+    };
+    let mut init = tag;
+    // SAFETY: the storage of this context's socket; the pointer is a live
+    // map value (or null) for this run.
+    let p = unsafe { SOCK_TAGS.get_or_insert_ptr_mut(ctx, Some(&mut init)) };
+    let reverse = SockRevValue {
+        vip: addr,
+        port,
+        family,
+        _pad: 0,
+        svc_id: svc.svc_id,
+    };
+    if p.is_null()
+        || SOCK_REVNAT
+            .insert(&rev_key(&tag), &reverse, u64::from(BPF_ANY))
+            .is_err()
+    {
+        count(Counter::SockTagFailed);
+    }
+    if !p.is_null() {
+        // SAFETY: a live storage value of this socket; a socket that
+        // connects again (after a failed connect, or connected UDP) gets a
+        // fresh tag. No tracepoint counts for it meanwhile: the socket is
+        // locked in connect().
+        unsafe { *p = tag };
+    }
+}
+
+/// A `connect()` to something that is no VIP: if the socket carries a tag
+/// from an earlier connect to a VIP, it is not steered any more, so the tag
+/// and its reverse entry go.
+#[inline(always)]
+fn forget(ctx: &SockAddrContext) {
+    // SAFETY: the storage of this context's socket, looked up only.
+    let p = unsafe { SOCK_TAGS.get_ptr_mut(ctx) };
+    if p.is_null() {
+        return;
+    }
+    // SAFETY: a live storage value for this run, copied out.
+    let tag = unsafe { *p };
+    let _ = SOCK_REVNAT.remove(&rev_key(&tag));
+    // SAFETY: `sk` of a sock_addr context is this run's socket.
+    unsafe {
+        let sk = read_volatile(addr_of!((*ctx.sock_addr).__bindgen_anon_1.sk));
+        let _ = SOCK_TAGS.delete(sk);
+    }
+}
+
+/// The `SOCK_REVNAT` key of a tagged socket.
+#[inline(always)]
+fn rev_key(tag: &SockTag) -> SockRevKey {
+    SockRevKey {
+        cookie: tag.cookie,
+        addr: tag.backend,
+        port: tag.backend_port,
+        family: tag.family,
+        _pad: [0; 5],
+    }
+}
+
+/// `getpeername4`/`getpeername6`: a steered socket's peer is the VIP its
+/// application dialled, not the backend.
+#[inline(always)]
+pub fn getpeername(ctx: &SockAddrContext, hook: Hook) {
+    let (addr, port) = user_addr(ctx, hook);
+    let family = addr.family();
+    // SAFETY: get_socket_cookie takes the sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevKey {
+        cookie,
+        addr,
+        port,
+        family,
+        _pad: [0; 5],
+    };
+    // SAFETY: a live LRU element for this run, copied out at once.
+    let Some(vip) = SOCK_REVNAT.get_ptr(&key).map(|v| unsafe { *v }) else {
+        return;
+    };
+    let sa = ctx.sock_addr;
+    // SAFETY: getpeername4/6 may store 4 bytes at a time into the user
+    // address and port.
+    unsafe {
+        match hook {
+            Hook::V4 => write_volatile(addr_of_mut!((*sa).user_ip4), vip.vip.v4()),
+            Hook::V6 => {
+                for (i, word) in vip.vip.0.iter().enumerate() {
+                    write_volatile(addr_of_mut!((*sa).user_ip6[i]), *word);
+                }
+            }
+        }
+        write_volatile(addr_of_mut!((*sa).user_port), u32::from(vip.port));
+    }
+}
+
+/// This object's generation, set by the agent at load. Its tracepoint
+/// programs count only while `SOCK_ACTIVE` holds it: an agent that
+/// replaces them attaches its own (which count nothing yet), switches
+/// `SOCK_ACTIVE` in one write, and only then lets the old links go, so no
+/// event is counted by both or by neither while the kernel releases them.
+#[unsafe(no_mangle)]
+static SOCK_GENERATION: u32 = 0;
+
+/// Whether this object's tracepoint programs are the ones that count.
+#[inline(always)]
+fn counting() -> bool {
+    // SAFETY: a read of a constant the loader patched (volatile, so the
+    // compiler does not fold the 0 it was compiled with).
+    let mine = unsafe { read_volatile(addr_of!(SOCK_GENERATION)) };
+    SOCK_ACTIVE.get(0).is_some_and(|active| *active == mine)
+}
+
+/// The tag of the socket `sk` (a BTF `struct sock *`), if `connect4/6`
+/// steered it over TCP and these programs are the counting generation.
+/// Untagged sockets (nearly all) cost one storage look-up.
+#[inline(always)]
+fn tag_of(sk: *mut c_void) -> Option<Tag> {
+    // SAFETY: bpf_sk_storage_get takes the map and a socket pointer (NULL
+    // or not a full socket: it returns NULL); no value, no create flag.
+    let p = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&SOCK_TAGS).cast_mut().cast(),
+            sk,
+            null_mut(),
+            0,
+        )
+    }
+    .cast::<SockTag>();
+    if p.is_null() {
+        return None;
+    }
+    let tag = Tag(p);
+    (tag.read().proto == IPPROTO_TCP && counting()).then_some(tag)
+}
+
+/// A tagged socket's storage: a live value for this program run (socket
+/// storage is freed only after an RCU grace period).
+#[derive(Clone, Copy)]
+struct Tag(*mut SockTag);
+
+impl Tag {
+    /// A copy of the tag.
+    #[inline(always)]
+    fn read(self) -> SockTag {
+        // SAFETY: a live storage value (see the type).
+        unsafe { *self.0 }
+    }
+
+    /// Atomically sets `bits`; returns the state before.
+    #[inline(always)]
+    fn set(self, bits: u64) -> u64 {
+        // SAFETY: `state` is an 8-aligned u64 of a live value; every writer
+        // after connect() uses atomics on it.
+        unsafe { atomic::or(addr_of_mut!((*self.0).state), bits) }
+    }
+
+    /// Sets `bit`; true if this caller set it (the event's one count).
+    #[inline(always)]
+    fn first(self, bit: u64) -> bool {
+        self.set(bit) & bit == 0
+    }
+}
+
+/// Adds `v` to one counter of the tag's stats slot, atomically: these
+/// programs run in process context as well as in softirq, so two of them
+/// can touch one CPU's slot at once.
+#[inline(always)]
+fn add(tag: &SockTag, field: Field, v: u64) {
+    match STATS.get_ptr_mut(tag.stats_slot) {
+        // SAFETY: a per-CPU array element, 8-aligned u64 fields, updated
+        // only through atomics by these programs.
+        Some(c) => unsafe { atomic::add(field_ptr(c, field), v) },
+        None => count(Counter::Unattributed),
+    }
+}
+
+/// Adds one to a data-plane counter, atomically (see [`add`]).
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: a per-CPU array element, an 8-aligned u64.
+        unsafe { atomic::add(slot, 1) };
+    }
+}
+
+/// A failure of the tagged connection: counted in `failed` if it is the
+/// connection's first, and then, for canary, fed to the breaker as the
+/// packet path does.
+#[inline(always)]
+fn fail(t: Tag, tag: &SockTag, now: u64) -> bool {
+    let first = t.first(SK_FAILED);
+    if first && tag.cohort == COHORT_CANARY {
+        breaker::failure(
+            &service_key(&tag.vip, tag.vip_port, tag.proto),
+            tag.svc_id,
+            now,
+        );
+    }
+    first
+}
+
+/// `sock:inet_sock_set_state`: the connection is counted when the socket
+/// enters `SYN_SENT`, its handshake timed at `ESTABLISHED`, and its end
+/// counted at `CLOSE`.
+#[inline(always)]
+pub fn state(ctx: &BtfTracePointContext) {
+    let sk: *mut c_void = ctx.arg(0);
+    let Some(t) = tag_of(sk) else { return };
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    let tag = t.read();
+    match new {
+        TCP_SYN_SENT => {
+            if t.first(SK_OPENED) {
+                add(&tag, Field::Connections, 1);
+            }
+        }
+        TCP_ESTABLISHED if old == TCP_SYN_SENT => {
+            if t.set(SK_ESTABLISHED) & (SK_ESTABLISHED | SK_OPENED) == SK_OPENED {
+                observe(
+                    tag.svc_id,
+                    tag.cohort,
+                    Latency::Handshake,
+                    now() - tag.connect_ns,
+                );
+            }
+        }
+        TCP_CLOSE => {
+            let before = t.set(SK_CLOSED);
+            if before & SK_CLOSED != 0 {
+                return;
+            }
+            match sock_end(before, now().saturating_sub(tag.connect_ns)) {
+                SockEnd::Uncounted => {}
+                SockEnd::TimedOut => {
+                    let first = t.first(SK_FAILED);
+                    if let Some(to) = SOCK_TIMEOUTS.get_ptr_mut(tag.stats_slot) {
+                        // SAFETY: a per-CPU array element; u64 fields,
+                        // updated only through atomics.
+                        unsafe {
+                            atomic::add(addr_of_mut!((*to).timeouts), 1);
+                            atomic::add(addr_of_mut!((*to).failed), u64::from(first));
+                        }
+                    }
+                }
+                SockEnd::Closed { duration } => {
+                    add(&tag, Field::Closed, 1);
+                    if duration {
+                        observe(
+                            tag.svc_id,
+                            tag.cohort,
+                            Latency::Duration,
+                            (now() - tag.connect_ns) / 1000,
+                        );
+                    }
+                }
+            }
+            let _ = SOCK_REVNAT.remove(&rev_key(&tag));
+        }
+        _ => {}
+    }
+}
+
+/// `tcp:tcp_receive_reset`: a RST from the backend refuses the connection
+/// (before the handshake completed) or resets it; either is a failure.
+#[inline(always)]
+pub fn rst_from_backend(ctx: &BtfTracePointContext) {
+    let Some(t) = tag_of(ctx.arg(0)) else { return };
+    let before = t.set(SK_RST_FROM_BACKEND);
+    if before & SK_RST_FROM_BACKEND != 0 {
+        return;
+    }
+    let tag = t.read();
+    let first_failure = fail(t, &tag, now());
+    let field = if before & SK_ESTABLISHED == 0 {
+        Field::Refused
+    } else {
+        Field::ResetsFromBackend
+    };
+    add(&tag, field, 1);
+    add(&tag, Field::Failed, u64::from(first_failure));
+}
+
+/// `tcp:tcp_send_reset`: the client's stack sent a RST on the connection.
+#[inline(always)]
+pub fn rst_from_client(ctx: &BtfTracePointContext) {
+    let Some(t) = tag_of(ctx.arg(0)) else { return };
+    if t.first(SK_RST_FROM_CLIENT) {
+        add(&t.read(), Field::ResetsFromClient, 1);
+    }
+}
+
+/// `tcp:tcp_retransmit_skb`: a retransmission while in `SYN_SENT` is a SYN
+/// retry: the backend did not answer (a failure, once per connection).
+#[inline(always)]
+pub fn retransmit(ctx: &BtfTracePointContext) {
+    let Some(t) = tag_of(ctx.arg(0)) else { return };
+    let tag = t.read();
+    let in_syn_sent = tag.state & (SK_OPENED | SK_ESTABLISHED | SK_CLOSED) == SK_OPENED;
+    if !in_syn_sent || !t.first(SK_SYN_RETRIED) {
+        return;
+    }
+    let first_failure = fail(t, &tag, now());
+    add(&tag, Field::SynRetried, 1);
+    add(&tag, Field::Failed, u64::from(first_failure));
+}
+
+/// `sock:sock_send_length` (every `sendmsg`, with its result): bytes from
+/// the client, and the time of its first request.
+#[inline(always)]
+pub fn send(ctx: &BtfTracePointContext) {
+    let ret: i32 = ctx.arg(1);
+    if ret <= 0 {
+        return;
+    }
+    let Some(t) = tag_of(ctx.arg(0)) else { return };
+    let tag = t.read();
+    add(&tag, Field::BytesFromClient, ret.unsigned_abs().into());
+    if tag.state & SK_REQUEST == 0 && t.first(SK_REQUEST) {
+        // SAFETY: a live storage value; only this (first) sender writes it.
+        unsafe { (*t.0).request_ns = now() };
+    }
+}
+
+/// `sock:sock_recv_length` (every `recvmsg`, with its result): bytes from
+/// the backend, and the first response after a request (first-byte time,
+/// and for canary a success that ends the breaker's run of failures).
+#[inline(always)]
+pub fn recv(ctx: &BtfTracePointContext) {
+    let ret: i32 = ctx.arg(1);
+    let flags: i32 = ctx.arg(2);
+    if ret <= 0 || flags & MSG_PEEK != 0 {
+        return;
+    }
+    let Some(t) = tag_of(ctx.arg(0)) else { return };
+    let tag = t.read();
+    add(&tag, Field::BytesFromBackend, ret.unsigned_abs().into());
+    // Bytes a server sends before any request (a greeting) are no response.
+    if tag.state & (SK_REQUEST | SK_RESPONSE) != SK_REQUEST || tag.request_ns == 0 {
+        return;
+    }
+    if t.first(SK_RESPONSE) {
+        observe(
+            tag.svc_id,
+            tag.cohort,
+            Latency::FirstByte,
+            now() - tag.request_ns,
+        );
+        if tag.cohort == COHORT_CANARY {
+            breaker::success(tag.svc_id);
+        }
+    }
+}
+
+/// The `BackendCounters` fields the socket path counts.
+#[derive(Clone, Copy)]
+enum Field {
+    Connections,
+    Closed,
+    Refused,
+    ResetsFromBackend,
+    ResetsFromClient,
+    SynRetried,
+    Failed,
+    BytesFromClient,
+    BytesFromBackend,
+}
+
+/// The address of `field` in the counters at `c`.
+#[inline(always)]
+fn field_ptr(c: *mut BackendCounters, field: Field) -> *mut u64 {
+    // SAFETY: only a field address is formed (no read or write); `c` is a
+    // live map element wherever this is called from.
+    unsafe {
+        match field {
+            Field::Connections => addr_of_mut!((*c).connections),
+            Field::Closed => addr_of_mut!((*c).closed),
+            Field::Refused => addr_of_mut!((*c).refused),
+            Field::ResetsFromBackend => addr_of_mut!((*c).resets_from_backend),
+            Field::ResetsFromClient => addr_of_mut!((*c).resets_from_client),
+            Field::SynRetried => addr_of_mut!((*c).syn_retried),
+            Field::Failed => addr_of_mut!((*c).failed),
+            Field::BytesFromClient => addr_of_mut!((*c).bytes_from_client),
+            Field::BytesFromBackend => addr_of_mut!((*c).bytes_from_backend),
+        }
+    }
+}
