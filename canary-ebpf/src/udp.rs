@@ -267,8 +267,8 @@ pub fn refused(fwd: &FlowKey, backend: Addr, backend_port: u16) {
 /// `BPF_PROG_TEST_RUN`, so every count is made here, with the programs'
 /// atomics and per-CPU counters): counts an unanswered flow's deadline,
 /// and removes a flow idle past its timeout after counting its close;
-/// a reverse half is removed when idle and no live flow owns it. Returns
-/// `sweep::*` bits.
+/// a reverse half is removed when idle and no open flow owns it (one that
+/// does is removed with it). Returns `sweep::*` bits.
 #[inline(always)]
 pub fn sweep(key: &FlowKey) -> i32 {
     let Some(entry) = conntrack::lookup(key) else {
@@ -280,12 +280,10 @@ pub fn sweep(key: &FlowKey) -> i32 {
         if !udp_expired(ct.request_ns, now, ct.idle_ms) {
             return 0;
         }
+        // A live forward half that points here ends both halves itself.
         let owner = conntrack::lookup(&conntrack::forward_key(key, &ct)).map(Entry::read);
         let owned = owner.is_some_and(|f| {
-            f.nat_addr == key.src_addr
-                && f.nat_port == key.src_port
-                && f.state & ST_CLOSED == 0
-                && !udp_expired(f.request_ns, now, f.idle_ms)
+            f.nat_addr == key.src_addr && f.nat_port == key.src_port && f.state & ST_CLOSED == 0
         });
         if owned {
             return 0;
