@@ -21,6 +21,7 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 /// `BPF_PROG_QUERY` flag: the programs that run for the cgroup, its
 /// ancestors' included, not only those attached at it.
@@ -243,6 +244,83 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()>
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` on the hash map `map`: reads up to `keys.len()`
+/// entries into `keys` and `values`, from the start (`from` = `None`) or
+/// from where the previous call ended. Returns how many it read and where
+/// the next call starts (`None` once the map is read to its end). One
+/// system call for thousands of entries, where a walk with
+/// `get_next_key` and a lookup takes two per entry.
+///
+/// `K` and `V` must be the map's key and value types (their sizes are the
+/// map's).
+///
+/// # Panics
+///
+/// If `keys` and `values` differ in length.
+pub fn map_lookup_batch<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    from: Option<u32>,
+    keys: &mut [K],
+    values: &mut [V],
+) -> io::Result<(usize, Option<u32>)> {
+    /// `bpf_attr.batch`, with the kernel's field names.
+    #[repr(C)]
+    #[expect(
+        clippy::struct_field_names,
+        reason = "the kernel's names for these fields"
+    )]
+    struct Batch {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    // Hash maps take a bucket index as the batch position.
+    let start = from.unwrap_or(0);
+    let mut next = 0u32;
+    let mut attr = Batch {
+        in_batch: if from.is_some() {
+            (&raw const start) as u64
+        } else {
+            0
+        },
+        out_batch: (&raw mut next) as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: u32::try_from(keys.len()).map_err(|_| io::Error::other("batch too large"))?,
+        map_fd: u32::try_from(map.as_raw_fd()).map_err(|_| io::Error::other("negative fd"))?,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for BPF_MAP_LOOKUP_BATCH;
+    // its pointers name `start`, `next` and the two buffers, alive and
+    // writable for the call, which write at most `count` keys and values of
+    // the map's sizes (the caller's types); the descriptor is borrowed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_BATCH,
+            &raw mut attr,
+            std::mem::size_of::<Batch>(),
+        )
+    };
+    let read = attr.count as usize;
+    if rc == 0 {
+        return Ok((read, Some(next)));
+    }
+    let error = io::Error::last_os_error();
+    // The end of the map: the last entries come with ENOENT.
+    if error.raw_os_error() == Some(libc::ENOENT) {
+        return Ok((read, None));
+    }
+    Err(error)
 }
 
 /// Ids of the programs that run for the cgroup `cgroup` (a directory

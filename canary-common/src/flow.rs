@@ -238,20 +238,40 @@ const _: () = assert!(core::mem::size_of::<UdpConfig>() == 8);
 /// `nf_conntrack_udp_timeout`.
 pub const UDP_DEFAULT_IDLE_MS: u32 = 30_000;
 
-/// What the UDP sweep program (`canary_udp_sweep`, run by the agent
-/// through `BPF_PROG_TEST_RUN` on a frame carrying one forward `FlowKey`
-/// after the Ethernet header) did, as bits of its return value.
+/// The UDP sweep program (`canary_udp_sweep`), run by the agent through
+/// `BPF_PROG_TEST_RUN` on a frame carrying up to [`sweep::BATCH`] forward
+/// or reverse `FlowKey`s after an Ethernet header: what it did with one
+/// key ([`sweep::EXPIRED`], ...), and the return value of a run
+/// ([`sweep::result`], [`sweep::counts`]).
 pub mod sweep {
     /// The flow was idle past its timeout: its close was counted (once)
-    /// and both entries removed.
-    pub const EXPIRED: i32 = 1 << 0;
+    /// and its entries removed (or an orphaned reverse half was removed).
+    pub const EXPIRED: u32 = 1 << 0;
     /// The flow's response timeout passed with no reply: counted now.
-    pub const TIMED_OUT: i32 = 1 << 1;
-    /// The key was no forward UDP entry (gone, or a reverse entry).
-    pub const NOT_FOUND: i32 = 1 << 2;
-    /// Offset of the `FlowKey` in the frame: right after an Ethernet
-    /// header, which `BPF_PROG_TEST_RUN` requires.
+    pub const TIMED_OUT: u32 = 1 << 1;
+    /// Offset of the first `FlowKey` in the frame: right after an Ethernet
+    /// header, which `BPF_PROG_TEST_RUN` requires. The others follow.
     pub const KEY_OFFSET: usize = 14;
+    /// Most keys in one frame.
+    pub const BATCH: usize = 32;
+
+    /// A run's return value: how many keys it expired and timed out.
+    #[inline(always)]
+    #[expect(
+        clippy::cast_possible_wrap,
+        reason = "both counts are at most BATCH, far below 2^15"
+    )]
+    pub const fn result(expired: u32, timed_out: u32) -> i32 {
+        (expired | (timed_out << 16)) as i32
+    }
+
+    /// (expired, timed out) from a run's return value.
+    #[inline(always)]
+    #[expect(clippy::cast_sign_loss, reason = "result() makes no negative value")]
+    pub const fn counts(ret: i32) -> (u32, u32) {
+        let ret = ret as u32;
+        (ret & 0xffff, ret >> 16)
+    }
 }
 
 #[cfg(feature = "user")]
@@ -268,7 +288,14 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
-    use super::{ST_HANDSHAKE, ST_SYN_RETRIED, SYN_RETRY_MIN_NS, is_syn_retry};
+    use super::{ST_HANDSHAKE, ST_SYN_RETRIED, SYN_RETRY_MIN_NS, is_syn_retry, sweep};
+
+    #[test]
+    fn a_sweep_runs_counts_round_trip() {
+        for (e, t) in [(0, 0), (1, 0), (0, 1), (32, 32), (17, 5)] {
+            assert_eq!(sweep::counts(sweep::result(e, t)), (e, t));
+        }
+    }
 
     #[test]
     fn only_a_late_syn_without_a_syn_ack_is_a_retry() {

@@ -90,22 +90,30 @@ mod programs {
         stats::tc_verdict(egress::handle(&ctx))
     }
 
-    /// The UDP sweep of one flow: the frame carries a `CT_UDP` key after
-    /// its Ethernet header (`canary_common::flow::sweep`); the return value
-    /// says what was done. Run by the agent's sweep, never attached.
+    /// The UDP sweep of up to `sweep::BATCH` flows: the frame carries
+    /// `CT_UDP` keys after its Ethernet header (`canary_common::flow::sweep`);
+    /// the return value counts what was done. Run by the agent's sweep,
+    /// never attached.
     #[classifier]
     pub fn canary_udp_sweep(ctx: TcContext) -> i32 {
         use canary_common::flow::{FlowKey, sweep};
-        let Some(key) = crate::packet::ptr_at::<FlowKey, _>(&ctx, sweep::KEY_OFFSET) else {
-            return sweep::NOT_FOUND;
-        };
-        // SAFETY: bounds-checked against data_end by ptr_at; copied out at
-        // once (the frame need not be aligned).
-        let key = unsafe { key.read_unaligned() };
-        if key.proto != canary_common::IPPROTO_UDP {
-            return sweep::NOT_FOUND;
+        let (mut expired, mut timed_out) = (0, 0);
+        for i in 0..sweep::BATCH {
+            let at = sweep::KEY_OFFSET + i * core::mem::size_of::<FlowKey>();
+            let Some(key) = crate::packet::ptr_at::<FlowKey, _>(&ctx, at) else {
+                break;
+            };
+            // SAFETY: bounds-checked against data_end by ptr_at; copied out
+            // at once (the frame need not be aligned).
+            let key = unsafe { key.read_unaligned() };
+            if key.proto != canary_common::IPPROTO_UDP {
+                continue;
+            }
+            let done = udp::sweep(&key);
+            expired += done & sweep::EXPIRED;
+            timed_out += (done & sweep::TIMED_OUT) >> 1;
         }
-        udp::sweep(&key)
+        sweep::result(expired, timed_out)
     }
 
     /// IPv4 `connect()` from the socket-LB cgroup: a VIP becomes a backend.

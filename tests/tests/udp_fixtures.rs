@@ -357,12 +357,23 @@ fn idle_flows_end_their_next_datagram_starts_a_new_flow_and_the_sweep_removes_th
     // (The sweep does remove the stable flow's reverse half, left behind
     // when the flow moved to canary and idle since.)
     age(&mut dp, V4, client, 31 * SECOND, 31 * SECOND);
-    send(&mut dp, Dir::Egress, &Udp::new(V4.canary(), client, b"push"));
+    send(
+        &mut dp,
+        Dir::Egress,
+        &Udp::new(V4.canary(), client, b"push"),
+    );
     assert!(dp.conntrack_entry(&udp_key(V4.stable(), client)).is_some());
-    assert_eq!(dp.sweep_udp().unwrap().expired, 1, "only the orphaned reverse half");
+    assert_eq!(
+        dp.sweep_udp().unwrap().expired,
+        1,
+        "only the orphaned reverse half"
+    );
     assert!(dp.conntrack_entry(&udp_key(V4.stable(), client)).is_none());
     let fwd = dp.conntrack_entry(&udp_key(client, V4.vip())).unwrap();
-    assert!(fwd.state & ST_CLOSED == 0, "the reply kept the flow: {fwd:?}");
+    assert!(
+        fwd.state & ST_CLOSED == 0,
+        "the reply kept the flow: {fwd:?}"
+    );
 
     // The sweep ends a flow no datagram comes to end: counted once, both
     // halves removed.
@@ -373,6 +384,21 @@ fn idle_flows_end_their_next_datagram_starts_a_new_flow_and_the_sweep_removes_th
     let canary = cohort(&dp, V4.name, Cohort::Canary);
     assert_eq!((canary.connections, canary.closed), (1, 1), "{canary:?}");
     assert_eq!(counter(&dp, Counter::UdpExpired), 2);
+
+    // More idle flows than one sweep run takes (32): all end, each once.
+    for port in 41_000..41_075 {
+        let client = V4.client(port);
+        send(&mut dp, Dir::Ingress, &Udp::new(client, V4.vip(), b"e"));
+        age(&mut dp, V4, client, 31 * SECOND, 31 * SECOND);
+    }
+    assert_eq!(
+        dp.sweep_udp().unwrap().expired,
+        75,
+        "every idle flow, in three runs"
+    );
+    assert_eq!(dp.conntrack_len(), 0);
+    assert_eq!(counter(&dp, Counter::UdpExpired), 77);
+    assert_eq!(cohort(&dp, V4.name, Cohort::Canary).closed, 76);
 }
 
 /// Re-applies the fixture services with `extra`.

@@ -2,7 +2,9 @@
 //! failure no packet announces, and so are a UDP flow that went quiet and
 //! one whose backend never replied; the agent finds them by age.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, os::fd::AsFd, time::Duration};
+
+use aya::maps::IterableMap;
 
 use canary_common::flow::{
     CT_REVERSE, CT_UNTIMED, CtEntry, FlowKey, ST_CLOSED, ST_FAILED, ST_REFUSED, ST_RESPONSE,
@@ -85,17 +87,18 @@ impl Dataplane {
     /// Ends UDP flows idle past their idle timeout and counts flows whose
     /// backend has not replied within their service's response timeout.
     ///
-    /// The agent only picks the candidates; each is handed to the
-    /// `canary_udp_sweep` program (one `BPF_PROG_TEST_RUN` per flow), which
+    /// The agent only picks the candidates; they are handed to the
+    /// `canary_udp_sweep` program (one `BPF_PROG_TEST_RUN` per 32 flows), which
     /// re-checks it and does the counting with the programs' own atomics
     /// and per-CPU counters: the close, its duration and the timeout land
     /// in the maps the datagram path also writes, each once, and no
     /// read-modify-write from here can lose a concurrent kernel update.
     pub fn sweep_udp(&mut self) -> Result<UdpSwept, DataplaneError> {
         let now = monotonic_ns();
-        let entries: Vec<(FlowKey, CtEntry)> = self.ct_udp.iter().filter_map(Result::ok).collect();
+        let entries = self.udp_flows();
         let mut response_ms: BTreeMap<u32, u32> = BTreeMap::new();
         let mut swept = UdpSwept::default();
+        let mut due_keys = Vec::new();
         for (key, ct) in entries {
             let idle = udp_expired(ct.request_ns, now, ct.idle_ms);
             let due = ct.flags & (CT_REVERSE | CT_UNTIMED) == 0
@@ -108,29 +111,55 @@ impl Dataplane {
                     });
                     ms != 0 && now.saturating_sub(ct.created_ns) >= u64::from(ms) * 1_000_000
                 };
-            if !idle && !due {
-                continue;
+            if idle || due {
+                due_keys.push(key);
             }
-            let (code, _) = self.test_run(Program::UdpSweep, &sweep_frame(&key))?;
-            if code & sweep::EXPIRED != 0 {
-                swept.expired += 1;
-            }
-            if code & sweep::TIMED_OUT != 0 {
-                swept.timed_out += 1;
-            }
+        }
+        for batch in due_keys.chunks(sweep::BATCH) {
+            let (ret, _) = self.test_run(Program::UdpSweep, &sweep_frame(batch))?;
+            let (expired, timed_out) = sweep::counts(ret);
+            swept.expired += u64::from(expired);
+            swept.timed_out += u64::from(timed_out);
         }
         Ok(swept)
     }
 }
 
+impl Dataplane {
+    /// Every entry of `CT_UDP`, read in batches (thousands of entries per
+    /// system call); entry by entry where the kernel has no batch
+    /// look-ups.
+    fn udp_flows(&self) -> Vec<(FlowKey, CtEntry)> {
+        const BATCH: usize = 4096;
+        let fd = self.ct_udp.map().fd().as_fd();
+        let mut out = Vec::new();
+        let mut keys = vec![FlowKey::default(); BATCH];
+        let mut values = vec![CtEntry::default(); BATCH];
+        let mut from = None;
+        loop {
+            match crate::sys::map_lookup_batch(fd, from, &mut keys, &mut values) {
+                Ok((n, next)) => {
+                    out.extend(keys.iter().copied().zip(values.iter().copied()).take(n));
+                    match next {
+                        Some(next) => from = Some(next),
+                        None => return out,
+                    }
+                }
+                // Entries may have been read already: start over the slow way.
+                Err(_) => return self.ct_udp.iter().filter_map(Result::ok).collect(),
+            }
+        }
+    }
+}
+
 /// The frame `canary_udp_sweep` reads: an Ethernet header's worth of
-/// zeros (`BPF_PROG_TEST_RUN` wants one), then the flow's key.
-fn sweep_frame(key: &FlowKey) -> Vec<u8> {
+/// zeros (`BPF_PROG_TEST_RUN` wants one), then the flows' keys.
+fn sweep_frame(keys: &[FlowKey]) -> Vec<u8> {
     let mut frame = vec![0u8; sweep::KEY_OFFSET];
     // SAFETY: FlowKey is repr(C) with explicit padding (no uninitialised
-    // bytes), so its memory is `size_of` initialised bytes.
+    // bytes), so the slice's memory is `size_of_val` initialised bytes.
     let bytes = unsafe {
-        std::slice::from_raw_parts(std::ptr::from_ref(key).cast::<u8>(), size_of::<FlowKey>())
+        std::slice::from_raw_parts(keys.as_ptr().cast::<u8>(), std::mem::size_of_val(keys))
     };
     frame.extend_from_slice(bytes);
     frame
