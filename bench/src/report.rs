@@ -271,7 +271,7 @@ fn udp_table(rows: &[UdpRow]) -> String {
         format!(" ({} / {})", to(direct), to(iptables))
     };
     let mut s = String::from(
-        "\n### UDP end to end (network namespaces, 5 % canary, medians of interleaved rounds; ratio to direct / to iptables)\n\n\
+        "\n### UDP end to end (network namespaces, 5 % canary, medians of interleaved rounds; ratio to direct / to iptables; canary's UDP table holds as many flows as nf_conntrack_max unless it says default)\n\n\
          | steering | new flows/s | long-lived req/s | p50 | p99 | canary share | errors |\n\
          |---|---:|---:|---:|---:|---:|---:|\n",
     );

@@ -21,26 +21,34 @@ const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 53), 53);
 const CLIENTS: usize = 4;
 /// Per-request timeout: a datagram lost is an error, not a stall.
 const TIMEOUT: Duration = Duration::from_secs(1);
+/// `nf_conntrack_max` on the benchmark machine (iptables' flow table).
+const NF_CONNTRACK_MAX: u32 = 262_144;
 
 /// Who steers the UDP VIP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum UdpContender {
     /// No VIP: straight to one stable backend.
     Direct,
-    /// canary-agent, TC ingress.
+    /// canary-agent, TC ingress, its UDP table sized like this machine's
+    /// `nf_conntrack_max` (262 144 flows).
     CanaryTc,
-    /// canary-agent, XDP ingress.
+    /// canary-agent, XDP ingress, the same table.
     CanaryXdp,
+    /// canary-agent, TC ingress, the default UDP table (65 536 entries,
+    /// 32 768 flows): full within a second at these rates, so every new
+    /// flow evicts one.
+    CanaryTcSmallTable,
     /// iptables `statistic --mode random` DNAT of UDP (with `nf_conntrack`).
     Iptables,
 }
 
 impl UdpContender {
     /// In report order.
-    pub const ALL: [UdpContender; 4] = [
+    pub const ALL: [UdpContender; 5] = [
         UdpContender::Direct,
         UdpContender::CanaryTc,
         UdpContender::CanaryXdp,
+        UdpContender::CanaryTcSmallTable,
         UdpContender::Iptables,
     ];
 
@@ -50,6 +58,7 @@ impl UdpContender {
             UdpContender::Direct => "direct (no steering)",
             UdpContender::CanaryTc => "canary, TC",
             UdpContender::CanaryXdp => "canary, XDP",
+            UdpContender::CanaryTcSmallTable => "canary, TC, default UDP table",
             UdpContender::Iptables => "iptables statistic DNAT",
         }
     }
@@ -108,14 +117,20 @@ fn setup(lab: &Lab, c: UdpContender) -> anyhow::Result<(Option<AgentProcess>, So
     );
     Ok(match c {
         UdpContender::Direct => (None, s1),
-        UdpContender::CanaryTc | UdpContender::CanaryXdp => {
+        UdpContender::CanaryTc | UdpContender::CanaryXdp | UdpContender::CanaryTcSmallTable => {
             let mode = if c == UdpContender::CanaryXdp {
                 "xdp"
             } else {
                 "tc"
             };
+            // Two entries per flow: as many flows as nf_conntrack_max.
+            let table = if c == UdpContender::CanaryTcSmallTable {
+                String::new()
+            } else {
+                format!("udp_conntrack_capacity = {}\n", 2 * NF_CONNTRACK_MAX)
+            };
             let config = format!(
-                "[agent]\ninterfaces = [{{ name = \"{}\", mode = \"{mode}\" }}]\n\n\
+                "[agent]\n{table}interfaces = [{{ name = \"{}\", mode = \"{mode}\" }}]\n\n\
                  [[service]]\nname = \"dns\"\nvip = \"{VIP}\"\nprotocol = \"udp\"\n\
                  stable = [\"{s1}\", \"{s2}\"]\ncanary = [\"{c1}\"]\nweight = \"5%\"\n\
                  cohort = \"per-connection\"\n",
