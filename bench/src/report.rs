@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::{
     agent::Scrape,
     e2e::{AgentLoad, Contender, E2eRow},
+    local::{LocalContender, LocalRow},
     machine::Machine,
     packet::PacketRow,
     reaction::Reactions,
@@ -20,6 +21,8 @@ pub enum Section {
     Packet,
     /// End to end in network namespaces against the alternatives.
     E2e,
+    /// A client on the node itself: socket LB against iptables and direct.
+    Local,
     /// The agent's CPU, memory and scrape time.
     Agent,
     /// Breaker and judge reaction times.
@@ -41,6 +44,8 @@ pub struct Report {
     pub e2e: Vec<E2eRow>,
     /// The agent's cost during the canary TC rounds.
     pub agent_load: Option<AgentLoad>,
+    /// Local-client rows, one per contender.
+    pub local: Vec<LocalRow>,
     /// Scrape time.
     pub scrape: Option<Scrape>,
     /// Breaker and judge reaction times.
@@ -59,6 +64,7 @@ impl Report {
             packet: Vec::new(),
             e2e: Vec::new(),
             agent_load: None,
+            local: Vec::new(),
             scrape: None,
             reactions: None,
         }
@@ -113,6 +119,9 @@ impl Report {
                  | {:.2} % of a CPU | {:.2} % of a CPU | {:.1} MiB |",
                 l.cpu_pct_conns, l.cpu_pct_keepalive, l.rss_mib
             );
+        }
+        if !self.local.is_empty() {
+            s.push_str(&local_tables(&self.local));
         }
         if let Some(sc) = &self.scrape {
             let _ = writeln!(
@@ -249,6 +258,68 @@ fn e2e_table(rows: &[E2eRow]) -> String {
                 format!("{:.1} %", r.canary_pct)
             },
             r.errors,
+        );
+    }
+    s
+}
+
+fn local_tables(rows: &[LocalRow]) -> String {
+    let find = |c| rows.iter().find(|r| r.contender == c);
+    let (direct, iptables, socket) = (
+        find(LocalContender::Direct),
+        find(LocalContender::Iptables),
+        find(LocalContender::SocketLb),
+    );
+    let rel = |v: f64, to: Option<&LocalRow>, f: fn(&LocalRow) -> f64| {
+        to.map_or(String::new(), |d| format!(" ({})", ratio(v, f(d))))
+    };
+    let mut s = String::from(
+        "\n### Local client (router namespace, client in a cgroup of its own, 5 % canary, medians of interleaved rounds)\n\n\
+         | steering | new conn/s (ratio to iptables) | keep-alive req/s (ratio to direct) | p50 | p99 | canary share | steered at the socket | errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {:.0}{} | {:.0}{} | {:.0} µs | {:.0} µs | {} | {} | {} |",
+            r.contender.label(),
+            r.conns_per_s,
+            rel(r.conns_per_s, iptables, |d| d.conns_per_s),
+            r.requests_per_s,
+            rel(r.requests_per_s, direct, |d| d.requests_per_s),
+            r.p50_us,
+            r.p99_us,
+            r.canary_pct
+                .map_or_else(|| "–".to_string(), |p| format!("{p:.1} %")),
+            r.sock_steered
+                .map_or_else(|| "–".to_string(), |n| format!("{n} of {}", r.opened)),
+            r.errors,
+        );
+    }
+    if let Some(sock) = socket {
+        s.push_str("\n| target | measured | |\n|---|---|---|\n");
+        let mut target = |what: &str, to: Option<&LocalRow>, f: fn(&LocalRow) -> f64, min: f64| {
+            if let Some(to) = to {
+                let (a, b) = (f(sock), f(to));
+                let _ = writeln!(
+                    s,
+                    "| socket LB {what} ≥ {min}× | {} ({a:.0} against {b:.0}/s) | {} |",
+                    ratio(a, b),
+                    if a >= min * b { "met" } else { "missed" }
+                );
+            }
+        };
+        target(
+            "new connections/s against iptables DNAT",
+            iptables,
+            |r| r.conns_per_s,
+            1.3,
+        );
+        target(
+            "keep-alive requests/s against direct",
+            direct,
+            |r| r.requests_per_s,
+            0.98,
         );
     }
     s
