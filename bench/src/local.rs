@@ -82,6 +82,48 @@ pub struct LocalRow {
     pub errors: u64,
 }
 
+/// A ratio of two contenders measured in the same rounds: the median of
+/// the per-round ratios and their range. Neighbours in time share the
+/// machine's momentary load, so a same-round ratio varies less than the
+/// ratio of the two medians.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Paired {
+    /// Median of the per-round ratios.
+    pub median: f64,
+    /// Smallest per-round ratio.
+    pub min: f64,
+    /// Largest per-round ratio.
+    pub max: f64,
+}
+
+impl Paired {
+    fn of(a: &[Sample], b: &[Sample], f: fn(&Sample) -> f64) -> Paired {
+        let mut r: Vec<f64> = a.iter().zip(b).map(|(a, b)| f(a) / f(b)).collect();
+        // Sorts `r` too.
+        let median = median(&mut r);
+        Paired {
+            median,
+            min: r.first().copied().unwrap_or(f64::NAN),
+            max: r.last().copied().unwrap_or(f64::NAN),
+        }
+    }
+}
+
+/// The section's results.
+#[derive(Clone, Debug, Serialize)]
+pub struct Local {
+    /// Rounds per contender.
+    pub rounds: usize,
+    /// Seconds per load.
+    pub secs: f64,
+    /// One row per contender, in [`LocalContender::ALL`] order.
+    pub rows: Vec<LocalRow>,
+    /// Socket LB against iptables, new connections/s (target ≥ 1.3).
+    pub conns_vs_iptables: Paired,
+    /// Socket LB against direct, keep-alive requests/s (target ≥ 0.98).
+    pub keepalive_vs_direct: Paired,
+}
+
 /// What the harness asks of one client process.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ClientSpec {
@@ -398,7 +440,7 @@ fn measure_once(c: LocalContender, secs: f64) -> anyhow::Result<Sample> {
 }
 
 /// `rounds` interleaved rounds of every contender, `secs` per load.
-pub fn measure(rounds: usize, secs: f64) -> anyhow::Result<Vec<LocalRow>> {
+pub fn measure(rounds: usize, secs: f64) -> anyhow::Result<Local> {
     let mut samples: Vec<Vec<Sample>> = LocalContender::ALL.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
         for (i, &c) in LocalContender::ALL.iter().enumerate() {
@@ -419,7 +461,20 @@ pub fn measure(rounds: usize, secs: f64) -> anyhow::Result<Vec<LocalRow>> {
             samples[i].push(s);
         }
     }
-    Ok(LocalContender::ALL
+    let of = |c| {
+        &samples[LocalContender::ALL
+            .iter()
+            .position(|&x| x == c)
+            .unwrap_or(0)][..]
+    };
+    let (direct, iptables, socket) = (
+        of(LocalContender::Direct),
+        of(LocalContender::Iptables),
+        of(LocalContender::SocketLb),
+    );
+    let conns_vs_iptables = Paired::of(socket, iptables, |s| s.conns_per_s);
+    let keepalive_vs_direct = Paired::of(socket, direct, |s| s.requests_per_s);
+    let rows = LocalContender::ALL
         .iter()
         .zip(&samples)
         .map(|(&c, s)| {
@@ -440,5 +495,12 @@ pub fn measure(rounds: usize, secs: f64) -> anyhow::Result<Vec<LocalRow>> {
                 errors: s.iter().map(|s| s.errors).sum(),
             }
         })
-        .collect())
+        .collect();
+    Ok(Local {
+        rounds,
+        secs,
+        rows,
+        conns_vs_iptables,
+        keepalive_vs_direct,
+    })
 }

@@ -74,7 +74,7 @@ fn main() -> anyhow::Result<()> {
     }
     if run(report::Section::Local) {
         let (rounds, secs) = if cli.quick { (1, 1.0) } else { (7, 4.0) };
-        report.local = local::measure(rounds, secs)?;
+        report.local = Some(local::measure(rounds, secs)?);
     }
     if run(report::Section::Agent) {
         let (services, traffic, scrapes) = if cli.quick {
