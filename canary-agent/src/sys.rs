@@ -53,8 +53,8 @@ fn c_path(path: &Path) -> io::Result<CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
 }
 
-/// Whether `path` lies on a bpf file system.
-pub fn is_bpffs(path: &Path) -> io::Result<bool> {
+/// The magic number of the file system `path` lies on.
+fn fs_magic(path: &Path) -> io::Result<u64> {
     let c = c_path(path)?;
     // SAFETY: an all-zero statfs is a valid value to be overwritten.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
@@ -65,8 +65,12 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
     // f_type is a signed long; compare the magic's 32 bits whatever the
     // sign extension.
     #[expect(clippy::cast_sign_loss, reason = "bit pattern comparison")]
-    let magic = st.f_type as u64 & 0xffff_ffff;
-    Ok(magic == BPF_FS_MAGIC)
+    Ok(st.f_type as u64 & 0xffff_ffff)
+}
+
+/// Whether `path` lies on a bpf file system.
+pub fn is_bpffs(path: &Path) -> io::Result<bool> {
+    Ok(fs_magic(path)? == BPF_FS_MAGIC)
 }
 
 /// Mounts a fresh bpf file system at `target` (mode 0700).
@@ -285,16 +289,7 @@ pub fn cgroup_programs(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<V
 
 /// Whether `path` lies on a cgroup v2 file system.
 pub fn is_cgroup2(path: &Path) -> io::Result<bool> {
-    let c = c_path(path)?;
-    // SAFETY: an all-zero statfs is a valid value to be overwritten.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is NUL-terminated and `st` is writable for its size.
-    if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    #[expect(clippy::cast_sign_loss, reason = "bit pattern comparison")]
-    let magic = st.f_type as u64 & 0xffff_ffff;
-    Ok(magic == CGROUP2_SUPER_MAGIC)
+    Ok(fs_magic(path)? == CGROUP2_SUPER_MAGIC)
 }
 
 /// The index of interface `name` in this network namespace; 0 if it does

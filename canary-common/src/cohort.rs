@@ -143,6 +143,21 @@ mod tests {
         (0x0a00_0000 | i).to_be()
     }
 
+    /// Chi-square over 100 equal bucket ranges: with 99 degrees of freedom
+    /// the 99.9 % critical value is 148.2.
+    fn assert_uniform(bins: &[u32; 100], what: &str) {
+        let n: u32 = bins.iter().sum();
+        let expected = f64::from(n) / 100.0;
+        let chi2: f64 = bins
+            .iter()
+            .map(|&o| (f64::from(o) - expected).powi(2) / expected)
+            .sum();
+        assert!(
+            chi2 < 148.2,
+            "{what} chi-square {chi2:.1} >= 148.2 (99.9 %, 99 dof): {bins:?}"
+        );
+    }
+
     #[test]
     fn raising_the_weight_never_moves_a_canary_client_back_to_stable() {
         let weights = [0, 1, 100, 10_000, 50_000, 250_000, 500_000, 999_999, PPM];
@@ -180,38 +195,20 @@ mod tests {
         for i in 0..n {
             bins[(bucket(sticky_hash(client(i), 1)) / 10_000) as usize] += 1;
         }
-        let expected = f64::from(n) / 100.0;
-        let chi2: f64 = bins
-            .iter()
-            .map(|&o| (f64::from(o) - expected).powi(2) / expected)
-            .sum();
-        assert!(
-            chi2 < 148.2,
-            "chi-square {chi2:.1} >= 148.2 (99.9 %, 99 dof): {bins:?}"
-        );
+        assert_uniform(&bins, "buckets:");
     }
 
     /// Same test for per-connection mode: one client, sequential source ports.
     #[test]
     fn flow_buckets_are_uniform_for_sequential_ports() {
         let mut bins = [0u32; 100];
-        let mut n = 0u32;
         for src in 0..4u32 {
             for port in 1024..51_024u16 {
                 let h = flow_hash(client(src), client(99), port.to_be(), 80u16.to_be(), 6, 3);
                 bins[(bucket(h) / 10_000) as usize] += 1;
-                n += 1;
             }
         }
-        let expected = f64::from(n) / 100.0;
-        let chi2: f64 = bins
-            .iter()
-            .map(|&o| (f64::from(o) - expected).powi(2) / expected)
-            .sum();
-        assert!(
-            chi2 < 148.2,
-            "chi-square {chi2:.1} >= 148.2 (99.9 %, 99 dof): {bins:?}"
-        );
+        assert_uniform(&bins, "buckets:");
     }
 
     /// At 5 % over 100 000 sequential clients the canary share must lie in the
@@ -264,15 +261,7 @@ mod tests {
         for id in 1..=n {
             bins[(bucket(sticky_hash64(id, 1)) / 10_000) as usize] += 1;
         }
-        let expected = n as f64 / 100.0;
-        let chi2: f64 = bins
-            .iter()
-            .map(|&o| (f64::from(o) - expected).powi(2) / expected)
-            .sum();
-        assert!(
-            chi2 < 148.2,
-            "chi-square {chi2:.1} >= 148.2 (99.9 %, 99 dof): {bins:?}"
-        );
+        assert_uniform(&bins, "buckets:");
     }
 
     #[test]
@@ -331,12 +320,6 @@ mod tests {
     /// Chi-square as above, for sequential IPv6 clients and ports.
     #[test]
     fn ipv6_buckets_are_uniform_for_sequential_clients_and_ports() {
-        let chi2 = |bins: &[u32; 100], n: u32| -> f64 {
-            let expected = f64::from(n) / 100.0;
-            bins.iter()
-                .map(|&o| (f64::from(o) - expected).powi(2) / expected)
-                .sum()
-        };
         let mut sticky = [0u32; 100];
         let mut flows = [0u32; 100];
         let vip = client6(0xffff);
@@ -354,13 +337,8 @@ mod tests {
             );
             flows[(bucket(h) / 10_000) as usize] += 1;
         }
-        for (what, bins) in [("sticky", &sticky), ("per-connection", &flows)] {
-            let c = chi2(bins, 200_000);
-            assert!(
-                c < 148.2,
-                "{what}: chi-square {c:.1} >= 148.2 (99.9 %, 99 dof): {bins:?}"
-            );
-        }
+        assert_uniform(&sticky, "sticky");
+        assert_uniform(&flows, "per-connection");
     }
 
     #[test]
