@@ -271,7 +271,7 @@ fn local_tables(local: &Local) -> String {
         to.map_or(String::new(), |d| format!(" ({})", ratio(v, f(d))))
     };
     let mut s = format!(
-        "\n### Local client (a process on the router namespace in a cgroup of its own, 5 % canary, medians of {} interleaved rounds of {} s per load)\n\n\
+        "\n### Local client (a process on the router namespace in a cgroup of its own, 5 % canary; medians of interleaved rounds: {}, {} s per load)\n\n\
          | steering | new conn/s (ratio to iptables) | keep-alive req/s (ratio to direct) | p50 | p99 | canary share | steered at the socket | errors |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|\n",
         local.rounds, local.secs
