@@ -9,22 +9,19 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
     process::{Child, Stdio},
-    sync::Arc,
-    time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
-use canary_lab::{AgentProcess, Behavior, Conn, Lab, request_once};
+use anyhow::Context;
+use canary_lab::{AgentProcess, Behavior, Lab, Netns};
 use serde::Serialize;
 
-use crate::sample::{cpu_seconds, median, percentile, rss_mib};
+use crate::{
+    load::{self, keepalive, new_connections, wait_listening},
+    sample::{cpu_seconds, median, percentile, rss_mib},
+};
 
 /// The VIP clients connect to.
-const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
-/// Closed-loop client threads.
-const CLIENTS: usize = 4;
-/// Per-request timeout.
-const TIMEOUT: Duration = Duration::from_secs(3);
+pub const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
 
 /// Who steers the VIP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -166,27 +163,7 @@ fn setup(lab: &Lab, c: Contender) -> anyhow::Result<(Steering, SocketAddrV4)> {
             )
         }
         Contender::Iptables => {
-            let rule = |extra: &str, to: SocketAddrV4| {
-                format!(
-                    "-t nat -A PREROUTING -d {} -p tcp --dport {} {extra} -j DNAT --to-destination {to}",
-                    VIP.ip(),
-                    VIP.port()
-                )
-            };
-            // As kube-proxy writes them: each rule takes its share of what
-            // the rules before it left.
-            for r in [
-                rule("-m statistic --mode random --probability 0.05", c1),
-                rule("-m statistic --mode random --probability 0.5", s1),
-                rule("", s2),
-            ] {
-                let args: Vec<&str> = std::iter::once("iptables")
-                    .chain(r.split_whitespace())
-                    .collect();
-                router
-                    .exec(&args)
-                    .context("iptables (install it: cargo xtask bench does)")?;
-            }
+            iptables_dnat(router, "PREROUTING", [c1, s1, s2])?;
             (Steering::Iptables, VIP)
         }
         Contender::Haproxy => {
@@ -214,7 +191,8 @@ fn setup(lab: &Lab, c: Contender) -> anyhow::Result<(Steering, SocketAddrV4)> {
                 .spawn()
                 .context("starting haproxy (install it: cargo xtask bench does)")?;
             let steering = Steering::Haproxy(child, [cfg, log.clone()]);
-            wait_listening(lab, VIP).with_context(|| {
+            let src = lab.client_addrs()[0].into();
+            wait_listening(lab.client(), src, VIP.into()).with_context(|| {
                 format!(
                     "haproxy: {}",
                     std::fs::read_to_string(&log).unwrap_or_default()
@@ -225,117 +203,56 @@ fn setup(lab: &Lab, c: Contender) -> anyhow::Result<(Steering, SocketAddrV4)> {
     })
 }
 
-/// Waits until `target` answers from the client namespace.
-fn wait_listening(lab: &Lab, target: SocketAddrV4) -> anyhow::Result<()> {
-    let src = lab.client_addrs()[0];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let ok = lab
-            .client()
-            .spawn(move || request_once(src, target, Duration::from_millis(500)))
-            .join()
-            .map_err(|_| anyhow::anyhow!("client thread panicked"))??
-            .is_ok();
-        if ok {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{target} did not answer within 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
+/// Steers [`VIP`] in `router`'s `nat` table, chain `chain`, as kube-proxy
+/// writes the rules: 5 % to `canary`, then half of the rest to each stable
+/// backend (each rule takes its share of what the rules before it left).
+/// The rules live in the namespace and go with it.
+pub fn iptables_dnat(
+    router: &Netns,
+    chain: &str,
+    [canary, s1, s2]: [SocketAddrV4; 3],
+) -> anyhow::Result<()> {
+    let rule = |extra: &str, to: SocketAddrV4| {
+        format!(
+            "-t nat -A {chain} -d {} -p tcp --dport {} {extra} -j DNAT --to-destination {to}",
+            VIP.ip(),
+            VIP.port()
+        )
+    };
+    for r in [
+        rule("-m statistic --mode random --probability 0.05", canary),
+        rule("-m statistic --mode random --probability 0.5", s1),
+        rule("", s2),
+    ] {
+        let args: Vec<&str> = std::iter::once("iptables")
+            .chain(r.split_whitespace())
+            .collect();
+        router
+            .exec(&args)
+            .context("iptables (install it: cargo xtask bench does)")?;
     }
-}
-
-/// One request per connection from `CLIENTS` threads for `secs`:
-/// (completed, canary answers, errors, elapsed seconds).
-fn new_connections(lab: &Lab, target: SocketAddrV4, secs: f64) -> (u64, u64, u64, f64) {
-    let sources = Arc::new(lab.client_addrs().to_vec());
-    let start = Instant::now();
-    let until = start + Duration::from_secs_f64(secs);
-    let handles: Vec<_> = (0..CLIENTS)
-        .map(|t| {
-            let sources = Arc::clone(&sources);
-            lab.client().spawn(move || {
-                let (mut ok, mut canary, mut err) = (0u64, 0u64, 0u64);
-                let mut i = t;
-                while Instant::now() < until {
-                    match request_once(sources[i % sources.len()], target, TIMEOUT) {
-                        Ok(name) => {
-                            ok += 1;
-                            canary += u64::from(name.starts_with("canary"));
-                        }
-                        Err(_) => err += 1,
-                    }
-                    i += CLIENTS;
-                }
-                (ok, canary, err)
-            })
-        })
-        .collect();
-    let mut total = (0, 0, 0);
-    for h in handles {
-        if let Ok(Ok((a, b, c))) = h.join() {
-            total = (total.0 + a, total.1 + b, total.2 + c);
-        }
-    }
-    (total.0, total.1, total.2, start.elapsed().as_secs_f64())
-}
-
-/// Keep-alive requests on `CLIENTS` connections for `secs`: (latencies in
-/// µs, errors, elapsed seconds).
-fn keepalive(lab: &Lab, target: SocketAddrV4, secs: f64) -> (Vec<f64>, u64, f64) {
-    let sources = lab.client_addrs().to_vec();
-    let start = Instant::now();
-    let until = start + Duration::from_secs_f64(secs);
-    let handles: Vec<_> = (0..CLIENTS)
-        .map(|t| {
-            let src = sources[t % sources.len()];
-            lab.client().spawn(move || {
-                let mut lat = Vec::new();
-                let mut err = 0u64;
-                let mut conn = Conn::open(src, target, TIMEOUT)?;
-                while Instant::now() < until {
-                    let t0 = Instant::now();
-                    if conn.ping().is_ok() {
-                        lat.push(t0.elapsed().as_secs_f64() * 1e6);
-                    } else {
-                        err += 1;
-                        conn = Conn::open(src, target, TIMEOUT)?;
-                    }
-                }
-                Ok::<_, std::io::Error>((lat, err))
-            })
-        })
-        .collect();
-    let mut lat = Vec::new();
-    let mut errors = 0;
-    for h in handles {
-        match h.join() {
-            Ok(Ok(Ok((l, e)))) => {
-                lat.extend(l);
-                errors += e;
-            }
-            _ => errors += 1,
-        }
-    }
-    (lat, errors, start.elapsed().as_secs_f64())
+    Ok(())
 }
 
 fn measure_once(c: Contender, secs: f64) -> anyhow::Result<Sample> {
     let lab = lab();
     let (steering, target) = setup(&lab, c)?;
+    let (client, sources) = (lab.client(), load::sources(lab.client_addrs()));
+    let target = target.into();
     // Warm-up: ARP, the servers' first threads, the agent's first scrape.
-    wait_listening(&lab, target)?;
-    new_connections(&lab, target, 0.3);
+    wait_listening(client, sources[0], target)?;
+    new_connections(client, &sources, target, 0.3);
     let agent_pid = match &steering {
         Steering::Agent(a) => Some(a.pid()),
         _ => None,
     };
     let cpu0 = agent_pid.map(cpu_seconds);
-    let (ok, canary, err1, el1) = new_connections(&lab, target, secs);
+    let conns = new_connections(client, &sources, target, secs);
     let cpu1 = agent_pid.map(cpu_seconds);
-    let (mut lat, err2, el2) = keepalive(&lab, target, secs);
+    let ka = keepalive(client, &sources, target, secs);
     let cpu2 = agent_pid.map(cpu_seconds);
+    let (el1, el2) = (conns.secs, ka.secs);
+    let mut lat = ka.latencies_us;
     lat.sort_by(f64::total_cmp);
     let agent_cpu = match (cpu0, cpu1, cpu2) {
         (Some(a), Some(b), Some(c)) => Some(((b - a) / el1 * 100.0, (c - b) / el2 * 100.0)),
@@ -344,13 +261,13 @@ fn measure_once(c: Contender, secs: f64) -> anyhow::Result<Sample> {
     let agent_rss = agent_pid.map(rss_mib);
     drop(steering);
     Ok(Sample {
-        conns_per_s: ok as f64 / el1,
+        conns_per_s: conns.ok as f64 / el1,
         requests_per_s: lat.len() as f64 / el2,
         p50_us: percentile(&lat, 0.5),
         p99_us: percentile(&lat, 0.99),
-        canary,
-        total: ok,
-        errors: err1 + err2,
+        canary: conns.canary,
+        total: conns.ok,
+        errors: conns.errors + ka.errors,
         agent_cpu,
         agent_rss,
     })

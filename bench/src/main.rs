@@ -4,6 +4,8 @@
 
 mod agent;
 mod e2e;
+mod load;
+mod local;
 mod machine;
 mod packet;
 mod reaction;
@@ -26,7 +28,7 @@ struct Cli {
     /// Directory for results.json and results.md.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
-    /// Sections to run (default: all): packet, e2e, agent, reaction, udp.
+    /// Sections to run (default: all): packet, e2e, local, agent, reaction, udp.
     #[arg(long, value_delimiter = ',')]
     only: Vec<report::Section>,
     /// Smaller sizes and shorter runs, to check that everything works.
@@ -37,10 +39,17 @@ struct Cli {
     /// under `perf record -g` to profile the new-flow path.
     #[arg(long, value_name = "COUNT")]
     profile_new_flows: Option<u32>,
+    /// Internal: run as the local section's client process (started by the
+    /// bench itself inside the client cgroup) with this JSON spec.
+    #[arg(long, hide = true, value_name = "SPEC")]
+    local_client: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(spec) = &cli.local_client {
+        return local::client_main(spec);
+    }
     if let Some(count) = cli.profile_new_flows {
         let ns = packet::profile_new_flows(count)?;
         println!("new-flow SYN through TC ingress: median {ns:.0} ns over {count}");
@@ -63,6 +72,10 @@ fn main() -> anyhow::Result<()> {
         let (rows, load) = e2e::measure(rounds, secs)?;
         report.e2e = rows;
         report.agent_load = Some(load);
+    }
+    if run(report::Section::Local) {
+        let (rounds, secs) = if cli.quick { (1, 1.0) } else { (7, 4.0) };
+        report.local = Some(local::measure(rounds, secs)?);
     }
     if run(report::Section::Udp) {
         let (rounds, secs) = if cli.quick { (1, 1.0) } else { (5, 3.0) };

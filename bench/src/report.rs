@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::{
     agent::Scrape,
     e2e::{AgentLoad, Contender, E2eRow},
+    local::{Local, LocalContender, LocalRow, Paired},
     machine::Machine,
     packet::PacketRow,
     reaction::Reactions,
@@ -21,6 +22,8 @@ pub enum Section {
     Packet,
     /// End to end in network namespaces against the alternatives.
     E2e,
+    /// A client on the node itself: socket LB against iptables and direct.
+    Local,
     /// The agent's CPU, memory and scrape time.
     Agent,
     /// Breaker and judge reaction times.
@@ -46,6 +49,8 @@ pub struct Report {
     pub udp: Vec<UdpRow>,
     /// The agent's cost during the canary TC rounds.
     pub agent_load: Option<AgentLoad>,
+    /// The local client: socket LB against iptables and direct.
+    pub local: Option<Local>,
     /// Scrape time.
     pub scrape: Option<Scrape>,
     /// Breaker and judge reaction times.
@@ -65,6 +70,7 @@ impl Report {
             e2e: Vec::new(),
             udp: Vec::new(),
             agent_load: None,
+            local: None,
             scrape: None,
             reactions: None,
         }
@@ -122,6 +128,9 @@ impl Report {
                  | {:.2} % of a CPU | {:.2} % of a CPU | {:.1} MiB |",
                 l.cpu_pct_conns, l.cpu_pct_keepalive, l.rss_mib
             );
+        }
+        if let Some(local) = &self.local {
+            s.push_str(&local_tables(local));
         }
         if let Some(sc) = &self.scrape {
             let _ = writeln!(
@@ -260,6 +269,60 @@ fn e2e_table(rows: &[E2eRow]) -> String {
             r.errors,
         );
     }
+    s
+}
+
+fn local_tables(local: &Local) -> String {
+    let rows = &local.rows;
+    let find = |c| rows.iter().find(|r| r.contender == c);
+    let (direct, iptables) = (find(LocalContender::Direct), find(LocalContender::Iptables));
+    let rel = |v: f64, to: Option<&LocalRow>, f: fn(&LocalRow) -> f64| {
+        to.map_or(String::new(), |d| format!(" ({})", ratio(v, f(d))))
+    };
+    let mut s = format!(
+        "\n### Local client (a process on the router namespace in a cgroup of its own, 5 % canary; medians of interleaved rounds: {}, {} s per load)\n\n\
+         | steering | new conn/s (ratio to iptables) | keep-alive req/s (ratio to direct) | p50 | p99 | canary share | steered at the socket | errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+        local.rounds, local.secs
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {:.0}{} | {:.0}{} | {:.0} µs | {:.0} µs | {} | {} | {} |",
+            r.contender.label(),
+            r.conns_per_s,
+            rel(r.conns_per_s, iptables, |d| d.conns_per_s),
+            r.requests_per_s,
+            rel(r.requests_per_s, direct, |d| d.requests_per_s),
+            r.p50_us,
+            r.p99_us,
+            r.canary_pct
+                .map_or_else(|| "–".to_string(), |p| format!("{p:.1} %")),
+            r.sock_steered
+                .map_or_else(|| "–".to_string(), |n| format!("{n} of {}", r.opened)),
+            r.errors,
+        );
+    }
+    let target = |what: &str, p: &Paired, min: f64| {
+        format!(
+            "| socket LB {what} ≥ {min}× | {:.2}× (rounds {:.2}–{:.2}×) | {} |\n",
+            p.median,
+            p.min,
+            p.max,
+            if p.median >= min { "met" } else { "missed" }
+        )
+    };
+    s.push_str("\n| target (median of the same-round ratios) | measured | |\n|---|---|---|\n");
+    s.push_str(&target(
+        "new connections/s against iptables DNAT",
+        &local.conns_vs_iptables,
+        1.3,
+    ));
+    s.push_str(&target(
+        "keep-alive requests/s against direct",
+        &local.keepalive_vs_direct,
+        0.98,
+    ));
     s
 }
 

@@ -116,9 +116,10 @@ pub static TIMEOUTS: Array<HandshakeTimeouts> =
 #[map(name = "LAYOUT")]
 pub static LAYOUT: Array<u32> = Array::with_max_entries(LAYOUT_ENTRIES, 0);
 
-/// {socket cookie, backend} → the VIP its application dialled. Written by
-/// `connect4/6` when they steer a socket, read by `getpeername4/6`, removed
-/// when the socket closes (`inet_sock_set_state`).
+/// {socket cookie, backend} → the VIP its application dialled, for sockets
+/// that talk to a VIP without connecting to it (unconnected UDP): written
+/// by `sendmsg4/6`, read by `recvmsg4/6`. Connected sockets keep this in
+/// their tag (`SOCK_TAGS`) instead.
 #[map(name = "SOCK_REVNAT")]
 pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
     LruHashMap::with_max_entries(SOCK_REVNAT_CAPACITY, 0);

@@ -26,7 +26,7 @@ use core::{
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_ANY, bpf_sock},
+    bindings::bpf_sock,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, generated::bpf_sk_storage_get},
     programs::{BtfTracePointContext, SockAddrContext},
 };
@@ -38,8 +38,7 @@ use canary_common::{
     service::{Backend, COHORT_CANARY, MODE_PER_CONNECTION, ServiceKey},
     sock::{
         SK_CLOSED, SK_ESTABLISHED, SK_FAILED, SK_OPENED, SK_REQUEST, SK_RESPONSE,
-        SK_RST_FROM_BACKEND, SK_RST_FROM_CLIENT, SK_SYN_RETRIED, SockEnd, SockRevKey, SockRevValue,
-        SockTag, sock_end,
+        SK_RST_FROM_BACKEND, SK_RST_FROM_CLIENT, SK_SYN_RETRIED, SockEnd, SockTag, sock_end,
     },
     stats::BackendCounters,
 };
@@ -47,7 +46,7 @@ use canary_common::{
 use crate::{
     atomic, breaker,
     conntrack::now,
-    maps::{COUNTERS, SERVICES, SOCK_ACTIVE, SOCK_REVNAT, SOCK_TAGS, SOCK_TIMEOUTS, STATS},
+    maps::{COUNTERS, SERVICES, SOCK_ACTIVE, SOCK_TAGS, SOCK_TIMEOUTS, STATS},
     stats::{Latency, observe},
     steer,
 };
@@ -217,21 +216,9 @@ pub fn connect(ctx: &SockAddrContext, hook: Hook) {
     // SAFETY: the storage of this context's socket; the pointer is a live
     // map value (or null) for this run.
     let p = unsafe { SOCK_TAGS.get_or_insert_ptr_mut(ctx, Some(&mut init)) };
-    let reverse = SockRevValue {
-        vip: addr,
-        port,
-        family,
-        _pad: 0,
-        svc_id: svc.svc_id,
-    };
-    if p.is_null()
-        || SOCK_REVNAT
-            .insert(&rev_key(&tag), &reverse, u64::from(BPF_ANY))
-            .is_err()
-    {
+    if p.is_null() {
         count(Counter::SockTagFailed);
-    }
-    if !p.is_null() {
+    } else {
         // SAFETY: a live storage value of this socket; a socket that
         // connects again (after a failed connect, or connected UDP) gets a
         // fresh tag. No tracepoint counts for it meanwhile: the socket is
@@ -250,9 +237,6 @@ fn forget(ctx: &SockAddrContext) {
     if p.is_null() {
         return;
     }
-    // SAFETY: a live storage value for this run, copied out.
-    let tag = unsafe { *p };
-    let _ = SOCK_REVNAT.remove(&rev_key(&tag));
     // SAFETY: `sk` of a sock_addr context is this run's socket.
     unsafe {
         let sk = read_volatile(addr_of!((*ctx.sock_addr).__bindgen_anon_1.sk));
@@ -260,50 +244,36 @@ fn forget(ctx: &SockAddrContext) {
     }
 }
 
-/// The `SOCK_REVNAT` key of a tagged socket.
-#[inline(always)]
-fn rev_key(tag: &SockTag) -> SockRevKey {
-    SockRevKey {
-        cookie: tag.cookie,
-        addr: tag.backend,
-        port: tag.backend_port,
-        family: tag.family,
-        _pad: [0; 5],
-    }
-}
-
 /// `getpeername4`/`getpeername6`: a steered socket's peer is the VIP its
 /// application dialled, not the backend.
 #[inline(always)]
 pub fn getpeername(ctx: &SockAddrContext, hook: Hook) {
-    let (addr, port) = user_addr(ctx, hook);
-    let family = addr.family();
-    // SAFETY: get_socket_cookie takes the sock_addr context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = SockRevKey {
-        cookie,
-        addr,
-        port,
-        family,
-        _pad: [0; 5],
-    };
-    // SAFETY: a live LRU element for this run, copied out at once.
-    let Some(vip) = SOCK_REVNAT.get_ptr(&key).map(|v| unsafe { *v }) else {
+    // SAFETY: the storage of this context's socket, looked up only.
+    let p = unsafe { SOCK_TAGS.get_ptr_mut(ctx) };
+    if p.is_null() {
         return;
-    };
+    }
+    // SAFETY: a live storage value for this run, copied out.
+    let tag = unsafe { *p };
+    let (addr, port) = user_addr(ctx, hook);
+    // The peer is the backend this socket was steered to (and not, say,
+    // a later connect's destination that is no VIP: that drops the tag).
+    if addr != tag.backend || port != tag.backend_port {
+        return;
+    }
     let sa = ctx.sock_addr;
     // SAFETY: getpeername4/6 may store 4 bytes at a time into the user
     // address and port.
     unsafe {
         match hook {
-            Hook::V4 => write_volatile(addr_of_mut!((*sa).user_ip4), vip.vip.v4()),
+            Hook::V4 => write_volatile(addr_of_mut!((*sa).user_ip4), tag.vip.v4()),
             Hook::V6 => {
-                for (i, word) in vip.vip.0.iter().enumerate() {
+                for (i, word) in tag.vip.0.iter().enumerate() {
                     write_volatile(addr_of_mut!((*sa).user_ip6[i]), *word);
                 }
             }
         }
-        write_volatile(addr_of_mut!((*sa).user_port), u32::from(vip.port));
+        write_volatile(addr_of_mut!((*sa).user_port), u32::from(tag.vip_port));
     }
 }
 
@@ -469,7 +439,6 @@ pub fn state(ctx: &BtfTracePointContext) {
                     }
                 }
             }
-            let _ = SOCK_REVNAT.remove(&rev_key(&tag));
         }
         _ => {}
     }
