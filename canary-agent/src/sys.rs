@@ -48,6 +48,14 @@ pub const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 pub const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
 /// `bpf_attach_type` of cgroup `getpeername6`.
 pub const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
+/// `bpf_attach_type` of cgroup `sendmsg4` (UDP).
+pub const BPF_CGROUP_UDP4_SENDMSG: u32 = 14;
+/// `bpf_attach_type` of cgroup `sendmsg6` (UDP).
+pub const BPF_CGROUP_UDP6_SENDMSG: u32 = 15;
+/// `bpf_attach_type` of cgroup `recvmsg4` (UDP).
+pub const BPF_CGROUP_UDP4_RECVMSG: u32 = 19;
+/// `bpf_attach_type` of cgroup `recvmsg6` (UDP).
+pub const BPF_CGROUP_UDP6_RECVMSG: u32 = 20;
 
 fn c_path(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes())

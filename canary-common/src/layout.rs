@@ -32,7 +32,7 @@ pub struct MapLayout {
 }
 
 /// Every map of the object except `LAYOUT` itself, in `LAYOUT` index order.
-pub const MAPS: [MapLayout; 18] = [
+pub const MAPS: [MapLayout; 19] = [
     MapLayout {
         name: names::SERVICES,
         version: 2,
@@ -103,6 +103,10 @@ pub const MAPS: [MapLayout; 18] = [
     },
     MapLayout {
         name: names::UDP_TIMEOUTS,
+        version: 1,
+    },
+    MapLayout {
+        name: names::SOCK_UDP,
         version: 1,
     },
 ];

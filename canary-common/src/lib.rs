@@ -57,6 +57,9 @@ pub mod names {
     pub const LAYOUT: &str = "LAYOUT";
     /// Socket-steering reverse map, see [`crate::sock::SockRevKey`].
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    /// Unconnected UDP flows steered at the socket, see
+    /// [`crate::sock::SockUdpFlow`].
+    pub const SOCK_UDP: &str = "SOCK_UDP";
     /// Socket storage of steered sockets, see [`crate::sock::SockTag`].
     pub const SOCK_TAGS: &str = "SOCK_TAGS";
     /// Handshake timeouts of socket-steered connections per stats slot,
@@ -97,6 +100,14 @@ pub mod names {
     pub const PROG_GETPEERNAME4: &str = "canary_getpeername4";
     /// cgroup `getpeername6`: shows the VIP instead of the backend.
     pub const PROG_GETPEERNAME6: &str = "canary_getpeername6";
+    /// cgroup `sendmsg4`: steers an unconnected IPv4 UDP datagram to a VIP.
+    pub const PROG_SENDMSG4: &str = "canary_sendmsg4";
+    /// cgroup `sendmsg6`: steers an unconnected IPv6 UDP datagram to a VIP.
+    pub const PROG_SENDMSG6: &str = "canary_sendmsg6";
+    /// cgroup `recvmsg4`: shows a steered UDP reply as coming from the VIP.
+    pub const PROG_RECVMSG4: &str = "canary_recvmsg4";
+    /// cgroup `recvmsg6`: shows a steered UDP reply as coming from the VIP.
+    pub const PROG_RECVMSG6: &str = "canary_recvmsg6";
     /// BTF tracepoint `inet_sock_set_state`: connections, handshakes, closes and
     /// timeouts of steered sockets.
     pub const PROG_SOCK_STATE: &str = "canary_sock_state";

@@ -149,6 +149,48 @@ pub struct SockRevValue {
 }
 const _: () = assert!(core::mem::size_of::<SockRevValue>() == 24);
 
+/// `SOCK_UDP` value: one unconnected UDP socket's flow to one VIP (key: a
+/// [`SockRevKey`] holding the socket's cookie and the VIP), chosen on its
+/// first datagram and kept until idle for the service's idle timeout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockUdpFlow {
+    /// The backend the flow's datagrams go to.
+    pub backend: Addr,
+    /// The backend's port, network byte order.
+    pub backend_port: u16,
+    /// [`crate::service::COHORT_STABLE`] or [`crate::service::COHORT_CANARY`].
+    pub cohort: u8,
+    pub _pad: u8,
+    /// The service.
+    pub svc_id: u32,
+    /// The backend's `STATS` slot.
+    pub stats_slot: u32,
+    /// The service's `udp_idle_timeout` when the flow began.
+    pub idle_ms: u32,
+    /// The service's `udp_response_timeout` when the flow began (0: none).
+    pub response_ms: u32,
+    pub _pad2: u32,
+    /// `bpf_ktime_get_ns` of the flow's first datagram.
+    pub first_ns: u64,
+    /// `bpf_ktime_get_ns` of a recent datagram (refreshed at most once a
+    /// second, see [`crate::flow::UDP_REFRESH_NS`]).
+    pub last_ns: u64,
+    /// `SU_*` bits, set with atomic ORs.
+    pub state: u64,
+}
+const _: () = assert!(core::mem::size_of::<SockUdpFlow>() == 64);
+
+/// A reply reached the socket: the response time was recorded.
+pub const SU_REPLIED: u64 = 1 << 0;
+/// No reply came within the response timeout: the flow failed (once).
+pub const SU_TIMED_OUT: u64 = 1 << 1;
+
+/// Capacity of `SOCK_UDP`: unconnected UDP flows (socket × VIP) at once;
+/// beyond it the least recently used are evicted, and an evicted flow's
+/// next datagram is a new flow (a fresh choice).
+pub const SOCK_UDP_CAPACITY: u32 = 65_536;
+
 /// Capacity of `SOCK_REVNAT`: steered sockets open at once. Entries are
 /// removed when their socket closes; beyond this the oldest are evicted
 /// and `getpeername()` on those sockets shows the backend.
@@ -162,6 +204,8 @@ mod pod {
     unsafe impl aya::Pod for super::SockRevKey {}
     // SAFETY: repr(C), explicit padding (size asserted), integers only.
     unsafe impl aya::Pod for super::SockRevValue {}
+    // SAFETY: repr(C), explicit padding (size asserted), integers only.
+    unsafe impl aya::Pod for super::SockUdpFlow {}
 }
 
 #[cfg(test)]

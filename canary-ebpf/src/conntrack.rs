@@ -11,8 +11,8 @@ use canary_common::{
     addr::Addr,
     counters::Counter,
     flow::{
-        CT_REOPENED, CT_REVERSE, CT_UNTIMED, CtEntry, FlowKey, PendingSyn, ST_CLOSED, ST_FAILED, ST_HANDSHAKE,
-        ST_REVIVED, ST_RST, ST_RST_CLOSE, UdpConfig,
+        CT_REOPENED, CT_REVERSE, CT_UNTIMED, CtEntry, FlowKey, PendingSyn, ST_CLOSED, ST_FAILED,
+        ST_HANDSHAKE, ST_REVIVED, ST_RST, ST_RST_CLOSE, UdpConfig,
     },
     stats::BackendCounters,
 };
@@ -82,7 +82,11 @@ impl Entry {
 /// never evict TCP connections.
 #[inline(always)]
 fn table(proto: u8) -> &'static LruHashMap<FlowKey, CtEntry> {
-    if proto == IPPROTO_UDP { &CT_UDP } else { &CONNTRACK }
+    if proto == IPPROTO_UDP {
+        &CT_UDP
+    } else {
+        &CONNTRACK
+    }
 }
 
 /// The flow state for `key`, if tracked (in its protocol's table).

@@ -7,8 +7,8 @@ use aya_ebpf::programs::TcContext;
 use canary_common::{
     counters::Counter,
     flow::{
-        CT_REOPENED, CT_REVERSE, ST_BACKEND_FIN, ST_CLIENT_FIN, ST_HANDSHAKE,
-        ST_REQUEST, ST_RESPONSE, ST_RST,
+        CT_REOPENED, CT_REVERSE, ST_BACKEND_FIN, ST_CLIENT_FIN, ST_HANDSHAKE, ST_REQUEST,
+        ST_RESPONSE, ST_RST,
     },
     service::COHORT_CANARY,
 };

@@ -140,7 +140,11 @@ fn rewrite(
             csum::replace4(inner_check, backend.v4(), vip.v4())
         };
         let check = csum::replace2(check, old_port, vport);
-        let check = if udp { csum::udp::mangled(check) } else { check };
+        let check = if udp {
+            csum::udp::mangled(check)
+        } else {
+            check
+        };
         let p = field::<u16>(ctx, q.inner_csum)?;
         // SAFETY: as above.
         unsafe { p.write_unaligned(check) };

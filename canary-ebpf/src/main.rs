@@ -148,6 +148,37 @@ mod programs {
         1
     }
 
+    /// An IPv4 UDP datagram sent to an address (unconnected): a VIP becomes
+    /// the flow's backend. Never refuses a send (1 = proceed).
+    #[cgroup_sock_addr(sendmsg4)]
+    pub fn canary_sendmsg4(ctx: SockAddrContext) -> i32 {
+        sock::sendmsg(&ctx, Hook::V4);
+        1
+    }
+
+    /// An IPv6 UDP datagram sent to an address (v4-mapped VIPs included).
+    #[cgroup_sock_addr(sendmsg6)]
+    pub fn canary_sendmsg6(ctx: SockAddrContext) -> i32 {
+        sock::sendmsg(&ctx, Hook::V6);
+        1
+    }
+
+    /// An IPv4 UDP datagram received with its source asked for: a steered
+    /// backend's reply shows the VIP. Must return 1.
+    #[cgroup_sock_addr(recvmsg4)]
+    pub fn canary_recvmsg4(ctx: SockAddrContext) -> i32 {
+        sock::recvmsg(&ctx, Hook::V4);
+        1
+    }
+
+    /// An IPv6 UDP datagram received with its source asked for. Must
+    /// return 1.
+    #[cgroup_sock_addr(recvmsg6)]
+    pub fn canary_recvmsg6(ctx: SockAddrContext) -> i32 {
+        sock::recvmsg(&ctx, Hook::V6);
+        1
+    }
+
     /// A TCP state change: connection counted, handshake timed, end counted.
     #[btf_tracepoint(function = "inet_sock_set_state")]
     pub fn canary_sock_state(ctx: BtfTracePointContext) -> i32 {

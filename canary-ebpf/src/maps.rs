@@ -17,7 +17,9 @@ use canary_common::{
     service::{
         DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAX_RULES, RuleKey, ServiceKey, ServiceValue,
     },
-    sock::{SOCK_REVNAT_CAPACITY, SockRevKey, SockRevValue, SockTag},
+    sock::{
+        SOCK_REVNAT_CAPACITY, SOCK_UDP_CAPACITY, SockRevKey, SockRevValue, SockTag, SockUdpFlow,
+    },
     stats::{BackendCounters, CohortHistograms, HandshakeTimeouts},
 };
 
@@ -162,8 +164,7 @@ pub static CT_UDP: LruHashMap<FlowKey, CtEntry> =
 /// timeout is copied into the flow) and while a flow waits for its first
 /// reply.
 #[map(name = "UDP_CONFIG")]
-pub static UDP_CONFIG: HashMap<u32, UdpConfig> =
-    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+pub static UDP_CONFIG: HashMap<u32, UdpConfig> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 
 /// Stats slot → UDP flows whose backend did not reply within the
 /// service's `udp_response_timeout`, per CPU: counted by the programs
@@ -173,3 +174,11 @@ pub static UDP_CONFIG: HashMap<u32, UdpConfig> =
 #[map(name = "UDP_TIMEOUTS")]
 pub static UDP_TIMEOUTS: PerCpuArray<HandshakeTimeouts> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS + 1, 0);
+
+/// {socket cookie, VIP} → the unconnected UDP flow of that socket to that
+/// VIP: its backend, chosen on its first datagram by `sendmsg4/6` and kept
+/// until idle for the service's `udp_idle_timeout`; its first-reply time
+/// and timeout bits, set by `recvmsg4/6` and `sendmsg4/6`.
+#[map(name = "SOCK_UDP")]
+pub static SOCK_UDP: LruHashMap<SockRevKey, SockUdpFlow> =
+    LruHashMap::with_max_entries(SOCK_UDP_CAPACITY, 0);

@@ -153,7 +153,11 @@ impl Rewrite for XdpContext {
                 ip_addr.write_unaligned(addr);
                 // IPv6 UDP with checksum 0 never gets here (passed
                 // unsteered), so a 0 is never kept.
-                l4_csum.write_unaligned(if udp { csum::udp::mangled(check) } else { check });
+                l4_csum.write_unaligned(if udp {
+                    csum::udp::mangled(check)
+                } else {
+                    check
+                });
                 l4_port.write_unaligned(port);
             }
         } else {
@@ -172,7 +176,11 @@ impl Rewrite for XdpContext {
                 if !(udp && csum::udp::keep(before)) {
                     let check = csum::replace4(before, old, new);
                     let check = csum::replace2(check, old_port, port);
-                    l4_csum.write_unaligned(if udp { csum::udp::mangled(check) } else { check });
+                    l4_csum.write_unaligned(if udp {
+                        csum::udp::mangled(check)
+                    } else {
+                        check
+                    });
                 }
             }
         }

@@ -142,8 +142,6 @@ pub fn addr_offset(l3: usize, v6: bool, src: bool) -> usize {
     }
 }
 
-
-
 /// A packet the programs parse in place: an skb at TC, or an XDP buffer.
 pub trait Frame {
     /// Address of the first byte (the MAC header).
@@ -511,7 +509,11 @@ pub fn icmp_error<F: Frame>(ctx: &F, pkt: &Packet) -> Result<Option<Quote>, Coun
     // IPv6 extension headers): each variable part would multiply the
     // verifier's work on the whole program, and routers and hosts quote
     // such packets rarely. Others are passed and counted.
-    let (hlen, proto_at) = if v6 { (IPV6_HLEN, 6) } else { (IPV4_MIN_HLEN, 9) };
+    let (hlen, proto_at) = if v6 {
+        (IPV6_HLEN, 6)
+    } else {
+        (IPV4_MIN_HLEN, 9)
+    };
     if !ctx.ensure_linear(inner_l3 + hlen + 4) {
         return Err(Counter::IcmpQuoteUnsupported);
     }
@@ -542,7 +544,12 @@ pub fn icmp_error<F: Frame>(ctx: &F, pkt: &Packet) -> Result<Option<Quote>, Coun
     let inner_l4 = inner_l3 + hlen;
     let src_port: u16 = read(ctx, inner_l4 + L4_SPORT).ok_or(Counter::IcmpQuoteUnsupported)?;
     let dst_port: u16 = read(ctx, inner_l4 + L4_DPORT).ok_or(Counter::IcmpQuoteUnsupported)?;
-    let csum_at = inner_l4 + if proto == IPPROTO_UDP { UDP_CSUM } else { TCP_CSUM };
+    let csum_at = inner_l4
+        + if proto == IPPROTO_UDP {
+            UDP_CSUM
+        } else {
+            TCP_CSUM
+        };
     // The quote may end before the checksum (ICMPv4 promises 8 bytes of
     // the transport header only); then it is not rewritten.
     let inner_csum = if csum_at + 2 <= ctx.len() && ctx.ensure_linear(csum_at + 2) {

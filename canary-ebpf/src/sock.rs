@@ -26,19 +26,21 @@ use core::{
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::bpf_sock,
+    bindings::{BPF_ANY, bpf_sock},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, generated::bpf_sk_storage_get},
     programs::{BtfTracePointContext, SockAddrContext},
 };
 use canary_common::{
-    IPPROTO_TCP,
+    IPPROTO_TCP, IPPROTO_UDP,
     addr::Addr,
     cohort::sticky_hash64,
     counters::Counter,
+    flow::{UDP_DEFAULT_IDLE_MS, UDP_REFRESH_NS, udp_expired},
     service::{Backend, COHORT_CANARY, MODE_PER_CONNECTION, ServiceKey},
     sock::{
         SK_CLOSED, SK_ESTABLISHED, SK_FAILED, SK_OPENED, SK_REQUEST, SK_RESPONSE,
-        SK_RST_FROM_BACKEND, SK_RST_FROM_CLIENT, SK_SYN_RETRIED, SockEnd, SockTag, sock_end,
+        SK_RST_FROM_BACKEND, SK_RST_FROM_CLIENT, SK_SYN_RETRIED, SU_REPLIED, SU_TIMED_OUT, SockEnd,
+        SockRevKey, SockRevValue, SockTag, SockUdpFlow, sock_end,
     },
     stats::BackendCounters,
 };
@@ -46,7 +48,10 @@ use canary_common::{
 use crate::{
     atomic, breaker,
     conntrack::now,
-    maps::{COUNTERS, SERVICES, SOCK_ACTIVE, SOCK_TAGS, SOCK_TIMEOUTS, STATS},
+    maps::{
+        COUNTERS, SERVICES, SOCK_ACTIVE, SOCK_REVNAT, SOCK_TAGS, SOCK_TIMEOUTS, SOCK_UDP, STATS,
+        UDP_CONFIG,
+    },
     stats::{Latency, observe},
     steer,
 };
@@ -216,6 +221,12 @@ pub fn connect(ctx: &SockAddrContext, hook: Hook) {
     // SAFETY: the storage of this context's socket; the pointer is a live
     // map value (or null) for this run.
     let p = unsafe { SOCK_TAGS.get_or_insert_ptr_mut(ctx, Some(&mut init)) };
+    if proto == IPPROTO_UDP {
+        // A connected UDP socket is one flow; no TCP state event will
+        // count it, and none closes it (see the README).
+        add(&tag, Field::Connections, 1);
+        add(&tag, Field::Closed, 1);
+    }
     if p.is_null() {
         count(Counter::SockTagFailed);
     } else {
@@ -277,6 +288,237 @@ pub fn getpeername(ctx: &SockAddrContext, hook: Hook) {
     }
 }
 
+/// Writes `addr:port` (network byte order) as the context's user address.
+/// An IPv6 hook writes the 16 bytes (v4-mapped for an IPv4 address).
+#[inline(always)]
+fn write_user_addr(ctx: &SockAddrContext, hook: Hook, addr: &Addr, port: u16) {
+    let sa = ctx.sock_addr;
+    // SAFETY: `sa` is this program's context; sendmsg/recvmsg (like
+    // connect and getpeername) may store 4 bytes at a time into
+    // `user_ip4`/`user_ip6[i]` and `user_port` (volatile: the verifier
+    // refuses merged wider stores).
+    unsafe {
+        match hook {
+            Hook::V4 => write_volatile(addr_of_mut!((*sa).user_ip4), addr.v4()),
+            Hook::V6 => {
+                for (i, word) in addr.0.iter().enumerate() {
+                    write_volatile(addr_of_mut!((*sa).user_ip6[i]), *word);
+                }
+            }
+        }
+        write_volatile(addr_of_mut!((*sa).user_port), u32::from(port));
+    }
+}
+
+/// `sendmsg4`/`sendmsg6`: a datagram an unconnected UDP socket sends to an
+/// address. To a VIP, it goes to the backend of the socket's flow to that
+/// VIP (`SOCK_UDP`), chosen on the flow's first datagram like a connection
+/// and kept until the flow is idle for the service's `udp_idle_timeout`;
+/// the reply path (`SOCK_REVNAT`) makes `recvmsg` show the VIP. A
+/// destination that is no VIP costs one look-up in each map.
+#[inline(always)]
+pub fn sendmsg(ctx: &SockAddrContext, hook: Hook) {
+    let (addr, port) = user_addr(ctx, hook);
+    // SAFETY: get_socket_cookie takes the sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevKey {
+        cookie,
+        addr,
+        port,
+        family: addr.family(),
+        _pad: [0; 5],
+    };
+    let now = now();
+    if let Some(flow) = SOCK_UDP.get_ptr_mut(&key) {
+        // SAFETY: a live LRU element for this run, copied out.
+        let f = unsafe { *flow };
+        if !udp_expired(f.last_ns, now, f.idle_ms) {
+            write_user_addr(ctx, hook, &f.backend, f.backend_port);
+            if now.saturating_sub(f.last_ns) >= UDP_REFRESH_NS {
+                // SAFETY: as above; a plain store racing another only
+                // keeps one of two recent times.
+                unsafe { (*flow).last_ns = now };
+            }
+            add_slot(f.stats_slot, Field::PacketsFromClient, 1);
+            udp_deadline(flow, &f, &key, now);
+            return;
+        }
+    }
+    let Some(svc) = SERVICES.get_ptr(&service_key(&addr, port, IPPROTO_UDP)) else {
+        return;
+    };
+    // SAFETY: a live SERVICES element for this run.
+    let svc = unsafe { &*svc };
+    // The flow's identity, as for a connect(): the socket (per
+    // connection) or its network namespace (sticky).
+    let id = if svc.mode == MODE_PER_CONNECTION {
+        cookie
+    } else {
+        // SAFETY: get_netns_cookie takes the sock_addr context.
+        unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+    };
+    let choice = match steer::choose_hashed(
+        svc,
+        sticky_hash64(id, svc.salt),
+        source_addr(ctx, hook),
+        now,
+        true,
+    ) {
+        Ok(c) => c,
+        Err(counter) => {
+            count(counter);
+            return;
+        }
+    };
+    write_backend(ctx, hook, &choice.backend);
+    count(Counter::SockSteered);
+    // SAFETY: a live UDP_CONFIG element for this run, copied out.
+    let config = UDP_CONFIG.get_ptr(&svc.svc_id).map(|c| unsafe { *c });
+    let flow = SockUdpFlow {
+        backend: choice.backend.addr,
+        backend_port: choice.backend.port,
+        cohort: choice.cohort,
+        _pad: 0,
+        svc_id: svc.svc_id,
+        stats_slot: choice.backend.stats_slot,
+        idle_ms: config.map_or(UDP_DEFAULT_IDLE_MS, |c| c.idle_ms),
+        response_ms: config.map_or(0, |c| c.response_ms),
+        _pad2: 0,
+        first_ns: now,
+        last_ns: now,
+        state: 0,
+    };
+    let reverse_key = SockRevKey {
+        cookie,
+        addr: choice.backend.addr,
+        port: choice.backend.port,
+        family: key.family,
+        _pad: [0; 5],
+    };
+    let reverse = SockRevValue {
+        vip: addr,
+        port,
+        family: key.family,
+        _pad: 0,
+        svc_id: svc.svc_id,
+    };
+    if SOCK_UDP.insert(&key, &flow, u64::from(BPF_ANY)).is_err()
+        || SOCK_REVNAT
+            .insert(&reverse_key, &reverse, u64::from(BPF_ANY))
+            .is_err()
+    {
+        count(Counter::SockTagFailed);
+    }
+    // A flow is counted when it starts, and closed at once: nothing tells
+    // an unconnected socket's flow has ended (see the README).
+    add_slot(flow.stats_slot, Field::Connections, 1);
+    add_slot(flow.stats_slot, Field::Closed, 1);
+    add_slot(flow.stats_slot, Field::PacketsFromClient, 1);
+}
+
+/// The client sends again on a flow with no reply yet: past the service's
+/// `udp_response_timeout`, the flow failed (`reason="timeout"`, once), as
+/// at TC when the client's next datagram comes after the deadline.
+#[inline(always)]
+fn udp_deadline(flow: *mut SockUdpFlow, f: &SockUdpFlow, key: &SockRevKey, now: u64) {
+    if f.state & (SU_REPLIED | SU_TIMED_OUT) != 0
+        || f.response_ms == 0
+        || now.saturating_sub(f.first_ns) < u64::from(f.response_ms) * 1_000_000
+    {
+        return;
+    }
+    // SAFETY: a live LRU element; `state` is an 8-aligned u64 changed only
+    // through atomics.
+    if unsafe { atomic::or(addr_of_mut!((*flow).state), SU_TIMED_OUT) } & SU_TIMED_OUT != 0 {
+        return;
+    }
+    if let Some(to) = SOCK_TIMEOUTS.get_ptr_mut(f.stats_slot) {
+        // SAFETY: a per-CPU array element; u64 fields, updated only
+        // through atomics.
+        unsafe {
+            atomic::add(addr_of_mut!((*to).timeouts), 1);
+            atomic::add(addr_of_mut!((*to).failed), 1);
+        }
+    }
+    if f.cohort == COHORT_CANARY {
+        breaker::failure(
+            &service_key(&key.addr, key.port, IPPROTO_UDP),
+            f.svc_id,
+            now,
+        );
+    }
+}
+
+/// `recvmsg4`/`recvmsg6`: a datagram received with its source asked for
+/// (`recvfrom`, `recvmsg` with a name). From the backend of a steered flow
+/// it shows the VIP the application sent to; the flow's first reply is
+/// timed (`canary_first_byte_seconds`: first datagram → first reply) and,
+/// for canary, is a success for the breaker.
+#[inline(always)]
+pub fn recvmsg(ctx: &SockAddrContext, hook: Hook) {
+    let (addr, port) = user_addr(ctx, hook);
+    // SAFETY: get_socket_cookie takes the sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let family = addr.family();
+    let key = SockRevKey {
+        cookie,
+        addr,
+        port,
+        family,
+        _pad: [0; 5],
+    };
+    // SAFETY: a live LRU element for this run, copied out at once.
+    let Some(vip) = SOCK_REVNAT.get_ptr(&key).map(|v| unsafe { *v }) else {
+        connected_recvmsg(ctx, hook, &addr, port);
+        return;
+    };
+    write_user_addr(ctx, hook, &vip.vip, vip.port);
+    let flow_key = SockRevKey {
+        cookie,
+        addr: vip.vip,
+        port: vip.port,
+        family,
+        _pad: [0; 5],
+    };
+    let Some(flow) = SOCK_UDP.get_ptr_mut(&flow_key) else {
+        return;
+    };
+    // SAFETY: a live LRU element for this run, copied out.
+    let f = unsafe { *flow };
+    // The flow may have moved to another backend since (idle, re-chosen):
+    // only its own backend's replies count for it.
+    if f.backend != addr || f.backend_port != port {
+        return;
+    }
+    add_slot(f.stats_slot, Field::PacketsFromBackend, 1);
+    // SAFETY: as in `udp_deadline`.
+    let before = unsafe { atomic::or(addr_of_mut!((*flow).state), SU_REPLIED) };
+    if before & (SU_REPLIED | SU_TIMED_OUT) != 0 {
+        return;
+    }
+    let now = now();
+    observe(f.svc_id, f.cohort, Latency::FirstByte, now - f.first_ns);
+    if f.cohort == COHORT_CANARY {
+        breaker::success(f.svc_id);
+    }
+}
+
+/// `recvmsg` on a connected UDP socket (steered by `connect4/6`): a reply
+/// from its backend shows the VIP, read from the socket's tag.
+#[inline(always)]
+fn connected_recvmsg(ctx: &SockAddrContext, hook: Hook, addr: &Addr, port: u16) {
+    // SAFETY: the storage of this context's socket, looked up only.
+    let p = unsafe { SOCK_TAGS.get_ptr_mut(ctx) };
+    if p.is_null() {
+        return;
+    }
+    // SAFETY: a live storage value for this run, copied out.
+    let tag = unsafe { *p };
+    if tag.backend == *addr && tag.backend_port == port {
+        write_user_addr(ctx, hook, &tag.vip, tag.vip_port);
+    }
+}
+
 /// This object's generation, set by the agent at load. Its tracepoint
 /// programs count only while `SOCK_ACTIVE` holds it: an agent that
 /// replaces them attaches its own (which count nothing yet), switches
@@ -317,6 +559,52 @@ fn tag_of(sk: *mut c_void) -> Option<Tag> {
     (tag.read().proto == IPPROTO_TCP && counting()).then_some(tag)
 }
 
+/// The tag of the socket `sk` steered by `connect4/6`, TCP or UDP (a
+/// connected UDP socket counts its bytes and first reply like a TCP one),
+/// if these programs are the counting generation.
+#[inline(always)]
+fn any_tag_of(sk: *mut c_void) -> Option<Tag> {
+    // SAFETY: as in `tag_of`.
+    let p = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&SOCK_TAGS).cast_mut().cast(),
+            sk,
+            null_mut(),
+            0,
+        )
+    }
+    .cast::<SockTag>();
+    (!p.is_null() && counting()).then_some(Tag(p))
+}
+
+/// A connected UDP socket sends again with no reply to its first request:
+/// past the service's `udp_response_timeout`, the flow failed (once).
+#[inline(always)]
+fn connected_udp_deadline(t: Tag, tag: &SockTag) {
+    if tag.state & (SK_REQUEST | SK_RESPONSE | SK_FAILED) != SK_REQUEST || tag.request_ns == 0 {
+        return;
+    }
+    // SAFETY: a live UDP_CONFIG element for this run, copied out.
+    let Some(config) = UDP_CONFIG.get_ptr(&tag.svc_id).map(|c| unsafe { *c }) else {
+        return;
+    };
+    let now = now();
+    if config.response_ms == 0
+        || now.saturating_sub(tag.request_ns) < u64::from(config.response_ms) * 1_000_000
+        || !fail(t, tag, now)
+    {
+        return;
+    }
+    if let Some(to) = SOCK_TIMEOUTS.get_ptr_mut(tag.stats_slot) {
+        // SAFETY: a per-CPU array element; u64 fields, updated only
+        // through atomics.
+        unsafe {
+            atomic::add(addr_of_mut!((*to).timeouts), 1);
+            atomic::add(addr_of_mut!((*to).failed), 1);
+        }
+    }
+}
+
 /// A tagged socket's storage: a live value for this program run (socket
 /// storage is freed only after an RCU grace period).
 #[derive(Clone, Copy)]
@@ -350,7 +638,13 @@ impl Tag {
 /// can touch one CPU's slot at once.
 #[inline(always)]
 fn add(tag: &SockTag, field: Field, v: u64) {
-    match STATS.get_ptr_mut(tag.stats_slot) {
+    add_slot(tag.stats_slot, field, v);
+}
+
+/// [`add`] by stats slot (an unconnected UDP flow has no tag).
+#[inline(always)]
+fn add_slot(slot: u32, field: Field, v: u64) {
+    match STATS.get_ptr_mut(slot) {
         // SAFETY: a per-CPU array element, 8-aligned u64 fields, updated
         // only through atomics by these programs.
         Some(c) => unsafe { atomic::add(field_ptr(c, field), v) },
@@ -496,9 +790,15 @@ pub fn send(ctx: &BtfTracePointContext) {
     if ret <= 0 {
         return;
     }
-    let Some(t) = tag_of(ctx.arg(0)) else { return };
+    let Some(t) = any_tag_of(ctx.arg(0)) else {
+        return;
+    };
     let tag = t.read();
     add(&tag, Field::BytesFromClient, ret.unsigned_abs().into());
+    if tag.proto == IPPROTO_UDP {
+        add(&tag, Field::PacketsFromClient, 1);
+        connected_udp_deadline(t, &tag);
+    }
     if tag.state & SK_REQUEST == 0 && t.first(SK_REQUEST) {
         // SAFETY: a live storage value; only this (first) sender writes it.
         unsafe { (*t.0).request_ns = now() };
@@ -515,9 +815,18 @@ pub fn recv(ctx: &BtfTracePointContext) {
     if ret <= 0 || flags & MSG_PEEK != 0 {
         return;
     }
-    let Some(t) = tag_of(ctx.arg(0)) else { return };
+    let Some(t) = any_tag_of(ctx.arg(0)) else {
+        return;
+    };
     let tag = t.read();
     add(&tag, Field::BytesFromBackend, ret.unsigned_abs().into());
+    if tag.proto == IPPROTO_UDP {
+        add(&tag, Field::PacketsFromBackend, 1);
+        if tag.state & SK_FAILED != 0 {
+            // Timed out already: a late reply is no response.
+            return;
+        }
+    }
     // Bytes a server sends before any request (a greeting) are no response.
     if tag.state & (SK_REQUEST | SK_RESPONSE) != SK_REQUEST || tag.request_ns == 0 {
         return;
@@ -547,6 +856,8 @@ enum Field {
     Failed,
     BytesFromClient,
     BytesFromBackend,
+    PacketsFromClient,
+    PacketsFromBackend,
 }
 
 /// The address of `field` in the counters at `c`.
@@ -565,6 +876,8 @@ fn field_ptr(c: *mut BackendCounters, field: Field) -> *mut u64 {
             Field::Failed => addr_of_mut!((*c).failed),
             Field::BytesFromClient => addr_of_mut!((*c).bytes_from_client),
             Field::BytesFromBackend => addr_of_mut!((*c).bytes_from_backend),
+            Field::PacketsFromClient => addr_of_mut!((*c).packets_from_client),
+            Field::PacketsFromBackend => addr_of_mut!((*c).packets_from_backend),
         }
     }
 }

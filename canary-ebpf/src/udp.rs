@@ -15,8 +15,8 @@ use canary_common::{
     addr::Addr,
     counters::Counter,
     flow::{
-        CT_REVERSE, CT_UNTIMED, CtEntry, FlowKey, ST_CLOSED, ST_REFUSED, ST_RESPONSE,
-        ST_TIMED_OUT, UDP_DEFAULT_IDLE_MS, UDP_REFRESH_NS, UdpConfig, sweep, udp_expired,
+        CT_REVERSE, CT_UNTIMED, CtEntry, FlowKey, ST_CLOSED, ST_REFUSED, ST_RESPONSE, ST_TIMED_OUT,
+        UDP_DEFAULT_IDLE_MS, UDP_REFRESH_NS, UdpConfig, sweep, udp_expired,
     },
     service::COHORT_CANARY,
 };
@@ -154,8 +154,7 @@ fn deadline(entry: Entry, ct: &CtEntry, fwd: &FlowKey, now: u64) -> bool {
     };
     // SAFETY: a live UDP_CONFIG element for this run; one u32 read.
     let response_ms = unsafe { (*cfg).response_ms };
-    if response_ms == 0 || now.saturating_sub(ct.created_ns) < u64::from(response_ms) * 1_000_000
-    {
+    if response_ms == 0 || now.saturating_sub(ct.created_ns) < u64::from(response_ms) * 1_000_000 {
         return false;
     }
     if entry.set_state(ST_TIMED_OUT) & ST_TIMED_OUT != 0 {

@@ -420,7 +420,10 @@ fn configure_backend(ns: &Netns, i: usize) -> anyhow::Result<()> {
         gw = backend_ip(i, 1),
         gw6 = backend_ip6(i, 1),
     ))?;
-    sysctl(ns, &["net.ipv4.icmp_ratelimit=0", "net.ipv6.icmp.ratelimit=0"])
+    sysctl(
+        ns,
+        &["net.ipv4.icmp_ratelimit=0", "net.ipv6.icmp.ratelimit=0"],
+    )
 }
 
 /// Sets `key=value` sysctls inside `ns`.

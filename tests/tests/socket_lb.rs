@@ -773,3 +773,126 @@ fn pinned_socket_lb_links_survive_an_agent_crash_and_are_taken_over() {
     drop(agent);
     assert_detached(cg.path(), "uninstall detaches the socket LB");
 }
+
+#[test]
+fn unconnected_udp_from_a_local_client_is_steered_per_flow_and_answered_by_the_vip() {
+    let lab = canary_tests::lab(
+        &[
+            ("stable-1", Behavior::Reply),
+            ("stable-2", Behavior::Reply),
+            ("canary-1", Behavior::Reply),
+        ],
+        2,
+    );
+    let cg = TestCgroup::create();
+    let udp_service = |weight: &str| {
+        service(
+            "dns",
+            VIP,
+            &addrs(&lab, &[0, 1]),
+            &addrs(&lab, &[2]),
+            &format!("protocol = \"udp\"\nweight = \"{weight}\"\ncohort = \"per-connection\""),
+        )
+    };
+    let mut agent = AgentProcess::start(lab.router(), &config(&cg, &udp_service("20%")), false)
+        .expect("agent starts with a UDP service");
+    assert_eq!(
+        programs_at(cg.path(), sys::BPF_CGROUP_UDP4_SENDMSG).len(),
+        1,
+        "exactly our sendmsg4 program runs at the test cgroup"
+    );
+    let client_ns = lab.client().name().to_string();
+
+    // 1000 flows, one fresh unconnected socket each: sendto(VIP), recvfrom.
+    let n = 1000;
+    let replies = run_client(
+        &cg,
+        &client_ns,
+        &["--udp", "--connect", VIP, "--count", &n.to_string()],
+    );
+    let counts = by_backend(&replies);
+    assert_eq!(replies.len(), n, "one line per flow");
+    assert!(
+        replies.iter().all(|r| r.result.is_ok()),
+        "every datagram answered: {counts:?}"
+    );
+    let sources: BTreeMap<&str, usize> = replies.iter().fold(BTreeMap::new(), |mut m, r| {
+        *m.entry(r.peer.as_str()).or_default() += 1;
+        m
+    });
+    assert_eq!(
+        sources,
+        BTreeMap::from([(VIP, n)]),
+        "recvfrom() must report the VIP as the source"
+    );
+    let canary = counts.get("canary-1").copied().unwrap_or(0) as f64;
+    let (p, nf) = (0.2, n as f64);
+    let half = Z999 * (nf * p * (1.0 - p)).sqrt();
+    eprintln!(
+        "socket LB, unconnected UDP, 20% of {n}: canary {canary}, 99.9% interval [{:.0}, {:.0}], {counts:?}",
+        nf * p - half,
+        nf * p + half
+    );
+    assert!(
+        (canary - nf * p).abs() <= half,
+        "canary {canary} outside the 99.9% interval {:.0} ± {half:.0}",
+        nf * p
+    );
+    // Counted in the UDP service's cohorts under the usual names, and
+    // never seen at TC.
+    let m = scrape_until(&lab, "every UDP flow timed", |m| {
+        m.sum("canary_first_byte_seconds_count", &[("service", "dns")]) >= nf
+    });
+    assert_eq!(event(&m, "sock_steered"), nf, "steered at the socket");
+    assert_eq!(event(&m, "new_flow"), 0.0, "TC saw no new flow");
+    let label = lab.backend_addr(2).to_string();
+    assert_eq!(
+        m.sum(
+            "canary_connections_total",
+            &[("service", "dns"), ("backend", &label)]
+        ),
+        canary,
+        "canary flows counted in the canary cohort"
+    );
+
+    // Flows stay on their backend across weight changes.
+    let (held, first) = HeldClient::start(
+        &cg,
+        &client_ns,
+        &["--udp", "--hold", "--connect", VIP, "--count", "30"],
+    );
+    assert!(first.iter().all(|r| r.result.is_ok()), "{first:?}");
+    agent
+        .reload(&config(&cg, &udp_service("100%")))
+        .expect("weight to 100%");
+    let again = held.ping_again();
+    assert_eq!(again.len(), first.len());
+    let moved = first
+        .iter()
+        .zip(&again)
+        .filter(|(a, b)| a.result != b.result)
+        .count();
+    let stable_before = first
+        .iter()
+        .filter(|r| r.result.as_deref() != Ok("canary-1"))
+        .count();
+    eprintln!(
+        "socket LB, unconnected UDP: 30 held flows ({stable_before} stable) across 20% -> 100%: {moved} moved"
+    );
+    assert!(stable_before > 0, "some held flows must start on stable");
+    assert_eq!(
+        moved, 0,
+        "a UDP flow kept its backend: {first:?} -> {again:?}"
+    );
+    // New flows follow the new weight.
+    let replies = run_client(
+        &cg,
+        &client_ns,
+        &["--udp", "--connect", VIP, "--count", "20"],
+    );
+    assert_eq!(
+        by_backend(&replies),
+        BTreeMap::from([("canary-1".to_string(), 20)]),
+        "new flows at 100%"
+    );
+}

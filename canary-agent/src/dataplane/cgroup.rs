@@ -45,6 +45,14 @@ pub enum SockProgram {
     Getpeername4,
     /// cgroup `getpeername6`.
     Getpeername6,
+    /// cgroup `sendmsg4` (unconnected UDP).
+    Sendmsg4,
+    /// cgroup `sendmsg6` (unconnected UDP).
+    Sendmsg6,
+    /// cgroup `recvmsg4` (UDP).
+    Recvmsg4,
+    /// cgroup `recvmsg6` (UDP).
+    Recvmsg6,
     /// BTF tracepoint `inet_sock_set_state`.
     State,
     /// BTF tracepoint `tcp_receive_reset`.
@@ -61,11 +69,17 @@ pub enum SockProgram {
 
 impl SockProgram {
     /// The cgroup programs, in attach order.
-    pub const CGROUP: [SockProgram; 4] = [
+    /// The hooks that show the VIP go first, so that by the time a
+    /// connection or datagram is steered its answers are rewritten too.
+    pub const CGROUP: [SockProgram; 8] = [
         SockProgram::Getpeername4,
         SockProgram::Getpeername6,
+        SockProgram::Recvmsg4,
+        SockProgram::Recvmsg6,
         SockProgram::Connect4,
         SockProgram::Connect6,
+        SockProgram::Sendmsg4,
+        SockProgram::Sendmsg6,
     ];
     /// The tracepoint programs.
     pub const TRACING: [SockProgram; 6] = [
@@ -84,6 +98,10 @@ impl SockProgram {
             SockProgram::Connect6 => names::PROG_CONNECT6,
             SockProgram::Getpeername4 => names::PROG_GETPEERNAME4,
             SockProgram::Getpeername6 => names::PROG_GETPEERNAME6,
+            SockProgram::Sendmsg4 => names::PROG_SENDMSG4,
+            SockProgram::Sendmsg6 => names::PROG_SENDMSG6,
+            SockProgram::Recvmsg4 => names::PROG_RECVMSG4,
+            SockProgram::Recvmsg6 => names::PROG_RECVMSG6,
             SockProgram::State => names::PROG_SOCK_STATE,
             SockProgram::RstRx => names::PROG_SOCK_RST_RX,
             SockProgram::RstTx => names::PROG_SOCK_RST_TX,
@@ -100,6 +118,10 @@ impl SockProgram {
             SockProgram::Connect6 => Hook::Cgroup(sys::BPF_CGROUP_INET6_CONNECT),
             SockProgram::Getpeername4 => Hook::Cgroup(sys::BPF_CGROUP_INET4_GETPEERNAME),
             SockProgram::Getpeername6 => Hook::Cgroup(sys::BPF_CGROUP_INET6_GETPEERNAME),
+            SockProgram::Sendmsg4 => Hook::Cgroup(sys::BPF_CGROUP_UDP4_SENDMSG),
+            SockProgram::Sendmsg6 => Hook::Cgroup(sys::BPF_CGROUP_UDP6_SENDMSG),
+            SockProgram::Recvmsg4 => Hook::Cgroup(sys::BPF_CGROUP_UDP4_RECVMSG),
+            SockProgram::Recvmsg6 => Hook::Cgroup(sys::BPF_CGROUP_UDP6_RECVMSG),
             SockProgram::State => Hook::Tracepoint("inet_sock_set_state"),
             SockProgram::RstRx => Hook::Tracepoint("tcp_receive_reset"),
             SockProgram::RstTx => Hook::Tracepoint("tcp_send_reset"),

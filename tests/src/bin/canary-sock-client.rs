@@ -4,8 +4,13 @@
 //!
 //! ```text
 //! canary-sock-client --netns NAME --connect IP:PORT [--v6] [--bind IP]
-//!                    [--count N] [--timeout-ms T] [--hold]
+//!                    [--count N] [--timeout-ms T] [--hold] [--udp]
 //! ```
+//!
+//! With `--udp`, each of the `N` requests is one datagram from a fresh,
+//! unconnected UDP socket (`sendto`, then `recvfrom`): one flow each, and
+//! PEER is the source `recvfrom` reports. `--hold` keeps the sockets and
+//! sends again on each, as with TCP.
 //!
 //! It enters the network namespace `NAME`, then opens `N` connections to
 //! `IP:PORT` (IPv4 or `[IPv6]:PORT`; an IPv4 one through an IPv6 socket to
@@ -23,7 +28,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
     process::ExitCode,
     time::Duration,
@@ -38,12 +43,14 @@ struct Args {
     count: usize,
     timeout: Duration,
     hold: bool,
+    udp: bool,
 }
 
 fn parse() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let (mut netns, mut connect, mut bind) = (None, None, None);
     let (mut count, mut timeout_ms, mut hold, mut v6) = (1usize, 2000u64, false, false);
+    let mut udp = false;
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(format!("{arg} needs a value"));
         match arg.as_str() {
@@ -58,6 +65,7 @@ fn parse() -> Result<Args, String> {
             }
             "--hold" => hold = true,
             "--v6" => v6 = true,
+            "--udp" => udp = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -76,6 +84,7 @@ fn parse() -> Result<Args, String> {
         count,
         timeout: Duration::from_millis(timeout_ms),
         hold,
+        udp,
     })
 }
 
@@ -127,6 +136,64 @@ fn report(s: &mut TcpStream) -> String {
     }
 }
 
+/// A fresh unconnected UDP socket (bound to `--bind`, or any address).
+fn open_udp(args: &Args) -> std::io::Result<UdpSocket> {
+    let any: IpAddr = if args.connect.is_ipv6() {
+        Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    };
+    let socket = UdpSocket::bind(SocketAddr::new(args.bind.unwrap_or(any), 0))?;
+    socket.set_read_timeout(Some(args.timeout))?;
+    Ok(socket)
+}
+
+/// One datagram to the VIP and its answer, as an output line: PEER is the
+/// source `recvfrom` reports.
+fn report_udp(socket: &UdpSocket, to: SocketAddr) -> String {
+    if let Err(e) = socket.send_to(b"hello\n", to) {
+        return format!("err {:?} -", e.kind());
+    }
+    let mut buf = [0u8; 1024];
+    match socket.recv_from(&mut buf) {
+        Ok((n, from)) => {
+            let reply = String::from_utf8_lossy(&buf[..n]);
+            format!("ok {from} {}", reply.trim_end())
+        }
+        Err(e) => format!("err {:?} -", e.kind()),
+    }
+}
+
+/// `--udp`: one fresh socket (one flow) per request.
+fn main_udp(args: &Args) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    let mut held = Vec::new();
+    for _ in 0..args.count {
+        let text = match open_udp(args) {
+            Ok(s) => {
+                let text = report_udp(&s, args.connect);
+                if args.hold {
+                    held.push(s);
+                }
+                text
+            }
+            Err(e) => format!("err {:?} -", e.kind()),
+        };
+        let _ = writeln!(out, "{text}");
+    }
+    if args.hold {
+        let _ = writeln!(out, "ready");
+        let _ = out.flush();
+        let mut go = String::new();
+        let _ = std::io::stdin().read_line(&mut go);
+        for s in &held {
+            let _ = writeln!(out, "{}", report_udp(s, args.connect));
+        }
+        let _ = writeln!(out, "done");
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let args = match parse() {
         Ok(a) => a,
@@ -138,6 +205,9 @@ fn main() -> ExitCode {
     if let Err(e) = enter(&args.netns) {
         eprintln!("canary-sock-client: enter netns {}: {e}", args.netns);
         return ExitCode::FAILURE;
+    }
+    if args.udp {
+        return main_udp(&args);
     }
     let mut out = std::io::stdout().lock();
     let mut held = Vec::new();
