@@ -194,22 +194,124 @@ pub struct CtEntry {
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 56);
 
-/// `PENDING` value: a SYN forwarded and not yet answered. The agent counts
-/// entries older than the handshake timeout as timed out and removes them.
+/// `PENDING` element: one SYN of a new flow, in a ring of the latest
+/// [`PENDING_CAPACITY`] SYNs. The programs append (one array write, no
+/// hash insert, nothing removed at the SYN-ACK or a RST); the agent's
+/// sweep reads the ring behind them and asks `CONNTRACK` whether each
+/// handshake older than the timeout completed (see [`pending`]).
+///
+/// Element 0 is the ring's head: its `seq` counts the SYNs recorded so far
+/// (the programs fetch-add it); the other fields stay zero.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct PendingSyn {
-    /// `bpf_ktime_get_ns` of the SYN (`CLOCK_MONOTONIC`).
+pub struct SynRecord {
+    /// The SYN's number plus one (0: never written), written last: a
+    /// record whose `seq` is not the one expected at its place is not
+    /// written yet (lower) or already overwritten (higher).
+    pub seq: u64,
+    /// The forward key (client → VIP).
+    pub key: FlowKey,
+    /// `bpf_ktime_get_ns` of the SYN (`CLOCK_MONOTONIC`): the forward
+    /// entry's `created_ns`, which tells a later connection of the same
+    /// 5-tuple apart.
     pub syn_ns: u64,
     /// The backend's `STATS` slot.
     pub stats_slot: u32,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<PendingSyn>() == 16);
+const _: () = assert!(core::mem::size_of::<SynRecord>() == 64);
 
-/// Capacity of `PENDING`: handshakes in flight at once. Beyond it the
-/// oldest are evicted unseen (under a SYN flood timeouts are undercounted).
-pub const PENDING_CAPACITY: u32 = 65_536;
+/// Records in the `PENDING` ring (a power of two; the array has one more
+/// element, the head). The ring must hold every SYN of a
+/// `handshake_timeout` plus a sweep interval: 131 072 is 32 000 new
+/// connections a second with the default 3 s. Beyond that the oldest
+/// records are overwritten before the sweep reads them and their timeouts
+/// are not counted (the sweep counts them as dropped). 8 MiB.
+pub const PENDING_CAPACITY: u32 = 131_072;
+const _: () = assert!(PENDING_CAPACITY.is_power_of_two());
+
+/// The `PENDING` ring: where a record goes and what the sweep makes of it.
+pub mod pending {
+    use super::{
+        CtEntry, PENDING_CAPACITY, ST_CLOSED, ST_FAILED, ST_HANDSHAKE, ST_REVIVED, ST_RST,
+        SynRecord,
+    };
+
+    /// The array index of the head element.
+    pub const HEAD: u32 = 0;
+
+    /// The array index of SYN number `seq` (0-based).
+    #[inline(always)]
+    #[must_use]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "masked below PENDING_CAPACITY, a u32"
+    )]
+    pub const fn index(seq: u64) -> u32 {
+        1 + (seq & (PENDING_CAPACITY as u64 - 1)) as u32
+    }
+
+    /// What the sweep finds at the place of SYN number `seq`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Slot {
+        /// Not written yet (a program took the number and is writing it):
+        /// stop here, read it next time.
+        Unwritten,
+        /// Overwritten by a SYN `CAPACITY` or more later: lost unseen.
+        Overwritten,
+        /// SYN younger than the timeout: stop here, read it next time.
+        Young,
+        /// Old enough: check its flow.
+        Due,
+    }
+
+    /// Classifies `rec`, read at the place of SYN number `seq`, at `now`
+    /// with handshake timeout `limit_ns`.
+    #[must_use]
+    pub fn classify(rec: &SynRecord, seq: u64, now: u64, limit_ns: u64) -> Slot {
+        let want = seq + 1;
+        if rec.seq < want {
+            Slot::Unwritten
+        } else if rec.seq > want {
+            Slot::Overwritten
+        } else if now.saturating_sub(rec.syn_ns) < limit_ns {
+            Slot::Young
+        } else {
+            Slot::Due
+        }
+    }
+
+    /// Where a sweep starts reading: where the last one stopped (`last`),
+    /// or a whole ring back from `head` for an agent that has not swept
+    /// yet; never more than a ring back (older records are overwritten).
+    /// Also returns how many SYNs were skipped as overwritten.
+    #[must_use]
+    pub fn start(last: Option<u64>, head: u64) -> (u64, u64) {
+        let oldest = head.saturating_sub(u64::from(PENDING_CAPACITY));
+        match last {
+            Some(last) if last >= oldest => (last, 0),
+            Some(last) => (oldest, oldest - last),
+            None => (oldest, 0),
+        }
+    }
+
+    /// Whether the handshake of the due record `rec` timed out, given its
+    /// flow's forward entry `fwd`: `Some(first_failure)` if so. It did if
+    /// the entry is still that connection's (`created_ns` is the SYN's
+    /// time; a later connection of the 5-tuple has its own record) and
+    /// nothing ended the handshake: no SYN-ACK (`ST_HANDSHAKE`), no RST
+    /// (`ST_RST`, or `ST_REVIVED` once an ignored RST was taken back), no
+    /// close (`ST_CLOSED`: also what a sweep sets, so a record read twice,
+    /// by a restarted agent, counts once). A connection already failed
+    /// (SYN retried) counts its timeout, not a second failure.
+    #[must_use]
+    pub fn timed_out(rec: &SynRecord, fwd: Option<&CtEntry>) -> Option<bool> {
+        let fwd = fwd?;
+        let ended = ST_HANDSHAKE | ST_RST | ST_REVIVED | ST_CLOSED;
+        (fwd.created_ns == rec.syn_ns && fwd.state & ended == 0)
+            .then_some(fwd.state & ST_FAILED == 0)
+    }
+}
 
 /// Capacity of `UNCONFIRMED`, in entries (two per flow): flows re-resolved
 /// after a conntrack miss whose backend has not answered yet. Non-SYN
@@ -282,13 +384,114 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: repr(C), no implicit padding (sizes asserted), integers only.
     unsafe impl aya::Pod for super::CtEntry {}
-    // SAFETY: repr(C), explicit padding, integers only.
-    unsafe impl aya::Pod for super::PendingSyn {}
+    // SAFETY: repr(C), explicit padding (size asserted), integers only.
+    unsafe impl aya::Pod for super::SynRecord {}
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{ST_HANDSHAKE, ST_SYN_RETRIED, SYN_RETRY_MIN_NS, is_syn_retry, sweep};
+    use super::{
+        CtEntry, FlowKey, PENDING_CAPACITY, ST_CLOSED, ST_FAILED, ST_HANDSHAKE, ST_REVIVED, ST_RST,
+        ST_SYN_RETRIED, SYN_RETRY_MIN_NS, SynRecord, is_syn_retry, pending, sweep,
+    };
+
+    #[test]
+    fn pending_ring_places_skip_the_head_and_wrap() {
+        let cap = u64::from(PENDING_CAPACITY);
+        assert_eq!(pending::index(0), 1);
+        assert_eq!(pending::index(cap - 1), PENDING_CAPACITY);
+        assert_eq!(
+            pending::index(cap),
+            1,
+            "SYN number CAPACITY reuses the first place"
+        );
+    }
+
+    #[test]
+    fn pending_sweep_tells_unwritten_overwritten_young_and_due_apart() {
+        let rec = |seq, syn_ns| SynRecord {
+            seq,
+            syn_ns,
+            ..SynRecord::default()
+        };
+        let cap = u64::from(PENDING_CAPACITY);
+        let (now, limit) = (10_000, 3_000);
+        assert_eq!(
+            pending::classify(&rec(0, 0), 0, now, limit),
+            pending::Slot::Unwritten
+        );
+        assert_eq!(
+            pending::classify(&rec(5, 0), 5 + cap, now, limit),
+            pending::Slot::Unwritten
+        );
+        assert_eq!(
+            pending::classify(&rec(6 + cap, 0), 5, now, limit),
+            pending::Slot::Overwritten
+        );
+        assert_eq!(
+            pending::classify(&rec(6, 8_000), 5, now, limit),
+            pending::Slot::Young
+        );
+        assert_eq!(
+            pending::classify(&rec(6, 7_000), 5, now, limit),
+            pending::Slot::Due
+        );
+    }
+
+    #[test]
+    fn pending_sweep_starts_where_it_stopped_or_a_ring_back() {
+        let cap = u64::from(PENDING_CAPACITY);
+        assert_eq!(pending::start(None, 10), (0, 0));
+        assert_eq!(
+            pending::start(None, cap + 10),
+            (10, 0),
+            "a new agent starts a ring back"
+        );
+        assert_eq!(pending::start(Some(7), cap + 5), (7, 0));
+        assert_eq!(
+            pending::start(Some(7), cap + 10),
+            (10, 3),
+            "three overwritten unread"
+        );
+    }
+
+    #[test]
+    fn only_a_handshake_nothing_ended_times_out_once() {
+        let rec = SynRecord {
+            seq: 1,
+            key: FlowKey::default(),
+            syn_ns: 42,
+            ..SynRecord::default()
+        };
+        let ct = |created_ns, state| CtEntry {
+            created_ns,
+            state,
+            ..CtEntry::default()
+        };
+        assert_eq!(
+            pending::timed_out(&rec, None),
+            None,
+            "no entry: nothing to mark"
+        );
+        assert_eq!(pending::timed_out(&rec, Some(&ct(42, 0))), Some(true));
+        assert_eq!(
+            pending::timed_out(&rec, Some(&ct(42, ST_SYN_RETRIED | ST_FAILED))),
+            Some(false),
+            "a SYN-retried connection already failed once"
+        );
+        assert_eq!(
+            pending::timed_out(&rec, Some(&ct(43, 0))),
+            None,
+            "a later connection"
+        );
+        for ended in [ST_HANDSHAKE, ST_RST, ST_REVIVED, ST_CLOSED | ST_FAILED] {
+            assert_eq!(
+                pending::timed_out(&rec, Some(&ct(42, ended))),
+                None,
+                "state {ended:#x}"
+            );
+        }
+    }
 
     #[test]
     fn a_sweep_runs_counts_round_trip() {

@@ -19,6 +19,9 @@
 //!   services). The `CtEntry` field that was padding in `CONNTRACK` holds
 //!   a UDP flow's idle timeout; TCP entries keep it 0, so `CONNTRACK`'s
 //!   version is unchanged.
+//! - 3 (`PENDING`): an array ring of recent SYNs (`SynRecord`, element 0
+//!   the head) instead of a hash of handshakes in flight. Transient: an
+//!   older pin is recreated empty.
 
 use crate::names;
 
@@ -59,7 +62,7 @@ pub const MAPS: [MapLayout; 19] = [
     },
     MapLayout {
         name: names::PENDING,
-        version: 2,
+        version: 3,
     },
     MapLayout {
         name: names::BREAKER,

@@ -42,7 +42,8 @@ pub mod names {
     pub const STATS: &str = "STATS";
     /// Per service × cohort histograms, see [`crate::stats::CohortHistograms`].
     pub const HISTOGRAMS: &str = "HISTOGRAMS";
-    /// SYNs awaiting their SYN-ACK, see [`crate::flow::PendingSyn`].
+    /// The ring of recent SYNs the handshake-timeout sweep reads, see
+    /// [`crate::flow::SynRecord`].
     pub const PENDING: &str = "PENDING";
     /// Re-resolved flows awaiting their backend's answer, see
     /// [`crate::flow::UNCONFIRMED_CAPACITY`].

@@ -23,6 +23,33 @@ pub unsafe fn add(p: *mut u64, v: u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
 }
 
+/// `*p += v` atomically across CPUs; returns the value before.
+///
+/// # Safety
+/// `p` must be valid for writes, 8-aligned, and every concurrent writer of
+/// `*p` must use atomics.
+///
+/// Written in assembly: for the generic CPU this crate is built for, LLVM
+/// selects the old non-fetching `XADD` for an atomic add and rejects a
+/// use of its result ("Invalid usage of the XADD return value"), although
+/// the kernel has had `BPF_ADD | BPF_FETCH` since 5.12 (the fetch-or and
+/// fetch-and above are the same instruction class).
+#[inline(always)]
+pub unsafe fn fetch_add(p: *mut u64, v: u64) -> u64 {
+    let mut old = v;
+    // SAFETY: forwarded from the caller's contract; the instruction reads
+    // and writes `*p` only.
+    unsafe {
+        core::arch::asm!(
+            "{0} = atomic_fetch_add((u64 *)({1} + 0), {0})",
+            inout(reg) old,
+            in(reg) p,
+            options(nostack, preserves_flags)
+        );
+    }
+    old
+}
+
 /// `*p |= bits` atomically across CPUs; returns the value before.
 ///
 /// # Safety

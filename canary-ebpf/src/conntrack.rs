@@ -11,8 +11,8 @@ use canary_common::{
     addr::Addr,
     counters::Counter,
     flow::{
-        CT_REOPENED, CT_REVERSE, CT_UNTIMED, CtEntry, FlowKey, PendingSyn, ST_CLOSED, ST_FAILED,
-        ST_HANDSHAKE, ST_REVIVED, ST_RST, ST_RST_CLOSE, UdpConfig,
+        CT_REOPENED, CT_REVERSE, CT_UNTIMED, CtEntry, FlowKey, ST_CLOSED, ST_FAILED, ST_HANDSHAKE,
+        ST_REVIVED, ST_RST, ST_RST_CLOSE, UdpConfig, pending,
     },
     stats::BackendCounters,
 };
@@ -209,21 +209,44 @@ fn insert_pair(
 }
 
 /// Records a new flow `fwd` (client → VIP, opened by a SYN) steered by
-/// `choice`: the forward entry, the reverse one for replies, and the
-/// pending handshake. A failed insert is counted; the flow still works
-/// because every later packet re-resolves the same way.
+/// `choice`: the forward entry, the reverse one for replies, and the SYN
+/// in the `PENDING` ring for the handshake-timeout sweep. A failed insert
+/// is counted; the flow still works because every later packet
+/// re-resolves the same way.
 // A call of its own: with 16-byte addresses the entries built here do
 // not fit the caller's 512-byte stack frame beside everything else.
 #[inline(never)]
 pub fn create(fwd: &FlowKey, svc_id: u32, choice: &Choice, now: u64) {
     insert_flow(&CONNTRACK, fwd, svc_id, choice, 0, 0, now, 0);
-    let pending = PendingSyn {
-        syn_ns: now,
-        stats_slot: choice.backend.stats_slot,
-        _pad: 0,
+    record_syn(fwd, choice.backend.stats_slot, now);
+}
+
+/// Appends the SYN of new flow `fwd` to the `PENDING` ring: takes the next
+/// number from the head, then writes the record at its place, `seq` last
+/// (a sweep that sees the number sees the rest; one that does not reads
+/// it next time). Two array look-ups and a fetch-add, where a hash insert
+/// took a quarter of a new flow's cost.
+#[inline(always)]
+fn record_syn(fwd: &FlowKey, stats_slot: u32, now: u64) {
+    let Some(head) = PENDING.get_ptr_mut(pending::HEAD) else {
+        return;
     };
-    // Best effort: a full table only undercounts handshake timeouts.
-    let _ = PENDING.insert(fwd, &pending, BPF_ANY as u64);
+    // SAFETY: a live element of the array (never freed); `seq` is an
+    // 8-aligned u64 every program updates with atomics (the agent only
+    // reads it).
+    let seq = unsafe { crate::atomic::fetch_add(core::ptr::addr_of_mut!((*head).seq), 1) };
+    let Some(rec) = PENDING.get_ptr_mut(pending::index(seq)) else {
+        return;
+    };
+    // SAFETY: a live element of the array. Another CPU writes the same
+    // element only a whole ring (`PENDING_CAPACITY` SYNs) later; volatile
+    // stores keep `seq` after the fields it vouches for.
+    unsafe {
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*rec).key), *fwd);
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*rec).syn_ns), now);
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*rec).stats_slot), stats_slot);
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*rec).seq), seq + 1);
+    }
 }
 
 /// Records a flow re-resolved after a conntrack miss (a non-SYN packet) in
@@ -332,7 +355,7 @@ pub fn close(fwd: Entry, duration: bool, now: u64) -> bool {
 /// the close (true); later ones change nothing (false). The entries stay,
 /// so a RST the endpoints ignore breaks nothing: see [`revive`].
 #[inline(always)]
-pub fn rst(fwd: Entry, fwd_key: &FlowKey, rev: Option<Entry>, duration: bool, now: u64) -> bool {
+pub fn rst(fwd: Entry, rev: Option<Entry>, duration: bool, now: u64) -> bool {
     if fwd.set_state(ST_RST) & ST_RST != 0 {
         return false;
     }
@@ -343,8 +366,8 @@ pub fn rst(fwd: Entry, fwd_key: &FlowKey, rev: Option<Entry>, duration: bool, no
     if let Some(rev) = rev {
         rev.set_state(ST_RST);
     }
-    // The handshake ended (refused or reset): not a timeout.
-    let _ = PENDING.remove(fwd_key);
+    // ST_RST also tells the sweep the handshake ended (refused or
+    // reset): not a timeout.
     count(Counter::RstClosed);
     true
 }

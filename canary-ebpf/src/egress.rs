@@ -15,7 +15,6 @@ use canary_common::{
 
 use crate::{
     breaker, conntrack, icmp,
-    maps::PENDING,
     nat::{End, Rewrite},
     packet::{self, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::{self, Action, Latency, Outcome, count},
@@ -83,7 +82,6 @@ fn from_backend(ctx: &TcContext, pkt: &Packet) -> Result<Action, Counter> {
         }
         let timed = rev.flags & CT_REOPENED == 0;
         if syn_ack && rev_entry.set_state(ST_HANDSHAKE) & ST_HANDSHAKE == 0 {
-            let _ = PENDING.remove(&fwd_key);
             if let Some(fwd) = fwd {
                 fwd.set_state(ST_HANDSHAKE);
                 if timed {
@@ -135,7 +133,7 @@ fn from_backend(ctx: &TcContext, pkt: &Packet) -> Result<Action, Counter> {
             let (first, refused) = match fwd {
                 Some(fwd) => {
                     let refused = fwd.read().state & ST_HANDSHAKE == 0;
-                    let first = conntrack::rst(fwd, &fwd_key, Some(rev_entry), !refused, now);
+                    let first = conntrack::rst(fwd, Some(rev_entry), !refused, now);
                     (first, refused)
                 }
                 // The forward half was evicted: nothing to close. The

@@ -148,7 +148,7 @@ fn segment<F: Rewrite>(ctx: &F, pkt: &Packet) -> Result<Action, Counter> {
             backend_addr,
             backend_port,
         ));
-        if conntrack::rst(entry, &pkt.key, rev, true, conntrack::now())
+        if conntrack::rst(entry, rev, true, conntrack::now())
             && let Some(c) = counters
         {
             c.resets_from_client += 1;

@@ -11,7 +11,7 @@ use canary_common::{
     counters::Counter,
     flow::{
         CT_DEFAULT_CAPACITY, CT_UDP_DEFAULT_CAPACITY, CtEntry, FlowKey, PENDING_CAPACITY,
-        PendingSyn, UNCONFIRMED_CAPACITY, UdpConfig,
+        SynRecord, UNCONFIRMED_CAPACITY, UdpConfig,
     },
     layout::LAYOUT_ENTRIES,
     service::{
@@ -80,19 +80,20 @@ pub static STATS: PerCpuArray<BackendCounters> =
 pub static HISTOGRAMS: HashMap<u32, CohortHistograms> =
     HashMap::with_max_entries(2 * DEFAULT_MAX_SERVICES, BPF_F_NO_PREALLOC);
 
-/// Forward 5-tuple → SYN not yet answered. Inserted on a new flow's SYN,
-/// removed at the SYN-ACK or a refusal by the programs, and by the agent's
-/// sweep when the handshake times out.
+/// The ring of the latest new flows' SYNs (element 0: the head, a count
+/// of SYNs; see `SynRecord`). Appended to by ingress on every new flow,
+/// never removed from; read by the agent's sweep, which counts the
+/// handshakes that did not complete within the timeout.
 #[cfg(not(feature = "upgrade-test"))]
 #[map(name = "PENDING")]
-pub static PENDING: LruHashMap<FlowKey, PendingSyn> =
-    LruHashMap::with_max_entries(PENDING_CAPACITY, 0);
+pub static PENDING: Array<SynRecord> = Array::with_max_entries(PENDING_CAPACITY + 1, 0);
 
-/// The upgrade-test build's `PENDING`: another map type, so the upgrade
+/// The upgrade-test build's `PENDING`: another capacity (the ring uses
+/// the first `PENDING_CAPACITY + 1` elements), so the upgrade
 /// test also takes the path where a transient map's layout changed.
 #[cfg(feature = "upgrade-test")]
 #[map(name = "PENDING")]
-pub static PENDING: HashMap<FlowKey, PendingSyn> = HashMap::with_max_entries(PENDING_CAPACITY, 0);
+pub static PENDING: Array<SynRecord> = Array::with_max_entries(2 * PENDING_CAPACITY + 1, 0);
 
 /// Service id → breaker window. Created by the agent per service and reset
 /// by it only on `resume`; updated by the programs on canary attempts and

@@ -295,7 +295,7 @@ fn an_upgrade_to_different_programs_breaks_and_moves_no_connection() {
                 .log()
                 .iter()
                 .any(|l| l.contains("starts empty") && l.contains("PENDING")),
-            "the variant's PENDING has another map type: it must be recreated, not refused; log:\n{}",
+            "the variant's PENDING has another capacity: it must be recreated, not refused; log:\n{}",
             agent.log().join("\n")
         );
         assert!(

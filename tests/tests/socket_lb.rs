@@ -27,11 +27,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::{Array, HashMap, MapData};
 use canary_agent::{config::default_salt, dataplane::pins::open_pinned, sys};
 use canary_common::{
     cohort::{bucket, sticky_hash64},
-    flow::{CtEntry, FlowKey, PendingSyn},
+    flow::{CtEntry, FlowKey, SynRecord, pending},
     names,
 };
 use canary_lab::{AgentProcess, Behavior, Lab, Stop, request_once};
@@ -172,14 +172,16 @@ fn assert_detached(cgroup: &Path, what: &str) {
     );
 }
 
-/// Entries in the agent's pinned CONNTRACK and PENDING maps.
-fn tracked(agent: &AgentProcess) -> (usize, usize) {
+/// Entries in the agent's pinned CONNTRACK, and SYNs recorded in its
+/// PENDING ring (the head's count).
+fn tracked(agent: &AgentProcess) -> (usize, u64) {
     let maps = agent.bpffs_dir().join("maps");
     let ct: HashMap<MapData, FlowKey, CtEntry> =
         open_pinned(&maps.join(names::CONNTRACK), names::CONNTRACK).unwrap();
-    let pending: HashMap<MapData, FlowKey, PendingSyn> =
+    let ring: Array<MapData, SynRecord> =
         open_pinned(&maps.join(names::PENDING), names::PENDING).unwrap();
-    (ct.keys().count(), pending.keys().count())
+    let syns = ring.get(&pending::HEAD, 0).unwrap().seq;
+    (ct.keys().count(), syns)
 }
 
 fn event(m: &Exposition, name: &str) -> f64 {
@@ -298,7 +300,11 @@ fn a_local_client_is_steered_once_at_the_socket_and_never_nated_at_tc() {
     assert_eq!(event(&m, "sock_steered"), nf, "steered at the socket");
     assert_eq!(event(&m, "new_flow"), 0.0, "TC saw no new flow");
     assert_eq!(event(&m, "ct_miss"), 0.0, "TC saw no packet to a VIP");
-    assert_eq!(tracked(&agent), (0, 0), "no CONNTRACK or PENDING entry");
+    assert_eq!(
+        tracked(&agent),
+        (0, 0),
+        "no CONNTRACK entry, no SYN in PENDING"
+    );
     // The socket path's signals under the packet path's names, exactly.
     for (backend, i) in [("stable-1", 0), ("stable-2", 1), ("canary-1", 2)] {
         let label = lab.backend_addr(i).to_string();

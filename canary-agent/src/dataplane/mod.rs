@@ -31,7 +31,7 @@ use aya::{
 use canary_common::{
     breaker::BreakerState,
     counters::Counter,
-    flow::{CtEntry, FlowKey, PendingSyn, UdpConfig},
+    flow::{CtEntry, FlowKey, SynRecord, UdpConfig},
     layout, names,
     service::Cohort,
     service::{RuleKey, ServiceKey, ServiceValue},
@@ -349,7 +349,11 @@ pub struct Dataplane {
     ct_udp: HashMap<MapData, FlowKey, CtEntry>,
     /// UDP services' timeouts (`UDP_CONFIG`), by service id.
     udp_config: HashMap<MapData, u32, UdpConfig>,
-    pending: HashMap<MapData, FlowKey, PendingSyn>,
+    /// The ring of recent SYNs (`PENDING`) the handshake sweep reads.
+    pending: Array<MapData, SynRecord>,
+    /// The number of the next SYN the handshake sweep reads (`None`: not
+    /// swept yet; the first sweep starts a whole ring back).
+    pending_next: Option<u64>,
     breaker: HashMap<MapData, u32, BreakerState>,
     /// Breaker trips; taken by the agent's event loop.
     events: Option<RingBuf<MapData>>,
@@ -508,6 +512,7 @@ impl Dataplane {
             ct_udp: take_map(&mut ebpf, names::CT_UDP)?,
             udp_config: take_map(&mut ebpf, names::UDP_CONFIG)?,
             pending: take_map(&mut ebpf, names::PENDING)?,
+            pending_next: None,
             breaker: take_map(&mut ebpf, names::BREAKER)?,
             events: Some(take_map(&mut ebpf, names::EVENTS)?),
             stats: Arc::new(Mutex::new(stats)),

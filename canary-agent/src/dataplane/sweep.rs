@@ -6,13 +6,16 @@ use std::{collections::BTreeMap, os::fd::AsFd, time::Duration};
 
 use aya::maps::IterableMap;
 
-use canary_common::flow::{
-    CT_REVERSE, CT_UNTIMED, CtEntry, FlowKey, ST_CLOSED, ST_FAILED, ST_REFUSED, ST_RESPONSE,
-    ST_TIMED_OUT, sweep, udp_expired,
+use canary_common::{
+    flow::{
+        CT_REVERSE, CT_UNTIMED, CtEntry, FlowKey, PENDING_CAPACITY, ST_CLOSED, ST_FAILED,
+        ST_REFUSED, ST_RESPONSE, ST_TIMED_OUT, SynRecord, pending, sweep, udp_expired,
+    },
+    names,
 };
 use tracing::warn;
 
-use super::{BPF_EXIST, Dataplane, DataplaneError, Program, lock};
+use super::{BPF_EXIST, Dataplane, DataplaneError, Program, lock, map_error};
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
 #[expect(clippy::cast_sign_loss, reason = "CLOCK_MONOTONIC is never negative")]
@@ -31,45 +34,95 @@ impl Dataplane {
     /// their flows closed, so they stop counting as active. The conntrack
     /// entries stay: a later SYN retransmission of the same connection is
     /// still a retry, not a new connection. Returns how many timed out.
+    ///
+    /// Reads the `PENDING` ring of recent SYNs from where the last sweep
+    /// stopped up to the first record younger than `timeout` (or not
+    /// written yet), and asks each older one's forward entry whether the
+    /// handshake ended ([`pending::timed_out`]).
     pub fn sweep_pending(&mut self, timeout: Duration) -> Result<u64, DataplaneError> {
         let now = monotonic_ns();
         let limit = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
-        let keys: Vec<FlowKey> = self.pending.keys().filter_map(Result::ok).collect();
+        let head = self
+            .pending
+            .get(&pending::HEAD, 0)
+            .map_err(|e| map_error(names::PENDING, "read the head".to_string(), e))?
+            .seq;
+        let (mut seq, mut lost) = pending::start(self.pending_next, head);
         let mut expired = 0;
-        for key in keys {
-            let Ok(p) = self.pending.get(&key, 0) else {
-                continue;
-            };
-            if now.saturating_sub(p.syn_ns) < limit {
-                continue;
+        'ring: while seq < head {
+            let records = self.pending_records(seq, head - seq);
+            if records.is_empty() {
+                break;
             }
-            // If the kernel removed it meanwhile (the SYN-ACK just came),
-            // the handshake completed: not a timeout.
-            if self.pending.remove(&key).is_err() {
-                continue;
+            for rec in records {
+                match pending::classify(&rec, seq, now, limit) {
+                    pending::Slot::Unwritten | pending::Slot::Young => break 'ring,
+                    pending::Slot::Overwritten => lost += 1,
+                    pending::Slot::Due => expired += u64::from(self.time_out(&rec)),
+                }
+                seq += 1;
             }
-            // A SYN-retried connection already failed: its timeout is
-            // counted as a timeout, not as a second failure.
-            let mut first_failure = true;
-            if let Ok(mut fwd) = self.conntrack.get(&key, 0) {
-                // Not atomic with the kernel's ORs: a bit it sets in between
-                // is lost. The flow is stalled, so at worst a SYN retry of
-                // it is counted twice.
-                first_failure = fwd.state & ST_FAILED == 0;
-                fwd.state |= ST_CLOSED | ST_FAILED;
-                let _ = self.conntrack.insert(key, fwd, BPF_EXIST);
-            }
-            let mut stats = lock(&self.stats);
-            let mut count = stats.timeouts.get(&p.stats_slot, 0).unwrap_or_default();
-            count.timeouts += 1;
-            count.failed += u64::from(first_failure);
-            // Only this sweep writes TIMEOUTS: no lost update.
-            if let Err(e) = stats.timeouts.set(p.stats_slot, count, 0) {
-                warn!(slot = p.stats_slot, error = %e, "cannot count a handshake timeout");
-            }
-            expired += 1;
+        }
+        self.pending_next = Some(seq);
+        if lost > 0 {
+            warn!(
+                lost,
+                capacity = PENDING_CAPACITY,
+                "SYN records overwritten before the handshake sweep read them: their timeouts are not counted"
+            );
         }
         Ok(expired)
+    }
+
+    /// Counts the handshake of the due record `rec` as timed out if its
+    /// flow says so; true if it did.
+    fn time_out(&mut self, rec: &SynRecord) -> bool {
+        let mut fwd = self.conntrack.get(&rec.key, 0).ok();
+        let Some(first_failure) = pending::timed_out(rec, fwd.as_ref()) else {
+            return false;
+        };
+        if let Some(fwd) = fwd.as_mut() {
+            // Not atomic with the kernel's ORs: a bit it sets in between
+            // is lost. The flow is stalled, so at worst a SYN retry of
+            // it is counted twice.
+            fwd.state |= ST_CLOSED | ST_FAILED;
+            let _ = self.conntrack.insert(rec.key, *fwd, BPF_EXIST);
+        }
+        let mut stats = lock(&self.stats);
+        let mut count = stats.timeouts.get(&rec.stats_slot, 0).unwrap_or_default();
+        count.timeouts += 1;
+        count.failed += u64::from(first_failure);
+        // Only this sweep writes TIMEOUTS: no lost update.
+        if let Err(e) = stats.timeouts.set(rec.stats_slot, count, 0) {
+            warn!(slot = rec.stats_slot, error = %e, "cannot count a handshake timeout");
+        }
+        true
+    }
+
+    /// Up to `want` records of the `PENDING` ring from SYN number `seq` on,
+    /// as far as its array runs without wrapping: one batch look-up; one
+    /// look-up per record where the kernel has none.
+    fn pending_records(&self, seq: u64, want: u64) -> Vec<SynRecord> {
+        const BATCH: u32 = 4096;
+        let index = pending::index(seq);
+        let n = u32::try_from(want)
+            .unwrap_or(u32::MAX)
+            .min(PENDING_CAPACITY + 1 - index)
+            .min(BATCH) as usize;
+        let mut keys = vec![0u32; n];
+        let mut values = vec![SynRecord::default(); n];
+        let fd = self.pending.map().fd().as_fd();
+        // An array's batch position is the index read last.
+        match crate::sys::map_lookup_batch(fd, Some(index - 1), &mut keys, &mut values) {
+            Ok((read, _)) => {
+                values.truncate(read);
+                values
+            }
+            Err(_) => (index..)
+                .take(n)
+                .map_while(|i| self.pending.get(&i, 0).ok())
+                .collect(),
+        }
     }
 }
 
