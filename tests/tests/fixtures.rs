@@ -20,6 +20,7 @@ use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
+    time::Duration,
 };
 
 use canary_agent::{
@@ -29,7 +30,7 @@ use canary_agent::{
 use canary_common::{
     cohort::{backend_index, bucket, is_canary, sticky_hash},
     counters::Counter,
-    flow::{CT_REOPENED, CT_REVERSE, ST_RST, SYN_RETRY_MIN_NS},
+    flow::{CT_REOPENED, CT_REVERSE, ST_CLOSED, ST_FAILED, ST_RST, SYN_RETRY_MIN_NS},
     service::{COHORT_CANARY, COHORT_STABLE, Cohort},
 };
 use canary_tests::{
@@ -574,6 +575,50 @@ fn a_whole_connection_is_measured_once_in_its_cohort(m: IngressMode) {
     assert!(
         web.histograms[usize::from(Cohort::Stable)].is_none(),
         "stable saw no connection"
+    );
+}
+
+/// The handshake sweep (with a zero timeout: every SYN is due) counts
+/// only the handshake nothing ended, and counts it once however often it
+/// sweeps.
+fn only_an_unanswered_handshake_times_out_and_only_once(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"100%\"");
+    // Answered.
+    let a = addr("10.201.0.41:40041");
+    open(&mut dp, a);
+    run(&mut dp, Dir::Egress, &Tcp::new(addr(CANARY), a, SYN | ACK));
+    // Refused.
+    let b = addr("10.201.0.42:40042");
+    open(&mut dp, b);
+    run(&mut dp, Dir::Egress, &Tcp::new(addr(CANARY), b, RST | ACK));
+    // Given up by the client before an answer.
+    let c = addr("10.201.0.43:40043");
+    open(&mut dp, c);
+    run(&mut dp, Dir::Ingress, &Tcp::new(c, addr(VIP), RST));
+    // Never answered.
+    let d = addr("10.201.0.44:40044");
+    open(&mut dp, d);
+
+    let swept = dp.sweep_pending(Duration::ZERO).expect("sweep");
+    assert_eq!(swept, 1, "only the unanswered handshake times out");
+    assert_eq!(
+        dp.sweep_pending(Duration::ZERO).expect("second sweep"),
+        0,
+        "a timeout is counted once"
+    );
+    let snap = dp.snapshot().expect("snapshot");
+    let web = snap.service("web").expect("service web");
+    assert_eq!(web.cohort_timeouts(Cohort::Canary), 1, "one timeout");
+    let k = cohort(&dp, Cohort::Canary);
+    assert_eq!((k.connections, k.refused), (4, 1), "{k:?}");
+    let fwd = dp
+        .conntrack_entry(&flow_key(d, addr(VIP)))
+        .expect("the timed-out flow stays tracked");
+    assert_eq!(
+        fwd.state & (ST_CLOSED | ST_FAILED),
+        ST_CLOSED | ST_FAILED,
+        "the timed-out flow is marked closed and failed: {:#x}",
+        fwd.state
     );
 }
 
@@ -1321,6 +1366,7 @@ in_both_modes!(
     removing_a_service_drains_it_established_flows_finish_new_ones_are_not_steered,
     a_whole_connection_is_measured_once_in_its_cohort,
     refusals_resets_and_syn_retries_are_told_apart,
+    only_an_unanswered_handshake_times_out_and_only_once,
     the_breaker_trips_on_canary_refusals_and_stops_steering_there_at_once,
     stable_failures_and_a_disabled_breaker_do_not_trip,
     a_rolled_back_service_sends_nothing_new_to_canary_not_even_always_canary,
