@@ -902,3 +902,95 @@ fn unconnected_udp_from_a_local_client_is_steered_per_flow_and_answered_by_the_v
         "new flows at 100%"
     );
 }
+
+/// A local client's UDP flows to a hung canary (it reads and never
+/// answers): each flow that sends again past `udp_response_timeout` fails
+/// once, in the canary cohort, and three such failures trip the kernel
+/// breaker, which the agent records as a rollback.
+#[test]
+fn unanswered_udp_flows_at_the_socket_fail_and_trip_the_breaker() {
+    let lab = canary_tests::lab(
+        &[("stable-1", Behavior::Reply), ("canary-1", Behavior::Reply)],
+        0,
+    );
+    lab.silence_udp_backend(1);
+    let cg = TestCgroup::create();
+    let dns = service(
+        "dns",
+        VIP,
+        &addrs(&lab, &[0]),
+        &addrs(&lab, &[1]),
+        "protocol = \"udp\"\nweight = \"50%\"\ncohort = \"per-connection\"\n\
+         udp_response_timeout = \"200ms\"",
+    );
+    let agent = AgentProcess::start(lab.router(), &config(&cg, &dns), false).expect("agent starts");
+    let client_ns = lab.client().name().to_string();
+    // 20 flows: the canary's get no answer within the client's 300 ms.
+    let (held, first) = HeldClient::start(
+        &cg,
+        &client_ns,
+        &[
+            "--udp",
+            "--hold",
+            "--connect",
+            VIP,
+            "--count",
+            "20",
+            "--timeout-ms",
+            "300",
+        ],
+    );
+    let unanswered = first.iter().filter(|r| r.result.is_err()).count();
+    assert!(
+        unanswered >= 3,
+        "at 50 %, at least 3 of 20 flows must reach the hung canary: {first:?}"
+    );
+    // Each sends again, past the 200 ms deadline: the canary flows fail.
+    let again = held.ping_again();
+    assert_eq!(again.len(), 20);
+    let m = scrape_until(&lab, "the unanswered flows counted", |m| {
+        m.sum(
+            "canary_connections_failed_total",
+            &[("service", "dns"), ("cohort", "canary")],
+        ) >= 3.0
+    });
+    let failed = m.sum(
+        "canary_connections_failed_total",
+        &[("service", "dns"), ("cohort", "canary")],
+    );
+    assert!(
+        failed <= unanswered as f64,
+        "each unanswered flow fails once: {failed} failures for {unanswered} flows"
+    );
+    assert_eq!(
+        m.sum(
+            "canary_connections_failed_total",
+            &[("service", "dns"), ("cohort", "stable")]
+        ),
+        0.0,
+        "stable answered everything"
+    );
+    // The breaker tripped in the kernel: new flows all go to stable.
+    let after = run_client(
+        &cg,
+        &client_ns,
+        &["--udp", "--connect", VIP, "--count", "20"],
+    );
+    assert_eq!(
+        by_backend(&after),
+        BTreeMap::from([("stable-1".to_string(), 20)]),
+        "after the trip every new flow goes to stable"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = canary_tests::scenarios::status(&agent.control_socket(), "dns");
+        if status["state"] == "rolled-back" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no rollback recorded: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "socket LB, hung UDP canary: {unanswered} of 20 flows unanswered, {failed} failed, breaker tripped, 20 of 20 new flows on stable"
+    );
+}
