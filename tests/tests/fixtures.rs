@@ -609,8 +609,8 @@ fn only_an_unanswered_handshake_times_out_and_only_once(m: IngressMode) {
     let snap = dp.snapshot().expect("snapshot");
     let web = snap.service("web").expect("service web");
     assert_eq!(web.cohort_timeouts(Cohort::Canary), 1, "one timeout");
-    let k = cohort(&dp, Cohort::Canary);
-    assert_eq!((k.connections, k.refused), (4, 1), "{k:?}");
+    let canary = cohort(&dp, Cohort::Canary);
+    assert_eq!((canary.connections, canary.refused), (4, 1), "{canary:?}");
     let fwd = dp
         .conntrack_entry(&flow_key(d, addr(VIP)))
         .expect("the timed-out flow stays tracked");
