@@ -584,20 +584,28 @@ fn a_whole_connection_is_measured_once_in_its_cohort(m: IngressMode) {
 fn only_an_unanswered_handshake_times_out_and_only_once(m: IngressMode) {
     let mut dp = dataplane(m, "weight = \"100%\"");
     // Answered.
-    let a = addr("10.201.0.41:40041");
-    open(&mut dp, a);
-    run(&mut dp, Dir::Egress, &Tcp::new(addr(CANARY), a, SYN | ACK));
+    let answered = addr("10.201.0.41:40041");
+    open(&mut dp, answered);
+    run(
+        &mut dp,
+        Dir::Egress,
+        &Tcp::new(addr(CANARY), answered, SYN | ACK),
+    );
     // Refused.
-    let b = addr("10.201.0.42:40042");
-    open(&mut dp, b);
-    run(&mut dp, Dir::Egress, &Tcp::new(addr(CANARY), b, RST | ACK));
+    let refused = addr("10.201.0.42:40042");
+    open(&mut dp, refused);
+    run(
+        &mut dp,
+        Dir::Egress,
+        &Tcp::new(addr(CANARY), refused, RST | ACK),
+    );
     // Given up by the client before an answer.
-    let c = addr("10.201.0.43:40043");
-    open(&mut dp, c);
-    run(&mut dp, Dir::Ingress, &Tcp::new(c, addr(VIP), RST));
+    let abandoned = addr("10.201.0.43:40043");
+    open(&mut dp, abandoned);
+    run(&mut dp, Dir::Ingress, &Tcp::new(abandoned, addr(VIP), RST));
     // Never answered.
-    let d = addr("10.201.0.44:40044");
-    open(&mut dp, d);
+    let silent = addr("10.201.0.44:40044");
+    open(&mut dp, silent);
 
     let swept = dp.sweep_pending(Duration::ZERO).expect("sweep");
     assert_eq!(swept, 1, "only the unanswered handshake times out");
@@ -612,7 +620,7 @@ fn only_an_unanswered_handshake_times_out_and_only_once(m: IngressMode) {
     let canary = cohort(&dp, Cohort::Canary);
     assert_eq!((canary.connections, canary.refused), (4, 1), "{canary:?}");
     let fwd = dp
-        .conntrack_entry(&flow_key(d, addr(VIP)))
+        .conntrack_entry(&flow_key(silent, addr(VIP)))
         .expect("the timed-out flow stays tracked");
     assert_eq!(
         fwd.state & (ST_CLOSED | ST_FAILED),
