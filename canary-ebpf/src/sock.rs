@@ -36,7 +36,7 @@ use canary_common::{
     cohort::sticky_hash64,
     counters::Counter,
     flow::{UDP_DEFAULT_IDLE_MS, UDP_REFRESH_NS, udp_expired},
-    service::{Backend, COHORT_CANARY, MODE_PER_CONNECTION, ServiceKey},
+    service::{Backend, COHORT_CANARY, MODE_PER_CONNECTION, ServiceKey, ServiceValue},
     sock::{
         SK_CLOSED, SK_ESTABLISHED, SK_FAILED, SK_OPENED, SK_REQUEST, SK_RESPONSE,
         SK_RST_FROM_BACKEND, SK_RST_FROM_CLIENT, SK_SYN_RETRIED, SU_REPLIED, SU_TIMED_OUT, SockEnd,
@@ -53,7 +53,7 @@ use crate::{
         UDP_CONFIG,
     },
     stats::{Latency, observe},
-    steer,
+    steer::{self, Choice},
 };
 
 /// TCP states (`include/net/tcp_states.h`).
@@ -83,26 +83,12 @@ fn service_key(addr: &Addr, port: u16, proto: u8) -> ServiceKey {
     }
 }
 
-/// Makes the socket connect to `backend` instead of the VIP it dialled.
-/// An IPv6 socket reaches an IPv4 backend at its v4-mapped address.
+/// Makes the socket connect (or send) to `backend` instead of the VIP it
+/// dialled. An IPv6 socket reaches an IPv4 backend at its v4-mapped
+/// address.
 #[inline(always)]
 pub fn write_backend(ctx: &SockAddrContext, hook: Hook, backend: &Backend) {
-    let sa = ctx.sock_addr;
-    let addr = backend.addr;
-    // SAFETY: `sa` is this program's context; connect4/6 may store 4 bytes
-    // at a time into `user_ip4`/`user_ip6[i]` and `user_port` (volatile:
-    // the verifier refuses merged wider stores).
-    unsafe {
-        match hook {
-            Hook::V4 => write_volatile(addr_of_mut!((*sa).user_ip4), addr.v4()),
-            Hook::V6 => {
-                for (i, word) in addr.0.iter().enumerate() {
-                    write_volatile(addr_of_mut!((*sa).user_ip6[i]), *word);
-                }
-            }
-        }
-        write_volatile(addr_of_mut!((*sa).user_port), u32::from(backend.port));
-    }
+    write_user_addr(ctx, hook, &backend.addr, backend.port);
 }
 
 /// The destination (`user_ip4/6`, `user_port`) of a sock_addr context and
@@ -156,6 +142,46 @@ fn source_addr(ctx: &SockAddrContext, hook: Hook) -> Option<Addr> {
     (!unbound).then_some(addr)
 }
 
+/// Chooses cohort and backend for a socket (`cookie`) dialling a VIP of
+/// `svc`, as the packet path does, and points the socket at the backend.
+/// The client's identity: no packet exists yet, so no source port, and
+/// usually no source address. Sticky: the network namespace (a pod; all
+/// of the host's processes are one client). Per connection (or UDP flow):
+/// the socket. `None` if no backend could be chosen (counted; the
+/// destination is left as dialled and reaches no one, as at TC).
+#[inline(always)]
+fn steer_socket(
+    ctx: &SockAddrContext,
+    hook: Hook,
+    svc: &ServiceValue,
+    cookie: u64,
+    now: u64,
+) -> Option<Choice> {
+    let id = if svc.mode == MODE_PER_CONNECTION {
+        cookie
+    } else {
+        // SAFETY: get_netns_cookie takes the sock_addr context.
+        unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+    };
+    match steer::choose_hashed(
+        svc,
+        sticky_hash64(id, svc.salt),
+        source_addr(ctx, hook),
+        now,
+        true,
+    ) {
+        Ok(choice) => {
+            write_backend(ctx, hook, &choice.backend);
+            count(Counter::SockSteered);
+            Some(choice)
+        }
+        Err(counter) => {
+            count(counter);
+            None
+        }
+    }
+}
+
 /// `connect4`/`connect6`: steers a connection to a VIP. A destination that
 /// is no VIP costs one hash lookup (and a socket-storage check) and is
 /// left alone.
@@ -174,32 +200,10 @@ pub fn connect(ctx: &SockAddrContext, hook: Hook) {
     let svc = unsafe { &*svc };
     // SAFETY: get_socket_cookie takes the sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // The client's identity: no packet exists yet, so no source port, and
-    // usually no source address. Sticky: the network namespace (a pod; all
-    // of the host's processes are one client). Per connection: the socket.
-    let id = if svc.mode == MODE_PER_CONNECTION {
-        cookie
-    } else {
-        // SAFETY: get_netns_cookie takes the sock_addr context.
-        unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
-    };
     let now = now();
-    let choice = match steer::choose_hashed(
-        svc,
-        sticky_hash64(id, svc.salt),
-        source_addr(ctx, hook),
-        now,
-        true,
-    ) {
-        Ok(c) => c,
-        Err(counter) => {
-            // Left as dialled: the VIP reaches no one, as at TC.
-            count(counter);
-            return;
-        }
+    let Some(choice) = steer_socket(ctx, hook, svc, cookie, now) else {
+        return;
     };
-    write_backend(ctx, hook, &choice.backend);
-    count(Counter::SockSteered);
     let family = addr.family();
     let tag = SockTag {
         vip: addr,
@@ -272,20 +276,7 @@ pub fn getpeername(ctx: &SockAddrContext, hook: Hook) {
     if addr != tag.backend || port != tag.backend_port {
         return;
     }
-    let sa = ctx.sock_addr;
-    // SAFETY: getpeername4/6 may store 4 bytes at a time into the user
-    // address and port.
-    unsafe {
-        match hook {
-            Hook::V4 => write_volatile(addr_of_mut!((*sa).user_ip4), tag.vip.v4()),
-            Hook::V6 => {
-                for (i, word) in tag.vip.0.iter().enumerate() {
-                    write_volatile(addr_of_mut!((*sa).user_ip6[i]), *word);
-                }
-            }
-        }
-        write_volatile(addr_of_mut!((*sa).user_port), u32::from(tag.vip_port));
-    }
+    write_user_addr(ctx, hook, &tag.vip, tag.vip_port);
 }
 
 /// Writes `addr:port` (network byte order) as the context's user address.
@@ -349,29 +340,9 @@ pub fn sendmsg(ctx: &SockAddrContext, hook: Hook) {
     };
     // SAFETY: a live SERVICES element for this run.
     let svc = unsafe { &*svc };
-    // The flow's identity, as for a connect(): the socket (per
-    // connection) or its network namespace (sticky).
-    let id = if svc.mode == MODE_PER_CONNECTION {
-        cookie
-    } else {
-        // SAFETY: get_netns_cookie takes the sock_addr context.
-        unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+    let Some(choice) = steer_socket(ctx, hook, svc, cookie, now) else {
+        return;
     };
-    let choice = match steer::choose_hashed(
-        svc,
-        sticky_hash64(id, svc.salt),
-        source_addr(ctx, hook),
-        now,
-        true,
-    ) {
-        Ok(c) => c,
-        Err(counter) => {
-            count(counter);
-            return;
-        }
-    };
-    write_backend(ctx, hook, &choice.backend);
-    count(Counter::SockSteered);
     // SAFETY: a live UDP_CONFIG element for this run, copied out.
     let config = UDP_CONFIG.get_ptr(&svc.svc_id).map(|c| unsafe { *c });
     let flow = SockUdpFlow {

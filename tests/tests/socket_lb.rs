@@ -994,3 +994,77 @@ fn unanswered_udp_flows_at_the_socket_fail_and_trip_the_breaker() {
         "socket LB, hung UDP canary: {unanswered} of 20 flows unanswered, {failed} failed, breaker tripped, 20 of 20 new flows on stable"
     );
 }
+
+/// The judge works on socket-steered connections: their first-byte times
+/// reach the same histograms, so a canary twice as slow is rolled back.
+#[test]
+fn the_judge_rolls_back_a_slow_canary_of_socket_steered_connections() {
+    let lab = canary_tests::lab(
+        &[
+            (
+                "stable-1",
+                Behavior::FirstByteDelay(Duration::from_millis(2)),
+            ),
+            (
+                "canary-1",
+                Behavior::FirstByteDelay(Duration::from_millis(4)),
+            ),
+        ],
+        0,
+    );
+    let cg = TestCgroup::create();
+    let web = service(
+        "web",
+        VIP,
+        &addrs(&lab, &[0]),
+        &addrs(&lab, &[1]),
+        "cohort = \"per-connection\"\n[service.rollout]\nsteps = [{ weight = \"20%\", hold = \"1h\" }]",
+    );
+    // The socket LB alone: no interface.
+    let text = format!(
+        "[agent]\ninterfaces = []\nsocket_lb = true\ncgroup = \"{}\"\n\n{web}",
+        cg.path().display()
+    );
+    let agent = AgentProcess::start(lab.router(), &text, false).expect("agent starts");
+    let sock = agent.control_socket();
+    let client_ns = lab.client().name().to_string();
+    let t0 = Instant::now();
+    let mut detected = None;
+    std::thread::scope(|s| {
+        // Three clients in the cgroup, one connection at a time each.
+        for _ in 0..3 {
+            s.spawn(|| run_client(&cg, &client_ns, &["--connect", VIP, "--count", "1500"]));
+        }
+        while t0.elapsed() < Duration::from_secs(12) {
+            if canary_tests::scenarios::status(&sock, "web")["state"] == "rolled-back" {
+                detected = Some(t0.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let status = canary_tests::scenarios::status(&sock, "web");
+    let verdict = status["last_verdict"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    eprintln!(
+        "socket LB judge: rolled back after {:?}; {verdict}",
+        detected.map(|d| format!("{:.2} s", d.as_secs_f64()))
+    );
+    let detected = detected.expect("the judge did not roll back a 2x slower canary within 12 s");
+    assert!(
+        detected <= Duration::from_secs(8),
+        "detection took {detected:?}"
+    );
+    assert!(
+        verdict.contains("latency") || verdict.contains("p99"),
+        "the verdict names the latency: {verdict}"
+    );
+    let after = run_client(&cg, &client_ns, &["--connect", VIP, "--count", "50"]);
+    assert_eq!(
+        by_backend(&after),
+        BTreeMap::from([("stable-1".to_string(), 50)]),
+        "rolled back: nothing new to canary"
+    );
+}
