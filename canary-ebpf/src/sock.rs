@@ -403,14 +403,7 @@ fn udp_deadline(flow: *mut SockUdpFlow, f: &SockUdpFlow, key: &SockRevKey, now: 
     if unsafe { atomic::or(addr_of_mut!((*flow).state), SU_TIMED_OUT) } & SU_TIMED_OUT != 0 {
         return;
     }
-    if let Some(to) = SOCK_TIMEOUTS.get_ptr_mut(f.stats_slot) {
-        // SAFETY: a per-CPU array element; u64 fields, updated only
-        // through atomics.
-        unsafe {
-            atomic::add(addr_of_mut!((*to).timeouts), 1);
-            atomic::add(addr_of_mut!((*to).failed), 1);
-        }
-    }
+    count_timeout(f.stats_slot, true);
     if f.cohort == COHORT_CANARY {
         breaker::failure(
             &service_key(&key.addr, key.port, IPPROTO_UDP),
@@ -512,22 +505,7 @@ fn counting() -> bool {
 /// Untagged sockets (nearly all) cost one storage look-up.
 #[inline(always)]
 fn tag_of(sk: *mut c_void) -> Option<Tag> {
-    // SAFETY: bpf_sk_storage_get takes the map and a socket pointer (NULL
-    // or not a full socket: it returns NULL); no value, no create flag.
-    let p = unsafe {
-        bpf_sk_storage_get(
-            core::ptr::from_ref(&SOCK_TAGS).cast_mut().cast(),
-            sk,
-            null_mut(),
-            0,
-        )
-    }
-    .cast::<SockTag>();
-    if p.is_null() {
-        return None;
-    }
-    let tag = Tag(p);
-    (tag.read().proto == IPPROTO_TCP && counting()).then_some(tag)
+    any_tag_of(sk).filter(|tag| tag.read().proto == IPPROTO_TCP)
 }
 
 /// The tag of the socket `sk` steered by `connect4/6`, TCP or UDP (a
@@ -535,7 +513,8 @@ fn tag_of(sk: *mut c_void) -> Option<Tag> {
 /// if these programs are the counting generation.
 #[inline(always)]
 fn any_tag_of(sk: *mut c_void) -> Option<Tag> {
-    // SAFETY: as in `tag_of`.
+    // SAFETY: bpf_sk_storage_get takes the map and a socket pointer (NULL
+    // or not a full socket: it returns NULL); no value, no create flag.
     let p = unsafe {
         bpf_sk_storage_get(
             core::ptr::from_ref(&SOCK_TAGS).cast_mut().cast(),
@@ -566,14 +545,7 @@ fn connected_udp_deadline(t: Tag, tag: &SockTag) {
     {
         return;
     }
-    if let Some(to) = SOCK_TIMEOUTS.get_ptr_mut(tag.stats_slot) {
-        // SAFETY: a per-CPU array element; u64 fields, updated only
-        // through atomics.
-        unsafe {
-            atomic::add(addr_of_mut!((*to).timeouts), 1);
-            atomic::add(addr_of_mut!((*to).failed), 1);
-        }
-    }
+    count_timeout(tag.stats_slot, true);
 }
 
 /// A tagged socket's storage: a live value for this program run (socket
@@ -610,6 +582,20 @@ impl Tag {
 #[inline(always)]
 fn add(tag: &SockTag, field: Field, v: u64) {
     add_slot(tag.stats_slot, field, v);
+}
+
+/// A timed-out connection or flow of stats slot `slot`, and its failure if
+/// it is the first (`SOCK_TIMEOUTS`, added to the sweep's at export).
+#[inline(always)]
+fn count_timeout(slot: u32, first_failure: bool) {
+    if let Some(to) = SOCK_TIMEOUTS.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU array element; u64 fields, updated only
+        // through atomics.
+        unsafe {
+            atomic::add(addr_of_mut!((*to).timeouts), 1);
+            atomic::add(addr_of_mut!((*to).failed), u64::from(first_failure));
+        }
+    }
 }
 
 /// [`add`] by stats slot (an unconnected UDP flow has no tag).
@@ -683,14 +669,7 @@ pub fn state(ctx: &BtfTracePointContext) {
                 SockEnd::Uncounted => {}
                 SockEnd::TimedOut => {
                     let first = t.first(SK_FAILED);
-                    if let Some(to) = SOCK_TIMEOUTS.get_ptr_mut(tag.stats_slot) {
-                        // SAFETY: a per-CPU array element; u64 fields,
-                        // updated only through atomics.
-                        unsafe {
-                            atomic::add(addr_of_mut!((*to).timeouts), 1);
-                            atomic::add(addr_of_mut!((*to).failed), u64::from(first));
-                        }
-                    }
+                    count_timeout(tag.stats_slot, first);
                 }
                 SockEnd::Closed { duration } => {
                     add(&tag, Field::Closed, 1);
