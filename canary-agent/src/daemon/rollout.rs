@@ -76,9 +76,21 @@ impl Agent {
             .get(service)
             .cloned()
             .unwrap_or_else(|| Rollout::new(ServiceState::IDLE));
+        // Decided elsewhere: already the fleet's. Decided here: a rollback
+        // goes to the fleet once applied.
+        let here = !matches!(event, Event::Decided(_) | Event::FleetGate(_));
         let decision = engine::decide(&svc, &current, event, crate::rollout::now_unix())
             .map_err(FeedError::Refused)?;
-        self.carry_out(&svc, &current, decision, false)
+        let announced = decision.effects.iter().find_map(|e| match e {
+            Effect::Announce { by, verdict } => Some((*by, verdict.clone())),
+            _ => None,
+        });
+        let to = decision.to.state.clone();
+        self.carry_out(&svc, &current, decision, false)?;
+        if let (true, Some((by, verdict))) = (here, announced) {
+            self.publish_local(&svc, &to, &verdict, by);
+        }
+        Ok(())
     }
 
     /// The engine's decision for a trip found at start, before the data

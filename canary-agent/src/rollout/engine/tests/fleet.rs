@@ -117,7 +117,7 @@ fn gate(held_s: u64, conns: u64, failing: &[&str]) -> Event {
         held: Duration::from_secs(held_s),
         canary_connections: conns,
         nodes: 3,
-        failing: failing.iter().map(|s| s.to_string()).collect(),
+        failing: failing.iter().map(ToString::to_string).collect(),
     })
 }
 
