@@ -124,6 +124,8 @@ pub(super) struct RawService {
     pub(super) breaker: Option<RawBreaker>,
     #[serde(default)]
     pub(super) rollout: Option<RawRollout>,
+    #[serde(default)]
+    pub(super) release: Option<String>,
 }
 
 #[derive(Deserialize)]

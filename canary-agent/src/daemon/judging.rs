@@ -116,6 +116,7 @@ impl Agent {
                 verdict: judge(&plan.judge, &stable, &canary),
                 held: window.started.elapsed(),
                 canary_connections: canary.connections,
+                may_advance: true,
             };
             *self.judgements.entry(svc.name.clone()).or_default() += 1;
             if let Err(e) = self.feed(&svc.name, Event::Judged(judgement)) {

@@ -113,7 +113,7 @@ impl Agent {
         for effect in &decision.effects {
             match effect {
                 Effect::Persist => {
-                    if let Err(e) = self.store.save(&name, &decision.to.state) {
+                    if let Err(e) = self.store.save(&name, &svc.release, &decision.to.state) {
                         if !programmed {
                             return Err(FeedError::NotPersisted(e));
                         }
@@ -126,7 +126,7 @@ impl Agent {
                     self.rollouts.insert(name.clone(), decision.to.clone());
                     if let Err(e) = self.program() {
                         self.rollouts.insert(name.clone(), current.clone());
-                        let _ = self.store.save(&name, &current.state);
+                        let _ = self.store.save(&name, &svc.release, &current.state);
                         let _ = self.program();
                         return Err(FeedError::NotApplied(e));
                     }
