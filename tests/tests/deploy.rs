@@ -368,41 +368,13 @@ fn configmap_config_passes_the_agents_check_with_the_daemonsets_args() {
     // file's `interfaces` has been parsed).
     args.extend(["--check", "--interface", "lo"].map(String::from));
 
-    let mut config = original.clone();
-    let mut tolerated = Vec::new();
-    let out = loop {
-        std::fs::write(&file, &config).unwrap();
-        let out = run(Command::new(canary_lab::agent_binary()).args(&args));
-        let stderr = text(&out.stderr);
-        if out.status.success() {
-            break out;
-        }
-        // TODO(lead, fleet): the two tolerances below exist only until the
-        // agent on main has `[fleet]` and `--node`; remove both once it
-        // does, so that the file and the arguments are checked exactly as
-        // the DaemonSet runs them.
-        if stderr.contains("unexpected argument '--node'") && !tolerated.contains(&"--node") {
-            let at = args.iter().position(|a| a == "--node").unwrap();
-            args.drain(at..at + 2);
-            tolerated.push("--node");
-        } else if stderr.contains("unknown field `fleet`") && !tolerated.contains(&"[fleet]") {
-            // [fleet] is the file's last section, so it ends the file.
-            let at = config
-                .find("\n[fleet]\n")
-                .expect("[fleet] starts a line of agent.toml");
-            config.truncate(at + 1);
-            tolerated.push("[fleet]");
-        } else {
-            panic!(
-                "canary-agent {args:?} rejected deploy/kubernetes/agent.toml (without {tolerated:?}): {stderr}"
-            );
-        }
-    };
-    if !tolerated.is_empty() {
-        eprintln!(
-            "deploy test: this agent has no {tolerated:?} yet; checked the rest of the file and arguments"
-        );
-    }
+    std::fs::write(&file, &original).unwrap();
+    let out = run(Command::new(canary_lab::agent_binary()).args(&args));
+    assert!(
+        out.status.success(),
+        "canary-agent {args:?} rejected deploy/kubernetes/agent.toml: {}",
+        text(&out.stderr)
+    );
     let stdout = text(&out.stdout);
     assert!(
         stdout.contains("valid (1 services)"),
