@@ -215,8 +215,10 @@ async fn session_once(
     let result = loop {
         tokio::select! {
             _ = keepalive.tick() => {
-                if let Err(e) = keeper.keep_alive().await {
-                    break e.into();
+                match tokio::time::timeout(config.lease_ttl / 3, keeper.keep_alive()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break e.into(),
+                    Err(_) => break EtcdError::Timeout,
                 }
                 match tokio::time::timeout(config.lease_ttl / 3, acks.message()).await {
                     Ok(Ok(Some(ack))) if ack.ttl() > 0 => {}
