@@ -23,7 +23,9 @@
 //! namespace.
 
 mod agent;
+mod backends;
 mod client;
+mod fleet;
 mod lab;
 mod netns;
 mod server;
@@ -32,7 +34,8 @@ mod udp;
 pub use agent::{
     AgentProcess, READY, RELOAD_REJECTED, RELOADED, Stop, agent_binary, canaryctl_binary, lab_bpffs,
 };
-pub use client::{Conn, request_once};
+pub use client::{ClientSide, Conn, request_once};
+pub use fleet::{EtcdNet, FleetLab, FleetNode, FleetSpec};
 pub use lab::{BackendSpec, Lab, LabSpec, cleanup_stale};
 pub use netns::Netns;
 pub use server::Behavior;

@@ -1,0 +1,331 @@
+//! The fleet test bed itself: a real etcd cluster reachable from every
+//! router of a three-node fleet (plain and mutual TLS), surviving its
+//! leader's death; a partition that really cuts one node off, established
+//! connections included; and three single-node agents steering each node's
+//! clients to the shared backends.
+#![expect(
+    unused_crate_dependencies,
+    reason = "cargo gives every test target all of the package's dependencies; each test file uses some"
+)]
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{SocketAddr, SocketAddrV4, TcpStream},
+    time::{Duration, Instant},
+};
+
+use canary_lab::{AgentProcess, BackendSpec, Behavior, EtcdNet, FleetLab, FleetSpec, Netns};
+use canary_tests::{
+    etcd::{CLIENT_PORT, EtcdCluster},
+    load::drive,
+};
+
+const NODES: usize = 3;
+
+fn fleet(etcd: &EtcdCluster, backends: &[(&str, Behavior)], clients: u32) -> FleetLab {
+    canary_tests::require_root();
+    let spec = FleetSpec {
+        nodes: NODES,
+        backends: backends
+            .iter()
+            .map(|(name, behavior)| BackendSpec {
+                name: (*name).to_owned(),
+                behavior: *behavior,
+            })
+            .collect(),
+        n_client_addrs: clients,
+    };
+    FleetLab::build(&spec, Some(etcd.net())).expect("fleet lab builds")
+}
+
+/// `etcdctl ARGS` from inside `ns`; its stdout, or a panic with stderr.
+fn etcdctl_ok(etcd: &EtcdCluster, ns: &Netns, args: &[&str]) -> String {
+    let out = etcd.etcdctl_in(ns, args);
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?} in {}: expected success, got {}: {}",
+        ns.name(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Puts `key` = `value` from `ns` and reads it back from every router.
+fn put_and_read_everywhere(
+    etcd: &EtcdCluster,
+    fleet: &FleetLab,
+    ns: &Netns,
+    key: &str,
+    value: &str,
+) {
+    etcdctl_ok(etcd, ns, &["put", key, value]);
+    for node in fleet.nodes() {
+        let got = etcdctl_ok(etcd, node.router(), &["get", key, "--print-value-only"]);
+        assert_eq!(
+            got.trim(),
+            value,
+            "node {} reads {key}: expected {value:?}, got {got:?}",
+            node.index()
+        );
+    }
+}
+
+/// Every router reads and writes through the cluster; the cluster serves on
+/// after its leader is killed (SIGKILL) and takes the member back on restart.
+fn serves_every_router_and_survives_its_leader(etcd: &mut EtcdCluster, fleet: &FleetLab) {
+    for node in fleet.nodes() {
+        let key = format!("/canary/smoke/n{}", node.index());
+        put_and_read_everywhere(
+            etcd,
+            fleet,
+            node.router(),
+            &key,
+            &format!("v{}", node.index()),
+        );
+    }
+    let leader = etcd.leader();
+    let killed_at = Instant::now();
+    etcd.kill(leader);
+    let new_leader = etcd.leader();
+    let elected = killed_at.elapsed();
+    assert_ne!(new_leader, leader, "a killed member cannot lead");
+    put_and_read_everywhere(
+        etcd,
+        fleet,
+        fleet.node(1).router(),
+        "/canary/smoke/after",
+        "1",
+    );
+    let served = killed_at.elapsed();
+    etcd.restart(leader);
+    put_and_read_everywhere(
+        etcd,
+        fleet,
+        fleet.node(2).router(),
+        "/canary/smoke/back",
+        "2",
+    );
+    eprintln!(
+        "leader m{leader} killed: m{new_leader} leads after {:.0} ms, writes served after {:.0} ms; m{leader} restarted",
+        elected.as_secs_f64() * 1e3,
+        served.as_secs_f64() * 1e3
+    );
+}
+
+#[test]
+fn plain_etcd_serves_every_router_survives_its_leader_and_a_partition_cuts_one_node_off() {
+    let start = Instant::now();
+    let mut etcd = EtcdCluster::start(3, false);
+    let fleet = fleet(&etcd, &[], 0);
+    eprintln!(
+        "3-member etcd and 3-node fleet up in {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
+    assert!(etcd.endpoints().iter().all(|e| e.starts_with("http://")));
+    serves_every_router_and_survives_its_leader(&mut etcd, &fleet);
+
+    // An established connection from node 2's router to a member: one
+    // HTTP/1.1 request on it is answered before the partition.
+    let member: SocketAddr = SocketAddrV4::new(EtcdNet::member_ip(0), CLIENT_PORT).into();
+    let mut conn = fleet
+        .node(2)
+        .router()
+        .spawn(move || connect_with_user_timeout(member))
+        .join()
+        .expect("connect thread")
+        .expect("enter the router namespace")
+        .expect("node 2 connects to etcd before the partition");
+    let version = http_version(&mut conn).expect("GET /version on the open connection");
+    assert!(version.contains("etcdserver"), "GET /version: {version:?}");
+
+    fleet.partition(2).expect("partition node 2");
+    // The same connection now carries nothing: the request gets no answer,
+    // and the kernel gives up after TCP_USER_TIMEOUT (1 s) with ETIMEDOUT,
+    // which is what the agent's keepalive/user timeout will see.
+    let cut_at = Instant::now();
+    let after = http_version(&mut conn);
+    let broke_after = cut_at.elapsed();
+    assert!(
+        matches!(&after, Err(e) if e.kind() == ErrorKind::TimedOut),
+        "established connection across the partition: expected ETIMEDOUT, got {after:?}"
+    );
+    assert!(
+        broke_after < Duration::from_secs(4),
+        "the connection broke after {broke_after:?}"
+    );
+    // New requests from the partitioned node fail; the others carry on.
+    let cut_off = etcd.etcdctl_in(
+        fleet.node(2).router(),
+        &[
+            "get",
+            "/canary/smoke/n0",
+            "--dial-timeout=300ms",
+            "--command-timeout=600ms",
+        ],
+    );
+    assert!(
+        !cut_off.status.success(),
+        "a partitioned node reached etcd: {}",
+        String::from_utf8_lossy(&cut_off.stdout)
+    );
+    put_and_read_everywhere_but(&etcd, &fleet, 2, "/canary/smoke/partitioned", "yes");
+
+    fleet.heal(2).expect("heal node 2");
+    let healed_at = Instant::now();
+    put_and_read_everywhere(
+        &etcd,
+        &fleet,
+        fleet.node(2).router(),
+        "/canary/smoke/healed",
+        "yes",
+    );
+    eprintln!(
+        "partition: established connection broke after {:.0} ms (ETIMEDOUT); after heal node 2 read and wrote within {:.0} ms",
+        broke_after.as_secs_f64() * 1e3,
+        healed_at.elapsed().as_secs_f64() * 1e3
+    );
+    eprintln!("whole test {:.1} s", start.elapsed().as_secs_f64());
+}
+
+/// As [`put_and_read_everywhere`], from and on every node except `skip`.
+fn put_and_read_everywhere_but(
+    etcd: &EtcdCluster,
+    fleet: &FleetLab,
+    skip: usize,
+    key: &str,
+    value: &str,
+) {
+    let writer = fleet
+        .nodes()
+        .iter()
+        .find(|n| n.index() != skip)
+        .expect("another node");
+    etcdctl_ok(etcd, writer.router(), &["put", key, value]);
+    for node in fleet.nodes().iter().filter(|n| n.index() != skip) {
+        let got = etcdctl_ok(etcd, node.router(), &["get", key, "--print-value-only"]);
+        assert_eq!(got.trim(), value, "node {} reads {key}", node.index());
+    }
+}
+
+/// A TCP connection to `dst` whose unacknowledged data aborts it after 1 s.
+fn connect_with_user_timeout(dst: SocketAddr) -> std::io::Result<TcpStream> {
+    let conn = TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
+    socket2::SockRef::from(&conn).set_tcp_user_timeout(Some(Duration::from_secs(1)))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    Ok(conn)
+}
+
+/// `GET /version` on an open keep-alive connection; the response head and
+/// body as far as the first read returns.
+fn http_version(conn: &mut TcpStream) -> std::io::Result<String> {
+    conn.write_all(b"GET /version HTTP/1.1\r\nHost: etcd\r\n\r\n")?;
+    let mut buf = [0u8; 2048];
+    let n = conn.read(&mut buf)?;
+    if n == 0 {
+        return Err(ErrorKind::UnexpectedEof.into());
+    }
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[test]
+fn tls_etcd_serves_every_router_with_the_client_certificate_only() {
+    let start = Instant::now();
+    let mut etcd = EtcdCluster::start(3, true);
+    let fleet = fleet(&etcd, &[], 0);
+    eprintln!(
+        "3-member TLS etcd and 3-node fleet up in {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
+    let tls = etcd.tls_files().expect("a TLS cluster has client files");
+    for file in [&tls.ca, &tls.cert, &tls.key] {
+        assert!(file.is_file(), "{} missing", file.display());
+    }
+    assert!(etcd.endpoints().iter().all(|e| e.starts_with("https://")));
+    serves_every_router_and_survives_its_leader(&mut etcd, &fleet);
+    // Without the client certificate the members refuse the handshake.
+    let out = fleet
+        .node(0)
+        .router()
+        .command(canary_tests::etcd::ETCDCTL)
+        .arg(format!("--endpoints={}", etcd.endpoints().join(",")))
+        .arg(format!("--cacert={}", tls.ca.display()))
+        .args([
+            "--dial-timeout=1s",
+            "--command-timeout=2s",
+            "get",
+            "/canary/smoke/n0",
+        ])
+        .output()
+        .expect("run etcdctl");
+    assert!(
+        !out.status.success(),
+        "etcd served a client without a certificate: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    eprintln!("whole test {:.1} s", start.elapsed().as_secs_f64());
+}
+
+#[test]
+fn three_agents_steer_each_nodes_clients_to_the_shared_backends() {
+    let start = Instant::now();
+    let etcd = EtcdCluster::start(1, false);
+    let fleet = fleet(
+        &etcd,
+        &[("stable-1", Behavior::Reply), ("canary-1", Behavior::Reply)],
+        16,
+    );
+    let vip: SocketAddrV4 = "10.96.0.10:80".parse().expect("VIP");
+    let agents: Vec<AgentProcess> = fleet
+        .nodes()
+        .iter()
+        .map(|node| {
+            let config = format!(
+                "[agent]\ninterfaces = [\"{}\"]\n\n[[service]]\nname = \"web\"\nvip = \"{vip}\"\n\
+                 stable = [\"{}\"]\ncanary = [\"{}\"]\nweight = \"50%\"\ncohort = \"per-connection\"\n",
+                node.iface(),
+                fleet.backend_addr(0),
+                fleet.backend_addr(1),
+            );
+            AgentProcess::start(node.router(), &config, false)
+                .unwrap_or_else(|e| panic!("agent on node {} starts: {e:#}", node.index()))
+        })
+        .collect();
+    eprintln!(
+        "fleet with 3 agents up in {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
+    // 200 connections at 50 %: P(canary count outside 60..=140) < 1e-8 (binomial).
+    for node in fleet.nodes() {
+        let out = drive(node, vip, node.client_addrs(), 200);
+        out.assert_no_errors(&format!("node {} traffic", node.index()));
+        let stable = out.by_backend.get("stable-1").copied().unwrap_or(0);
+        let canary = out.by_backend.get("canary-1").copied().unwrap_or(0);
+        eprintln!("node {}: stable {stable}, canary {canary}", node.index());
+        assert_eq!(
+            stable + canary,
+            200,
+            "node {}: replies {:?}",
+            node.index(),
+            out.by_backend
+        );
+        assert!(
+            (60..=140).contains(&canary),
+            "node {}: expected about 100 of 200 to canary at 50 %, got {canary} ({:?})",
+            node.index(),
+            out.by_backend
+        );
+        // Every reply came from this node's own clients.
+        assert!(
+            out.by_source
+                .keys()
+                .all(|src| node.client_addrs().contains(src)),
+            "node {}: replies to foreign sources",
+            node.index()
+        );
+    }
+    for agent in agents {
+        agent.stop().expect("agent stops");
+    }
+    eprintln!("whole test {:.1} s", start.elapsed().as_secs_f64());
+}
