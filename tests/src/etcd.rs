@@ -7,12 +7,12 @@
 //! use canary_tests::etcd::EtcdCluster;
 //!
 //! let etcd = EtcdCluster::start(3, true);
-//! let fleet = FleetLab::build(&FleetSpec { nodes: 3, ..FleetSpec::default() }, Some(etcd.net()))?;
+//! let spec = FleetSpec { nodes: 3, ..FleetSpec::default() };
+//! let fleet = FleetLab::build(&spec, Some(etcd.net())).expect("fleet builds");
 //! // An agent in fleet.node(k).router() reaches etcd.endpoints() with
 //! // etcd.tls_files(); `etcdctl` from there:
 //! let out = etcd.etcdctl_in(fleet.node(0).router(), &["put", "k", "v"]);
 //! assert!(out.status.success());
-//! # anyhow::Ok(())
 //! ```
 //!
 //! Members listen on 10.250.0.{11+i}: port 2379 for clients (`https` with
@@ -153,6 +153,17 @@ impl EtcdCluster {
     /// Whether member `i` runs (was not [killed](EtcdCluster::kill)).
     pub fn is_running(&self, i: usize) -> bool {
         self.members[i].child.is_some()
+    }
+
+    /// Member `i`'s process id, `None` while killed.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].child.as_ref().map(Child::id)
+    }
+
+    /// The directory of the members' data, logs and TLS files (removed on
+    /// drop).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// SIGKILLs member `i` and waits until it is gone. Panics if it is not

@@ -9,8 +9,11 @@
 )]
 
 use std::{
-    io::{ErrorKind, Read, Write},
+    io::{BufRead, BufReader, ErrorKind, Read, Write},
     net::{SocketAddr, SocketAddrV4, TcpStream},
+    os::unix::process::CommandExt as _,
+    process::Stdio,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -139,7 +142,31 @@ fn plain_etcd_serves_every_router_survives_its_leader_and_a_partition_cuts_one_n
     let version = http_version(&mut conn).expect("GET /version on the open connection");
     assert!(version.contains("etcdserver"), "GET /version: {version:?}");
 
+    // And a gRPC watch stream from node 2 (etcdctl, as an agent would
+    // watch), proven live by one event before the partition.
+    let watch = Watch::start(&etcd, fleet.node(2).router(), "/canary/smoke/w");
+    // (Put until seen: the watch may not be registered yet.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !watch.seen("before") {
+        assert!(
+            Instant::now() < deadline,
+            "the watch never saw a put: {:?}",
+            watch.lines()
+        );
+        etcdctl_ok(
+            &etcd,
+            fleet.node(0).router(),
+            &["put", "/canary/smoke/w", "before"],
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     fleet.partition(2).expect("partition node 2");
+    etcdctl_ok(
+        &etcd,
+        fleet.node(0).router(),
+        &["put", "/canary/smoke/w", "during"],
+    );
     // The same connection now carries nothing: the request gets no answer,
     // and the kernel gives up after TCP_USER_TIMEOUT (1 s) with ETIMEDOUT,
     // which is what the agent's keepalive/user timeout will see.
@@ -171,8 +198,18 @@ fn plain_etcd_serves_every_router_survives_its_leader_and_a_partition_cuts_one_n
     );
     put_and_read_everywhere_but(&etcd, &fleet, 2, "/canary/smoke/partitioned", "yes");
 
+    assert!(
+        !watch.seen("during"),
+        "node 2's watch saw an event across the partition: {:?}",
+        watch.lines()
+    );
+
     fleet.heal(2).expect("heal node 2");
     let healed_at = Instant::now();
+    // The stalled stream resumes (TCP retransmits): no error ever reached
+    // the client, so only a keepalive would have told it about the cut.
+    watch.wait_for("during", Duration::from_secs(10));
+    let resumed = healed_at.elapsed();
     put_and_read_everywhere(
         &etcd,
         &fleet,
@@ -181,11 +218,81 @@ fn plain_etcd_serves_every_router_survives_its_leader_and_a_partition_cuts_one_n
         "yes",
     );
     eprintln!(
-        "partition: established connection broke after {:.0} ms (ETIMEDOUT); after heal node 2 read and wrote within {:.0} ms",
+        "partition: established connection broke after {:.0} ms (ETIMEDOUT), watch stalled; \
+         after heal the watch resumed in {:.0} ms and node 2 read and wrote within {:.0} ms",
         broke_after.as_secs_f64() * 1e3,
+        resumed.as_secs_f64() * 1e3,
         healed_at.elapsed().as_secs_f64() * 1e3
     );
     eprintln!("whole test {:.1} s", start.elapsed().as_secs_f64());
+}
+
+/// `etcdctl watch KEY` running in a namespace, its output collected.
+struct Watch {
+    child: std::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Watch {
+    fn start(etcd: &EtcdCluster, ns: &Netns, key: &str) -> Watch {
+        let mut command = ns.command(canary_tests::etcd::ETCDCTL);
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        // It makes the watch die with this (test) thread, even when the test
+        // process is killed, where `Drop` cannot run.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let mut child = command
+            .args(etcd.etcdctl_flags())
+            .args(["watch", key])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start etcdctl watch");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().expect("watch lines").push(line);
+            }
+        });
+        Watch { child, lines }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("watch lines").clone()
+    }
+
+    fn seen(&self, value: &str) -> bool {
+        self.lines().iter().any(|l| l == value)
+    }
+
+    fn wait_for(&self, value: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.seen(value) {
+            assert!(
+                Instant::now() < deadline,
+                "the watch did not see {value:?} within {timeout:?}: {:?}",
+                self.lines()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// As [`put_and_read_everywhere`], from and on every node except `skip`.
@@ -263,6 +370,41 @@ fn tls_etcd_serves_every_router_with_the_client_certificate_only() {
         "etcd served a client without a certificate: {}",
         String::from_utf8_lossy(&out.stdout)
     );
+
+    // Dropping the fleet and the cluster leaves nothing behind.
+    let namespaces: Vec<String> = fleet
+        .netns_names()
+        .into_iter()
+        .chain([etcd.net().ns().name().to_owned()])
+        .collect();
+    let pids: Vec<u32> = (0..3).filter_map(|i| etcd.pid(i)).collect();
+    let dir = etcd.dir().to_path_buf();
+    assert_eq!(pids.len(), 3, "every member runs");
+    drop(fleet);
+    drop(etcd);
+    let listing = String::from_utf8_lossy(
+        &std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip netns list")
+            .stdout,
+    )
+    .into_owned();
+    let left: Vec<&String> = namespaces
+        .iter()
+        .filter(|name| {
+            listing
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(name))
+        })
+        .collect();
+    assert!(left.is_empty(), "namespaces left after drop: {left:?}");
+    let alive: Vec<&u32> = pids
+        .iter()
+        .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+        .collect();
+    assert!(alive.is_empty(), "etcd members alive after drop: {alive:?}");
+    assert!(!dir.exists(), "{} left after drop", dir.display());
     eprintln!("whole test {:.1} s", start.elapsed().as_secs_f64());
 }
 
