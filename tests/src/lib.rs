@@ -40,17 +40,39 @@ pub fn lab_dual_stack(
 ) -> canary_lab::Lab {
     require_root();
     canary_lab::Lab::build(&canary_lab::LabSpec {
-        backends: backends
-            .iter()
-            .map(|(name, behavior)| canary_lab::BackendSpec {
-                name: name.to_string(),
-                behavior: *behavior,
-            })
-            .collect(),
+        backends: backend_specs(backends),
         n_client_addrs: clients,
         n_client_addrs6: clients6,
     })
     .expect("lab builds")
+}
+
+/// A fleet of `nodes` nodes sharing `backends` (name, behaviour), with
+/// `clients` client addresses per node, its routers linked to `etcd`'s
+/// network; fails the test unless it runs as root.
+pub fn fleet(
+    nodes: usize,
+    backends: &[(&str, canary_lab::Behavior)],
+    clients: u32,
+    etcd: &etcd::EtcdCluster,
+) -> canary_lab::FleetLab {
+    require_root();
+    let spec = canary_lab::FleetSpec {
+        nodes,
+        backends: backend_specs(backends),
+        n_client_addrs: clients,
+    };
+    canary_lab::FleetLab::build(&spec, Some(etcd.net())).expect("fleet lab builds")
+}
+
+fn backend_specs(backends: &[(&str, canary_lab::Behavior)]) -> Vec<canary_lab::BackendSpec> {
+    backends
+        .iter()
+        .map(|(name, behavior)| canary_lab::BackendSpec {
+            name: (*name).to_string(),
+            behavior: *behavior,
+        })
+        .collect()
 }
 
 /// Runs `canaryctl --socket SOCKET args…` (the binary beside the agent's).

@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use canary_lab::{AgentProcess, BackendSpec, Behavior, EtcdNet, FleetLab, FleetSpec, Netns};
+use canary_lab::{AgentProcess, Behavior, EtcdNet, FleetLab, Netns};
 use canary_tests::{
     etcd::{CLIENT_PORT, EtcdCluster},
     load::drive,
@@ -26,19 +26,7 @@ use canary_tests::{
 const NODES: usize = 3;
 
 fn fleet(etcd: &EtcdCluster, backends: &[(&str, Behavior)], clients: u32) -> FleetLab {
-    canary_tests::require_root();
-    let spec = FleetSpec {
-        nodes: NODES,
-        backends: backends
-            .iter()
-            .map(|(name, behavior)| BackendSpec {
-                name: (*name).to_owned(),
-                behavior: *behavior,
-            })
-            .collect(),
-        n_client_addrs: clients,
-    };
-    FleetLab::build(&spec, Some(etcd.net())).expect("fleet lab builds")
+    canary_tests::fleet(NODES, backends, clients, etcd)
 }
 
 /// `etcdctl ARGS` from inside `ns`; its stdout, or a panic with stderr.
