@@ -464,9 +464,13 @@ fn make_tls(dir: &Path, members: usize) -> TlsFiles {
         "ec_paramgen_curve:prime256v1",
         "-nodes",
     ];
+    // Key usage on the CA too: strict verifiers (rustls, `openssl verify
+    // -x509_strict`) insist on it.
     let mut ca = vec![
         "req",
         "-x509",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
         "-days",
         "2",
         "-subj",

@@ -337,6 +337,24 @@ fn tls_etcd_serves_every_router_with_the_client_certificate_only() {
         assert!(file.is_file(), "{} missing", file.display());
     }
     assert!(etcd.endpoints().iter().all(|e| e.starts_with("https://")));
+    // Strict X.509 (as rustls, which the agent's gRPC client uses, checks):
+    // the client certificate for client auth, the server's for serving.
+    let server_crt = tls.ca.with_file_name("server.crt");
+    for (purpose, cert) in [("sslclient", &tls.cert), ("sslserver", &server_crt)] {
+        let out = std::process::Command::new("openssl")
+            .args(["verify", "-x509_strict", "-purpose", purpose, "-CAfile"])
+            .arg(&tls.ca)
+            .arg(cert)
+            .output()
+            .expect("run openssl verify");
+        assert!(
+            out.status.success(),
+            "openssl verify -x509_strict -purpose {purpose} {}: {}{}",
+            cert.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     serves_every_router_and_survives_its_leader(&mut etcd, &fleet);
     // Without the client certificate the members refuse the handshake.
     let out = fleet
