@@ -7,6 +7,7 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod events;
+pub mod fleet;
 pub mod http;
 pub mod judge;
 pub mod rollout;

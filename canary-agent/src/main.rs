@@ -66,6 +66,11 @@ struct Cli {
     #[arg(long)]
     detach_on_exit: bool,
 
+    /// This node's name in the fleet; replaces `[fleet] node` (e.g. the
+    /// Kubernetes node name from the downward API). Needs a [fleet] section.
+    #[arg(long, value_name = "NAME")]
+    node: Option<String>,
+
     /// Log filter (tracing env-filter syntax); RUST_LOG overrides it.
     #[arg(long, value_name = "FILTER", default_value = "info")]
     log: String,
@@ -127,7 +132,9 @@ fn main() -> ExitCode {
     }
 
     if cli.check {
-        return match canary_agent::config::Config::load(&cli.config, &cli.interfaces) {
+        return match canary_agent::config::Config::load(&cli.config, &cli.interfaces)
+            .and_then(|c| c.with_node(cli.node.as_deref()))
+        {
             Ok(c) => {
                 println!(
                     "{}: valid ({} services)",
@@ -162,6 +169,7 @@ fn main() -> ExitCode {
         config: cli.config,
         interfaces: cli.interfaces,
         detach_on_exit: cli.detach_on_exit,
+        node: cli.node,
     };
     match runtime.block_on(daemon::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,

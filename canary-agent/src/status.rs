@@ -5,6 +5,9 @@ use serde::{Deserialize, Serialize};
 /// Every service (or the one asked for).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
+    /// The fleet, when the agent runs with `[fleet]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetStatus>,
     /// In config order.
     pub services: Vec<ServiceStatus>,
 }
@@ -14,6 +17,9 @@ pub struct StatusReport {
 pub struct ServiceStatus {
     /// Service name.
     pub name: String,
+    /// The release its canary backends run.
+    #[serde(default)]
+    pub release: String,
     /// Rollout state: idle, promoted, rolled-back (more with plans).
     pub state: String,
     /// Weight in the config file.
@@ -55,4 +61,51 @@ pub struct CohortStatus {
     pub first_byte_p50_ms: Option<f64>,
     /// See `first_byte_p50_ms`.
     pub first_byte_p99_ms: Option<f64>,
+}
+
+/// The fleet as one node sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    /// This node's name.
+    pub node: String,
+    /// "connected", or why etcd is unreachable.
+    pub etcd: String,
+    /// The node that leads (moves plans on), if known.
+    pub leader: Option<String>,
+    /// Whether this node leads.
+    pub this_node_leads: bool,
+    /// Services with a rollback decided here that etcd has not taken yet.
+    #[serde(default)]
+    pub unpublished: Vec<String>,
+    /// One row per live node and service (from their summaries).
+    pub nodes: Vec<NodeRow>,
+}
+
+/// One node's summary of one service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeRow {
+    /// The service.
+    pub service: String,
+    /// The node.
+    pub node: String,
+    /// The release its config runs.
+    pub release: String,
+    /// The state in force there.
+    pub state: String,
+    /// The canary weight in force there.
+    pub weight: String,
+    /// Connections at the current step (both cohorts).
+    pub connections: u64,
+    /// Of which canary.
+    pub canary_connections: u64,
+    /// Failed connections at the step (both cohorts).
+    pub failures: u64,
+    /// Of which canary.
+    pub canary_failures: u64,
+    /// Its last verdict.
+    pub verdict: Option<String>,
+    /// Whether its data plane is attached.
+    pub attached: bool,
+    /// Seconds since its last summary.
+    pub heard_secs_ago: u64,
 }

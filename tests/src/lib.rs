@@ -19,6 +19,7 @@
 use socket2 as _;
 
 pub mod cgroup;
+pub mod deploy;
 pub mod etcd;
 pub mod load;
 pub mod metrics;

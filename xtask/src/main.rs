@@ -29,7 +29,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install the prerequisites (idempotent): rust-src for nightly, clippy
-    /// for stable, bpf-linker 0.10.4, and the Debian packages the tests use.
+    /// for stable, bpf-linker 0.10.4, the Debian packages the tests use, and
+    /// kubernetes-validate and yamllint (PyPI) in a venv at target/py.
     Prereqs,
     /// Build everything, run clippy (warnings fail) and every test: unit
     /// tests, packet fixtures through BPF_PROG_TEST_RUN, and

@@ -25,7 +25,16 @@ const DEBIAN: &[(&str, &str)] = &[
     ("etcdctl", "etcd-client"),
     ("openssl", "openssl"),
     ("protoc", "protobuf-compiler"),
+    // The deploy test: `systemd-analyze verify` on deploy/systemd, and the
+    // Python tools below.
+    ("systemd-analyze", "systemd"),
+    ("python3", "python3"),
 ];
+
+/// Python tools the deploy test runs, pinned, in a venv at
+/// [`python_venv`] (tests/tests/deploy.rs looks for them there):
+/// offline Kubernetes schema validation and a YAML linter.
+const PYPI: &[(&str, &str)] = &[("kubernetes-validate", "1.37.0"), ("yamllint", "1.38.0")];
 
 /// What the benchmark compares canary with, beyond what the tests need.
 pub const BENCH_DEBIAN: &[(&str, &str)] = &[("iptables", "iptables"), ("haproxy", "haproxy")];
@@ -77,6 +86,70 @@ pub fn ensure_with(extra: &[(&str, &str)]) -> anyhow::Result<()> {
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )
         .context("apt-get install")?;
+    }
+    ensure_python_tools()
+}
+
+/// The venv that holds [`PYPI`]: `target/py` (the deploy test finds it
+/// the same way: `$CARGO_TARGET_DIR/py`, else the workspace's `target/py`).
+fn python_venv() -> std::path::PathBuf {
+    crate::target_dir().join("py")
+}
+
+/// Creates the venv if missing (installing Debian's `python3-venv` if
+/// `python3 -m venv` cannot work) and installs [`PYPI`] with the venv's
+/// own pip unless those exact versions are already there.
+fn ensure_python_tools() -> anyhow::Result<()> {
+    let venv = python_venv();
+    let python = venv.join("bin/python");
+    if !python.is_file() {
+        let has_venv = Command::new("python3")
+            .args(["-c", "import venv, ensurepip"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !has_venv {
+            eprintln!("xtask: installing Debian package python3-venv");
+            exec(Command::new("apt-get").arg("update").arg("-q")).context("apt-get update")?;
+            exec(
+                Command::new("apt-get")
+                    .args([
+                        "install",
+                        "-y",
+                        "-q",
+                        "--no-install-recommends",
+                        "python3-venv",
+                    ])
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )
+            .context("apt-get install python3-venv")?;
+        }
+        exec(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+            .with_context(|| format!("creating the Python venv {}", venv.display()))?;
+    }
+    let wanted: Vec<String> = PYPI.iter().map(|(p, v)| format!("{p}=={v}")).collect();
+    // Prints one `name==version` line per package, `name missing` if absent.
+    let probe = r"
+import sys, importlib.metadata as m
+for p in sys.argv[1:]:
+    try:
+        print(p + '==' + m.version(p))
+    except m.PackageNotFoundError:
+        print(p + ' missing')
+";
+    let found = Command::new(&python)
+        .args(["-c", probe])
+        .args(PYPI.iter().map(|(p, _)| p))
+        .output()
+        .with_context(|| format!("running {}", python.display()))?;
+    let found = String::from_utf8_lossy(&found.stdout);
+    if found.lines().collect::<Vec<_>>() != wanted {
+        eprintln!("xtask: installing {wanted:?} into {}", venv.display());
+        exec(
+            Command::new(venv.join("bin/pip"))
+                .args(["install", "--quiet", "--disable-pip-version-check"])
+                .args(&wanted),
+        )
+        .context("pip install of the deploy test's Python tools")?;
     }
     Ok(())
 }

@@ -18,6 +18,7 @@ use std::{
 mod agent;
 mod breaker;
 mod check;
+mod fleet;
 mod plan;
 mod raw;
 mod service;
@@ -27,6 +28,7 @@ mod tests;
 use agent::validate_agent;
 pub use agent::{AgentConfig, IngressMode, InterfaceConfig};
 pub use breaker::BreakerConfig;
+pub use fleet::{FleetConfig, FleetTls, check_node_name};
 pub use plan::{Gate, RolloutConfig, StepConfig};
 use service::validate_services;
 pub use service::{CohortMode, IpPrefix, Protocol, ServiceConfig, UdpTimeouts, default_salt};
@@ -142,6 +144,8 @@ pub struct Config {
     pub agent: AgentConfig,
     /// `[[service]]` entries, in file order.
     pub services: Vec<ServiceConfig>,
+    /// `[fleet]`: rollouts shared through etcd; `None` runs single-node.
+    pub fleet: Option<FleetConfig>,
 }
 
 impl Config {
@@ -221,7 +225,37 @@ impl Config {
                 ),
             ));
         }
-        Ok(Config { agent, services })
+        let fleet = raw
+            .fleet
+            .map(|f| fleet::validate_fleet(f, &crate::sys::hostname()))
+            .transpose()?;
+        Ok(Config {
+            agent,
+            services,
+            fleet,
+        })
+    }
+
+    /// The config with `[fleet] node` replaced by `node` (`--node`, e.g.
+    /// the Kubernetes node name from the downward API). Without `[fleet]`
+    /// there is no node name to set: an error, so a DaemonSet whose config
+    /// lost its `[fleet]` section does not silently run single-node.
+    pub fn with_node(mut self, node: Option<&str>) -> Result<Config, ConfigError> {
+        let Some(node) = node else { return Ok(self) };
+        check_node_name(node)?;
+        match &mut self.fleet {
+            Some(f) => f.node = node.to_string(),
+            None => {
+                return Err(invalid(
+                    "[fleet]",
+                    "node",
+                    format!("{node:?} (from --node)"),
+                    "--node names this node in a fleet, and the config has no [fleet] section; \
+                     add one or drop --node",
+                ));
+            }
+        }
+        Ok(self)
     }
 }
 

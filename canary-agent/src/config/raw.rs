@@ -13,6 +13,21 @@ pub(super) struct RawConfig {
     pub(super) agent: RawAgent,
     #[serde(default, rename = "service")]
     pub(super) services: Vec<RawService>,
+    #[serde(default)]
+    pub(super) fleet: Option<RawFleet>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFleet {
+    pub(super) etcd: Vec<String>,
+    pub(super) node: Option<String>,
+    pub(super) prefix: Option<String>,
+    pub(super) ca: Option<PathBuf>,
+    pub(super) cert: Option<PathBuf>,
+    pub(super) key: Option<PathBuf>,
+    pub(super) lease_ttl: Option<String>,
+    pub(super) summary_interval: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -124,6 +139,8 @@ pub(super) struct RawService {
     pub(super) breaker: Option<RawBreaker>,
     #[serde(default)]
     pub(super) rollout: Option<RawRollout>,
+    #[serde(default)]
+    pub(super) release: Option<String>,
 }
 
 #[derive(Deserialize)]

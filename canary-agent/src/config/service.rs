@@ -186,6 +186,10 @@ pub struct ServiceConfig {
     pub breaker: BreakerConfig,
     /// The plan that drives the weight, if any.
     pub rollout: Option<RolloutConfig>,
+    /// The release its canary backends run: a rollout and its rollback
+    /// belong to one release (`release = "v2.4.1"`, or derived from the
+    /// canary backend set).
+    pub release: String,
 }
 
 /// Validates every `[[service]]`, and what they must not share: names,
@@ -401,7 +405,12 @@ pub(super) fn validate_service(
             Some(validate_rollout(s, r)?)
         }
     };
+    let release = match raw.release {
+        None => derived_release(&canary),
+        Some(r) => validate_release(s, &r)?,
+    };
     Ok(ServiceConfig {
+        release,
         rollout,
         breaker,
         salt: match raw.salt {
@@ -503,6 +512,44 @@ fn validate_protocol(
         }
     };
     Ok((protocol, UdpTimeouts { idle, response }))
+}
+
+/// Longest `release`.
+pub const MAX_RELEASE: usize = 64;
+
+/// The release of a service that names none: `canary-` and a hash of its
+/// sorted canary backends, the same on every node with the same backends,
+/// and new whenever the set changes (new canary backends are a new release).
+pub fn derived_release(canary: &[SocketAddr]) -> String {
+    let mut backends: Vec<String> = canary.iter().map(ToString::to_string).collect();
+    backends.sort();
+    // FNV-1a, 64 bit, over the sorted addresses separated by commas.
+    let hash = backends
+        .join(",")
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    format!("canary-{:012x}", hash >> 16)
+}
+
+fn validate_release(s: &str, text: &str) -> Result<String, ConfigError> {
+    let ok = !text.is_empty()
+        && text.len() <= MAX_RELEASE
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b));
+    if !ok {
+        return Err(invalid(
+            s,
+            "release",
+            quoted(truncated(text, 70)),
+            format!(
+                "1 to {MAX_RELEASE} letters, digits, '.', '-', '_' or '+' (it names the release in etcd keys and state files), e.g. \"v2.4.1\""
+            ),
+        ));
+    }
+    Ok(text.to_string())
 }
 
 /// The salt of a service without an explicit `salt`: a hash of its name, so

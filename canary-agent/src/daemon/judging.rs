@@ -116,7 +116,13 @@ impl Agent {
                 verdict: judge(&plan.judge, &stable, &canary),
                 held: window.started.elapsed(),
                 canary_connections: canary.connections,
+                // In a fleet the leader moves plans on (fleet.rs).
+                may_advance: self.fleet.is_none(),
             };
+            if let Some(link) = self.fleet.as_mut() {
+                let fails = matches!(judgement.verdict, crate::judge::Verdict::Fail { .. });
+                link.judge_fails.insert(svc.name.clone(), fails);
+            }
             *self.judgements.entry(svc.name.clone()).or_default() += 1;
             if let Err(e) = self.feed(&svc.name, Event::Judged(judgement)) {
                 warn!(service = %svc.name, error = %e, "the judge's decision was not carried out");

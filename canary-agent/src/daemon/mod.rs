@@ -11,8 +11,10 @@
 //! - `rollout.rs`: events into the rollout engine, its effects carried out;
 //! - `reload.rs`: the config read anew and applied all or nothing;
 //! - `judging.rs`: which plans are due, their windows, the judgements;
+//! - `fleet.rs`: the fleet's records in, this node's decisions out;
 //! - `status.rs`: the answer to `canaryctl status`.
 
+mod fleet;
 mod judging;
 mod reload;
 mod rollout;
@@ -64,6 +66,17 @@ pub struct Options {
     /// Remove links and pins at exit, so the data plane ends with the agent
     /// (labs and tests). Without it the data plane keeps running.
     pub detach_on_exit: bool,
+    /// `--node`: replaces `[fleet] node`.
+    pub node: Option<String>,
+}
+
+impl Options {
+    /// Reads and validates the config, with the command line's overrides.
+    async fn load(&self) -> Result<Config, ConfigError> {
+        Config::load_off_thread(&self.config, &self.interfaces)
+            .await?
+            .with_node(self.node.as_deref())
+    }
 }
 
 /// Why the agent stopped with an error.
@@ -103,6 +116,9 @@ pub enum AgentError {
     /// The control socket could not be set up; nothing was attached.
     #[error("control socket setup failed, nothing was attached")]
     Control(#[from] ControlError),
+    /// The fleet's etcd client could not be set up (a TLS file unreadable).
+    #[error("cannot set up the fleet's etcd client")]
+    Fleet(#[source] crate::fleet::EtcdError),
     /// A serving task kept ending (see the log); the agent stopped.
     #[error("a serving task failed")]
     Task(#[from] SupervisorError),
@@ -133,6 +149,8 @@ struct Agent {
     /// Configured interfaces whose links died with them, and their modes:
     /// re-attached when they come back.
     lost_interfaces: BTreeMap<String, IngressMode>,
+    /// The fleet, with `[fleet]`.
+    fleet: Option<fleet::FleetLink>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -142,7 +160,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
 
-    let config = Config::load_off_thread(&opts.config, &opts.interfaces).await?;
+    let config = opts.load().await?;
     // Sockets are bound before anything is attached: a taken port or a
     // live agent on the control socket fails cleanly.
     let metrics_addr = config.agent.metrics_addr;
@@ -181,6 +199,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     // Every long-running task is supervised: restarted if it ends, or the
     // agent stops; never silently gone.
     let mut tasks = Supervisor::new();
+    let node = config_node(&config);
     let mut agent = Agent {
         opts,
         config,
@@ -191,8 +210,9 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         judgements: BTreeMap::new(),
         windows: BTreeMap::new(),
         events: Events::start(webhook, &mut tasks),
-        node: hostname(),
+        node,
         lost_interfaces: BTreeMap::new(),
+        fleet: None,
     };
     // Trips the kernel recorded while no agent ran (or that the last one
     // did not get to persist) become rollbacks like any other trip.
@@ -211,6 +231,16 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     // The data plane is programmed from the decided states: what is left
     // is persisting and announcing them.
     agent.carry_out_programmed(pending);
+    let mut fleet_events = None;
+    if let Some(fc) = agent.config.fleet.clone() {
+        let (node, endpoints) = (fc.node.clone(), fc.etcd.clone());
+        let mut fleet = crate::fleet::Fleet::start(fc, &mut tasks)
+            .await
+            .map_err(AgentError::Fleet)?;
+        fleet_events = fleet.events.take();
+        agent.fleet = Some(fleet::FleetLink::new(fleet));
+        info!(node = %node, etcd = ?endpoints, "fleet: rollouts are shared through etcd (until it answers, the last known states stay: fail static)");
+    }
     let ring = agent
         .dp
         .take_events()
@@ -265,10 +295,14 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
             _ = hup.recv() => {
                 agent.breaker_events(events.get_mut());
                 info!(config = %agent.opts.config.display(), "SIGHUP received, reloading config");
-                let new = Config::load_off_thread(&agent.opts.config, &agent.opts.interfaces).await;
+                let new = agent.opts.load().await;
                 if let Err(e) = agent.reload(new) {
                     error!(error = %error_chain(&e), "config reload rejected; the previous config is still active");
                 }
+            }
+            Some(ev) = next_fleet_event(&mut fleet_events) => {
+                agent.breaker_events(events.get_mut());
+                agent.fleet_event(ev);
             }
             _ = judge_tick.tick() => {
                 agent.breaker_events(events.get_mut());
@@ -276,6 +310,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
             }
             _ = sweep.tick() => {
                 agent.watch_interfaces();
+                agent.refresh_summaries();
                 match agent.dp.sweep_pending(agent.config.agent.handshake_timeout) {
                     Ok(0) => {}
                     Ok(n) => info!(timed_out = n, "handshakes timed out"),
@@ -314,6 +349,24 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         Some(e) => Err(e.into()),
         None => Ok(()),
     }
+}
+
+/// The next event of the fleet's tasks; never, without a fleet.
+async fn next_fleet_event(
+    events: &mut Option<mpsc::Receiver<crate::fleet::FleetEvent>>,
+) -> Option<crate::fleet::FleetEvent> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// This node's name: `[fleet] node` (or `--node`), else the host name.
+fn config_node(config: &Config) -> String {
+    config
+        .fleet
+        .as_ref()
+        .map_or_else(crate::sys::hostname, |f| f.node.clone())
 }
 
 /// Gives up a data plane whose setup failed: one this agent created is
@@ -359,10 +412,11 @@ impl Agent {
     /// Runs one control command.
     async fn execute(&mut self, cmd: Request) -> Response {
         match cmd {
-            Request::Status { service } => self.status(service.as_deref()),
-            Request::Reload => match self
-                .reload(Config::load_off_thread(&self.opts.config, &self.opts.interfaces).await)
-            {
+            Request::Status { service } => {
+                let fleet = self.fleet_status(service.as_deref()).await;
+                self.status_with(service.as_deref(), fleet)
+            }
+            Request::Reload => match self.reload(self.opts.load().await) {
                 Ok(()) => Response::ok(serde_json::json!({ "reloaded": true })),
                 Err(e) => Response::error(
                     ErrorCode::Conflict,
@@ -373,13 +427,25 @@ impl Agent {
                 ),
             },
             Request::SetWeight { service, weight } => {
-                self.command(&service, engine::Command::SetWeight(weight))
+                self.operator(&service, engine::Command::SetWeight(weight))
+                    .await
             }
-            Request::Promote { service } => self.command(&service, engine::Command::Promote),
-            Request::Rollback { service } => self.command(&service, engine::Command::Rollback),
-            Request::Resume { service } => self.command(&service, engine::Command::Resume),
-            Request::Pause { service } => self.command(&service, engine::Command::Pause),
-            Request::Approve { service } => self.command(&service, engine::Command::Approve),
+            Request::Promote { service } => self.operator(&service, engine::Command::Promote).await,
+            Request::Rollback { service } => {
+                self.operator(&service, engine::Command::Rollback).await
+            }
+            Request::Resume { service } => self.operator(&service, engine::Command::Resume).await,
+            Request::Pause { service } => self.operator(&service, engine::Command::Pause).await,
+            Request::Approve { service } => self.operator(&service, engine::Command::Approve).await,
+        }
+    }
+
+    /// An operator's command: fleet-wide with `[fleet]`, else here.
+    async fn operator(&mut self, service: &str, command: engine::Command) -> Response {
+        if self.fleet.is_some() {
+            self.fleet_command(service, command).await
+        } else {
+            self.command(service, command)
         }
     }
 
@@ -507,17 +573,4 @@ impl Agent {
             Err(e) => warn!(error = %error_chain(&e), "cannot read data-plane counters"),
         }
     }
-}
-
-/// This node's hostname.
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: buf is writable for its length; gethostname NUL-terminates
-    // within it or truncates.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "unknown".to_string();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
 }

@@ -55,7 +55,7 @@ pub(super) fn configure(
         let before = current
             .get(&svc.name)
             .cloned()
-            .unwrap_or_else(|| Rollout::new(saved.clone()));
+            .unwrap_or_else(|| Rollout::new(saved.rollout.clone()));
         let decision = engine::decide(svc, &before, Event::Configured { saved }, now)?;
         if let ServiceState::RolledBack { reason, detail, .. } = &decision.to.state {
             warn!(service = %svc.name, reason = reason.as_str(), detail = %detail,

@@ -76,9 +76,21 @@ impl Agent {
             .get(service)
             .cloned()
             .unwrap_or_else(|| Rollout::new(ServiceState::IDLE));
+        // Decided elsewhere: already the fleet's. Decided here: a rollback
+        // goes to the fleet once applied.
+        let here = !matches!(event, Event::Decided(_) | Event::FleetGate(_));
         let decision = engine::decide(&svc, &current, event, crate::rollout::now_unix())
             .map_err(FeedError::Refused)?;
-        self.carry_out(&svc, &current, decision, false)
+        let announced = decision.effects.iter().find_map(|e| match e {
+            Effect::Announce { by, verdict } => Some((*by, verdict.clone())),
+            _ => None,
+        });
+        let to = decision.to.state.clone();
+        self.carry_out(&svc, &current, decision, false)?;
+        if let (true, Some((by, verdict))) = (here, announced) {
+            self.publish_local(&svc, &to, &verdict, by);
+        }
+        Ok(())
     }
 
     /// The engine's decision for a trip found at start, before the data
@@ -113,7 +125,7 @@ impl Agent {
         for effect in &decision.effects {
             match effect {
                 Effect::Persist => {
-                    if let Err(e) = self.store.save(&name, &decision.to.state) {
+                    if let Err(e) = self.store.save(&name, &svc.release, &decision.to.state) {
                         if !programmed {
                             return Err(FeedError::NotPersisted(e));
                         }
@@ -126,7 +138,7 @@ impl Agent {
                     self.rollouts.insert(name.clone(), decision.to.clone());
                     if let Err(e) = self.program() {
                         self.rollouts.insert(name.clone(), current.clone());
-                        let _ = self.store.save(&name, &current.state);
+                        let _ = self.store.save(&name, &svc.release, &current.state);
                         let _ = self.program();
                         return Err(FeedError::NotApplied(e));
                     }

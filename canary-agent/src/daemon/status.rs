@@ -9,7 +9,7 @@ use crate::{
     control::{ErrorCode, Response},
     error_chain,
     rollout::ServiceState,
-    status::{CohortStatus, ServiceStatus, StatusReport},
+    status::{CohortStatus, FleetStatus, ServiceStatus, StatusReport},
 };
 
 /// "2/4 (5%)" for a plan-driven service.
@@ -28,6 +28,11 @@ pub(super) fn plan_step(svc: &ServiceConfig, state: &ServiceState) -> Option<Str
 impl Agent {
     /// The `status` answer.
     pub(super) fn status(&self, only: Option<&str>) -> Response {
+        self.status_with(only, None)
+    }
+
+    /// The `status` answer, with the fleet's part if there is one.
+    pub(super) fn status_with(&self, only: Option<&str>, fleet: Option<FleetStatus>) -> Response {
         if let Some(name) = only
             && !self.config.services.iter().any(|s| s.name == name)
         {
@@ -80,6 +85,7 @@ impl Agent {
             let total = cohorts[0].connections + cohorts[1].connections;
             services.push(ServiceStatus {
                 name: svc.name.clone(),
+                release: svc.release.clone(),
                 state: state.name().to_string(),
                 configured_weight: svc.weight.to_string(),
                 effective_weight: state.effective_weight(svc).to_string(),
@@ -100,7 +106,7 @@ impl Agent {
                 judgements: self.judgements.get(&svc.name).copied().unwrap_or(0),
             });
         }
-        match serde_json::to_value(StatusReport { services }) {
+        match serde_json::to_value(StatusReport { fleet, services }) {
             Ok(v) => Response::ok(v),
             Err(e) => Response::error(ErrorCode::Internal, e.to_string()),
         }

@@ -8,10 +8,12 @@
 //! Where is rollback decided? In [`decide`]: `Rollback` from an operator,
 //! `fail_after` failing judgements in a row, and a breaker trip (which the
 //! kernel has already enforced; the engine makes it the service's state).
+//! In a fleet, a state decided on another node (or by the fleet's leader)
+//! arrives as one more event, [`Event::Decided`].
 
 use std::time::Duration;
 
-use super::{RollbackReason, ServiceState};
+use super::{RollbackReason, Saved, ServiceState};
 use crate::{
     config::{Gate, ServiceConfig, Weight},
     judge::Verdict,
@@ -44,6 +46,37 @@ pub struct Judgement {
     pub held: Duration,
     /// Canary connections the step's window has seen.
     pub canary_connections: u64,
+    /// Whether a pass may move the plan on. In a fleet only the leader
+    /// moves it on, on the fleet's evidence ([`Event::FleetGate`]); a
+    /// node's own judge can only hold it or roll it back.
+    pub may_advance: bool,
+}
+
+/// The fleet's evidence on a service's current step, gathered by the
+/// leader from every node's summary.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FleetEvidence {
+    /// How long the fleet has been at the step.
+    pub held: Duration,
+    /// Canary connections all nodes at the step have seen in it.
+    pub canary_connections: u64,
+    /// Nodes reporting on the step.
+    pub nodes: usize,
+    /// Nodes whose judge fails the canary (each holds the step).
+    pub failing: Vec<String>,
+}
+
+/// A state decided elsewhere in the fleet, as etcd holds it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Remote {
+    /// The service's state for the config's release.
+    pub state: ServiceState,
+    /// The node that decided.
+    pub node: String,
+    /// What decided there, as people read it ("canaryctl", "the judge"…).
+    pub by: String,
+    /// The verdict line it gave.
+    pub verdict: String,
 }
 
 /// Something that happened to a service.
@@ -62,11 +95,17 @@ pub enum Event {
     },
     /// The config was (re)loaded, with the state its state file holds now
     /// (the file wins over memory: deleting it is how an operator resets a
-    /// service by hand).
+    /// service by hand). A state of another release starts the config's
+    /// release afresh.
     Configured {
         /// What the state file says.
-        saved: ServiceState,
+        saved: Saved,
     },
+    /// The fleet's state for this release changed (another node, an
+    /// operator elsewhere, the leader): it is taken as it is.
+    Decided(Remote),
+    /// The leader's look at the fleet's evidence on the current step.
+    FleetGate(FleetEvidence),
 }
 
 /// Who decided, as people read it.
@@ -80,6 +119,8 @@ pub enum Actor {
     Breaker,
     /// The config (or the state file) as loaded.
     Config,
+    /// Another node of the fleet, or the fleet's leader.
+    Fleet,
 }
 
 impl Actor {
@@ -90,6 +131,7 @@ impl Actor {
             Actor::Judge => "the judge",
             Actor::Breaker => "the breaker",
             Actor::Config => "the config",
+            Actor::Fleet => "the fleet",
         }
     }
 }
@@ -165,6 +207,8 @@ pub fn decide(
             Ok(breaker(current, failures, attempts, now_unix))
         }
         Event::Configured { saved } => configured(svc, current, &saved, now_unix),
+        Event::Decided(remote) => Ok(decided(svc, current, remote)),
+        Event::FleetGate(evidence) => Ok(fleet_gate(svc, current, &evidence, now_unix)),
     }
 }
 
@@ -305,29 +349,103 @@ fn judged(svc: &ServiceConfig, current: &Rollout, judgement: &Judgement, now: u6
             Some(format!("rolled back by the judge: {line}")),
         );
     }
-    let ServiceState::Progressing { step, .. } = state else {
-        return unchanged(failing, format!("judge: {line}"));
+    let passed = judgement.may_advance
+        && matches!(judgement.verdict, Verdict::Pass { .. })
+        && step_done(svc, state, judgement.held, judgement.canary_connections);
+    match next_state(svc, state, now) {
+        Some((step, to)) if passed => change(
+            state,
+            to,
+            svc,
+            Actor::Judge,
+            Some(format!("step {step} passed: {line}")),
+        ),
+        _ => unchanged(failing, format!("judge: {line}")),
+    }
+}
+
+/// Whether a progressing plan's step has been held long enough and seen
+/// enough canary connections.
+fn step_done(svc: &ServiceConfig, state: &ServiceState, held: Duration, canary: u64) -> bool {
+    let (Some(plan), ServiceState::Progressing { step, .. }) = (svc.rollout.as_ref(), state) else {
+        return false;
+    };
+    let at = &plan.steps[(*step as usize).min(plan.steps.len() - 1)];
+    held >= at.hold && canary >= at.min_connections
+}
+
+/// The state after a progressing plan's current step passes, and that
+/// step's number (from 1).
+fn next_state(
+    svc: &ServiceConfig,
+    state: &ServiceState,
+    now: u64,
+) -> Option<(usize, ServiceState)> {
+    let (Some(plan), ServiceState::Progressing { step, .. }) = (svc.rollout.as_ref(), state) else {
+        return None;
     };
     let next = step.saturating_add(1);
-    let step = *step as usize;
-    let at = &plan.steps[step.min(plan.steps.len() - 1)];
-    let passed = matches!(judgement.verdict, Verdict::Pass { .. })
-        && judgement.held >= at.hold
-        && judgement.canary_connections >= at.min_connections;
-    if !passed {
-        return unchanged(failing, format!("judge: {line}"));
-    }
-    let to = match plan.steps.get(step + 1) {
+    let to = match plan.steps.get(next as usize) {
         None => ServiceState::Promoted { at_unix: now },
         Some(s) if s.gate == Gate::Manual => ServiceState::AwaitingApproval { step: next },
         Some(_) => progressing(next, now),
     };
+    Some((*step as usize + 1, to))
+}
+
+/// The leader's gate: the step passes when it has been held long enough,
+/// the fleet's canary connections at it reach `min_connections`, and no
+/// node's judge fails the canary.
+fn fleet_gate(
+    svc: &ServiceConfig,
+    current: &Rollout,
+    evidence: &FleetEvidence,
+    now: u64,
+) -> Decision {
+    let state = &current.state;
+    let line = format!(
+        "fleet: {} canary connections on {} node(s) in {}s{}",
+        evidence.canary_connections,
+        evidence.nodes,
+        evidence.held.as_secs(),
+        match evidence.failing.as_slice() {
+            [] => String::new(),
+            nodes => format!(", the judge fails the canary on {}", nodes.join(", ")),
+        }
+    );
+    let passed = evidence.failing.is_empty()
+        && step_done(svc, state, evidence.held, evidence.canary_connections);
+    match next_state(svc, state, now) {
+        Some((step, to)) if passed => change(
+            state,
+            to,
+            svc,
+            Actor::Fleet,
+            Some(format!("step {step} passed: {line}")),
+        ),
+        _ => Decision {
+            to: current.clone(),
+            effects: Vec::new(),
+        },
+    }
+}
+
+/// A state the fleet decided: taken as it is (the node that decided
+/// checked it against the same release's config), with this node's effects.
+fn decided(svc: &ServiceConfig, current: &Rollout, remote: Remote) -> Decision {
+    if remote.state == current.state {
+        return Decision {
+            to: current.clone(),
+            effects: Vec::new(),
+        };
+    }
+    let verdict = format!("{} (on {}, by {})", remote.verdict, remote.node, remote.by);
     change(
-        state,
-        to,
+        &current.state,
+        remote.state,
         svc,
-        Actor::Judge,
-        Some(format!("step {} passed: {line}", step + 1)),
+        Actor::Fleet,
+        Some(verdict),
     )
 }
 
@@ -389,9 +507,28 @@ fn fits(svc: &ServiceConfig, state: &ServiceState) -> Result<Option<&'static str
 fn configured(
     svc: &ServiceConfig,
     current: &Rollout,
-    saved: &ServiceState,
+    saved: &Saved,
     now: u64,
 ) -> Result<Decision, Refusal> {
+    // Another release's state says nothing about this one: a new release
+    // starts afresh (and a rolled-back one, deployed again, finds its own).
+    if let Some(old) = saved.release.as_deref().filter(|r| *r != svc.release) {
+        let to = match svc.rollout {
+            Some(_) => progressing(0, now),
+            None => ServiceState::IDLE,
+        };
+        return Ok(change(
+            &current.state,
+            to,
+            svc,
+            Actor::Config,
+            Some(format!(
+                "rollout state changed by the config: new release {:?} (the saved state was release {old:?}'s); its rollout starts afresh",
+                svc.release
+            )),
+        ));
+    }
+    let saved = &saved.rollout;
     let ended = fits(svc, saved).map_err(|detail| {
         Refusal(format!(
             "service {:?}: its saved rollout state ({}) does not fit the config: {detail}",

@@ -162,6 +162,37 @@ impl ServiceState {
     }
 }
 
+/// What a state file holds: a service's state and the release it belongs
+/// to. A state saved for another release than the config's is not that
+/// release's: the engine starts the new release's rollout afresh.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Saved {
+    /// The release the state belongs to; `None` in files an agent before
+    /// release identity wrote (taken as the config's release, so an upgrade
+    /// changes no rollout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<String>,
+    /// The state.
+    pub rollout: ServiceState,
+}
+
+impl Saved {
+    /// No file: plain idle, of no particular release.
+    pub const NONE: Saved = Saved {
+        release: None,
+        rollout: ServiceState::IDLE,
+    };
+
+    /// `state`, saved for `release`.
+    pub fn of(release: &str, state: ServiceState) -> Saved {
+        Saved {
+            release: Some(release.to_string()),
+            rollout: state,
+        }
+    }
+}
+
 /// Wall-clock seconds since the Unix epoch (what states record).
 pub fn now_unix() -> u64 {
     SystemTime::now()

@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::ServiceState;
+use super::{Saved, ServiceState};
 
 /// Largest state file read. The agent writes a few hundred bytes; anything
 /// much larger was not written by it.
@@ -81,10 +81,11 @@ impl StateStore {
         Ok(self.dir.join(format!("{service}.json")))
     }
 
-    /// The state of `service`: `Idle` if it has no file. A symlink, a
-    /// non-regular file, an oversized or unparsable file is an error naming
-    /// the file: guessing could re-raise a rolled-back canary.
-    pub fn load(&self, service: &str) -> Result<ServiceState, StateError> {
+    /// The state of `service` and its release: [`Saved::NONE`] if it has
+    /// no file. A symlink, a non-regular file, an oversized or unparsable
+    /// file is an error naming the file: guessing could re-raise a
+    /// rolled-back canary.
+    pub fn load(&self, service: &str) -> Result<Saved, StateError> {
         use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
         let path = self.path(service)?;
         // O_NOFOLLOW: a symlink fails with ELOOP instead of being read.
@@ -96,7 +97,7 @@ impl StateStore {
             .open(&path);
         let file = match opened {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ServiceState::IDLE),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Saved::NONE),
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
                 return Err(StateError::Symlink { path });
             }
@@ -123,15 +124,32 @@ impl StateStore {
             let size = bytes.len() as u64;
             return Err(StateError::TooLarge { path, size });
         }
-        serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt { path, source })
+        // Files from before release identity hold the bare state (its
+        // `state` tag at the top).
+        let legacy = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .is_ok_and(|v| v.get("state").is_some());
+        let parsed = if legacy {
+            serde_json::from_slice::<ServiceState>(&bytes).map(|rollout| Saved {
+                release: None,
+                rollout,
+            })
+        } else {
+            serde_json::from_slice::<Saved>(&bytes)
+        };
+        parsed.map_err(|source| StateError::Corrupt { path, source })
     }
 
     /// Persists `state` durably: a temporary file in the same directory,
     /// created exclusively and without following links, written and
     /// fsynced, renamed over the state file, then the directory fsynced so
     /// the rename itself survives a power cut. Plain `idle` removes the
-    /// file (and fsyncs the directory).
-    pub fn save(&self, service: &str, state: &ServiceState) -> Result<(), StateError> {
+    /// file (and fsyncs the directory): it is the state of every release.
+    pub fn save(
+        &self,
+        service: &str,
+        release: &str,
+        state: &ServiceState,
+    ) -> Result<(), StateError> {
         use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
         let path = self.path(service)?;
         let io_err = |path: &Path| {
@@ -147,8 +165,8 @@ impl StateStore {
         }
         std::fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
         let tmp = self.dir.join(format!(".{service}.json.tmp"));
-        let json =
-            serde_json::to_vec_pretty(state).map_err(|e| io_err(&tmp)(io::Error::other(e)))?;
+        let json = serde_json::to_vec_pretty(&Saved::of(release, state.clone()))
+            .map_err(|e| io_err(&tmp)(io::Error::other(e)))?;
         // O_CREAT|O_EXCL (create_new) with O_NOFOLLOW: never writes through
         // a link or into a file someone else prepared.
         let create = || {
@@ -215,41 +233,51 @@ mod tests {
     #[test]
     fn a_rollback_survives_a_round_trip_and_idle_removes_the_file() {
         let (store, dir) = store();
-        assert_eq!(
-            store.load("web").unwrap(),
-            ServiceState::IDLE,
-            "no file is idle"
-        );
+        assert_eq!(store.load("web").unwrap(), Saved::NONE, "no file is idle");
         let state = ServiceState::RolledBack {
             reason: RollbackReason::Breaker,
             at_unix: 1,
             detail: "3 failures of 4 attempts".into(),
         };
-        store.save("web", &state).unwrap();
-        assert_eq!(store.load("web").unwrap(), state);
+        store.save("web", "r1", &state).unwrap();
+        assert_eq!(store.load("web").unwrap(), Saved::of("r1", state.clone()));
         let text = std::fs::read_to_string(dir.join("web.json")).unwrap();
         assert!(
-            text.contains("\"state\": \"rolled-back\"") && text.contains("\"reason\": \"breaker\""),
+            text.contains("\"state\": \"rolled-back\"")
+                && text.contains("\"reason\": \"breaker\"")
+                && text.contains("\"release\": \"r1\""),
             "{text}"
         );
-        store.save("web", &ServiceState::IDLE).unwrap();
+        store.save("web", "r1", &ServiceState::IDLE).unwrap();
         assert!(!dir.join("web.json").exists());
-        assert_eq!(store.load("web").unwrap(), ServiceState::IDLE);
+        assert_eq!(store.load("web").unwrap(), Saved::NONE);
         // An operator's weight and a promotion persist too.
         let manual = ServiceState::Idle {
             weight_ppm: Some(2_500),
         };
-        store.save("web", &manual).unwrap();
-        assert_eq!(store.load("web").unwrap(), manual);
+        store.save("web", "r1", &manual).unwrap();
+        assert_eq!(store.load("web").unwrap(), Saved::of("r1", manual.clone()));
         let svc = super::super::tests::test_service();
         assert_eq!(manual.effective_weight(&svc).ppm(), 2_500);
         let promoted = ServiceState::Promoted { at_unix: 1 };
-        store.save("web", &promoted).unwrap();
-        assert_eq!(store.load("web").unwrap(), promoted);
+        store.save("web", "r1", &promoted).unwrap();
+        assert_eq!(
+            store.load("web").unwrap(),
+            Saved::of("r1", promoted.clone())
+        );
         assert_eq!(promoted.effective_weight(&svc).ppm(), 1_000_000);
         // A file holding plain idle (as an earlier release wrote) still reads.
         std::fs::write(dir.join("old.json"), "{\"state\":\"idle\"}").unwrap();
-        assert_eq!(store.load("old").unwrap(), ServiceState::IDLE);
+        assert_eq!(store.load("old").unwrap(), Saved::NONE);
+        // So does a rollback from before release identity: of no release.
+        std::fs::write(
+            dir.join("older.json"),
+            "{\"state\":\"rolled-back\",\"reason\":\"judge\",\"at_unix\":5,\"detail\":\"x\"}",
+        )
+        .unwrap();
+        let older = store.load("older").unwrap();
+        assert_eq!(older.release, None);
+        assert_eq!(older.rollout.name(), "rolled-back");
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -332,8 +360,8 @@ mod tests {
             at_unix: 1,
             detail: "x".into(),
         };
-        store.save("web", &state).unwrap();
-        assert_eq!(store.load("web").unwrap(), state);
+        store.save("web", "r1", &state).unwrap();
+        assert_eq!(store.load("web").unwrap(), Saved::of("r1", state.clone()));
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
         assert!(
             !dir.join(".web.json.tmp").exists(),
@@ -343,9 +371,9 @@ mod tests {
         // written through.
         std::fs::remove_file(dir.join("web.json")).unwrap();
         std::os::unix::fs::symlink(&victim, dir.join("web.json")).unwrap();
-        store.save("web", &state).unwrap();
+        store.save("web", "r1", &state).unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
-        assert_eq!(store.load("web").unwrap(), state);
+        assert_eq!(store.load("web").unwrap(), Saved::of("r1", state.clone()));
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -261,6 +261,10 @@ pub(super) fn configured(
     current: ServiceState,
     saved: ServiceState,
 ) -> Result<Decision, Refusal> {
+    let saved = Saved {
+        release: None,
+        rollout: saved,
+    };
     decide(svc, &at(current), Event::Configured { saved }, NOW)
 }
 

@@ -7,6 +7,7 @@ use super::*;
 use crate::{config::Config, judge::Verdict};
 
 mod automatic;
+mod fleet;
 mod operator;
 
 pub(super) const NOW: u64 = 1_700_000_000;
@@ -105,6 +106,7 @@ pub(super) fn judged(verdict: Verdict, held_s: u64, conns: u64) -> Event {
         verdict,
         held: Duration::from_secs(held_s),
         canary_connections: conns,
+        may_advance: true,
     })
 }
 

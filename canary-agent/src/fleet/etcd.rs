@@ -1,0 +1,210 @@
+//! The etcd client: connection options (TLS, keepalive, timeouts) and the
+//! few operations the fleet needs, each bounded in time.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, PutOptions,
+    TlsOptions, Txn, TxnOp, TxnOpResponse,
+};
+
+use super::{CasError, Keys, Record, Summary};
+use crate::config::FleetConfig;
+
+/// Longest any single etcd request may take before it counts as etcd
+/// being unreachable.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// An etcd operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    /// A TLS file could not be read.
+    #[error("[fleet] {key} = {path}: cannot read it")]
+    TlsFile {
+        key: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The client reported an error.
+    #[error("etcd: {0}")]
+    Client(#[from] etcd_client::Error),
+    /// No answer in time.
+    #[error("etcd did not answer within {}s", REQUEST_TIMEOUT.as_secs())]
+    Timeout,
+    /// A value in etcd is not what canary writes.
+    #[error("etcd key {key} holds something canary did not write: {why}")]
+    Corrupt { key: String, why: String },
+}
+
+/// A client for `config`'s cluster. Lazy: it does not fail when etcd is
+/// down; requests do.
+pub async fn connect(config: &FleetConfig) -> Result<Client, EtcdError> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(REQUEST_TIMEOUT)
+        .with_timeout(REQUEST_TIMEOUT)
+        // HTTP/2 pings: a partition breaks the watch within ~2 s instead of
+        // leaving it waiting on a dead connection.
+        .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
+        .with_keep_alive_while_idle(true)
+        // A member cut off from its cluster's quorum refuses, so a
+        // partitioned node never reads a stale state as current.
+        .with_require_leader(true);
+    if let Some(tls) = &config.tls {
+        let read = |key: &'static str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|source| EtcdError::TlsFile {
+                key,
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(read("ca", &tls.ca)?));
+        if let Some((cert, key)) = &tls.identity {
+            t = t.identity(Identity::from_pem(read("cert", cert)?, read("key", key)?));
+        }
+        options = options.with_tls(t);
+    }
+    Ok(Client::connect(&config.etcd, Some(options)).await?)
+}
+
+/// `fut`, or [`EtcdError::Timeout`].
+pub async fn bounded<T>(
+    fut: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, EtcdError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(EtcdError::Timeout),
+    }
+}
+
+/// Decodes a record.
+pub fn decode_record(key: &[u8], value: &[u8]) -> Result<Record, EtcdError> {
+    serde_json::from_slice(value).map_err(|e| EtcdError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        why: e.to_string(),
+    })
+}
+
+/// Encodes a record.
+pub fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Serializing plain data structs to JSON cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// The record of `service`/`release` and its revision (0: none).
+pub async fn get_record(
+    client: &mut Client,
+    keys: &Keys,
+    service: &str,
+    release: &str,
+) -> Result<(Option<Record>, i64), EtcdError> {
+    let key = keys.rollout(service, release);
+    let resp = bounded(client.get(key.as_bytes(), None)).await?;
+    match resp.kvs().first() {
+        None => Ok((None, 0)),
+        Some(kv) => Ok((
+            Some(decode_record(kv.key(), kv.value())?),
+            kv.mod_revision(),
+        )),
+    }
+}
+
+/// Writes `record` if the key is still at revision `base` (0: absent);
+/// returns the new revision, or what is there instead.
+pub async fn cas(
+    client: &mut Client,
+    keys: &Keys,
+    service: &str,
+    release: &str,
+    record: &Record,
+    base: i64,
+) -> Result<i64, CasError> {
+    let key = keys.rollout(service, release);
+    let txn = Txn::new()
+        .when([Compare::mod_revision(
+            key.as_bytes(),
+            CompareOp::Equal,
+            base,
+        )])
+        .and_then([TxnOp::put(key.as_bytes(), encode(record), None)])
+        .or_else([TxnOp::get(key.as_bytes(), None)]);
+    let resp = bounded(client.txn(txn))
+        .await
+        .map_err(|e| CasError::Unavailable(e.to_string()))?;
+    if resp.succeeded() {
+        return Ok(resp
+            .header()
+            .map_or(0, etcd_client::ResponseHeader::revision));
+    }
+    for op in resp.op_responses() {
+        if let TxnOpResponse::Get(get) = op {
+            return Err(match get.kvs().first() {
+                None => CasError::Conflict(None, 0),
+                Some(kv) => match decode_record(kv.key(), kv.value()) {
+                    Ok(r) => CasError::Conflict(Some(r), kv.mod_revision()),
+                    Err(e) => CasError::Unavailable(e.to_string()),
+                },
+            });
+        }
+    }
+    Err(CasError::Unavailable(
+        "etcd's answer to a transaction lacked its read".into(),
+    ))
+}
+
+/// Writes this node's summaries on `lease`, in one transaction.
+pub async fn put_summaries(
+    client: &mut Client,
+    keys: &Keys,
+    node: &str,
+    summaries: &[(String, Summary)],
+    lease: i64,
+) -> Result<(), EtcdError> {
+    if summaries.is_empty() {
+        return Ok(());
+    }
+    let ops: Vec<TxnOp> = summaries
+        .iter()
+        .map(|(service, s)| {
+            TxnOp::put(
+                keys.node(service, node).as_bytes(),
+                encode(s),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+        })
+        .collect();
+    bounded(client.txn(Txn::new().and_then(ops))).await?;
+    Ok(())
+}
+
+/// Every node's summaries (of every service).
+pub async fn get_summaries(client: &mut Client, keys: &Keys) -> Result<Vec<Summary>, EtcdError> {
+    let resp = bounded(client.get(
+        keys.nodes().as_bytes(),
+        Some(GetOptions::new().with_prefix()),
+    ))
+    .await?;
+    let mut out = Vec::with_capacity(resp.kvs().len());
+    for kv in resp.kvs() {
+        // A malformed summary is one node's problem: skip it, loudly.
+        match serde_json::from_slice::<Summary>(kv.value()) {
+            Ok(s) => out.push(s),
+            Err(e) => {
+                tracing::warn!(key = %String::from_utf8_lossy(kv.key()), error = %e, "unreadable node summary in etcd, ignored");
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The name of the node that leads, if any.
+pub async fn leader(client: &mut Client, keys: &Keys) -> Result<Option<String>, EtcdError> {
+    match bounded(client.leader(keys.election().as_bytes())).await {
+        Ok(resp) => Ok(resp
+            .kv()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
+        // No leader: etcd answers "election: no leader".
+        Err(EtcdError::Client(e)) if e.to_string().contains("no leader") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
