@@ -414,36 +414,67 @@ fn tls_etcd_serves_every_router_with_the_client_certificate_only() {
     eprintln!("whole test {:.1} s", start.elapsed().as_secs_f64());
 }
 
+/// Log line of a fleet agent whose watch on etcd is (re)established.
+const ETCD_REACHABLE: &str = "fleet: etcd reachable";
+/// Log line of a fleet agent that lost its watch on etcd.
+const WATCH_LOST: &str = "fleet: lost the watch on etcd";
+
 #[test]
-fn three_agents_steer_each_nodes_clients_to_the_shared_backends() {
+fn three_fleet_agents_over_tls_steer_their_own_clients_and_a_partitioned_one_loses_etcd() {
     let start = Instant::now();
-    let etcd = EtcdCluster::start(1, false);
+    let etcd = EtcdCluster::start(3, true);
     let fleet = fleet(
         &etcd,
         &[("stable-1", Behavior::Reply), ("canary-1", Behavior::Reply)],
         16,
     );
     let vip: SocketAddrV4 = "10.96.0.10:80".parse().expect("VIP");
-    let agents: Vec<AgentProcess> = fleet
-        .nodes()
-        .iter()
-        .map(|node| {
-            let config = format!(
-                "[agent]\ninterfaces = [\"{}\"]\n\n[[service]]\nname = \"web\"\nvip = \"{vip}\"\n\
-                 stable = [\"{}\"]\ncanary = [\"{}\"]\nweight = \"50%\"\ncohort = \"per-connection\"\n",
-                node.iface(),
-                fleet.backend_addr(0),
-                fleet.backend_addr(1),
-            );
-            AgentProcess::start(node.router(), &config, false)
-                .unwrap_or_else(|e| panic!("agent on node {} starts: {e:#}", node.index()))
-        })
-        .collect();
+    let config = |k: usize| {
+        format!(
+            "[agent]\ninterfaces = [\"{}\"]\n\n{}\n[[service]]\nname = \"web\"\nvip = \"{vip}\"\n\
+             stable = [\"{}\"]\ncanary = [\"{}\"]\nweight = \"50%\"\ncohort = \"per-connection\"\n",
+            fleet.node(k).iface(),
+            etcd.fleet_section(&format!("n{k}"), "/canary"),
+            fleet.backend_addr(0),
+            fleet.backend_addr(1),
+        )
+    };
+    // The three agents start side by side (each takes a few seconds).
+    let mut agents: Vec<AgentProcess> = std::thread::scope(|scope| {
+        let starting: Vec<_> = fleet
+            .nodes()
+            .iter()
+            .map(|node| {
+                let config = config(node.index());
+                scope.spawn(move || AgentProcess::start(node.router(), &config, false))
+            })
+            .collect();
+        starting
+            .into_iter()
+            .enumerate()
+            .map(|(k, h)| {
+                h.join()
+                    .expect("agent start thread")
+                    .unwrap_or_else(|e| panic!("agent on node {k} starts: {e:#}"))
+            })
+            .collect()
+    });
+    for (k, agent) in agents.iter_mut().enumerate() {
+        agent
+            .wait_for(ETCD_REACHABLE, 0, Duration::from_secs(10))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "node {k}'s agent never reached etcd over TLS: {e:#}\n{}",
+                    agent.log().join("\n")
+                )
+            });
+    }
     eprintln!(
-        "fleet with 3 agents up in {:.2} s",
+        "3-member TLS etcd, fleet and 3 fleet agents connected in {:.2} s",
         start.elapsed().as_secs_f64()
     );
-    // 200 connections at 50 %: P(canary count outside 60..=140) < 1e-8 (binomial).
+    // 200 connections at 50 %: P(canary count outside 60..=140) is about
+    // 1.5e-8 (binomial, 5.7 standard deviations).
     for node in fleet.nodes() {
         let out = drive(node, vip, node.client_addrs(), 200);
         out.assert_no_errors(&format!("node {} traffic", node.index()));
@@ -472,6 +503,34 @@ fn three_agents_steer_each_nodes_clients_to_the_shared_backends() {
             node.index()
         );
     }
+
+    // Partitioned, node 2's agent notices (its gRPC keepalive fails) and
+    // says so; the others keep their watch.
+    fleet.partition(2).expect("partition node 2");
+    let cut_at = Instant::now();
+    agents[2]
+        .wait_for(WATCH_LOST, 0, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("node 2's agent did not notice the partition: {e:#}"));
+    let noticed = cut_at.elapsed();
+    fleet.heal(2).expect("heal node 2");
+    let healed_at = Instant::now();
+    agents[2]
+        .wait_for(ETCD_REACHABLE, 1, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("node 2's agent did not reconnect after heal: {e:#}"));
+    let reconnected = healed_at.elapsed();
+    for (k, agent) in agents.iter().enumerate().take(2) {
+        assert_eq!(
+            agent.count(WATCH_LOST),
+            0,
+            "node {k} was not partitioned but lost its watch:\n{}",
+            agent.log().join("\n")
+        );
+    }
+    eprintln!(
+        "partition: node 2's agent lost its watch after {:.0} ms; reconnected {:.0} ms after heal",
+        noticed.as_secs_f64() * 1e3,
+        reconnected.as_secs_f64() * 1e3
+    );
     for agent in agents {
         agent.stop().expect("agent stops");
     }
