@@ -66,6 +66,34 @@ pub fn fleet(
     canary_lab::FleetLab::build(&spec, Some(etcd.net())).expect("fleet lab builds")
 }
 
+/// Starts one agent per fleet node, side by side (each takes a few
+/// seconds), on `config(node)`; returns them in node order once every one
+/// is ready. Fails the test, with the agent's log, if one does not start.
+pub fn start_fleet_agents(
+    fleet: &canary_lab::FleetLab,
+    config: impl Fn(&canary_lab::FleetNode) -> String + Sync,
+) -> Vec<canary_lab::AgentProcess> {
+    std::thread::scope(|scope| {
+        let starting: Vec<_> = fleet
+            .nodes()
+            .iter()
+            .map(|node| {
+                let config = config(node);
+                scope.spawn(move || canary_lab::AgentProcess::start(node.router(), &config, false))
+            })
+            .collect();
+        starting
+            .into_iter()
+            .enumerate()
+            .map(|(k, h)| {
+                h.join()
+                    .expect("agent start thread")
+                    .unwrap_or_else(|e| panic!("agent on node {k} starts: {e:#}"))
+            })
+            .collect()
+    })
+}
+
 fn backend_specs(backends: &[(&str, canary_lab::Behavior)]) -> Vec<canary_lab::BackendSpec> {
     backends
         .iter()

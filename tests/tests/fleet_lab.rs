@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use canary_lab::{AgentProcess, Behavior, EtcdNet, FleetLab, Netns};
+use canary_lab::{Behavior, EtcdNet, FleetLab, Netns};
 use canary_tests::{
     etcd::{CLIENT_PORT, EtcdCluster},
     load::drive,
@@ -429,35 +429,15 @@ fn three_fleet_agents_over_tls_steer_their_own_clients_and_a_partitioned_one_los
         16,
     );
     let vip: SocketAddrV4 = "10.96.0.10:80".parse().expect("VIP");
-    let config = |k: usize| {
+    let mut agents = canary_tests::start_fleet_agents(&fleet, |node| {
         format!(
             "[agent]\ninterfaces = [\"{}\"]\n\n{}\n[[service]]\nname = \"web\"\nvip = \"{vip}\"\n\
              stable = [\"{}\"]\ncanary = [\"{}\"]\nweight = \"50%\"\ncohort = \"per-connection\"\n",
-            fleet.node(k).iface(),
-            etcd.fleet_section(&format!("n{k}"), "/canary"),
+            node.iface(),
+            etcd.fleet_section(&format!("n{}", node.index()), "/canary"),
             fleet.backend_addr(0),
             fleet.backend_addr(1),
         )
-    };
-    // The three agents start side by side (each takes a few seconds).
-    let mut agents: Vec<AgentProcess> = std::thread::scope(|scope| {
-        let starting: Vec<_> = fleet
-            .nodes()
-            .iter()
-            .map(|node| {
-                let config = config(node.index());
-                scope.spawn(move || AgentProcess::start(node.router(), &config, false))
-            })
-            .collect();
-        starting
-            .into_iter()
-            .enumerate()
-            .map(|(k, h)| {
-                h.join()
-                    .expect("agent start thread")
-                    .unwrap_or_else(|e| panic!("agent on node {k} starts: {e:#}"))
-            })
-            .collect()
     });
     for (k, agent) in agents.iter_mut().enumerate() {
         agent
