@@ -18,6 +18,10 @@
 //! # anyhow::Ok(())
 //! ```
 //!
+//! [`FleetLab`] builds several such router/client pairs ("nodes") sharing
+//! one set of backends, linked to an [`EtcdNet`] that one node at a time
+//! can be cut off from (`partition`/`heal`); see `fleet.rs`.
+//!
 //! No traffic leaves the lab: every interface lives in a namespace the lab
 //! created, and client sockets are only ever created inside the client
 //! namespace.
