@@ -40,9 +40,11 @@ pub enum EtcdError {
 /// A client for `config`'s cluster. Lazy: it does not fail when etcd is
 /// down; requests do.
 pub async fn connect(config: &FleetConfig) -> Result<Client, EtcdError> {
+    // No per-request timeout here: a campaign waits as long as another
+    // node leads, and a watch streams for hours. Each unary request is
+    // bounded by [`bounded`] instead.
     let mut options = ConnectOptions::new()
         .with_connect_timeout(REQUEST_TIMEOUT)
-        .with_timeout(REQUEST_TIMEOUT)
         // HTTP/2 pings: a partition breaks the watch within ~2 s instead of
         // leaving it waiting on a dead connection.
         .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
