@@ -26,6 +26,12 @@ use clap::Parser;
 /// conntrack, counting and the breaker running with the last weights, and
 /// the next agent adopts them. `canary-agent uninstall` removes it all.
 ///
+/// With a [fleet] section, every rollout is shared with the other nodes
+/// through etcd: any node's breaker or judge rollback, and any canaryctl
+/// command on any node, applies on all of them within milliseconds; one
+/// elected node moves plans on. etcd down leaves every node at its last
+/// weights (fail static).
+///
 /// Signals: SIGHUP re-reads the config and applies it all or nothing (a bad
 /// config is rejected and the running one stays); SIGINT or SIGTERM stop
 /// the agent (the data plane stays unless --detach-on-exit). Needs root (or

@@ -13,6 +13,28 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::{FleetNode, Lab, Netns};
+
+/// Whatever has a client namespace to drive traffic from: a [`Lab`], or one
+/// node of a [`crate::FleetLab`]. Load helpers take it, so the same helper
+/// drives either.
+pub trait ClientSide {
+    /// The namespace client sockets must be created in.
+    fn client(&self) -> &Netns;
+}
+
+impl ClientSide for Lab {
+    fn client(&self) -> &Netns {
+        Lab::client(self)
+    }
+}
+
+impl ClientSide for FleetNode {
+    fn client(&self) -> &Netns {
+        FleetNode::client(self)
+    }
+}
+
 /// What the client sends for each request.
 const REQUEST: &[u8] = b"hello\n";
 /// Longest reply accepted (backend names are short).

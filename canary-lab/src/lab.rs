@@ -26,9 +26,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use anyhow::{Context, ensure};
 
 use crate::Netns;
+use crate::backends::{BACKEND_PORT, BackendSet, configure_backend_ns};
 use crate::netns::run;
-use crate::server::{Behavior, Server};
-use crate::udp::UdpServer;
+use crate::server::Behavior;
 
 /// Every namespace a lab creates is named `cnry-{pid}-{seq}-{role}`.
 const NETNS_PREFIX: &str = "cnry-";
@@ -61,13 +61,8 @@ pub struct BackendSpec {
 /// (and with them every veth) it created.
 #[derive(Debug)]
 pub struct Lab {
-    /// Declared first: dropped before the namespaces they live in.
-    /// One per backend, `None` for `Behavior::Closed` or a stopped server.
-    servers: Vec<Option<Server>>,
-    /// The UDP servers on the same port, likewise.
-    udp_servers: Vec<Option<UdpServer>>,
-    backends: Vec<Netns>,
-    backend_names: Vec<String>,
+    /// Declared first: its servers stop before anything else goes.
+    backends: BackendSet,
     client_addrs: Vec<Ipv4Addr>,
     client_addrs6: Vec<Ipv6Addr>,
     client: Netns,
@@ -96,7 +91,7 @@ impl Lab {
     /// Prefix length of the VIP range.
     pub const VIP_PREFIX_LEN: u8 = 16;
     /// Port every backend server listens on, TCP and UDP.
-    pub const BACKEND_PORT: u16 = 8080;
+    pub const BACKEND_PORT: u16 = BACKEND_PORT;
     /// Most backends a lab can have (one /24 each under 10.200.0.0/16).
     pub const MAX_BACKENDS: usize = 50;
     /// Most extra client addresses a lab can have.
@@ -109,25 +104,13 @@ impl Lab {
     /// First removes namespaces left by dead processes ([`cleanup_stale`]).
     /// Needs root. On error, everything created so far is removed again.
     pub fn build(spec: &LabSpec) -> anyhow::Result<Lab> {
-        ensure!(
-            spec.backends.len() <= Self::MAX_BACKENDS,
-            "{} backends requested, at most {} are supported",
-            spec.backends.len(),
-            Self::MAX_BACKENDS
-        );
+        BackendSet::validate(&spec.backends, Self::MAX_BACKENDS)?;
         ensure!(
             spec.n_client_addrs <= Self::MAX_CLIENT_ADDRS,
             "{} client addresses requested, at most {} are supported",
             spec.n_client_addrs,
             Self::MAX_CLIENT_ADDRS
         );
-        for backend in &spec.backends {
-            ensure!(
-                !backend.name.is_empty() && !backend.name.contains('\n'),
-                "backend name {:?} must be non-empty and one line (it is the reply line)",
-                backend.name
-            );
-        }
         ensure!(
             spec.n_client_addrs6 <= Self::MAX_CLIENT_ADDRS,
             "{} IPv6 client addresses requested, at most {} are supported",
@@ -136,61 +119,38 @@ impl Lab {
         );
         cleanup_stale().context("removing stale lab namespaces")?;
 
-        let prefix = format!(
-            "{NETNS_PREFIX}{}-{}",
-            std::process::id(),
-            NEXT_LAB.fetch_add(1, Ordering::Relaxed)
-        );
+        let prefix = new_prefix();
         // Each Netns deletes itself on drop, so an early `?` below cleans up.
         let router = Netns::create(&format!("{prefix}-router"))?;
         let client = Netns::create(&format!("{prefix}-client"))?;
-        let backends = (0..spec.backends.len())
-            .map(|i| Netns::create(&format!("{prefix}-b{i}")))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let client_addrs: Vec<Ipv4Addr> = (0..spec.n_client_addrs)
-            .map(|k| Ipv4Addr::from(u32::from(Self::FIRST_CLIENT_ADDR) + k))
-            .collect();
-
+        let mut backends = BackendSet::create(&prefix, &spec.backends)?;
+        let client_addrs = client_range(Self::FIRST_CLIENT_ADDR, spec.n_client_addrs);
         let client_addrs6: Vec<Ipv6Addr> = (0..spec.n_client_addrs6)
             .map(|k| Ipv6Addr::from(u128::from(Self::FIRST_CLIENT_ADDR6) + u128::from(k)))
             .collect();
-        configure_router(&router, &client, &backends)?;
-        configure_client(&client, &client_addrs, &client_addrs6)?;
-        for (i, ns) in backends.iter().enumerate() {
-            configure_backend(ns, i)?;
+        configure_router(&router, &client, backends.namespaces())?;
+        configure_client(&client, &client_addrs, &client_addrs6, &[])?;
+        for (i, ns) in backends.namespaces().iter().enumerate() {
+            configure_backend_ns(
+                ns,
+                &[
+                    format!("{}/24", backend_ip(i, 2)),
+                    format!("{}/64", backend_ip6(i, 2)),
+                ],
+                &[
+                    format!("default via {}", backend_ip(i, 1)),
+                    format!("default via {}", backend_ip6(i, 1)),
+                ],
+            )?;
         }
-
-        let mut lab = Lab {
-            servers: Vec::new(),
-            udp_servers: Vec::new(),
+        backends.start_servers(&spec.backends)?;
+        Ok(Lab {
             backends,
-            backend_names: spec.backends.iter().map(|b| b.name.clone()).collect(),
             client_addrs,
             client_addrs6,
             client,
             router,
-        };
-        for (i, backend) in spec.backends.iter().enumerate() {
-            if backend.behavior == Behavior::Closed {
-                lab.servers.push(None);
-                lab.udp_servers.push(None);
-                continue;
-            }
-            let addr = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), Self::BACKEND_PORT);
-            lab.servers.push(Some(Server::start(
-                &lab.backends[i],
-                addr,
-                &backend.name,
-                backend.behavior,
-            )?));
-            lab.udp_servers.push(Some(UdpServer::start(
-                &lab.backends[i],
-                addr,
-                &backend.name,
-                backend.behavior,
-            )?));
-        }
-        Ok(lab)
+        })
     }
 
     /// The router namespace (forwards; the data plane attaches here).
@@ -206,7 +166,7 @@ impl Lab {
 
     /// Backend `i`'s namespace. Panics if there is no backend `i`.
     pub fn backend_ns(&self, i: usize) -> &Netns {
-        &self.backends[i]
+        &self.backends.namespaces()[i]
     }
 
     /// Backend `i`'s server address, 10.200.{i+1}.2:8080.
@@ -215,11 +175,7 @@ impl Lab {
     ///
     /// If there is no backend `i`.
     pub fn backend_addr(&self, i: usize) -> SocketAddrV4 {
-        assert!(
-            i < self.backends.len(),
-            "backend {i} requested, the lab has {}",
-            self.backends.len()
-        );
+        self.backends.check(i);
         // i < MAX_BACKENDS (50), so i + 1 fits an octet.
         SocketAddrV4::new(backend_ip(i, 2), Self::BACKEND_PORT)
     }
@@ -240,11 +196,7 @@ impl Lab {
     ///
     /// If there is no backend `i`.
     pub fn backend_addr6(&self, i: usize) -> SocketAddr {
-        assert!(
-            i < self.backends.len(),
-            "backend {i} requested, the lab has {}",
-            self.backends.len()
-        );
+        self.backends.check(i);
         SocketAddr::new(IpAddr::V6(backend_ip6(i, 2)), Self::BACKEND_PORT)
     }
 
@@ -253,53 +205,44 @@ impl Lab {
     /// process dies; connections already open finish on their own. Its UDP
     /// socket closes too: datagrams get ICMP port unreachable.
     pub fn stop_backend(&mut self, i: usize) {
-        if let Some(server) = self.servers.get_mut(i).and_then(Option::take) {
-            drop(server);
-        }
-        if let Some(server) = self.udp_servers.get_mut(i).and_then(Option::take) {
-            drop(server);
-        }
+        self.backends.stop(i);
     }
 
     /// Backend `i`'s UDP server goes on reading datagrams but answers none:
     /// a hung process (no reply, and no ICMP error either).
     pub fn silence_udp_backend(&self, i: usize) {
-        if let Some(Some(server)) = self.udp_servers.get(i) {
-            server.silence();
-        }
+        self.backends.silence_udp(i);
     }
 
     /// The backend names, in backend order.
     pub fn backend_names(&self) -> Vec<String> {
-        self.backend_names.clone()
+        self.backends.names().to_vec()
     }
 
     /// The names of every namespace of this lab (router, client, backends).
     pub fn netns_names(&self) -> Vec<String> {
         [&self.router, &self.client]
             .into_iter()
-            .chain(&self.backends)
+            .chain(self.backends.namespaces())
             .map(|ns| ns.name().to_owned())
             .collect()
     }
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        // Signal every server before waiting for any, so stopping takes one
-        // poll interval rather than one per backend.
-        for server in self.servers.iter().flatten() {
-            server.signal_stop();
-        }
-        for server in self.udp_servers.iter().flatten() {
-            server.signal_stop();
-        }
-        self.servers.clear();
-        self.udp_servers.clear();
-        // Netns drops delete the namespaces (and log, never panic, on error).
-        self.backends.clear();
-        // `client` and `router` are deleted as the fields drop.
-    }
+/// A fresh namespace name prefix `cnry-{pid}-{seq}` (see [`cleanup_stale`]).
+pub(crate) fn new_prefix() -> String {
+    format!(
+        "{NETNS_PREFIX}{}-{}",
+        std::process::id(),
+        NEXT_LAB.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// `n` consecutive addresses from `first`.
+pub(crate) fn client_range(first: Ipv4Addr, n: u32) -> Vec<Ipv4Addr> {
+    (0..n)
+        .map(|k| Ipv4Addr::from(u32::from(first) + k))
+        .collect()
 }
 
 /// Address `host` in backend `i`'s subnet 10.200.{i+1}.0/24.
@@ -324,21 +267,7 @@ fn backend_ip6(i: usize, host: u16) -> Ipv6Addr {
 /// (`gc_thresh3`) of 1024 entries, so a few thousand client addresses
 /// overflow it and connections time out.
 fn configure_router(router: &Netns, client: &Netns, backends: &[Netns]) -> anyhow::Result<()> {
-    let iface = Lab::ROUTER_CLIENT_IFACE;
-    let mut batch = format!(
-        "link set lo up\n\
-         link add {iface} type veth peer name eth0 netns {client}\n\
-         addr add {ip}/24 dev {iface}\n\
-         addr add {ip6}/64 dev {iface} nodad\n\
-         link set {iface} up\n\
-         route add 10.201.0.0/16 via {client_ip} dev {iface}\n\
-         route add fd00:201::/64 via {client_ip6} dev {iface}\n",
-        client = client.name(),
-        ip = Lab::ROUTER_CLIENT_IP,
-        ip6 = Lab::ROUTER_CLIENT_IP6,
-        client_ip = Lab::CLIENT_IP,
-        client_ip6 = Lab::CLIENT_IP6,
-    );
+    let mut batch = router_client_batch(client);
     for (i, ns) in backends.iter().enumerate() {
         batch += &format!(
             "link add b{i} type veth peer name eth0 netns {ns}\n\
@@ -351,8 +280,34 @@ fn configure_router(router: &Netns, client: &Netns, backends: &[Netns]) -> anyho
         );
     }
     router.ip_batch(&batch)?;
-    // rp_filter off: replies to client addresses and NATed VIP traffic
-    // legitimately arrive on interfaces a strict check would reject.
+    enable_forwarding(router)
+}
+
+/// The `ip -batch` lines that link a router to its client namespace:
+/// [`Lab::ROUTER_CLIENT_IFACE`] in the router, `eth0` in the client, both
+/// families, and the routes to the client address ranges.
+pub(crate) fn router_client_batch(client: &Netns) -> String {
+    let iface = Lab::ROUTER_CLIENT_IFACE;
+    format!(
+        "link set lo up\n\
+         link add {iface} type veth peer name eth0 netns {client}\n\
+         addr add {ip}/24 dev {iface}\n\
+         addr add {ip6}/64 dev {iface} nodad\n\
+         link set {iface} up\n\
+         route add 10.201.0.0/16 via {client_ip} dev {iface}\n\
+         route add fd00:201::/64 via {client_ip6} dev {iface}\n",
+        client = client.name(),
+        ip = Lab::ROUTER_CLIENT_IP,
+        ip6 = Lab::ROUTER_CLIENT_IP6,
+        client_ip = Lab::CLIENT_IP,
+        client_ip6 = Lab::CLIENT_IP6,
+    )
+}
+
+/// Turns on forwarding in a router namespace, with `rp_filter` off:
+/// replies to client addresses and translated VIP traffic legitimately arrive on
+/// interfaces a strict check would reject.
+pub(crate) fn enable_forwarding(router: &Netns) -> anyhow::Result<()> {
     sysctl(
         router,
         &[
@@ -365,8 +320,14 @@ fn configure_router(router: &Netns, client: &Netns, backends: &[Netns]) -> anyho
 }
 
 /// Addresses the client side, adds the extra source addresses in one `ip`
-/// process, and routes VIPs and backend subnets to the router.
-fn configure_client(client: &Netns, addrs: &[Ipv4Addr], addrs6: &[Ipv6Addr]) -> anyhow::Result<()> {
+/// process, and routes VIPs and backend subnets to the router (the lab's
+/// 10.200.0.0/16 and `backend_nets`, each an `ADDR/LEN`).
+pub(crate) fn configure_client(
+    client: &Netns,
+    addrs: &[Ipv4Addr],
+    addrs6: &[Ipv6Addr],
+    backend_nets: &[&str],
+) -> anyhow::Result<()> {
     let mut batch = format!(
         "link set lo up\n\
          addr add {ip}/24 dev eth0\n\
@@ -384,6 +345,9 @@ fn configure_client(client: &Netns, addrs: &[Ipv4Addr], addrs6: &[Ipv6Addr]) -> 
         vip6 = Lab::VIP6_NET,
         gw6 = Lab::ROUTER_CLIENT_IP6,
     );
+    for net in backend_nets {
+        batch += &format!("route add {net} via {}\n", Lab::ROUTER_CLIENT_IP);
+    }
     for addr in addrs {
         batch += &format!("addr add {addr}/32 dev eth0\n");
     }
@@ -402,32 +366,8 @@ fn configure_client(client: &Netns, addrs: &[Ipv4Addr], addrs6: &[Ipv6Addr]) -> 
     )
 }
 
-/// Addresses backend `i` and routes everything back through the router.
-/// ICMP errors are not rate limited there: a stopped backend answers every
-/// datagram to its closed port with a port unreachable, as a test of
-/// refusals expects (the default limit lets a few through per second and
-/// client address).
-fn configure_backend(ns: &Netns, i: usize) -> anyhow::Result<()> {
-    ns.ip_batch(&format!(
-        "link set lo up\n\
-         addr add {ip}/24 dev eth0\n\
-         addr add {ip6}/64 dev eth0 nodad\n\
-         link set eth0 up\n\
-         route add default via {gw}\n\
-         route add default via {gw6}\n",
-        ip = backend_ip(i, 2),
-        ip6 = backend_ip6(i, 2),
-        gw = backend_ip(i, 1),
-        gw6 = backend_ip6(i, 1),
-    ))?;
-    sysctl(
-        ns,
-        &["net.ipv4.icmp_ratelimit=0", "net.ipv6.icmp.ratelimit=0"],
-    )
-}
-
 /// Sets `key=value` sysctls inside `ns`.
-fn sysctl(ns: &Netns, settings: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn sysctl(ns: &Netns, settings: &[&str]) -> anyhow::Result<()> {
     let mut args = vec!["sysctl", "-qw"];
     args.extend_from_slice(settings);
     ns.exec(&args).map(drop)

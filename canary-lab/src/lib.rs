@@ -18,12 +18,18 @@
 //! # anyhow::Ok(())
 //! ```
 //!
+//! [`FleetLab`] builds several such router/client pairs ("nodes") sharing
+//! one set of backends, linked to an [`EtcdNet`] that one node at a time
+//! can be cut off from (`partition`/`heal`); see `fleet.rs`.
+//!
 //! No traffic leaves the lab: every interface lives in a namespace the lab
 //! created, and client sockets are only ever created inside the client
 //! namespace.
 
 mod agent;
+mod backends;
 mod client;
+mod fleet;
 mod lab;
 mod netns;
 mod server;
@@ -32,7 +38,8 @@ mod udp;
 pub use agent::{
     AgentProcess, READY, RELOAD_REJECTED, RELOADED, Stop, agent_binary, canaryctl_binary, lab_bpffs,
 };
-pub use client::{Conn, request_once};
+pub use client::{ClientSide, Conn, request_once};
+pub use fleet::{EtcdNet, FleetLab, FleetNode, FleetSpec};
 pub use lab::{BackendSpec, Lab, LabSpec, cleanup_stale};
 pub use netns::Netns;
 pub use server::Behavior;

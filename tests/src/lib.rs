@@ -20,6 +20,7 @@ use socket2 as _;
 
 pub mod cgroup;
 pub mod deploy;
+pub mod etcd;
 pub mod load;
 pub mod metrics;
 pub mod packet;
@@ -40,17 +41,67 @@ pub fn lab_dual_stack(
 ) -> canary_lab::Lab {
     require_root();
     canary_lab::Lab::build(&canary_lab::LabSpec {
-        backends: backends
-            .iter()
-            .map(|(name, behavior)| canary_lab::BackendSpec {
-                name: name.to_string(),
-                behavior: *behavior,
-            })
-            .collect(),
+        backends: backend_specs(backends),
         n_client_addrs: clients,
         n_client_addrs6: clients6,
     })
     .expect("lab builds")
+}
+
+/// A fleet of `nodes` nodes sharing `backends` (name, behaviour), with
+/// `clients` client addresses per node, its routers linked to `etcd`'s
+/// network; fails the test unless it runs as root.
+pub fn fleet(
+    nodes: usize,
+    backends: &[(&str, canary_lab::Behavior)],
+    clients: u32,
+    etcd: &etcd::EtcdCluster,
+) -> canary_lab::FleetLab {
+    require_root();
+    let spec = canary_lab::FleetSpec {
+        nodes,
+        backends: backend_specs(backends),
+        n_client_addrs: clients,
+    };
+    canary_lab::FleetLab::build(&spec, Some(etcd.net())).expect("fleet lab builds")
+}
+
+/// Starts one agent per fleet node, side by side (each takes a few
+/// seconds), on `config(node)`; returns them in node order once every one
+/// is ready. Fails the test, with the agent's log, if one does not start.
+pub fn start_fleet_agents(
+    fleet: &canary_lab::FleetLab,
+    config: impl Fn(&canary_lab::FleetNode) -> String + Sync,
+) -> Vec<canary_lab::AgentProcess> {
+    std::thread::scope(|scope| {
+        let starting: Vec<_> = fleet
+            .nodes()
+            .iter()
+            .map(|node| {
+                let config = config(node);
+                scope.spawn(move || canary_lab::AgentProcess::start(node.router(), &config, false))
+            })
+            .collect();
+        starting
+            .into_iter()
+            .enumerate()
+            .map(|(k, h)| {
+                h.join()
+                    .expect("agent start thread")
+                    .unwrap_or_else(|e| panic!("agent on node {k} starts: {e:#}"))
+            })
+            .collect()
+    })
+}
+
+fn backend_specs(backends: &[(&str, canary_lab::Behavior)]) -> Vec<canary_lab::BackendSpec> {
+    backends
+        .iter()
+        .map(|(name, behavior)| canary_lab::BackendSpec {
+            name: (*name).to_string(),
+            behavior: *behavior,
+        })
+        .collect()
 }
 
 /// Runs `canaryctl --socket SOCKET args…` (the binary beside the agent's).

@@ -1,4 +1,5 @@
-//! Bounded client load from inside a lab's client namespace.
+//! Bounded client load from inside a lab's (or a fleet node's) client
+//! namespace.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -8,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use canary_lab::{Lab, request_once, udp_request_once};
+use canary_lab::{ClientSide, request_once, udp_request_once};
 
 /// One request to a VIP from a source address: a TCP connection or a UDP
 /// flow (its first datagram), returning the answering backend's name.
@@ -73,19 +74,29 @@ impl Outcome {
 
 /// `n` one-request connections to `vip`, cycling through `sources`, from
 /// four threads in the client namespace. Bounded: at most 180 s.
-pub fn drive(lab: &Lab, vip: SocketAddrV4, sources: &[Ipv4Addr], n: usize) -> Outcome {
+pub fn drive(
+    lab: &(impl ClientSide + ?Sized),
+    vip: SocketAddrV4,
+    sources: &[Ipv4Addr],
+    n: usize,
+) -> Outcome {
     drive_with(lab, vip, sources, n, None, request_once)
 }
 
 /// As [`drive`] over UDP: `n` flows of one request each (a fresh socket
 /// per request, so a new source port: a new flow).
-pub fn drive_udp(lab: &Lab, vip: SocketAddrV4, sources: &[Ipv4Addr], n: usize) -> Outcome {
+pub fn drive_udp(
+    lab: &(impl ClientSide + ?Sized),
+    vip: SocketAddrV4,
+    sources: &[Ipv4Addr],
+    n: usize,
+) -> Outcome {
     drive_with(lab, vip, sources, n, None, udp_request_once)
 }
 
 /// As [`drive`], at most `rate` connections per second in all when given.
 pub fn drive_paced(
-    lab: &Lab,
+    lab: &(impl ClientSide + ?Sized),
     vip: SocketAddrV4,
     sources: &[Ipv4Addr],
     n: usize,
@@ -96,7 +107,7 @@ pub fn drive_paced(
 
 /// [`drive_paced`] with `request` for each connection or flow.
 pub fn drive_with(
-    lab: &Lab,
+    lab: &(impl ClientSide + ?Sized),
     vip: SocketAddrV4,
     sources: &[Ipv4Addr],
     n: usize,
@@ -173,7 +184,7 @@ pub struct Attempt {
 /// threads) in the background and returns the threads; each yields its
 /// attempts with timestamps. Bounded: at most 180 s.
 pub fn spawn_timed(
-    lab: &Lab,
+    lab: &(impl ClientSide + ?Sized),
     vip: SocketAddrV4,
     sources: &[Ipv4Addr],
     n: usize,

@@ -13,11 +13,18 @@ const BPF_LINKER: &str = "0.10.4";
 /// Commands the tests and the demo run, and the Debian package of each.
 /// prometheus/promtool: the telemetry tests lint the exposition and scrape
 /// the agent with a real server (inside a test namespace, loopback only).
+/// etcd/etcdctl: the fleet tests run a real etcd cluster in a namespace;
+/// openssl makes its TLS certificates; protoc builds the `etcd-client`
+/// crate's gRPC code.
 const DEBIAN: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("tc", "iproute2"),
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
+    ("etcd", "etcd-server"),
+    ("etcdctl", "etcd-client"),
+    ("openssl", "openssl"),
+    ("protoc", "protobuf-compiler"),
     // The deploy test: `systemd-analyze verify` on deploy/systemd, and the
     // Python tools below.
     ("systemd-analyze", "systemd"),

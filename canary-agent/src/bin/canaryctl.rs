@@ -22,6 +22,13 @@ use clap::{Parser, Subcommand};
 /// Drive canary rollouts on this node: show each service's cohorts and
 /// verdicts, set the canary weight, promote or roll back.
 ///
+/// In a fleet (the agent's config has [fleet]), every command acts on the
+/// whole fleet: it is written to etcd first (compare-and-swap) and every
+/// node applies it within milliseconds; status adds the fleet (etcd, the
+/// leader, one row per node). With etcd unreachable, rollback still works
+/// on this node alone (published when etcd answers); other commands are
+/// refused, nothing changes.
+///
 /// Talks to canary-agent over its control socket (root, the agent's user,
 /// or a member of its control_group). Exit status: 0 on success, 1 when the
 /// agent refused or could not be reached (the message says why), 2 on a
@@ -48,9 +55,11 @@ struct Cli {
 
 #[derive(Subcommand, Clone, Debug)]
 enum Cmd {
-    /// Show every service (or one): state, weights, observed canary share,
-    /// per-cohort connections, failures and first-byte p50/p99, and the
-    /// last verdict.
+    /// Show every service (or one): state, release, weights, observed canary
+    /// share, per-cohort connections, failures and first-byte p50/p99, and
+    /// the last verdict; in a fleet, also one row per node (weight in
+    /// force, connections and failures at the step, last verdict, data
+    /// plane attached, seconds since it was last heard from).
     Status {
         /// Only this service.
         service: Option<String>,
@@ -280,9 +289,69 @@ fn table(report: &StatusReport) -> String {
                 ms(c.first_byte_p99_ms),
             ));
         }
+        if !s.release.is_empty() {
+            out.push_str(&format!("{:<16} release: {}\n", "", s.release));
+        }
         if let Some(v) = &s.last_verdict {
             out.push_str(&format!("{:<16} last verdict: {v}\n", ""));
         }
+    }
+    if let Some(f) = &report.fleet {
+        out.push_str(&fleet_table(f));
+    }
+    out
+}
+
+/// The fleet part of the status: etcd, the leader, one row per node.
+fn fleet_table(f: &canary_agent::status::FleetStatus) -> String {
+    let role = if f.this_node_leads {
+        "leader"
+    } else {
+        "follower"
+    };
+    let mut out = format!(
+        "\nFLEET (this node: {}, {role}; etcd {}; leader: {})\n",
+        f.node,
+        f.etcd,
+        f.leader.as_deref().unwrap_or("none")
+    );
+    if !f.unpublished.is_empty() {
+        out.push_str(&format!(
+            "  rolled back here, not yet in etcd: {}\n",
+            f.unpublished.join(", ")
+        ));
+    }
+    out.push_str(&format!(
+        "{:<16} {:<16} {:<18} {:<18} {:<8} {:>8} {:>8} {:>7} {:>7} {:<8} {:>6}  {}\n",
+        "SERVICE",
+        "NODE",
+        "RELEASE",
+        "STATE",
+        "WEIGHT",
+        "CONNS",
+        "CANARY",
+        "FAILED",
+        "C.FAIL",
+        "ATTACHED",
+        "HEARD",
+        "LAST VERDICT"
+    ));
+    for n in &f.nodes {
+        out.push_str(&format!(
+            "{:<16} {:<16} {:<18} {:<18} {:<8} {:>8} {:>8} {:>7} {:>7} {:<8} {:>5}s  {}\n",
+            n.service,
+            n.node,
+            n.release,
+            n.state,
+            n.weight,
+            n.connections,
+            n.canary_connections,
+            n.failures,
+            n.canary_failures,
+            if n.attached { "yes" } else { "NO" },
+            n.heard_secs_ago,
+            n.verdict.as_deref().unwrap_or("-")
+        ));
     }
     out
 }

@@ -245,3 +245,121 @@ pub(super) fn validate_fleet(raw: RawFleet, hostname: &str) -> Result<FleetConfi
         summary_interval,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{GOOD, error_text, parse};
+
+    fn with_fleet(lines: &str) -> String {
+        format!("{GOOD}\n[fleet]\n{lines}\n")
+    }
+
+    #[test]
+    fn a_fleet_section_parses_with_its_defaults() {
+        let c = parse(&with_fleet(
+            "etcd = [\"http://10.0.0.5:2379\"]\nnode = \"node-7\"",
+        ))
+        .unwrap();
+        let f = c.fleet.unwrap();
+        assert_eq!(f.node, "node-7");
+        assert_eq!(f.prefix, "/canary");
+        assert_eq!(f.tls, None);
+        assert_eq!(f.lease_ttl, super::DEFAULT_LEASE_TTL);
+        assert!(
+            parse(GOOD).unwrap().fleet.is_none(),
+            "no [fleet]: single node"
+        );
+        let tls = parse(&with_fleet(
+            "etcd = [\"https://a:2379\", \"https://b:2379\"]\nca = \"/e/ca.pem\"\ncert = \"/e/c.pem\"\nkey = \"/e/k.pem\"",
+        ))
+        .unwrap()
+        .fleet
+        .unwrap()
+        .tls
+        .unwrap();
+        assert_eq!(tls.ca.to_str(), Some("/e/ca.pem"));
+        assert!(tls.identity.is_some());
+    }
+
+    #[test]
+    fn bad_fleet_settings_name_the_key_and_the_fix() {
+        for (lines, expected) in [
+            (
+                "etcd = []",
+                "[fleet]: etcd = 0 endpoints: list 1 to 16 etcd client URLs",
+            ),
+            (
+                "etcd = [\"10.0.0.5:2379\"]",
+                "starts with http:// or https://",
+            ),
+            ("etcd = [\"http://10.0.0.5\"]", "write scheme://host:port"),
+            (
+                "etcd = [\"http://a:1\", \"https://b:2\"]",
+                "mixes http:// and https://",
+            ),
+            (
+                "etcd = [\"https://a:1\"]",
+                "[fleet]: ca = (unset): https:// endpoints need the CA",
+            ),
+            (
+                "etcd = [\"http://a:1\"]\nca = \"/ca.pem\"",
+                "TLS settings with http:// endpoints",
+            ),
+            (
+                "etcd = [\"https://a:1\"]\nca = \"/ca\"\ncert = \"/c\"",
+                "a client certificate needs its key",
+            ),
+            (
+                "etcd = [\"https://a:1\"]\nca = \"ca.pem\"",
+                "must be an absolute path",
+            ),
+            (
+                "etcd = [\"http://a:1\"]\nnode = \"node 7\"",
+                "[fleet]: node = \"node 7\": 1 to 64 letters",
+            ),
+            (
+                "etcd = [\"http://a:1\"]\nprefix = \"canary/\"",
+                "[fleet]: prefix = \"canary/\"",
+            ),
+            (
+                "etcd = [\"http://a:1\"]\nsummary_interval = \"10s\"",
+                "must be shorter than lease_ttl (6s)",
+            ),
+            (
+                "etcd = [\"http://a:1\"]\nlease_ttl = \"1s\"",
+                "lease_ttl = \"1s\": must be a duration between 2s and",
+            ),
+            (
+                "etcd = [\"http://a:1\"]\nzone = \"eu\"",
+                "unknown field `zone`",
+            ),
+        ] {
+            let err = error_text(&with_fleet(lines));
+            assert!(err.contains(expected), "{lines}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_node_flag_replaces_the_name_and_needs_a_fleet() {
+        let c = parse(&with_fleet("etcd = [\"http://a:1\"]\nnode = \"x\""))
+            .unwrap()
+            .with_node(Some("k8s-node-3"))
+            .unwrap();
+        assert_eq!(c.fleet.unwrap().node, "k8s-node-3");
+        let err = parse(GOOD)
+            .unwrap()
+            .with_node(Some("n1"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no [fleet] section; add one or drop --node"),
+            "{err}"
+        );
+        let err = parse(&with_fleet("etcd = [\"http://a:1\"]"))
+            .unwrap()
+            .with_node(Some("bad/name"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("node = \"bad/name\""), "{err}");
+    }
+}

@@ -176,6 +176,30 @@ impl Agent {
             );
             return;
         }
+        // A rollback decided here after the fleet's last decision that
+        // etcd never got (the breaker tripped while no agent ran, or etcd
+        // was unreachable when this agent stopped): it goes out now.
+        if let ServiceState::RolledBack {
+            at_unix,
+            detail,
+            reason,
+        } = &state
+            && record.state.canary_allowed()
+            && *at_unix > record.at_unix
+        {
+            let by = match reason {
+                crate::rollout::RollbackReason::Breaker => engine::Actor::Breaker,
+                crate::rollout::RollbackReason::Judge => engine::Actor::Judge,
+                crate::rollout::RollbackReason::Operator => engine::Actor::Operator,
+            };
+            let verdict = format!("rolled back by {}: {detail}", by.as_str());
+            info!(
+                service,
+                "fleet: publishing a rollback this node decided after the fleet's last decision"
+            );
+            self.publish_local(&svc, &state, &verdict, by);
+            return;
+        }
         let remote = Remote {
             state: record.state,
             node: record.node,

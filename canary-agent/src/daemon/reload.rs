@@ -152,13 +152,14 @@ impl Agent {
                 c.agent.state_dir.clone(),
                 c.agent.bpffs_dir.clone(),
                 c.agent.socket_lb.clone(),
+                c.fleet.clone(),
             )
         };
         if restart_only(&self.config) != restart_only(&new) {
             warn!(
                 "control_socket, control_group, metrics_addr, metrics_buckets_per_octave, conntrack_capacity, \
                  max_services, max_backends, state_dir, \
-                 bpffs_dir, socket_lb and cgroup changes take effect at the next restart"
+                 bpffs_dir, socket_lb, cgroup and [fleet] changes take effect at the next restart"
             );
         }
         self.lost_interfaces
@@ -169,6 +170,8 @@ impl Agent {
         self.config = new;
         self.rollouts = new_rollouts;
         self.carry_out_programmed(pending);
+        // A new release takes (or starts) its record in the fleet.
+        self.fleet_sync();
         self.publish_states();
         self.log_services(&report);
         info!(added = ?report.added, changed = ?report.changed, removed = ?report.removed, "config reloaded");

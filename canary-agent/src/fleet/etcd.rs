@@ -15,6 +15,9 @@ use crate::config::FleetConfig;
 /// being unreachable.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Interval of HTTP/2 keepalive pings on a connection with a stream open.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(6);
+
 /// An etcd operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
@@ -45,10 +48,12 @@ pub async fn connect(config: &FleetConfig) -> Result<Client, EtcdError> {
     // bounded by [`bounded`] instead.
     let mut options = ConnectOptions::new()
         .with_connect_timeout(REQUEST_TIMEOUT)
-        // HTTP/2 pings: a partition breaks the watch within ~2 s instead of
-        // leaving it waiting on a dead connection.
-        .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
-        .with_keep_alive_while_idle(true)
+        // HTTP/2 pings: a partition breaks the watch within ~8 s instead of
+        // leaving it waiting on a dead connection. Not more often than
+        // etcd's default --grpc-keepalive-min-time (5 s), and not while no
+        // stream is open (etcd refuses both and closes the connection).
+        .with_keep_alive(KEEPALIVE_INTERVAL, Duration::from_secs(2))
+        .with_keep_alive_while_idle(false)
         // A member cut off from its cluster's quorum refuses, so a
         // partitioned node never reads a stale state as current.
         .with_require_leader(true);

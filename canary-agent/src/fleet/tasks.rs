@@ -169,9 +169,14 @@ pub async fn session(
     summaries: Arc<Mutex<BTreeMap<String, Summary>>>,
     tx: mpsc::Sender<FleetEvent>,
 ) {
+    let mut quiet = false;
     loop {
-        let e = session_once(&config, &keys, &summaries, &tx).await;
-        warn!(error = %error_chain(&e), node = %config.node, "fleet: session with etcd ended (summaries stop; leadership, if held, is given up); retrying");
+        let (e, established) = session_once(&config, &keys, &summaries, &tx).await;
+        if established || !quiet {
+            warn!(error = %error_chain(&e), node = %config.node, "fleet: session with etcd ended (summaries stop; leadership, if held, is given up); retrying");
+        }
+        // One warning per outage, not one per retry.
+        quiet = !established;
         if tx.send(FleetEvent::Leader(false)).await.is_err() {
             return;
         }
@@ -184,20 +189,20 @@ async fn session_once(
     keys: &Keys,
     summaries: &Arc<Mutex<BTreeMap<String, Summary>>>,
     tx: &mpsc::Sender<FleetEvent>,
-) -> EtcdError {
+) -> (EtcdError, bool) {
     let mut client = match connect(config).await {
         Ok(c) => c,
-        Err(e) => return e,
+        Err(e) => return (e, false),
     };
     #[expect(clippy::cast_possible_wrap, reason = "lease_ttl is at most 300 s")]
     let ttl = config.lease_ttl.as_secs() as i64;
     let lease = match bounded(client.lease_grant(ttl, None)).await {
         Ok(l) => l.id(),
-        Err(e) => return e,
+        Err(e) => return (e, false),
     };
     let (mut keeper, mut acks) = match bounded(client.lease_keep_alive(lease)).await {
         Ok(k) => k,
-        Err(e) => return e,
+        Err(e) => return (e, false),
     };
     let mut election = client.election_client();
     let mut publisher = client.clone();
@@ -265,7 +270,7 @@ async fn session_once(
     // Best effort: a revoked lease frees leadership at once instead of
     // after its TTL.
     let _ = tokio::time::timeout(Duration::from_millis(300), client.lease_revoke(lease)).await;
-    result
+    (result, true)
 }
 
 /// Writes what the daemon decided: compare-and-swaps answered at once,
@@ -285,7 +290,7 @@ pub async fn publisher(
         }
     };
     // Rollbacks and creations etcd has not taken yet.
-    let mut pending: Vec<Job> = Vec::new();
+    let mut pending: Vec<(Job, bool)> = Vec::new();
     loop {
         let job = if pending.is_empty() {
             jobs.recv().await
@@ -311,12 +316,12 @@ pub async fn publisher(
                     let _ = reply.send(out);
                 }
             }
-            Some(other) => pending.push(other),
+            Some(other) => pending.push((other, false)),
             None if jobs.is_closed() && pending.is_empty() => return,
             None => {}
         }
         let mut still = Vec::new();
-        for job in pending.drain(..) {
+        for (job, told) in pending.drain(..) {
             match write(&mut client, &keys, &job).await {
                 Ok(()) => {
                     if let Job::Rollback {
@@ -328,8 +333,10 @@ pub async fn publisher(
                     }
                 }
                 Err(e) => {
-                    warn!(error = %e, "fleet: not published yet, etcd unavailable; retrying");
-                    still.push(job);
+                    if !told {
+                        warn!(error = %e, "fleet: a decision of this node is not published yet (etcd unavailable); retrying until it is");
+                    }
+                    still.push((job, true));
                 }
             }
         }
