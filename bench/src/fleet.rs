@@ -1,5 +1,8 @@
 //! The fleet, simulated: N node agents in one process, no data plane,
-//! against a real 3-member etcd on loopback. Each simulated node runs the
+//! against a real 3-member etcd (`canary_tests::etcd::EtcdCluster`: its
+//! own network namespace, data on tmpfs, 50 ms raft heartbeats); the
+//! simulator runs in that namespace, so every connection stays on the
+//! host's local path, as on loopback. Each simulated node runs the
 //! agent's own tasks from `canary_agent::fleet` — `watcher` (its own
 //! client, watching the rollout records) and `session` (its own client:
 //! lease and keepalives, its summaries in one transaction every
@@ -11,9 +14,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     io::{Read as _, Write as _},
-    net::{TcpListener, TcpStream},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    net::TcpStream,
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -30,6 +31,8 @@ use canary_agent::{
 use etcd_client::{GetOptions, Txn, TxnOp};
 use serde::Serialize;
 use tokio::{runtime::Runtime, sync::mpsc, task::JoinHandle};
+
+use canary_tests::etcd::EtcdCluster;
 
 use crate::sample::{cpu_seconds, median, percentile, rss_mib};
 
@@ -71,15 +74,20 @@ pub struct FleetRow {
     pub puts_per_s: f64,
     /// Lease keepalive messages per second, all members.
     pub keepalives_per_s: f64,
-    /// Ranges served per second, all members (the leader's summary reads).
+    /// Ranges served per second, all members (the leader's summary reads,
+    /// one per page of 1 000).
     pub ranges_per_s: f64,
     /// gRPC bytes received by the members per node per minute.
     pub bytes_in_per_node_min: f64,
     /// gRPC bytes sent by the members per second (watch events, range
     /// answers, acknowledgements).
     pub bytes_out_per_s: f64,
-    /// Bytes of values put per second (`etcd_debugging_mvcc_total_put_size_in_bytes`).
+    /// Bytes of values put per second
+    /// (`etcd_debugging_mvcc_total_put_size_in_bytes`): what the MVCC
+    /// history grows by until etcd compacts it.
     pub put_bytes_per_s: f64,
+    /// The database size at the end of the window, MB (every row so far).
+    pub db_mb: f64,
     /// CPU of the three members together, % of one CPU.
     pub etcd_cpu_pct: f64,
     /// Largest member RSS at the end of the window, MiB.
@@ -88,15 +96,15 @@ pub struct FleetRow {
     pub bench_cpu_pct: f64,
     /// Open sockets of the three members together.
     pub etcd_sockets: usize,
-    /// Summaries the leader read in its last gate, and its gate reads in
-    /// the window.
+    /// Summaries the leader read in its last gate.
     pub leader_saw: usize,
     /// The leader's gate reads during the window.
     pub leader_reads: usize,
-    /// Watch restarts (`FleetEvent::Disconnected`) over the whole run.
-    pub watch_restarts: usize,
-    /// Session restarts (`FleetEvent::Leader(false)`) over the whole run.
-    pub session_restarts: usize,
+    /// Watch restarts (`FleetEvent::Disconnected`) while the fleet
+    /// started (before the window), then during the window and decisions.
+    pub watch_restarts: [usize; 2],
+    /// Session restarts (`FleetEvent::Leader(false)`), likewise.
+    pub session_restarts: [usize; 2],
 }
 
 impl FleetRow {
@@ -134,6 +142,9 @@ pub struct Fleet {
     pub rows: Vec<FleetRow>,
     /// The leader's read at growing sizes.
     pub leader_reads: Vec<LeaderRead>,
+    /// The machine's 1-minute load average before and after the section
+    /// (other work on the machine shows here).
+    pub load_average: [f64; 2],
 }
 
 /// Sizes, decisions per size, steady-state window.
@@ -148,16 +159,57 @@ pub struct Plan {
     pub leader_reads: Vec<usize>,
 }
 
-/// Runs every row of `plan` against one fresh cluster.
-pub fn measure(plan: &Plan) -> anyhow::Result<Fleet> {
-    let cluster = EtcdCluster::start()?;
+/// The cluster as the simulator sees it.
+struct Etcd {
+    /// Client URLs.
+    endpoints: Vec<String>,
+    /// Members' process ids.
+    pids: Vec<u32>,
+}
+
+impl Etcd {
+    fn endpoints(&self) -> Vec<String> {
+        self.endpoints.clone()
+    }
+}
+
+/// Runs every row of `plan` against one fresh 3-member cluster
+/// (`canary_tests::etcd::EtcdCluster`), the simulator in its network
+/// namespace.
+pub fn measure(plan: Plan) -> anyhow::Result<Fleet> {
+    let load_before = load_average();
+    let etcd = EtcdCluster::start(3, false);
+    let cluster = Etcd {
+        endpoints: etcd.endpoints(),
+        pids: (0..3).filter_map(|i| etcd.pid(i)).collect(),
+    };
+    let run = etcd.net().ns().spawn(move || simulate(&cluster, &plan));
+    let out = run
+        .join()
+        .map_err(|_| anyhow::anyhow!("the fleet simulation panicked"))?
+        .context("entering the etcd namespace")?;
+    drop(etcd);
+    let mut fleet = out?;
+    fleet.load_average = [load_before, load_average()];
+    Ok(fleet)
+}
+
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// Runs every row of `plan` (on a thread in the cluster's namespace).
+fn simulate(cluster: &Etcd, plan: &Plan) -> anyhow::Result<Fleet> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let mut rows = Vec::new();
     for &(nodes, interval) in &plan.sizes {
-        let row = run_row(&rt, &cluster, nodes, interval, plan)?;
+        let row = run_row(&rt, cluster, nodes, interval, plan)?;
         eprintln!(
             "bench: fleet {nodes} nodes, summaries every {:?}: decision → all nodes p50 {:.1} ms, p99 {:.1} ms ({}/{} complete); {:.0} proposals/s, {:.0} B/node/min in; etcd {:.0} % CPU",
             interval,
@@ -171,9 +223,13 @@ pub fn measure(plan: &Plan) -> anyhow::Result<Fleet> {
         );
         rows.push(row);
     }
-    let leader_reads = rt.block_on(leader_reads(&cluster, &plan.leader_reads))?;
+    let leader_reads = rt.block_on(leader_reads(cluster, &plan.leader_reads))?;
     drop(rt);
-    Ok(Fleet { rows, leader_reads })
+    Ok(Fleet {
+        rows,
+        leader_reads,
+        load_average: [f64::NAN; 2],
+    })
 }
 
 /// What the simulated nodes' event drains saw.
@@ -189,7 +245,7 @@ struct Probe {
     first_restart: Mutex<Option<String>>,
 }
 
-fn config(cluster: &EtcdCluster, prefix: &str, node: String, interval: Duration) -> FleetConfig {
+fn config(cluster: &Etcd, prefix: &str, node: String, interval: Duration) -> FleetConfig {
     FleetConfig {
         etcd: cluster.endpoints(),
         node,
@@ -258,9 +314,7 @@ async fn drain(
     let mut ready = false;
     while let Some(ev) = rx.recv().await {
         match ev {
-            FleetEvent::Records {
-                snapshot: true, ..
-            } => {
+            FleetEvent::Records { snapshot: true, .. } => {
                 if !ready {
                     ready = true;
                     probe.ready.fetch_add(1, Ordering::Relaxed);
@@ -273,7 +327,6 @@ async fn drain(
                 }
             }
             FleetEvent::Disconnected(why) => {
-                if std::env::var_os("FLEET_DEBUG").is_some() { eprintln!("DEBUG {:?} node {i} watch ended: {why}", std::time::SystemTime::now()); }
                 probe.watch_restarts.fetch_add(1, Ordering::Relaxed);
                 probe
                     .first_restart
@@ -282,7 +335,6 @@ async fn drain(
                     .get_or_insert(why);
             }
             FleetEvent::Leader(false) => {
-                if std::env::var_os("FLEET_DEBUG").is_some() { eprintln!("DEBUG {:?} node {i} session ended", std::time::SystemTime::now()); }
                 probe.session_restarts.fetch_add(1, Ordering::Relaxed);
             }
             FleetEvent::Summaries(all) => {
@@ -303,16 +355,17 @@ struct Counters {
     put_bytes: f64,
     keepalives: f64,
     ranges: f64,
+    db_bytes: f64,
     bytes_in: f64,
     bytes_out: f64,
     cpu_s: f64,
     at: Option<Instant>,
 }
 
-fn counters(cluster: &EtcdCluster) -> anyhow::Result<Counters> {
+fn counters(cluster: &Etcd) -> anyhow::Result<Counters> {
     let mut c = Counters::default();
-    for (member, &port) in cluster.members.iter().zip(&cluster.client_ports) {
-        let text = http_get(port, "/metrics")?;
+    for (&pid, endpoint) in cluster.pids.iter().zip(&cluster.endpoints) {
+        let text = http_get(endpoint, "/metrics")?;
         let mut keepalives = 0.0;
         let mut get = HashMap::new();
         for line in text.lines().filter(|l| !l.starts_with('#')) {
@@ -337,12 +390,13 @@ fn counters(cluster: &EtcdCluster) -> anyhow::Result<Counters> {
         c.put_bytes = c
             .put_bytes
             .max(v("etcd_debugging_mvcc_total_put_size_in_bytes"));
+        c.db_bytes = c.db_bytes.max(v("etcd_mvcc_db_total_size_in_bytes"));
         // Served by the member the client asked: summed.
         c.keepalives += keepalives;
         c.ranges += v("etcd_mvcc_range_total");
         c.bytes_in += v("etcd_network_client_grpc_received_bytes_total");
         c.bytes_out += v("etcd_network_client_grpc_sent_bytes_total");
-        c.cpu_s += cpu_seconds(member.id());
+        c.cpu_s += cpu_seconds(pid);
     }
     c.at = Some(Instant::now());
     Ok(c)
@@ -352,7 +406,7 @@ fn counters(cluster: &EtcdCluster) -> anyhow::Result<Counters> {
 /// measured, then stopped (tasks aborted, leases revoked).
 fn run_row(
     rt: &Runtime,
-    cluster: &EtcdCluster,
+    cluster: &Etcd,
     nodes: usize,
     interval: Duration,
     plan: &Plan,
@@ -397,12 +451,11 @@ fn run_row(
         std::thread::sleep(stagger);
     }
     drop(arrivals_tx);
-    if std::env::var_os("FLEET_DEBUG").is_some() { eprintln!("DEBUG {:?} row started", std::time::SystemTime::now()); }
     let outcome = rt.block_on(async {
         let mut client = etcd_client::Client::connect(cluster.endpoints(), None).await?;
         // Every watcher has its snapshot and every session its summaries
         // in etcd: the fleet is up.
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_mins(1);
         let want = nodes * SERVICES.len();
         loop {
             let count = client
@@ -431,20 +484,19 @@ fn run_row(
         stop(rt, cluster, &tasks);
         return Err(e);
     }
-    if std::env::var_os("FLEET_DEBUG").is_some() { eprintln!("DEBUG {:?} window starts", std::time::SystemTime::now()); }
     let leader_before = probe.leader_reads.load(Ordering::Relaxed);
+    let restarts_before = (
+        probe.watch_restarts.load(Ordering::Relaxed),
+        probe.session_restarts.load(Ordering::Relaxed),
+    );
     let before = counters(cluster)?;
     let bench_before = cpu_seconds(std::process::id());
     std::thread::sleep(plan.window);
     let after = counters(cluster)?;
     let bench_after = cpu_seconds(std::process::id());
     let leader_reads = probe.leader_reads.load(Ordering::Relaxed) - leader_before;
-    let etcd_rss_mib = cluster
-        .members
-        .iter()
-        .map(|m| rss_mib(m.id()))
-        .fold(0.0, f64::max);
-    let etcd_sockets = cluster.members.iter().map(|m| sockets(m.id())).sum();
+    let etcd_rss_mib = cluster.pids.iter().map(|&p| rss_mib(p)).fold(0.0, f64::max);
+    let etcd_sockets = cluster.pids.iter().map(|&p| sockets(p)).sum();
     let window = match (before.at, after.at) {
         (Some(a), Some(b)) => b.duration_since(a).as_secs_f64(),
         _ => plan.window.as_secs_f64(),
@@ -495,7 +547,7 @@ fn run_row(
             if i > 0 {
                 out.push((committed, seen.len() == nodes, last.duration_since(t0), t0));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         anyhow::Ok((out, base))
     });
@@ -535,7 +587,6 @@ fn run_row(
         v.sort_by(f64::total_cmp);
         anyhow::Ok(v)
     });
-    if std::env::var_os("FLEET_DEBUG").is_some() { eprintln!("DEBUG {:?} decisions done", std::time::SystemTime::now()); }
     let restarts = (
         probe.watch_restarts.load(Ordering::Relaxed),
         probe.session_restarts.load(Ordering::Relaxed),
@@ -556,10 +607,7 @@ fn run_row(
         "fleet of {nodes}: the last decision reached {} nodes in {PROPAGATION_TIMEOUT:?}",
         spread.len()
     );
-    let mut commits: Vec<f64> = decided
-        .iter()
-        .map(|d| d.0.as_secs_f64() * 1e3)
-        .collect();
+    let mut commits: Vec<f64> = decided.iter().map(|d| d.0.as_secs_f64() * 1e3).collect();
     Ok(FleetRow {
         nodes,
         services: SERVICES.len(),
@@ -582,21 +630,22 @@ fn run_row(
         bytes_in_per_node_min: rate(|c| c.bytes_in) * 60.0 / nodes as f64,
         bytes_out_per_s: rate(|c| c.bytes_out),
         put_bytes_per_s: rate(|c| c.put_bytes),
+        db_mb: after.db_bytes / 1e6,
         etcd_cpu_pct: rate(|c| c.cpu_s) * 100.0,
         etcd_rss_mib,
         bench_cpu_pct: (bench_after - bench_before) / window * 100.0,
         etcd_sockets,
         leader_saw: restarts.2,
         leader_reads,
-        watch_restarts: restarts.0,
-        session_restarts: restarts.1,
+        watch_restarts: [restarts_before.0, restarts.0 - restarts_before.0],
+        session_restarts: [restarts_before.1, restarts.1 - restarts_before.1],
     })
 }
 
 /// Aborts a fleet's tasks and revokes every lease (its summaries and
 /// campaign keys go with them), so the next fleet starts on a quiet
 /// cluster.
-fn stop(rt: &Runtime, cluster: &EtcdCluster, tasks: &[JoinHandle<()>]) {
+fn stop(rt: &Runtime, cluster: &Etcd, tasks: &[JoinHandle<()>]) {
     for t in tasks {
         t.abort();
     }
@@ -625,7 +674,7 @@ fn stop(rt: &Runtime, cluster: &EtcdCluster, tasks: &[JoinHandle<()>]) {
 
 /// Synthetic summaries written up to each of `sizes`, each time read with
 /// the agent's `get_summaries` (what the leader does every 500 ms).
-async fn leader_reads(cluster: &EtcdCluster, sizes: &[usize]) -> anyhow::Result<Vec<LeaderRead>> {
+async fn leader_reads(cluster: &Etcd, sizes: &[usize]) -> anyhow::Result<Vec<LeaderRead>> {
     let prefix = "/bench-leader-read";
     let keys = Keys::new(prefix);
     let cfg = config(cluster, prefix, "reader".into(), Duration::from_secs(2));
@@ -676,7 +725,10 @@ async fn leader_reads(cluster: &EtcdCluster, sizes: &[usize]) -> anyhow::Result<
         });
     }
     writer
-        .delete(prefix, Some(etcd_client::DeleteOptions::new().with_prefix()))
+        .delete(
+            prefix,
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
         .await?;
     Ok(out)
 }
@@ -693,102 +745,18 @@ fn sockets(pid: u32) -> usize {
     })
 }
 
-/// `GET path` from a member's client port, the body.
-fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+/// `GET path` from a member's client URL (`http://host:port`), the body.
+fn http_get(endpoint: &str, path: &str) -> anyhow::Result<String> {
+    let host = endpoint
+        .strip_prefix("http://")
+        .with_context(|| format!("{endpoint}: not an http:// URL"))?;
+    let mut s = TcpStream::connect(host)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let (_, body) = text
         .split_once("\r\n\r\n")
-        .with_context(|| format!("GET {path} on port {port}: no body"))?;
+        .with_context(|| format!("GET {endpoint}{path}: no body"))?;
     Ok(body.to_string())
-}
-
-/// A 3-member etcd on 127.0.0.1, its data in a temporary directory;
-/// killed and removed on drop.
-pub struct EtcdCluster {
-    members: Vec<Child>,
-    client_ports: Vec<u16>,
-    dir: PathBuf,
-}
-
-impl EtcdCluster {
-    /// Starts the members and waits until each reports healthy.
-    pub fn start() -> anyhow::Result<EtcdCluster> {
-        let dir = std::env::temp_dir().join(format!("canary-bench-etcd-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        // Free ports, all held at once so they differ.
-        let ports: Vec<u16> = {
-            let held = (0..6)
-                .map(|_| TcpListener::bind("127.0.0.1:0"))
-                .collect::<Result<Vec<_>, _>>()?;
-            held.iter()
-                .map(|l| l.local_addr().map(|a| a.port()))
-                .collect::<Result<_, _>>()?
-        };
-        let (client, peer) = ports.split_at(3);
-        let initial = (0..3)
-            .map(|i| format!("m{i}=http://127.0.0.1:{}", peer[i]))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut cluster = EtcdCluster {
-            members: Vec::new(),
-            client_ports: client.to_vec(),
-            dir,
-        };
-        for i in 0..3 {
-            let data = cluster.dir.join(format!("m{i}"));
-            let log = std::fs::File::create(cluster.dir.join(format!("m{i}.log")))?;
-            let (c, p) = (
-                format!("http://127.0.0.1:{}", client[i]),
-                format!("http://127.0.0.1:{}", peer[i]),
-            );
-            let child = Command::new("etcd")
-                .args(["--name", &format!("m{i}"), "--data-dir"])
-                .arg(&data)
-                .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-                .args(["--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
-                .args(["--initial-cluster", &initial, "--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", "canary-bench"])
-                .args(["--logger", "zap", "--log-level", "warn"])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .context("starting etcd (Debian: etcd-server)")?;
-            cluster.members.push(child);
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for &port in &cluster.client_ports {
-            while !http_get(port, "/health").is_ok_and(|b| b.contains("\"health\":\"true\"")) {
-                ensure!(
-                    Instant::now() < deadline,
-                    "etcd member on port {port} not healthy within 20 s (logs in {})",
-                    cluster.dir.display()
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        Ok(cluster)
-    }
-
-    /// The client URLs.
-    pub fn endpoints(&self) -> Vec<String> {
-        self.client_ports
-            .iter()
-            .map(|p| format!("http://127.0.0.1:{p}"))
-            .collect()
-    }
-}
-
-impl Drop for EtcdCluster {
-    fn drop(&mut self) {
-        for m in &mut self.members {
-            let _ = m.kill();
-            let _ = m.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }

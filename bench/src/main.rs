@@ -107,12 +107,12 @@ fn main() -> anyhow::Result<()> {
         } else {
             fleet::Plan {
                 sizes: vec![(100, s(2)), (250, s(2)), (500, s(2)), (500, s(1))],
-                decisions: 20,
+                decisions: 100,
                 window: s(12),
                 leader_reads: vec![2_000, 10_000, 20_000],
             }
         };
-        report.fleet = Some(fleet::measure(&plan)?);
+        report.fleet = Some(fleet::measure(plan)?);
     }
     report.write(&cli.out)?;
     Ok(())

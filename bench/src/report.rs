@@ -370,10 +370,11 @@ fn udp_table(rows: &[UdpRow]) -> String {
 }
 
 fn fleet_tables(f: &Fleet) -> String {
-    let mut s = String::from(
-        "\n### Fleet (simulated nodes in one process: the agent's watcher and session tasks, no data plane; 3-member etcd on loopback; 2 services per node, lease TTL 6 s)\n\n\
+    let mut s = format!(
+        "\n### Fleet (simulated nodes in one process: the agent's watcher and session tasks, no data plane; 3-member etcd on tmpfs in a namespace of its own, the simulator in it; 2 services per node, lease TTL 6 s; 1-minute load average {:.1} before, {:.1} after)\n\n\
          | nodes | summary interval | decision → every node p50 | p99 | complete | CAS committed p50 | one decision, per node p50 / p99 / max |\n\
          |---:|---:|---:|---:|---:|---:|---:|\n",
+        f.load_average[0], f.load_average[1],
     );
     for r in &f.rows {
         let _ = writeln!(
@@ -392,18 +393,19 @@ fn fleet_tables(f: &Fleet) -> String {
         );
     }
     s.push_str(
-        "\n| nodes | summary interval | etcd writes/s (raft proposals) | txns/s | keys put/s | keepalives/s | ranges/s | in per node per minute | out of etcd | etcd CPU (3 members) | largest member RSS | etcd sockets | simulator CPU | leader reads (summaries) | watch / session restarts |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "\n| nodes | summary interval | etcd writes/s (raft proposals) | txns/s | keys put/s | values put | keepalives/s | ranges/s | in per node per minute | out of etcd | etcd CPU (3 members) | largest member RSS | etcd sockets | simulator CPU | leader reads (summaries) | watch / session restarts (start-up + measured) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &f.rows {
         let _ = writeln!(
             s,
-            "| {} | {} s | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} kB | {:.0} kB/s | {:.0} % | {:.0} MiB | {} | {:.0} % | {} ({}) | {} / {} |",
+            "| {} | {} s | {:.0} | {:.0} | {:.0} | {:.0} kB/s | {:.0} | {:.1} | {:.1} kB | {:.0} kB/s | {:.0} % | {:.0} MiB | {} | {:.0} % | {} ({}) | {} + {} / {} + {} |",
             r.nodes,
             r.summary_interval_s,
             r.proposals_per_s,
             r.txns_per_s,
             r.puts_per_s,
+            r.put_bytes_per_s / 1e3,
             r.keepalives_per_s,
             r.ranges_per_s,
             r.bytes_in_per_node_min / 1e3,
@@ -414,8 +416,17 @@ fn fleet_tables(f: &Fleet) -> String {
             r.bench_cpu_pct,
             r.leader_reads,
             r.leader_saw,
-            r.watch_restarts,
-            r.session_restarts,
+            r.watch_restarts[0],
+            r.watch_restarts[1],
+            r.session_restarts[0],
+            r.session_restarts[1],
+        );
+    }
+    if let Some(last) = f.rows.last() {
+        let _ = writeln!(
+            s,
+            "\netcd's database after the last row: {:.0} MB (no compaction configured).",
+            last.db_mb
         );
     }
     s.push_str(
