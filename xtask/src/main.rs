@@ -46,12 +46,13 @@ enum Cmd {
     /// connections to canary, and the observed split printed live. Ctrl-C
     /// stops it and removes the lab.
     Demo(demo::Args),
-    /// Run the benchmarks (about 9 minutes on 2 cores) and write
+    /// Run the benchmarks (about 11 minutes on 2 cores) and write
     /// target/bench/results.{json,md}: per-packet cost through
     /// BPF_PROG_TEST_RUN next to empty programs; end to end in network
     /// namespaces against direct routing, iptables and HAProxy; a client
     /// on the node itself, socket LB against iptables and direct; the agent's
-    /// CPU, memory and scrape time; breaker and judge reaction times.
+    /// CPU, memory and scrape time; breaker and judge reaction times; up to
+    /// 500 simulated fleet nodes against a 3-member etcd.
     /// Installs iptables and HAProxy. Arguments after `--` go to
     /// canary-bench (e.g. `-- --quick` or `-- --only packet,e2e`).
     Bench {
