@@ -82,6 +82,9 @@ pub struct FleetRow {
     /// gRPC bytes sent by the members per second (watch events, range
     /// answers, acknowledgements).
     pub bytes_out_per_s: f64,
+    /// Bytes the members sent per decision beyond the steady rate (the
+    /// watch events to every node, the commit's answer).
+    pub fanout_bytes_per_decision: f64,
     /// Bytes of values put per second
     /// (`etcd_debugging_mvcc_total_put_size_in_bytes`): what the MVCC
     /// history grows by until etcd compacts it.
@@ -142,6 +145,8 @@ pub struct Fleet {
     pub rows: Vec<FleetRow>,
     /// The leader's read at growing sizes.
     pub leader_reads: Vec<LeaderRead>,
+    /// Size of one decision's record (JSON) and of one summary, bytes.
+    pub record_bytes: [usize; 2],
     /// The machine's 1-minute load average before and after the section
     /// (other work on the machine shows here).
     pub load_average: [f64; 2],
@@ -225,9 +230,14 @@ fn simulate(cluster: &Etcd, plan: &Plan) -> anyhow::Result<Fleet> {
     }
     let leader_reads = rt.block_on(leader_reads(cluster, &plan.leader_reads))?;
     drop(rt);
+    let size = |v: serde_json::Result<Vec<u8>>| v.map_or(0, |v| v.len());
     Ok(Fleet {
         rows,
         leader_reads,
+        record_bytes: [
+            size(serde_json::to_vec(&record(1))),
+            size(serde_json::to_vec(&summary(SERVICES[0], "node-00000"))),
+        ],
         load_average: [f64::NAN; 2],
     })
 }
@@ -504,6 +514,7 @@ fn run_row(
     let rate = |f: fn(&Counters) -> f64| (f(&after) - f(&before)) / window;
 
     // Decisions, one after the other, each waited for at every node.
+    let before_decisions = counters(cluster)?;
     let decided = rt.block_on(async {
         let mut arrived: HashMap<i64, Vec<(usize, Instant)>> = HashMap::new();
         let mut out = Vec::new();
@@ -551,6 +562,18 @@ fn run_row(
         }
         anyhow::Ok((out, base))
     });
+    let after_decisions = counters(cluster)?;
+    // What the members sent beyond the steady window's rate, per decision
+    // (decision 0, the record's creation, included): the watch fan-out.
+    let fanout_bytes = match (before_decisions.at, after_decisions.at) {
+        (Some(a), Some(b)) => {
+            let extra = after_decisions.bytes_out
+                - before_decisions.bytes_out
+                - rate(|c| c.bytes_out) * b.duration_since(a).as_secs_f64();
+            extra / (plan.decisions + 1) as f64
+        }
+        _ => f64::NAN,
+    };
     // The per-node spread needs the individual arrivals: one more decision,
     // recorded node by node.
     let spread = rt.block_on(async {
@@ -630,6 +653,7 @@ fn run_row(
         bytes_in_per_node_min: rate(|c| c.bytes_in) * 60.0 / nodes as f64,
         bytes_out_per_s: rate(|c| c.bytes_out),
         put_bytes_per_s: rate(|c| c.put_bytes),
+        fanout_bytes_per_decision: fanout_bytes,
         db_mb: after.db_bytes / 1e6,
         etcd_cpu_pct: rate(|c| c.cpu_s) * 100.0,
         etcd_rss_mib,

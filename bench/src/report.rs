@@ -371,15 +371,15 @@ fn udp_table(rows: &[UdpRow]) -> String {
 
 fn fleet_tables(f: &Fleet) -> String {
     let mut s = format!(
-        "\n### Fleet (simulated nodes in one process: the agent's watcher and session tasks, no data plane; 3-member etcd on tmpfs in a namespace of its own, the simulator in it; 2 services per node, lease TTL 6 s; 1-minute load average {:.1} before, {:.1} after)\n\n\
-         | nodes | summary interval | decision → every node p50 | p99 | complete | CAS committed p50 | one decision, per node p50 / p99 / max |\n\
-         |---:|---:|---:|---:|---:|---:|---:|\n",
-        f.load_average[0], f.load_average[1],
+        "\n### Fleet (simulated nodes in one process: the agent's watcher and session tasks, no data plane; 3-member etcd on tmpfs in a namespace of its own, the simulator in it; 2 services per node, lease TTL 6 s; a decision's record {} bytes, a summary {} bytes; 1-minute load average {:.1} before, {:.1} after)\n\n\
+         | nodes | summary interval | decision → every node p50 | p99 | complete | CAS committed p50 | one decision, per node p50 / p99 / max | sent by etcd per decision |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        f.record_bytes[0], f.record_bytes[1], f.load_average[0], f.load_average[1],
     );
     for r in &f.rows {
         let _ = writeln!(
             s,
-            "| {} | {} s | {:.1} ms | {:.1} ms | {} of {} | {:.1} ms | {:.1} / {:.1} / {:.1} ms |",
+            "| {} | {} s | {:.1} ms | {:.1} ms | {} of {} | {:.1} ms | {:.1} / {:.1} / {:.1} ms | {:.0} kB |",
             r.nodes,
             r.summary_interval_s,
             r.p50_ms(),
@@ -390,6 +390,7 @@ fn fleet_tables(f: &Fleet) -> String {
             r.one_decision_ms[0],
             r.one_decision_ms[1],
             r.one_decision_ms[2],
+            r.fanout_bytes_per_decision / 1e3,
         );
     }
     s.push_str(
