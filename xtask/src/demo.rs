@@ -21,27 +21,35 @@ use canary_lab::{AgentProcess, BackendSpec, Behavior, Lab, LabSpec, request_once
 use crate::{build_agent, prereqs, require_root};
 
 /// The service VIP the demo clients connect to.
-const VIP: &str = "10.96.0.10:80";
+pub(crate) const VIP: &str = "10.96.0.10:80";
 
 /// Options of the demo.
 #[derive(clap::Args)]
 pub struct Args {
     /// Stop after this many seconds (default: run until Ctrl-C).
     #[arg(long, value_name = "SECONDS")]
-    duration: Option<u64>,
+    pub(crate) duration: Option<u64>,
     /// Canary weight: "5%", "0.25%" or "2500ppm".
     #[arg(long, default_value = "5%")]
     weight: String,
     /// New connections per second the clients open (bounded: 1 to 2000).
     #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u32).range(1..=2000))]
-    rate: u32,
+    pub(crate) rate: u32,
     /// Cohort mode: "per-connection" (each connection draws) or "sticky"
     /// (each of the 256 client addresses stays in its cohort).
     #[arg(long, default_value = "per-connection")]
     cohort: String,
+    /// Three nodes sharing one rollout through a real etcd cluster: a
+    /// plan 1 → 5 → 25 → 50 → 100 % in lockstep on every node, driven by
+    /// `canaryctl` on any of them (--weight and --cohort do not apply).
+    #[arg(long)]
+    fleet: bool,
+    /// With --fleet: seconds each plan step holds.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub(crate) hold: u64,
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
+pub(crate) static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_sigint(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
@@ -56,6 +64,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     // SAFETY: the handler only stores to an atomic, which is
     // async-signal-safe.
     unsafe { libc::signal(libc::SIGINT, handler as libc::sighandler_t) };
+    if args.fleet {
+        return crate::fleet_demo::run(args);
+    }
 
     println!("building the lab: client, router, stable-1, stable-2, canary-1 (network namespaces)");
     let lab = Lab::build(&LabSpec {
@@ -221,6 +232,6 @@ fn weight_fraction(w: &str) -> anyhow::Result<f64> {
         .with_context(|| format!("--weight {w:?}: write it like \"5%\", \"0.25%\" or \"2500ppm\""))
 }
 
-fn indent(text: &str) -> String {
+pub(crate) fn indent(text: &str) -> String {
     text.lines().flat_map(|l| ["    ", l, "\n"]).collect()
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod fleet_demo;
 mod prereqs;
 mod test;
 
