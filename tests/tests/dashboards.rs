@@ -135,9 +135,17 @@ fn every_dashboard_and_alert_query_returns_series_from_a_real_prometheus() {
         64,
     );
     // A second interface, deleted later: the detached alert's condition.
-    lab.router().ip(&["link", "add", "dmy0", "type", "veth", "peer", "name", "dmy1"]).expect("add dmy0");
-    lab.router().ip(&["link", "set", "dmy0", "up"]).expect("dmy0 up");
-    lab.router().ip(&["link", "set", "dmy1", "up"]).expect("dmy1 up");
+    lab.router()
+        .ip(&[
+            "link", "add", "dmy0", "type", "veth", "peer", "name", "dmy1",
+        ])
+        .expect("add dmy0");
+    lab.router()
+        .ip(&["link", "set", "dmy0", "up"])
+        .expect("dmy0 up");
+    lab.router()
+        .ip(&["link", "set", "dmy1", "up"])
+        .expect("dmy1 up");
     let config = format!(
         "[agent]\ninterfaces = [\"{}\", \"dmy0\"]\n\n\
          [[service]]\nname = \"web\"\nvip = \"10.96.0.10:80\"\nstable = [\"{s}\"]\ncanary = [\"{c}\"]\n\
@@ -156,7 +164,10 @@ fn every_dashboard_and_alert_query_returns_series_from_a_real_prometheus() {
         .query("count_over_time(canary_build_info[1m])")
         .is_none_or(|n| n < 2.0)
     {
-        assert!(Instant::now() < deadline, "Prometheus never scraped the agent twice");
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never scraped the agent twice"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let vip: SocketAddrV4 = "10.96.0.10:80".parse().expect("VIP");
@@ -182,7 +193,9 @@ fn every_dashboard_and_alert_query_returns_series_from_a_real_prometheus() {
         .expect("sender")
         .expect("client namespace");
     canaryctl_ok(&agent.control_socket(), &["rollback", "web"]);
-    lab.router().ip(&["link", "del", "dmy0"]).expect("delete dmy0");
+    lab.router()
+        .ip(&["link", "del", "dmy0"])
+        .expect("delete dmy0");
     // A few scrapes of the final state.
     std::thread::sleep(Duration::from_secs(4));
 
