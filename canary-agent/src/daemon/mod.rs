@@ -165,6 +165,11 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
 
     let config = opts.load().await?;
+    // The fleet's TLS files are read before anything is attached: an
+    // unreadable one fails the start cleanly (connecting itself is lazy).
+    if let Some(fc) = &config.fleet {
+        crate::fleet::connect(fc).await.map_err(AgentError::Fleet)?;
+    }
     // Sockets are bound before anything is attached: a taken port or a
     // live agent on the control socket fails cleanly.
     let metrics_addr = config.agent.metrics_addr;
