@@ -181,8 +181,17 @@ impl EtcdCluster {
     /// (`--initial-cluster-state existing`) and waits until it answers
     /// health checks (20 s at most).
     pub fn restart(&mut self, i: usize) {
-        assert!(!self.is_running(i), "etcd member {i} is still running");
-        self.spawn(i, "existing");
+        self.restart_all(&[i]);
+    }
+
+    /// Starts the killed `members` again together (a quorum lost with all
+    /// of them comes back only when enough run) and waits until they
+    /// answer health checks (20 s at most).
+    pub fn restart_all(&mut self, members: &[usize]) {
+        for &i in members {
+            assert!(!self.is_running(i), "etcd member {i} is still running");
+            self.spawn(i, "existing");
+        }
         self.wait_healthy(Duration::from_secs(20));
     }
 

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod fleet_demo;
 mod prereqs;
 mod test;
 
@@ -42,9 +43,11 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Run the demo lab: a client, two stable backends and one canary backend
-    /// in network namespaces, the real agent steering a share of new
-    /// connections to canary, and the observed split printed live. Ctrl-C
-    /// stops it and removes the lab.
+    /// in network namespaces, the real agent running a rollout plan
+    /// (1 → 5 → 25 → 50 → 100 %) judged live, progress and verdicts printed
+    /// every second (--scenario bad-canary: the canary breaks mid-rollout
+    /// and is rolled back; --weight: a fixed split; --fleet: three nodes
+    /// and etcd). Ctrl-C stops it and removes the lab.
     Demo(demo::Args),
     /// Run the benchmarks (about 11 minutes on 2 cores) and write
     /// target/bench/results.{json,md}: per-packet cost through

@@ -40,7 +40,7 @@ pub(super) struct FleetLink {
 }
 
 /// How long an operator's command waits for etcd.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl FleetLink {
     pub(super) fn new(fleet: Fleet) -> FleetLink {

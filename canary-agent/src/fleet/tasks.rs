@@ -22,6 +22,9 @@ use crate::{config::FleetConfig, error_chain};
 
 /// Pause before reconnecting after a failure.
 const RETRY: Duration = Duration::from_millis(250);
+/// How long an operator's compare-and-swap is retried while etcd does not
+/// answer (an election takes about a second).
+pub const CAS_PATIENCE: Duration = Duration::from_secs(4);
 /// How often the leader looks at the fleet's summaries.
 pub const GATE_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -308,7 +311,24 @@ pub async fn publisher(
                 base,
                 reply,
             }) => {
-                let out = cas(&mut client, &keys, &service, &release, &record, base).await;
+                // An operator waits: retried while etcd elects a new
+                // leader (a write needs one), within CAS_PATIENCE.
+                let deadline = tokio::time::Instant::now() + CAS_PATIENCE;
+                let out = loop {
+                    match cas(&mut client, &keys, &service, &release, &record, base).await {
+                        // An earlier attempt went through after all.
+                        Err(CasError::Conflict(Some(found), rev)) if found == record => {
+                            break Ok(rev);
+                        }
+                        Err(CasError::Unavailable(_))
+                            if reply.is_some()
+                                && tokio::time::Instant::now() + RETRY < deadline =>
+                        {
+                            tokio::time::sleep(RETRY).await;
+                        }
+                        other => break other,
+                    }
+                };
                 if let Err(CasError::Unavailable(e)) = &out {
                     warn!(service = %service, error = %e, "fleet: decision not published, etcd unavailable");
                 }
