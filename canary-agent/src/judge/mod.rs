@@ -250,14 +250,20 @@ fn slower_tail(
         && q.c99 - q.s99 >= cfg.min_p99_increase_ns
 }
 
-/// An e-value as people read it, from its `ln`.
+/// An e-value as people read it, from its `ln`: three significant digits.
 fn e_value(ln_e: f64) -> String {
     let log10 = ln_e / std::f64::consts::LN_10;
-    if log10.abs() < 4.0 {
-        format!("{:.3}", ln_e.exp())
+    if (-3.0..6.0).contains(&log10) {
+        let e = ln_e.exp();
+        // No decimal from 100 up, one more per decade below.
+        let decimals = [2.0, 1.0, 0.0, -1.0, -2.0]
+            .iter()
+            .position(|&d| log10 >= d)
+            .unwrap_or(5);
+        format!("{e:.decimals$}")
     } else {
         format!(
-            "{:.1}e{:.0}",
+            "{:.2}e{:.0}",
             10f64.powf(log10 - log10.floor()),
             log10.floor()
         )
@@ -268,10 +274,10 @@ fn e_value(ln_e: f64) -> String {
 pub fn judge(cfg: &JudgeConfig, stable: &CohortWindow, canary: &CohortWindow) -> Verdict {
     let a = assess(cfg, stable, canary);
     let (cf, sf) = (canary.failure_ratio(), stable.failure_ratio());
-    let bar = format!("1/{:.2e}", (-cfg.ln_bar()).exp());
+    let bar = e_value(cfg.ln_bar());
     let failures = |ln_e: f64| {
         format!(
-            "failures canary {:.2}% ({}/{}) vs stable {:.2}% ({}/{}), e={} (significant at {bar})",
+            "failures canary {:.2}% ({}/{}) vs stable {:.2}% ({}/{}), e={} ({bar} needed)",
             cf * 100.0,
             canary.failures,
             canary.connections,
@@ -286,7 +292,7 @@ pub fn judge(cfg: &JudgeConfig, stable: &CohortWindow, canary: &CohortWindow) ->
         let q = Quantiles::of(stable, canary);
         format!(
             "first byte p50 canary {:.3} ms vs stable {:.3} ms (x{:.2}), p99 {:.3} vs {:.3} ms, \
-             e={} over {cn}/{sn} samples",
+             e={} ({bar} needed) over {cn}/{sn} samples",
             q.c50 / 1e6,
             q.s50 / 1e6,
             q.median_ratio(),
@@ -391,6 +397,19 @@ mod tests {
                 center * 8 / 10 + (s % (center * 4 / 10))
             })
             .collect()
+    }
+
+    #[test]
+    fn e_values_read_with_three_significant_digits() {
+        for (e, text) in [
+            (1654.866, "1655"),
+            (12.345, "12.3"),
+            (0.046_12, "0.0461"),
+            (1e-5, "1.00e-5"),
+            (5.8e53, "5.80e53"),
+        ] {
+            assert_eq!(e_value(f64::ln(e)), text, "{e}");
+        }
     }
 
     #[test]
