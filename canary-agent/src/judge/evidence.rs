@@ -1,33 +1,40 @@
-//! The one sequential test both checks use: is a connection's cohort
-//! independent of which of two groups it falls in (failed or not; first
-//! byte above a threshold or not)?
+//! The one sequential test both checks use: is the canary over-represented
+//! in group `a` compared with group `b` (failed against not failed; first
+//! byte after a threshold against before it)?
 //!
-//! Under the null (an identical canary) the cohort of each connection is
-//! drawn independently of everything else, Bernoulli(w) for an unknown
-//! share `w`; the alternative lets each group have its own canary share.
-//! The evidence against the null is the e-value
+//! Each connection is drawn to canary at random, independently of
+//! everything else. Given which group each connection falls in, its cohort
+//! is then Bernoulli(`q_a`) in group `a` and Bernoulli(`q_b`) in group `b`,
+//! and a canary no worse than stable is exactly `q_a ≤ q_b` (for failures:
+//! `q_a = w·p_c / (w·p_c + (1 − w)·p_s)`, at most `w` iff `p_c ≤ p_s`). The
+//! evidence against that null is the e-value
 //!
 //! ```text
-//!        m(a_c, a_s) · m(b_c, b_s)
-//!   E = ───────────────────────────,   m(x, y) = B(x + ½, y + ½) / B(½, ½)
-//!        sup_w w^n_c (1 − w)^n_s
+//!         m(a_c, a_s) · m(b_c, b_s)
+//!   E = ──────────────────────────────,   m(x, y) = B(x + ½, y + ½) / B(½, ½)
+//!        sup_{q_a ≤ q_b} L(q_a, q_b)
 //! ```
 //!
-//! where `a`, `b` are the two groups' (canary, stable) counts and `m` is the
-//! Krichevsky–Trofimov (Jeffreys Beta(½, ½)) mixture of the Bernoulli
-//! likelihood. For every `w` of the null, `E` is at most the mixture's
-//! likelihood ratio against that `w`, a nonnegative martingale with mean 1
-//! over connections, so by Ville's inequality `P(sup_t E_t ≥ 1/α) ≤ α`:
-//! the probability that `E` *ever* reaches `1/α`, however often it is looked
-//! at and whenever the looks stop, is at most `α` (Robbins 1970; the
-//! maximum-likelihood denominator is the e-process construction of Ramdas,
-//! Grünwald, Vovk and Shafer 2023, "Game-theoretic statistics and safe
-//! anytime-valid inference"). Both the numerator and the denominator depend
-//! on counts only, so looking at cumulative counts in batches loses nothing.
+//! where `a`, `b` are the two groups' (canary, stable) counts, `L` is the
+//! likelihood of the cohorts seen, and `m` is the Krichevsky–Trofimov
+//! (Jeffreys Beta(½, ½)) mixture of the Bernoulli likelihood. The
+//! denominator is `L` at the groups' own shares when `a`'s is not the
+//! larger (then `E ≤ 1`), else at the pooled share `w = n_c / n`. For
+//! every `(q_a, q_b)` of the null, `E` is at most the mixture's likelihood
+//! ratio against it, a nonnegative martingale with mean 1 over
+//! connections, so by Ville's inequality `P(sup_t E_t ≥ 1/α) ≤ α`: the
+//! probability that `E` *ever* reaches `1/α`, however often it is looked at
+//! and whenever the looks stop, is at most `α` (Robbins 1970; a maximum-
+//! likelihood denominator over a composite null as in Wasserman, Ramdas and
+//! Balakrishnan 2020, "Universal inference", and Ramdas, Grünwald, Vovk and
+//! Shafer 2023, "Game-theoretic statistics and safe anytime-valid
+//! inference"). Both the numerator and the denominator depend on counts
+//! only, so looking at cumulative counts in batches loses nothing.
 //!
 //! Validity needs nothing about the latencies or failures themselves (they
 //! may be correlated in time, heavy-tailed, bursty): only that the cohort is
-//! drawn at random per connection, which the data plane does.
+//! drawn at random per connection, which the data plane does, and that a
+//! connection's group is known when it is counted.
 
 use std::sync::LazyLock;
 
@@ -102,15 +109,42 @@ pub struct Split {
     pub stable: u64,
 }
 
+impl Split {
+    /// Whether the canary's share here is larger than in `other` (never
+    /// for an empty group).
+    pub fn over_represented_against(self, other: Split) -> bool {
+        // a_c / a_n > b_c / b_n without division: a_c·b_s > b_c·a_s.
+        u128::from(self.canary) * u128::from(other.stable)
+            > u128::from(other.canary) * u128::from(self.stable)
+    }
+}
+
 /// `ln E` for the two groups `a` and `b` (see the module's documentation).
 pub fn ln_e_value(a: Split, b: Split) -> f64 {
     ln_mixture(a.canary, a.stable) + ln_mixture(b.canary, b.stable) - ln_null(a, b)
 }
 
-/// `ln sup_w w^n_c (1 − w)^n_s` over both groups.
+/// `ln sup L` over the null `q_a ≤ q_b`.
 pub(super) fn ln_null(a: Split, b: Split) -> f64 {
-    let (c, s) = (a.canary + b.canary, a.stable + b.stable);
-    x_ln_share(c, c + s) + x_ln_share(s, c + s)
+    if a.over_represented_against(b) {
+        ln_pooled(a, b)
+    } else {
+        ln_own(a) + ln_own(b)
+    }
+}
+
+/// `ln sup_w w^n_c (1 − w)^n_s` over both groups: `L` at the pooled share.
+pub(super) fn ln_pooled(a: Split, b: Split) -> f64 {
+    ln_own(Split {
+        canary: a.canary + b.canary,
+        stable: a.stable + b.stable,
+    })
+}
+
+/// `ln` of one group's likelihood at its own share.
+fn ln_own(g: Split) -> f64 {
+    let n = g.canary + g.stable;
+    x_ln_share(g.canary, n) + x_ln_share(g.stable, n)
 }
 
 /// Evidence of several tests of the same null, averaged with equal weights
@@ -196,6 +230,34 @@ mod tests {
             })
             .sum();
         assert!((total - 1.0).abs() < 1e-12, "sums to {total}");
+    }
+
+    #[test]
+    fn evidence_is_one_sided() {
+        // The canary is under-represented among failures: a canary that
+        // fails less never gathers evidence against it.
+        let better = ln_e_value(
+            Split {
+                canary: 0,
+                stable: 20,
+            },
+            Split {
+                canary: 1000,
+                stable: 980,
+            },
+        );
+        assert!(better <= 0.0, "ln e = {better}");
+        let worse = ln_e_value(
+            Split {
+                canary: 20,
+                stable: 0,
+            },
+            Split {
+                canary: 980,
+                stable: 1000,
+            },
+        );
+        assert!(worse > 5.0, "ln e = {worse}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use canary_common::stats::HIST_BUCKETS;
 
-use super::evidence::{Average, Split, ln_mixture, ln_null};
+use super::evidence::{Average, Split, ln_mixture, ln_null, ln_pooled};
 
 /// Thresholds sit at every `STEP`-th bucket boundary: every half octave
 /// (×1.41). A shift of the bulk moves the share above every threshold
@@ -15,18 +15,18 @@ const STEP: usize = 8;
 /// How many thresholds the evidence is averaged over (45).
 pub const THRESHOLDS: usize = (HIST_BUCKETS - 2) / STEP + 1;
 
-/// `ln` of the e-value against "canary first-byte times are distributed
-/// like stable's": the average, over fixed thresholds, of the evidence that
-/// samples above the threshold are canary more (or less) often than those
-/// below. Costs one pass over the buckets plus one term per threshold that
+/// `ln` of the e-value against "canary first-byte times are no slower than
+/// stable's": the average, over fixed thresholds, of the evidence that
+/// samples above the threshold are canary more often than those below. Costs one pass over the buckets plus one term per threshold that
 /// splits the samples.
 pub fn ln_e(canary: &[u64; HIST_BUCKETS], stable: &[u64; HIST_BUCKETS]) -> f64 {
     let total = Split {
         canary: canary.iter().sum(),
         stable: stable.iter().sum(),
     };
-    // The denominator depends on the totals only.
-    let null = ln_null(total, Split::default());
+    // Where the canary is over-represented above a threshold, the
+    // denominator is the same for every threshold: the pooled share's.
+    let pooled = ln_pooled(total, Split::default());
     let mut avg = Average::new();
     // Thresholds with every sample on one side all give the same value.
     let mut unsplit = 0u64;
@@ -48,6 +48,11 @@ pub fn ln_e(canary: &[u64; HIST_BUCKETS], stable: &[u64; HIST_BUCKETS]) -> f64 {
         if above == Split::default() || below == Split::default() {
             unsplit += 1;
         } else {
+            let null = if above.over_represented_against(below) {
+                pooled
+            } else {
+                ln_null(above, below)
+            };
             avg.add(
                 ln_mixture(above.canary, above.stable) + ln_mixture(below.canary, below.stable)
                     - null,
@@ -55,7 +60,7 @@ pub fn ln_e(canary: &[u64; HIST_BUCKETS], stable: &[u64; HIST_BUCKETS]) -> f64 {
             );
         }
     }
-    avg.add(ln_mixture(total.canary, total.stable) - null, unsplit);
+    avg.add(ln_mixture(total.canary, total.stable) - pooled, unsplit);
     avg.ln_mean()
 }
 

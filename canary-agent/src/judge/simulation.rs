@@ -235,6 +235,40 @@ fn identical_cohorts_judged_a_million_times_stay_under_alpha() {
     );
 }
 
+/// A canary *better* than stable (fewer failures, faster first bytes) is
+/// inside the null of both one-sided tests: its evidence stays under the
+/// bound too (200 rollouts × 1000 looks).
+#[test]
+fn a_better_canary_gathers_no_evidence_against_it() {
+    const ROLLOUTS: u32 = 200;
+    const ALPHA: f64 = 0.05;
+    let better = Backend {
+        failure: 0.001,
+        median_ns: 1.5e6,
+    };
+    let mut reached = 0u32;
+    for r in 0..ROLLOUTS {
+        let mut sim = Rollout::new(0xbe77_0000 + u64::from(r), 0.2, STABLE, better, 25);
+        let mut max = f64::NEG_INFINITY;
+        for _ in 0..1000 {
+            sim.step();
+            let [stable, canary] = &sim.windows;
+            max = max
+                .max(failures::ln_e(stable, canary))
+                .max(latency::ln_e(&canary.first_byte, &stable.first_byte));
+        }
+        reached += u32::from(max >= (1.0 / ALPHA).ln());
+    }
+    eprintln!("better canary: evidence reached 1/{ALPHA} in {reached} of {ROLLOUTS} rollouts");
+    // Two tests at ALPHA each, with a 3σ binomial margin (as above).
+    let n = f64::from(ROLLOUTS);
+    let bound = 2.0 * ALPHA + 3.0 * (2.0 * ALPHA * (1.0 - 2.0 * ALPHA) / n).sqrt();
+    assert!(
+        f64::from(reached) / n <= bound,
+        "{reached} of {ROLLOUTS} better canaries gathered evidence 1/{ALPHA} against them"
+    );
+}
+
 /// Looks to detect a regression over `runs` rollouts: (median, max), and
 /// how many were found within `max_looks`.
 fn detection(
