@@ -2,20 +2,24 @@
 //!
 //! Sequential, anytime-valid statistics over what the kernel counted since
 //! the step began (counter and histogram deltas), so the probability that
-//! an identical canary is *ever* rolled back during a rollout is bounded by
-//! `alpha` per test, however often it is judged and for however long
-//! (`evidence.rs` has the method and its references):
-//! - failures: an e-process against "a connection's cohort is independent
-//!   of whether it failed" (`failures.rs`), which rolls back once it
-//!   reaches `1/alpha` and the canary's failure ratio is at least
+//! a canary no worse than stable is *ever* rolled back during a rollout is
+//! bounded by `alpha` per test, however often it is judged and for however
+//! long (`evidence.rs` has the method and its references):
+//! - failures: an e-process against "canary connections fail no more often
+//!   than stable's", i.e. the canary is not over-represented among failed
+//!   connections (`failures.rs`); it rolls back once it reaches
+//!   `windows/alpha` and the canary's failure ratio is at least
 //!   `min_failure_increase` above stable's;
 //! - latency: the average over half-octave thresholds of e-processes
-//!   against "a sample's cohort is independent of whether its first byte
-//!   came later than the threshold" (`latency.rs`), which rolls back once
-//!   it reaches `1/alpha` and the median (or p99) differs by at least the
+//!   against "the canary is not over-represented among first bytes later
+//!   than the threshold" (`latency.rs`); it rolls back once it reaches
+//!   `windows/alpha` and the median (or p99) is slower by at least the
 //!   practical floors;
 //! - a hard guard on the canary failure ratio that needs no statistics;
 //! - too few samples: `insufficient-data`, which holds the step.
+//!
+//! `simulation.rs` (tests) judges 10^6 simulated looks of identical
+//! cohorts and measures detection times.
 
 mod evidence;
 mod failures;
@@ -117,7 +121,8 @@ pub enum Verdict {
     Pass { detail: String },
     /// A test fails; the canary should be rolled back.
     Fail { reason: String, detail: String },
-    /// Not enough samples to judge, or inconclusive evidence: hold.
+    /// Not enough samples to judge: hold (whatever else is inconclusive
+    /// holds the same way).
     InsufficientData { detail: String },
 }
 
