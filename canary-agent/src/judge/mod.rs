@@ -429,6 +429,31 @@ mod tests {
         }
     }
 
+    /// 22 failures of 1000 against none of 1000: e is several thousand,
+    /// enough for one window's alpha, not for a hundredth of it.
+    #[test]
+    fn alpha_is_split_among_the_plans_windows() {
+        let stable = window(1000, 0, around(1_000_000, 1000, 20));
+        let canary = window(1000, 22, around(1_000_000, 978, 21));
+        let one = JudgeConfig::default();
+        let v = judge(&one, &stable, &canary);
+        assert!(
+            matches!(&v, Verdict::Fail { reason, .. } if reason == "failures"),
+            "{}",
+            v.describe()
+        );
+        let hundred = JudgeConfig {
+            windows: 100,
+            ..one
+        };
+        let v = judge(&hundred, &stable, &canary);
+        assert!(
+            matches!(&v, Verdict::Pass { .. }) && v.describe().contains("(100000 needed)"),
+            "{}",
+            v.describe()
+        );
+    }
+
     #[test]
     fn an_identical_canary_passes() {
         let stable = window(5000, 10, around(1_000_000, 5000, 1));
