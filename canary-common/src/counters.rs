@@ -79,11 +79,16 @@ pub enum Counter {
     /// rewrite (IPv4 options or IPv6 extension headers in the quoted
     /// header, or a quote too short for its ports): passed unrewritten.
     IcmpQuoteUnsupported,
+    /// A canary connection past its service's drain deadline after a
+    /// rollback: the client's segment went on to the backend as a RST,
+    /// which resets the backend's side (the backend's answer to the
+    /// client's next segment resets the client's).
+    DrainReset,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 25] = [
+    pub const ALL: [Counter; 26] = [
         Counter::NewFlow,
         Counter::CtMiss,
         Counter::SynRetransmit,
@@ -109,6 +114,7 @@ impl Counter {
         Counter::UdpExpired,
         Counter::IcmpErrorNatted,
         Counter::IcmpQuoteUnsupported,
+        Counter::DrainReset,
     ];
 
     /// Number of slots in the `COUNTERS` map.
@@ -143,6 +149,7 @@ impl Counter {
             Counter::UdpExpired => "udp_expired",
             Counter::IcmpErrorNatted => "icmp_error_natted",
             Counter::IcmpQuoteUnsupported => "icmp_quote_unsupported",
+            Counter::DrainReset => "drain_reset",
         }
     }
 
@@ -164,6 +171,7 @@ impl Counter {
                 | Counter::SockSourceUnknown
                 | Counter::UdpExpired
                 | Counter::IcmpErrorNatted
+                | Counter::DrainReset
         )
     }
 }

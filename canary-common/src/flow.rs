@@ -119,6 +119,10 @@ pub const ST_TIMED_OUT: u64 = 1 << 11;
 /// counted once as refused. The flow is closed with it, so the client's
 /// next datagram on the 5-tuple is a new flow (steered afresh).
 pub const ST_REFUSED: u64 = 1 << 12;
+/// Forward entry, set by the agent: the flow's drain deadline after a
+/// rollback has passed; the client's next segment is turned into a RST to
+/// the backend.
+pub const ST_DRAIN: u64 = 1 << 13;
 
 /// Refresh granularity of a UDP entry's last-seen time: a packet rewrites
 /// it only when it is at least this old, so a busy flow does not write

@@ -6,8 +6,8 @@ use canary_common::{
     addr::Addr,
     counters::Counter,
     flow::{
-        CT_REVERSE, CtEntry, ST_BACKEND_FIN, ST_CLIENT_FIN, ST_REQUEST, ST_RST, ST_SYN_RETRIED,
-        is_syn_retry,
+        CT_REVERSE, CtEntry, ST_BACKEND_FIN, ST_CLIENT_FIN, ST_DRAIN, ST_REQUEST, ST_RST,
+        ST_SYN_RETRIED, is_syn_retry,
     },
     service::COHORT_CANARY,
 };
@@ -58,11 +58,16 @@ fn segment<F: Rewrite>(ctx: &F, pkt: &Packet) -> Result<Action, Counter> {
         .map(|e| (e, e.read()))
         .filter(|(_, ct)| ct.flags & CT_REVERSE == 0)
         .filter(|(_, ct)| !(pkt.is_syn() && ct.state & (ST_CLIENT_FIN | ST_RST) != 0));
+    // Past its drain deadline (set by the agent after a rollback): this
+    // segment goes on as a RST, and the flow is closed like a client RST.
+    let mut drain = false;
     let (entry, backend_addr, backend_port, slot): (Option<Entry>, Addr, u16, u32) = match tracked {
         Some((entry, ct)) => {
             if pkt.first_fragment {
                 return Err(Counter::Fragment);
             }
+            drain =
+                ct.state & (ST_DRAIN | ST_RST) == ST_DRAIN && !pkt.is_syn() && !pkt.has(TCP_RST);
             if pkt.is_syn() {
                 syn_again(entry, &ct, pkt);
             }
@@ -138,7 +143,11 @@ fn segment<F: Rewrite>(ctx: &F, pkt: &Packet) -> Result<Action, Counter> {
     }
 
     ctx.rewrite(pkt, End::Dst, backend_addr, backend_port)?;
-    if pkt.has(TCP_RST)
+    if drain {
+        ctx.reset(pkt)?;
+        count(Counter::DrainReset);
+    }
+    if (pkt.has(TCP_RST) || drain)
         && let Some(entry) = entry
     {
         // Marked closing, not removed: if the backend ignores this RST (a
@@ -149,6 +158,7 @@ fn segment<F: Rewrite>(ctx: &F, pkt: &Packet) -> Result<Action, Counter> {
             backend_port,
         ));
         if conntrack::rst(entry, rev, true, conntrack::now())
+            && !drain
             && let Some(c) = counters
         {
             c.resets_from_client += 1;

@@ -60,6 +60,24 @@ pub trait Rewrite: Frame {
     /// Rewrites `end` of `pkt` to `addr:port` (network byte order, of the
     /// packet's family), keeping every checksum valid.
     fn rewrite(&self, pkt: &Packet, end: End, addr: Addr, port: u16) -> Result<(), Counter>;
+
+    /// Turns the TCP segment `pkt` into a RST (keeping ACK, clearing the
+    /// other flags; the sequence number stays the sender's, which is what
+    /// the receiver expects next), keeping the checksum valid. The payload
+    /// stays: a receiver ignores data on a RST.
+    fn reset(&self, pkt: &Packet) -> Result<(), Counter>;
+}
+
+/// Offset of the TCP header's data-offset and flags word.
+const TCP_FLAGS_WORD: usize = 12;
+
+/// The flags word of `old` (as stored) made a RST: the flags byte is the
+/// word's second byte on the wire.
+#[inline(always)]
+fn reset_word(old: u16) -> u16 {
+    let mut bytes = old.to_ne_bytes();
+    bytes[1] = (bytes[1] & crate::packet::TCP_ACK) | crate::packet::TCP_RST;
+    u16::from_ne_bytes(bytes)
 }
 
 impl Rewrite for TcContext {
@@ -125,6 +143,18 @@ impl Rewrite for TcContext {
         }
         Ok(())
     }
+
+    #[inline(always)]
+    fn reset(&self, pkt: &Packet) -> Result<(), Counter> {
+        let word = field::<u16, _>(self, pkt.l4 + TCP_FLAGS_WORD)?;
+        // SAFETY: bounds-checked against data_end by `field`.
+        let old = unsafe { word.read_unaligned() };
+        let new = reset_word(old);
+        // SAFETY: as above.
+        unsafe { word.write_unaligned(new) };
+        self.l4_csum_replace(pkt.csum, u64::from(old), u64::from(new), 2)
+            .map_err(|_| Counter::RewriteFailed)
+    }
 }
 
 /// A pointer to the header field at `offset`, or the rewrite fails.
@@ -183,6 +213,20 @@ impl Rewrite for XdpContext {
                     });
                 }
             }
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn reset(&self, pkt: &Packet) -> Result<(), Counter> {
+        let word = field::<u16, _>(self, pkt.l4 + TCP_FLAGS_WORD)?;
+        let check = field::<u16, _>(self, pkt.csum)?;
+        // SAFETY: both bounds-checked against data_end by `field`.
+        unsafe {
+            let old = word.read_unaligned();
+            let new = reset_word(old);
+            word.write_unaligned(new);
+            check.write_unaligned(csum::replace2(check.read_unaligned(), old, new));
         }
         Ok(())
     }

@@ -141,6 +141,8 @@ pub(super) struct RawService {
     pub(super) rollout: Option<RawRollout>,
     #[serde(default)]
     pub(super) release: Option<String>,
+    #[serde(default)]
+    pub(super) drain_deadline: Option<String>,
 }
 
 #[derive(Deserialize)]

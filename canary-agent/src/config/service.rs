@@ -190,6 +190,9 @@ pub struct ServiceConfig {
     /// belong to one release (`release = "v2.4.1"`, or derived from the
     /// canary backend set).
     pub release: String,
+    /// After a rollback, canary TCP connections still open this long
+    /// after it are reset on both sides; `None`: they drain for ever.
+    pub drain_deadline: Option<Duration>,
 }
 
 /// Validates every `[[service]]`, and what they must not share: names,
@@ -409,7 +412,18 @@ pub(super) fn validate_service(
         None => derived_release(&canary),
         Some(r) => validate_release(s, &r)?,
     };
+    let drain_deadline = match raw.drain_deadline.as_deref() {
+        None | Some("off") => None,
+        Some(t) => Some(duration_in(
+            s,
+            "drain_deadline",
+            t,
+            (Duration::from_secs(1), Duration::from_hours(30 * 24)),
+            "10m",
+        )?),
+    };
     Ok(ServiceConfig {
+        drain_deadline,
         release,
         rollout,
         breaker,

@@ -155,6 +155,9 @@ struct Agent {
     history: crate::rollout::history::History,
     /// Each service's latest verdicts with their times (`explain`).
     recent_verdicts: BTreeMap<String, std::collections::VecDeque<(u64, String)>>,
+    /// Per service, the rollback (its time) whose drain deadline was
+    /// enforced: once per rollback.
+    drained: BTreeMap<String, u64>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -225,6 +228,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         fleet: None,
         history: crate::rollout::history::History::new(&state_dir),
         recent_verdicts: BTreeMap::new(),
+        drained: BTreeMap::new(),
     };
     for svc in &agent.config.services {
         agent.history.load(&svc.name);
@@ -326,6 +330,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
             _ = sweep.tick() => {
                 agent.watch_interfaces();
                 agent.publish_attached();
+                agent.drain_due();
                 agent.refresh_summaries();
                 match agent.dp.sweep_pending(agent.config.agent.handshake_timeout) {
                     Ok(0) => {}
@@ -553,6 +558,42 @@ impl Agent {
                 }
                 Err(e) => {
                     error!(interface = %name, error = %error_chain(&e), "interface is back but cannot be re-attached; retrying every second");
+                }
+            }
+        }
+    }
+
+    /// Resets the canary connections of every rolled-back service whose
+    /// `drain_deadline` has passed since the rollback (once per rollback).
+    fn drain_due(&mut self) {
+        let now = crate::rollout::now_unix();
+        let due: Vec<(String, u64, u64)> = self
+            .config
+            .services
+            .iter()
+            .filter_map(|svc| {
+                let deadline = svc.drain_deadline?;
+                let Some(crate::rollout::ServiceState::RolledBack { at_unix, .. }) =
+                    self.rollouts.get(&svc.name).map(|r| &r.state)
+                else {
+                    return None;
+                };
+                let done = self.drained.get(&svc.name) == Some(at_unix);
+                (!done && now >= at_unix.saturating_add(deadline.as_secs()))
+                    .then(|| (svc.name.clone(), *at_unix, deadline.as_secs()))
+            })
+            .collect();
+        for (name, at, deadline) in due {
+            self.drained.insert(name.clone(), at);
+            match self.dp.drain_canary(&name) {
+                Ok(n) => warn!(
+                    service = %name,
+                    connections = n,
+                    drain_deadline_s = deadline,
+                    "drain deadline passed after the rollback: open canary connections are reset on both sides at their next client segment (counted as drain_reset)"
+                ),
+                Err(e) => {
+                    error!(service = %name, error = %error_chain(&e), "cannot reset the canary connections past the drain deadline");
                 }
             }
         }

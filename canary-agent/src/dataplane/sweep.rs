@@ -8,8 +8,8 @@ use aya::maps::IterableMap;
 
 use canary_common::{
     flow::{
-        CT_REVERSE, CT_UNTIMED, CtEntry, FlowKey, PENDING_CAPACITY, ST_CLOSED, ST_FAILED,
-        ST_REFUSED, ST_RESPONSE, ST_TIMED_OUT, SynRecord, pending, sweep, udp_expired,
+        CT_REVERSE, CT_UNTIMED, CtEntry, FlowKey, PENDING_CAPACITY, ST_CLOSED, ST_DRAIN, ST_FAILED,
+        ST_REFUSED, ST_RESPONSE, ST_RST, ST_TIMED_OUT, SynRecord, pending, sweep, udp_expired,
     },
     names,
 };
@@ -216,4 +216,39 @@ fn sweep_frame(keys: &[FlowKey]) -> Vec<u8> {
     };
     frame.extend_from_slice(bytes);
     frame
+}
+
+impl Dataplane {
+    /// Marks every open canary TCP connection of `service` for reset: the
+    /// data plane turns its client's next segment into a RST to the
+    /// backend (`drain_reset`), and the backend's answer to the client's
+    /// next one resets the client. Returns how many were marked. One walk
+    /// of `CONNTRACK` (the agent's thread; at the default 262 144 entries a
+    /// fraction of a second, once per rollback).
+    pub fn drain_canary(&mut self, service: &str) -> Result<u64, DataplaneError> {
+        let Some(svc_id) = self.installed.get(service).map(|s| s.value.svc_id) else {
+            return Ok(0);
+        };
+        let keys: Vec<FlowKey> = self.conntrack.keys().filter_map(Result::ok).collect();
+        let mut marked = 0u64;
+        for key in keys {
+            let Ok(mut fwd) = self.conntrack.get(&key, 0) else {
+                continue;
+            };
+            let open_canary = fwd.svc_id == svc_id
+                && fwd.cohort == canary_common::service::COHORT_CANARY
+                && fwd.flags & CT_REVERSE == 0
+                && fwd.state & (ST_CLOSED | ST_RST | ST_DRAIN) == 0;
+            if !open_canary {
+                continue;
+            }
+            // Not atomic with the kernel's ORs: a bit it sets in between is
+            // lost; the flow is being reset.
+            fwd.state |= ST_DRAIN;
+            if self.conntrack.insert(key, fwd, BPF_EXIST).is_ok() {
+                marked += 1;
+            }
+        }
+        Ok(marked)
+    }
 }
