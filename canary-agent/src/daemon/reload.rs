@@ -102,7 +102,7 @@ impl Agent {
             }
             // The canary-off flags go in with the services, all or nothing.
             self.dp
-                .apply(&effective(&new, &new_rollouts), &canary_off(&new_rollouts))
+                .apply(&effective(&new, &new_rollouts), &canary_off(&new, &new_rollouts))
         })();
         let report = match result {
             Ok(report) => report,

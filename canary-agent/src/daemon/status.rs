@@ -88,7 +88,9 @@ impl Agent {
                 release: svc.release.clone(),
                 state: state.name().to_string(),
                 configured_weight: svc.weight.to_string(),
-                effective_weight: state.effective_weight(svc).to_string(),
+                effective_weight: crate::rollout::enforced(svc, &state).0.to_string(),
+                mode: svc.mode.as_str().to_string(),
+                checks: self.check_lines(&svc.name),
                 step: plan_step(svc, &state),
                 observed_canary_share: (total > 0)
                     .then(|| cohorts[1].connections as f64 / total as f64),

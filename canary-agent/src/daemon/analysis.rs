@@ -1,0 +1,305 @@
+//! Evidence from Prometheus, off the main loop: the team's checks of each
+//! plan-driven service and, on the fleet's leader, the fleet's summed
+//! counts. Due evaluations are spawned as tasks (a query may take up to
+//! `[analysis] query_timeout`); their results come back through a channel
+//! into the loop, which feeds them to the engine.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::Agent;
+use crate::{
+    analysis::{
+        CheckOutcome, Outcome,
+        checks::{Vars, run_all},
+    },
+    config::ServiceConfig,
+    judge::Verdict,
+    rollout::{
+        ServiceState,
+        engine::{CheckRound, Event},
+    },
+};
+
+/// An evaluation finished.
+#[derive(Debug)]
+pub(super) enum Done {
+    /// A service's checks, evaluated while it was in `state`.
+    Checks {
+        service: String,
+        state: ServiceState,
+        outcomes: Vec<(String, Outcome)>,
+    },
+    /// The fleet's evidence on a service's step `state`.
+    Fleet {
+        service: String,
+        state: ServiceState,
+        verdict: Verdict,
+    },
+}
+
+/// A service's checks between evaluations.
+#[derive(Debug, Default)]
+pub(super) struct ServiceChecks {
+    /// When the next evaluation is due.
+    due: Option<Instant>,
+    /// An evaluation is running.
+    in_flight: bool,
+    /// The latest outcomes at the current step, in config order (empty
+    /// until the step's first evaluation is back).
+    pub(super) latest: Vec<CheckOutcome>,
+}
+
+/// The leader's latest look at the fleet's evidence on a service's step.
+#[derive(Debug, Default)]
+pub(super) struct FleetLook {
+    due: Option<Instant>,
+    in_flight: bool,
+    /// The step it was about, and the verdict.
+    latest: Option<(ServiceState, Verdict)>,
+}
+
+/// The daemon's side of the analysis.
+#[derive(Debug)]
+pub(super) struct Analysis {
+    tx: mpsc::Sender<Done>,
+    /// Per service.
+    pub(super) checks: BTreeMap<String, ServiceChecks>,
+    /// Per service (on the leader).
+    fleet: BTreeMap<String, FleetLook>,
+}
+
+impl Analysis {
+    pub(super) fn new(tx: mpsc::Sender<Done>) -> Analysis {
+        Analysis {
+            tx,
+            checks: BTreeMap::new(),
+            fleet: BTreeMap::new(),
+        }
+    }
+
+    /// A new step (or none): the checks start over.
+    pub(super) fn restart(&mut self, service: &str) {
+        self.checks.remove(service);
+    }
+}
+
+/// Whether the plan's state is one the checks guard.
+fn guarded(state: Option<&ServiceState>) -> bool {
+    matches!(
+        state,
+        Some(
+            ServiceState::Progressing { .. }
+                | ServiceState::AwaitingApproval { .. }
+                | ServiceState::Paused { .. }
+        )
+    )
+}
+
+impl Agent {
+    /// Starts the evaluation of every service whose checks are due (and not
+    /// still running).
+    pub(super) fn checks_due(&mut self) {
+        let Some(ac) = self.config.analysis.clone() else {
+            return;
+        };
+        let now = Instant::now();
+        for svc in &self.config.services {
+            let Some(plan) = svc.rollout.as_ref() else {
+                continue;
+            };
+            let state = self.rollouts.get(&svc.name).map(|r| &r.state);
+            if svc.checks.is_empty() || !guarded(state) {
+                continue;
+            }
+            let state = state.cloned().unwrap_or(ServiceState::IDLE);
+            let entry = self.analysis.checks.entry(svc.name.clone()).or_default();
+            if entry.in_flight || entry.due.is_some_and(|d| d > now) {
+                continue;
+            }
+            entry.in_flight = true;
+            entry.due = Some(now + plan.interval);
+            let age = self
+                .windows
+                .get(&svc.name)
+                .map_or(Duration::ZERO, |w| w.started.elapsed());
+            let vars = Vars {
+                service: svc.name.clone(),
+                release: svc.release.clone(),
+                node: self.node.clone(),
+                window: age.max(ac.min_window),
+            };
+            let (checks, tx, service) = (svc.checks.clone(), self.analysis.tx.clone(), svc.name.clone());
+            let (endpoint, timeout) = (ac.prometheus.clone(), ac.query_timeout);
+            tokio::spawn(async move {
+                let outcomes = run_all(&endpoint, timeout, &checks, &vars).await;
+                let _ = tx
+                    .send(Done::Checks {
+                        service,
+                        state,
+                        outcomes,
+                    })
+                    .await;
+            });
+        }
+    }
+
+    /// An evaluation came back.
+    pub(super) fn analysis_done(&mut self, done: Done) {
+        match done {
+            Done::Checks {
+                service,
+                state,
+                outcomes,
+            } => self.checks_done(&service, &state, outcomes),
+            Done::Fleet {
+                service,
+                state,
+                verdict,
+            } => {
+                let look = self.analysis.fleet.entry(service).or_default();
+                look.in_flight = false;
+                look.latest = Some((state, verdict));
+            }
+        }
+    }
+
+    fn checks_done(&mut self, service: &str, state: &ServiceState, outcomes: Vec<(String, Outcome)>) {
+        let Some(ac) = self.config.analysis.as_ref() else {
+            return;
+        };
+        let max_inconclusive = ac.max_inconclusive;
+        let current = self.rollouts.get(service).map(|r| &r.state);
+        let Some(entry) = self.analysis.checks.get_mut(service) else {
+            // The step changed meanwhile: stale.
+            return;
+        };
+        entry.in_flight = false;
+        if current != Some(state) {
+            entry.latest.clear();
+            return;
+        }
+        let latest: Vec<CheckOutcome> = outcomes
+            .into_iter()
+            .map(|(name, outcome)| {
+                let before = entry
+                    .latest
+                    .iter()
+                    .find(|o| o.name == name)
+                    .map_or(0, |o| o.inconclusive_in_a_row);
+                let inconclusive_in_a_row = match outcome {
+                    Outcome::Inconclusive(_) => before.saturating_add(1),
+                    _ => 0,
+                };
+                CheckOutcome {
+                    name,
+                    outcome,
+                    inconclusive_in_a_row,
+                }
+            })
+            .collect();
+        for o in &latest {
+            match &o.outcome {
+                Outcome::Pass(d) => debug!(service, "{d}"),
+                Outcome::Fail(d) => warn!(service, "{d}"),
+                Outcome::Inconclusive(d) => {
+                    warn!(service, in_a_row = o.inconclusive_in_a_row, max_inconclusive, "{d}; the step holds");
+                }
+            }
+        }
+        entry.latest.clone_from(&latest);
+        let round = CheckRound {
+            outcomes: latest,
+            max_inconclusive,
+        };
+        if let Err(e) = self.feed(service, Event::Checked(round)) {
+            warn!(service, error = %e, "the checks' decision was not carried out");
+        }
+    }
+
+    /// Whether `svc`'s step may pass on its checks: it has none, or the
+    /// latest evaluation at this step passed every one.
+    pub(super) fn checks_passed(&self, svc: &ServiceConfig) -> bool {
+        svc.checks.is_empty()
+            || self.analysis.checks.get(&svc.name).is_some_and(|c| {
+                c.latest.len() == svc.checks.len()
+                    && c.latest.iter().all(|o| matches!(o.outcome, Outcome::Pass(_)))
+            })
+    }
+
+    /// The check lines `status` shows for `service`.
+    pub(super) fn check_lines(&self, service: &str) -> Vec<String> {
+        self.analysis
+            .checks
+            .get(service)
+            .map(|c| {
+                c.latest
+                    .iter()
+                    .map(|o| match o.outcome {
+                        Outcome::Inconclusive(_) => format!(
+                            "{} ({} in a row)",
+                            o.outcome.detail(),
+                            o.inconclusive_in_a_row
+                        ),
+                        _ => format!("{}: {}", o.outcome.name(), o.outcome.detail()),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// On the leader: the fleet's verdict from Prometheus on `svc`'s step
+    /// `state` (begun at `since_unix`), starting a new look when one is
+    /// due. `None` without `[analysis]`; insufficient data until a look
+    /// at this step is back.
+    pub(super) fn fleet_verdict(
+        &mut self,
+        svc: &ServiceConfig,
+        state: &ServiceState,
+        since_unix: u64,
+    ) -> Option<Verdict> {
+        let ac = self.config.analysis.clone()?;
+        let plan = svc.rollout.as_ref()?;
+        let now = Instant::now();
+        let look = self.analysis.fleet.entry(svc.name.clone()).or_default();
+        if !look.in_flight && look.due.is_none_or(|d| d <= now) {
+            look.in_flight = true;
+            look.due = Some(now + plan.interval);
+            let age = Duration::from_secs(crate::rollout::now_unix().saturating_sub(since_unix));
+            let (tx, service, step, judge) = (
+                self.analysis.tx.clone(),
+                svc.name.clone(),
+                state.clone(),
+                plan.judge,
+            );
+            tokio::spawn(async move {
+                let verdict = crate::analysis::fleet::verdict(
+                    &ac.prometheus,
+                    ac.query_timeout,
+                    &judge,
+                    &service,
+                    age.max(ac.min_window),
+                )
+                .await;
+                let _ = tx
+                    .send(Done::Fleet {
+                        service,
+                        state: step,
+                        verdict,
+                    })
+                    .await;
+            });
+        }
+        Some(match &look.latest {
+            Some((at, verdict)) if at == state => verdict.clone(),
+            _ => Verdict::InsufficientData {
+                detail: "fleet evidence from Prometheus not in yet for this step".into(),
+            },
+        })
+    }
+}
