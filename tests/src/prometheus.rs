@@ -24,6 +24,13 @@ pub struct Prometheus<'a> {
 impl<'a> Prometheus<'a> {
     /// Starts Prometheus in `ns`, scraping `target` (host:port) every second.
     pub fn start(ns: &'a Netns, target: &str) -> Prometheus<'a> {
+        Prometheus::start_scraping(ns, &[target])
+    }
+
+    /// Starts Prometheus in `ns`, scraping every one of `targets`
+    /// (host:port) every second.
+    pub fn start_scraping(ns: &'a Netns, targets: &[&str]) -> Prometheus<'a> {
+        let target = targets.join("', '");
         let dir = std::env::temp_dir().join(format!(
             "canary-prometheus-{}-{}",
             std::process::id(),

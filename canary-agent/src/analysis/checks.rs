@@ -149,7 +149,7 @@ pub fn evaluate(
             (Bound::MaxIncrease(_), Some(s)) => c - s <= limit,
             // A stable value of 0: any positive canary value is an
             // infinite ratio (fails), 0 is no change (passes).
-            (Bound::MaxRatio(_), Some(s)) if s == 0.0 => c <= 0.0,
+            (Bound::MaxRatio(_), Some(s)) if s.abs() < f64::MIN_POSITIVE => c <= 0.0,
             (Bound::MaxRatio(_), Some(s)) => c / s <= limit,
             // Relative bounds always get a stable value (see run()).
             (Bound::MaxIncrease(_) | Bound::MaxRatio(_), None) => true,
@@ -175,7 +175,12 @@ pub fn evaluate(
 
 /// Evaluates one check: its canary (and, if a bound needs it, stable)
 /// query, concurrently, each within `timeout`.
-pub async fn run(endpoint: &Endpoint, timeout: Duration, check: &CheckConfig, vars: &Vars) -> Outcome {
+pub async fn run(
+    endpoint: &Endpoint,
+    timeout: Duration,
+    check: &CheckConfig,
+    vars: &Vars,
+) -> Outcome {
     let (canary_q, stable_q) = (
         render(&check.query, vars, "canary"),
         render(&check.query, vars, "stable"),
@@ -264,10 +269,22 @@ mod tests {
         let o = evaluate(&c, Ok(0.011), Some(Ok(0.002)));
         assert!(matches!(o, Outcome::Pass(_)), "{o:?}");
         let r = check(vec![Bound::MaxRatio(1.5)]);
-        assert!(matches!(evaluate(&r, Ok(2.0), Some(Ok(1.0))), Outcome::Fail(_)));
-        assert!(matches!(evaluate(&r, Ok(1.4), Some(Ok(1.0))), Outcome::Pass(_)));
-        assert!(matches!(evaluate(&r, Ok(0.1), Some(Ok(0.0))), Outcome::Fail(_)));
-        assert!(matches!(evaluate(&r, Ok(0.0), Some(Ok(0.0))), Outcome::Pass(_)));
+        assert!(matches!(
+            evaluate(&r, Ok(2.0), Some(Ok(1.0))),
+            Outcome::Fail(_)
+        ));
+        assert!(matches!(
+            evaluate(&r, Ok(1.4), Some(Ok(1.0))),
+            Outcome::Pass(_)
+        ));
+        assert!(matches!(
+            evaluate(&r, Ok(0.1), Some(Ok(0.0))),
+            Outcome::Fail(_)
+        ));
+        assert!(matches!(
+            evaluate(&r, Ok(0.0), Some(Ok(0.0))),
+            Outcome::Pass(_)
+        ));
     }
 
     #[test]
@@ -291,7 +308,10 @@ mod tests {
         for (answer, says) in [
             (Ok(vec![]), "no series"),
             (Ok(vec![series(f64::NAN)]), "the value is NaN"),
-            (Ok(vec![series(1.0), series(2.0)]), "2 series, so the value is ambiguous"),
+            (
+                Ok(vec![series(1.0), series(2.0)]),
+                "2 series, so the value is ambiguous",
+            ),
             (
                 Err(QueryError::Timeout(Duration::from_secs(2))),
                 "did not answer within 2s",
@@ -303,7 +323,11 @@ mod tests {
                 "expected inconclusive saying {says:?}, got {o:?}"
             );
         }
-        let o = evaluate(&c, Ok(0.0), Some(single_value(Ok(vec![series(f64::INFINITY)]))));
+        let o = evaluate(
+            &c,
+            Ok(0.0),
+            Some(single_value(Ok(vec![series(f64::INFINITY)]))),
+        );
         assert!(
             matches!(&o, Outcome::Inconclusive(d) if d.contains("stable: the value is inf")),
             "{o:?}"

@@ -186,11 +186,18 @@ mod tests {
         let ia = hist_bucket(1_048_576 - 1);
         let ib = hist_bucket(2_097_152 - 1);
         assert_eq!(
-            (canary.first_byte[ia], canary.first_byte[ib], canary.first_byte[HIST_BUCKETS - 1]),
+            (
+                canary.first_byte[ia],
+                canary.first_byte[ib],
+                canary.first_byte[HIST_BUCKETS - 1]
+            ),
             (40, 50, 10)
         );
         assert_eq!(canary.first_byte.iter().sum::<u64>(), 100);
-        assert_eq!((stable.first_byte[ia], stable.first_byte[HIST_BUCKETS - 1]), (800, 100));
+        assert_eq!(
+            (stable.first_byte[ia], stable.first_byte[HIST_BUCKETS - 1]),
+            (800, 100)
+        );
         let e = windows(&[series(&[("cohort", "canary")], f64::NAN)], &[], &[]).unwrap_err();
         assert!(e.contains("NaN"), "{e}");
     }
@@ -203,7 +210,10 @@ mod tests {
             "sum by (cohort) (increase(canary_connections_total{service=\"web\"}[90s]))"
         );
         assert!(f.contains("canary_connections_failed_total"), "{f}");
-        assert!(b.starts_with("sum by (le, cohort) (increase(canary_first_byte_seconds_bucket"), "{b}");
+        assert!(
+            b.starts_with("sum by (le, cohort) (increase(canary_first_byte_seconds_bucket"),
+            "{b}"
+        );
     }
 
     #[tokio::test]
@@ -214,7 +224,14 @@ mod tests {
             prefix: String::new(),
         };
         drop(listener);
-        let v = verdict(&ep, Duration::from_secs(1), &JudgeConfig::default(), "web", Duration::from_secs(60)).await;
+        let v = verdict(
+            &ep,
+            Duration::from_secs(1),
+            &JudgeConfig::default(),
+            "web",
+            Duration::from_mins(1),
+        )
+        .await;
         assert!(
             matches!(&v, Verdict::InsufficientData { detail } if detail.contains("inconclusive: cannot connect")),
             "{v:?}"

@@ -17,7 +17,7 @@ pub const DEFAULT_MAX_INCONCLUSIVE: u32 = 3;
 /// Default `[analysis] query_timeout`.
 pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default `[analysis] min_window`.
-pub const DEFAULT_MIN_WINDOW: Duration = Duration::from_secs(60);
+pub const DEFAULT_MIN_WINDOW: Duration = Duration::from_mins(1);
 /// Most checks per service.
 pub const MAX_CHECKS: usize = 32;
 /// Longest check query, in bytes.
@@ -121,7 +121,7 @@ impl CheckConfig {
 }
 
 /// Validates `[analysis]`.
-pub(super) fn validate_analysis(raw: RawAnalysis) -> Result<AnalysisConfig, ConfigError> {
+pub(super) fn validate_analysis(raw: &RawAnalysis) -> Result<AnalysisConfig, ConfigError> {
     const S: &str = "[analysis]";
     length_in(S, "prometheus", &raw.prometheus, super::MAX_TEXT, "the URL")?;
     let prometheus = Endpoint::parse(&raw.prometheus).map_err(|e| {
@@ -330,7 +330,7 @@ max_increase = 0.01
         assert_eq!(a.prometheus.prefix, "/prom");
         assert_eq!(
             (a.max_inconclusive, a.query_timeout, a.min_window),
-            (3, Duration::from_secs(2), Duration::from_secs(60))
+            (3, Duration::from_secs(2), Duration::from_mins(1))
         );
         let svc = &c.services[0];
         assert_eq!(svc.checks.len(), 1);
@@ -356,28 +356,42 @@ max_increase = 0.01
             &CHECK.replace("max_increase = 0.01", "max_ratio = -1.0"),
         ));
         assert!(
-            msg.contains("rollout.checks[1].max_ratio = -1: a ratio canary ÷ stable must be above 0"),
+            msg.contains(
+                "rollout.checks[1].max_ratio = -1: a ratio canary ÷ stable must be above 0"
+            ),
             "{msg}"
         );
         let msg = error_text(&with_checks(
             &CHECK.replace("max_increase = 0.01", "max = nan"),
         ));
-        assert!(msg.contains("rollout.checks[1].max = NaN: must be a finite number"), "{msg}");
+        assert!(
+            msg.contains("rollout.checks[1].max = NaN: must be a finite number"),
+            "{msg}"
+        );
         let msg = error_text(&with_checks(&CHECK.replace("{{cohort}}", "canary")));
         assert!(msg.contains("the query has no {{cohort}}"), "{msg}");
-        let msg = error_text(&with_checks(CHECK).replace("[analysis]\nprometheus = \"http://127.0.0.1:9090/prom\"\n", ""));
+        let msg = error_text(&with_checks(CHECK).replace(
+            "[analysis]\nprometheus = \"http://127.0.0.1:9090/prom\"\n",
+            "",
+        ));
         assert!(
             msg.contains("rollout.checks") && msg.contains("add [analysis] prometheus"),
             "{msg}"
         );
-        let msg = error_text(&with_checks(CHECK).replace("http://127.0.0.1:9090/prom", "https://p"));
-        assert!(msg.contains("[analysis]: prometheus = \"https://p\": https is not supported"), "{msg}");
+        let msg =
+            error_text(&with_checks(CHECK).replace("http://127.0.0.1:9090/prom", "https://p"));
+        assert!(
+            msg.contains("[analysis]: prometheus = \"https://p\": https is not supported"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn shadow_mode_keeps_the_configured_weight_beside_a_plan() {
-        let text = with_checks("mode = \"shadow\"\n")
-            .replace("cohort = \"sticky\"", "cohort = \"sticky\"\nweight = \"10%\"");
+        let text = with_checks("mode = \"shadow\"\n").replace(
+            "cohort = \"sticky\"",
+            "cohort = \"sticky\"\nweight = \"10%\"",
+        );
         let c = parse(&text).unwrap();
         assert_eq!(c.services[0].mode, Mode::Shadow);
         assert_eq!(c.services[0].weight.ppm(), 100_000);
@@ -387,6 +401,9 @@ max_increase = 0.01
             "{msg}"
         );
         let msg = error_text(&with_checks("mode = \"dry\"\n"));
-        assert!(msg.contains("rollout.mode = \"dry\": mode must be \"enforce\""), "{msg}");
+        assert!(
+            msg.contains("rollout.mode = \"dry\": mode must be \"enforce\""),
+            "{msg}"
+        );
     }
 }

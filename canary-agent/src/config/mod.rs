@@ -236,7 +236,11 @@ impl Config {
             .fleet
             .map(|f| fleet::validate_fleet(f, &crate::sys::hostname()))
             .transpose()?;
-        let analysis = raw.analysis.map(analysis::validate_analysis).transpose()?;
+        let analysis = raw
+            .analysis
+            .as_ref()
+            .map(analysis::validate_analysis)
+            .transpose()?;
         if analysis.is_none()
             && let Some(svc) = services.iter().find(|s| !s.checks.is_empty())
         {

@@ -134,7 +134,11 @@ impl Agent {
                 node: self.node.clone(),
                 window: age.max(ac.min_window),
             };
-            let (checks, tx, service) = (svc.checks.clone(), self.analysis.tx.clone(), svc.name.clone());
+            let (checks, tx, service) = (
+                svc.checks.clone(),
+                self.analysis.tx.clone(),
+                svc.name.clone(),
+            );
             let (endpoint, timeout) = (ac.prometheus.clone(), ac.query_timeout);
             tokio::spawn(async move {
                 let outcomes = run_all(&endpoint, timeout, &checks, &vars).await;
@@ -169,7 +173,12 @@ impl Agent {
         }
     }
 
-    fn checks_done(&mut self, service: &str, state: &ServiceState, outcomes: Vec<(String, Outcome)>) {
+    fn checks_done(
+        &mut self,
+        service: &str,
+        state: &ServiceState,
+        outcomes: Vec<(String, Outcome)>,
+    ) {
         let Some(ac) = self.config.analysis.as_ref() else {
             return;
         };
@@ -208,7 +217,12 @@ impl Agent {
                 Outcome::Pass(d) => debug!(service, "{d}"),
                 Outcome::Fail(d) => warn!(service, "{d}"),
                 Outcome::Inconclusive(d) => {
-                    warn!(service, in_a_row = o.inconclusive_in_a_row, max_inconclusive, "{d}; the step holds");
+                    warn!(
+                        service,
+                        in_a_row = o.inconclusive_in_a_row,
+                        max_inconclusive,
+                        "{d}; the step holds"
+                    );
                 }
             }
         }
@@ -228,7 +242,9 @@ impl Agent {
         svc.checks.is_empty()
             || self.analysis.checks.get(&svc.name).is_some_and(|c| {
                 c.latest.len() == svc.checks.len()
-                    && c.latest.iter().all(|o| matches!(o.outcome, Outcome::Pass(_)))
+                    && c.latest
+                        .iter()
+                        .all(|o| matches!(o.outcome, Outcome::Pass(_)))
             })
     }
 

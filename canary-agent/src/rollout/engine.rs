@@ -243,7 +243,8 @@ pub fn decide(
 fn shadowed(mut decision: Decision) -> Decision {
     for effect in &mut decision.effects {
         if let Effect::Announce { verdict, .. } = effect {
-            *verdict = format!("shadow mode, not enforced (the weight stays): would have {verdict}");
+            *verdict =
+                format!("shadow mode, not enforced (the weight stays): would have {verdict}");
         }
     }
     decision

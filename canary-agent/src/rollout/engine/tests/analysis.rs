@@ -16,7 +16,11 @@ fn checked_plan(mode: &str) -> ServiceConfig {
     service(&format!(
         "canary = [\"10.0.0.2:80\"]\n{mode}[service.rollout]\nsteps = [{{ weight = \"1%\" }}, \
          {{ weight = \"5%\" }}]\n{}{CHECK}{ANALYSIS}",
-        if mode.is_empty() { "" } else { "mode = \"shadow\"\n" }
+        if mode.is_empty() {
+            ""
+        } else {
+            "mode = \"shadow\"\n"
+        }
     ))
 }
 
@@ -45,7 +49,13 @@ fn announced(d: &Decision) -> &str {
 fn a_failing_check_rolls_back_naming_the_check_and_both_values() {
     let svc = checked_plan("");
     let line = "check \"http-5xx\": canary 0.031 vs stable 0.002 (max_increase 0.01)";
-    let d = decide(&svc, &at(progressing(0)), round(Outcome::Fail(line.into()), 0), NOW).unwrap();
+    let d = decide(
+        &svc,
+        &at(progressing(0)),
+        round(Outcome::Fail(line.into()), 0),
+        NOW,
+    )
+    .unwrap();
     is_change(&d, Actor::Checks);
     assert_eq!(
         d.to.state,
@@ -108,23 +118,40 @@ fn inconclusive_checks_hold_then_pause_after_max_inconclusive() {
     );
     // Already paused: stays, no new announcement.
     let paused = d.to.state;
-    let d = decide(&svc, &at(paused.clone()), round(Outcome::Inconclusive(why.into()), 9), NOW)
-        .unwrap();
+    let d = decide(
+        &svc,
+        &at(paused.clone()),
+        round(Outcome::Inconclusive(why.into()), 9),
+        NOW,
+    )
+    .unwrap();
     assert_eq!((d.to.state, d.effects.len()), (paused, 0));
 }
 
 #[test]
 fn passing_checks_change_nothing_and_stale_rounds_are_ignored() {
     let svc = checked_plan("");
-    let d = decide(&svc, &at(progressing(0)), round(Outcome::Pass("ok".into()), 0), NOW).unwrap();
+    let d = decide(
+        &svc,
+        &at(progressing(0)),
+        round(Outcome::Pass("ok".into()), 0),
+        NOW,
+    )
+    .unwrap();
     assert_eq!((d.to.state, d.effects.len()), (progressing(0), 0));
-    let d = decide(&svc, &at(rolled_back()), round(Outcome::Fail("x".into()), 0), NOW).unwrap();
+    let d = decide(
+        &svc,
+        &at(rolled_back()),
+        round(Outcome::Fail("x".into()), 0),
+        NOW,
+    )
+    .unwrap();
     assert!(d.effects.is_empty(), "already rolled back: stale");
 }
 
 fn gate_with(verdict: Verdict) -> Event {
     Event::FleetGate(FleetEvidence {
-        held: Duration::from_secs(3600),
+        held: Duration::from_hours(1),
         canary_connections: 1000,
         nodes: 3,
         failing: Vec::new(),
@@ -145,7 +172,13 @@ fn the_fleets_prometheus_verdict_rolls_back_holds_or_lets_the_step_pass() {
     let d = decide(&svc, &at(progressing(0)), gate_with(insufficient()), NOW).unwrap();
     assert!(d.effects.is_empty(), "inconclusive holds: {:?}", d.effects);
     let d = decide(&svc, &at(progressing(0)), gate_with(pass()), NOW).unwrap();
-    assert_eq!(d.to.state, ServiceState::Progressing { step: 1, since_unix: NOW });
+    assert_eq!(
+        d.to.state,
+        ServiceState::Progressing {
+            step: 1,
+            since_unix: NOW
+        }
+    );
 }
 
 #[test]
@@ -155,7 +188,13 @@ fn shadow_mode_decides_and_says_it_did_not_enforce() {
          steps = [{{ weight = \"1%\" }}, {{ weight = \"5%\" }}]\n{CHECK}{ANALYSIS}"
     ));
     let line = "check \"http-5xx\": canary 0.5 vs stable 0 (max_increase 0.01)";
-    let d = decide(&svc, &at(progressing(0)), round(Outcome::Fail(line.into()), 0), NOW).unwrap();
+    let d = decide(
+        &svc,
+        &at(progressing(0)),
+        round(Outcome::Fail(line.into()), 0),
+        NOW,
+    )
+    .unwrap();
     assert_eq!(d.to.state.name(), "rolled-back", "the decision is taken…");
     assert_eq!(
         announced(&d),
@@ -176,12 +215,26 @@ fn shadow_mode_decides_and_says_it_did_not_enforce() {
     // An operator's rollback and weight act in shadow mode too.
     let d = op(&svc, progressing(0), Command::Rollback).unwrap();
     assert!(!announced(&d).contains("shadow"), "{}", announced(&d));
-    assert_eq!(crate::rollout::enforced(&svc, &d.to.state), (pct("0%"), true));
+    assert_eq!(
+        crate::rollout::enforced(&svc, &d.to.state),
+        (pct("0%"), true)
+    );
     let d = op(&svc, progressing(0), Command::SetWeight(pct("2%"))).unwrap();
-    assert_eq!(crate::rollout::enforced(&svc, &d.to.state), (pct("2%"), false));
+    assert_eq!(
+        crate::rollout::enforced(&svc, &d.to.state),
+        (pct("2%"), false)
+    );
     // Enforce mode enforces the same rollback.
     let enforcing = checked_plan("");
-    let d = decide(&enforcing, &at(progressing(0)), round(Outcome::Fail(line.into()), 0), NOW)
-        .unwrap();
-    assert_eq!(crate::rollout::enforced(&enforcing, &d.to.state), (pct("0%"), true));
+    let d = decide(
+        &enforcing,
+        &at(progressing(0)),
+        round(Outcome::Fail(line.into()), 0),
+        NOW,
+    )
+    .unwrap();
+    assert_eq!(
+        crate::rollout::enforced(&enforcing, &d.to.state),
+        (pct("0%"), true)
+    );
 }
