@@ -276,8 +276,12 @@ fn shadow_mode_reports_the_rollback_but_the_failing_canary_keeps_its_weight() {
         .expect("the log says it would have rolled back");
     eprintln!("shadow: {:.1} s; {line}", took.as_secs_f64());
     let verdict = s["last_verdict"].as_str().unwrap_or_default();
+    // The breaker's window (read from the count-only kernel breaker) or
+    // the judge, whichever sees it first.
     assert!(
         verdict.starts_with(
+            "shadow mode, not enforced (the weight stays): would have rolled back by the breaker"
+        ) || verdict.starts_with(
             "shadow mode, not enforced (the weight stays): would have rolled back by the judge"
         ),
         "{verdict}"
@@ -295,10 +299,14 @@ fn shadow_mode_reports_the_rollback_but_the_failing_canary_keeps_its_weight() {
         canary >= 120,
         "shadow mode must keep steering to the canary: {canary} of 400 reached it"
     );
-    assert_eq!(
-        agent.count("rolled back by the breaker"),
-        0,
-        "the kernel breaker only counts"
+    let enforced: Vec<String> = agent
+        .log()
+        .into_iter()
+        .filter(|l| l.contains("rolled back by") && !l.contains("shadow mode, not enforced"))
+        .collect();
+    assert!(
+        enforced.is_empty(),
+        "no rollback may be enforced: {enforced:?}"
     );
     agent.stop().expect("agent stops");
 }

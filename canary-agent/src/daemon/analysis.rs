@@ -319,3 +319,48 @@ impl Agent {
         })
     }
 }
+
+impl Agent {
+    /// Shadow mode: the kernel breaker of a shadow service only counts (its
+    /// trip threshold is programmed off); this reads its window and
+    /// reports the trip the configured breaker would have made, through
+    /// the engine (a shadowed, unenforced rollback). Polled with the
+    /// judge's 100 ms tick: a window shorter than that can be missed.
+    pub(super) fn shadow_breakers(&mut self) {
+        let due: Vec<ServiceConfig> = self
+            .config
+            .services
+            .iter()
+            .filter(|s| s.mode == crate::config::Mode::Shadow && s.breaker.enabled)
+            .filter(|s| {
+                self.rollouts
+                    .get(&s.name)
+                    .is_some_and(|r| r.state.canary_allowed())
+            })
+            .cloned()
+            .collect();
+        for svc in due {
+            let Some(b) = self.dp.breaker_state(&svc.name) else {
+                continue;
+            };
+            let ratio_permille =
+                u16::try_from(svc.breaker.failure_ratio.ppm().div_ceil(1000)).unwrap_or(u16::MAX);
+            if !canary_common::breaker::trips(
+                b.consecutive,
+                b.failures,
+                b.attempts,
+                svc.breaker.min_failures,
+                ratio_permille,
+            ) {
+                continue;
+            }
+            let event = Event::BreakerTripped {
+                failures: b.failures,
+                attempts: b.attempts,
+            };
+            if let Err(e) = self.feed(&svc.name, event) {
+                warn!(service = %svc.name, error = %e, "shadow mode: the breaker's would-be trip was not recorded");
+            }
+        }
+    }
+}

@@ -314,6 +314,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
                 agent.breaker_events(events.get_mut());
                 agent.judge_due();
                 agent.checks_due();
+                agent.shadow_breakers();
             }
             Some(done) = analysis_done.recv() => {
                 agent.breaker_events(events.get_mut());
