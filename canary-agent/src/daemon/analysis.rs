@@ -239,13 +239,14 @@ impl Agent {
     /// Whether `svc`'s step may pass on its checks: it has none, or the
     /// latest evaluation at this step passed every one.
     pub(super) fn checks_passed(&self, svc: &ServiceConfig) -> bool {
-        svc.checks.is_empty()
-            || self.analysis.checks.get(&svc.name).is_some_and(|c| {
-                c.latest.len() == svc.checks.len()
-                    && c.latest
-                        .iter()
-                        .all(|o| matches!(o.outcome, Outcome::Pass(_)))
+        // By name: a reload may have changed the set since the evaluation.
+        svc.checks.iter().all(|check| {
+            self.analysis.checks.get(&svc.name).is_some_and(|c| {
+                c.latest
+                    .iter()
+                    .any(|o| o.name == check.name && matches!(o.outcome, Outcome::Pass(_)))
             })
+        })
     }
 
     /// The check lines `status` shows for `service`.
