@@ -234,6 +234,7 @@ mod tests {
             name: "http-5xx".into(),
             query: "q".into(),
             bounds,
+            interval: None,
         }
     }
 

@@ -111,6 +111,8 @@ pub struct CheckConfig {
     pub query: String,
     /// At least one bound; every one must hold.
     pub bounds: Vec<Bound>,
+    /// How often it is evaluated; `None`: the plan's `interval`.
+    pub interval: Option<Duration>,
 }
 
 impl CheckConfig {
@@ -262,10 +264,24 @@ pub(super) fn validate_checks(
                  {{cohort}}: both would be the same number; select the cohort with {{cohort}}",
             ));
         }
+        let interval = c
+            .interval
+            .as_deref()
+            .map(|t| {
+                duration_in(
+                    section,
+                    key("interval"),
+                    t,
+                    (Duration::from_millis(100), Duration::from_mins(10)),
+                    "10s",
+                )
+            })
+            .transpose()?;
         out.push(CheckConfig {
             name: c.name,
             query: c.query,
             bounds,
+            interval,
         });
     }
     Ok(out)
@@ -335,6 +351,12 @@ max_increase = 0.01
         let svc = &c.services[0];
         assert_eq!(svc.checks.len(), 1);
         assert_eq!(svc.checks[0].bounds, vec![Bound::MaxIncrease(0.01)]);
+        assert_eq!(svc.checks[0].interval, None);
+        let c = parse(&with_checks(&format!("{CHECK}interval = \"15s\"\n"))).unwrap();
+        assert_eq!(
+            c.services[0].checks[0].interval,
+            Some(Duration::from_secs(15))
+        );
         assert_eq!(svc.mode, Mode::Enforce);
     }
 

@@ -37,6 +37,7 @@ pub(super) struct RawCheck {
     pub(super) min: Option<f64>,
     pub(super) max_increase: Option<f64>,
     pub(super) max_ratio: Option<f64>,
+    pub(super) interval: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -18,7 +18,7 @@ use crate::{
         CheckOutcome, Outcome,
         checks::{Vars, run_all},
     },
-    config::ServiceConfig,
+    config::{CheckConfig, ServiceConfig},
     judge::Verdict,
     rollout::{
         ServiceState,
@@ -46,12 +46,12 @@ pub(super) enum Done {
 /// A service's checks between evaluations.
 #[derive(Debug, Default)]
 pub(super) struct ServiceChecks {
-    /// When the next evaluation is due.
-    due: Option<Instant>,
+    /// When each check's next evaluation is due (by name; absent: now).
+    due: BTreeMap<String, Instant>,
     /// An evaluation is running.
     in_flight: bool,
-    /// The latest outcomes at the current step, in config order (empty
-    /// until the step's first evaluation is back).
+    /// The latest outcome of each check evaluated at the current step, in
+    /// config order (empty until the step's first evaluation is back).
     pub(super) latest: Vec<CheckOutcome>,
 }
 
@@ -119,11 +119,25 @@ impl Agent {
             }
             let state = state.cloned().unwrap_or(ServiceState::IDLE);
             let entry = self.analysis.checks.entry(svc.name.clone()).or_default();
-            if entry.in_flight || entry.due.is_some_and(|d| d > now) {
+            if entry.in_flight {
                 continue;
             }
+            // Each check at its own interval, else the plan's.
+            let checks: Vec<CheckConfig> = svc
+                .checks
+                .iter()
+                .filter(|c| entry.due.get(&c.name).is_none_or(|d| *d <= now))
+                .cloned()
+                .collect();
+            if checks.is_empty() {
+                continue;
+            }
+            for c in &checks {
+                entry
+                    .due
+                    .insert(c.name.clone(), now + c.interval.unwrap_or(plan.interval));
+            }
             entry.in_flight = true;
-            entry.due = Some(now + plan.interval);
             let age = self
                 .windows
                 .get(&svc.name)
@@ -134,11 +148,7 @@ impl Agent {
                 node: self.node.clone(),
                 window: age.max(ac.min_window),
             };
-            let (checks, tx, service) = (
-                svc.checks.clone(),
-                self.analysis.tx.clone(),
-                svc.name.clone(),
-            );
+            let (tx, service) = (self.analysis.tx.clone(), svc.name.clone());
             let (endpoint, timeout) = (ac.prometheus.clone(), ac.query_timeout);
             tokio::spawn(async move {
                 let outcomes = run_all(&endpoint, timeout, &checks, &vars).await;
@@ -226,7 +236,19 @@ impl Agent {
                 }
             }
         }
-        entry.latest.clone_from(&latest);
+        for o in &latest {
+            match entry.latest.iter_mut().find(|l| l.name == o.name) {
+                Some(l) => *l = o.clone(),
+                None => entry.latest.push(o.clone()),
+            }
+        }
+        if let Some(svc) = self.config.services.iter().find(|s| s.name == service) {
+            // Config order, for status.
+            entry
+                .latest
+                .sort_by_key(|o| svc.checks.iter().position(|c| c.name == o.name));
+        }
+        // The engine decides on the checks evaluated now.
         let round = CheckRound {
             outcomes: latest,
             max_inconclusive,
