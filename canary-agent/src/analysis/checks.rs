@@ -91,7 +91,7 @@ pub fn render(query: &str, vars: &Vars, cohort: &str) -> String {
 
 /// The one finite value of a query's answer, or why there is none.
 pub fn single_value(answer: Result<Vec<Series>, QueryError>) -> Result<f64, String> {
-    let series = answer.map_err(|e| e.to_string())?;
+    let series = answer.map_err(|e| crate::error_chain(&e))?;
     match series.as_slice() {
         [] => Err("no series (no data yet, or a label matches nothing)".into()),
         [one] if one.value.is_finite() => Ok(one.value),

@@ -128,7 +128,7 @@ pub async fn verdict(
     };
     let all = (|| -> Result<_, QueryError> { Ok((c?, f?, b?)) })();
     match all {
-        Err(e) => inconclusive(e.to_string()),
+        Err(e) => inconclusive(crate::error_chain(&e)),
         Ok((c, f, b)) => match windows(&c, &f, &b) {
             Err(why) => inconclusive(why),
             Ok([stable, canary]) => match judge(cfg, &stable, &canary) {

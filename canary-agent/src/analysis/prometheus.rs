@@ -49,16 +49,20 @@ pub struct Series {
 }
 
 /// Why a query gave no answer.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum QueryError {
     /// No connection (Prometheus down, refused, unreachable).
-    #[error("cannot connect to Prometheus at {authority}: {why}")]
+    #[error("cannot connect to Prometheus at {authority}")]
     Connect {
         /// Where.
         authority: String,
         /// The OS's word.
-        why: String,
+        #[source]
+        source: std::io::Error,
     },
+    /// The connection broke while the query was sent or answered.
+    #[error("the connection to Prometheus broke")]
+    Io(#[source] std::io::Error),
     /// No complete answer within the timeout.
     #[error("Prometheus did not answer within {0:?}")]
     Timeout(Duration),
@@ -90,13 +94,12 @@ pub async fn query(
     timeout: Duration,
 ) -> Result<Vec<Series>, QueryError> {
     let exchange = async {
-        let mut s =
-            TcpStream::connect(&endpoint.authority)
-                .await
-                .map_err(|e| QueryError::Connect {
-                    authority: endpoint.authority.clone(),
-                    why: e.to_string(),
-                })?;
+        let mut s = TcpStream::connect(&endpoint.authority)
+            .await
+            .map_err(|source| QueryError::Connect {
+                authority: endpoint.authority.clone(),
+                source,
+            })?;
         let head = format!(
             "GET {}/api/v1/query?query={} HTTP/1.0\r\nHost: {}\r\nAccept: application/json\r\n\
              User-Agent: canary-agent\r\n\r\n",
@@ -104,11 +107,13 @@ pub async fn query(
             url_encode(promql),
             endpoint.authority
         );
-        let io = |e: std::io::Error| QueryError::Malformed(e.to_string());
-        s.write_all(head.as_bytes()).await.map_err(io)?;
+        s.write_all(head.as_bytes()).await.map_err(QueryError::Io)?;
         let mut body = Vec::new();
         let mut limited = (&mut s).take(MAX_RESPONSE as u64 + 1);
-        limited.read_to_end(&mut body).await.map_err(io)?;
+        limited
+            .read_to_end(&mut body)
+            .await
+            .map_err(QueryError::Io)?;
         if body.len() > MAX_RESPONSE {
             return Err(QueryError::TooLarge);
         }
@@ -307,7 +312,10 @@ mod tests {
         let e = query(&ep, "up", Duration::from_millis(200))
             .await
             .unwrap_err();
-        assert_eq!(e, QueryError::Timeout(Duration::from_millis(200)));
+        assert!(
+            matches!(e, QueryError::Timeout(d) if d == Duration::from_millis(200)),
+            "{e}"
+        );
         drop(listener);
         let e = query(&ep, "up", Duration::from_secs(1)).await.unwrap_err();
         assert!(matches!(e, QueryError::Connect { .. }), "{e}");
