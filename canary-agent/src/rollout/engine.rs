@@ -9,9 +9,12 @@
 //! `fail_after` failing judgements in a row, and a breaker trip (which the
 //! kernel has already enforced; the engine makes it the service's state).
 //! In a fleet, a state decided on another node (or by the fleet's leader)
-//! arrives as one more event, [`Event::Decided`]. The team's own PromQL
-//! checks arrive as [`Event::Checked`]: a failing check rolls back, one
-//! inconclusive `max_inconclusive` times in a row pauses.
+//! arrives as one more event, [`Event::Decided`].
+//!
+//! The team's own PromQL checks arrive as [`Event::Checked`]: a failing
+//! check rolls back, one inconclusive `max_inconclusive` times in a row
+//! pauses. The fleet's verdict from Prometheus comes with the leader's
+//! [`Event::FleetGate`]: a fail rolls the fleet back.
 //!
 //! In shadow mode (`[service.rollout] mode = "shadow"`) every decision is
 //! taken and recorded the same way, its announcement says it was not
@@ -470,15 +473,11 @@ fn fleet_gate(
             nodes => format!(", the judge fails the canary on {}", nodes.join(", ")),
         }
     );
-    if let Some(Verdict::Fail { .. }) = &evidence.fleet_verdict
-        && state.canary_allowed()
+    // The fleet's sum fails the canary: a fleet rollback.
+    if let Some(verdict @ Verdict::Fail { .. }) = &evidence.fleet_verdict
         && matches!(state, ServiceState::Progressing { .. })
     {
-        let line = evidence
-            .fleet_verdict
-            .as_ref()
-            .map(Verdict::describe)
-            .unwrap_or_default();
+        let line = verdict.describe();
         let to = ServiceState::RolledBack {
             reason: RollbackReason::Judge,
             at_unix: now,
