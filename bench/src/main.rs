@@ -4,6 +4,7 @@
 
 mod agent;
 mod e2e;
+mod fleet;
 mod load;
 mod local;
 mod machine;
@@ -28,7 +29,7 @@ struct Cli {
     /// Directory for results.json and results.md.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
-    /// Sections to run (default: all): packet, e2e, local, agent, reaction, udp.
+    /// Sections to run (default: all): packet, e2e, local, agent, reaction, udp, fleet.
     #[arg(long, value_delimiter = ',')]
     only: Vec<report::Section>,
     /// Smaller sizes and shorter runs, to check that everything works.
@@ -92,6 +93,26 @@ fn main() -> anyhow::Result<()> {
     if run(report::Section::Reaction) {
         let (breakers, judges) = if cli.quick { (1, 1) } else { (7, 5) };
         report.reactions = Some(reaction::measure(breakers, judges)?);
+    }
+    if run(report::Section::Fleet) {
+        use std::time::Duration;
+        let s = Duration::from_secs;
+        let plan = if cli.quick {
+            fleet::Plan {
+                sizes: vec![(20, s(2)), (50, s(1))],
+                decisions: 5,
+                window: s(4),
+                leader_reads: vec![500, 2_000],
+            }
+        } else {
+            fleet::Plan {
+                sizes: vec![(100, s(2)), (250, s(2)), (500, s(2)), (500, s(1))],
+                decisions: 100,
+                window: s(12),
+                leader_reads: vec![2_000, 10_000, 20_000],
+            }
+        };
+        report.fleet = Some(fleet::measure(plan)?);
     }
     report.write(&cli.out)?;
     Ok(())

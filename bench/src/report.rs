@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::{
     agent::Scrape,
     e2e::{AgentLoad, Contender, E2eRow},
+    fleet::Fleet,
     local::{Local, LocalContender, LocalRow, Paired},
     machine::Machine,
     packet::PacketRow,
@@ -30,6 +31,8 @@ pub enum Section {
     Reaction,
     /// UDP end to end against iptables DNAT.
     Udp,
+    /// Simulated nodes sharing rollouts through a 3-member etcd.
+    Fleet,
 }
 
 /// Everything one run measured.
@@ -55,6 +58,8 @@ pub struct Report {
     pub scrape: Option<Scrape>,
     /// Breaker and judge reaction times.
     pub reactions: Option<Reactions>,
+    /// The simulated fleet.
+    pub fleet: Option<Fleet>,
 }
 
 impl Report {
@@ -73,6 +78,7 @@ impl Report {
             local: None,
             scrape: None,
             reactions: None,
+            fleet: None,
         }
     }
 
@@ -163,6 +169,9 @@ impl Report {
                 r.judge_median_s(),
                 list(&r.judge_detect_s, 2),
             );
+        }
+        if let Some(f) = &self.fleet {
+            s.push_str(&fleet_tables(f));
         }
         s
     }
@@ -355,6 +364,83 @@ fn udp_table(rows: &[UdpRow]) -> String {
                 format!("{:.1} %", r.canary_pct)
             },
             r.errors,
+        );
+    }
+    s
+}
+
+fn fleet_tables(f: &Fleet) -> String {
+    let mut s = format!(
+        "\n### Fleet (simulated nodes in one process: the agent's watcher and session tasks, no data plane; 3-member etcd on tmpfs in a namespace of its own, the simulator in it; 2 services per node, lease TTL 6 s; a decision's record {} bytes, a summary {} bytes; 1-minute load average {:.1} before, {:.1} after)\n\n\
+         | nodes | summary interval | decision → every node p50 | p99 | complete | CAS committed p50 | one decision, per node p50 / p99 / max | sent by etcd per decision |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        f.record_bytes[0], f.record_bytes[1], f.load_average[0], f.load_average[1],
+    );
+    for r in &f.rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} s | {:.1} ms | {:.1} ms | {} of {} | {:.1} ms | {:.1} / {:.1} / {:.1} ms | {:.0} kB |",
+            r.nodes,
+            r.summary_interval_s,
+            r.p50_ms(),
+            r.p99_ms(),
+            r.complete,
+            r.decisions,
+            r.commit_p50_ms,
+            r.one_decision_ms[0],
+            r.one_decision_ms[1],
+            r.one_decision_ms[2],
+            r.fanout_bytes_per_decision / 1e3,
+        );
+    }
+    s.push_str(
+        "\n| nodes | summary interval | etcd writes/s (raft proposals) | txns/s | keys put/s | values put | keepalives/s | ranges/s | in per node per minute | out of etcd | etcd CPU (3 members) | largest member RSS | etcd sockets | simulator CPU | leader reads (summaries) | watch / session restarts (start-up + measured) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in &f.rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} s | {:.0} | {:.0} | {:.0} | {:.0} kB/s | {:.0} | {:.1} | {:.1} kB | {:.0} kB/s | {:.0} % | {:.0} MiB | {} | {:.0} % | {} ({}) | {} + {} / {} + {} |",
+            r.nodes,
+            r.summary_interval_s,
+            r.proposals_per_s,
+            r.txns_per_s,
+            r.puts_per_s,
+            r.put_bytes_per_s / 1e3,
+            r.keepalives_per_s,
+            r.ranges_per_s,
+            r.bytes_in_per_node_min / 1e3,
+            r.bytes_out_per_s / 1e3,
+            r.etcd_cpu_pct,
+            r.etcd_rss_mib,
+            r.etcd_sockets,
+            r.bench_cpu_pct,
+            r.leader_reads,
+            r.leader_saw,
+            r.watch_restarts[0],
+            r.watch_restarts[1],
+            r.session_restarts[0],
+            r.session_restarts[1],
+        );
+    }
+    if let Some(last) = f.rows.last() {
+        let _ = writeln!(
+            s,
+            "\netcd's database after the last row: {:.0} MB (no compaction configured).",
+            last.db_mb
+        );
+    }
+    s.push_str(
+        "\n| synthetic summaries | size | leader's `get_summaries`, median of 3 | |\n|---:|---:|---:|---|\n",
+    );
+    for l in &f.leader_reads {
+        let _ = writeln!(
+            s,
+            "| {} | {:.1} MB | {:.1} ms | {} |",
+            l.summaries,
+            l.bytes as f64 / 1e6,
+            l.median_ms,
+            l.error.as_deref().unwrap_or("ok"),
         );
     }
     s

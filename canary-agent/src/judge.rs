@@ -93,7 +93,19 @@ pub enum Verdict {
     InsufficientData { detail: String },
 }
 
+/// Every kind of verdict, as `canary_judgements_total{verdict}` names it.
+pub const VERDICT_KINDS: [&str; 3] = ["pass", "fail", "insufficient-data"];
+
 impl Verdict {
+    /// Its kind, one of [`VERDICT_KINDS`].
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Verdict::Pass { .. } => VERDICT_KINDS[0],
+            Verdict::Fail { .. } => VERDICT_KINDS[1],
+            Verdict::InsufficientData { .. } => VERDICT_KINDS[2],
+        }
+    }
+
     /// One line with the numbers.
     pub fn describe(&self) -> String {
         match self {

@@ -46,6 +46,48 @@ pub struct ServiceStatus {
     /// The latest outcome of each PromQL check at the current step.
     #[serde(default)]
     pub checks: Vec<String>,
+    /// Where a plan-driven service is in its plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<PlanProgress>,
+}
+
+/// A plan's progress, for `status --watch` and `explain`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanProgress {
+    /// The current (or gated) step, from 1.
+    pub step: u32,
+    /// Steps in the plan.
+    pub steps: u32,
+    /// Each step's weight.
+    pub weights: Vec<String>,
+    /// Seconds at the current step, when progressing.
+    pub in_step_secs: Option<u64>,
+    /// The current step's hold, in seconds.
+    pub hold_secs: u64,
+    /// The current step's `min_connections`.
+    pub min_connections: u64,
+    /// Canary connections the judge's window has seen at the step.
+    pub canary_connections: u64,
+    /// What moves it on, in words.
+    pub next: String,
+}
+
+/// The answer to `history`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HistoryReport {
+    /// The service.
+    pub service: String,
+    /// Its changes, oldest first.
+    pub changes: Vec<crate::rollout::history::Change>,
+}
+
+/// The answer to `explain`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Explanation {
+    /// The service.
+    pub service: String,
+    /// Lines for people.
+    pub lines: Vec<String>,
 }
 
 /// One cohort of a service, since the agent started.

@@ -125,3 +125,21 @@ fn url_encode(s: &str) -> String {
         })
         .collect()
 }
+
+impl Prometheus<'_> {
+    /// Evaluates an instant PromQL query; every series of its result (an
+    /// error answer fails the test with Prometheus' message).
+    pub fn series(&self, promql: &str) -> Vec<serde_json::Value> {
+        let (status, body) = http_get(
+            self.ns,
+            ADDR.parse().unwrap(),
+            &format!("/api/v1/query?query={}", url_encode(promql)),
+        );
+        assert!(status.contains("200"), "query {promql}: {status} {body}");
+        let json: serde_json::Value = serde_json::from_str(&body).expect("Prometheus answers JSON");
+        json["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+}

@@ -364,3 +364,73 @@ fn state_changes_reach_the_webhook_with_retries() {
     }
     agent.stop().expect("agent stops");
 }
+
+/// `history` lists every state change with who and why, also after a
+/// restart; `explain` says where a plan is and what its step waits for.
+#[test]
+fn history_and_explain_say_what_happened_and_what_the_step_waits_for() {
+    let lab = canary_tests::lab(
+        &[("stable-1", Behavior::Reply), ("canary-1", Behavior::Reply)],
+        8,
+    );
+    let cfg = format!(
+        "[agent]\ninterfaces = [\"{}\"]\n\n[[service]]\nname = \"web\"\nvip = \"{VIP}\"\nstable = [\"{}\"]\n\
+         canary = [\"{}\"]\nrelease = \"v7\"\n[service.rollout]\nsteps = [{{ weight = \"5%\", hold = \"1h\", min_connections = 500 }}, \
+         {{ weight = \"50%\", gate = \"manual\" }}]\n",
+        Lab::ROUTER_CLIENT_IFACE,
+        lab.backend_addr(0),
+        lab.backend_addr(1),
+    );
+    let mut agent = AgentProcess::start_pinned(lab.router(), &cfg, false).expect("agent starts");
+    let sock = agent.control_socket();
+    let explain = ok(&sock, &["explain", "web"]);
+    for needle in [
+        "web is progressing at canary weight 5% (release v7)",
+        "plan: step 1 of 2 (5% → 50%)",
+        "next: step 2 (50%) after `canaryctl approve`: the judge moves it on after the 3600s hold",
+        "of 500 canary connections",
+    ] {
+        assert!(
+            explain.contains(needle),
+            "explain lacks {needle:?}:\n{explain}"
+        );
+    }
+    ok(&sock, &["pause", "web"]);
+    ok(&sock, &["rollback", "web"]);
+    agent
+        .restart(canary_lab::Stop::Term, None, None)
+        .expect("agent restarts");
+    let history = ok(&agent.control_socket(), &["history", "web"]);
+    let rows: Vec<&str> = history.lines().skip(1).collect();
+    assert_eq!(rows.len(), 3, "plan start, pause, rollback:\n{history}");
+    assert!(
+        rows[0].contains("idle")
+            && rows[0].contains("progressing")
+            && rows[0].contains("the config"),
+        "{history}"
+    );
+    assert!(
+        rows[1].contains("paused") && rows[1].contains("canaryctl"),
+        "{history}"
+    );
+    assert!(
+        rows[2].contains("rolled-back") && rows[2].contains("0%") && rows[2].contains("canaryctl"),
+        "{history}"
+    );
+    let json: Value =
+        serde_json::from_str(&ok(&agent.control_socket(), &["history", "web", "--json"]))
+            .expect("JSON");
+    assert_eq!(json["changes"].as_array().map(Vec::len), Some(3), "{json}");
+    let explain = ok(&agent.control_socket(), &["explain", "web"]);
+    assert!(
+        explain.contains("rolled back by operator: canaryctl rollback"),
+        "{explain}"
+    );
+    let status = ok(&agent.control_socket(), &["status"]);
+    assert!(status.contains("plan [■□] step 1/2"), "{status}");
+    fails(
+        &agent.control_socket(),
+        &["history", "nope"],
+        "no service \"nope\"",
+    );
+}

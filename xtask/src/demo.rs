@@ -3,7 +3,10 @@
 //! Builds a lab (client, router, stable-1, stable-2, canary-1 namespaces),
 //! runs the real agent in the router on a built-in config, drives a bounded
 //! rate of one-request connections to the VIP from the client namespace,
-//! and prints which backend answered, second by second.
+//! and prints, second by second, which backend answered and where the
+//! rollout is: a plan 1 → 5 → 25 → 50 → 100 % judged live (the default),
+//! with `--scenario bad-canary` a canary that breaks mid-rollout and is
+//! rolled back, or with `--weight` a fixed split.
 
 use std::{
     collections::BTreeMap,
@@ -29,9 +32,15 @@ pub struct Args {
     /// Stop after this many seconds (default: run until Ctrl-C).
     #[arg(long, value_name = "SECONDS")]
     pub(crate) duration: Option<u64>,
-    /// Canary weight: "5%", "0.25%" or "2500ppm".
-    #[arg(long, default_value = "5%")]
-    weight: String,
+    /// A fixed canary weight ("5%", "0.25%" or "2500ppm") instead of the
+    /// rollout plan.
+    #[arg(long)]
+    weight: Option<String>,
+    /// What happens to the rollout: `healthy` (the plan runs to
+    /// promotion) or `bad-canary` (the canary backend stops answering once
+    /// the plan reaches 25 %: the breaker rolls it back).
+    #[arg(long, default_value = "healthy", value_parser = ["healthy", "bad-canary"])]
+    scenario: String,
     /// New connections per second the clients open (bounded: 1 to 2000).
     #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u32).range(1..=2000))]
     pub(crate) rate: u32,
@@ -44,7 +53,7 @@ pub struct Args {
     /// `canaryctl` on any of them (--weight and --cohort do not apply).
     #[arg(long)]
     fleet: bool,
-    /// With --fleet: seconds each plan step holds.
+    /// Seconds each plan step holds (at least; the judge must pass too).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub(crate) hold: u64,
 }
@@ -80,14 +89,22 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         n_client_addrs: 256,
         n_client_addrs6: 0,
     })?;
+    let rollout = match &args.weight {
+        Some(w) => format!("weight = \"{w}\"\n"),
+        None => format!(
+            "release = \"v2\"\n[service.rollout]\ninterval = \"1s\"\nsteps = [{{ weight = \"1%\", hold = \"{h}s\" }}, \
+             {{ weight = \"5%\", hold = \"{h}s\" }}, {{ weight = \"25%\", hold = \"{h}s\" }}, {{ weight = \"50%\", hold = \"{h}s\" }}, \
+             {{ weight = \"100%\" }}]\n",
+            h = args.hold
+        ),
+    };
     let config = format!(
         "[agent]\ninterfaces = [\"{iface}\"]\n\n[[service]]\nname = \"web\"\nvip = \"{VIP}\"\n\
-         stable = [\"{s1}\", \"{s2}\"]\ncanary = [\"{c1}\"]\nweight = \"{w}\"\ncohort = \"{cohort}\"\n",
+         stable = [\"{s1}\", \"{s2}\"]\ncanary = [\"{c1}\"]\ncohort = \"{cohort}\"\n{rollout}",
         iface = Lab::ROUTER_CLIENT_IFACE,
         s1 = lab.backend_addr(0),
         s2 = lab.backend_addr(1),
         c1 = lab.backend_addr(2),
-        w = args.weight,
         cohort = args.cohort,
     );
     println!("agent config:\n{}", indent(&config));
@@ -96,9 +113,17 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         "\nper-cohort metrics, from another terminal:\n    ip netns exec {} curl -s 127.0.0.1:9477/metrics | grep 'service=\"web\"'",
         lab.router().name()
     );
-    let weight = weight_fraction(&args.weight)?;
+    let weight = args.weight.as_deref().map(weight_fraction).transpose()?;
+    println!(
+        "\nwhile it runs, from another terminal:\n    canaryctl --socket {sock} status --watch\n    canaryctl --socket {sock} explain web\n    canaryctl --socket {sock} rollback web",
+        sock = agent.control_socket().display()
+    );
 
-    let result = drive(&lab, args, weight);
+    let mut lab = lab;
+    let result = drive(&mut lab, &agent, args, weight);
+    if weight.is_none() {
+        print_history(&agent);
+    }
     STOP.store(true, Ordering::SeqCst);
     let stopped = agent.stop();
     drop(lab);
@@ -117,7 +142,12 @@ struct Tally {
     errors: AtomicU64,
 }
 
-fn drive(lab: &Lab, args: &Args, weight: f64) -> anyhow::Result<()> {
+fn drive(
+    lab: &mut Lab,
+    agent: &AgentProcess,
+    args: &Args,
+    weight: Option<f64>,
+) -> anyhow::Result<()> {
     const WORKERS: u32 = 4;
     let vip: SocketAddrV4 = VIP.parse()?;
     let tally = Arc::new(Tally::default());
@@ -161,6 +191,9 @@ fn drive(lab: &Lab, args: &Args, weight: f64) -> anyhow::Result<()> {
     );
     let start = Instant::now();
     let mut tick = start;
+    let mut broken = false;
+    let mut settled: Option<Instant> = None;
+    let mut last = (0u64, 0u64);
     loop {
         tick += Duration::from_secs(1);
         while Instant::now() < tick && !STOP.load(Ordering::Relaxed) {
@@ -169,7 +202,25 @@ fn drive(lab: &Lab, args: &Args, weight: f64) -> anyhow::Result<()> {
         if STOP.load(Ordering::Relaxed) {
             break;
         }
-        println!("{}", status_line(start.elapsed(), &tally, weight));
+        if let Some(w) = weight {
+            println!("{}", status_line(start.elapsed(), &tally, w));
+        } else {
+            let (line, state, weight_now) = rollout_line(start.elapsed(), agent, &tally, &mut last);
+            println!("{line}");
+            if args.scenario == "bad-canary" && !broken && weight_now == "25%" {
+                broken = true;
+                lab.stop_backend(2);
+                println!(
+                    "\n>>> scenario bad-canary: canary-1 stops answering (connections refused)\n"
+                );
+            }
+            if state == "promoted" || state == "rolled-back" {
+                let at = *settled.get_or_insert_with(Instant::now);
+                if at.elapsed() >= Duration::from_secs(3) {
+                    break;
+                }
+            }
+        }
         if args
             .duration
             .is_some_and(|d| start.elapsed() >= Duration::from_secs(d))
@@ -181,8 +232,83 @@ fn drive(lab: &Lab, args: &Args, weight: f64) -> anyhow::Result<()> {
     for w in workers {
         let _ = w.join();
     }
-    println!("\nfinal: {}", status_line(start.elapsed(), &tally, weight));
+    if let Some(w) = weight {
+        println!("\nfinal: {}", status_line(start.elapsed(), &tally, w));
+    }
     Ok(())
+}
+
+/// One second of a plan-driven rollout: step, weight, the canary share
+/// of that second's connections, and the last verdict. Also the state and
+/// the weight in force.
+fn rollout_line(
+    elapsed: Duration,
+    agent: &AgentProcess,
+    tally: &Tally,
+    last: &mut (u64, u64),
+) -> (String, String, String) {
+    let status = std::process::Command::new(canary_lab::canaryctl_binary())
+        .arg("--socket")
+        .arg(agent.control_socket())
+        .args(["status", "--json", "web"])
+        .output()
+        .ok()
+        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+        .unwrap_or_default();
+    let svc = &status["services"][0];
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_string();
+    let (state, weight) = (text(&svc["state"]), text(&svc["effective_weight"]));
+    let plan = &svc["plan"];
+    let bar: String = match (plan["step"].as_u64(), plan["steps"].as_u64()) {
+        (Some(step), Some(steps)) => (1..=steps)
+            .map(|i| if i <= step { '■' } else { '□' })
+            .collect(),
+        _ => String::new(),
+    };
+    let by = tally
+        .by_backend
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let total: u64 = by.values().sum();
+    let canary: u64 = by
+        .iter()
+        .filter(|(n, _)| n.starts_with("canary"))
+        .map(|(_, c)| c)
+        .sum();
+    let (dt, dc) = (total - last.0, canary - last.1);
+    *last = (total, canary);
+    let share = if dt == 0 {
+        0.0
+    } else {
+        dc as f64 * 100.0 / dt as f64
+    };
+    let verdict = svc["last_verdict"].as_str().unwrap_or("-");
+    let verdict: String = verdict.chars().take(110).collect();
+    (
+        format!(
+            "t={:>3}s  {state:<17} [{bar}] {weight:>4}  canary {share:>5.1}% of {dt:>3}/s  errors {:<4} {verdict}",
+            elapsed.as_secs(),
+            tally.errors.load(Ordering::Relaxed)
+        ),
+        state,
+        weight,
+    )
+}
+
+/// `canaryctl history web`, at the end of a plan-driven demo.
+fn print_history(agent: &AgentProcess) {
+    if let Ok(out) = std::process::Command::new(canary_lab::canaryctl_binary())
+        .arg("--socket")
+        .arg(agent.control_socket())
+        .args(["history", "web"])
+        .output()
+    {
+        println!(
+            "\ncanaryctl history web:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
 }
 
 /// One line: counts per backend, the canary share and where it should be.

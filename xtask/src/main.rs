@@ -43,16 +43,19 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Run the demo lab: a client, two stable backends and one canary backend
-    /// in network namespaces, the real agent steering a share of new
-    /// connections to canary, and the observed split printed live. Ctrl-C
-    /// stops it and removes the lab.
+    /// in network namespaces, the real agent running a rollout plan
+    /// (1 → 5 → 25 → 50 → 100 %) judged live, progress and verdicts printed
+    /// every second (--scenario bad-canary: the canary breaks mid-rollout
+    /// and is rolled back; --weight: a fixed split; --fleet: three nodes
+    /// and etcd). Ctrl-C stops it and removes the lab.
     Demo(demo::Args),
-    /// Run the benchmarks (about 9 minutes on 2 cores) and write
+    /// Run the benchmarks (about 11 minutes on 2 cores) and write
     /// target/bench/results.{json,md}: per-packet cost through
     /// BPF_PROG_TEST_RUN next to empty programs; end to end in network
     /// namespaces against direct routing, iptables and HAProxy; a client
     /// on the node itself, socket LB against iptables and direct; the agent's
-    /// CPU, memory and scrape time; breaker and judge reaction times.
+    /// CPU, memory and scrape time; breaker and judge reaction times; up to
+    /// 500 simulated fleet nodes against a 3-member etcd.
     /// Installs iptables and HAProxy. Arguments after `--` go to
     /// canary-bench (e.g. `-- --quick` or `-- --only packet,e2e`).
     Bench {

@@ -14,7 +14,7 @@ use std::{
 
 use canary_agent::{
     control::{ErrorCode, MAX_RESPONSE, Request, Response},
-    status::StatusReport,
+    status::{Explanation, HistoryReport, StatusReport},
     units::Weight,
 };
 use clap::{Parser, Subcommand};
@@ -114,6 +114,23 @@ enum Cmd {
     /// Make the agent re-read its config file (as SIGHUP); a bad file is
     /// rejected and the running config stays.
     Reload,
+    /// List the service's state changes: when, from, to, the weight after,
+    /// who decided (canaryctl, the judge, the breaker, the config, the
+    /// fleet) and why. Kept across restarts (the latest 200).
+    History {
+        /// The service.
+        service: String,
+        /// Print the agent's JSON answer (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explain why the service is where it is: its state and weight, where
+    /// it is in its plan, what the step waits for (hold, connections, a
+    /// judgement, an approval), the last change and the last verdicts.
+    Explain {
+        /// The service.
+        service: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -135,6 +152,17 @@ fn main() -> ExitCode {
         Cmd::Status { json, .. } => {
             call(&cli.socket, &request).and_then(|v| print_status(&v, *json))
         }
+        Cmd::History { json, .. } => {
+            call(&cli.socket, &request).and_then(|v| print_history(&v, *json))
+        }
+        Cmd::Explain { .. } => call(&cli.socket, &request).and_then(|v| {
+            let e: Explanation =
+                serde_json::from_value(v).map_err(|e| format!("unexpected answer: {e}"))?;
+            for line in e.lines {
+                println!("{line}");
+            }
+            Ok(())
+        }),
         _ => call(&cli.socket, &request).map(|v| match serde_json::from_value::<StatusReport>(v) {
             Ok(report) => print!("{}", table(&report)),
             Err(_) => println!("ok"),
@@ -166,7 +194,64 @@ fn request(cmd: &Cmd) -> Result<Request, String> {
         Cmd::Promote { service } => Request::Promote { service },
         Cmd::Rollback { service } => Request::Rollback { service },
         Cmd::Reload => Request::Reload,
+        Cmd::History { service, .. } => Request::History { service },
+        Cmd::Explain { service } => Request::Explain { service },
     })
+}
+
+/// The `history` answer as a table (or its JSON).
+fn print_history(value: &serde_json::Value, json: bool) -> Result<(), String> {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    let h: HistoryReport =
+        serde_json::from_value(value.clone()).map_err(|e| format!("unexpected answer: {e}"))?;
+    if h.changes.is_empty() {
+        println!("{}: no state change recorded", h.service);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<18} {:<18} {:<8} {:<14} WHY",
+        "WHEN (UTC)", "FROM", "TO", "WEIGHT", "BY"
+    );
+    for c in &h.changes {
+        println!(
+            "{:<20} {:<18} {:<18} {:<8} {:<14} {}",
+            utc(c.at_unix),
+            c.from,
+            c.to,
+            c.weight,
+            c.by,
+            c.detail
+        );
+    }
+    Ok(())
+}
+
+/// `2026-11-29 16:34:48` from Unix seconds (UTC, civil calendar).
+fn utc(unix: u64) -> String {
+    let (days, secs) = (unix / 86_400, unix % 86_400);
+    // Howard Hinnant's days-to-civil algorithm.
+    #[expect(clippy::cast_possible_wrap, reason = "days since 1970 fit")]
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 /// Sends one request; the result, or a message saying what went wrong.
@@ -298,6 +383,9 @@ fn table(report: &StatusReport) -> String {
                 ""
             ));
         }
+        if let Some(p) = &s.plan {
+            out.push_str(&format!("{:<16} {}\n", "", progress(p)));
+        }
         if let Some(v) = &s.last_verdict {
             out.push_str(&format!("{:<16} last verdict: {v}\n", ""));
         }
@@ -309,6 +397,45 @@ fn table(report: &StatusReport) -> String {
         out.push_str(&fleet_table(f));
     }
     out
+}
+
+/// `plan [■■□□□] step 2/5 (1% → 5% → 25% → 50% → 100%) · 40s in step · next: …`
+fn progress(p: &canary_agent::status::PlanProgress) -> String {
+    let bar: String = (1..=p.steps)
+        .map(|i| if i <= p.step { '■' } else { '□' })
+        .collect();
+    let weights: Vec<String> = p
+        .weights
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            if i + 1 == p.step as usize {
+                format!("[{w}]")
+            } else {
+                w.clone()
+            }
+        })
+        .collect();
+    let time = p
+        .in_step_secs
+        .map(|s| format!(" · {} in step", duration(s)))
+        .unwrap_or_default();
+    format!(
+        "plan [{bar}] step {}/{} ({}){time} · next: {}",
+        p.step,
+        p.steps,
+        weights.join(" → "),
+        p.next
+    )
+}
+
+/// `1h02m`, `3m05s`, `42s`.
+fn duration(secs: u64) -> String {
+    match secs {
+        s if s >= 3600 => format!("{}h{:02}m", s / 3600, s / 60 % 60),
+        s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
 }
 
 /// The fleet part of the status: etcd, the leader, one row per node.

@@ -72,6 +72,17 @@ pub enum Request {
     },
     /// Re-read the config file (as SIGHUP).
     Reload,
+    /// The service's state changes: when, from, to, who and why.
+    History {
+        /// The service.
+        service: String,
+    },
+    /// Why the service is where it is: its state, what the step waits
+    /// for, the last verdicts.
+    Explain {
+        /// The service.
+        service: String,
+    },
 }
 
 /// A request with its version, as sent.
@@ -101,7 +112,9 @@ impl Request {
             | Request::Resume { service }
             | Request::Approve { service }
             | Request::Promote { service }
-            | Request::Rollback { service } => Some(service),
+            | Request::Rollback { service }
+            | Request::History { service }
+            | Request::Explain { service } => Some(service),
             Request::Reload => None,
         }
     }
@@ -443,7 +456,7 @@ mod tests {
         assert_eq!(
             e.message,
             "unknown command \"explode\"; one of status, set-weight, pause, resume, approve, \
-             promote, rollback, reload"
+             promote, rollback, reload, history, explain"
         );
         assert_eq!(
             err(r#"{"v":1,"cmd":"status","extra":1}"#).code,

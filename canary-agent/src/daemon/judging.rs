@@ -125,6 +125,11 @@ impl Agent {
                 link.judge_fails.insert(svc.name.clone(), fails);
             }
             *self.judgements.entry(svc.name.clone()).or_default() += 1;
+            self.dp
+                .stats_source()
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .count_judgement(&svc.name, judgement.verdict.kind());
             if let Err(e) = self.feed(&svc.name, Event::Judged(judgement)) {
                 warn!(service = %svc.name, error = %e, "the judge's decision was not carried out");
             }

@@ -155,6 +155,10 @@ struct Agent {
     fleet: Option<fleet::FleetLink>,
     /// Checks and fleet evidence from Prometheus (with `[analysis]`).
     analysis: analysis::Analysis,
+    /// Each service's state changes (`canaryctl history`).
+    history: crate::rollout::history::History,
+    /// Each service's latest verdicts with their times (`explain`).
+    recent_verdicts: BTreeMap<String, std::collections::VecDeque<(u64, String)>>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -165,6 +169,11 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
 
     let config = opts.load().await?;
+    // The fleet's TLS files are read before anything is attached: an
+    // unreadable one fails the start cleanly (connecting itself is lazy).
+    if let Some(fc) = &config.fleet {
+        crate::fleet::connect(fc).await.map_err(AgentError::Fleet)?;
+    }
     // Sockets are bound before anything is attached: a taken port or a
     // live agent on the control socket fails cleanly.
     let metrics_addr = config.agent.metrics_addr;
@@ -205,6 +214,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     let mut tasks = Supervisor::new();
     let node = config_node(&config);
     let (analysis_tx, mut analysis_done) = mpsc::channel(64);
+    let state_dir = config.agent.state_dir.clone();
     let mut agent = Agent {
         opts,
         config,
@@ -219,7 +229,12 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         lost_interfaces: BTreeMap::new(),
         fleet: None,
         analysis: analysis::Analysis::new(analysis_tx),
+        history: crate::rollout::history::History::new(&state_dir),
+        recent_verdicts: BTreeMap::new(),
     };
+    for svc in &agent.config.services {
+        agent.history.load(&svc.name);
+    }
     // Trips the kernel recorded while no agent ran (or that the last one
     // did not get to persist) become rollbacks like any other trip.
     for (name, state) in adopted.tripped {
@@ -322,6 +337,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
             }
             _ = sweep.tick() => {
                 agent.watch_interfaces();
+                agent.publish_attached();
                 agent.refresh_summaries();
                 match agent.dp.sweep_pending(agent.config.agent.handshake_timeout) {
                     Ok(0) => {}
@@ -460,6 +476,8 @@ impl Agent {
             Request::Resume { service } => self.operator(&service, engine::Command::Resume).await,
             Request::Pause { service } => self.operator(&service, engine::Command::Pause).await,
             Request::Approve { service } => self.operator(&service, engine::Command::Approve).await,
+            Request::History { service } => self.history_of(&service),
+            Request::Explain { service } => self.explain(&service),
         }
     }
 
@@ -524,6 +542,7 @@ impl Agent {
             }
         }
         self.dp.finish_migration()?;
+        self.publish_attached();
         for (interface, hook) in self.dp.prune_links() {
             info!(interface = %interface, hook = %hook, "detached a pinned link the config no longer names");
         }
@@ -560,6 +579,31 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Exports which configured links are attached
+    /// (`canary_dataplane_attached`).
+    fn publish_attached(&self) {
+        let attached: BTreeSet<String> = self
+            .dp
+            .attached()
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let mut links: Vec<(String, bool)> = self
+            .config
+            .agent
+            .interfaces
+            .iter()
+            .map(|i| (i.name.clone(), attached.contains(&i.name)))
+            .collect();
+        if self.config.agent.socket_lb.is_some() {
+            links.push(("socket-lb".to_string(), true));
+        }
+        self.dp
+            .stats_source()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .set_attached(links);
     }
 
     fn log_services(&self, report: &ApplyReport) {

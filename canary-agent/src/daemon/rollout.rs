@@ -152,6 +152,11 @@ impl Agent {
                 }
                 Effect::Verdict(line) => {
                     self.verdicts.insert(name.clone(), line.clone());
+                    let recent = self.recent_verdicts.entry(name.clone()).or_default();
+                    recent.push_back((crate::rollout::now_unix(), line.clone()));
+                    if recent.len() > 5 {
+                        recent.pop_front();
+                    }
                 }
             }
         }
@@ -230,6 +235,22 @@ impl Agent {
             at_unix: crate::rollout::now_unix(),
         });
         self.verdicts.insert(svc.name.clone(), verdict.to_string());
+        let recent = self.recent_verdicts.entry(svc.name.clone()).or_default();
+        recent.push_back((crate::rollout::now_unix(), verdict.to_string()));
+        if recent.len() > 5 {
+            recent.pop_front();
+        }
+        self.history.record(
+            &svc.name,
+            crate::rollout::history::Change {
+                at_unix: crate::rollout::now_unix(),
+                from: from.name().to_string(),
+                to: to.name().to_string(),
+                weight: weight.to_string(),
+                by: by.as_str().to_string(),
+                detail: verdict.to_string(),
+            },
+        );
     }
 
     /// Exports every service's rollout state.

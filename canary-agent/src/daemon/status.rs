@@ -9,8 +9,92 @@ use crate::{
     control::{ErrorCode, Response},
     error_chain,
     rollout::ServiceState,
-    status::{CohortStatus, FleetStatus, ServiceStatus, StatusReport},
+    status::{
+        CohortStatus, Explanation, FleetStatus, HistoryReport, PlanProgress, ServiceStatus,
+        StatusReport,
+    },
 };
+
+/// Where a plan-driven service is in its plan, and what moves it on.
+pub(super) fn plan_progress(
+    svc: &ServiceConfig,
+    state: &ServiceState,
+    canary_connections: u64,
+    fleet: bool,
+) -> Option<PlanProgress> {
+    let plan = svc.rollout.as_ref()?;
+    let n = plan.steps.len();
+    let (step, in_step) = match state {
+        ServiceState::Progressing { step, since_unix } => (
+            *step as usize,
+            Some(crate::rollout::now_unix().saturating_sub(*since_unix)),
+        ),
+        ServiceState::AwaitingApproval { step } | ServiceState::Paused { step, .. } => {
+            (*step as usize, None)
+        }
+        ServiceState::Promoted { .. } => (n - 1, None),
+        _ => (0, None),
+    };
+    let i = step.min(n - 1);
+    let at = &plan.steps[i];
+    let hold = at.hold.as_secs();
+    let who = if fleet {
+        "the fleet's leader moves it on"
+    } else {
+        "the judge moves it on"
+    };
+    let next = match state {
+        ServiceState::Progressing { .. } => {
+            let left = hold.saturating_sub(in_step.unwrap_or(0));
+            let then = match plan.steps.get(i + 1) {
+                None => "promoted".to_string(),
+                Some(s) if s.gate == crate::config::Gate::Manual => {
+                    format!("step {} ({}) after `canaryctl approve`", i + 2, s.weight)
+                }
+                Some(s) => format!("step {} ({})", i + 2, s.weight),
+            };
+            let judge = if fleet {
+                "no node's judge failing"
+            } else {
+                "a passing judgement"
+            };
+            format!(
+                "{then}: {who} after the {hold}s hold ({left}s left), {} of {} canary connections{}, and {judge}",
+                canary_connections,
+                at.min_connections,
+                if fleet { " (fleet-wide)" } else { "" }
+            )
+        }
+        ServiceState::AwaitingApproval { .. } => {
+            format!(
+                "step {} ({}) waits for `canaryctl approve`",
+                i + 1,
+                at.weight
+            )
+        }
+        ServiceState::Paused { .. } => "paused: `canaryctl resume` goes on".to_string(),
+        ServiceState::Promoted { .. } => "promoted: the plan is over".to_string(),
+        ServiceState::RolledBack { .. } => {
+            "rolled back: `canaryctl resume` starts the plan over; a new release starts afresh"
+                .to_string()
+        }
+        ServiceState::Idle { .. } => {
+            "a manual weight holds: `canaryctl resume` starts the plan over".to_string()
+        }
+    };
+    Some(PlanProgress {
+        #[expect(clippy::cast_possible_truncation, reason = "at most 100 steps")]
+        step: (i + 1) as u32,
+        #[expect(clippy::cast_possible_truncation, reason = "at most 100 steps")]
+        steps: n as u32,
+        weights: plan.steps.iter().map(|s| s.weight.to_string()).collect(),
+        in_step_secs: in_step,
+        hold_secs: hold,
+        min_connections: at.min_connections,
+        canary_connections,
+        next,
+    })
+}
 
 /// "2/4 (5%)" for a plan-driven service.
 pub(super) fn plan_step(svc: &ServiceConfig, state: &ServiceState) -> Option<String> {
@@ -106,9 +190,135 @@ impl Agent {
                         _ => None,
                     }),
                 judgements: self.judgements.get(&svc.name).copied().unwrap_or(0),
+                plan: plan_progress(
+                    svc,
+                    &state,
+                    self.windows.get(&svc.name).map_or(0, |w| {
+                        super::judging::cohort_window(&w.base, snap, Cohort::Canary).connections
+                    }),
+                    self.fleet.is_some(),
+                ),
             });
         }
         match serde_json::to_value(StatusReport { fleet, services }) {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::error(ErrorCode::Internal, e.to_string()),
+        }
+    }
+}
+
+impl Agent {
+    /// The `history` answer.
+    pub(super) fn history_of(&self, service: &str) -> Response {
+        if !self.config.services.iter().any(|s| s.name == service) {
+            return Response::error(ErrorCode::UnknownService, format!("no service {service:?}"));
+        }
+        let report = HistoryReport {
+            service: service.to_string(),
+            changes: self.history.of(service),
+        };
+        match serde_json::to_value(report) {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::error(ErrorCode::Internal, e.to_string()),
+        }
+    }
+
+    /// The `explain` answer: the state, what the step waits for, the last
+    /// verdicts and the last change.
+    pub(super) fn explain(&self, service: &str) -> Response {
+        let Some(svc) = self.config.services.iter().find(|s| s.name == service) else {
+            return Response::error(ErrorCode::UnknownService, format!("no service {service:?}"));
+        };
+        let state = self
+            .rollouts
+            .get(service)
+            .map_or(ServiceState::IDLE, |r| r.state.clone());
+        let mut lines = vec![format!(
+            "{service} is {} at canary weight {} (release {})",
+            state.name(),
+            state.effective_weight(svc),
+            svc.release
+        )];
+        let canary = self
+            .dp
+            .snapshot_where(|n| n == service)
+            .ok()
+            .and_then(|snap| {
+                let now = snap.service(service)?.clone();
+                let w = self.windows.get(service)?;
+                Some(super::judging::cohort_window(&w.base, &now, Cohort::Canary).connections)
+            });
+        match plan_progress(svc, &state, canary.unwrap_or(0), self.fleet.is_some()) {
+            Some(p) => {
+                lines.push(format!(
+                    "plan: step {} of {} ({}){}",
+                    p.step,
+                    p.steps,
+                    p.weights.join(" → "),
+                    p.in_step_secs
+                        .map(|s| format!(", {s}s in this step"))
+                        .unwrap_or_default()
+                ));
+                lines.push(format!("next: {}", p.next));
+            }
+            None => lines.push(format!(
+                "no plan: the weight is {} ({})",
+                state.effective_weight(svc),
+                match &state {
+                    ServiceState::Idle {
+                        weight_ppm: Some(_),
+                    } => "set by canaryctl",
+                    ServiceState::Idle { weight_ppm: None } => "configured",
+                    _ => "its state's",
+                }
+            )),
+        }
+        if let ServiceState::RolledBack { reason, detail, .. } = &state {
+            lines.push(format!("rolled back by {}: {detail}", reason.as_str()));
+        }
+        if let Some(last) = self.history.of(service).last() {
+            lines.push(format!(
+                "last change: {} → {} by {}, {}s ago: {}",
+                last.from,
+                last.to,
+                last.by,
+                crate::rollout::now_unix().saturating_sub(last.at_unix),
+                last.detail
+            ));
+        }
+        let recent = self.recent_verdicts.get(service);
+        match recent {
+            Some(r) if !r.is_empty() => {
+                lines.push("last verdicts (newest last):".to_string());
+                for (at, line) in r {
+                    lines.push(format!(
+                        "  {}s ago: {line}",
+                        crate::rollout::now_unix().saturating_sub(*at)
+                    ));
+                }
+            }
+            _ => lines.push("no verdict yet".to_string()),
+        }
+        if let Some(link) = &self.fleet {
+            lines.push(format!(
+                "fleet: this node is {} ({}); etcd {}",
+                link.fleet.config.node,
+                if link.leader {
+                    "the leader"
+                } else {
+                    "a follower"
+                },
+                if link.connected {
+                    "connected"
+                } else {
+                    "unreachable: fail static"
+                }
+            ));
+        }
+        match serde_json::to_value(Explanation {
+            service: service.to_string(),
+            lines,
+        }) {
             Ok(v) => Response::ok(v),
             Err(e) => Response::error(ErrorCode::Internal, e.to_string()),
         }

@@ -503,6 +503,7 @@ impl Dataplane {
             sock_timeouts: take_map(&mut ebpf, names::SOCK_TIMEOUTS)?,
             udp_timeouts: take_map(&mut ebpf, names::UDP_TIMEOUTS)?,
             rollout: StdHashMap::new(),
+            attached: std::collections::BTreeMap::new(),
         };
         let sock_active = take_map(&mut ebpf, names::SOCK_ACTIVE)?;
         let mut dp = Dataplane {

@@ -669,19 +669,29 @@ fn configured(
     // Another release's state says nothing about this one: a new release
     // starts afresh (and a rolled-back one, deployed again, finds its own).
     if let Some(old) = saved.release.as_deref().filter(|r| *r != svc.release) {
-        let to = match svc.rollout {
-            Some(_) => progressing(0, now),
-            None => ServiceState::IDLE,
+        let (to, why) = match svc.rollout {
+            // No canary left (the usual end of a promotion) is no release.
+            None if svc.canary.is_empty() => (
+                ServiceState::IDLE,
+                "the config has no canary backends for it any more".to_string(),
+            ),
+            Some(_) => (progressing(0, now), String::new()),
+            None => (ServiceState::IDLE, String::new()),
+        };
+        let why = if why.is_empty() {
+            format!(
+                "new release {:?} (the saved state was release {old:?}'s); its rollout starts afresh",
+                svc.release
+            )
+        } else {
+            why
         };
         return Ok(change(
             &current.state,
             to,
             svc,
             Actor::Config,
-            Some(format!(
-                "rollout state changed by the config: new release {:?} (the saved state was release {old:?}'s); its rollout starts afresh",
-                svc.release
-            )),
+            Some(format!("rollout state changed by the config: {why}")),
         ));
     }
     let saved = &saved.rollout;

@@ -14,6 +14,7 @@
 //!   breaker, the judge or an operator.
 
 pub mod engine;
+pub mod history;
 mod store;
 
 use std::time::{SystemTime, UNIX_EPOCH};

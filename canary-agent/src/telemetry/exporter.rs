@@ -22,8 +22,8 @@ use super::{
     histogram::ExportHistogram,
     labels::{
         BackendLabels, BuildLabels, CohortLabel, CohortLabels, CounterLabel, Direction,
-        DirectionLabels, ErrorLabels, EventLabels, FailureLabels, FailureReason, RollbackLabels,
-        RolloutState, ServiceLabels, StateLabels,
+        DirectionLabels, ErrorLabels, EventLabels, FailureLabels, FailureReason, LinkLabels,
+        RollbackLabels, RolloutState, ServiceLabels, StateLabels, VerdictLabels,
     },
     snapshot::{BackendSnapshot, Snapshot, StatsSource},
 };
@@ -391,6 +391,35 @@ fn encode_snapshot(
     )?;
     family(
         e,
+        "canary_judgements",
+        "The judge's verdicts since the agent started, by kind: pass, fail, insufficient-data (holds the step).",
+        None,
+        snapshot.services.iter().flat_map(|s| {
+            crate::judge::VERDICT_KINDS.map(|verdict| {
+                (
+                    VerdictLabels {
+                        service: s.name.clone(),
+                        verdict,
+                    },
+                    ConstCounter::new(s.rollout.judgements.get(verdict).copied().unwrap_or(0)),
+                )
+            })
+        }),
+    )?;
+    family(
+        e,
+        "canary_dataplane_attached",
+        "1 if the data-plane link the config asks for is attached (a client-facing interface by name, or socket-lb), 0 if not (an interface that disappeared).",
+        None,
+        snapshot.attached.iter().map(|(link, up)| {
+            (
+                LinkLabels { link: link.clone() },
+                ConstGauge::new(i64::from(*up)),
+            )
+        }),
+    )?;
+    family(
+        e,
         "canary_dataplane_events",
         "Data-plane events (new flows, conntrack misses, SYN retransmits and duplicates, RST closes and ignored RSTs, re-resolved flows confirmed or reset, unattributed measurements, connections steered at the socket and those of them with no known source for the rules).",
         None,
@@ -508,6 +537,7 @@ mod tests {
             rollout: RolloutView {
                 state: "progressing",
                 rollbacks: [("breaker", 1), ("judge", 2)].into_iter().collect(),
+                judgements: [("pass", 5), ("fail", 1)].into_iter().collect(),
             },
         };
         let db = ServiceSnapshot {
@@ -520,7 +550,7 @@ mod tests {
             histograms: [histograms(2), None],
             rollout: RolloutView {
                 state: "idle",
-                rollbacks: std::collections::BTreeMap::default(),
+                ..RolloutView::default()
             },
         };
         Snapshot {
@@ -530,6 +560,7 @@ mod tests {
                 .zip(0u64..)
                 .map(|(&c, i)| (c, i * 7))
                 .collect(),
+            attached: vec![("eth0".into(), true), ("socket-lb".into(), false)],
         }
     }
 

@@ -146,6 +146,19 @@ pub(super) struct RollbackLabels {
     pub(super) reason: RollbackReason,
 }
 
+/// `{service, verdict}` of `canary_judgements_total`.
+#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct VerdictLabels {
+    pub(super) service: String,
+    pub(super) verdict: &'static str,
+}
+
+/// `{link}` of `canary_dataplane_attached`.
+#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct LinkLabels {
+    pub(super) link: String,
+}
+
 /// `{event}`.
 #[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct EventLabels {

@@ -67,6 +67,10 @@ pub struct StatsSource {
     /// truth, and `daemon/rollout.rs` republishes the state on every change
     /// it announces (and all of them after a start or reload).
     pub(crate) rollout: StdHashMap<String, RolloutView>,
+    /// Whether each data-plane link the config asks for is attached: a
+    /// client-facing interface by name, and `socket-lb`. Set by the
+    /// daemon at start, on reload and by its once-a-second check.
+    pub(crate) attached: BTreeMap<String, bool>,
 }
 
 /// What the exporter says of a service's rollout.
@@ -76,6 +80,9 @@ pub struct RolloutView {
     pub state: &'static str,
     /// Rollbacks since the agent started, by reason.
     pub rollbacks: BTreeMap<&'static str, u64>,
+    /// The judge's verdicts since the agent started, by kind (`pass`,
+    /// `fail`, `insufficient-data`).
+    pub judgements: BTreeMap<&'static str, u64>,
 }
 
 impl StatsSource {
@@ -99,6 +106,18 @@ impl StatsSource {
         if let Some(reason) = rollback {
             *view.rollbacks.entry(reason).or_default() += 1;
         }
+    }
+
+    /// Counts one verdict of the judge on `service`.
+    pub fn count_judgement(&mut self, service: &str, kind: &'static str) {
+        let view = self.rollout.entry(service.to_string()).or_default();
+        *view.judgements.entry(kind).or_default() += 1;
+    }
+
+    /// Records which data-plane links are attached (every configured one,
+    /// replacing the last record).
+    pub fn set_attached(&mut self, links: impl IntoIterator<Item = (String, bool)>) {
+        self.attached = links.into_iter().collect();
     }
 
     /// Reads every counter and the histograms of cohorts that have seen a
@@ -161,7 +180,7 @@ impl StatsSource {
                 histograms,
                 rollout: self.rollout.get(&svc.name).cloned().unwrap_or(RolloutView {
                     state: "idle",
-                    rollbacks: BTreeMap::default(),
+                    ..RolloutView::default()
                 }),
             });
         }
@@ -169,6 +188,7 @@ impl StatsSource {
         Ok(Snapshot {
             services,
             dataplane,
+            attached: self.attached.clone().into_iter().collect(),
         })
     }
 }
@@ -287,6 +307,8 @@ pub struct Snapshot {
     pub services: Vec<ServiceSnapshot>,
     /// Data-plane counters, in `Counter::ALL` order.
     pub dataplane: Vec<(Counter, u64)>,
+    /// Each configured data-plane link and whether it is attached.
+    pub attached: Vec<(String, bool)>,
 }
 
 impl Snapshot {
