@@ -180,7 +180,7 @@ fn prometheus_down_holds_the_step_then_pauses_it_with_the_reason() {
     );
     // Long enough a streak limit (10 s at 500 ms) to see the step held
     // first.
-    let agent = AgentProcess::start(lab.router(), &config(&lab, "", &rollout, 20), false)
+    let mut agent = AgentProcess::start(lab.router(), &config(&lab, "", &rollout, 20), false)
         .expect("agent starts");
     let sock = agent.control_socket();
     // No traffic yet: 0 ÷ 0 is NaN, which is inconclusive.
@@ -229,10 +229,25 @@ fn prometheus_down_holds_the_step_then_pauses_it_with_the_reason() {
         || {},
         |s| s["state"] != "progressing",
     );
-    let verdict = s["last_verdict"].as_str().unwrap_or_default();
+    // The state change's line (the judge keeps judging a paused plan, so
+    // status's last verdict moves on; its checks lines keep the reason).
+    let verdict = agent
+        .wait_for("paused by the checks", 0, Duration::from_secs(1))
+        .expect("the pause is logged with its reason");
     eprintln!(
         "paused {:.1} s after Prometheus stopped: {verdict}",
         stopped.elapsed().as_secs_f64()
+    );
+    // Paused, the checks go on (afresh): status shows why.
+    let (paused, _) = until(
+        &sock,
+        Duration::from_secs(5),
+        || {},
+        |s| checks(s).contains("cannot connect to Prometheus"),
+    );
+    assert!(
+        checks(&paused).contains("cannot connect to Prometheus"),
+        "status shows why: {paused}"
     );
     assert_eq!(
         (s["state"].as_str(), s["step"].as_str()),
@@ -240,7 +255,7 @@ fn prometheus_down_holds_the_step_then_pauses_it_with_the_reason() {
         "{s}"
     );
     assert!(
-        verdict.starts_with("paused by the checks: check \"http-5xx\": inconclusive, canary: cannot connect to Prometheus")
+        verdict.contains("paused by the checks: check \"http-5xx\": inconclusive, canary: cannot connect to Prometheus")
             && verdict.contains("(20 evaluations in a row, max_inconclusive 20)"),
         "the pause says why: {verdict}"
     );

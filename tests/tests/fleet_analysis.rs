@@ -237,3 +237,48 @@ fn scraping(prom: &Prometheus) {
 fn lab_etcd_ns(etcd: &EtcdCluster) -> &canary_lab::Netns {
     etcd.net().ns()
 }
+
+#[test]
+fn checks_inconclusive_on_a_node_pause_the_whole_fleet() {
+    // No Prometheus at all: every check evaluation is inconclusive.
+    let (_etcd, _lab, mut agents) = start(
+        Behavior::FirstByteDelay(Duration::from_millis(2)),
+        "steps = [{ weight = \"20%\", hold = \"1h\" }]\n\
+         [[service.rollout.checks]]\nname = \"errors\"\n\
+         query = 'sum(rate(http_requests_total{version=\"{{cohort}}\",node=\"{{node}}\"}[{{window}}]))'\n\
+         max = 1.0\n",
+    );
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20)
+        && !states(&agents).iter().all(|(s, _)| s == "paused")
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let now = states(&agents);
+    // Each node's state change line (status's last verdict moves on with
+    // the judge, which keeps judging a paused plan).
+    let verdicts: Vec<String> = agents
+        .iter_mut()
+        .map(|a| {
+            a.wait_for("to=\"paused\"", 0, Duration::from_secs(1))
+                .unwrap_or_else(|e| panic!("{e:#}"))
+        })
+        .collect();
+    eprintln!(
+        "fleet paused {:.1} s after the agents were up: {}",
+        start.elapsed().as_secs_f64(),
+        verdicts[0]
+    );
+    assert!(
+        now.iter()
+            .all(|(s, step)| s == "paused" && step.starts_with("1/1")),
+        "every node paused: {now:?}"
+    );
+    for v in &verdicts {
+        assert!(
+            v.contains("paused by the checks: check \"errors\": inconclusive, canary: cannot connect to Prometheus")
+                && v.contains("by the checks)"),
+            "one pause for the fleet, decided by one node's checks: {v}"
+        );
+    }
+}

@@ -253,9 +253,68 @@ impl Agent {
             outcomes: latest,
             max_inconclusive,
         };
+        if self.fleet_pause(service, &round) {
+            return;
+        }
         if let Err(e) = self.feed(service, Event::Checked(round)) {
             warn!(service, error = %e, "the checks' decision was not carried out");
         }
+    }
+
+    /// In a fleet (etcd reachable), a pause the checks decide is the
+    /// fleet's: compare-and-swapped into etcd like the leader's decisions,
+    /// applied on every node (this one included) from the watch. A rollback
+    /// goes the usual way (applied here at once, then published). Whether
+    /// the round was handled here.
+    fn fleet_pause(&mut self, service: &str, round: &CheckRound) -> bool {
+        let Some(svc) = self.config.services.iter().find(|s| s.name == service) else {
+            return false;
+        };
+        let Some(current) = self.rollouts.get(service) else {
+            return false;
+        };
+        if !self.fleet.as_ref().is_some_and(|l| l.connected) {
+            return false;
+        }
+        let now = crate::rollout::now_unix();
+        let Ok(decision) =
+            crate::rollout::engine::decide(svc, current, Event::Checked(round.clone()), now)
+        else {
+            return false;
+        };
+        if !matches!(decision.to.state, ServiceState::Paused { .. }) {
+            return false;
+        }
+        let verdict = decision
+            .effects
+            .iter()
+            .find_map(|e| match e {
+                crate::rollout::engine::Effect::Announce { verdict, .. } => Some(verdict.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let key = (svc.name.clone(), svc.release.clone());
+        let Some(link) = self.fleet.as_mut() else {
+            return false;
+        };
+        let base = link.records.get(&key).map_or(0, |(_, rev)| *rev);
+        let record = crate::fleet::Record {
+            state: decision.to.state,
+            node: link.fleet.config.node.clone(),
+            by: crate::rollout::engine::Actor::Checks.as_str().to_string(),
+            verdict: verdict.clone(),
+            at_unix: now,
+        };
+        tracing::info!(service, "fleet: {verdict}");
+        // Retried by the next inconclusive round if another change won.
+        let _ = link.fleet.jobs.send(crate::fleet::Job::Cas {
+            service: key.0,
+            release: key.1,
+            record,
+            base,
+            reply: None,
+        });
+        true
     }
 
     /// Whether `svc`'s step may pass on its checks: it has none, or the
