@@ -89,10 +89,10 @@ pub fn measure(breakers: usize, judges: usize) -> anyhow::Result<Reactions> {
             Behavior::FirstByteDelay(Duration::from_millis(2)),
             Behavior::FirstByteDelay(Duration::from_millis(4)),
         );
-        let plan = "[service.rollout]\nsteps = [{ weight = \"20%\", hold = \"1h\" }]\n";
+        let plan = "[service.rollout]\ninterval = \"250ms\"\nsteps = [{ weight = \"20%\", hold = \"1h\" }]\n";
         let agent = AgentProcess::start(lab.router(), &config(&lab, Some(plan)), false)
             .context("agent for the judge run")?;
-        let run = judge_detection(&lab, &agent.control_socket(), VIP.parse()?);
+        let run = judge_detection(&lab, &agent.control_socket(), VIP.parse()?, 500.0);
         eprintln!(
             "bench: judge run {i}: {:?} at {:.0} conn/s; {}",
             run.detected, run.rate, run.verdict

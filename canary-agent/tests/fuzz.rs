@@ -232,7 +232,7 @@ const SERVICE_KEYS: &[(&str, &str)] = &[
     ("udp_idle_timeout", "\"30s\""),
     ("udp_response_timeout", "\"3s\""),
 ];
-const ROLLOUT_KEYS: &[(&str, &str)] = &[("interval", "\"1s\""), ("fail_after", "2")];
+const ROLLOUT_KEYS: &[(&str, &str)] = &[("interval", "\"1s\"")];
 const STEP_KEYS: &[(&str, &str)] = &[
     ("weight", "\"1%\""),
     ("hold", "\"10m\""),
@@ -241,7 +241,7 @@ const STEP_KEYS: &[(&str, &str)] = &[
 ];
 const JUDGE_KEYS: &[(&str, &str)] = &[
     ("min_samples", "50"),
-    ("alpha", "0.0001"),
+    ("alpha", "0.001"),
     ("min_failure_increase", "\"1%\""),
     ("min_latency_ratio", "1.2"),
     ("min_latency_increase", "\"1ms\""),

@@ -6,7 +6,7 @@ use std::io::{self, BufRead, BufReader, ErrorKind, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,10 @@ pub enum Behavior {
     /// Reads the first line, then aborts the connection with an RST
     /// (`SO_LINGER` 0) without replying (a crashing backend).
     Reset,
+    /// Like [`Behavior::Reply`], but every n-th connection accepted is
+    /// treated like [`Behavior::Reset`] (a backend failing a fixed share,
+    /// 1/n, of its connections).
+    ResetEvery(u32),
     /// No listener at all: connections are refused (RST answering the SYN).
     Closed,
 }
@@ -76,6 +80,7 @@ impl Server {
             name: Arc::from(name),
             behavior,
             stop: stop.clone(),
+            accepted: Arc::new(AtomicU64::new(0)),
         };
         let accept_thread = std::thread::Builder::new()
             .name(format!("accept-{name}"))
@@ -139,6 +144,8 @@ struct Handler {
     name: Arc<str>,
     behavior: Behavior,
     stop: Arc<AtomicBool>,
+    /// Connections accepted so far (for [`Behavior::ResetEvery`]).
+    accepted: Arc<AtomicU64>,
 }
 
 /// Accepts until the stop flag is set. Waits in `poll` rather than sleeping
@@ -214,9 +221,15 @@ fn serve(stream: TcpStream, handler: &Handler) -> io::Result<()> {
     let mut reader = BufReader::new(&stream);
     let mut writer = &stream;
     let mut first_reply = true;
+    let nth = handler.accepted.fetch_add(1, Ordering::Relaxed) + 1;
+    let reset = match handler.behavior {
+        Behavior::Reset => true,
+        Behavior::ResetEvery(n) => n > 0 && nth.is_multiple_of(u64::from(n)),
+        _ => false,
+    };
     while let Some(_line) = read_line(&mut reader, &handler.stop)? {
         match handler.behavior {
-            Behavior::Reset => {
+            _ if reset => {
                 // Linger 0 makes close send RST and drop unsent data.
                 SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
                 return Ok(());
@@ -226,7 +239,11 @@ fn serve(stream: TcpStream, handler: &Handler) -> io::Result<()> {
                     return Ok(());
                 }
             }
-            Behavior::Reply | Behavior::FirstByteDelay(_) | Behavior::Closed => {}
+            Behavior::Reply
+            | Behavior::FirstByteDelay(_)
+            | Behavior::Reset
+            | Behavior::ResetEvery(_)
+            | Behavior::Closed => {}
         }
         first_reply = false;
         writer.write_all(format!("{}\n", handler.name).as_bytes())?;

@@ -190,13 +190,26 @@ pub fn spawn_timed(
     n: usize,
     rate: f64,
 ) -> Vec<std::thread::JoinHandle<std::io::Result<Vec<Attempt>>>> {
+    spawn_timed_many(lab, &[vip], sources, n, rate)
+}
+
+/// [`spawn_timed`] over several VIPs: attempt `i` goes to `vips[i % len]`.
+pub fn spawn_timed_many(
+    lab: &(impl ClientSide + ?Sized),
+    vips: &[SocketAddrV4],
+    sources: &[Ipv4Addr],
+    n: usize,
+    rate: f64,
+) -> Vec<std::thread::JoinHandle<std::io::Result<Vec<Attempt>>>> {
     const THREADS: usize = 4;
     let sources = Arc::new(sources.to_vec());
+    let vips = Arc::new(vips.to_vec());
     let start = Instant::now();
     let deadline = start + Duration::from_mins(3);
     (0..THREADS)
         .map(|t| {
             let sources = Arc::clone(&sources);
+            let vips = Arc::clone(&vips);
             lab.client().spawn(move || {
                 let mut out = Vec::new();
                 for i in (t..n).step_by(THREADS) {
@@ -208,8 +221,9 @@ pub fn spawn_timed(
                         break;
                     }
                     let begin = Instant::now();
-                    let result = request_once(sources[i % sources.len()], vip, TIMEOUT)
-                        .map_err(|e| e.kind());
+                    let result =
+                        request_once(sources[i % sources.len()], vips[i % vips.len()], TIMEOUT)
+                            .map_err(|e| e.kind());
                     out.push(Attempt {
                         start: begin,
                         end: Instant::now(),

@@ -107,12 +107,17 @@ pub struct JudgeRun {
     pub verdict: String,
 }
 
-/// The judge scenario: 600 new connections/s to the service `web` at
-/// `vip` (agent control socket `sock`), whose canary is slower; polls the
-/// rollout state every 50 ms for up to 10 s.
-pub fn judge_detection(lab: &Lab, sock: &Path, vip: SocketAddrV4) -> JudgeRun {
+/// The judge scenario: `rate` new connections/s to the service `web` at
+/// `vip` (agent control socket `sock`), whose canary is worse (slower, or
+/// failing more); polls the rollout state every 50 ms for up to 10 s.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "10 s of a rate of a few hundred per second"
+)]
+pub fn judge_detection(lab: &Lab, sock: &Path, vip: SocketAddrV4, rate: f64) -> JudgeRun {
     let t0 = Instant::now();
-    let load = spawn_timed(lab, vip, lab.client_addrs(), 6000, 600.0);
+    let load = spawn_timed(lab, vip, lab.client_addrs(), (rate * 10.0) as usize, rate);
     let mut detected = None;
     while t0.elapsed() < Duration::from_secs(10) {
         if status(sock, "web")["state"] == "rolled-back" {

@@ -375,9 +375,9 @@ fn bad_configs_are_refused_by_check_and_by_sighup_and_the_agent_keeps_serving() 
             "a plan needs at least one step",
         ),
         row(
-            plan("fail_after = 0", steps, ""),
+            plan("fail_after = 2", steps, ""),
             "service \"web\": rollout.fail_after = ",
-            "must be between 1 and 1000",
+            "removed: the judge's alpha now bounds false rollbacks over the whole rollout; delete fail_after",
         ),
         row(
             plan("", steps, "min_latency_increase = \"1e20s\""),

@@ -17,7 +17,7 @@ use std::{
 
 use canary_lab::{AgentProcess, Behavior, Lab};
 use canary_tests::{
-    load::{drive, join_timed, spawn_timed},
+    load::{drive, join_timed, spawn_timed_many},
     scenarios::{judge_detection, status},
 };
 use serde_json::Value;
@@ -29,7 +29,9 @@ fn lab(stable: Behavior, canary: Behavior) -> Lab {
 }
 
 fn vip(i: usize) -> SocketAddrV4 {
-    format!("10.96.0.{}:80", 10 + i).parse().unwrap()
+    format!("10.96.{}.{}:80", i / 200, 10 + i % 200)
+        .parse()
+        .unwrap()
 }
 
 /// `n` services with the same backends and plan; `agent_extra` goes in
@@ -116,117 +118,152 @@ fn a_healthy_canary_goes_1_5_25_50_100_and_is_promoted() {
     agent.stop().expect("agent stops");
 }
 
+/// Starts an agent for `web` with a one-step plan at `weight`, judged
+/// every 250 ms, drives 500 new connections/s at it and returns how long
+/// after traffic started the judge rolled it back, and its verdict.
+fn detection(lab: &Lab, weight: &str) -> (Duration, String) {
+    let plan = format!(
+        "[service.rollout]\ninterval = \"250ms\"\nsteps = [{{ weight = \"{weight}\", hold = \"1h\" }}]\n"
+    );
+    let agent =
+        AgentProcess::start(lab.router(), &config(lab, "", 1, &plan), false).expect("agent starts");
+    let sock = agent.control_socket();
+    assert_eq!(status(&sock, "web")["state"], "progressing");
+    let run = judge_detection(lab, &sock, vip(0), 500.0);
+    let (detected, achieved, verdict) = (run.detected, run.rate, run.verdict);
+    eprintln!(
+        "judge: {:?} from the start of traffic ({achieved:.0} conn/s, canary {weight}) to rollback; {verdict}",
+        detected.map(|d| format!("{:.2} s", d.as_secs_f64()))
+    );
+    let detected = detected.expect("the judge did not roll back the canary within 10 s");
+    assert!(achieved >= 450.0, "load was only {achieved:.0} conn/s");
+    let out = drive(lab, vip(0), lab.client_addrs(), 200);
+    assert_eq!(out.canary(), 0, "rolled back: nothing new to canary");
+    agent.stop().expect("agent stops");
+    (detected, verdict)
+}
+
 #[test]
-fn the_judge_rolls_back_a_canary_twice_as_slow_within_5_seconds() {
+fn the_judge_rolls_back_a_canary_twice_as_slow_within_2_seconds() {
     let lab = lab(
         Behavior::FirstByteDelay(Duration::from_millis(2)),
         Behavior::FirstByteDelay(Duration::from_millis(4)),
     );
-    let plan = "[service.rollout]\nsteps = [{ weight = \"20%\", hold = \"1h\" }]\n";
-    let agent =
-        AgentProcess::start(lab.router(), &config(&lab, "", 1, plan), false).expect("agent starts");
-    let sock = agent.control_socket();
-    assert_eq!(status(&sock, "web")["state"], "progressing");
-
-    let run = judge_detection(&lab, &sock, vip(0));
-    let (detected, achieved, verdict) = (run.detected, run.rate, run.verdict);
-    eprintln!(
-        "judge: {:?} from the start of traffic ({achieved:.0} conn/s) to rollback; {verdict}",
-        detected.map(|d| format!("{:.2} s", d.as_secs_f64()))
+    let (detected, verdict) = detection(&lab, "20%");
+    assert!(
+        detected <= Duration::from_secs(2),
+        "detection took {detected:?}"
     );
-    let detected = detected.expect("the judge did not roll back a 2x slower canary within 10 s");
-    assert!(achieved >= 500.0, "load was only {achieved:.0} conn/s");
+    assert!(
+        verdict.contains("fail (latency)") || verdict.contains("fail (p99)"),
+        "verdict: {verdict}"
+    );
+}
+
+#[test]
+fn the_judge_rolls_back_a_canary_failing_2_percent_more_within_5_seconds() {
+    // Stable never fails; the canary resets every 50th connection.
+    let lab = lab(Behavior::Reply, Behavior::ResetEvery(50));
+    let (detected, verdict) = detection(&lab, "50%");
     assert!(
         detected <= Duration::from_secs(5),
         "detection took {detected:?}"
     );
-    assert!(
-        verdict.contains("latency") || verdict.contains("p99"),
-        "verdict: {verdict}"
-    );
-    let out = drive(&lab, vip(0), lab.client_addrs(), 200);
-    assert_eq!(out.canary(), 0, "rolled back: nothing new to canary");
-    agent.stop().expect("agent stops");
+    assert!(verdict.contains("fail (failures)"), "verdict: {verdict}");
 }
 
+/// 300 one-step rollouts of identical canaries (50 %, per-connection
+/// cohorts), each judged every 250 ms for 60 s: the judge's alpha (0.1 %
+/// per test and rollout) bounds how many are ever rolled back.
 #[test]
 #[expect(
     clippy::cast_possible_truncation,
     clippy::cast_sign_loss,
-    reason = "connection counts and durations of a few hundred, positive"
+    reason = "connection counts and durations of a few thousand, positive"
 )]
-fn identical_canaries_are_not_rolled_back_in_60_seconds() {
-    const SERVICES: usize = 6;
+fn identical_canaries_are_rolled_back_less_than_1_percent_of_the_time() {
+    const SERVICES: usize = 300;
     let lab = lab(Behavior::Reply, Behavior::Reply);
-    let plan = "[service.rollout]\nsteps = [{ weight = \"20%\", hold = \"1h\" }]\n";
+    let plan = "[service.rollout]\ninterval = \"250ms\"\nsteps = [{ weight = \"50%\", hold = \"1h\" }]\n\
+                [service.rollout.judge]\nmin_samples = 10\n";
     let agent = AgentProcess::start(lab.router(), &config(&lab, "", SERVICES, plan), false)
         .expect("agent starts");
     let sock = agent.control_socket();
     let seconds = 60.0;
-    let per_service = 80.0;
-    let loads: Vec<_> = (0..SERVICES)
-        .map(|i| {
-            spawn_timed(
-                &lab,
-                vip(i),
-                lab.client_addrs(),
-                (per_service * seconds) as usize,
-                per_service,
-            )
-        })
-        .collect();
-    let attempts: usize = loads.into_iter().map(|l| join_timed(l).len()).sum();
-    let statuses: Vec<Value> = (0..SERVICES)
-        .map(|i| status(&sock, &format!("web{i}")))
-        .collect();
-    let states: Vec<String> = statuses
+    let rate = 600.0;
+    let vips: Vec<SocketAddrV4> = (0..SERVICES).map(vip).collect();
+    let load = spawn_timed_many(
+        &lab,
+        &vips,
+        lab.client_addrs(),
+        (rate * seconds) as usize,
+        rate,
+    );
+    let attempts = join_timed(load);
+    let errors = attempts.iter().filter(|a| a.result.is_err()).count();
+    let out = canary_tests::canaryctl_ok(&sock, &["status", "--json"]);
+    let report: Value = serde_json::from_str(&out).expect("JSON");
+    let statuses: Vec<Value> = report["services"].as_array().cloned().unwrap_or_default();
+    assert_eq!(statuses.len(), SERVICES, "status lists every service");
+    let rolled_back: Vec<&Value> = statuses
         .iter()
-        .map(|s| s["state"].as_str().unwrap_or("?").to_string())
+        .filter(|s| s["state"] == "rolled-back")
         .collect();
-    for s in statuses.iter().filter(|s| s["state"] == "rolled-back") {
+    for s in &rolled_back {
         eprintln!("  {}: {}", s["name"], s["last_verdict"]);
     }
-    let rolled_back = states.iter().filter(|s| *s == "rolled-back").count();
     let judgements: Vec<u64> = statuses
         .iter()
         .map(|s| s["judgements"].as_u64().unwrap_or(0))
         .collect();
     eprintln!(
-        "false rollbacks: {rolled_back} of {SERVICES} identical canaries over {seconds} s \
-         ({} judgements, {attempts} connections)",
-        judgements.iter().sum::<u64>()
+        "false rollbacks: {} of {SERVICES} identical canaries judged every 250 ms for {seconds} s \
+         ({} judgements, {} connections, {errors} errors)",
+        rolled_back.len(),
+        judgements.iter().sum::<u64>(),
+        attempts.len()
     );
+    assert_eq!(errors, 0, "identical backends: no connection should fail");
     // The soak proves nothing unless the judge ran, often and with data:
     // a service never judged is never rolled back either.
     for (s, &n) in statuses.iter().zip(&judgements) {
-        // One verdict per 1 s interval makes about 60; half of that allows
-        // for a slow (2-core, debug) machine.
+        // Four verdicts a second make about 240; half of that allows for
+        // a slow (2-core, debug) machine.
         assert!(
-            n >= (seconds / 2.0) as u64,
-            "{}: judged {n} times in {seconds} s, expected about one per second",
+            n >= (seconds * 2.0) as u64,
+            "{}: judged {n} times in {seconds} s, expected about four per second",
             s["name"]
         );
         let verdict = s["last_verdict"].as_str().unwrap_or("");
         assert!(
-            verdict.starts_with("judge: ") && !verdict.contains("insufficient-data"),
+            s["state"] == "rolled-back"
+                || (verdict.starts_with("judge: pass") && verdict.contains("first byte")),
             "{}: the judge's last verdict should have compared both cohorts, was {verdict:?}",
             s["name"]
         );
-        // 20 % of the service's connections went to canary; 10 % is far
-        // outside binomial noise (over 20 standard deviations at ~4800).
+        // Half of the service's ~120 connections went to canary; a third
+        // is over 3 standard deviations (about 5.5) below that.
         let canary = s["cohorts"]
             .as_array()
             .and_then(|c| c.iter().find(|c| c["cohort"] == "canary"))
             .and_then(|c| c["connections"].as_u64())
             .unwrap_or(0);
         assert!(
-            canary as f64 >= 0.1 * attempts as f64 / SERVICES as f64,
+            canary as f64 >= attempts.len() as f64 / SERVICES as f64 / 3.0,
             "{}: only {canary} canary connections of about {} for the service",
             s["name"],
-            attempts / SERVICES
+            attempts.len() / SERVICES
         );
     }
-    assert_eq!(rolled_back, 0, "identical canaries rolled back: {states:?}");
+    // Under 1 %: at most 2 of 300. Were the rate at its bound (2 × alpha =
+    // 0.2 % per rollout, Poisson mean 0.6), 3 or more would happen with
+    // probability 2.3 %; the simulation in the judge's unit tests saw none
+    // in 1000 rollouts at that alpha.
+    assert!(
+        rolled_back.len() <= 2,
+        "{} of {SERVICES} identical canaries rolled back",
+        rolled_back.len()
+    );
     agent.stop().expect("agent stops");
 }
 

@@ -291,17 +291,20 @@ fn call(socket: &Path, request: &Request) -> Result<serde_json::Value, String> {
 }
 
 fn print_status(value: &serde_json::Value, json: bool) -> Result<(), String> {
+    print!("{}", status_text(value, json)?);
+    Ok(())
+}
+
+/// The status answer as printed: the table, or the JSON.
+fn status_text(value: &serde_json::Value, json: bool) -> Result<String, String> {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(value).map_err(|e| e.to_string())?
-        );
-        return Ok(());
+        return serde_json::to_string_pretty(value)
+            .map(|t| t + "\n")
+            .map_err(|e| e.to_string());
     }
     let report: StatusReport = serde_json::from_value(value.clone())
         .map_err(|e| format!("unexpected status answer: {e}"))?;
-    print!("{}", table(&report));
-    Ok(())
+    Ok(table(&report))
 }
 
 fn watch(socket: &Path, request: &Request, json: bool, interval: f64) -> Result<(), String> {
@@ -310,10 +313,13 @@ fn watch(socket: &Path, request: &Request, json: bool, interval: f64) -> Result<
     loop {
         let value = call(socket, request)?;
         if tty {
-            // Clear and home: the table refreshes in place.
-            print!("\x1b[2J\x1b[H");
+            // Home, each line drawn over the last frame's (cleared to its
+            // end), then the rest of the screen cleared: no flicker.
+            let text = status_text(&value, json)?.replace('\n', "\x1b[K\n");
+            print!("\x1b[H{text}\x1b[J");
+        } else {
+            print_status(&value, json)?;
         }
-        print_status(&value, json)?;
         std::io::stdout().flush().map_err(|e| e.to_string())?;
         std::thread::sleep(interval);
     }

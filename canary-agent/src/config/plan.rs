@@ -33,15 +33,14 @@ pub struct StepConfig {
 
 /// A plan-driven rollout: the judge compares canary with stable every
 /// `interval`; a step passes after its hold with enough connections; the
-/// last passed step promotes (100 %); a failing judgement rolls back.
+/// last passed step promotes (100 %); a failing judgement rolls back (the
+/// judge's `alpha` bounds false rollbacks over the whole rollout).
 #[derive(Clone, Debug, PartialEq)]
 pub struct RolloutConfig {
     /// Steps, in order.
     pub steps: Vec<StepConfig>,
     /// Judgement interval.
     pub interval: Duration,
-    /// Failing judgements in a row that roll back.
-    pub fail_after: u32,
     /// The judge's thresholds.
     pub judge: crate::judge::JudgeConfig,
 }
@@ -127,11 +126,28 @@ pub(super) fn validate_rollout(
             "1s",
         )?,
     };
-    let fail_after = match raw.fail_after {
-        None => 2,
-        Some(n) => int_in(section, "rollout.fail_after", n, 1, 1000, " judgements")?,
+    if let Some(n) = raw.fail_after {
+        return Err(invalid(
+            section,
+            "rollout.fail_after",
+            n,
+            "removed: the judge's alpha now bounds false rollbacks over the whole rollout; \
+             delete fail_after",
+        ));
+    }
+    // The judge's evidence starts afresh at every step and at every manual
+    // gate (the weight stays at the previous step's while it waits): alpha
+    // is split among these windows. The first step's gate is ignored.
+    let gates = steps
+        .iter()
+        .skip(1)
+        .filter(|s| s.gate == Gate::Manual)
+        .count();
+    let mut judge = crate::judge::JudgeConfig {
+        // At most 2 × MAX_STEPS.
+        windows: u32::try_from(steps.len() + gates).unwrap_or(u32::MAX),
+        ..crate::judge::JudgeConfig::default()
     };
-    let mut judge = crate::judge::JudgeConfig::default();
     if let Some(j) = raw.judge {
         let ratio = |key: &'static str, text: Option<String>, into: &mut f64| {
             if let Some(text) = text {
@@ -186,7 +202,7 @@ pub(super) fn validate_rollout(
                     section,
                     "rollout.judge.alpha",
                     a,
-                    "must be between 0 and 0.5 (both excluded), e.g. 0.0001",
+                    "must be between 0 and 0.5 (both excluded), e.g. 0.001",
                 ));
             }
             judge.alpha = a;
@@ -220,7 +236,6 @@ pub(super) fn validate_rollout(
     Ok(RolloutConfig {
         steps,
         interval,
-        fail_after,
         judge,
     })
 }
@@ -253,8 +268,9 @@ mod tests {
             (Gate::Manual, Duration::from_hours(1))
         );
         assert_eq!(
-            (r.interval, r.fail_after, r.judge.alpha),
-            (Duration::from_secs(1), 2, 0.001)
+            (r.interval, r.judge.alpha, r.judge.windows),
+            (Duration::from_secs(1), 0.001, 3),
+            "alpha is split among two steps and the wait at the second one's manual gate"
         );
 
         let msg = error_text(&plan.replace(
@@ -278,6 +294,15 @@ mod tests {
         ));
         assert!(
             msg.contains("a [service.rollout] plan sets the weight; remove weight or the plan"),
+            "{msg}"
+        );
+        let msg =
+            error_text(&plan.replace("[service.rollout]\n", "[service.rollout]\nfail_after = 2\n"));
+        assert!(
+            msg.contains(
+                "service \"web\": rollout.fail_after = 2: removed: the judge's alpha now bounds \
+                 false rollbacks over the whole rollout; delete fail_after"
+            ),
             "{msg}"
         );
         let msg = error_text(&plan.replace("alpha = 0.001", "alpha = 2.0"));

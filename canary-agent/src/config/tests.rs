@@ -206,7 +206,7 @@ fn every_number_and_duration_is_range_checked_before_conversion() {
         ),
         (
             with("fail_after = 0", "", ""),
-            "rollout.fail_after = 0: must be between 1 and 1000",
+            "rollout.fail_after = 0: removed: the judge's alpha now bounds false rollbacks over the whole rollout; delete fail_after",
         ),
         (
             with("", "min_latency_increase = \"1e20s\"", ""),

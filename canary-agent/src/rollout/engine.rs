@@ -6,8 +6,10 @@
 //! announce), in that order.
 //!
 //! Where is rollback decided? In [`decide`]: `Rollback` from an operator,
-//! `fail_after` failing judgements in a row, and a breaker trip (which the
-//! kernel has already enforced; the engine makes it the service's state).
+//! a failing judgement (the judge's sequential tests bound false rollbacks
+//! over the whole rollout, so one failing verdict is enough), and a
+//! breaker trip (which the kernel has already enforced; the engine makes
+//! it the service's state).
 //! In a fleet, a state decided on another node (or by the fleet's leader)
 //! arrives as one more event, [`Event::Decided`].
 //!
@@ -172,15 +174,12 @@ impl Actor {
 pub struct Rollout {
     /// The persisted state.
     pub state: ServiceState,
-    /// Failing judgements in a row at the current step (not persisted: a
-    /// restart judges afresh).
-    pub failing: u32,
 }
 
 impl Rollout {
-    /// A rollout in `state` with no failing judgement.
+    /// A rollout in `state`.
     pub fn new(state: ServiceState) -> Rollout {
-        Rollout { state, failing: 0 }
+        Rollout { state }
     }
 }
 
@@ -366,40 +365,26 @@ fn operator(
 
 fn judged(svc: &ServiceConfig, current: &Rollout, judgement: &Judgement, now: u64) -> Decision {
     let state = &current.state;
-    let unchanged = |failing, line: String| Decision {
-        to: Rollout {
-            state: state.clone(),
-            failing,
-        },
-        effects: vec![Effect::Verdict(line)],
-    };
-    let (Some(plan), true) = (
-        svc.rollout.as_ref(),
-        matches!(
-            state,
-            ServiceState::Progressing { .. }
-                | ServiceState::AwaitingApproval { .. }
-                | ServiceState::Paused { .. }
-        ),
-    ) else {
+    let in_plan = matches!(
+        state,
+        ServiceState::Progressing { .. }
+            | ServiceState::AwaitingApproval { .. }
+            | ServiceState::Paused { .. }
+    );
+    if svc.rollout.is_none() || !in_plan {
         // Judged after it left the plan (a command came first): stale.
         return Decision {
             to: current.clone(),
             effects: Vec::new(),
         };
-    };
+    }
     let line = judgement.verdict.describe();
-    let failing = if matches!(judgement.verdict, Verdict::Fail { .. }) {
-        current.failing + 1
-    } else {
-        0
-    };
     // The judge guards every state of a plan, paused and gated included.
-    if failing >= plan.fail_after {
+    if matches!(judgement.verdict, Verdict::Fail { .. }) {
         let to = ServiceState::RolledBack {
             reason: RollbackReason::Judge,
             at_unix: now,
-            detail: format!("{line} ({failing} judgements in a row)"),
+            detail: line.clone(),
         };
         return change(
             state,
@@ -420,7 +405,10 @@ fn judged(svc: &ServiceConfig, current: &Rollout, judgement: &Judgement, now: u6
             Actor::Judge,
             Some(format!("step {step} passed: {line}")),
         ),
-        _ => unchanged(failing, format!("judge: {line}")),
+        _ => Decision {
+            to: current.clone(),
+            effects: vec![Effect::Verdict(format!("judge: {line}"))],
+        },
     }
 }
 
@@ -738,10 +726,7 @@ fn configured(
             Ok(decision)
         }
         None => Ok(Decision {
-            to: Rollout {
-                state: to,
-                failing: current.failing,
-            },
+            to: Rollout::new(to),
             effects: Vec::new(),
         }),
     }

@@ -137,16 +137,7 @@ fn only_the_fleet_gate_moves_a_fleet_plan_on() {
     if let Event::Judged(j) = &mut ev {
         j.may_advance = false;
     }
-    let d = decide(
-        &svc,
-        &Rollout {
-            state: progressing(0),
-            failing: 1,
-        },
-        ev,
-        NOW,
-    )
-    .unwrap();
+    let d = decide(&svc, &at(progressing(0)), ev, NOW).unwrap();
     assert_eq!(d.to.state.name(), "rolled-back");
     // The gate: hold (10 min) and min_connections (100) over the fleet.
     let d = decide(&svc, &at(progressing(0)), gate(599, 1000, &[]), NOW).unwrap();

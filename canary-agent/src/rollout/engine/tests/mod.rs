@@ -28,7 +28,7 @@ pub(super) fn service(extra: &str) -> ServiceConfig {
 /// With a canary and a three-step plan whose second step is gated.
 pub(super) fn planned() -> ServiceConfig {
     service(
-        "canary = [\"10.0.0.2:80\"]\n[service.rollout]\nfail_after = 2\nsteps = [\
+        "canary = [\"10.0.0.2:80\"]\n[service.rollout]\nsteps = [\
          { weight = \"1%\", hold = \"10m\", min_connections = 100 }, \
          { weight = \"5%\", gate = \"manual\" }, { weight = \"25%\" }]",
     )
