@@ -2,6 +2,7 @@
 //! shell around [`daemon::run`]; the privileged tests drive [`dataplane`]
 //! directly with the same code the agent uses.
 
+pub mod analysis;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -40,6 +40,12 @@ pub struct ServiceStatus {
     /// operator, tells a quiet judge from one that never ran.
     #[serde(default)]
     pub judgements: u64,
+    /// `enforce`, or `shadow` (decisions reported, not enforced).
+    #[serde(default)]
+    pub mode: String,
+    /// The latest outcome of each PromQL check at the current step.
+    #[serde(default)]
+    pub checks: Vec<String>,
     /// Where a plan-driven service is in its plan.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<PlanProgress>,

@@ -18,6 +18,7 @@
 // cargo has no per-binary dependencies.
 use socket2 as _;
 
+pub mod app_metrics;
 pub mod cgroup;
 pub mod deploy;
 pub mod etcd;

@@ -19,11 +19,28 @@ pub struct Prometheus<'a> {
     ns: &'a Netns,
     child: Child,
     dir: PathBuf,
+    /// Where it answers from inside `ns`.
+    addr: std::net::SocketAddr,
 }
 
 impl<'a> Prometheus<'a> {
     /// Starts Prometheus in `ns`, scraping `target` (host:port) every second.
     pub fn start(ns: &'a Netns, target: &str) -> Prometheus<'a> {
+        Prometheus::start_scraping(ns, &[target])
+    }
+
+    /// Starts Prometheus in `ns`, scraping every one of `targets`
+    /// (host:port) every second.
+    pub fn start_scraping(ns: &'a Netns, targets: &[&str]) -> Prometheus<'a> {
+        Prometheus::start_on(ns, ADDR, targets)
+    }
+
+    /// Starts Prometheus in `ns` listening on `listen` (`ip:port`; for
+    /// other namespaces to reach it, an address of `ns`), scraping every
+    /// one of `targets` every second.
+    pub fn start_on(ns: &'a Netns, listen: &str, targets: &[&str]) -> Prometheus<'a> {
+        let addr: std::net::SocketAddr = listen.parse().expect("listen address");
+        let target = targets.join("', '");
         let dir = std::env::temp_dir().join(format!(
             "canary-prometheus-{}-{}",
             std::process::id(),
@@ -47,17 +64,22 @@ impl<'a> Prometheus<'a> {
                 "--storage.tsdb.path={}",
                 dir.join("data").display()
             ))
-            .arg(format!("--web.listen-address={ADDR}"))
+            .arg(format!("--web.listen-address={listen}"))
             .arg("--log.level=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start prometheus (installed by `cargo xtask test`)");
-        let prom = Prometheus { ns, child, dir };
+        let prom = Prometheus {
+            ns,
+            child,
+            dir,
+            addr,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let ready = try_http_get(prom.ns, ADDR.parse().unwrap(), "/-/ready", "*/*")
+            let ready = try_http_get(prom.ns, prom.addr, "/-/ready", "*/*")
                 .is_ok_and(|(head, _)| head.starts_with("HTTP/1.1 200"));
             if ready {
                 return prom;
@@ -74,7 +96,7 @@ impl<'a> Prometheus<'a> {
     pub fn query(&self, promql: &str) -> Option<f64> {
         let (status, body) = http_get(
             self.ns,
-            ADDR.parse().unwrap(),
+            self.addr,
             &format!("/api/v1/query?query={}", url_encode(promql)),
         );
         assert!(status.contains("200"), "query {promql}: {status} {body}");

@@ -383,11 +383,20 @@ fn table(report: &StatusReport) -> String {
         if !s.release.is_empty() {
             out.push_str(&format!("{:<16} release: {}\n", "", s.release));
         }
+        if s.mode == "shadow" {
+            out.push_str(&format!(
+                "{:<16} mode: shadow (decisions are reported, not enforced)\n",
+                ""
+            ));
+        }
         if let Some(p) = &s.plan {
             out.push_str(&format!("{:<16} {}\n", "", progress(p)));
         }
         if let Some(v) = &s.last_verdict {
             out.push_str(&format!("{:<16} last verdict: {v}\n", ""));
+        }
+        for c in &s.checks {
+            out.push_str(&format!("{:<16} {c}\n", ""));
         }
     }
     if let Some(f) = &report.fleet {

@@ -16,6 +16,7 @@ use std::{
 };
 
 mod agent;
+mod analysis;
 mod breaker;
 mod check;
 mod fleet;
@@ -27,6 +28,10 @@ mod tests;
 
 use agent::validate_agent;
 pub use agent::{AgentConfig, IngressMode, InterfaceConfig};
+pub use analysis::{
+    AnalysisConfig, Bound, CheckConfig, DEFAULT_MAX_INCONCLUSIVE, DEFAULT_MIN_WINDOW,
+    DEFAULT_QUERY_TIMEOUT, Mode,
+};
 pub use breaker::BreakerConfig;
 pub use fleet::{FleetConfig, FleetTls, check_node_name};
 pub use plan::{Gate, RolloutConfig, StepConfig};
@@ -146,6 +151,8 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     /// `[fleet]`: rollouts shared through etcd; `None` runs single-node.
     pub fleet: Option<FleetConfig>,
+    /// `[analysis]`: the Prometheus for checks and fleet evidence.
+    pub analysis: Option<AnalysisConfig>,
 }
 
 impl Config {
@@ -229,10 +236,26 @@ impl Config {
             .fleet
             .map(|f| fleet::validate_fleet(f, &crate::sys::hostname()))
             .transpose()?;
+        let analysis = raw
+            .analysis
+            .as_ref()
+            .map(analysis::validate_analysis)
+            .transpose()?;
+        if analysis.is_none()
+            && let Some(svc) = services.iter().find(|s| !s.checks.is_empty())
+        {
+            return Err(invalid(
+                &format!("service {:?}", svc.name),
+                "rollout.checks",
+                format!("{} checks", svc.checks.len()),
+                "checks query Prometheus; add [analysis] prometheus = \"http://host:port\"",
+            ));
+        }
         Ok(Config {
             agent,
             services,
             fleet,
+            analysis,
         })
     }
 

@@ -15,6 +15,29 @@ pub(super) struct RawConfig {
     pub(super) services: Vec<RawService>,
     #[serde(default)]
     pub(super) fleet: Option<RawFleet>,
+    #[serde(default)]
+    pub(super) analysis: Option<RawAnalysis>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAnalysis {
+    pub(super) prometheus: String,
+    pub(super) query_timeout: Option<String>,
+    pub(super) max_inconclusive: Option<i64>,
+    pub(super) min_window: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCheck {
+    pub(super) name: String,
+    pub(super) query: String,
+    pub(super) max: Option<f64>,
+    pub(super) min: Option<f64>,
+    pub(super) max_increase: Option<f64>,
+    pub(super) max_ratio: Option<f64>,
+    pub(super) interval: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -152,6 +175,11 @@ pub(super) struct RawRollout {
     pub(super) interval: Option<String>,
     pub(super) fail_after: Option<i64>,
     pub(super) judge: Option<RawJudge>,
+
+    // Validated in analysis.rs, beside the plan.
+    #[serde(default)]
+    pub(super) checks: Vec<RawCheck>,
+    pub(super) mode: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -186,6 +186,12 @@ pub struct ServiceConfig {
     pub breaker: BreakerConfig,
     /// The plan that drives the weight, if any.
     pub rollout: Option<RolloutConfig>,
+    /// The team's PromQL checks (`[[service.rollout.checks]]`); empty
+    /// without a plan.
+    pub checks: Vec<super::CheckConfig>,
+    /// Enforce or shadow (`[service.rollout] mode`); enforce without a
+    /// plan.
+    pub mode: super::Mode,
     /// The release its canary backends run: a rollout and its rollback
     /// belong to one release (`release = "v2.4.1"`, or derived from the
     /// canary backend set).
@@ -386,10 +392,22 @@ pub(super) fn validate_service(
         raw.udp_response_timeout.as_deref(),
     )?;
     let breaker = validate_breaker(s, raw.breaker)?;
+    let (mut checks, mut mode) = (Vec::new(), super::Mode::Enforce);
     let rollout = match raw.rollout {
         None => None,
-        Some(r) => {
-            if has_weight {
+        Some(mut r) => {
+            mode = super::analysis::validate_mode(s, r.mode.as_deref())?;
+            checks = super::analysis::validate_checks(s, std::mem::take(&mut r.checks))?;
+            if mode == super::Mode::Shadow && !has_weight {
+                return Err(invalid(
+                    s,
+                    "rollout.mode",
+                    "\"shadow\"",
+                    "shadow mode keeps the configured weight while the plan is only \
+                     reported; set weight (e.g. weight = \"5%\")",
+                ));
+            }
+            if has_weight && mode == super::Mode::Enforce {
                 return Err(invalid(
                     s,
                     "weight",
@@ -426,6 +444,8 @@ pub(super) fn validate_service(
         drain_deadline,
         release,
         rollout,
+        checks,
+        mode,
         breaker,
         salt: match raw.salt {
             None => default_salt(&name),

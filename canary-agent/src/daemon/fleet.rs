@@ -191,6 +191,7 @@ impl Agent {
                 crate::rollout::RollbackReason::Breaker => engine::Actor::Breaker,
                 crate::rollout::RollbackReason::Judge => engine::Actor::Judge,
                 crate::rollout::RollbackReason::Operator => engine::Actor::Operator,
+                crate::rollout::RollbackReason::Check => engine::Actor::Checks,
             };
             let verdict = format!("rolled back by {}: {detail}", by.as_str());
             info!(
@@ -379,6 +380,14 @@ impl Agent {
             let ServiceState::Progressing { since_unix, .. } = record.state else {
                 continue;
             };
+            // The leader's own checks hold the fleet's step until they pass.
+            if !self.checks_passed(&svc) {
+                continue;
+            }
+            let fleet_verdict = self.fleet_verdict(&svc, &record.state, since_unix);
+            let Some(link) = self.fleet.as_ref() else {
+                return;
+            };
             let ours: Vec<&Summary> = all
                 .iter()
                 .filter(|s| s.service == svc.name && s.release == svc.release)
@@ -393,6 +402,7 @@ impl Agent {
                     .filter(|s| s.judge_fails)
                     .map(|s| s.node.clone())
                     .collect(),
+                fleet_verdict,
             };
             let current = Rollout::new(record.state.clone());
             let Ok(decision) = engine::decide(&svc, &current, Event::FleetGate(evidence), now)
@@ -468,7 +478,7 @@ impl Agent {
                     service: svc.name.clone(),
                     node: link.node().to_string(),
                     release: svc.release.clone(),
-                    weight_ppm: state.effective_weight(svc).ppm(),
+                    weight_ppm: crate::rollout::enforced(svc, &state).0.ppm(),
                     state,
                     stable: counts(canary_common::service::Cohort::Stable),
                     canary: counts(canary_common::service::Cohort::Canary),

@@ -116,8 +116,9 @@ impl Agent {
                 verdict: judge(&plan.judge, &stable, &canary),
                 held: window.started.elapsed(),
                 canary_connections: canary.connections,
-                // In a fleet the leader moves plans on (fleet.rs).
-                may_advance: self.fleet.is_none(),
+                // In a fleet the leader moves plans on (fleet.rs); the
+                // latest checks must have passed (analysis.rs).
+                may_advance: self.fleet.is_none() && self.checks_passed(&svc),
             };
             if let Some(link) = self.fleet.as_mut() {
                 let fails = matches!(judgement.verdict, crate::judge::Verdict::Fail { .. });

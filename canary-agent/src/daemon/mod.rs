@@ -12,8 +12,10 @@
 //! - `reload.rs`: the config read anew and applied all or nothing;
 //! - `judging.rs`: which plans are due, their windows, the judgements;
 //! - `fleet.rs`: the fleet's records in, this node's decisions out;
+//! - `analysis.rs`: checks and fleet evidence from Prometheus, off the loop;
 //! - `status.rs`: the answer to `canaryctl status`.
 
+mod analysis;
 mod fleet;
 mod judging;
 mod reload;
@@ -151,6 +153,8 @@ struct Agent {
     lost_interfaces: BTreeMap<String, IngressMode>,
     /// The fleet, with `[fleet]`.
     fleet: Option<fleet::FleetLink>,
+    /// Checks and fleet evidence from Prometheus (with `[analysis]`).
+    analysis: analysis::Analysis,
     /// Each service's state changes (`canaryctl history`).
     history: crate::rollout::history::History,
     /// Each service's latest verdicts with their times (`explain`).
@@ -212,6 +216,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
     // agent stops; never silently gone.
     let mut tasks = Supervisor::new();
     let node = config_node(&config);
+    let (analysis_tx, mut analysis_done) = mpsc::channel(64);
     let state_dir = config.agent.state_dir.clone();
     let mut agent = Agent {
         opts,
@@ -226,6 +231,7 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         node,
         lost_interfaces: BTreeMap::new(),
         fleet: None,
+        analysis: analysis::Analysis::new(analysis_tx),
         history: crate::rollout::history::History::new(&state_dir),
         recent_verdicts: BTreeMap::new(),
         drained: BTreeMap::new(),
@@ -326,6 +332,12 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
             _ = judge_tick.tick() => {
                 agent.breaker_events(events.get_mut());
                 agent.judge_due();
+                agent.checks_due();
+                agent.shadow_breakers();
+            }
+            Some(done) = analysis_done.recv() => {
+                agent.breaker_events(events.get_mut());
+                agent.analysis_done(done);
             }
             _ = sweep.tick() => {
                 agent.watch_interfaces();
@@ -405,7 +417,9 @@ fn abandon(mut dp: Dataplane, error: DataplaneError) -> AgentError {
 }
 
 /// The services as the data plane should see them: configured values, with
-/// the weight the rollout state puts in force.
+/// the weight the rollout state puts in force. In shadow mode the kernel
+/// breaker is off (it would cut the canary off with no agent in the loop);
+/// the judge and the checks still report.
 fn effective(config: &Config, rollouts: &BTreeMap<String, Rollout>) -> Vec<ServiceConfig> {
     config
         .services
@@ -413,19 +427,28 @@ fn effective(config: &Config, rollouts: &BTreeMap<String, Rollout>) -> Vec<Servi
         .map(|svc| {
             let mut out = svc.clone();
             if let Some(rollout) = rollouts.get(&svc.name) {
-                out.weight = rollout.state.effective_weight(svc);
+                out.weight = crate::rollout::enforced(svc, &rollout.state).0;
+            }
+            if svc.mode == crate::config::Mode::Shadow {
+                out.breaker.enabled = false;
             }
             out
         })
         .collect()
 }
 
-/// The services whose canary the rollout states cut off.
-fn canary_off(rollouts: &BTreeMap<String, Rollout>) -> BTreeSet<String> {
-    rollouts
+/// The services whose canary the rollout states cut off (never by an
+/// automatic decision in shadow mode).
+fn canary_off(config: &Config, rollouts: &BTreeMap<String, Rollout>) -> BTreeSet<String> {
+    config
+        .services
         .iter()
-        .filter(|(_, r)| !r.state.canary_allowed())
-        .map(|(n, _)| n.clone())
+        .filter(|svc| {
+            rollouts
+                .get(&svc.name)
+                .is_some_and(|r| crate::rollout::enforced(svc, &r.state).1)
+        })
+        .map(|svc| svc.name.clone())
         .collect()
 }
 
@@ -504,7 +527,7 @@ impl Agent {
     fn setup(&mut self) -> Result<(), DataplaneError> {
         let report = self.dp.apply(
             &effective(&self.config, &self.rollouts),
-            &canary_off(&self.rollouts),
+            &canary_off(&self.config, &self.rollouts),
         )?;
         self.publish_states();
         self.log_services(&report);

@@ -101,8 +101,10 @@ impl Agent {
                 attached.push((iface.clone(), before));
             }
             // The canary-off flags go in with the services, all or nothing.
-            self.dp
-                .apply(&effective(&new, &new_rollouts), &canary_off(&new_rollouts))
+            self.dp.apply(
+                &effective(&new, &new_rollouts),
+                &canary_off(&new, &new_rollouts),
+            )
         })();
         let report = match result {
             Ok(report) => report,

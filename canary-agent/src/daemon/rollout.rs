@@ -145,6 +145,7 @@ impl Agent {
                 }
                 Effect::RestartWindow => {
                     self.windows.remove(&name);
+                    self.analysis.restart(&name);
                 }
                 Effect::Announce { by, verdict } => {
                     self.announce(svc, &current.state, &decision.to.state, *by, verdict);
@@ -169,7 +170,7 @@ impl Agent {
         self.dp
             .apply(
                 &effective(&self.config, &self.rollouts),
-                &canary_off(&self.rollouts),
+                &canary_off(&self.config, &self.rollouts),
             )
             .map(drop)
     }
@@ -220,7 +221,7 @@ impl Agent {
             _ => None,
         };
         self.publish_state(&svc.name, to, rollback);
-        let weight = to.effective_weight(svc);
+        let weight = crate::rollout::enforced(svc, to).0;
         warn!(event = "rollout-state", service = %svc.name, from = from.name(), to = to.name(), weight = %weight, by = by.as_str(), "{verdict}");
         self.events.send(Notice {
             event: "rollout-state",

@@ -53,10 +53,11 @@ pub(super) fn plan_progress(
                 }
                 Some(s) => format!("step {} ({})", i + 2, s.weight),
             };
-            let judge = if fleet {
-                "no node's judge failing"
-            } else {
-                "a passing judgement"
+            let judge = match (fleet, svc.checks.is_empty()) {
+                (true, true) => "no node's judge failing",
+                (true, false) => "no node's judge failing and every check passing",
+                (false, true) => "a passing judgement",
+                (false, false) => "a passing judgement and every check passing",
             };
             format!(
                 "{then}: {who} after the {hold}s hold ({left}s left), {} of {} canary connections{}, and {judge}",
@@ -172,7 +173,9 @@ impl Agent {
                 release: svc.release.clone(),
                 state: state.name().to_string(),
                 configured_weight: svc.weight.to_string(),
-                effective_weight: state.effective_weight(svc).to_string(),
+                effective_weight: crate::rollout::enforced(svc, &state).0.to_string(),
+                mode: svc.mode.as_str().to_string(),
+                checks: self.check_lines(&svc.name),
                 step: plan_step(svc, &state),
                 observed_canary_share: (total > 0)
                     .then(|| cohorts[1].connections as f64 / total as f64),
@@ -234,9 +237,15 @@ impl Agent {
         let mut lines = vec![format!(
             "{service} is {} at canary weight {} (release {})",
             state.name(),
-            state.effective_weight(svc),
+            crate::rollout::enforced(svc, &state).0,
             svc.release
         )];
+        if svc.mode == crate::config::Mode::Shadow {
+            lines.push(
+                "shadow mode: decisions are reported, not enforced; the configured weight stays"
+                    .into(),
+            );
+        }
         let canary = self
             .dp
             .snapshot_where(|n| n == service)
@@ -258,10 +267,15 @@ impl Agent {
                         .unwrap_or_default()
                 ));
                 lines.push(format!("next: {}", p.next));
+                lines.extend(
+                    self.check_lines(service)
+                        .into_iter()
+                        .map(|c| format!("check: {c}")),
+                );
             }
             None => lines.push(format!(
                 "no plan: the weight is {} ({})",
-                state.effective_weight(svc),
+                crate::rollout::enforced(svc, &state).0,
                 match &state {
                     ServiceState::Idle {
                         weight_ppm: Some(_),

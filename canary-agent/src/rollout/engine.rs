@@ -12,12 +12,23 @@
 //! it the service's state).
 //! In a fleet, a state decided on another node (or by the fleet's leader)
 //! arrives as one more event, [`Event::Decided`].
+//!
+//! The team's own PromQL checks arrive as [`Event::Checked`]: a failing
+//! check rolls back, one inconclusive `max_inconclusive` times in a row
+//! pauses. The fleet's verdict from Prometheus comes with the leader's
+//! [`Event::FleetGate`]: a fail rolls the fleet back.
+//!
+//! In shadow mode (`[service.rollout] mode = "shadow"`) every decision is
+//! taken and recorded the same way, its announcement says it was not
+//! enforced, and the daemon keeps the configured weight
+//! ([`super::enforced`]).
 
 use std::time::Duration;
 
 use super::{RollbackReason, Saved, ServiceState};
 use crate::{
-    config::{Gate, ServiceConfig, Weight},
+    analysis::{CheckOutcome, Outcome},
+    config::{Gate, Mode, ServiceConfig, Weight},
     judge::Verdict,
 };
 
@@ -66,6 +77,21 @@ pub struct FleetEvidence {
     pub nodes: usize,
     /// Nodes whose judge fails the canary (each holds the step).
     pub failing: Vec<String>,
+    /// The judge on every node's counts summed by Prometheus (with
+    /// `[analysis]`): a fail rolls the fleet back, insufficient data
+    /// (Prometheus down or slow included) holds the step. `None` without
+    /// `[analysis]`.
+    pub fleet_verdict: Option<Verdict>,
+}
+
+/// One evaluation of a service's checks (`[[service.rollout.checks]]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckRound {
+    /// Every check's outcome, in config order.
+    pub outcomes: Vec<CheckOutcome>,
+    /// `[analysis] max_inconclusive`: a check inconclusive this many times
+    /// in a row pauses a progressing plan.
+    pub max_inconclusive: u32,
 }
 
 /// A state decided elsewhere in the fleet, as etcd holds it.
@@ -108,6 +134,8 @@ pub enum Event {
     Decided(Remote),
     /// The leader's look at the fleet's evidence on the current step.
     FleetGate(FleetEvidence),
+    /// The service's PromQL checks were evaluated.
+    Checked(CheckRound),
 }
 
 /// Who decided, as people read it.
@@ -123,6 +151,8 @@ pub enum Actor {
     Config,
     /// Another node of the fleet, or the fleet's leader.
     Fleet,
+    /// The team's PromQL checks.
+    Checks,
 }
 
 impl Actor {
@@ -134,6 +164,7 @@ impl Actor {
             Actor::Breaker => "the breaker",
             Actor::Config => "the config",
             Actor::Fleet => "the fleet",
+            Actor::Checks => "the checks",
         }
     }
 }
@@ -199,6 +230,34 @@ pub fn decide(
     event: Event,
     now_unix: u64,
 ) -> Result<Decision, Refusal> {
+    let operator = matches!(event, Event::Operator(_));
+    let decision = decide_enforced(svc, current, event, now_unix)?;
+    Ok(if svc.mode == Mode::Shadow && !operator {
+        shadowed(decision)
+    } else {
+        decision
+    })
+}
+
+/// In shadow mode an automatic decision is taken and recorded the same
+/// way, and says that it was not enforced: the daemon keeps the
+/// configured weight and the breaker only counts ([`super::enforced`]).
+fn shadowed(mut decision: Decision) -> Decision {
+    for effect in &mut decision.effects {
+        if let Effect::Announce { verdict, .. } = effect {
+            *verdict =
+                format!("shadow mode, not enforced (the weight stays): would have {verdict}");
+        }
+    }
+    decision
+}
+
+fn decide_enforced(
+    svc: &ServiceConfig,
+    current: &Rollout,
+    event: Event,
+    now_unix: u64,
+) -> Result<Decision, Refusal> {
     match event {
         Event::Operator(command) => operator(svc, &current.state, command, now_unix),
         Event::Judged(judgement) => Ok(judged(svc, current, &judgement, now_unix)),
@@ -208,6 +267,7 @@ pub fn decide(
         Event::Configured { saved } => configured(svc, current, &saved, now_unix),
         Event::Decided(remote) => Ok(decided(svc, current, remote)),
         Event::FleetGate(evidence) => Ok(fleet_gate(svc, current, &evidence, now_unix)),
+        Event::Checked(round) => Ok(checked(svc, current, &round, now_unix)),
     }
 }
 
@@ -401,7 +461,34 @@ fn fleet_gate(
             nodes => format!(", the judge fails the canary on {}", nodes.join(", ")),
         }
     );
+    // The fleet's sum fails the canary: a fleet rollback.
+    if let Some(verdict @ Verdict::Fail { .. }) = &evidence.fleet_verdict
+        && matches!(state, ServiceState::Progressing { .. })
+    {
+        let line = verdict.describe();
+        let to = ServiceState::RolledBack {
+            reason: RollbackReason::Judge,
+            at_unix: now,
+            detail: line.clone(),
+        };
+        return change(
+            state,
+            to,
+            svc,
+            Actor::Fleet,
+            Some(format!("rolled back by the fleet's judge: {line}")),
+        );
+    }
+    let fleet_holds = matches!(
+        evidence.fleet_verdict,
+        Some(Verdict::InsufficientData { .. } | Verdict::Fail { .. })
+    );
+    let line = match &evidence.fleet_verdict {
+        Some(v) => format!("{line}; {}", v.describe()),
+        None => line,
+    };
     let passed = evidence.failing.is_empty()
+        && !fleet_holds
         && step_done(svc, state, evidence.held, evidence.canary_connections);
     match next_state(svc, state, now) {
         Some((step, to)) if passed => change(
@@ -415,6 +502,75 @@ fn fleet_gate(
             to: current.clone(),
             effects: Vec::new(),
         },
+    }
+}
+
+/// The checks' verdict: a failing check rolls back (whatever the plan's
+/// state, like the judge); a check inconclusive `max_inconclusive` times in
+/// a row pauses a progressing plan, for a person to look at. A round that
+/// passes changes nothing here: whether a step may advance on it is the
+/// daemon's (the latest round must have passed, `Judgement::may_advance`).
+fn checked(svc: &ServiceConfig, current: &Rollout, round: &CheckRound, now: u64) -> Decision {
+    let state = &current.state;
+    let stay = Decision {
+        to: current.clone(),
+        effects: Vec::new(),
+    };
+    if svc.rollout.is_none()
+        || !matches!(
+            state,
+            ServiceState::Progressing { .. }
+                | ServiceState::AwaitingApproval { .. }
+                | ServiceState::Paused { .. }
+        )
+    {
+        // Evaluated after it left the plan: stale.
+        return stay;
+    }
+    if let Some(failed) = round
+        .outcomes
+        .iter()
+        .find(|o| matches!(o.outcome, Outcome::Fail(_)))
+    {
+        let line = failed.outcome.detail().to_string();
+        let to = ServiceState::RolledBack {
+            reason: RollbackReason::Check,
+            at_unix: now,
+            detail: line.clone(),
+        };
+        return change(
+            state,
+            to,
+            svc,
+            Actor::Checks,
+            Some(format!("rolled back by the checks: {line}")),
+        );
+    }
+    let stuck = round.outcomes.iter().find(|o| {
+        matches!(o.outcome, Outcome::Inconclusive(_))
+            && o.inconclusive_in_a_row >= round.max_inconclusive
+    });
+    match (stuck, state) {
+        (Some(o), ServiceState::Progressing { step, .. }) => {
+            let to = ServiceState::Paused {
+                step: *step,
+                weight_ppm: state.effective_weight(svc).ppm(),
+            };
+            change(
+                state,
+                to,
+                svc,
+                Actor::Checks,
+                Some(format!(
+                    "paused by the checks: {} ({} evaluations in a row, max_inconclusive {}); \
+                     `canaryctl resume` once the evidence is back",
+                    o.outcome.detail(),
+                    o.inconclusive_in_a_row,
+                    round.max_inconclusive
+                )),
+            )
+        }
+        _ => stay,
     }
 }
 

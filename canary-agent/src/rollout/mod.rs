@@ -44,14 +44,17 @@ pub enum RollbackReason {
     Operator,
     /// The judge found the canary worse than stable.
     Judge,
+    /// A team's PromQL check failed (`[[service.rollout.checks]]`).
+    Check,
 }
 
 impl RollbackReason {
     /// Every reason, for exporting zero counts.
-    pub const ALL: [RollbackReason; 3] = [
+    pub const ALL: [RollbackReason; 4] = [
         RollbackReason::Breaker,
         RollbackReason::Operator,
         RollbackReason::Judge,
+        RollbackReason::Check,
     ];
 
     /// Label value of `canary_rollbacks_total{reason}`.
@@ -60,6 +63,7 @@ impl RollbackReason {
             RollbackReason::Breaker => "breaker",
             RollbackReason::Operator => "operator",
             RollbackReason::Judge => "judge",
+            RollbackReason::Check => "check",
         }
     }
 }
@@ -160,6 +164,30 @@ impl ServiceState {
             // Nothing new goes to canary (the canary-off flag enforces it).
             ServiceState::RolledBack { .. } => Weight::default(),
         }
+    }
+}
+
+/// What the data plane enforces for `svc` in `state`: the canary weight
+/// and whether the canary is cut off.
+///
+/// In enforce mode, the state's weight and cut-off. In shadow mode the
+/// plan, the judge, the checks and the breaker decide and are recorded but
+/// not enforced: the configured weight stays and the canary is never cut
+/// off, except by an operator (`canaryctl set-weight` and `rollback` act
+/// in either mode).
+pub fn enforced(svc: &ServiceConfig, state: &ServiceState) -> (Weight, bool) {
+    if svc.mode == crate::config::Mode::Enforce {
+        return (state.effective_weight(svc), !state.canary_allowed());
+    }
+    match state {
+        ServiceState::Idle {
+            weight_ppm: Some(_),
+        } => (state.effective_weight(svc), false),
+        ServiceState::RolledBack {
+            reason: RollbackReason::Operator,
+            ..
+        } => (Weight::default(), true),
+        _ => (svc.weight, false),
     }
 }
 

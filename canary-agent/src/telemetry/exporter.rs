@@ -369,7 +369,7 @@ fn encode_snapshot(
     family(
         e,
         "canary_rollbacks",
-        "Rollbacks since the agent started, by what decided: breaker (the data plane's line-rate breaker) or operator.",
+        "Rollbacks since the agent started, by what decided: breaker (the data plane's line-rate breaker), operator, judge or check (a team's PromQL check).",
         None,
         snapshot.services.iter().flat_map(|s| {
             RollbackReason::ALL.map(|reason| {

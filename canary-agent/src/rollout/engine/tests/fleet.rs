@@ -118,6 +118,7 @@ fn gate(held_s: u64, conns: u64, failing: &[&str]) -> Event {
         canary_connections: conns,
         nodes: 3,
         failing: failing.iter().map(ToString::to_string).collect(),
+        fleet_verdict: None,
     })
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::*;
 use crate::{config::Config, judge::Verdict};
 
+mod analysis;
 mod automatic;
 mod fleet;
 mod operator;
