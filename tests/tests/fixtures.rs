@@ -1361,7 +1361,34 @@ fn ipv6_rules_match_ipv6_prefixes_and_families_never_meet(m: IngressMode) {
     );
 }
 
+/// A flow past its drain deadline (the agent's `ST_DRAIN` mark): the
+/// client's next segment goes on to its backend as a RST (ACK kept,
+/// sequence number and payload as sent, checksums valid), counted once,
+/// and the flow is closing; the next segment is forwarded as it is.
+fn a_drained_flow_turns_the_clients_next_segment_into_a_rst(m: IngressMode) {
+    let mut dp = dataplane(m, "weight = \"100%\"");
+    let client = addr("10.201.0.30:40030");
+    let (_, syn) = open(&mut dp, client);
+    assert_eq!(syn.dst, addr(CANARY));
+    let key = flow_key(client, addr(VIP));
+    let mut fwd = dp.conntrack_entry(&key).expect("tracked");
+    fwd.state |= canary_common::flow::ST_DRAIN;
+    dp.conntrack_insert(key, fwd).expect("marked");
+    let data = Tcp::new(client, addr(VIP), ACK | PSH).with_payload(b"GET\n");
+    let (verdict, out) = run(&mut dp, Dir::Ingress, &data);
+    assert_eq!((verdict, out.dst), (V::Forward, addr(CANARY)));
+    assert_eq!(out.flags, RST | ACK, "the segment became a RST: {out:?}");
+    assert_eq!(out.payload, b"GET\n");
+    assert_checksums(&out, "the drain's RST");
+    assert_eq!(counter(&dp, Counter::DrainReset), 1);
+    assert_closing(&dp, client, addr(CANARY), "after the drain's RST");
+    let (_, next) = run(&mut dp, Dir::Ingress, &data);
+    assert_eq!(next.flags, ACK | PSH, "converted once");
+    assert_eq!(counter(&dp, Counter::DrainReset), 1);
+}
+
 in_both_modes!(
+    a_drained_flow_turns_the_clients_next_segment_into_a_rst,
     syn_to_vip_is_dnated_with_valid_checksums_and_tracked,
     next_packet_after_a_weight_change_stays_on_its_backend,
     backend_reply_is_rewritten_to_come_from_the_vip,
