@@ -59,12 +59,16 @@ pub(super) fn plan_progress(
                 (false, true) => "a passing judgement",
                 (false, false) => "a passing judgement and every check passing",
             };
-            format!(
-                "{then}: {who} after the {hold}s hold ({left}s left), {} of {} canary connections{}, and {judge}",
-                canary_connections,
-                at.min_connections,
-                if fleet { " (fleet-wide)" } else { "" }
-            )
+            let connections = if at.min_connections == 0 {
+                String::new()
+            } else {
+                format!(
+                    ", {canary_connections} of {} canary connections{}",
+                    at.min_connections,
+                    if fleet { " (fleet-wide)" } else { "" }
+                )
+            };
+            format!("{then}: {who} after the {hold}s hold ({left}s left){connections}, and {judge}")
         }
         ServiceState::AwaitingApproval { .. } => {
             format!(
