@@ -142,6 +142,63 @@ struct Tally {
     errors: AtomicU64,
 }
 
+impl Tally {
+    /// Replies per backend, all of them, and canary's.
+    fn totals(&self) -> (BTreeMap<String, u64>, u64, u64) {
+        let by = self
+            .by_backend
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let total = by.values().sum();
+        let canary = by
+            .iter()
+            .filter(|(n, _)| n.starts_with("canary"))
+            .map(|(_, c)| c)
+            .sum();
+        (by, total, canary)
+    }
+}
+
+/// A client thread's loop: one-request connections to `vip` from
+/// `addrs[first]`, `addrs[first + step]`, … one every `pace`, until the
+/// demo stops; each reply (the backend's name) or error goes to `on`.
+pub(crate) fn paced(
+    addrs: Vec<Ipv4Addr>,
+    first: usize,
+    step: usize,
+    vip: SocketAddrV4,
+    pace: Duration,
+    on: impl Fn(std::io::Result<String>) + Send + 'static,
+) -> impl FnOnce() + Send + 'static {
+    move || {
+        let mut next = Instant::now();
+        let mut i = first;
+        while !STOP.load(Ordering::Relaxed) {
+            on(request_once(
+                addrs[i % addrs.len()],
+                vip,
+                Duration::from_secs(2),
+            ));
+            i += step;
+            next += pace;
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+}
+
+/// `canaryctl --socket (agent's) ARGS`, its output if it ran.
+pub(crate) fn canaryctl(agent: &AgentProcess, args: &[&str]) -> Option<std::process::Output> {
+    std::process::Command::new(canary_lab::canaryctl_binary())
+        .arg("--socket")
+        .arg(agent.control_socket())
+        .args(args)
+        .output()
+        .ok()
+}
+
 fn drive(
     lab: &mut Lab,
     agent: &AgentProcess,
@@ -156,31 +213,26 @@ fn drive(
     let workers: Vec<_> = (0..WORKERS)
         .map(|w| {
             let (tally, addrs) = (Arc::clone(&tally), Arc::clone(&addrs));
-            lab.client().spawn(move || {
-                let mut next = Instant::now();
-                let mut i = w as usize;
-                while !STOP.load(Ordering::Relaxed) {
-                    let src = addrs[i % addrs.len()];
-                    i += WORKERS as usize;
-                    match request_once(src, vip, Duration::from_secs(2)) {
-                        Ok(name) => {
-                            *tally
-                                .by_backend
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .entry(name)
-                                .or_default() += 1;
-                        }
-                        Err(_) => {
-                            tally.errors.fetch_add(1, Ordering::Relaxed);
-                        }
+            lab.client().spawn(paced(
+                (*addrs).clone(),
+                w as usize,
+                WORKERS as usize,
+                vip,
+                per_worker,
+                move |reply| match reply {
+                    Ok(name) => {
+                        *tally
+                            .by_backend
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .entry(name)
+                            .or_default() += 1;
                     }
-                    next += per_worker;
-                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
+                    Err(_) => {
+                        tally.errors.fetch_add(1, Ordering::Relaxed);
                     }
-                }
-            })
+                },
+            ))
         })
         .collect();
 
@@ -247,12 +299,7 @@ fn rollout_line(
     tally: &Tally,
     last: &mut (u64, u64),
 ) -> (String, String, String) {
-    let status = std::process::Command::new(canary_lab::canaryctl_binary())
-        .arg("--socket")
-        .arg(agent.control_socket())
-        .args(["status", "--json", "web"])
-        .output()
-        .ok()
+    let status = canaryctl(agent, &["status", "--json", "web"])
         .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
         .unwrap_or_default();
     let svc = &status["services"][0];
@@ -265,17 +312,7 @@ fn rollout_line(
             .collect(),
         _ => String::new(),
     };
-    let by = tally
-        .by_backend
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
-    let total: u64 = by.values().sum();
-    let canary: u64 = by
-        .iter()
-        .filter(|(n, _)| n.starts_with("canary"))
-        .map(|(_, c)| c)
-        .sum();
+    let (_, total, canary) = tally.totals();
     let (dt, dc) = (total - last.0, canary - last.1);
     *last = (total, canary);
     let share = if dt == 0 {
@@ -298,12 +335,7 @@ fn rollout_line(
 
 /// `canaryctl history web`, at the end of a plan-driven demo.
 fn print_history(agent: &AgentProcess) {
-    if let Ok(out) = std::process::Command::new(canary_lab::canaryctl_binary())
-        .arg("--socket")
-        .arg(agent.control_socket())
-        .args(["history", "web"])
-        .output()
-    {
+    if let Some(out) = canaryctl(agent, &["history", "web"]) {
         println!(
             "\ncanaryctl history web:\n{}",
             String::from_utf8_lossy(&out.stdout)
@@ -313,17 +345,7 @@ fn print_history(agent: &AgentProcess) {
 
 /// One line: counts per backend, the canary share and where it should be.
 fn status_line(elapsed: Duration, tally: &Tally, weight: f64) -> String {
-    let by = tally
-        .by_backend
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
-    let total: u64 = by.values().sum();
-    let canary: u64 = by
-        .iter()
-        .filter(|(n, _)| n.starts_with("canary"))
-        .map(|(_, c)| c)
-        .sum();
+    let (by, total, canary) = tally.totals();
     let counts: Vec<String> = by.iter().map(|(n, c)| format!("{n}={c}")).collect();
     let share = if total == 0 {
         0.0

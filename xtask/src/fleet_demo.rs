@@ -17,10 +17,10 @@ use std::{
 };
 
 use anyhow::Context;
-use canary_lab::{AgentProcess, Behavior, FleetLab, request_once};
+use canary_lab::{AgentProcess, Behavior, FleetLab};
 use canary_tests::etcd::EtcdCluster;
 
-use crate::demo::{Args, STOP, VIP, indent};
+use crate::demo::{Args, STOP, VIP, canaryctl, indent, paced};
 
 /// Per node: replies from stable and from canary, and errors.
 #[derive(Default)]
@@ -91,24 +91,15 @@ fn drive(lab: &FleetLab, agents: &[AgentProcess], args: &Args) -> anyhow::Result
         .zip(&tallies)
         .map(|(node, tally)| {
             let (tally, addrs) = (Arc::clone(tally), node.client_addrs().to_vec());
-            node.client().spawn(move || {
-                let mut next = Instant::now();
-                let mut i = 0usize;
-                while !STOP.load(Ordering::Relaxed) {
-                    i += 1;
-                    match request_once(addrs[i % addrs.len()], vip, Duration::from_secs(2)) {
-                        Ok(name) if name.starts_with("canary") => {
-                            tally.canary.fetch_add(1, Ordering::Relaxed)
-                        }
-                        Ok(_) => tally.stable.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => tally.errors.fetch_add(1, Ordering::Relaxed),
-                    };
-                    next += pace;
-                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
+            node.client()
+                .spawn(paced(addrs, 0, 1, vip, pace, move |reply| {
+                    match reply {
+                        Ok(name) if name.starts_with("canary") => &tally.canary,
+                        Ok(_) => &tally.stable,
+                        Err(_) => &tally.errors,
                     }
-                }
-            })
+                    .fetch_add(1, Ordering::Relaxed);
+                }))
         })
         .collect();
     let start = Instant::now();
@@ -156,12 +147,7 @@ fn drive(lab: &FleetLab, agents: &[AgentProcess], args: &Args) -> anyhow::Result
     for w in workers {
         let _ = w.join();
     }
-    let leader_view = std::process::Command::new(canary_lab::canaryctl_binary())
-        .arg("--socket")
-        .arg(agents[0].control_socket())
-        .arg("status")
-        .output()
-        .context("canaryctl status")?;
+    let leader_view = canaryctl(&agents[0], &["status"]).context("canaryctl status")?;
     println!(
         "\nfinal status on node-0:\n{}",
         String::from_utf8_lossy(&leader_view.stdout)
@@ -171,11 +157,7 @@ fn drive(lab: &FleetLab, agents: &[AgentProcess], args: &Args) -> anyhow::Result
 
 /// An agent's (state, weight in force) of `web`, through canaryctl.
 fn state(agent: &AgentProcess) -> anyhow::Result<(String, String)> {
-    let out = std::process::Command::new(canary_lab::canaryctl_binary())
-        .arg("--socket")
-        .arg(agent.control_socket())
-        .args(["status", "--json", "web"])
-        .output()?;
+    let out = canaryctl(agent, &["status", "--json", "web"]).context("run canaryctl")?;
     let json: serde_json::Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("status: {}", String::from_utf8_lossy(&out.stderr)))?;
     let svc = &json["services"][0];

@@ -286,12 +286,8 @@ impl Agent {
             return false;
         }
         let verdict = decision
-            .effects
-            .iter()
-            .find_map(|e| match e {
-                crate::rollout::engine::Effect::Announce { verdict, .. } => Some(verdict.clone()),
-                _ => None,
-            })
+            .announced()
+            .map(|(_, v)| v.to_string())
             .unwrap_or_default();
         let key = (svc.name.clone(), svc.release.clone());
         let Some(link) = self.fleet.as_mut() else {

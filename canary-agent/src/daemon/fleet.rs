@@ -18,7 +18,7 @@ use crate::{
     fleet::{CasError, Change, Counts, Fleet, FleetEvent, Job, Record, Summary},
     rollout::{
         ServiceState,
-        engine::{self, Effect, Event, FleetEvidence, Remote, Rollout},
+        engine::{self, Event, FleetEvidence, Remote, Rollout},
     },
     status::{FleetStatus, NodeRow},
 };
@@ -270,12 +270,8 @@ impl Agent {
                 Err(why) => return Response::error(ErrorCode::Conflict, why.0),
             };
             let verdict = decision
-                .effects
-                .iter()
-                .find_map(|e| match e {
-                    Effect::Announce { verdict, .. } => Some(verdict.clone()),
-                    _ => None,
-                })
+                .announced()
+                .map(|(_, v)| v.to_string())
                 .unwrap_or_default();
             let Some(link) = self.fleet.as_mut() else {
                 return self.command(service, command);
@@ -413,12 +409,8 @@ impl Agent {
                 continue;
             }
             let verdict = decision
-                .effects
-                .iter()
-                .find_map(|e| match e {
-                    Effect::Announce { verdict, .. } => Some(verdict.clone()),
-                    _ => None,
-                })
+                .announced()
+                .map(|(_, v)| v.to_string())
                 .unwrap_or_default();
             info!(service = %svc.name, "fleet: {verdict}");
             let record = Record {

@@ -81,10 +81,7 @@ impl Agent {
         let here = !matches!(event, Event::Decided(_) | Event::FleetGate(_));
         let decision = engine::decide(&svc, &current, event, crate::rollout::now_unix())
             .map_err(FeedError::Refused)?;
-        let announced = decision.effects.iter().find_map(|e| match e {
-            Effect::Announce { by, verdict } => Some((*by, verdict.clone())),
-            _ => None,
-        });
+        let announced = decision.announced().map(|(by, v)| (by, v.to_string()));
         let to = decision.to.state.clone();
         self.carry_out(&svc, &current, decision, false)?;
         if let (true, Some((by, verdict))) = (here, announced) {

@@ -138,6 +138,16 @@ pub enum Event {
     Checked(CheckRound),
 }
 
+impl Decision {
+    /// The verdict line it announces, if it changes the state.
+    pub fn announced(&self) -> Option<(Actor, &str)> {
+        self.effects.iter().find_map(|e| match e {
+            Effect::Announce { by, verdict } => Some((*by, verdict.as_str())),
+            _ => None,
+        })
+    }
+}
+
 /// Who decided, as people read it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Actor {
@@ -381,18 +391,7 @@ fn judged(svc: &ServiceConfig, current: &Rollout, judgement: &Judgement, now: u6
     let line = judgement.verdict.describe();
     // The judge guards every state of a plan, paused and gated included.
     if matches!(judgement.verdict, Verdict::Fail { .. }) {
-        let to = ServiceState::RolledBack {
-            reason: RollbackReason::Judge,
-            at_unix: now,
-            detail: line.clone(),
-        };
-        return change(
-            state,
-            to,
-            svc,
-            Actor::Judge,
-            Some(format!("rolled back by the judge: {line}")),
-        );
+        return judge_rollback(svc, state, &line, Actor::Judge, now);
     }
     let passed = judgement.may_advance
         && matches!(judgement.verdict, Verdict::Pass { .. })
@@ -410,6 +409,34 @@ fn judged(svc: &ServiceConfig, current: &Rollout, judgement: &Judgement, now: u6
             effects: vec![Effect::Verdict(format!("judge: {line}"))],
         },
     }
+}
+
+/// A rollback by a judge's failing verdict `line`: this node's judge
+/// (`Actor::Judge`) or the fleet leader's on the fleet's sum (`Actor::Fleet`).
+fn judge_rollback(
+    svc: &ServiceConfig,
+    state: &ServiceState,
+    line: &str,
+    by: Actor,
+    now: u64,
+) -> Decision {
+    let to = ServiceState::RolledBack {
+        reason: RollbackReason::Judge,
+        at_unix: now,
+        detail: line.to_string(),
+    };
+    let who = if by == Actor::Fleet {
+        "the fleet's judge"
+    } else {
+        "the judge"
+    };
+    change(
+        state,
+        to,
+        svc,
+        by,
+        Some(format!("rolled back by {who}: {line}")),
+    )
 }
 
 /// Whether a progressing plan's step has been held long enough and seen
@@ -465,19 +492,7 @@ fn fleet_gate(
     if let Some(verdict @ Verdict::Fail { .. }) = &evidence.fleet_verdict
         && matches!(state, ServiceState::Progressing { .. })
     {
-        let line = verdict.describe();
-        let to = ServiceState::RolledBack {
-            reason: RollbackReason::Judge,
-            at_unix: now,
-            detail: line.clone(),
-        };
-        return change(
-            state,
-            to,
-            svc,
-            Actor::Fleet,
-            Some(format!("rolled back by the fleet's judge: {line}")),
-        );
+        return judge_rollback(svc, state, &verdict.describe(), Actor::Fleet, now);
     }
     let fleet_holds = matches!(
         evidence.fleet_verdict,
