@@ -189,6 +189,21 @@ pub(crate) fn paced(
     }
 }
 
+/// Whether a demo's loop ends now: 3 s after the rollout is `done`
+/// (promoted or rolled back; `settled` remembers since when), or at
+/// `--duration`.
+pub(crate) fn ends(
+    settled: &mut Option<Instant>,
+    done: bool,
+    start: Instant,
+    duration: Option<u64>,
+) -> bool {
+    if done && settled.get_or_insert_with(Instant::now).elapsed() >= Duration::from_secs(3) {
+        return true;
+    }
+    duration.is_some_and(|d| start.elapsed() >= Duration::from_secs(d))
+}
+
 /// `canaryctl --socket (agent's) ARGS`, its output if it ran.
 pub(crate) fn canaryctl(agent: &AgentProcess, args: &[&str]) -> Option<std::process::Output> {
     std::process::Command::new(canary_lab::canaryctl_binary())
@@ -254,6 +269,7 @@ fn drive(
         if STOP.load(Ordering::Relaxed) {
             break;
         }
+        let mut done = false;
         if let Some(w) = weight {
             println!("{}", status_line(start.elapsed(), &tally, w));
         } else {
@@ -266,17 +282,9 @@ fn drive(
                     "\n>>> scenario bad-canary: canary-1 stops answering (connections refused)\n"
                 );
             }
-            if state == "promoted" || state == "rolled-back" {
-                let at = *settled.get_or_insert_with(Instant::now);
-                if at.elapsed() >= Duration::from_secs(3) {
-                    break;
-                }
-            }
+            done = state == "promoted" || state == "rolled-back";
         }
-        if args
-            .duration
-            .is_some_and(|d| start.elapsed() >= Duration::from_secs(d))
-        {
+        if ends(&mut settled, done, start, args.duration) {
             break;
         }
     }

@@ -20,7 +20,7 @@ use anyhow::Context;
 use canary_lab::{AgentProcess, Behavior, FleetLab};
 use canary_tests::etcd::EtcdCluster;
 
-use crate::demo::{Args, STOP, VIP, canaryctl, indent, paced};
+use crate::demo::{Args, STOP, VIP, canaryctl, ends, indent, paced};
 
 /// Per node: replies from stable and from canary, and errors.
 #[derive(Default)]
@@ -130,16 +130,7 @@ fn drive(lab: &FleetLab, agents: &[AgentProcess], args: &Args) -> anyhow::Result
             ));
         }
         println!("{line}");
-        if done {
-            let at = *settled.get_or_insert_with(Instant::now);
-            if at.elapsed() >= Duration::from_secs(3) {
-                break;
-            }
-        }
-        if args
-            .duration
-            .is_some_and(|d| start.elapsed() >= Duration::from_secs(d))
-        {
+        if ends(&mut settled, done, start, args.duration) {
             break;
         }
     }
