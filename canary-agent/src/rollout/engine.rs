@@ -393,8 +393,11 @@ fn judged(svc: &ServiceConfig, current: &Rollout, judgement: &Judgement, now: u6
     if matches!(judgement.verdict, Verdict::Fail { .. }) {
         return judge_rollback(svc, state, &line, Actor::Judge, now);
     }
+    // A step at 100 % leaves stable no connection to compare with: it
+    // passes on its hold and connections unless the judge fails it.
+    let all_canary = state.effective_weight(svc).ppm() >= canary_common::cohort::PPM;
     let passed = judgement.may_advance
-        && matches!(judgement.verdict, Verdict::Pass { .. })
+        && (matches!(judgement.verdict, Verdict::Pass { .. }) || all_canary)
         && step_done(svc, state, judgement.held, judgement.canary_connections);
     match next_state(svc, state, now) {
         Some((step, to)) if passed => change(

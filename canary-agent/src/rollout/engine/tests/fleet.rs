@@ -161,3 +161,43 @@ fn only_the_fleet_gate_moves_a_fleet_plan_on() {
     let d = decide(&svc, &at(rolled_back()), gate(600, 100, &[]), NOW).unwrap();
     assert!(d.effects.is_empty());
 }
+
+#[test]
+fn a_step_at_100_percent_passes_without_stable_to_compare_with() {
+    let svc = service(
+        "canary = [\"10.0.0.2:80\"]\n[service.rollout]\nsteps = [{ weight = \"50%\", hold = \"1s\" }, \
+         { weight = \"100%\", hold = \"10s\" }]",
+    );
+    // At 50 % the judge must pass.
+    let d = decide(
+        &svc,
+        &at(progressing(0)),
+        judged(insufficient(), 60, 100),
+        NOW,
+    )
+    .unwrap();
+    assert!(
+        d.effects.iter().all(|e| matches!(e, Effect::Verdict(_))),
+        "{:?}",
+        d.effects
+    );
+    // At 100 % stable has nothing: the hold decides (a failure still rolls back).
+    let d = decide(
+        &svc,
+        &at(progressing(1)),
+        judged(insufficient(), 5, 100),
+        NOW,
+    )
+    .unwrap();
+    assert_eq!(d.to.state, progressing(1), "the hold first");
+    let d = decide(
+        &svc,
+        &at(progressing(1)),
+        judged(insufficient(), 10, 100),
+        NOW,
+    )
+    .unwrap();
+    assert_eq!(d.to.state, ServiceState::Promoted { at_unix: NOW });
+    let d = decide(&svc, &at(progressing(1)), judged(fail(), 10, 100), NOW).unwrap();
+    assert_eq!(d.to.state.name(), "rolled-back");
+}
