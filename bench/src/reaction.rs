@@ -21,7 +21,7 @@ pub struct Reactions {
     /// Failed client connections per breaker run.
     pub breaker_failed: Vec<usize>,
     /// Judge: start of traffic to rollback per run, s (canary 4 ms against
-    /// 2 ms to first byte, 600 conn/s, 20 %); NaN if not within 10 s.
+    /// 2 ms to first byte, 500 conn/s, 20 %, judged every 250 ms); NaN if not within 10 s.
     pub judge_detect_s: Vec<f64>,
 }
 

@@ -162,7 +162,7 @@ impl Report {
                 s,
                 "\n### Reaction times\n\n| | median | runs |\n|---|---:|---|\n\
                  | breaker: first failed connection → last one steered to the dead canary (1000 conn/s, 20 %) | {:.1} ms | {} ms; failed connections: {:?} |\n\
-                 | judge: start of traffic → rollback, canary 2× slower to first byte (600 conn/s, 20 %) | {:.2} s | {} s |",
+                 | judge: start of traffic → rollback, canary 2× slower to first byte (500 conn/s, 20 %, judged every 250 ms) | {:.2} s | {} s |",
                 r.breaker_median_ms(),
                 list(&r.breaker_cutoff_ms, 1),
                 r.breaker_failed,
