@@ -531,6 +531,23 @@ fn a_partitioned_node_never_promotes_and_a_restarted_one_resumes_at_the_fleets_s
         "node 2 moved while cut off:\n{}",
         f.logs()
     );
+    // Status on the cut-off node answers at once, from what it knows (it
+    // never holds the agent's loop waiting for etcd).
+    let t = Instant::now();
+    let status: serde_json::Value =
+        serde_json::from_str(&f.ctl_ok(2, &["status", "--json"])).expect("JSON");
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "status on a partitioned node took {took:?}"
+    );
+    assert!(
+        status["fleet"]["etcd"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("unreachable")),
+        "{}",
+        status["fleet"]
+    );
     let refused = f.ctl(2, &["promote", "web"]);
     assert!(
         !refused.status.success(),

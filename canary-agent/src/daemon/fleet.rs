@@ -39,6 +39,9 @@ pub(super) struct FleetLink {
     pub(super) judge_fails: BTreeMap<String, bool>,
 }
 
+/// How long `status` waits for etcd's rows.
+const STATUS_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// How long an operator's command waits for etcd.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -494,14 +497,30 @@ impl Agent {
         let link = self.fleet.as_mut()?;
         let mut client = link.fleet.client.clone();
         let keys = link.fleet.keys.clone();
-        let (rows, leader, etcd) = match crate::fleet::get_summaries(&mut client, &keys).await {
-            Ok(all) => {
-                let leader = crate::fleet::leader(&mut client, &keys)
-                    .await
-                    .ok()
-                    .flatten();
-                (all, leader, "connected".to_string())
-            }
+        // The agent's loop waits for this answer: with the watch down it
+        // does not ask etcd at all, and otherwise it asks for at most
+        // STATUS_TIMEOUT, so `status --watch` on a cut-off node never
+        // stalls the loop (judge, sweeps, breaker records).
+        let read = async {
+            let all = crate::fleet::get_summaries(&mut client, &keys).await?;
+            let leader = crate::fleet::leader(&mut client, &keys)
+                .await
+                .ok()
+                .flatten();
+            Ok::<_, crate::fleet::EtcdError>((all, leader))
+        };
+        let answer = if link.connected {
+            tokio::time::timeout(STATUS_TIMEOUT, read)
+                .await
+                .unwrap_or(Err(crate::fleet::EtcdError::Timeout))
+        } else {
+            Err(crate::fleet::EtcdError::Lost(format!(
+                "the watch on {} is down",
+                keys.rollouts()
+            )))
+        };
+        let (rows, leader, etcd) = match answer {
+            Ok((all, leader)) => (all, leader, "connected".to_string()),
             Err(e) => (
                 Vec::new(),
                 None,

@@ -35,6 +35,10 @@ pub enum EtcdError {
     /// No answer in time.
     #[error("etcd did not answer within {}s", REQUEST_TIMEOUT.as_secs())]
     Timeout,
+    /// A stream or lease ended under us (etcd restarted, the network
+    /// went, a member lost its quorum).
+    #[error("etcd: {0}")]
+    Lost(String),
     /// A value in etcd is not what canary writes.
     #[error("etcd key {key} holds something canary did not write: {why}")]
     Corrupt { key: String, why: String },

@@ -113,18 +113,15 @@ async fn watch_once(config: &FleetConfig, keys: &Keys, tx: &mpsc::Sender<FleetEv
         let resp = match stream.message().await {
             Ok(Some(r)) => r,
             Ok(None) => {
-                return EtcdError::Corrupt {
-                    key: prefix,
-                    why: "the watch stream ended".into(),
-                };
+                return EtcdError::Lost(format!("the watch on {prefix} ended"));
             }
             Err(e) => return e.into(),
         };
         if resp.canceled() {
-            return EtcdError::Corrupt {
-                key: prefix,
-                why: format!("the watch was cancelled: {}", resp.cancel_reason()),
-            };
+            return EtcdError::Lost(format!(
+                "the watch on {prefix} was cancelled: {}",
+                resp.cancel_reason()
+            ));
         }
         let mut changes = Vec::new();
         for ev in resp.events() {
@@ -230,7 +227,7 @@ async fn session_once(
                 }
                 match tokio::time::timeout(config.lease_ttl / 3, acks.message()).await {
                     Ok(Ok(Some(ack))) if ack.ttl() > 0 => {}
-                    Ok(Ok(_)) => break EtcdError::Corrupt { key: format!("lease {lease:x}"), why: "the lease expired".into() },
+                    Ok(Ok(_)) => break EtcdError::Lost(format!("lease {lease:x} expired")),
                     Ok(Err(e)) => break e.into(),
                     Err(_) => break EtcdError::Timeout,
                 }
