@@ -92,18 +92,29 @@ impl<'a> Prometheus<'a> {
         }
     }
 
-    /// Evaluates an instant PromQL query; the value of its single result.
+    /// Evaluates an instant PromQL query; the value of its first result.
     pub fn query(&self, promql: &str) -> Option<f64> {
+        // {"metric":{...},"value":[ts,"v"]}
+        self.series(promql).first()?["value"][1]
+            .as_str()?
+            .parse()
+            .ok()
+    }
+
+    /// Evaluates an instant PromQL query; every series of its result (an
+    /// error answer fails the test with Prometheus' message).
+    pub fn series(&self, promql: &str) -> Vec<serde_json::Value> {
         let (status, body) = http_get(
             self.ns,
-            self.addr,
+            ADDR.parse().unwrap(),
             &format!("/api/v1/query?query={}", url_encode(promql)),
         );
         assert!(status.contains("200"), "query {promql}: {status} {body}");
-        // {"status":"success","data":{"resultType":"vector","result":[{"metric":{...},"value":[ts,"v"]}]}}
-        let value = body.split("\"value\":[").nth(1)?;
-        let v = value.split(',').nth(1)?.trim_start_matches('"');
-        v.split('"').next()?.parse().ok()
+        let json: serde_json::Value = serde_json::from_str(&body).expect("Prometheus answers JSON");
+        json["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 }
 
@@ -124,22 +135,4 @@ fn url_encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-impl Prometheus<'_> {
-    /// Evaluates an instant PromQL query; every series of its result (an
-    /// error answer fails the test with Prometheus' message).
-    pub fn series(&self, promql: &str) -> Vec<serde_json::Value> {
-        let (status, body) = http_get(
-            self.ns,
-            ADDR.parse().unwrap(),
-            &format!("/api/v1/query?query={}", url_encode(promql)),
-        );
-        assert!(status.contains("200"), "query {promql}: {status} {body}");
-        let json: serde_json::Value = serde_json::from_str(&body).expect("Prometheus answers JSON");
-        json["data"]["result"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    }
 }

@@ -37,6 +37,8 @@ pub(super) struct FleetLink {
     pub(super) unpublished: BTreeSet<String>,
     /// Per service: the last judgement failed the canary.
     pub(super) judge_fails: BTreeMap<String, bool>,
+    /// When this node's summaries were last refreshed.
+    pub(super) summarized: Option<std::time::Instant>,
 }
 
 /// How long `status` waits for etcd's rows.
@@ -54,6 +56,7 @@ impl FleetLink {
             records: BTreeMap::new(),
             unpublished: BTreeSet::new(),
             judge_fails: BTreeMap::new(),
+            summarized: None,
         }
     }
 
@@ -434,8 +437,21 @@ impl Agent {
         }
     }
 
-    /// Refreshes this node's summaries (published by the session task).
+    /// Refreshes this node's summaries (published by the session task),
+    /// once per `summary_interval`: each refresh reads every service's
+    /// counters, as a scrape does.
     pub(super) fn refresh_summaries(&mut self) {
+        let Some(link) = self.fleet.as_mut() else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        if link
+            .summarized
+            .is_some_and(|at| now.duration_since(at) < link.fleet.config.summary_interval)
+        {
+            return;
+        }
+        link.summarized = Some(now);
         let Some(link) = self.fleet.as_ref() else {
             return;
         };
@@ -477,7 +493,7 @@ impl Agent {
                     state,
                     stable: counts(canary_common::service::Cohort::Stable),
                     canary: counts(canary_common::service::Cohort::Canary),
-                    verdict: self.verdicts.get(&svc.name).cloned(),
+                    verdict: self.last_verdict(&svc.name).map(str::to_string),
                     judge_fails: link.judge_fails.get(&svc.name).copied().unwrap_or(false),
                     attached,
                     at_unix: crate::rollout::now_unix(),

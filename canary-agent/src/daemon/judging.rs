@@ -124,7 +124,6 @@ impl Agent {
                 let fails = matches!(judgement.verdict, crate::judge::Verdict::Fail { .. });
                 link.judge_fails.insert(svc.name.clone(), fails);
             }
-            *self.judgements.entry(svc.name.clone()).or_default() += 1;
             self.dp
                 .stats_source()
                 .lock()

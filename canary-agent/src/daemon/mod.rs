@@ -137,11 +137,10 @@ struct Agent {
     /// weight in force and whether its canary is cut off. The data plane is
     /// programmed from it; the kernel's breaker flag comes back as an event.
     rollouts: BTreeMap<String, Rollout>,
-    /// What last changed each service's state, for `status`.
-    verdicts: BTreeMap<String, String>,
-    /// Verdicts the judge gave each service since the agent started, for
-    /// `status` (a soak proves with it that the judge ran).
-    judgements: BTreeMap<String, u64>,
+    /// Each service's latest verdicts (judgements and state changes) with
+    /// their times, newest last: `status` shows the last, `explain` them
+    /// all, the fleet summary the last.
+    verdicts: BTreeMap<String, std::collections::VecDeque<(u64, String)>>,
     /// The judge's window of each plan-driven service.
     windows: BTreeMap<String, StepWindow>,
     /// Where state changes are announced.
@@ -157,8 +156,6 @@ struct Agent {
     analysis: analysis::Analysis,
     /// Each service's state changes (`canaryctl history`).
     history: crate::rollout::history::History,
-    /// Each service's latest verdicts with their times (`explain`).
-    recent_verdicts: BTreeMap<String, std::collections::VecDeque<(u64, String)>>,
     /// Per service, the rollback (its time) whose drain deadline was
     /// enforced: once per rollback.
     drained: BTreeMap<String, u64>,
@@ -225,7 +222,6 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         store,
         rollouts,
         verdicts: BTreeMap::new(),
-        judgements: BTreeMap::new(),
         windows: BTreeMap::new(),
         events: Events::start(webhook, &mut tasks),
         node,
@@ -233,7 +229,6 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         fleet: None,
         analysis: analysis::Analysis::new(analysis_tx),
         history: crate::rollout::history::History::new(&state_dir),
-        recent_verdicts: BTreeMap::new(),
         drained: BTreeMap::new(),
     };
     for svc in &agent.config.services {

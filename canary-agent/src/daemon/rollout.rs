@@ -17,6 +17,9 @@ use crate::{
     },
 };
 
+/// Verdicts kept per service for `explain`.
+const RECENT_VERDICTS: usize = 5;
+
 /// Why an event for a service was not carried out.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum FeedError {
@@ -147,14 +150,7 @@ impl Agent {
                 Effect::Announce { by, verdict } => {
                     self.announce(svc, &current.state, &decision.to.state, *by, verdict);
                 }
-                Effect::Verdict(line) => {
-                    self.verdicts.insert(name.clone(), line.clone());
-                    let recent = self.recent_verdicts.entry(name.clone()).or_default();
-                    recent.push_back((crate::rollout::now_unix(), line.clone()));
-                    if recent.len() > 5 {
-                        recent.pop_front();
-                    }
-                }
+                Effect::Verdict(line) => self.note_verdict(&name, line),
             }
         }
         self.rollouts.insert(name, decision.to);
@@ -231,12 +227,7 @@ impl Agent {
             detail: verdict.to_string(),
             at_unix: crate::rollout::now_unix(),
         });
-        self.verdicts.insert(svc.name.clone(), verdict.to_string());
-        let recent = self.recent_verdicts.entry(svc.name.clone()).or_default();
-        recent.push_back((crate::rollout::now_unix(), verdict.to_string()));
-        if recent.len() > 5 {
-            recent.pop_front();
-        }
+        self.note_verdict(&svc.name, verdict);
         self.history.record(
             &svc.name,
             crate::rollout::history::Change {
@@ -248,6 +239,24 @@ impl Agent {
                 detail: verdict.to_string(),
             },
         );
+    }
+
+    /// Records `line` as `service`'s latest verdict (the last
+    /// [`RECENT_VERDICTS`] are kept).
+    pub(super) fn note_verdict(&mut self, service: &str, line: &str) {
+        let recent = self.verdicts.entry(service.to_string()).or_default();
+        recent.push_back((crate::rollout::now_unix(), line.to_string()));
+        if recent.len() > RECENT_VERDICTS {
+            recent.pop_front();
+        }
+    }
+
+    /// `service`'s latest verdict.
+    pub(super) fn last_verdict(&self, service: &str) -> Option<&str> {
+        self.verdicts
+            .get(service)
+            .and_then(|r| r.back())
+            .map(|(_, line)| line.as_str())
     }
 
     /// Exports every service's rollout state.

@@ -185,16 +185,16 @@ impl Agent {
                     .then(|| cohorts[1].connections as f64 / total as f64),
                 cohorts: cohorts.to_vec(),
                 last_verdict: self
-                    .verdicts
-                    .get(&svc.name)
-                    .cloned()
+                    .last_verdict(&svc.name)
+                    .map(str::to_string)
                     .or_else(|| match &state {
                         ServiceState::RolledBack { reason, detail, .. } => {
                             Some(format!("rolled back ({}): {detail}", reason.as_str()))
                         }
                         _ => None,
                     }),
-                judgements: self.judgements.get(&svc.name).copied().unwrap_or(0),
+                // The exporter's count (`canary_judgements_total`), summed.
+                judgements: snap.rollout.judgements.values().sum(),
                 plan: plan_progress(
                     svc,
                     &state,
@@ -302,7 +302,7 @@ impl Agent {
                 last.detail
             ));
         }
-        let recent = self.recent_verdicts.get(service);
+        let recent = self.verdicts.get(service);
         match recent {
             Some(r) if !r.is_empty() => {
                 lines.push("last verdicts (newest last):".to_string());

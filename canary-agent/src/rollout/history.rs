@@ -101,8 +101,11 @@ impl History {
         let path = self.path(service);
         if std::fs::symlink_metadata(&path).is_ok_and(|m| m.len() > MAX_FILE) {
             // Rewritten with what memory keeps.
-            let text: String = self.changes[service]
-                .iter()
+            let text: String = self
+                .changes
+                .get(service)
+                .into_iter()
+                .flatten()
                 .filter_map(|c| serde_json::to_string(c).ok())
                 .map(|l| l + "\n")
                 .collect();
