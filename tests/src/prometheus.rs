@@ -106,7 +106,7 @@ impl<'a> Prometheus<'a> {
     pub fn series(&self, promql: &str) -> Vec<serde_json::Value> {
         let (status, body) = http_get(
             self.ns,
-            ADDR.parse().unwrap(),
+            self.addr,
             &format!("/api/v1/query?query={}", url_encode(promql)),
         );
         assert!(status.contains("200"), "query {promql}: {status} {body}");
