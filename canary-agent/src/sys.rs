@@ -1,7 +1,7 @@
 //! The system calls the agent makes that neither aya nor the standard
 //! library wrap: process limits, bpffs detection and mounting, reading a
-//! pinned link's attachment, replacing a link's program, and asking which
-//! programs run at a cgroup.
+//! pinned link's attachment, replacing or detaching a link's program, and
+//! asking which programs run at a cgroup.
 
 use std::{
     ffi::CString,
@@ -22,6 +22,7 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// `BPF_PROG_QUERY` flag: the programs that run for the cgroup, its
 /// ancestors' included, not only those attached at it.
@@ -252,6 +253,43 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()>
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// `BPF_LINK_DETACH` on the link pinned at `path`: its program stops
+/// running now, although the pin and other descriptors still hold the
+/// link. Removing the last reference detaches too, but later: the kernel
+/// frees a link whose pin is unlinked from a work queue, so an uninstall
+/// that only unlinks returns while the program still runs. Returns
+/// `false` for link types that cannot be detached early (tracepoint
+/// links: they go when their last reference does) and for links already
+/// defunct (their interface or cgroup is gone).
+pub fn detach_pinned_link(path: &Path) -> io::Result<bool> {
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+    let link = bpf_obj_get(path)?;
+    let attr = LinkDetach {
+        link_fd: u32::try_from(link.as_raw_fd()).map_err(|_| io::Error::other("negative fd"))?,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for BPF_LINK_DETACH; `link`
+    // is open for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &raw const attr,
+            std::mem::size_of::<LinkDetach>(),
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP | libc::ENOLINK) => Ok(false),
+        _ => Err(e),
+    }
 }
 
 /// `BPF_MAP_LOOKUP_BATCH` on the hash map `map`: reads up to `keys.len()`

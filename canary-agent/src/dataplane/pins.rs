@@ -295,8 +295,8 @@ impl Pins {
         Ok(Some(versions))
     }
 
-    /// Removes every link pin (detaching the programs), every map pin and
-    /// the directories. Maps still held by a running agent live on until it
+    /// Detaches every pinned link and removes its pin, then every map pin
+    /// and the directories. Maps still held by a running agent live on until it
     /// exits. Returns how many pins were removed.
     pub fn uninstall(root: &Path) -> io::Result<usize> {
         let mut removed = 0;
@@ -310,14 +310,25 @@ impl Pins {
             };
             for entry in entries {
                 let entry = entry?;
+                let unpin = |path: &Path| -> io::Result<()> {
+                    if sub == "links" {
+                        // Detached now, not when the kernel's work queue
+                        // frees the unlinked link: once this returns no
+                        // program of ours runs.
+                        sys::detach_pinned_link(path).map_err(|e| {
+                            io::Error::new(e.kind(), format!("detach {}: {e}", path.display()))
+                        })?;
+                    }
+                    std::fs::remove_file(path)
+                };
                 if entry.file_type()?.is_dir() {
                     for pin in std::fs::read_dir(entry.path())? {
-                        std::fs::remove_file(pin?.path())?;
+                        unpin(&pin?.path())?;
                         removed += 1;
                     }
                     std::fs::remove_dir(entry.path())?;
                 } else {
-                    std::fs::remove_file(entry.path())?;
+                    unpin(&entry.path())?;
                     removed += 1;
                 }
             }
