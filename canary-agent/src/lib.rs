@@ -13,6 +13,7 @@ pub mod http;
 pub mod judge;
 pub mod rollout;
 pub mod slots;
+pub mod sockdiag;
 pub mod status;
 pub mod supervise;
 pub mod sys;

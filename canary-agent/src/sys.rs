@@ -543,3 +543,63 @@ pub fn hostname() -> String {
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
+
+/// The network namespaces of the processes in the cgroup tree at `cgroup`
+/// other than this process's own: one process id in each (a way in), and
+/// how many processes are outside this process's PID namespace (the
+/// kernel lists them as 0: a container without the host's PID namespace
+/// sees only its own). Processes that exit meanwhile are skipped.
+pub fn foreign_netns_in_cgroup(cgroup: &Path) -> io::Result<(Vec<u32>, usize)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = |path: &Path| std::fs::metadata(path).map(|m| (m.dev(), m.ino()));
+    let own = id(Path::new("/proc/self/ns/net"))?;
+    let mut seen = std::collections::BTreeSet::from([own]);
+    let mut found = Vec::new();
+    let mut hidden = 0;
+    let mut dirs = vec![cgroup.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let procs = match std::fs::read_to_string(dir.join("cgroup.procs")) {
+            Ok(p) => p,
+            // Removed meanwhile.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+            if pid == 0 {
+                hidden += 1;
+                continue;
+            }
+            let Ok(ns) = id(&Path::new("/proc").join(pid.to_string()).join("ns/net")) else {
+                continue;
+            };
+            if seen.insert(ns) {
+                found.push(pid);
+            }
+        }
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                dirs.push(entry.path());
+            }
+        }
+    }
+    Ok((found, hidden))
+}
+
+/// Runs `f` on a thread of its own inside the network namespace of
+/// process `pid` (entering one takes `CAP_SYS_ADMIN`).
+pub fn in_netns_of<T: Send>(pid: u32, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    let ns = std::fs::File::open(Path::new("/proc").join(pid.to_string()).join("ns/net"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on a descriptor we hold open; it changes only
+            // this thread's namespace, and the thread ends after `f`.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| io::Error::other("the thread in the network namespace panicked"))?
+    })
+}

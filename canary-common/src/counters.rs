@@ -79,10 +79,12 @@ pub enum Counter {
     /// rewrite (IPv4 options or IPv6 extension headers in the quoted
     /// header, or a quote too short for its ports): passed unrewritten.
     IcmpQuoteUnsupported,
-    /// A canary connection past its service's drain deadline after a
-    /// rollback: the client's segment went on to the backend as a RST,
-    /// which resets the backend's side (the backend's answer to the
-    /// client's next segment resets the client's).
+    /// A canary connection or UDP flow past its service's drain deadline
+    /// after a rollback, ended. TCP at TC: the client's segment went on to
+    /// the backend as a RST, which resets the backend's side (the
+    /// backend's answer to the client's next segment resets the client's).
+    /// UDP at TC: the agent's sweep ended the flow. UDP steered at the
+    /// socket: the client's next datagram started a new flow.
     DrainReset,
 }
 

@@ -120,8 +120,8 @@ pub const ST_TIMED_OUT: u64 = 1 << 11;
 /// next datagram on the 5-tuple is a new flow (steered afresh).
 pub const ST_REFUSED: u64 = 1 << 12;
 /// Forward entry, set by the agent: the flow's drain deadline after a
-/// rollback has passed; the client's next segment is turned into a RST to
-/// the backend.
+/// rollback has passed. TCP: the client's next segment is turned into a
+/// RST to the backend. UDP: the sweep ends the flow.
 pub const ST_DRAIN: u64 = 1 << 13;
 
 /// Refresh granularity of a UDP entry's last-seen time: a packet rewrites
@@ -350,8 +350,9 @@ pub const UDP_DEFAULT_IDLE_MS: u32 = 30_000;
 /// key ([`sweep::EXPIRED`], ...), and the return value of a run
 /// ([`sweep::result`], [`sweep::counts`]).
 pub mod sweep {
-    /// The flow was idle past its timeout: its close was counted (once)
-    /// and its entries removed (or an orphaned reverse half was removed).
+    /// The flow was idle past its timeout or marked for its drain
+    /// deadline: its close was counted (once) and its entries removed (or
+    /// an orphaned reverse half was removed).
     pub const EXPIRED: u32 = 1 << 0;
     /// The flow's response timeout passed with no reply: counted now.
     pub const TIMED_OUT: u32 = 1 << 1;

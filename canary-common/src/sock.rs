@@ -185,15 +185,22 @@ const _: () = assert!(core::mem::size_of::<SockUdpFlow>() == 64);
 pub const SU_REPLIED: u64 = 1 << 0;
 /// No reply came within the response timeout: the flow failed (once).
 pub const SU_TIMED_OUT: u64 = 1 << 1;
+/// Set by the agent: the flow's drain deadline after a rollback has
+/// passed; the socket's next datagram to the VIP starts a new flow.
+pub const SU_DRAIN: u64 = 1 << 2;
+/// The first datagram after [`SU_DRAIN`] ended the flow (counted once).
+pub const SU_DRAINED: u64 = 1 << 3;
 
 /// Capacity of `SOCK_UDP`: unconnected UDP flows (socket × VIP) at once;
 /// beyond it the least recently used are evicted, and an evicted flow's
 /// next datagram is a new flow (a fresh choice).
 pub const SOCK_UDP_CAPACITY: u32 = 65_536;
 
-/// Capacity of `SOCK_REVNAT`: steered sockets open at once. Entries are
-/// removed when their socket closes; beyond this the oldest are evicted
-/// and `getpeername()` on those sockets shows the backend.
+/// Capacity of `SOCK_REVNAT`: steered sockets and unconnected UDP flows at
+/// once. A TCP socket's entry is removed when it closes; beyond this the
+/// least recently used are evicted: an evicted unconnected UDP flow's
+/// replies show the backend to `recvfrom()`, and the drain deadline does
+/// not find an evicted connected socket.
 pub const SOCK_REVNAT_CAPACITY: u32 = 65_536;
 
 #[cfg(feature = "user")]

@@ -119,10 +119,13 @@ pub static TIMEOUTS: Array<HandshakeTimeouts> =
 #[map(name = "LAYOUT")]
 pub static LAYOUT: Array<u32> = Array::with_max_entries(LAYOUT_ENTRIES, 0);
 
-/// {socket cookie, backend} → the VIP its application dialled, for sockets
-/// that talk to a VIP without connecting to it (unconnected UDP): written
-/// by `sendmsg4/6`, read by `recvmsg4/6`. Connected sockets keep this in
-/// their tag (`SOCK_TAGS`) instead.
+/// {socket cookie, backend} → the VIP its application dialled and its
+/// service, for every steered socket: written by `sendmsg4/6` (read by
+/// `recvmsg4/6`, for sockets that talk to a VIP without connecting to it)
+/// and by `connect4/6` (removed at a TCP socket's close; read by the agent
+/// only, which finds a socket's service here when the drain deadline
+/// aborts it: connected sockets keep their own in their tag, `SOCK_TAGS`,
+/// which user space cannot look up without the socket).
 #[map(name = "SOCK_REVNAT")]
 pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
     LruHashMap::with_max_entries(SOCK_REVNAT_CAPACITY, 0);

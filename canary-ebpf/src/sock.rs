@@ -39,8 +39,8 @@ use canary_common::{
     service::{Backend, COHORT_CANARY, MODE_PER_CONNECTION, ServiceKey, ServiceValue},
     sock::{
         SK_CLOSED, SK_ESTABLISHED, SK_FAILED, SK_OPENED, SK_REQUEST, SK_RESPONSE,
-        SK_RST_FROM_BACKEND, SK_RST_FROM_CLIENT, SK_SYN_RETRIED, SU_REPLIED, SU_TIMED_OUT, SockEnd,
-        SockRevKey, SockRevValue, SockTag, SockUdpFlow, sock_end,
+        SK_RST_FROM_BACKEND, SK_RST_FROM_CLIENT, SK_SYN_RETRIED, SU_DRAIN, SU_DRAINED, SU_REPLIED,
+        SU_TIMED_OUT, SockEnd, SockRevKey, SockRevValue, SockTag, SockUdpFlow, sock_end,
     },
     stats::BackendCounters,
 };
@@ -231,6 +231,25 @@ pub fn connect(ctx: &SockAddrContext, hook: Hook) {
         add(&tag, Field::Connections, 1);
         add(&tag, Field::Closed, 1);
     }
+    // Which service and backend the socket was steered to, by cookie: the
+    // agent finds it here when the drain deadline aborts the socket (the
+    // tag is readable only through the socket itself).
+    let reverse_key = SockRevKey {
+        cookie,
+        addr: choice.backend.addr,
+        port: choice.backend.port,
+        family,
+        _pad: [0; 5],
+    };
+    let reverse = SockRevValue {
+        vip: addr,
+        port,
+        family,
+        _pad: 0,
+        svc_id: svc.svc_id,
+    };
+    // An LRU map evicts rather than fails.
+    let _ = SOCK_REVNAT.insert(&reverse_key, &reverse, u64::from(BPF_ANY));
     if p.is_null() {
         count(Counter::SockTagFailed);
     } else {
@@ -323,7 +342,14 @@ pub fn sendmsg(ctx: &SockAddrContext, hook: Hook) {
     if let Some(flow) = SOCK_UDP.get_ptr_mut(&key) {
         // SAFETY: a live LRU element for this run, copied out.
         let f = unsafe { *flow };
-        if !udp_expired(f.last_ns, now, f.idle_ms) {
+        if f.state & SU_DRAIN != 0 {
+            // Past its drain deadline: this datagram starts a new flow.
+            // SAFETY: a live LRU element; `state` is an 8-aligned u64
+            // changed only through atomics here.
+            if unsafe { atomic::or(addr_of_mut!((*flow).state), SU_DRAINED) } & SU_DRAINED == 0 {
+                count(Counter::DrainReset);
+            }
+        } else if !udp_expired(f.last_ns, now, f.idle_ms) {
             write_user_addr(ctx, hook, &f.backend, f.backend_port);
             if now.saturating_sub(f.last_ns) >= UDP_REFRESH_NS {
                 // SAFETY: as above; a plain store racing another only
@@ -665,6 +691,13 @@ pub fn state(ctx: &BtfTracePointContext) {
             if before & SK_CLOSED != 0 {
                 return;
             }
+            let _ = SOCK_REVNAT.remove(&SockRevKey {
+                cookie: tag.cookie,
+                addr: tag.backend,
+                port: tag.backend_port,
+                family: tag.family,
+                _pad: [0; 5],
+            });
             match sock_end(before, now().saturating_sub(tag.connect_ns)) {
                 SockEnd::Uncounted => {}
                 SockEnd::TimedOut => {

@@ -15,8 +15,8 @@ use canary_common::{
     addr::Addr,
     counters::Counter,
     flow::{
-        CT_REVERSE, CT_UNTIMED, CtEntry, FlowKey, ST_CLOSED, ST_REFUSED, ST_RESPONSE, ST_TIMED_OUT,
-        UDP_DEFAULT_IDLE_MS, UDP_REFRESH_NS, UdpConfig, sweep, udp_expired,
+        CT_REVERSE, CT_UNTIMED, CtEntry, FlowKey, ST_CLOSED, ST_DRAIN, ST_REFUSED, ST_RESPONSE,
+        ST_TIMED_OUT, UDP_DEFAULT_IDLE_MS, UDP_REFRESH_NS, UdpConfig, sweep, udp_expired,
     },
     service::COHORT_CANARY,
 };
@@ -124,7 +124,9 @@ fn live(fwd: &FlowKey, now: u64) -> Option<(Entry, CtEntry)> {
     if !udp_expired(last, now, ct.idle_ms) {
         return Some((entry, ct));
     }
-    expire(entry, &ct, fwd, last, now);
+    if expire(entry, &ct, fwd, last, now) {
+        count(Counter::UdpExpired);
+    }
     None
 }
 
@@ -178,20 +180,16 @@ fn deadline(entry: Entry, ct: &CtEntry, fwd: &FlowKey, now: u64) -> bool {
     true
 }
 
-/// Ends the flow `fwd` (forward entry `entry`, fields `ct`) that has been
-/// idle since `last`: a deadline it passed unanswered is counted first,
-/// then its close (open → last datagram), once. True if this call closed
-/// it.
+/// Ends the flow `fwd` (forward entry `entry`, fields `ct`) whose last
+/// datagram was at `last`: a deadline it passed unanswered is counted
+/// first, then its close (open → last datagram), once. True if this call
+/// closed it: the caller counts why (`UdpExpired`, `DrainReset`).
 #[inline(never)]
 fn expire(entry: Entry, ct: &CtEntry, fwd: &FlowKey, last: u64, now: u64) -> bool {
     if unanswered(ct) {
         deadline(entry, ct, fwd, now);
     }
-    let closed = conntrack::close(entry, true, last);
-    if closed {
-        count(Counter::UdpExpired);
-    }
-    closed
+    conntrack::close(entry, true, last)
 }
 
 /// Backend → client datagram `pkt` of a flow whose reverse entry is
@@ -265,7 +263,8 @@ pub fn refused(fwd: &FlowKey, backend: Addr, backend_port: u16) {
 /// The sweep of one `CT_UDP` entry, `key`, for the agent (run through
 /// `BPF_PROG_TEST_RUN`, so every count is made here, with the programs'
 /// atomics and per-CPU counters): counts an unanswered flow's deadline,
-/// and removes a flow idle past its timeout after counting its close;
+/// and removes a flow idle past its timeout or marked for its drain
+/// deadline (`ST_DRAIN`) after counting its close;
 /// a reverse half is removed when idle and no open flow owns it (one that
 /// does is removed with it). Returns `sweep::*` bits.
 // A call of its own: the sweep program runs it for each key of a batch.
@@ -296,8 +295,18 @@ pub fn sweep(key: &FlowKey) -> u32 {
         done |= sweep::TIMED_OUT;
     }
     let last = last_seen(key, &ct);
-    if udp_expired(last, now, ct.idle_ms) {
-        expire(entry, &ct, key, last, now);
+    // The agent marks a rolled-back service's canary flows once their
+    // drain deadline has passed: they end now, and the client's next
+    // datagram is a new flow (steered by the weight in force: stable).
+    let drained = ct.state & ST_DRAIN != 0;
+    if drained || udp_expired(last, now, ct.idle_ms) {
+        if expire(entry, &ct, key, last, now) {
+            count(if drained {
+                Counter::DrainReset
+            } else {
+                Counter::UdpExpired
+            });
+        }
         conntrack::remove(key);
         conntrack::remove(&conntrack::reverse_key(key, ct.nat_addr, ct.nat_port));
         done |= sweep::EXPIRED;

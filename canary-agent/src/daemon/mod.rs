@@ -585,7 +585,7 @@ impl Agent {
     /// `drain_deadline` has passed since the rollback (once per rollback).
     fn drain_due(&mut self) {
         let now = crate::rollout::now_unix();
-        let due: Vec<(String, u64, u64)> = self
+        let due: Vec<(String, u64, u64, Vec<std::net::SocketAddr>)> = self
             .config
             .services
             .iter()
@@ -597,18 +597,27 @@ impl Agent {
                     return None;
                 };
                 let done = self.drained.get(&svc.name) == Some(at_unix);
-                (!done && now >= at_unix.saturating_add(deadline.as_secs()))
-                    .then(|| (svc.name.clone(), *at_unix, deadline.as_secs()))
+                (!done && now >= at_unix.saturating_add(deadline.as_secs())).then(|| {
+                    (
+                        svc.name.clone(),
+                        *at_unix,
+                        deadline.as_secs(),
+                        svc.canary.clone(),
+                    )
+                })
             })
             .collect();
-        for (name, at, deadline) in due {
+        for (name, at, deadline, canary) in due {
             self.drained.insert(name.clone(), at);
-            match self.dp.drain_canary(&name) {
-                Ok(n) => warn!(
+            match self.dp.drain_canary(&name, &canary) {
+                Ok(d) => warn!(
                     service = %name,
-                    connections = n,
+                    connections = d.tcp_marked,
+                    udp_flows = d.udp_ended,
+                    socket_udp_flows = d.socket_udp_marked,
+                    sockets_aborted = d.sockets_aborted,
                     drain_deadline_s = deadline,
-                    "drain deadline passed after the rollback: open canary connections are reset on both sides at their next client segment (counted as drain_reset)"
+                    "drain deadline passed after the rollback: open canary connections are reset on both sides (at TC at their client's next segment; steered at the socket now), canary UDP flows ended (their next datagrams go to stable)"
                 ),
                 Err(e) => {
                     error!(service = %name, error = %error_chain(&e), "cannot reset the canary connections past the drain deadline");

@@ -11,6 +11,7 @@ mod adopt;
 mod apply;
 mod attach;
 mod cgroup;
+mod drain;
 mod encode;
 pub mod pins;
 mod probe;
@@ -35,6 +36,7 @@ use canary_common::{
     layout, names,
     service::Cohort,
     service::{RuleKey, ServiceKey, ServiceValue},
+    sock::{SockRevKey, SockRevValue, SockUdpFlow},
 };
 use tracing::warn;
 
@@ -42,6 +44,7 @@ pub use self::{
     adopt::Adopted,
     apply::ApplyReport,
     cgroup::SockProgram,
+    drain::Drained,
     encode::{decode_breaker_event, flow_key, flow_key_of, service_key, service_value, udp_config},
     sweep::UdpSwept,
 };
@@ -347,6 +350,12 @@ pub struct Dataplane {
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
     /// UDP flows (`CT_UDP`); the sweep walks it.
     ct_udp: HashMap<MapData, FlowKey, CtEntry>,
+    /// Unconnected UDP sockets' flows steered at the socket (`SOCK_UDP`);
+    /// the drain deadline marks a service's canary flows.
+    sock_udp: HashMap<MapData, SockRevKey, SockUdpFlow>,
+    /// Steered sockets' {cookie, backend} → VIP and service
+    /// (`SOCK_REVNAT`); the drain deadline finds a socket's service here.
+    sock_revnat: HashMap<MapData, SockRevKey, SockRevValue>,
     /// UDP services' timeouts (`UDP_CONFIG`), by service id.
     udp_config: HashMap<MapData, u32, UdpConfig>,
     /// The ring of recent SYNs (`PENDING`) the handshake sweep reads.
@@ -511,6 +520,8 @@ impl Dataplane {
             rules: take_map(&mut ebpf, names::RULES)?,
             conntrack: take_map(&mut ebpf, names::CONNTRACK)?,
             ct_udp: take_map(&mut ebpf, names::CT_UDP)?,
+            sock_udp: take_map(&mut ebpf, names::SOCK_UDP)?,
+            sock_revnat: take_map(&mut ebpf, names::SOCK_REVNAT)?,
             udp_config: take_map(&mut ebpf, names::UDP_CONFIG)?,
             pending: take_map(&mut ebpf, names::PENDING)?,
             pending_next: None,

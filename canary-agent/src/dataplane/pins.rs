@@ -69,8 +69,9 @@ const RESIZABLE: [&str; 11] = [
 /// rather than refusing the start. What is lost: handshakes in flight are
 /// not timed out by the sweep, flows waiting to be confirmed are
 /// re-resolved, and sockets steered before the upgrade are not measured
-/// any more (`SOCK_TAGS`) and show their backend to `getpeername`
-/// (`SOCK_REVNAT`); they keep their backend.
+/// any more (`SOCK_TAGS`: `getpeername` shows their backend), and
+/// unconnected UDP replies show the backend and the drain deadline finds
+/// no socket steered before (`SOCK_REVNAT`); they keep their backend.
 const TRANSIENT: [&str; 4] = [
     names::PENDING,
     names::UNCONFIRMED,

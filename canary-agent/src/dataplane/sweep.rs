@@ -9,7 +9,7 @@ use aya::maps::IterableMap;
 use canary_common::{
     flow::{
         CT_REVERSE, CT_UNTIMED, CtEntry, FlowKey, PENDING_CAPACITY, ST_CLOSED, ST_DRAIN, ST_FAILED,
-        ST_REFUSED, ST_RESPONSE, ST_RST, ST_TIMED_OUT, SynRecord, pending, sweep, udp_expired,
+        ST_REFUSED, ST_RESPONSE, ST_TIMED_OUT, SynRecord, pending, sweep, udp_expired,
     },
     names,
 };
@@ -137,7 +137,8 @@ pub struct UdpSwept {
 }
 
 impl Dataplane {
-    /// Ends UDP flows idle past their idle timeout and counts flows whose
+    /// Ends UDP flows idle past their idle timeout (and flows the drain
+    /// deadline marked, if its own run missed them) and counts flows whose
     /// backend has not replied within their service's response timeout.
     ///
     /// The agent only picks the candidates; they are handed to the
@@ -154,6 +155,7 @@ impl Dataplane {
         let mut due_keys = Vec::new();
         for (key, ct) in entries {
             let idle = udp_expired(ct.request_ns, now, ct.idle_ms);
+            let drain = ct.flags & CT_REVERSE == 0 && ct.state & ST_DRAIN != 0;
             let due = ct.flags & (CT_REVERSE | CT_UNTIMED) == 0
                 && ct.state & (ST_RESPONSE | ST_TIMED_OUT | ST_REFUSED) == 0
                 && {
@@ -164,7 +166,7 @@ impl Dataplane {
                     });
                     ms != 0 && now.saturating_sub(ct.created_ns) >= u64::from(ms) * 1_000_000
                 };
-            if idle || due {
+            if idle || due || drain {
                 due_keys.push(key);
             }
         }
@@ -182,7 +184,7 @@ impl Dataplane {
     /// Every entry of `CT_UDP`, read in batches (thousands of entries per
     /// system call); entry by entry where the kernel has no batch
     /// look-ups.
-    fn udp_flows(&self) -> Vec<(FlowKey, CtEntry)> {
+    pub(super) fn udp_flows(&self) -> Vec<(FlowKey, CtEntry)> {
         const BATCH: usize = 4096;
         let fd = self.ct_udp.map().fd().as_fd();
         let mut out = Vec::new();
@@ -207,7 +209,7 @@ impl Dataplane {
 
 /// The frame `canary_udp_sweep` reads: an Ethernet header's worth of
 /// zeros (`BPF_PROG_TEST_RUN` wants one), then the flows' keys.
-fn sweep_frame(keys: &[FlowKey]) -> Vec<u8> {
+pub(super) fn sweep_frame(keys: &[FlowKey]) -> Vec<u8> {
     let mut frame = vec![0u8; sweep::KEY_OFFSET];
     // SAFETY: FlowKey is repr(C) with explicit padding (no uninitialised
     // bytes), so the slice's memory is `size_of_val` initialised bytes.
@@ -216,39 +218,4 @@ fn sweep_frame(keys: &[FlowKey]) -> Vec<u8> {
     };
     frame.extend_from_slice(bytes);
     frame
-}
-
-impl Dataplane {
-    /// Marks every open canary TCP connection of `service` for reset: the
-    /// data plane turns its client's next segment into a RST to the
-    /// backend (`drain_reset`), and the backend's answer to the client's
-    /// next one resets the client. Returns how many were marked. One walk
-    /// of `CONNTRACK` (the agent's thread; at the default 262 144 entries a
-    /// fraction of a second, once per rollback).
-    pub fn drain_canary(&mut self, service: &str) -> Result<u64, DataplaneError> {
-        let Some(svc_id) = self.installed.get(service).map(|s| s.value.svc_id) else {
-            return Ok(0);
-        };
-        let keys: Vec<FlowKey> = self.conntrack.keys().filter_map(Result::ok).collect();
-        let mut marked = 0u64;
-        for key in keys {
-            let Ok(mut fwd) = self.conntrack.get(&key, 0) else {
-                continue;
-            };
-            let open_canary = fwd.svc_id == svc_id
-                && fwd.cohort == canary_common::service::COHORT_CANARY
-                && fwd.flags & CT_REVERSE == 0
-                && fwd.state & (ST_CLOSED | ST_RST | ST_DRAIN) == 0;
-            if !open_canary {
-                continue;
-            }
-            // Not atomic with the kernel's ORs: a bit it sets in between is
-            // lost; the flow is being reset.
-            fwd.state |= ST_DRAIN;
-            if self.conntrack.insert(key, fwd, BPF_EXIST).is_ok() {
-                marked += 1;
-            }
-        }
-        Ok(marked)
-    }
 }

@@ -4,13 +4,14 @@
 //!
 //! ```text
 //! canary-sock-client --netns NAME --connect IP:PORT [--v6] [--bind IP]
-//!                    [--count N] [--timeout-ms T] [--hold] [--udp]
+//!                    [--count N] [--timeout-ms T] [--hold] [--udp [--connected]]
 //! ```
 //!
 //! With `--udp`, each of the `N` requests is one datagram from a fresh,
 //! unconnected UDP socket (`sendto`, then `recvfrom`): one flow each, and
-//! PEER is the source `recvfrom` reports. `--hold` keeps the sockets and
-//! sends again on each, as with TCP.
+//! PEER is the source `recvfrom` reports; with `--connected` each socket is
+//! connected to the address (`send`, `recv`; PEER is what `getpeername()`
+//! says). `--hold` keeps the sockets and sends again on each, as with TCP.
 //!
 //! It enters the network namespace `NAME`, then opens `N` connections to
 //! `IP:PORT` (IPv4 or `[IPv6]:PORT`; an IPv4 one through an IPv6 socket to
@@ -44,13 +45,14 @@ struct Args {
     timeout: Duration,
     hold: bool,
     udp: bool,
+    connected: bool,
 }
 
 fn parse() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let (mut netns, mut connect, mut bind) = (None, None, None);
     let (mut count, mut timeout_ms, mut hold, mut v6) = (1usize, 2000u64, false, false);
-    let mut udp = false;
+    let (mut udp, mut connected) = (false, false);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(format!("{arg} needs a value"));
         match arg.as_str() {
@@ -66,6 +68,7 @@ fn parse() -> Result<Args, String> {
             "--hold" => hold = true,
             "--v6" => v6 = true,
             "--udp" => udp = true,
+            "--connected" => connected = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -85,6 +88,7 @@ fn parse() -> Result<Args, String> {
         timeout: Duration::from_millis(timeout_ms),
         hold,
         udp,
+        connected,
     })
 }
 
@@ -136,7 +140,8 @@ fn report(s: &mut TcpStream) -> String {
     }
 }
 
-/// A fresh unconnected UDP socket (bound to `--bind`, or any address).
+/// A fresh UDP socket (bound to `--bind`, or any address), connected to
+/// the address with `--connected`.
 fn open_udp(args: &Args) -> std::io::Result<UdpSocket> {
     let any: IpAddr = if args.connect.is_ipv6() {
         Ipv6Addr::UNSPECIFIED.into()
@@ -145,12 +150,25 @@ fn open_udp(args: &Args) -> std::io::Result<UdpSocket> {
     };
     let socket = UdpSocket::bind(SocketAddr::new(args.bind.unwrap_or(any), 0))?;
     socket.set_read_timeout(Some(args.timeout))?;
+    if args.connected {
+        socket.connect(args.connect)?;
+    }
     Ok(socket)
 }
 
 /// One datagram to the VIP and its answer, as an output line: PEER is the
-/// source `recvfrom` reports.
+/// source `recvfrom` reports (a connected socket's: its peer).
 fn report_udp(socket: &UdpSocket, to: SocketAddr) -> String {
+    if let Ok(peer) = socket.peer_addr() {
+        let mut buf = [0u8; 1024];
+        return match socket.send(b"hello\n").and_then(|_| socket.recv(&mut buf)) {
+            Ok(n) => format!(
+                "ok {peer} {}",
+                String::from_utf8_lossy(&buf[..n]).trim_end()
+            ),
+            Err(e) => format!("err {:?} {peer}", e.kind()),
+        };
+    }
     if let Err(e) = socket.send_to(b"hello\n", to) {
         return format!("err {:?} -", e.kind());
     }
