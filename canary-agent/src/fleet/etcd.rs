@@ -39,6 +39,9 @@ pub enum EtcdError {
     /// went, a member lost its quorum).
     #[error("etcd: {0}")]
     Lost(String),
+    /// The agent is stopping (its event loop is gone): not etcd's fault.
+    #[error("the agent is stopping")]
+    Stopped,
     /// A value in etcd is not what canary writes.
     #[error("etcd key {key} holds something canary did not write: {why}")]
     Corrupt { key: String, why: String },

@@ -34,6 +34,9 @@ pub async fn watcher(config: FleetConfig, keys: Keys, tx: mpsc::Sender<FleetEven
     let mut quiet = false;
     loop {
         let e = watch_once(&config, &keys, &tx).await;
+        if matches!(e, EtcdError::Stopped) {
+            return;
+        }
         if !quiet {
             warn!(error = %error_chain(&e), "fleet: lost the watch on etcd; keeping the last known states (fail static) and retrying");
         }
@@ -107,7 +110,7 @@ async fn watch_once(config: &FleetConfig, keys: &Keys, tx: &mpsc::Sender<FleetEv
         .await
         .is_err()
     {
-        return EtcdError::Timeout;
+        return EtcdError::Stopped;
     }
     loop {
         let resp = match stream.message().await {
@@ -155,7 +158,7 @@ async fn watch_once(config: &FleetConfig, keys: &Keys, tx: &mpsc::Sender<FleetEv
                 .await
                 .is_err()
         {
-            return EtcdError::Timeout;
+            return EtcdError::Stopped;
         }
     }
 }
@@ -172,6 +175,9 @@ pub async fn session(
     let mut quiet = false;
     loop {
         let (e, established) = session_once(&config, &keys, &summaries, &tx).await;
+        if matches!(e, EtcdError::Stopped) {
+            return;
+        }
         if established || !quiet {
             warn!(error = %error_chain(&e), node = %config.node, "fleet: session with etcd ended (summaries stop; leadership, if held, is given up); retrying");
         }
@@ -249,7 +255,7 @@ async fn session_once(
                         leader = true;
                         info!(node = %node, "fleet: this node leads (it moves rollout plans on)");
                         if tx.send(FleetEvent::Leader(true)).await.is_err() {
-                            break EtcdError::Timeout;
+                            break EtcdError::Stopped;
                         }
                     }
                     Err(e) => break e.into(),
@@ -259,7 +265,7 @@ async fn session_once(
                 match get_summaries(&mut reader, keys).await {
                     Ok(all) => {
                         if tx.send(FleetEvent::Summaries(all)).await.is_err() {
-                            break EtcdError::Timeout;
+                            break EtcdError::Stopped;
                         }
                     }
                     Err(e) => break e,
