@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use canary_lab::{AgentProcess, Behavior, Lab};
+use canary_lab::{AgentProcess, Behavior, Lab, Stop};
 use canary_tests::{
     load::{drive, join_timed, spawn_timed_many},
     scenarios::{judge_detection, status},
@@ -325,6 +325,84 @@ fn a_manual_gate_waits_for_approval_and_a_restart_resumes_the_step() {
         (0.4..=0.6).contains(&share),
         "at step 2 (50%) after restart, canary share {share}"
     );
+    agent.stop().expect("agent stops");
+    let _ = std::fs::remove_dir_all(&state_dir);
+}
+
+/// An agent restart inside a step goes on with the judge's window: the
+/// counts at the window's start were saved beside the state file and the
+/// kernel kept counting, so the evidence (and the window's share of
+/// `alpha`) carries over instead of starting anew. A state change ends the
+/// window and its file.
+#[test]
+fn a_restart_within_a_step_goes_on_with_the_judges_window() {
+    let lab = lab(Behavior::Reply, Behavior::Reply);
+    let state_dir =
+        std::env::temp_dir().join(format!("canary-rollout-window-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state_dir);
+    let extra = format!("state_dir = \"{}\"", state_dir.display());
+    let plan = "[service.rollout]\ninterval = \"200ms\"\nsteps = [\n  \
+                { weight = \"50%\", hold = \"1h\", min_connections = 5 },\n]\n\
+                [service.rollout.judge]\nmin_samples = 5\n";
+    let text = config(&lab, &extra, 1, plan);
+    let mut agent = AgentProcess::start_pinned(lab.router(), &text, false).expect("agent starts");
+    let window_file = state_dir.join("web.window.json");
+    let at_step = |sock: &Path| status(sock, "web")["plan"]["canary_connections"].as_u64();
+    drive(&lab, vip(0), lab.client_addrs(), 400).assert_no_errors("traffic");
+    // The judge has looked at all of it (every 200 ms).
+    let start = Instant::now();
+    let before = loop {
+        let n = at_step(&agent.control_socket()).unwrap_or(0);
+        std::thread::sleep(Duration::from_millis(500));
+        if n > 100 && at_step(&agent.control_socket()) == Some(n) {
+            break n;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the window never settled: {}",
+            status(&agent.control_socket(), "web")
+        );
+    };
+    assert!(window_file.exists(), "the window is saved");
+    agent
+        .restart(Stop::Term, None, None)
+        .expect("the agent restarts on its pinned data plane");
+    let sock = agent.control_socket();
+    let start = Instant::now();
+    let after = loop {
+        if let Some(n) = at_step(&sock).filter(|n| *n > 0) {
+            break n;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no judgement after the restart: {}",
+            status(&sock, "web")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("canary connections in the window: {before} before the restart, {after} after");
+    assert_eq!(
+        after, before,
+        "the window went on from before the restart (no new traffic since)"
+    );
+    assert!(
+        agent
+            .log()
+            .iter()
+            .any(|l| l.contains("going on with the window's evidence")),
+        "the agent says it went on"
+    );
+    // A state change ends the window; the next starts from zero.
+    ctl(&sock, &["pause", "web"]);
+    let start = Instant::now();
+    while at_step(&sock).unwrap_or(0) != 0 || !window_file.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the paused window did not start anew: {}",
+            status(&sock, "web")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     agent.stop().expect("agent stops");
     let _ = std::fs::remove_dir_all(&state_dir);
 }

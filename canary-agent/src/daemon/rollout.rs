@@ -145,6 +145,9 @@ impl Agent {
                 }
                 Effect::RestartWindow => {
                     self.windows.remove(&name);
+                    if let Err(e) = self.store.remove_window(&name) {
+                        warn!(service = %name, error = %error_chain(&e), "cannot remove the ended judge window's file (the next window replaces it)");
+                    }
                     self.analysis.restart(&name);
                 }
                 Effect::Announce { by, verdict } => {

@@ -47,6 +47,10 @@ pub enum StateError {
         "state file {path} is {size} bytes, more than the {MAX_STATE_FILE} a state can be; {FIX}"
     )]
     TooLarge { path: PathBuf, size: u64 },
+    /// A saved judge window that cannot be used: the agent starts the
+    /// window anew (spending its share of `alpha` again) and overwrites it.
+    #[error("judge window file {path} cannot be used ({why}); the window starts anew")]
+    Window { path: PathBuf, why: String },
     /// A service name that cannot name a file (config validation keeps
     /// these out; this guards the store itself).
     #[error("service name {0:?} cannot name a state file")]
@@ -68,6 +72,12 @@ impl StateStore {
     }
 
     fn path(&self, service: &str) -> Result<PathBuf, StateError> {
+        self.file(service, "json")
+    }
+
+    /// `<dir>/<service>.<suffix>`, for a service name that is a plain file
+    /// name.
+    fn file(&self, service: &str, suffix: &str) -> Result<PathBuf, StateError> {
         // Config validation allows [A-Za-z0-9._-], 1 to 64 characters: a
         // plain file name, never a path.
         let plain = !service.is_empty()
@@ -78,7 +88,7 @@ impl StateStore {
         if !plain {
             return Err(StateError::BadName(service.to_string()));
         }
-        Ok(self.dir.join(format!("{service}.json")))
+        Ok(self.dir.join(format!("{service}.{suffix}")))
     }
 
     /// The state of `service` and its release: [`Saved::NONE`] if it has
@@ -86,44 +96,10 @@ impl StateStore {
     /// file is an error naming the file: guessing could re-raise a
     /// rolled-back canary.
     pub fn load(&self, service: &str) -> Result<Saved, StateError> {
-        use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
         let path = self.path(service)?;
-        // O_NOFOLLOW: a symlink fails with ELOOP instead of being read.
-        // O_NONBLOCK: opening a FIFO planted there returns at once (it is
-        // refused below) instead of hanging the agent.
-        let opened = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(&path);
-        let file = match opened {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Saved::NONE),
-            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-                return Err(StateError::Symlink { path });
-            }
-            Err(source) => return Err(StateError::Io { path, source }),
+        let Some(bytes) = read_bounded(&path)? else {
+            return Ok(Saved::NONE);
         };
-        let meta = match file.metadata() {
-            Ok(m) => m,
-            Err(source) => return Err(StateError::Io { path, source }),
-        };
-        if !meta.is_file() {
-            let kind = crate::file_kind(&meta);
-            return Err(StateError::NotRegular { path, kind });
-        }
-        if meta.len() > MAX_STATE_FILE {
-            let size = meta.len();
-            return Err(StateError::TooLarge { path, size });
-        }
-        let mut bytes = Vec::new();
-        // Bounded even if the file grows after the fstat.
-        if let Err(source) = file.take(MAX_STATE_FILE + 1).read_to_end(&mut bytes) {
-            return Err(StateError::Io { path, source });
-        }
-        if bytes.len() as u64 > MAX_STATE_FILE {
-            let size = bytes.len() as u64;
-            return Err(StateError::TooLarge { path, size });
-        }
         // Files from before release identity hold the bare state (its
         // `state` tag at the top).
         let legacy = serde_json::from_slice::<serde_json::Value>(&bytes)
@@ -150,7 +126,6 @@ impl StateStore {
         release: &str,
         state: &ServiceState,
     ) -> Result<(), StateError> {
-        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
         let path = self.path(service)?;
         let io_err = |path: &Path| {
             let path = path.to_owned();
@@ -163,10 +138,78 @@ impl StateStore {
                 Ok(()) => self.sync_dir(),
             };
         }
-        std::fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
-        let tmp = self.dir.join(format!(".{service}.json.tmp"));
         let json = serde_json::to_vec_pretty(&Saved::of(release, state.clone()))
-            .map_err(|e| io_err(&tmp)(io::Error::other(e)))?;
+            .map_err(|e| io_err(&path)(io::Error::other(e)))?;
+        self.write_durably(&path, &json)
+    }
+
+    /// The judge window saved for `service`, if any (see
+    /// `daemon/judging.rs`). Read with the state file's care.
+    pub fn load_window<T: serde::de::DeserializeOwned>(
+        &self,
+        service: &str,
+    ) -> Result<Option<T>, StateError> {
+        let path = self.file(service, "window.json")?;
+        let unusable = |why: String| StateError::Window {
+            path: path.clone(),
+            why,
+        };
+        let bytes = match read_bounded(&path) {
+            Ok(Some(b)) => b,
+            Ok(None) => return Ok(None),
+            Err(StateError::Symlink { .. }) => return Err(unusable("a symbolic link".into())),
+            Err(StateError::NotRegular { kind, .. }) => return Err(unusable(kind.to_string())),
+            Err(StateError::TooLarge { size, .. }) => {
+                return Err(unusable(format!("{size} bytes")));
+            }
+            Err(StateError::Io { source, .. }) => return Err(unusable(source.to_string())),
+            Err(e) => return Err(e),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| unusable(format!("not a window this agent wrote: {e}")))
+    }
+
+    /// Saves the judge window of `service`, durably.
+    pub fn save_window<T: serde::Serialize>(
+        &self,
+        service: &str,
+        window: &T,
+    ) -> Result<(), StateError> {
+        let path = self.file(service, "window.json")?;
+        let json = serde_json::to_vec(window).map_err(|e| StateError::Io {
+            path: path.clone(),
+            source: io::Error::other(e),
+        })?;
+        self.write_durably(&path, &json)
+    }
+
+    /// Removes the judge window of `service` (its window ended), if any.
+    pub fn remove_window(&self, service: &str) -> Result<(), StateError> {
+        let path = self.file(service, "window.json")?;
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Io { path, source }),
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// Writes `bytes` to `path` in this directory durably: a temporary
+    /// file beside it, created exclusively and without following links,
+    /// written and fsynced, renamed over `path`, then the directory fsynced
+    /// so the rename itself survives a power cut.
+    fn write_durably(&self, path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+        let io_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StateError::Io { path, source }
+        };
+        std::fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = self.dir.join(format!(".{name}.tmp"));
         // O_CREAT|O_EXCL (create_new) with O_NOFOLLOW: never writes through
         // a link or into a file someone else prepared.
         let create = || {
@@ -189,10 +232,10 @@ impl StateStore {
             other => other.map_err(io_err(&tmp))?,
         };
         let written = file
-            .write_all(&json)
+            .write_all(bytes)
             .and_then(|()| file.sync_all())
             .map_err(io_err(&tmp))
-            .and_then(|()| std::fs::rename(&tmp, &path).map_err(io_err(&path)));
+            .and_then(|()| std::fs::rename(&tmp, path).map_err(io_err(path)));
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
@@ -213,6 +256,51 @@ impl StateStore {
                 source,
             })
     }
+}
+
+/// The bytes of the file at `path`, `None` if there is none. A symlink, a
+/// non-regular file or one larger than [`MAX_STATE_FILE`] is an error
+/// naming the file.
+fn read_bounded(path: &Path) -> Result<Option<Vec<u8>>, StateError> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    let path = path.to_path_buf();
+    // O_NOFOLLOW: a symlink fails with ELOOP instead of being read.
+    // O_NONBLOCK: opening a FIFO planted there returns at once (it is
+    // refused below) instead of hanging the agent.
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&path);
+    let file = match opened {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(StateError::Symlink { path });
+        }
+        Err(source) => return Err(StateError::Io { path, source }),
+    };
+    let meta = match file.metadata() {
+        Ok(m) => m,
+        Err(source) => return Err(StateError::Io { path, source }),
+    };
+    if !meta.is_file() {
+        let kind = crate::file_kind(&meta);
+        return Err(StateError::NotRegular { path, kind });
+    }
+    if meta.len() > MAX_STATE_FILE {
+        let size = meta.len();
+        return Err(StateError::TooLarge { path, size });
+    }
+    let mut bytes = Vec::new();
+    // Bounded even if the file grows after the fstat.
+    if let Err(source) = file.take(MAX_STATE_FILE + 1).read_to_end(&mut bytes) {
+        return Err(StateError::Io { path, source });
+    }
+    if bytes.len() as u64 > MAX_STATE_FILE {
+        let size = bytes.len() as u64;
+        return Err(StateError::TooLarge { path, size });
+    }
+    Ok(Some(bytes))
 }
 
 #[cfg(test)]
@@ -374,6 +462,48 @@ mod tests {
         store.save("web", "r1", &state).unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
         assert_eq!(store.load("web").unwrap(), Saved::of("r1", state.clone()));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_judge_window_round_trips_and_a_bad_one_is_refused_without_touching_the_state() {
+        let (store, dir) = store();
+        assert_eq!(store.load_window::<Vec<u64>>("web").unwrap(), None);
+        store.save_window("web", &vec![1u64, 2, 3]).unwrap();
+        assert_eq!(
+            store.load_window::<Vec<u64>>("web").unwrap(),
+            Some(vec![1, 2, 3])
+        );
+        assert!(dir.join("web.window.json").exists());
+        // Unusable files name themselves and what the agent does, never
+        // the state file's remedy.
+        std::fs::write(dir.join("web.window.json"), "{ not json").unwrap();
+        let e = store
+            .load_window::<Vec<u64>>("web")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("web.window.json") && e.contains("starts anew") && !e.contains("delete"),
+            "{e}"
+        );
+        std::fs::remove_file(dir.join("web.window.json")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("web.window.json")).unwrap();
+        let e = store
+            .load_window::<Vec<u64>>("web")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        // Replaced, not written through; then removed.
+        store.save_window("web", &vec![4u64]).unwrap();
+        assert_eq!(store.load_window::<Vec<u64>>("web").unwrap(), Some(vec![4]));
+        store.remove_window("web").unwrap();
+        store.remove_window("web").unwrap();
+        assert_eq!(store.load_window::<Vec<u64>>("web").unwrap(), None);
+        assert_eq!(
+            store.load("web").unwrap(),
+            Saved::NONE,
+            "no state file made"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 }
