@@ -9,10 +9,11 @@ use std::{sync::Arc, time::Duration};
 use serde::Serialize;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
     sync::{Mutex, mpsc},
 };
 use tracing::{info, warn};
+
+use crate::outbound::{Connector, Url};
 
 /// Events waiting for delivery at most; beyond, new ones are dropped (and
 /// said so in the log) rather than slowing the agent.
@@ -45,42 +46,30 @@ pub struct Event {
     pub at_unix: u64,
 }
 
-/// An `http://host:port/path` target.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Where events are posted: an `http://` or `https://` URL (verified
+/// against the system's CA bundle), and the connector for it.
+#[derive(Clone, Debug)]
 pub struct Webhook {
-    /// `host:port` to connect to.
-    pub authority: String,
-    /// Request path.
-    pub path: String,
+    /// The URL.
+    pub url: Url,
+    connector: Connector,
 }
 
+impl PartialEq for Webhook {
+    fn eq(&self, other: &Webhook) -> bool {
+        // The connector is derived from the URL.
+        self.url == other.url
+    }
+}
+
+impl Eq for Webhook {}
+
 impl Webhook {
-    /// Parses a webhook URL; only plain `http://` is supported (send
-    /// through a local relay for TLS).
+    /// Parses a webhook URL and sets up TLS for an `https://` one.
     pub fn parse(url: &str) -> Result<Webhook, String> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            if url.starts_with("https://") {
-                "https is not supported yet; point it at a local relay over http".to_string()
-            } else {
-                "must start with http://".to_string()
-            }
-        })?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        if authority.is_empty() {
-            return Err("has no host".to_string());
-        }
-        let authority = if authority.contains(':') {
-            authority.to_string()
-        } else {
-            format!("{authority}:80")
-        };
-        Ok(Webhook {
-            authority,
-            path: path.to_string(),
-        })
+        let url = Url::parse(url)?;
+        let connector = Connector::new(&url, None)?;
+        Ok(Webhook { url, connector })
     }
 }
 
@@ -149,14 +138,16 @@ async fn deliver(hook: Webhook, rx: Arc<Mutex<mpsc::Receiver<Event>>>) {
 /// One POST; `Ok` on a 2xx answer.
 async fn post(hook: &Webhook, body: &[u8]) -> Result<(), String> {
     let attempt = async {
-        let mut s = TcpStream::connect(&hook.authority)
+        let mut s = hook
+            .connector
+            .connect(&hook.url)
             .await
-            .map_err(|e| format!("connect {}: {e}", hook.authority))?;
+            .map_err(|e| format!("connect {}: {e}", hook.url.authority))?;
         let head = format!(
             "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
              User-Agent: canary-agent\r\nConnection: close\r\n\r\n",
-            hook.path,
-            hook.authority,
+            hook.url.path,
+            hook.url.authority,
             body.len()
         );
         s.write_all(head.as_bytes())
@@ -186,30 +177,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn webhook_urls_parse_and_https_is_refused_clearly() {
+    fn webhook_urls_parse_over_http_and_https() {
+        let hook = Webhook::parse("http://127.0.0.1:9999/hooks/canary").unwrap();
         assert_eq!(
-            Webhook::parse("http://127.0.0.1:9999/hooks/canary"),
-            Ok(Webhook {
-                authority: "127.0.0.1:9999".into(),
-                path: "/hooks/canary".into()
-            })
+            (hook.url.authority.as_str(), hook.url.path.as_str()),
+            ("127.0.0.1:9999", "/hooks/canary")
         );
         assert_eq!(
-            Webhook::parse("http://relay.local"),
-            Ok(Webhook {
-                authority: "relay.local:80".into(),
-                path: "/".into()
-            })
-        );
-        assert!(
-            Webhook::parse("https://x")
-                .unwrap_err()
-                .contains("https is not supported yet")
+            Webhook::parse("http://relay.local").unwrap().url.authority,
+            "relay.local:80"
         );
         assert!(
             Webhook::parse("ftp://x")
                 .unwrap_err()
-                .contains("must start with http://")
+                .contains("must start with http:// or https://")
         );
     }
 }

@@ -11,6 +11,7 @@ pub mod events;
 pub mod fleet;
 pub mod http;
 pub mod judge;
+pub mod outbound;
 pub mod rollout;
 pub mod slots;
 pub mod sockdiag;

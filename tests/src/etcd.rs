@@ -27,12 +27,15 @@ use std::{
     fmt::Write as _,
     fs,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
 use canary_lab::{EtcdNet, Netns};
+
+pub use crate::tls::TlsFiles;
+use crate::tls::make_tls;
 use serde_json::Value;
 
 /// The etcd server binary (Debian `etcd-server`).
@@ -52,19 +55,6 @@ pub const ELECTION_TIMEOUT_MS: u32 = 500;
 const DATA_ROOT: &str = "/dev/shm";
 /// Data directories are `{DATA_ROOT}/{DIR_PREFIX}{pid}-{seq}`.
 const DIR_PREFIX: &str = "canary-etcd-";
-
-/// PEM files of the client identity that etcd's `--trusted-ca-file`
-/// accepts, for agents and `etcdctl`.
-#[derive(Clone, Debug)]
-pub struct TlsFiles {
-    /// The CA that signed the members' server certificate (and the client's).
-    pub ca: PathBuf,
-    /// The client certificate (CN `canary-agent`, extended key usage
-    /// clientAuth).
-    pub cert: PathBuf,
-    /// The client's private key (PKCS#8, P-256).
-    pub key: PathBuf,
-}
 
 /// One member's process, `None` while killed.
 #[derive(Debug)]
@@ -112,7 +102,12 @@ impl EtcdCluster {
         let net = EtcdNet::create(members).expect("etcd network namespace");
         let mut cluster = EtcdCluster {
             members: (0..members).map(|_| Member { child: None }).collect(),
-            tls: tls.then(|| make_tls(&dir.join("tls"), members)),
+            tls: tls.then(|| {
+                let sans: Vec<String> = (0..members)
+                    .map(|i| format!("IP:{}", EtcdNet::member_ip(i)))
+                    .collect();
+                make_tls(&dir.join("tls"), "canary test etcd CA", "etcd", &sans)
+            }),
             token: format!("canary-{tag}"),
             dir,
             net,
@@ -442,108 +437,6 @@ fn run_etcdctl(ns: &Netns, flags: Vec<String>, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("run etcdctl")
-}
-
-/// Generates, in `dir`, a CA, a server certificate for `members` member
-/// addresses and a client certificate, with the `openssl` CLI. Returns the
-/// client's files.
-fn make_tls(dir: &Path, members: usize) -> TlsFiles {
-    fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run openssl (Debian openssl; `cargo xtask test` installs it)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    // Key usage on the CA too: strict verifiers (rustls, `openssl verify
-    // -x509_strict`) insist on it.
-    let mut ca = vec![
-        "req",
-        "-x509",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=canary test etcd CA",
-    ];
-    ca.extend(ec);
-    ca.extend(["-keyout", "ca.key", "-out", "ca.crt"]);
-    openssl(&ca);
-    let mut sans: Vec<String> = (0..members)
-        .map(|i| format!("IP:{}", EtcdNet::member_ip(i)))
-        .collect();
-    sans.extend(["IP:127.0.0.1".to_owned(), "DNS:localhost".to_owned()]);
-    // The server certificate also serves as client: etcd's gRPC gateway
-    // dials its own client port with it.
-    for (name, cn, ext) in [
-        (
-            "server",
-            "etcd",
-            format!(
-                "subjectAltName={}\nextendedKeyUsage=serverAuth,clientAuth\n",
-                sans.join(",")
-            ),
-        ),
-        (
-            "client",
-            "canary-agent",
-            "extendedKeyUsage=clientAuth\n".to_owned(),
-        ),
-    ] {
-        let ext_file = format!("{name}.ext");
-        fs::write(
-            dir.join(&ext_file),
-            format!("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n{ext}"),
-        )
-        .expect("write an openssl extension file");
-        let (key, csr, crt) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.crt"),
-        );
-        let subj = format!("/CN={cn}");
-        let mut req = vec!["req", "-subj", &subj];
-        req.extend(ec);
-        req.extend(["-keyout", &key, "-out", &csr]);
-        openssl(&req);
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            &ext_file,
-            "-out",
-            &crt,
-        ]);
-    }
-    TlsFiles {
-        ca: dir.join("ca.crt"),
-        cert: dir.join("client.crt"),
-        key: dir.join("client.key"),
-    }
 }
 
 /// Kills etcd members of test processes that are gone (their data

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod packet;
 pub mod prometheus;
 pub mod scenarios;
+pub mod tls;
 
 /// A lab with `backends` (name, behaviour) and `clients` client addresses;
 /// fails the test unless it runs as root.

@@ -39,6 +39,47 @@ impl<'a> Prometheus<'a> {
     /// other namespaces to reach it, an address of `ns`), scraping every
     /// one of `targets` every second.
     pub fn start_on(ns: &'a Netns, listen: &str, targets: &[&str]) -> Prometheus<'a> {
+        Prometheus::launch(ns, listen, targets, None)
+    }
+
+    /// Starts Prometheus in `ns` on `listen` serving https only, with the
+    /// server certificate `tls` made (see [`crate::tls::make_tls`]), and
+    /// basic authentication for `user` with `password` (bcrypt-hashed by
+    /// `htpasswd`), scraping `targets`. [`Prometheus::query`] does not speak
+    /// TLS: this one is for the agent.
+    pub fn start_secured(
+        ns: &'a Netns,
+        listen: &str,
+        targets: &[&str],
+        tls_dir: &std::path::Path,
+        user: &str,
+        password: &str,
+    ) -> Prometheus<'a> {
+        let out = std::process::Command::new("htpasswd")
+            .args(["-nbBC", "10", user, password])
+            .output()
+            .expect("run htpasswd (Debian apache2-utils; `cargo xtask test` installs it)");
+        assert!(out.status.success(), "htpasswd failed");
+        let line = String::from_utf8_lossy(&out.stdout);
+        let hash = line
+            .trim()
+            .split_once(':')
+            .map(|(_, h)| h.to_string())
+            .expect("htpasswd prints user:hash");
+        let web = format!(
+            "tls_server_config:\n  cert_file: {}\n  key_file: {}\nbasic_auth_users:\n  {user}: '{hash}'\n",
+            tls_dir.join("server.crt").display(),
+            tls_dir.join("server.key").display(),
+        );
+        Prometheus::launch(ns, listen, targets, Some(&web))
+    }
+
+    fn launch(
+        ns: &'a Netns,
+        listen: &str,
+        targets: &[&str],
+        web_config: Option<&str>,
+    ) -> Prometheus<'a> {
         let addr: std::net::SocketAddr = listen.parse().expect("listen address");
         let target = targets.join("', '");
         let dir = std::env::temp_dir().join(format!(
@@ -57,8 +98,13 @@ impl<'a> Prometheus<'a> {
             ),
         )
         .expect("prometheus config");
-        let child = ns
-            .command("prometheus")
+        let mut command = ns.command("prometheus");
+        if let Some(web) = web_config {
+            let file = dir.join("web.yml");
+            std::fs::write(&file, web).expect("prometheus web config");
+            command.arg(format!("--web.config.file={}", file.display()));
+        }
+        let child = command
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
@@ -79,8 +125,19 @@ impl<'a> Prometheus<'a> {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let ready = try_http_get(prom.ns, prom.addr, "/-/ready", "*/*")
-                .is_ok_and(|(head, _)| head.starts_with("HTTP/1.1 200"));
+            let ready = if web_config.is_some() {
+                // Listening: the agent's queries wait out the rest.
+                let addr = prom.addr;
+                prom.ns
+                    .spawn(move || std::net::TcpStream::connect(addr).is_ok())
+                    .join()
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or(false)
+            } else {
+                try_http_get(prom.ns, prom.addr, "/-/ready", "*/*")
+                    .is_ok_and(|(head, _)| head.starts_with("HTTP/1.1 200"))
+            };
             if ready {
                 return prom;
             }

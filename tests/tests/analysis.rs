@@ -325,3 +325,87 @@ fn shadow_mode_reports_the_rollback_but_the_failing_canary_keeps_its_weight() {
     );
     agent.stop().expect("agent stops");
 }
+
+/// `[analysis]` over https with basic authentication, against a real
+/// Prometheus serving TLS only and refusing anonymous queries: the checks
+/// pass with the right CA and password; a wrong password and an untrusted
+/// CA are inconclusive with the reason, never a pass.
+#[test]
+fn checks_reach_a_prometheus_over_https_with_basic_auth() {
+    let lab = lab(Behavior::Reply);
+    let app = AppMetrics::start(lab.router(), APP.parse().unwrap());
+    let dir = std::env::temp_dir().join(format!("canary-prom-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let tls = dir.join("tls");
+    let files = canary_tests::tls::make_tls(&tls, "canary test Prometheus CA", "prometheus", &[]);
+    let other_ca = canary_tests::tls::make_tls(&dir.join("other"), "another CA", "x", &[]).ca;
+    let _prom =
+        Prometheus::start_secured(lab.router(), PROMETHEUS, &[APP], &tls, "canary", "s3cret");
+    let password = dir.join("password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let wrong = dir.join("wrong");
+    std::fs::write(&wrong, "guess\n").unwrap();
+    let rollout = format!(
+        "[service.rollout]\ninterval = \"500ms\"\nsteps = [{{ weight = \"50%\", hold = \"1h\" }}]\n{CHECK}"
+    );
+    let secured = |ca: &std::path::Path, password_file: &std::path::Path| {
+        config(&lab, "", &rollout, 1000).replace(
+            &format!("prometheus = \"http://{PROMETHEUS}\"\n"),
+            &format!(
+                "prometheus = \"https://{PROMETHEUS}\"\nca = \"{}\"\nusername = \"canary\"\npassword_file = \"{}\"\n",
+                ca.display(),
+                password_file.display()
+            ),
+        )
+    };
+    let text = secured(&files.ca, &password);
+    assert!(text.contains("https://"), "{text}");
+    let mut agent = AgentProcess::start(lab.router(), &text, false).expect("agent starts");
+    let sock = agent.control_socket();
+    let (s, took) = until(
+        &sock,
+        Duration::from_secs(40),
+        || traffic(&lab, &app, 100, 200),
+        |s| checks(s).starts_with("pass: "),
+    );
+    eprintln!(
+        "https + basic auth: {} after {:.1} s",
+        checks(&s),
+        took.as_secs_f64()
+    );
+    assert!(
+        checks(&s).starts_with("pass: "),
+        "the check passes over https: {s}"
+    );
+    for (what, text, why) in [
+        (
+            "a wrong password",
+            secured(&files.ca, &wrong),
+            "Prometheus answered 401",
+        ),
+        (
+            "an untrusted CA",
+            secured(&other_ca, &password),
+            "cannot connect to Prometheus",
+        ),
+    ] {
+        agent.reload(&text).expect("reload");
+        let (s, _) = until(
+            &sock,
+            Duration::from_secs(20),
+            || traffic(&lab, &app, 50, 200),
+            |s| checks(s).contains(why),
+        );
+        eprintln!("{what}: {}", checks(&s));
+        assert!(
+            checks(&s).contains("inconclusive") && checks(&s).contains(why),
+            "{what}: inconclusive with the reason: {s}"
+        );
+        assert_eq!(
+            s["state"], "progressing",
+            "{what}: never a pass, never a move: {s}"
+        );
+    }
+    agent.stop().expect("agent stops");
+    let _ = std::fs::remove_dir_all(&dir);
+}

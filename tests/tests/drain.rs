@@ -112,6 +112,12 @@ fn tcp_drain(mode: &str) {
         before,
         "nothing reset before the deadline"
     );
+    let explain = canaryctl_ok(&agent.control_socket(), &["explain", "web"]);
+    assert!(
+        explain.contains("drain: canary connections still open are reset in")
+            && explain.contains("drain_deadline 2s"),
+        "explain tells when the drain comes:\n{explain}"
+    );
     let (canary, reset, alive) = outcome.join().expect("client").expect("client namespace");
     eprintln!(
         "{mode}: {canary} of 40 on canary; {reset} reset, {alive} alive; backend side: {before} established before, {} after ({:.1} s after the rollback)",
@@ -145,6 +151,12 @@ fn tcp_drain(mode: &str) {
         .find(|l| l.contains("drain deadline passed"))
         .expect("the drain is logged");
     assert!(line.contains(&format!("connections={canary}")), "{line}");
+    let explain = canaryctl_ok(&agent.control_socket(), &["explain", "web"]);
+    assert!(
+        explain.contains("drain: deadline passed")
+            && explain.contains(&format!("{canary} TCP connections marked for reset")),
+        "explain tells what the drain did:\n{explain}"
+    );
     agent.stop().expect("agent stops");
 }
 

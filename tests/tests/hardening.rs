@@ -180,9 +180,9 @@ fn bad_configs_are_refused_by_check_and_by_sighup_and_the_agent_keeps_serving() 
             "no such group on this host",
         ),
         row(
-            agent_row("webhook_url = \"https://x/h\""),
+            agent_row("webhook_url = \"https://bot:pw@x/h\""),
             "[agent]: webhook_url = ",
-            "https is not supported yet",
+            "must not carry credentials",
         ),
         row(
             agent_row("webhook_url = \"http://x/\\r\\nX-Injected: 1\""),

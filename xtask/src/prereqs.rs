@@ -24,6 +24,8 @@ const DEBIAN: &[(&str, &str)] = &[
     ("etcd", "etcd-server"),
     ("etcdctl", "etcd-client"),
     ("openssl", "openssl"),
+    // htpasswd hashes the test Prometheus's basic-auth password (bcrypt).
+    ("htpasswd", "apache2-utils"),
     ("protoc", "protobuf-compiler"),
     // The deploy test: `systemd-analyze verify` on deploy/systemd, and the
     // Python tools below.

@@ -219,10 +219,7 @@ mod tests {
     #[tokio::test]
     async fn prometheus_down_is_insufficient_data_never_a_pass() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let ep = Endpoint {
-            authority: listener.local_addr().unwrap().to_string(),
-            prefix: String::new(),
-        };
+        let ep = Endpoint::plain(&listener.local_addr().unwrap().to_string());
         drop(listener);
         let v = verdict(
             &ep,

@@ -1,41 +1,72 @@
 //! An instant-query client for Prometheus's HTTP API (`/api/v1/query`),
-//! written over tokio like the webhook's (no HTTP crate): plain http, one
-//! HTTP/1.0 request per query (so the answer is never chunked and ends
-//! when the connection closes), bounded in time and size.
+//! over the agent's outbound connections (`crate::outbound`: http or
+//! https, optional authentication; no HTTP crate): one HTTP/1.0 request
+//! per query (so the answer is never chunked and ends when the connection
+//! closes), bounded in time and size.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::outbound::{Auth, Connector, Url};
 
 /// Largest answer read; a bigger one is an error (a check's query should
 /// return one series).
 pub const MAX_RESPONSE: usize = 1 << 20;
 
-/// Where Prometheus answers: `http://host:port[/prefix]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Where Prometheus answers, `http[s]://host:port[/prefix]`, and how the
+/// agent talks to it.
+#[derive(Clone, Debug)]
 pub struct Endpoint {
-    /// `host:port` to connect to.
-    pub authority: String,
+    /// The base URL.
+    pub url: Url,
     /// Path prefix before `/api/v1/query` (empty, or `/prom` behind a
     /// proxy), without a trailing slash.
     pub prefix: String,
+    /// The CA file an `https://` server is verified against (`None`: the
+    /// system's bundle).
+    pub ca: Option<PathBuf>,
+    /// How queries authenticate, if at all.
+    pub auth: Option<Auth>,
+    /// Built from the above once, when the config is read.
+    connector: Connector,
 }
 
+impl PartialEq for Endpoint {
+    fn eq(&self, other: &Endpoint) -> bool {
+        // The connector is derived from the rest.
+        (&self.url, &self.ca, &self.auth) == (&other.url, &other.ca, &other.auth)
+    }
+}
+
+impl Eq for Endpoint {}
+
 impl Endpoint {
-    /// Parses a URL; only plain `http://` is supported (https through a
-    /// local proxy).
-    pub fn parse(url: &str) -> Result<Endpoint, String> {
-        let hook = crate::events::Webhook::parse(url)?;
-        if hook.path.contains(['?', '#']) {
+    /// Parses a base URL and sets up TLS for it (`ca`: see [`Endpoint::ca`]).
+    /// The error says what is wrong, for a config message.
+    pub fn new(url: &str, ca: Option<PathBuf>, auth: Option<Auth>) -> Result<Endpoint, String> {
+        let url = Url::parse(url)?;
+        if url.path.contains(['?', '#']) {
             return Err("must not have a query or fragment; give the server's base URL".into());
         }
+        let connector = Connector::new(&url, ca.as_deref())?;
         Ok(Endpoint {
-            authority: hook.authority,
-            prefix: hook.path.trim_end_matches('/').to_string(),
+            prefix: url.path.trim_end_matches('/').to_string(),
+            url,
+            ca,
+            auth,
+            connector,
         })
+    }
+
+    /// A plain-http endpoint for `http://authority` (tests).
+    ///
+    /// # Panics
+    /// If `authority` is no `host:port`.
+    #[cfg(test)]
+    pub fn plain(authority: &str) -> Endpoint {
+        Endpoint::new(&format!("http://{authority}"), None, None)
+            .unwrap_or_else(|e| panic!("{authority}: {e}"))
     }
 }
 
@@ -51,7 +82,8 @@ pub struct Series {
 /// Why a query gave no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
-    /// No connection (Prometheus down, refused, unreachable).
+    /// No connection (Prometheus down, refused, unreachable, or its TLS
+    /// certificate not trusted).
     #[error("cannot connect to Prometheus at {authority}")]
     Connect {
         /// Where.
@@ -72,6 +104,14 @@ pub enum QueryError {
     /// Not an HTTP answer, or not the API's JSON.
     #[error("unreadable answer from Prometheus: {0}")]
     Malformed(String),
+    /// The credentials could not be read.
+    #[error("cannot authenticate to Prometheus: {0}")]
+    Auth(String),
+    /// Prometheus refused the credentials.
+    #[error(
+        "Prometheus answered {0}: check [analysis] username, password_file or bearer_token_file"
+    )]
+    Unauthorized(String),
     /// Prometheus refused or failed the query.
     #[error("Prometheus answered {status}: {error_type}: {error}")]
     Prometheus {
@@ -93,19 +133,28 @@ pub async fn query(
     promql: &str,
     timeout: Duration,
 ) -> Result<Vec<Series>, QueryError> {
+    let authorization = match &endpoint.auth {
+        Some(auth) => format!(
+            "Authorization: {}\r\n",
+            auth.header().map_err(QueryError::Auth)?
+        ),
+        None => String::new(),
+    };
     let exchange = async {
-        let mut s = TcpStream::connect(&endpoint.authority)
+        let mut s = endpoint
+            .connector
+            .connect(&endpoint.url)
             .await
             .map_err(|source| QueryError::Connect {
-                authority: endpoint.authority.clone(),
+                authority: endpoint.url.authority.clone(),
                 source,
             })?;
         let head = format!(
             "GET {}/api/v1/query?query={} HTTP/1.0\r\nHost: {}\r\nAccept: application/json\r\n\
-             User-Agent: canary-agent\r\n\r\n",
+             User-Agent: canary-agent\r\n{authorization}\r\n",
             endpoint.prefix,
             url_encode(promql),
-            endpoint.authority
+            endpoint.url.authority
         );
         s.write_all(head.as_bytes()).await.map_err(QueryError::Io)?;
         let mut body = Vec::new();
@@ -137,6 +186,9 @@ pub fn parse_response(raw: &[u8]) -> Result<Vec<Series>, QueryError> {
         .filter(|_| head.starts_with("HTTP/"))
         .ok_or_else(|| QueryError::Malformed("not an HTTP answer".into()))?
         .to_string();
+    if status == "401" || status == "403" {
+        return Err(QueryError::Unauthorized(status));
+    }
     let json: serde_json::Value = serde_json::from_str(body)
         .map_err(|e| QueryError::Malformed(format!("HTTP {status}, body is not JSON ({e})")))?;
     let field = |k: &str| json.get(k).and_then(|v| v.as_str()).unwrap_or_default();
@@ -285,30 +337,22 @@ mod tests {
     }
 
     #[test]
-    fn endpoints_take_a_prefix_and_refuse_https() {
+    fn endpoints_take_a_prefix() {
+        let e = Endpoint::new("http://prom.local:9090/prometheus/", None, None).unwrap();
         assert_eq!(
-            Endpoint::parse("http://prom.local:9090/prometheus/"),
-            Ok(Endpoint {
-                authority: "prom.local:9090".into(),
-                prefix: "/prometheus".into()
-            })
+            (e.url.authority.as_str(), e.prefix.as_str()),
+            ("prom.local:9090", "/prometheus")
         );
-        assert_eq!(
-            Endpoint::parse("http://p:9090").map(|e| e.prefix),
-            Ok(String::new())
-        );
-        assert!(Endpoint::parse("https://p").unwrap_err().contains("https"));
-        assert!(Endpoint::parse("http://p/x?y=1").is_err());
+        assert_eq!(Endpoint::plain("p:9090").prefix, "");
+        assert!(Endpoint::new("http://p/x?y=1", None, None).is_err());
+        assert!(Endpoint::new("ftp://p", None, None).is_err());
     }
 
     #[tokio::test]
     async fn a_silent_server_is_a_timeout_and_a_closed_port_a_connect_error() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let ep = Endpoint {
-            authority: addr.to_string(),
-            prefix: String::new(),
-        };
+        let ep = Endpoint::plain(&addr.to_string());
         let e = query(&ep, "up", Duration::from_millis(200))
             .await
             .unwrap_err();

@@ -694,15 +694,13 @@ mod tests {
             "[agent]\nwebhook_url = \"http://127.0.0.1:9999/h\"",
         ))
         .unwrap();
-        assert_eq!(c.agent.webhook.unwrap().authority, "127.0.0.1:9999");
+        assert_eq!(c.agent.webhook.unwrap().url.authority, "127.0.0.1:9999");
         let msg = error_text(&GOOD.replace(
             "[agent]",
-            "[agent]\nwebhook_url = \"https://chat.example/h\"",
+            "[agent]\nwebhook_url = \"https://bot:pw@chat.example/h\"",
         ));
         assert!(
-            msg.contains(
-                "[agent]: webhook_url = \"https://chat.example/h\": https is not supported yet"
-            ),
+            msg.contains("[agent]: webhook_url = \"https://bot:pw@chat.example/h\": must not carry credentials"),
             "{msg}"
         );
     }

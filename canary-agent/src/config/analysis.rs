@@ -3,14 +3,17 @@
 //! `[[service.rollout.checks]]` (the team's own PromQL checks) and
 //! `[service.rollout] mode` (enforce or shadow).
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use super::{
     ConfigError,
     check::{duration_in, int_in, invalid, length_in, quoted, shown, truncated},
     raw::{RawAnalysis, RawCheck},
 };
-use crate::analysis::{Endpoint, TEMPLATE_VARIABLES};
+use crate::{
+    analysis::{Endpoint, TEMPLATE_VARIABLES},
+    outbound::Auth,
+};
 
 /// Default `[analysis] max_inconclusive`.
 pub const DEFAULT_MAX_INCONCLUSIVE: u32 = 3;
@@ -29,7 +32,8 @@ pub const MAX_CHECK_NAME: usize = 64;
 /// evidence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AnalysisConfig {
-    /// `prometheus = "http://host:port[/prefix]"` (plain http).
+    /// `prometheus = "http[s]://host:port[/prefix]"`, with its `ca` and
+    /// credentials.
     pub prometheus: Endpoint,
     /// One query's connect-to-last-byte limit; a slower answer is
     /// inconclusive.
@@ -126,14 +130,7 @@ impl CheckConfig {
 pub(super) fn validate_analysis(raw: &RawAnalysis) -> Result<AnalysisConfig, ConfigError> {
     const S: &str = "[analysis]";
     length_in(S, "prometheus", &raw.prometheus, super::MAX_TEXT, "the URL")?;
-    let prometheus = Endpoint::parse(&raw.prometheus).map_err(|e| {
-        invalid(
-            S,
-            "prometheus",
-            shown(&raw.prometheus),
-            format!("{e}, e.g. \"http://127.0.0.1:9090\""),
-        )
-    })?;
+    let prometheus = validate_endpoint(raw)?;
     let query_timeout = match raw.query_timeout.as_deref() {
         None => DEFAULT_QUERY_TIMEOUT,
         Some(t) => duration_in(
@@ -164,6 +161,118 @@ pub(super) fn validate_analysis(raw: &RawAnalysis) -> Result<AnalysisConfig, Con
         max_inconclusive,
         min_window,
     })
+}
+
+/// Validates `[analysis] prometheus` and how the agent reaches it: `ca`
+/// (https only; default: the system's bundle), and either `username` with
+/// `password_file` or `bearer_token_file`. Files are read now, so
+/// `--check` finds a missing one; secrets are read again at each query.
+fn validate_endpoint(raw: &RawAnalysis) -> Result<Endpoint, ConfigError> {
+    const S: &str = "[analysis]";
+    let file = |key: &str, p: &Option<PathBuf>| -> Result<Option<PathBuf>, ConfigError> {
+        let Some(p) = p else { return Ok(None) };
+        let text = p.to_string_lossy();
+        length_in(S, key, &text, super::MAX_TEXT, "the path")?;
+        if !p.is_absolute() {
+            return Err(invalid(S, key, quoted(&text), "must be an absolute path"));
+        }
+        Ok(Some(p.clone()))
+    };
+    let https = raw.prometheus.starts_with("https://");
+    let ca = file("ca", &raw.ca)?;
+    if let (Some(ca), false) = (&ca, https) {
+        return Err(invalid(
+            S,
+            "ca",
+            quoted(&ca.to_string_lossy()),
+            "a CA with an http:// URL; use an https:// URL or remove ca",
+        ));
+    }
+    let password_file = file("password_file", &raw.password_file)?;
+    let token_file = file("bearer_token_file", &raw.bearer_token_file)?;
+    let auth = match (&raw.username, password_file, token_file) {
+        (None, None, None) => None,
+        (Some(user), Some(password_file), None) => {
+            length_in(S, "username", user, 256, "the user name")?;
+            if user.is_empty() || user.contains(':') || !user.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(invalid(
+                    S,
+                    "username",
+                    shown(user),
+                    "printable ASCII without ':' or spaces",
+                ));
+            }
+            Some(Auth::Basic {
+                username: user.clone(),
+                password_file,
+            })
+        }
+        (None, None, Some(token_file)) => Some(Auth::Bearer { token_file }),
+        (Some(_), None, None) => {
+            return Err(invalid(
+                S,
+                "password_file",
+                "(unset)".to_string(),
+                "username needs password_file = \"/path/to/password\" (basic authentication)",
+            ));
+        }
+        (None, Some(p), None) => {
+            return Err(invalid(
+                S,
+                "username",
+                "(unset)".to_string(),
+                format!(
+                    "password_file = {} needs a username",
+                    quoted(&p.to_string_lossy())
+                ),
+            ));
+        }
+        (_, _, Some(t)) => {
+            return Err(invalid(
+                S,
+                "bearer_token_file",
+                quoted(&t.to_string_lossy()),
+                "either bearer_token_file or username with password_file, not both",
+            ));
+        }
+    };
+    if let Some(a) = &auth {
+        let key = match a {
+            Auth::Basic { .. } => "password_file",
+            Auth::Bearer { .. } => "bearer_token_file",
+        };
+        a.header()
+            .map_err(|e| invalid(S, key, "(read now)".to_string(), e))?;
+        if !https {
+            warn_plain_credentials();
+        }
+    }
+    let bad_url = |e: String| {
+        invalid(
+            S,
+            "prometheus",
+            shown(&raw.prometheus),
+            format!("{e}, e.g. \"http://127.0.0.1:9090\""),
+        )
+    };
+    crate::outbound::Url::parse(&raw.prometheus).map_err(bad_url)?;
+    let ca_shown = ca.as_ref().map(|c| quoted(&c.to_string_lossy()));
+    Endpoint::new(&raw.prometheus, ca, auth).map_err(|e| match ca_shown {
+        // The URL parsed: the TLS setup failed, on the CA file or the
+        // system's bundle.
+        Some(shown_ca) => invalid(S, "ca", shown_ca, e),
+        None if https => invalid(S, "ca", "(unset)".to_string(), e),
+        None => bad_url(e),
+    })
+}
+
+/// Credentials over plain http are allowed (a loopback or in-cluster
+/// Prometheus), but said.
+fn warn_plain_credentials() {
+    tracing::warn!(
+        "[analysis]: credentials go to Prometheus over plain http; use an https:// URL off the host"
+    );
 }
 
 /// Validates a `[service.rollout] mode`.
@@ -342,7 +451,7 @@ max_increase = 0.01
     fn checks_and_analysis_parse_with_their_defaults() {
         let c = parse(&with_checks(CHECK)).unwrap();
         let a = c.analysis.expect("[analysis]");
-        assert_eq!(a.prometheus.authority, "127.0.0.1:9090");
+        assert_eq!(a.prometheus.url.authority, "127.0.0.1:9090");
         assert_eq!(a.prometheus.prefix, "/prom");
         assert_eq!(
             (a.max_inconclusive, a.query_timeout, a.min_window),
@@ -400,12 +509,113 @@ max_increase = 0.01
             msg.contains("rollout.checks") && msg.contains("add [analysis] prometheus"),
             "{msg}"
         );
-        let msg =
-            error_text(&with_checks(CHECK).replace("http://127.0.0.1:9090/prom", "https://p"));
+        let msg = error_text(&with_checks(CHECK).replace("http://127.0.0.1:9090/prom", "ftp://p"));
         assert!(
-            msg.contains("[analysis]: prometheus = \"https://p\": https is not supported"),
+            msg.contains(
+                "[analysis]: prometheus = \"ftp://p\": must start with http:// or https://"
+            ),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn tls_and_credentials_are_checked_when_the_config_is_read() {
+        let dir = std::env::temp_dir().join(format!("canary-analysis-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let junk = dir.join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let with = |url: &str, keys: &str| {
+            with_checks(CHECK).replace(
+                "prometheus = \"http://127.0.0.1:9090/prom\"\n",
+                &format!("prometheus = \"{url}\"\n{keys}"),
+            )
+        };
+        let s = secret.display();
+        // Good: https with the system's bundle and basic auth; a bearer
+        // token over http.
+        let c = parse(&with(
+            "https://prom.example:9090",
+            &format!("username = \"canary\"\npassword_file = \"{s}\"\n"),
+        ))
+        .unwrap();
+        let p = c.analysis.unwrap().prometheus;
+        assert!(p.url.tls && matches!(p.auth, Some(Auth::Basic { .. })));
+        let c = parse(&with(
+            "http://127.0.0.1:9090",
+            &format!("bearer_token_file = \"{s}\"\n"),
+        ))
+        .unwrap();
+        assert!(matches!(
+            c.analysis.unwrap().prometheus.auth,
+            Some(Auth::Bearer { .. })
+        ));
+        for (url, keys, want) in [
+            (
+                "http://p:9090",
+                format!("ca = \"{}\"\n", junk.display()),
+                "[analysis]: ca = ".to_string()
+                    + "\""
+                    + &junk.display().to_string()
+                    + "\": a CA with an http:// URL",
+            ),
+            (
+                "https://p:9090",
+                format!("ca = \"{}\"\n", junk.display()),
+                format!(
+                    "[analysis]: ca = \"{}\": {} holds no certificate",
+                    junk.display(),
+                    junk.display()
+                ),
+            ),
+            (
+                "https://p:9090",
+                "ca = \"relative.pem\"\n".to_string(),
+                "[analysis]: ca = \"relative.pem\": must be an absolute path".to_string(),
+            ),
+            (
+                "https://p:9090",
+                "username = \"canary\"\n".to_string(),
+                "[analysis]: password_file = (unset): username needs password_file".to_string(),
+            ),
+            (
+                "https://p:9090",
+                format!("password_file = \"{s}\"\n"),
+                "[analysis]: username = (unset): password_file = ".to_string(),
+            ),
+            (
+                "https://p:9090",
+                format!("username = \"a:b\"\npassword_file = \"{s}\"\n"),
+                "[analysis]: username = \"a:b\": printable ASCII without ':'".to_string(),
+            ),
+            (
+                "https://p:9090",
+                format!("username = \"u\"\npassword_file = \"{s}\"\nbearer_token_file = \"{s}\"\n"),
+                "either bearer_token_file or username with password_file, not both".to_string(),
+            ),
+            (
+                "https://p:9090",
+                format!(
+                    "bearer_token_file = \"{}\"\n",
+                    dir.join("missing").display()
+                ),
+                "[analysis]: bearer_token_file = (read now): cannot read".to_string(),
+            ),
+            (
+                "https://u:pw@p:9090",
+                String::new(),
+                "[analysis]: prometheus = \"https://u:pw@p:9090\": must not carry credentials"
+                    .to_string(),
+            ),
+        ] {
+            let msg = error_text(&with(url, &keys));
+            assert!(
+                msg.contains(&want),
+                "{url} {keys}: want {want:?}, got {msg}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

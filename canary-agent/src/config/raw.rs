@@ -23,6 +23,10 @@ pub(super) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAnalysis {
     pub(super) prometheus: String,
+    pub(super) ca: Option<std::path::PathBuf>,
+    pub(super) username: Option<String>,
+    pub(super) password_file: Option<std::path::PathBuf>,
+    pub(super) bearer_token_file: Option<std::path::PathBuf>,
     pub(super) query_timeout: Option<String>,
     pub(super) max_inconclusive: Option<i64>,
     pub(super) min_window: Option<String>,

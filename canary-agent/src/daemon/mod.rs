@@ -157,8 +157,8 @@ struct Agent {
     /// Each service's state changes (`canaryctl history`).
     history: crate::rollout::history::History,
     /// Per service, the rollback (its time) whose drain deadline was
-    /// enforced: once per rollback.
-    drained: BTreeMap<String, u64>,
+    /// enforced (once per rollback), and what that did, in words.
+    drained: BTreeMap<String, (u64, String)>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -596,7 +596,7 @@ impl Agent {
                 else {
                     return None;
                 };
-                let done = self.drained.get(&svc.name) == Some(at_unix);
+                let done = self.drained.get(&svc.name).map(|d| d.0) == Some(*at_unix);
                 (!done && now >= at_unix.saturating_add(deadline.as_secs())).then(|| {
                     (
                         svc.name.clone(),
@@ -608,21 +608,25 @@ impl Agent {
             })
             .collect();
         for (name, at, deadline, canary) in due {
-            self.drained.insert(name.clone(), at);
-            match self.dp.drain_canary(&name, &canary) {
-                Ok(d) => warn!(
-                    service = %name,
-                    connections = d.tcp_marked,
-                    udp_flows = d.udp_ended,
-                    socket_udp_flows = d.socket_udp_marked,
-                    sockets_aborted = d.sockets_aborted,
-                    drain_deadline_s = deadline,
-                    "drain deadline passed after the rollback: open canary connections are reset on both sides (at TC at their client's next segment; steered at the socket now), canary UDP flows ended (their next datagrams go to stable)"
-                ),
+            let done = match self.dp.drain_canary(&name, &canary) {
+                Ok(d) => {
+                    warn!(
+                        service = %name,
+                        connections = d.tcp_marked,
+                        udp_flows = d.udp_ended,
+                        socket_udp_flows = d.socket_udp_marked,
+                        sockets_aborted = d.sockets_aborted,
+                        drain_deadline_s = deadline,
+                        "drain deadline passed after the rollback: open canary connections are reset on both sides (at TC at their client's next segment; steered at the socket now), canary UDP flows ended (their next datagrams go to stable)"
+                    );
+                    d.to_string()
+                }
                 Err(e) => {
                     error!(service = %name, error = %error_chain(&e), "cannot reset the canary connections past the drain deadline");
+                    format!("failed: {}", error_chain(&e))
                 }
-            }
+            };
+            self.drained.insert(name, (at, done));
         }
     }
 

@@ -230,6 +230,31 @@ impl Agent {
 
     /// The `explain` answer: the state, what the step waits for, the last
     /// verdicts and the last change.
+    /// What becomes of the canary connections still open after the
+    /// rollback at `at_unix`.
+    fn drain_line(&self, svc: &crate::config::ServiceConfig, at_unix: u64) -> String {
+        let Some(deadline) = svc.drain_deadline else {
+            return "drain: canary connections still open finish on their own (no drain_deadline)"
+                .to_string();
+        };
+        let due = at_unix.saturating_add(deadline.as_secs());
+        let now = crate::rollout::now_unix();
+        match self.drained.get(&svc.name) {
+            Some((at, done)) if *at == at_unix => {
+                format!(
+                    "drain: deadline passed {}s ago: {done}",
+                    now.saturating_sub(due)
+                )
+            }
+            _ if now < due => format!(
+                "drain: canary connections still open are reset in {}s (drain_deadline {})",
+                due - now,
+                crate::units::show_duration(deadline)
+            ),
+            _ => "drain: deadline passed; the agent ends them within a second".to_string(),
+        }
+    }
+
     pub(super) fn explain(&self, service: &str) -> Response {
         let Some(svc) = self.config.services.iter().find(|s| s.name == service) else {
             return Response::error(ErrorCode::UnknownService, format!("no service {service:?}"));
@@ -289,8 +314,14 @@ impl Agent {
                 }
             )),
         }
-        if let ServiceState::RolledBack { reason, detail, .. } = &state {
+        if let ServiceState::RolledBack {
+            reason,
+            detail,
+            at_unix,
+        } = &state
+        {
             lines.push(format!("rolled back by {}: {detail}", reason.as_str()));
+            lines.push(self.drain_line(svc, *at_unix));
         }
         if let Some(last) = self.history.of(service).last() {
             lines.push(format!(

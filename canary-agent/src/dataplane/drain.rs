@@ -55,6 +55,20 @@ pub struct Drained {
     pub missed: Vec<String>,
 }
 
+impl std::fmt::Display for Drained {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} TCP connections marked for reset, {} UDP flows ended, {} socket UDP flows marked, {} sockets aborted",
+            self.tcp_marked, self.udp_ended, self.socket_udp_marked, self.sockets_aborted
+        )?;
+        for m in &self.missed {
+            write!(f, "; not aborted: {m}")?;
+        }
+        Ok(())
+    }
+}
+
 impl Dataplane {
     /// Ends the canary traffic of the rolled-back `service` (canary backends
     /// `canary`) still open past its drain deadline (see the module's
