@@ -325,7 +325,7 @@ impl Dataplane {
                 }
             })?;
         }
-        super::record_layout(&mut self.layout, |_| true)
+        super::load::record_layout(&mut self.layout, |_| true)
     }
 }
 

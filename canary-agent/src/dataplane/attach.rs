@@ -14,7 +14,11 @@ use aya::programs::{
 use std::collections::BTreeSet;
 use tracing::{info, warn};
 
-use super::{Dataplane, DataplaneError, Program, classifier, pins::Pins, xdp};
+use super::{
+    Dataplane, DataplaneError, Program,
+    load::{classifier, xdp},
+    pins::Pins,
+};
 use crate::{config::IngressMode, sys};
 
 /// An attachment. Pinned, it stays attached when the agent exits, until

@@ -31,7 +31,7 @@ use aya::{
 use canary_common::names;
 use tracing::{info, warn};
 
-use super::{Dataplane, DataplaneError, attach::OwnedLink, pins::Pins, typed_program};
+use super::{Dataplane, DataplaneError, attach::OwnedLink, load::typed_program, pins::Pins};
 use crate::sys;
 
 /// The socket LB's programs.

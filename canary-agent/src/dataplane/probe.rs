@@ -9,7 +9,11 @@ use canary_common::{
     names,
 };
 
-use super::{Dataplane, DataplaneError, Program, classifier, load_program, map_error, xdp};
+use super::{
+    Dataplane, DataplaneError, Program,
+    load::{classifier, load_program, xdp},
+    map_error,
+};
 
 impl Dataplane {
     /// The conntrack entry for `key` (in its protocol's table), if any.
