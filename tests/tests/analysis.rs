@@ -377,6 +377,18 @@ fn checks_reach_a_prometheus_over_https_with_basic_auth() {
         checks(&s).starts_with("pass: "),
         "the check passes over https: {s}"
     );
+    let evaluations = |outcome: &str| {
+        canary_tests::metrics::scrape(lab.router()).sum(
+            "canary_check_evaluations_total",
+            &[
+                ("service", "web"),
+                ("check", "http-5xx"),
+                ("outcome", outcome),
+            ],
+        )
+    };
+    assert!(evaluations("pass") >= 1.0, "passes are counted");
+    let inconclusive_before = evaluations("inconclusive");
     for (what, text, why) in [
         (
             "a wrong password",
@@ -406,6 +418,10 @@ fn checks_reach_a_prometheus_over_https_with_basic_auth() {
             "{what}: never a pass, never a move: {s}"
         );
     }
+    assert!(
+        evaluations("inconclusive") >= inconclusive_before + 2.0,
+        "inconclusive evaluations are counted"
+    );
     agent.stop().expect("agent stops");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -30,6 +30,9 @@ pub struct Vars {
     pub window: Duration,
 }
 
+/// Every kind of outcome, as `canary_check_evaluations_total{outcome}` names it.
+pub const OUTCOMES: [&str; 3] = ["pass", "fail", "inconclusive"];
+
 /// A check's result at one evaluation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "outcome", content = "detail", rename_all = "kebab-case")]
@@ -50,12 +53,12 @@ impl Outcome {
         }
     }
 
-    /// `pass`, `fail` or `inconclusive`.
+    /// `pass`, `fail` or `inconclusive`: one of [`OUTCOMES`].
     pub fn name(&self) -> &'static str {
         match self {
-            Outcome::Pass(_) => "pass",
-            Outcome::Fail(_) => "fail",
-            Outcome::Inconclusive(_) => "inconclusive",
+            Outcome::Pass(_) => OUTCOMES[0],
+            Outcome::Fail(_) => OUTCOMES[1],
+            Outcome::Inconclusive(_) => OUTCOMES[2],
         }
     }
 }

@@ -222,6 +222,15 @@ impl Agent {
                 }
             })
             .collect();
+        {
+            let source = self.dp.stats_source();
+            let mut source = source
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for o in &latest {
+                source.count_check(service, &o.name, o.outcome.name());
+            }
+        }
         for o in &latest {
             match &o.outcome {
                 Outcome::Pass(d) => debug!(service, "{d}"),

@@ -29,7 +29,7 @@ pub(super) struct StepWindow {
     pub(super) due: std::time::Instant,
 }
 
-/// One service's totals per cohort (indexed by [`Cohort`]) at the start of
+/// One service's totals, cohort by cohort, at the start of
 /// a judge window: what the kernel had counted since the data plane began.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(super) struct WindowBase {

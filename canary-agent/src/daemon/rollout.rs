@@ -262,10 +262,17 @@ impl Agent {
             .map(|(_, line)| line.as_str())
     }
 
-    /// Exports every service's rollout state.
+    /// Exports every service's rollout state, and declares its checks.
     pub(super) fn publish_states(&self) {
         for (name, rollout) in &self.rollouts {
             self.publish_state(name, &rollout.state, None);
+        }
+        let source = self.dp.stats_source();
+        let mut source = source
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for svc in &self.config.services {
+            source.declare_checks(&svc.name, svc.checks.iter().map(|c| c.name.as_str()));
         }
     }
 

@@ -21,9 +21,9 @@ use prometheus_client::{
 use super::{
     histogram::ExportHistogram,
     labels::{
-        BackendLabels, BuildLabels, CohortLabel, CohortLabels, CounterLabel, Direction,
-        DirectionLabels, ErrorLabels, EventLabels, FailureLabels, FailureReason, LinkLabels,
-        RollbackLabels, RolloutState, ServiceLabels, StateLabels, VerdictLabels,
+        BackendLabels, BuildLabels, CheckLabels, CohortLabel, CohortLabels, CounterLabel,
+        Direction, DirectionLabels, ErrorLabels, EventLabels, FailureLabels, FailureReason,
+        LinkLabels, RollbackLabels, RolloutState, ServiceLabels, StateLabels, VerdictLabels,
     },
     snapshot::{BackendSnapshot, Snapshot, StatsSource},
 };
@@ -408,6 +408,29 @@ fn encode_snapshot(
     )?;
     family(
         e,
+        "canary_check_evaluations",
+        "Evaluations of each PromQL check since the agent started, by outcome: pass, fail (rolls back), inconclusive (holds the step; max_inconclusive in a row pause the rollout).",
+        None,
+        snapshot.services.iter().flat_map(|s| {
+            s.rollout.checks.iter().flat_map(move |(check, counts)| {
+                crate::analysis::checks::OUTCOMES
+                    .iter()
+                    .zip(counts)
+                    .map(move |(outcome, n)| {
+                        (
+                            CheckLabels {
+                                service: s.name.clone(),
+                                check: check.clone(),
+                                outcome,
+                            },
+                            ConstCounter::new(*n),
+                        )
+                    })
+            })
+        }),
+    )?;
+    family(
+        e,
         "canary_dataplane_attached",
         "1 if the data-plane link the config asks for is attached (a client-facing interface by name, or socket-lb), 0 if not (an interface that disappeared).",
         None,
@@ -538,6 +561,7 @@ mod tests {
                 state: "progressing",
                 rollbacks: [("breaker", 1), ("judge", 2)].into_iter().collect(),
                 judgements: [("pass", 5), ("fail", 1)].into_iter().collect(),
+                checks: [("http-5xx".to_string(), [3, 1, 2])].into_iter().collect(),
             },
         };
         let db = ServiceSnapshot {

@@ -153,6 +153,14 @@ pub(super) struct VerdictLabels {
     pub(super) verdict: &'static str,
 }
 
+/// `{service, check, outcome}` of `canary_check_evaluations_total`.
+#[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct CheckLabels {
+    pub(super) service: String,
+    pub(super) check: String,
+    pub(super) outcome: &'static str,
+}
+
 /// `{link}` of `canary_dataplane_attached`.
 #[derive(Clone, Debug, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct LinkLabels {

@@ -83,6 +83,9 @@ pub struct RolloutView {
     /// The judge's verdicts since the agent started, by kind (`pass`,
     /// `fail`, `insufficient-data`).
     pub judgements: BTreeMap<&'static str, u64>,
+    /// Each configured check's evaluations since the agent started, by
+    /// outcome (in `analysis::checks::OUTCOMES` order).
+    pub checks: BTreeMap<String, [u64; 3]>,
 }
 
 impl StatsSource {
@@ -112,6 +115,30 @@ impl StatsSource {
     pub fn count_judgement(&mut self, service: &str, kind: &'static str) {
         let view = self.rollout.entry(service.to_string()).or_default();
         *view.judgements.entry(kind).or_default() += 1;
+    }
+
+    /// Counts one evaluation of `service`'s check `check` with `outcome`
+    /// (one of `analysis::checks::OUTCOMES`).
+    pub fn count_check(&mut self, service: &str, check: &str, outcome: &str) {
+        let view = self.rollout.entry(service.to_string()).or_default();
+        let counts = view.checks.entry(check.to_string()).or_default();
+        if let Some(i) = crate::analysis::checks::OUTCOMES
+            .iter()
+            .position(|o| *o == outcome)
+        {
+            counts[i] += 1;
+        }
+    }
+
+    /// Declares `service`'s configured checks (their counts start at 0 and
+    /// are exported from the start); checks no longer configured go.
+    pub fn declare_checks<'a>(&mut self, service: &str, checks: impl IntoIterator<Item = &'a str>) {
+        let view = self.rollout.entry(service.to_string()).or_default();
+        let names: std::collections::BTreeSet<&str> = checks.into_iter().collect();
+        view.checks.retain(|name, _| names.contains(name.as_str()));
+        for name in names {
+            view.checks.entry(name.to_string()).or_default();
+        }
     }
 
     /// Records which data-plane links are attached (every configured one,
