@@ -20,7 +20,7 @@ use canary_tests::{
     canaryctl_ok,
     load::drive,
     packet::{ACK, RawSender, Tcp},
-    prometheus::Prometheus,
+    prometheus::{ADDR as PROMETHEUS, Prometheus},
 };
 
 fn deploy(path: &str) -> PathBuf {
@@ -111,7 +111,7 @@ fn every_dashboard_and_alert_query_returns_series_from_a_real_prometheus() {
     );
     let rules =
         rule_exprs(&std::fs::read_to_string(deploy("prometheus/alerts.yaml")).expect("rules"));
-    assert_eq!(rules.len(), 4, "{rules:?}");
+    assert_eq!(rules.len(), 5, "{rules:?}");
     let dash: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(deploy("grafana/canary-rollout.json")).expect("dashboard"),
     )
@@ -146,10 +146,18 @@ fn every_dashboard_and_alert_query_returns_series_from_a_real_prometheus() {
     lab.router()
         .ip(&["link", "set", "dmy1", "up"])
         .expect("dmy1 up");
+    // web's check is NaN (inconclusive) until traffic flows, then passes:
+    // the check panel and CanaryChecksInconclusive have both to show.
+    // max_inconclusive is out of reach, so it never pauses web.
     let config = format!(
         "[agent]\ninterfaces = [\"{}\", \"dmy0\"]\n\n\
+         [analysis]\nprometheus = \"http://{PROMETHEUS}\"\nmax_inconclusive = 100000\nmin_window = \"3s\"\n\n\
          [[service]]\nname = \"web\"\nvip = \"10.96.0.10:80\"\nstable = [\"{s}\"]\ncanary = [\"{c}\"]\n\
-         cohort = \"per-connection\"\n[service.rollout]\ninterval = \"250ms\"\nsteps = [{{ weight = \"50%\", hold = \"1h\" }}]\n\n\
+         cohort = \"per-connection\"\n[service.rollout]\ninterval = \"250ms\"\nsteps = [{{ weight = \"50%\", hold = \"1h\" }}]\n\
+         [[service.rollout.checks]]\nname = \"failures\"\n\
+         query = 'sum(rate(canary_connections_failed_total{{service=\"{{{{service}}}}\",cohort=\"{{{{cohort}}}}\"}}[{{{{window}}}}])) / \
+         sum(rate(canary_connections_total{{service=\"{{{{service}}}}\",cohort=\"{{{{cohort}}}}\"}}[{{{{window}}}}]))'\n\
+         max_increase = 0.5\n\n\
          [[service]]\nname = \"api\"\nvip = \"10.96.0.11:80\"\nstable = [\"{s}\"]\ncanary = [\"{c}\"]\n\
          [service.rollout]\nsteps = [{{ weight = \"10%\", hold = \"1h\" }}]\n",
         Lab::ROUTER_CLIENT_IFACE,
