@@ -204,6 +204,27 @@ fn uninstall(flag: Option<&Path>, config: &Path, interfaces: &[String]) -> ExitC
             }
         },
     };
+    // Never from under a running agent: it holds the directory's lock
+    // (kept until this ends, so no agent starts on it meanwhile).
+    let _lock = match canary_agent::sys::try_lock_dir(&dir) {
+        Ok(Some(lock)) => Some(lock),
+        Ok(None) => {
+            eprintln!(
+                "canary-agent: uninstall {}: a canary-agent is running on it (it holds the directory's lock); stop it first (systemctl stop canary-agent, or delete the node's pod), nothing was removed",
+                dir.display()
+            );
+            return ExitCode::FAILURE;
+        }
+        // Nothing there: nothing to uninstall, said below.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            eprintln!(
+                "canary-agent: uninstall {}: cannot lock it: {e}",
+                dir.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
     match canary_agent::dataplane::pins::Pins::uninstall(&dir) {
         Ok(0) => {
             println!("{}: nothing pinned there", dir.display());

@@ -603,3 +603,25 @@ pub fn in_netns_of<T: Send>(pid: u32, f: impl FnOnce() -> T + Send) -> io::Resul
         .map_err(|_| io::Error::other("the thread in the network namespace panicked"))?
     })
 }
+
+/// Takes an exclusive advisory lock (`flock`) on the directory `path`
+/// without waiting: the open directory, which holds the lock until it is
+/// closed (or the process ends, however it ends), or `None` if another
+/// open file holds it.
+pub fn try_lock_dir(path: &Path) -> io::Result<Option<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(path)?;
+    // SAFETY: flock on a descriptor we hold open.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(Some(dir));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}

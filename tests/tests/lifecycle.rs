@@ -451,6 +451,30 @@ fn uninstall_removes_every_link_and_pin() {
     let lab = lab();
     let mut agent =
         AgentProcess::start_pinned(lab.router(), &config(&lab, ""), false).expect("agent starts");
+    let dir = agent.bpffs_dir().to_path_buf();
+    let uninstall = || {
+        lab.router()
+            .command(canary_lab::agent_binary())
+            .args(["uninstall", "--bpffs-dir"])
+            .arg(&dir)
+            .output()
+            .expect("run canary-agent uninstall")
+    };
+    // Never from under a running agent.
+    let refused = uninstall();
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && why.contains("a canary-agent is running on it")
+            && why.contains("nothing was removed"),
+        "uninstall while the agent runs: {why}"
+    );
+    assert!(dir.join("maps/CONNTRACK").exists(), "nothing removed");
+    assert_eq!(
+        attached_to(lab.router(), IFACE).len(),
+        2,
+        "nothing detached"
+    );
     agent.end(Stop::Kill).expect("SIGKILL");
     assert_eq!(
         attached_to(lab.router(), IFACE).len(),
@@ -459,28 +483,64 @@ fn uninstall_removes_every_link_and_pin() {
     );
     let out = load::drive(&lab, vip(), lab.client_addrs(), 200);
     out.assert_no_errors("steered with no agent");
-    let dir = agent.bpffs_dir().to_path_buf();
     assert!(dir.join("maps/CONNTRACK").exists());
-    let done = lab
-        .router()
-        .exec(&[
-            canary_lab::agent_binary().to_str().unwrap(),
-            "uninstall",
-            "--bpffs-dir",
-            dir.to_str().unwrap(),
-        ])
-        .expect("canary-agent uninstall");
-    assert!(done.contains("removed"), "{done}");
-    // The kernel frees a link whose last reference went away from a work
-    // queue, so detachment follows the removal of the pin shortly.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while !attached_to(lab.router(), IFACE).is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let done = uninstall();
+    let said = String::from_utf8_lossy(&done.stdout);
+    assert!(done.status.success() && said.contains("removed"), "{said}");
+    // Detached before uninstall returned (each link by BPF_LINK_DETACH, not
+    // left to the kernel's work queue that frees an unlinked pin).
     assert!(
         attached_to(lab.router(), IFACE).is_empty(),
-        "uninstall detached everything within 2 s: {:?}",
+        "uninstall detached everything before it returned: {:?}",
         attached_to(lab.router(), IFACE)
     );
     assert!(!dir.exists(), "uninstall removed {}", dir.display());
+}
+
+/// Two agents never run on one pinned data plane: the second waits for
+/// the first to let go of the directory's lock (a rolling update that
+/// starts the new agent while the old one is stopping), then adopts it.
+#[test]
+fn a_second_agent_on_the_same_pins_waits_for_the_first_to_exit() {
+    let lab = lab();
+    let mut first =
+        AgentProcess::start_pinned(lab.router(), &config(&lab, ""), false).expect("agent starts");
+    let dir = first.bpffs_dir().to_path_buf();
+    let second_config = config(
+        &lab,
+        &format!(
+            "bpffs_dir = \"{}\"\nmetrics_addr = \"127.0.0.1:9479\"",
+            dir.display()
+        ),
+    );
+    let router = lab.router();
+    let (second, waited) = std::thread::scope(|s| {
+        let second = s.spawn(|| {
+            let start = std::time::Instant::now();
+            let agent = AgentProcess::start_pinned(router, &second_config, false);
+            (agent, start.elapsed())
+        });
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        assert!(!second.is_finished(), "the second agent did not wait");
+        first.end(Stop::Term).expect("the first agent stops");
+        second.join().expect("second agent thread")
+    });
+    let second = second.expect("the second agent starts once the first is gone");
+    let log = second.log();
+    eprintln!("the second agent was ready {waited:?} after its start");
+    assert!(
+        log.iter()
+            .any(|l| l.contains("another canary-agent holds the pinned data plane; waiting")),
+        "it said it waits: {}",
+        log.join("\n")
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("adopting the pinned data plane")),
+        "it adopted the first one's data plane"
+    );
+    assert!(waited >= std::time::Duration::from_secs(2), "{waited:?}");
+    load::drive(&lab, vip(), lab.client_addrs(), 100).assert_no_errors("steered by the second");
+    drop(second);
+    drop(first);
 }

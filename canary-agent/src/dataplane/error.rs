@@ -106,6 +106,12 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    /// Another agent runs on the same pinned data plane (it holds the
+    /// directory's lock) and did not exit within the wait.
+    #[error(
+        "{dir} is in use by another running canary-agent (it holds the directory's lock); stop it first, or give this agent its own [agent] bpffs_dir"
+    )]
+    Busy { dir: PathBuf },
     /// A map operation failed.
     #[error("map {map}: {action}")]
     Map {

@@ -79,10 +79,50 @@ const TRANSIENT: [&str; 4] = [
     names::SOCK_REVNAT,
 ];
 
-/// The pin directory of one data plane.
+/// How long an agent waits for the one before it to let go of the pins
+/// (a rolling update that starts the new agent while the old one is still
+/// stopping).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The pin directory of one data plane, locked for this agent.
 #[derive(Clone, Debug)]
 pub struct Pins {
     root: PathBuf,
+    /// The directory, open with an exclusive `flock` on it while any copy
+    /// lives: one agent (or `uninstall`) at a time per data plane. `None`
+    /// for a value that only names the directory.
+    _lock: Option<std::sync::Arc<std::fs::File>>,
+}
+
+/// Locks `root` for this agent, waiting up to [`LOCK_WAIT`] for another to
+/// exit.
+fn lock_root(root: &Path) -> Result<std::fs::File, DataplaneError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut said = false;
+    loop {
+        match sys::try_lock_dir(root) {
+            Ok(Some(lock)) => return Ok(lock),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                if !said {
+                    info!(dir = %root.display(), wait_s = LOCK_WAIT.as_secs(), "another canary-agent holds the pinned data plane; waiting for it to exit");
+                    said = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Ok(None) => {
+                return Err(DataplaneError::Busy {
+                    dir: root.to_path_buf(),
+                });
+            }
+            Err(source) => {
+                return Err(DataplaneError::Bpffs {
+                    dir: root.to_path_buf(),
+                    action: "lock the directory".to_string(),
+                    source,
+                });
+            }
+        }
+    }
 }
 
 impl Pins {
@@ -111,8 +151,10 @@ impl Pins {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| failed(format!("create {}", dir.display()), e))?;
         }
+        let lock = lock_root(root)?;
         let pins = Pins {
             root: root.to_path_buf(),
+            _lock: Some(std::sync::Arc::new(lock)),
         };
         // A replacement map staged by an agent that died before it took
         // over: the old pin is still the one in use.
