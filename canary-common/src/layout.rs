@@ -35,7 +35,7 @@ pub struct MapLayout {
 }
 
 /// Every map of the object except `LAYOUT` itself, in `LAYOUT` index order.
-pub const MAPS: [MapLayout; 19] = [
+pub const MAPS: [MapLayout; 20] = [
     MapLayout {
         name: names::SERVICES,
         version: 2,
@@ -110,6 +110,10 @@ pub const MAPS: [MapLayout; 19] = [
     },
     MapLayout {
         name: names::SOCK_UDP,
+        version: 1,
+    },
+    MapLayout {
+        name: names::SOCK_STEERED,
         version: 1,
     },
 ];

@@ -58,6 +58,9 @@ pub mod names {
     pub const LAYOUT: &str = "LAYOUT";
     /// Socket-steering reverse map, see [`crate::sock::SockRevKey`].
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    /// Sockets steered by `connect4/6`, by cookie and backend, for the
+    /// drain deadline, see [`crate::sock::SOCK_STEERED_CAPACITY`].
+    pub const SOCK_STEERED: &str = "SOCK_STEERED";
     /// Unconnected UDP flows steered at the socket, see
     /// [`crate::sock::SockUdpFlow`].
     pub const SOCK_UDP: &str = "SOCK_UDP";

@@ -196,12 +196,18 @@ pub const SU_DRAINED: u64 = 1 << 3;
 /// next datagram is a new flow (a fresh choice).
 pub const SOCK_UDP_CAPACITY: u32 = 65_536;
 
-/// Capacity of `SOCK_REVNAT`: steered sockets and unconnected UDP flows at
-/// once. A TCP socket's entry is removed when it closes; beyond this the
-/// least recently used are evicted: an evicted unconnected UDP flow's
-/// replies show the backend to `recvfrom()`, and the drain deadline does
-/// not find an evicted connected socket.
+/// Capacity of `SOCK_REVNAT`: unconnected UDP flows (socket × backend) at
+/// once; beyond this the least recently used are evicted and an evicted
+/// flow's replies show the backend to `recvfrom()`.
 pub const SOCK_REVNAT_CAPACITY: u32 = 65_536;
+
+/// Capacity of `SOCK_STEERED`: sockets steered by `connect4/6` at once (a
+/// TCP socket's entry goes when it closes; a connected UDP socket's stays
+/// until evicted). Beyond it the least recently used are evicted, and the
+/// drain deadline does not find an evicted socket. A map of its own, so
+/// that a churn of connected sockets (a resolver's per-query UDP sockets)
+/// never evicts the reverse NAT of unconnected flows (`SOCK_REVNAT`).
+pub const SOCK_STEERED_CAPACITY: u32 = 65_536;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -18,7 +18,8 @@ use canary_common::{
         DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, MAX_RULES, RuleKey, ServiceKey, ServiceValue,
     },
     sock::{
-        SOCK_REVNAT_CAPACITY, SOCK_UDP_CAPACITY, SockRevKey, SockRevValue, SockTag, SockUdpFlow,
+        SOCK_REVNAT_CAPACITY, SOCK_STEERED_CAPACITY, SOCK_UDP_CAPACITY, SockRevKey, SockRevValue,
+        SockTag, SockUdpFlow,
     },
     stats::{BackendCounters, CohortHistograms, HandshakeTimeouts},
 };
@@ -119,16 +120,22 @@ pub static TIMEOUTS: Array<HandshakeTimeouts> =
 #[map(name = "LAYOUT")]
 pub static LAYOUT: Array<u32> = Array::with_max_entries(LAYOUT_ENTRIES, 0);
 
-/// {socket cookie, backend} → the VIP its application dialled and its
-/// service, for every steered socket: written by `sendmsg4/6` (read by
-/// `recvmsg4/6`, for sockets that talk to a VIP without connecting to it)
-/// and by `connect4/6` (removed at a TCP socket's close; read by the agent
-/// only, which finds a socket's service here when the drain deadline
-/// aborts it: connected sockets keep their own in their tag, `SOCK_TAGS`,
-/// which user space cannot look up without the socket).
+/// {socket cookie, backend} → the VIP its application dialled, for sockets
+/// that talk to a VIP without connecting to it (unconnected UDP): written
+/// by `sendmsg4/6`, read by `recvmsg4/6`. Connected sockets keep this in
+/// their tag (`SOCK_TAGS`) instead.
 #[map(name = "SOCK_REVNAT")]
 pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
     LruHashMap::with_max_entries(SOCK_REVNAT_CAPACITY, 0);
+
+/// {socket cookie, backend} → the VIP and service of every socket
+/// `connect4/6` steered: removed at a TCP socket's close, read by the agent
+/// only, which finds a socket's service here when the drain deadline
+/// aborts it (the socket's tag, `SOCK_TAGS`, is readable from user space
+/// only through the socket itself).
+#[map(name = "SOCK_STEERED")]
+pub static SOCK_STEERED: LruHashMap<SockRevKey, SockRevValue> =
+    LruHashMap::with_max_entries(SOCK_STEERED_CAPACITY, 0);
 
 /// Socket storage: the tag of every socket steered by `connect4/6`
 /// (service, cohort, stats slot, timestamps, once-only bits), freed with

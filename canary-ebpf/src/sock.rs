@@ -49,8 +49,8 @@ use crate::{
     atomic, breaker,
     conntrack::now,
     maps::{
-        COUNTERS, SERVICES, SOCK_ACTIVE, SOCK_REVNAT, SOCK_TAGS, SOCK_TIMEOUTS, SOCK_UDP, STATS,
-        UDP_CONFIG,
+        COUNTERS, SERVICES, SOCK_ACTIVE, SOCK_REVNAT, SOCK_STEERED, SOCK_TAGS, SOCK_TIMEOUTS,
+        SOCK_UDP, STATS, UDP_CONFIG,
     },
     stats::{Latency, observe},
     steer::{self, Choice},
@@ -249,7 +249,7 @@ pub fn connect(ctx: &SockAddrContext, hook: Hook) {
         svc_id: svc.svc_id,
     };
     // An LRU map evicts rather than fails.
-    let _ = SOCK_REVNAT.insert(&reverse_key, &reverse, u64::from(BPF_ANY));
+    let _ = SOCK_STEERED.insert(&reverse_key, &reverse, u64::from(BPF_ANY));
     if p.is_null() {
         count(Counter::SockTagFailed);
     } else {
@@ -691,7 +691,7 @@ pub fn state(ctx: &BtfTracePointContext) {
             if before & SK_CLOSED != 0 {
                 return;
             }
-            let _ = SOCK_REVNAT.remove(&SockRevKey {
+            let _ = SOCK_STEERED.remove(&SockRevKey {
                 cookie: tag.cookie,
                 addr: tag.backend,
                 port: tag.backend_port,

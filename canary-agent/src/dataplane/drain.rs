@@ -13,7 +13,8 @@
 //! - Connected sockets steered at the socket (TCP, connected UDP): no
 //!   packet of theirs passes a hook of ours, so the agent aborts them
 //!   through `sock_diag` (`SOCK_DESTROY`, like `ss -K`) in its own network
-//!   namespace and in those of the socket-LB cgroup's processes: a TCP
+//!   namespace and in those of the socket-LB cgroup's processes, and
+//!   recognises them by {cookie, backend} in `SOCK_STEERED`: a TCP
 //!   peer gets a RST, the owner's next call fails with `ECONNABORTED`.
 //!
 //! The marks are not atomic with the kernel's ORs: a bit it sets in
@@ -140,7 +141,7 @@ impl Dataplane {
 
     /// Aborts the connected sockets the socket LB steered to one of
     /// `canary` for service `svc_id`: listed by `sock_diag`, recognised by
-    /// their {cookie, peer} in `SOCK_REVNAT` (a socket that dialled the
+    /// their {cookie, peer} in `SOCK_STEERED` (a socket that dialled the
     /// backend's own address is left alone).
     fn abort_steered_sockets(&self, svc_id: u32, canary: &[SocketAddr], drained: &mut Drained) {
         let canary: BTreeSet<(Addr, u16)> = canary
@@ -148,7 +149,7 @@ impl Dataplane {
             .map(|a| (Addr::from(a.ip()), a.port().to_be()))
             .collect();
         let steered: HashSet<(u64, Addr, u16)> = self
-            .sock_revnat
+            .sock_steered
             .iter()
             .filter_map(Result::ok)
             .filter(|(k, v)| v.svc_id == svc_id && canary.contains(&(k.addr, k.port)))

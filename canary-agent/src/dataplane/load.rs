@@ -142,7 +142,7 @@ impl Dataplane {
             conntrack: take_map(&mut ebpf, names::CONNTRACK)?,
             ct_udp: take_map(&mut ebpf, names::CT_UDP)?,
             sock_udp: take_map(&mut ebpf, names::SOCK_UDP)?,
-            sock_revnat: take_map(&mut ebpf, names::SOCK_REVNAT)?,
+            sock_steered: take_map(&mut ebpf, names::SOCK_STEERED)?,
             udp_config: take_map(&mut ebpf, names::UDP_CONFIG)?,
             pending: take_map(&mut ebpf, names::PENDING)?,
             pending_next: None,

@@ -223,9 +223,9 @@ pub struct Dataplane {
     /// Unconnected UDP sockets' flows steered at the socket (`SOCK_UDP`);
     /// the drain deadline marks a service's canary flows.
     sock_udp: HashMap<MapData, SockRevKey, SockUdpFlow>,
-    /// Steered sockets' {cookie, backend} → VIP and service
-    /// (`SOCK_REVNAT`); the drain deadline finds a socket's service here.
-    sock_revnat: HashMap<MapData, SockRevKey, SockRevValue>,
+    /// Sockets steered by `connect4/6`: {cookie, backend} → VIP and service
+    /// (`SOCK_STEERED`); the drain deadline finds a socket's service here.
+    sock_steered: HashMap<MapData, SockRevKey, SockRevValue>,
     /// UDP services' timeouts (`UDP_CONFIG`), by service id.
     udp_config: HashMap<MapData, u32, UdpConfig>,
     /// The ring of recent SYNs (`PENDING`) the handshake sweep reads.

@@ -69,14 +69,16 @@ const RESIZABLE: [&str; 11] = [
 /// rather than refusing the start. What is lost: handshakes in flight are
 /// not timed out by the sweep, flows waiting to be confirmed are
 /// re-resolved, and sockets steered before the upgrade are not measured
-/// any more (`SOCK_TAGS`: `getpeername` shows their backend), and
-/// unconnected UDP replies show the backend and the drain deadline finds
-/// no socket steered before (`SOCK_REVNAT`); they keep their backend.
-const TRANSIENT: [&str; 4] = [
+/// any more (`SOCK_TAGS`: `getpeername` shows their backend), unconnected
+/// UDP replies show the backend (`SOCK_REVNAT`), and the drain deadline
+/// finds no socket steered before (`SOCK_STEERED`); they keep their
+/// backend.
+const TRANSIENT: [&str; 5] = [
     names::PENDING,
     names::UNCONFIRMED,
     names::SOCK_TAGS,
     names::SOCK_REVNAT,
+    names::SOCK_STEERED,
 ];
 
 /// How long an agent waits for the one before it to let go of the pins
